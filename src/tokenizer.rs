@@ -1,0 +1,44 @@
+//! A thin wrapper over the `tokenizers` crate: load tokenizer.json, encode raw text the way the
+//! model's own post-processor says (BOS only if it adds one), decode without special tokens.
+
+use anyhow::{anyhow, Context, Result};
+use std::path::Path;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// Load a `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("loading tokenizer {}", path.display()))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds (e.g. BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, leaving out special tokens (BOS, EOS, chat markers).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| anyhow!("decoding: {e}"))
+    }
+
+    /// The id of a token string, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Number of tokens the tokenizer knows (the model's vocab may be padded beyond it).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
