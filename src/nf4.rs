@@ -67,43 +67,32 @@ pub fn quantize_value(x: f32) -> u8 {
     NF4_MIDPOINTS.iter().map(|&m| (x > m) as u8).sum()
 }
 
-/// The signed 8-bit "dynamic tree" map bitsandbytes uses for nested (double) quantization:
-/// `create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)`, 256 ascending f32 values in
-/// [-1, 1]. For exponent `e` in 0..7 it holds `2^e` mid-points of `linspace(0.1, 1, 2^e + 1)` scaled by
-/// `10^(e - 6)`, with both signs, plus 0 and 1. Arithmetic is f32 in the same order as torch's, so the
-/// values are bit-identical to the reference.
+/// The signed 8-bit "dynamic tree" map bitsandbytes uses for nested (double) quantization,
+/// `create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)`: 256 ascending values in
+/// [-1, 1]. For exponent `e` in 0..7 it holds the `2^e` mid-points of `linspace(0.1, 1, 2^e + 1)`
+/// scaled by `10^(e - 6)`, with both signs, plus 0 and 1.
+///
+/// We compute each entry in f64 and round once to f32. bitsandbytes builds the map at run time with
+/// torch's vectorised `linspace`, whose last bit depends on the CPU's vector width; ours is within one
+/// ulp of it (tests/nf4.rs checks against torch), which never changes a nearest-code choice except for
+/// a value within an ulp of a decision boundary.
 pub fn dynamic_map() -> [f32; 256] {
     let mut data: Vec<f32> = Vec::with_capacity(256);
     for e in 0..7i32 {
-        let steps = (1usize << e) + 1;
-        let bounds = linspace_f32(0.1, 1.0, steps);
-        let scale = 10f64.powi(e - 6) as f32;
-        for w in bounds.windows(2) {
-            let mean = (w[0] + w[1]) / 2.0;
-            data.push(scale * mean);
-            data.push(-scale * mean);
+        let n = 1usize << e; // mid-points at this exponent
+        let scale = 10f64.powi(e - 6);
+        for i in 0..n {
+            let lo = 0.1 + 0.9 * i as f64 / n as f64;
+            let hi = 0.1 + 0.9 * (i + 1) as f64 / n as f64;
+            let mean = (lo + hi) / 2.0;
+            data.push((scale * mean) as f32);
+            data.push((-scale * mean) as f32);
         }
     }
     data.push(0.0);
     data.push(1.0);
     data.sort_by(f32::total_cmp);
     data.try_into().expect("the dynamic map has exactly 256 entries")
-}
-
-/// `torch.linspace(start, end, steps)` in f32: the first half counts up from `start`, the second
-/// half counts down from `end`, with `step = (end - start) / (steps - 1)`.
-fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
-    let step = (end - start) / (steps - 1) as f32;
-    let half = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (steps - i - 1) as f32
-            }
-        })
-        .collect()
 }
 
 /// Index of the entry of an ascending `table` nearest to `x` (ties go to the lower index).
@@ -125,7 +114,10 @@ fn quantize_blocks(xs: &[f32], block: usize, mut code_of: impl FnMut(f32) -> u8)
     let mut codes = Vec::with_capacity(xs.len());
     for chunk in xs.chunks(block) {
         let absmax = chunk.iter().fold(0f32, |m, &x| m.max(x.abs()));
-        let inv = 1.0 / absmax; // inf for an all-zero block: its codes never matter (scale 0)
+        // An all-zero block gets the exact-zero code (x * 0 = 0), so it dequantizes to 0 even though
+        // double quantization reconstructs its scale as nonzero. (bitsandbytes multiplies by 1/0 and
+        // stores the code NaN falls to, -1.0; we deliberately differ on this degenerate block only.)
+        let inv = if absmax > 0.0 { 1.0 / absmax } else { 0.0 };
         scales.push(absmax);
         codes.extend(chunk.iter().map(|&x| code_of(x * inv)));
     }

@@ -9,6 +9,8 @@ rebuild the identical bytes), loads it with transformers, and writes tests/refer
   prompt     [8]       the first 8 input ids
   generated  [<=32]    greedy generate(prompt, max_new_tokens=32), new tokens only (EOS included if hit)
 
+and nf4_dynamic_map.safetensors: the 256-entry map of NF4 double quantization, computed with torch.
+
 The metadata records the FNV-1a 64 fingerprint of the model.safetensors it was made from, so the Rust
 test can tell "the engine disagrees" from "the tiny model changed, regenerate the goldens".
 
@@ -38,8 +40,23 @@ def fnv1a64(data: bytes) -> int:
     return h
 
 
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map for double quantization, computed with torch ops:
+    for exponent e in 0..7, the 2^e midpoints of linspace(0.1, 1, 2^e + 1) times 10^(e-6), both signs,
+    plus 0 and 1, sorted (bitsandbytes.functional.create_dynamic_map(signed=True))."""
+    values = []
+    for e in range(7):
+        bounds = torch.linspace(0.1, 1, 2**e + 1)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += (10 ** (e - 6) * means).tolist()
+        values += (-(10 ** (e - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    save_file({"dynamic_map": dynamic_map()}, str(OUT / "nf4_dynamic_map.safetensors"), metadata={"torch": torch.__version__})
     subprocess.run(["cargo", "build", "-q", "--release", "--bin", "sqlora"], cwd=ROOT, check=True)
     exe = ROOT / "target" / "release" / "sqlora"
     for variant in VARIANTS:
