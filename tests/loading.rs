@@ -1,0 +1,136 @@
+//! Model loading: sharded checkpoints, dtype handling, and clear errors for bad input.
+
+use sqlora::model::{KvCache, Logits, Model};
+use sqlora::tiny::{tiny_tensors, write_tiny_model, TinyVariant};
+use sqlora::weights::{save_safetensors, SaveDtype};
+use std::path::Path;
+
+fn tiny(v: TinyVariant) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), v).unwrap();
+    dir
+}
+
+fn logits(dir: &Path) -> Vec<f32> {
+    let model = Model::load_dir(dir).unwrap();
+    let mut cache = KvCache::new(&model.config);
+    model.forward(&[1, 200, 37, 99, 5], &mut cache, Logits::All)
+}
+
+/// The full error chain, as the binaries print it.
+fn load_err(dir: &Path) -> String {
+    match Model::load_dir(dir) {
+        Ok(_) => panic!("loading {} should have failed", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    let single = tiny(TinyVariant::Qwen2);
+    let sharded = tiny(TinyVariant::Qwen2);
+    let d = sharded.path();
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    // Split the tensors over two shards, as HF does for big models, and write the index.
+    let tensors = tiny_tensors(TinyVariant::Qwen2);
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    save_safetensors(&d.join("model-00001-of-00002.safetensors"), a, SaveDtype::BF16, None).unwrap();
+    save_safetensors(&d.join("model-00002-of-00002.safetensors"), b, SaveDtype::BF16, None).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> = a
+        .iter()
+        .map(|t| (t.0.clone(), "model-00001-of-00002.safetensors".into()))
+        .chain(b.iter().map(|t| (t.0.clone(), "model-00002-of-00002.safetensors".into())))
+        .collect();
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_eq!(logits(single.path()), logits(d));
+
+    // A shard named by the index but missing on disk is an error naming it.
+    std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = load_err(d);
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+}
+
+#[test]
+fn malformed_config_names_the_file() {
+    let dir = tiny(TinyVariant::Llama);
+    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"llama\", \"hidden_size\": 64,").unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("config.json") && err.contains("malformed"), "{err}");
+}
+
+#[test]
+fn unknown_model_type_is_named() {
+    let dir = tiny(TinyVariant::Llama);
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    std::fs::write(&path, text).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("unsupported model_type \"gpt_neox\""), "{err}");
+}
+
+#[test]
+fn missing_tensor_is_named_with_the_file() {
+    let dir = tiny(TinyVariant::Llama);
+    let tensors: Vec<_> = tiny_tensors(TinyVariant::Llama)
+        .into_iter()
+        .filter(|t| t.0 != "model.layers.1.mlp.up_proj.weight")
+        .collect();
+    save_safetensors(&dir.path().join("model.safetensors"), &tensors, SaveDtype::BF16, None).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("tensor model.layers.1.mlp.up_proj.weight not found"), "{err}");
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn misshaped_tensor_is_named_with_both_shapes() {
+    let dir = tiny(TinyVariant::Qwen2);
+    let tensors: Vec<_> = tiny_tensors(TinyVariant::Qwen2)
+        .into_iter()
+        .map(|(name, shape, data)| {
+            if name == "model.layers.0.self_attn.k_proj.weight" {
+                // Same element count, transposed shape: only the shape check can catch it.
+                (name, vec![shape[1], shape[0]], data)
+            } else {
+                (name, shape, data)
+            }
+        })
+        .collect();
+    save_safetensors(&dir.path().join("model.safetensors"), &tensors, SaveDtype::BF16, None).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("model.layers.0.self_attn.k_proj.weight"), "{err}");
+    assert!(err.contains("[64, 16]") && err.contains("expected [16, 64]"), "{err}");
+}
+
+#[test]
+fn truncated_safetensors_is_named() {
+    let dir = tiny(TinyVariant::Llama);
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    // A file cut inside its header is caught too.
+    std::fs::write(&path, &bytes[..20]).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn missing_bias_is_explained() {
+    let dir = tiny(TinyVariant::Qwen2);
+    let tensors: Vec<_> = tiny_tensors(TinyVariant::Qwen2)
+        .into_iter()
+        .filter(|t| t.0 != "model.layers.2.self_attn.v_proj.bias")
+        .collect();
+    save_safetensors(&dir.path().join("model.safetensors"), &tensors, SaveDtype::BF16, None).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("model.layers.2.self_attn.v_proj.bias") && err.contains("bias"), "{err}");
+}
+
+#[test]
+fn empty_directory_says_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("config.json"), "{err}");
+}
