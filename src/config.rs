@@ -110,7 +110,7 @@ impl ModelConfig {
             bail!("use_sliding_window=true is not supported: sqlora uses full causal attention");
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if raw.num_attention_heads == 0 || num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+        if raw.num_attention_heads == 0 || num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             bail!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({num_kv_heads})",
                 raw.num_attention_heads
@@ -119,13 +119,17 @@ impl ModelConfig {
         let head_dim = match raw.head_dim {
             Some(hd) => hd,
             None => {
-                if raw.hidden_size % raw.num_attention_heads != 0 {
-                    bail!("hidden_size {} is not divisible by num_attention_heads {}", raw.hidden_size, raw.num_attention_heads);
+                if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
+                    bail!(
+                        "hidden_size {} is not divisible by num_attention_heads {}",
+                        raw.hidden_size,
+                        raw.num_attention_heads
+                    );
                 }
                 raw.hidden_size / raw.num_attention_heads
             }
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             bail!("head_dim {head_dim} must be even and positive for rotary embeddings");
         }
 
@@ -180,7 +184,11 @@ impl ModelConfig {
 
 /// A token id field: absent/null, one integer, or a list of integers.
 fn token_ids(v: Option<&Value>, field: &str) -> Result<Vec<u32>> {
-    let as_id = |x: &Value| x.as_u64().map(|n| n as u32).with_context(|| format!("{field}: {x} is not a token id"));
+    let as_id = |x: &Value| {
+        x.as_u64()
+            .map(|n| n as u32)
+            .with_context(|| format!("{field}: {x} is not a token id"))
+    };
     match v {
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Array(xs)) => xs.iter().map(as_id).collect(),
@@ -189,9 +197,15 @@ fn token_ids(v: Option<&Value>, field: &str) -> Result<Vec<u32>> {
 }
 
 fn parse_rope_scaling(v: &Value) -> Result<RopeScaling> {
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let num = |key: &str| -> Result<f64> {
-        v.get(key).and_then(Value::as_f64).with_context(|| format!("rope_scaling \"{kind}\" needs a number \"{key}\""))
+        v.get(key)
+            .and_then(Value::as_f64)
+            .with_context(|| format!("rope_scaling \"{kind}\" needs a number \"{key}\""))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -236,7 +250,10 @@ mod tests {
             "eos_token_id":[128001,128008,128009],
             "rope_parameters":{"rope_theta":500000.0,"factor":32.0,"high_freq_factor":4.0,"low_freq_factor":1.0,
             "original_max_position_embeddings":8192,"rope_type":"llama3"}}"#;
-        let (a, b) = (ModelConfig::from_json(old).unwrap(), ModelConfig::from_json(new).unwrap());
+        let (a, b) = (
+            ModelConfig::from_json(old).unwrap(),
+            ModelConfig::from_json(new).unwrap(),
+        );
         assert_eq!(a, b);
         assert_eq!(a.eos_token_ids.len(), 3);
         assert_eq!(a.rope_theta, 5e5);
@@ -252,7 +269,10 @@ mod tests {
         assert!(err(&QWEN.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3")).contains("multiple"));
         assert!(err("{\"model_type\": \"llama\",").contains("malformed config.json"));
         assert!(err(&QWEN.replace("\"vocab_size\":151936,", "")).contains("vocab_size"));
-        let yarn = QWEN.replace("\"max_position_embeddings\"", "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0},\"max_position_embeddings\"");
+        let yarn = QWEN.replace(
+            "\"max_position_embeddings\"",
+            "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0},\"max_position_embeddings\"",
+        );
         assert!(err(&yarn).contains("unsupported rope_scaling type \"yarn\""));
     }
 }

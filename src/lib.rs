@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod config;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod nf4;
 pub mod rng;

@@ -10,7 +10,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "sqlora", version, about = "QLoRA fine-tuning of small LLMs for text-to-SQL: the toolbox")]
+#[command(
+    name = "sqlora",
+    version,
+    about = "QLoRA fine-tuning of small LLMs for text-to-SQL: the toolbox"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -78,7 +82,8 @@ fn stop_ids(dir: &Path, config: &ModelConfig) -> Result<Vec<u32>> {
     let gen = dir.join("generation_config.json");
     if gen.exists() {
         let text = std::fs::read_to_string(&gen).with_context(|| format!("reading {}", gen.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("malformed {}", gen.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("malformed {}", gen.display()))?;
         match v.get("eos_token_id") {
             Some(serde_json::Value::Array(xs)) => ids.extend(xs.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
             Some(x) => ids.extend(x.as_u64().map(|x| x as u32)),
@@ -114,7 +119,10 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, prompt: &str) -> Res
 fn info(dir: &Path) -> Result<()> {
     let model = Model::load_dir(dir)?;
     let c = &model.config.clone();
-    let linear: usize = sqlora::model::Proj::ALL.iter().map(|p| p.shape(c).iter().product::<usize>()).sum::<usize>()
+    let linear: usize = sqlora::model::Proj::ALL
+        .iter()
+        .map(|p| p.shape(c).iter().product::<usize>())
+        .sum::<usize>()
         * c.num_layers;
     let embed = c.vocab_size * c.hidden_size;
     let head = if c.tie_word_embeddings { 0 } else { embed };
@@ -129,11 +137,23 @@ fn info(dir: &Path) -> Result<()> {
         })
         .sum();
     println!("architecture     {:?}", c.arch);
-    println!("layers           {} (d {}, ffn {}, heads {}/{} kv, head_dim {})", c.num_layers, c.hidden_size,
-        c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim);
-    println!("vocab            {} (tied head: {})", c.vocab_size, c.tie_word_embeddings);
-    println!("linear params    {:.1} M -> NF4 {:.1} MiB ({:.3} bits/param)", linear as f64 / 1e6,
-        nf4_bytes as f64 / (1 << 20) as f64, nf4_bytes as f64 * 8.0 / linear as f64);
-    println!("embed/head       {:.1} M params (kept in 16-bit)", (embed + head) as f64 / 1e6);
+    println!(
+        "layers           {} (d {}, ffn {}, heads {}/{} kv, head_dim {})",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!(
+        "vocab            {} (tied head: {})",
+        c.vocab_size, c.tie_word_embeddings
+    );
+    println!(
+        "linear params    {:.1} M -> NF4 {:.1} MiB ({:.3} bits/param)",
+        linear as f64 / 1e6,
+        nf4_bytes as f64 / (1 << 20) as f64,
+        nf4_bytes as f64 * 8.0 / linear as f64
+    );
+    println!(
+        "embed/head       {:.1} M params (kept in 16-bit)",
+        (embed + head) as f64 / 1e6
+    );
     Ok(())
 }

@@ -12,8 +12,12 @@
 
 use crate::backend::cpu::{self, Linear};
 use crate::config::{ModelConfig, RopeScaling};
+use crate::lora::LoraParams;
+use crate::rng::Rng;
 use crate::weights::Weights;
 use anyhow::{Context, Result};
+use std::borrow::Cow;
+use std::ops::Range;
 use std::path::Path;
 
 /// The seven linear projections of a decoder layer, in HF naming.
@@ -196,47 +200,30 @@ impl Model {
     /// Run `tokens` (positions `cache.len()..`) through the model, appending their keys and values
     /// to the cache. Returns logits `[T, vocab]` (`Logits::All`) or `[1, vocab]` (`Logits::Last`).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Vec<f32> {
+        self.forward_adapted(tokens, cache, which, None)
+    }
+
+    /// [`Model::forward`] with LoRA adapters applied (no dropout: this is inference).
+    pub fn forward_adapted(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        lora: Option<&LoraParams>,
+    ) -> Vec<f32> {
         let c = &self.config;
-        let (t, d, f) = (tokens.len(), c.hidden_size, c.intermediate_size);
-        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let (t, d) = (tokens.len(), c.hidden_size);
         assert!(t > 0, "forward needs at least one token");
         let positions: Vec<usize> = (cache.len..cache.len + t).collect();
-
-        let mut x = vec![0f32; t * d]; // [T, d] residual stream
-        let table = match &self.embed.weight {
-            cpu::LinearWeight::Dense(w) => w,
-            cpu::LinearWeight::Nf4(_) => unreachable!("embeddings stay dense"),
-        };
-        cpu::embedding_fwd(&mut x, table, tokens, d);
-
-        let mut h = vec![0f32; t * d]; // [T, d] normed input of a block
-        let mut q = vec![0f32; t * qd]; // [T, h, hd]
-        let mut k = vec![0f32; t * kvd]; // [T, h_kv, hd]
-        let mut v = vec![0f32; t * kvd]; // [T, h_kv, hd]
-        let mut att = vec![0f32; t * qd]; // [T, h, hd]
-        let mut proj_out = vec![0f32; t * d]; // [T, d]
-        let mut gate = vec![0f32; t * f]; // [T, f]
-        let mut up = vec![0f32; t * f]; // [T, f]
-        let mut act = vec![0f32; t * f]; // [T, f] silu(gate) * up
-        for (l, layer) in self.layers.iter().enumerate() {
-            cpu::rmsnorm_fwd(&mut h, &x, &layer.attn_norm, c.rms_norm_eps);
-            cpu::linear_fwd(&mut q, &h, layer.proj(Proj::Q));
-            cpu::linear_fwd(&mut k, &h, layer.proj(Proj::K));
-            cpu::linear_fwd(&mut v, &h, layer.proj(Proj::V));
-            cpu::rope_fwd(&mut q, &positions, &self.inv_freq, c.num_heads);
-            cpu::rope_fwd(&mut k, &positions, &self.inv_freq, c.num_kv_heads);
-            cache.k[l].extend_from_slice(&k);
-            cache.v[l].extend_from_slice(&v);
-            cpu::attention_fwd(&mut att, &q, &cache.k[l], &cache.v[l], c.num_heads, c.num_kv_heads, c.head_dim);
-            cpu::linear_fwd(&mut proj_out, &att, layer.proj(Proj::O));
-            cpu::add_inplace(&mut x, &proj_out);
-
-            cpu::rmsnorm_fwd(&mut h, &x, &layer.mlp_norm, c.rms_norm_eps);
-            cpu::linear_fwd(&mut gate, &h, layer.proj(Proj::Gate));
-            cpu::linear_fwd(&mut up, &h, layer.proj(Proj::Up));
-            cpu::swiglu_fwd(&mut act, &gate, &up);
-            cpu::linear_fwd(&mut proj_out, &act, layer.proj(Proj::Down));
-            cpu::add_inplace(&mut x, &proj_out);
+        let mut x = self.embed_tokens(tokens); // [T, d] residual stream
+        let mut acts = LayerActs::default();
+        for l in 0..c.num_layers {
+            acts.x_in = x;
+            let attn = Attention::Cached {
+                k: &mut cache.k[l],
+                v: &mut cache.v[l],
+            };
+            x = self.layer_fwd(l, &mut acts, &positions, attn, lora.map(|p| (p, None)));
         }
         cache.len += t;
 
@@ -246,11 +233,176 @@ impl Model {
         };
         let mut normed = vec![0f32; rows.len()]; // [T or 1, d]
         cpu::rmsnorm_fwd(&mut normed, rows, &self.norm, c.rms_norm_eps);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; normed.len() / d * c.vocab_size]; // [T or 1, vocab]
-        cpu::linear_fwd(&mut logits, &normed, head);
+        cpu::linear_fwd(&mut logits, &normed, self.head());
         logits
     }
+
+    /// The output head: `lm_head`, or the embedding when tied. `[vocab, d]`.
+    pub fn head(&self) -> &Linear {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// `[T, d]` embeddings of `tokens`.
+    pub fn embed_tokens(&self, tokens: &[u32]) -> Vec<f32> {
+        let d = self.config.hidden_size;
+        let table = match &self.embed.weight {
+            cpu::LinearWeight::Dense(w) => w,
+            cpu::LinearWeight::Nf4(_) => unreachable!("embeddings stay dense"),
+        };
+        let mut x = vec![0f32; tokens.len() * d];
+        cpu::embedding_fwd(&mut x, table, tokens, d);
+        x
+    }
+
+    /// One decoder layer. Reads `acts.x_in` ([T, d]), fills the rest of `acts` with what the
+    /// backward needs, and returns the layer output ([T, d]).
+    pub fn layer_fwd(
+        &self,
+        l: usize,
+        acts: &mut LayerActs,
+        positions: &[usize],
+        attn: Attention,
+        lora: Option<(&LoraParams, Option<Dropout>)>,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let layer = &self.layers[l];
+        let t = positions.len();
+        let (d, f, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let a = acts;
+        resize(&mut a.h_attn, t * d);
+        cpu::rmsnorm_fwd(&mut a.h_attn, &a.x_in, &layer.attn_norm, c.rms_norm_eps);
+        self.proj_fwd(l, Proj::Q, &mut a.q, &a.h_attn, &mut a.xa, lora, t * qd);
+        self.proj_fwd(l, Proj::K, &mut a.k, &a.h_attn, &mut a.xa, lora, t * kvd);
+        self.proj_fwd(l, Proj::V, &mut a.v, &a.h_attn, &mut a.xa, lora, t * kvd);
+        cpu::rope_fwd(&mut a.q, positions, &self.inv_freq, c.num_heads);
+        cpu::rope_fwd(&mut a.k, positions, &self.inv_freq, c.num_kv_heads);
+        resize(&mut a.att, t * qd);
+        let (h, hkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        match attn {
+            Attention::Cached { k, v } => {
+                k.extend_from_slice(&a.k);
+                v.extend_from_slice(&a.v);
+                cpu::attention_fwd(&mut a.att, &a.q, k, v, h, hkv, hd);
+            }
+            Attention::Packed(seqs) => {
+                for s in seqs {
+                    let (qr, kr) = (s.start * qd..s.end * qd, s.start * kvd..s.end * kvd);
+                    cpu::attention_fwd(&mut a.att[qr.clone()], &a.q[qr], &a.k[kr.clone()], &a.v[kr], h, hkv, hd);
+                }
+            }
+        }
+        let mut o = Vec::new(); // [T, d]
+        self.proj_fwd(l, Proj::O, &mut o, &a.att, &mut a.xa, lora, t * d);
+        a.x_mid = a.x_in.clone();
+        cpu::add_inplace(&mut a.x_mid, &o);
+
+        resize(&mut a.h_mlp, t * d);
+        cpu::rmsnorm_fwd(&mut a.h_mlp, &a.x_mid, &layer.mlp_norm, c.rms_norm_eps);
+        self.proj_fwd(l, Proj::Gate, &mut a.gate, &a.h_mlp, &mut a.xa, lora, t * f);
+        self.proj_fwd(l, Proj::Up, &mut a.up, &a.h_mlp, &mut a.xa, lora, t * f);
+        resize(&mut a.act, t * f);
+        cpu::swiglu_fwd(&mut a.act, &a.gate, &a.up);
+        let mut out = Vec::new(); // [T, d]
+        self.proj_fwd(l, Proj::Down, &mut out, &a.act, &mut a.xa, lora, t * d);
+        cpu::add_inplace(&mut out, &a.x_mid);
+        out
+    }
+
+    /// `y = x W^T + b (+ s (dropout(x) A^T) B^T)`; y: [T, out] (resized to `len`), x: [T, in].
+    /// Saves `x A^T` ([T, r]) in `xa[p]` for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_fwd(
+        &self,
+        l: usize,
+        p: Proj,
+        y: &mut Vec<f32>,
+        x: &[f32],
+        xa: &mut [Vec<f32>; 7],
+        lora: Option<(&LoraParams, Option<Dropout>)>,
+        len: usize,
+    ) {
+        resize(y, len);
+        cpu::linear_fwd(y, x, self.layers[l].proj(p));
+        if let Some((params, dropout)) = lora {
+            if let Some(slot) = params.slot(l, p) {
+                let r = params.config.r;
+                let xa = &mut xa[p as usize];
+                resize(xa, x.len() / slot.in_features * r);
+                let xd = Dropout::apply(dropout, l, p, x);
+                let (a, b) = (&params.data[slot.a.clone()], &params.data[slot.b.clone()]);
+                cpu::lora_fwd(y, xa, &xd, a, b, r, params.config.scale());
+            }
+        }
+    }
+}
+
+/// How a layer's attention sees keys and values.
+pub enum Attention<'a> {
+    /// Generation: append this call's keys/values (`[S, h_kv, hd]` each) and attend over all of them.
+    Cached { k: &'a mut Vec<f32>, v: &'a mut Vec<f32> },
+    /// Training: the tokens are independent sequences packed end to end; each attends causally
+    /// within its own range only.
+    Packed(&'a [Range<usize>]),
+}
+
+/// What one layer's forward keeps for its backward. Buffers are reused across calls.
+#[derive(Default, Clone)]
+pub struct LayerActs {
+    /// [T, d] the layer input (residual stream).
+    pub x_in: Vec<f32>,
+    /// [T, d] rmsnorm(x_in), input of q/k/v.
+    pub h_attn: Vec<f32>,
+    /// [T, h, hd] queries after RoPE.
+    pub q: Vec<f32>,
+    /// [T, h_kv, hd] keys after RoPE.
+    pub k: Vec<f32>,
+    /// [T, h_kv, hd] values.
+    pub v: Vec<f32>,
+    /// [T, h, hd] attention output, input of o_proj.
+    pub att: Vec<f32>,
+    /// [T, d] residual after attention.
+    pub x_mid: Vec<f32>,
+    /// [T, d] rmsnorm(x_mid), input of gate/up.
+    pub h_mlp: Vec<f32>,
+    /// [T, f] gate and up projections, and silu(gate) * up (input of down_proj).
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    pub act: Vec<f32>,
+    /// Per projection: [T, r] `dropout(x) A^T` of its adapter (empty when not adapted).
+    pub xa: [Vec<f32>; 7],
+}
+
+/// Inverted dropout on an adapter's input, `x * mask / (1 - p)`, with a mask drawn from a generator
+/// seeded by (step seed, layer, projection), so the backward regenerates it instead of storing it.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// `dropout(x)` for projection `p` of layer `l`; borrowed unchanged when there is no dropout.
+    /// Also the backward: the gradient of dropout is the same masked scaling of the incoming gradient.
+    pub fn apply(d: Option<Dropout>, l: usize, p: Proj, x: &[f32]) -> Cow<'_, [f32]> {
+        match d {
+            Some(d) if d.p > 0.0 => {
+                let mut rng = Rng::new(d.seed ^ ((l as u64) << 8 | p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let keep = 1.0 / (1.0 - d.p);
+                Cow::Owned(
+                    x.iter()
+                        .map(|&v| if rng.uniform() as f32 >= d.p { v * keep } else { 0.0 })
+                        .collect(),
+                )
+            }
+            _ => Cow::Borrowed(x),
+        }
+    }
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
 }
 
 fn load_linear(w: &Weights, c: &ModelConfig, p: Proj, layer: usize) -> Result<Linear> {
@@ -258,7 +410,10 @@ fn load_linear(w: &Weights, c: &ModelConfig, p: Proj, layer: usize) -> Result<Li
     let base = p.path(layer);
     let weight = w.f32(&format!("{base}.weight"), &[out, inp])?;
     let bias = if p.has_bias(c) {
-        Some(w.f32(&format!("{base}.bias"), &[out]).context("the config says this projection has a bias")?)
+        Some(
+            w.f32(&format!("{base}.bias"), &[out])
+                .context("the config says this projection has a bias")?,
+        )
     } else {
         None
     };
@@ -269,7 +424,9 @@ fn load_linear(w: &Weights, c: &ModelConfig, p: Proj, layer: usize) -> Result<Li
 /// them, then adjusted by the config's rope scaling.
 pub fn rope_inv_freq(c: &ModelConfig) -> Vec<f32> {
     let hd = c.head_dim;
-    let base: Vec<f32> = (0..hd / 2).map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / hd as f32)).collect();
+    let base: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / hd as f32))
+        .collect();
     match c.rope_scaling {
         RopeScaling::None => base,
         RopeScaling::Llama3 {

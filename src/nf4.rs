@@ -180,7 +180,11 @@ pub struct Nf4Tensor {
 impl Nf4Tensor {
     /// Quantize a row-major tensor of the given shape.
     pub fn quantize(xs: &[f32], shape: &[usize]) -> Nf4Tensor {
-        assert_eq!(xs.len(), shape.iter().product::<usize>(), "NF4 quantize: data does not match shape {shape:?}");
+        assert_eq!(
+            xs.len(),
+            shape.iter().product::<usize>(),
+            "NF4 quantize: data does not match shape {shape:?}"
+        );
         let (absmax, codes) = quantize_blocks(xs, BLOCK, quantize_value);
         let packed = pack_nibbles(&codes);
         let scales = DoubleQuant::quantize(&absmax);
@@ -212,7 +216,7 @@ impl Nf4Tensor {
     #[inline]
     pub fn code(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte >> 4
         } else {
             byte & 0x0f

@@ -23,7 +23,12 @@ pub enum TinyVariant {
 }
 
 impl TinyVariant {
-    pub const ALL: [TinyVariant; 4] = [TinyVariant::Llama, TinyVariant::LlamaTied, TinyVariant::Qwen2, TinyVariant::Qwen2Tied];
+    pub const ALL: [TinyVariant; 4] = [
+        TinyVariant::Llama,
+        TinyVariant::LlamaTied,
+        TinyVariant::Qwen2,
+        TinyVariant::Qwen2Tied,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -120,8 +125,9 @@ pub fn tiny_tokenizer(v: TinyVariant) -> Value {
     } else {
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     };
-    let vocab: serde_json::Map<String, Value> =
-        (0..=255u8).map(|b| (byte_to_char(b).to_string(), json!(b as u32))).collect();
+    let vocab: serde_json::Map<String, Value> = (0..=255u8)
+        .map(|b| (byte_to_char(b).to_string(), json!(b as u32)))
+        .collect();
     let added: Vec<Value> = specials
         .iter()
         .enumerate()
@@ -167,10 +173,17 @@ pub fn tiny_tensors(v: TinyVariant) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         let g: Vec<f32> = rng.normal_vec(d, 0.1).into_iter().map(|x| 1.0 + x).collect();
         (name, vec![d], g)
     };
-    t.push(("model.embed_tokens.weight".into(), vec![vocab, d], rng.normal_vec(vocab * d, 0.1)));
+    t.push((
+        "model.embed_tokens.weight".into(),
+        vec![vocab, d],
+        rng.normal_vec(vocab * d, 0.1),
+    ));
     for i in 0..c.num_layers {
         t.push(gain(&mut rng, format!("model.layers.{i}.input_layernorm.weight")));
-        t.push(gain(&mut rng, format!("model.layers.{i}.post_attention_layernorm.weight")));
+        t.push(gain(
+            &mut rng,
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+        ));
         for p in crate::model::Proj::ALL {
             let [out, inp] = p.shape(&c);
             let w = rng.normal_vec(out * inp, 1.0 / (inp as f32).sqrt());
@@ -182,7 +195,11 @@ pub fn tiny_tensors(v: TinyVariant) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     }
     t.push(gain(&mut rng, "model.norm.weight".into()));
     if !c.tie_word_embeddings {
-        t.push(("lm_head.weight".into(), vec![vocab, d], rng.normal_vec(vocab * d, 1.0 / (d as f32).sqrt())));
+        t.push((
+            "lm_head.weight".into(),
+            vec![vocab, d],
+            rng.normal_vec(vocab * d, 1.0 / (d as f32).sqrt()),
+        ));
     }
     t
 }
@@ -196,15 +213,23 @@ pub fn write_tiny_model(dir: &Path, v: TinyVariant) -> Result<()> {
         _ => SaveDtype::BF16,
     };
     save_safetensors(&dir.join("model.safetensors"), &tiny_tensors(v), dtype, None)?;
-    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&tiny_config(v))?.as_bytes())?;
-    write_atomic(&dir.join("tokenizer.json"), serde_json::to_string_pretty(&tiny_tokenizer(v))?.as_bytes())?;
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&tiny_config(v))?.as_bytes(),
+    )?;
+    write_atomic(
+        &dir.join("tokenizer.json"),
+        serde_json::to_string_pretty(&tiny_tokenizer(v))?.as_bytes(),
+    )?;
     Ok(())
 }
 
 /// FNV-1a, 64-bit: a dependency-free fingerprint of a file's bytes (golden files record the one of
 /// the weights they were made from).
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

@@ -44,21 +44,29 @@ impl Weights {
                 .with_context(|| format!("{} has no \"weight_map\" object", index.display()))?;
             let mut shards: BTreeMap<&str, ()> = BTreeMap::new();
             for (name, file) in map {
-                let file = file.as_str().with_context(|| format!("{}: shard of {name} is not a string", index.display()))?;
+                let file = file
+                    .as_str()
+                    .with_context(|| format!("{}: shard of {name} is not a string", index.display()))?;
                 shards.insert(file, ());
             }
             let paths: Vec<PathBuf> = shards.keys().map(|f| dir.join(f)).collect();
             let weights = Weights::open_files(&paths)?;
             for name in map.keys() {
                 if !weights.tensors.contains_key(name) {
-                    bail!("{} lists tensor {name}, but its shard does not hold it", index.display());
+                    bail!(
+                        "{} lists tensor {name}, but its shard does not hold it",
+                        index.display()
+                    );
                 }
             }
             Ok(weights)
         } else {
             let single = dir.join("model.safetensors");
             if !single.exists() {
-                bail!("{} has neither model.safetensors nor model.safetensors.index.json", dir.display());
+                bail!(
+                    "{} has neither model.safetensors nor model.safetensors.index.json",
+                    dir.display()
+                );
             }
             Weights::open_files(&[single])
         }
@@ -75,9 +83,14 @@ impl Weights {
             // SAFETY: the mapping is read-only; sqlora never writes the files it maps. A file changed
             // underneath us by another process could change what we read, as with any mmap reader.
             let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-            let st = SafeTensors::deserialize(&map)
-                .with_context(|| format!("{} is not a valid safetensors file (truncated or corrupt?)", path.display()))?;
-            let (_, header) = SafeTensors::read_metadata(&map).with_context(|| format!("header of {}", path.display()))?;
+            let st = SafeTensors::deserialize(&map).with_context(|| {
+                format!(
+                    "{} is not a valid safetensors file (truncated or corrupt?)",
+                    path.display()
+                )
+            })?;
+            let (_, header) =
+                SafeTensors::read_metadata(&map).with_context(|| format!("header of {}", path.display()))?;
             metadata.push(header.metadata().clone().unwrap_or_default());
             let base = map.as_ptr() as usize;
             for (name, view) in st.tensors() {
@@ -89,7 +102,11 @@ impl Weights {
                     bytes: start..start + view.data().len(),
                 };
                 if let Some(prev) = tensors.insert(name.clone(), info) {
-                    bail!("tensor {name} is in both {} and {}", paths[prev.file].display(), path.display());
+                    bail!(
+                        "tensor {name} is in both {} and {}",
+                        paths[prev.file].display(),
+                        path.display()
+                    );
                 }
             }
             maps.push(map);
@@ -120,11 +137,17 @@ impl Weights {
     }
 
     fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.tensors.get(name).with_context(|| format!("tensor {name} not found in {}", self.describe_files()))
+        self.tensors
+            .get(name)
+            .with_context(|| format!("tensor {name} not found in {}", self.describe_files()))
     }
 
     fn describe_files(&self) -> String {
-        self.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The `__metadata__` entries of the file holding `name`.
@@ -138,10 +161,22 @@ impl Weights {
         let bytes = &self.maps[info.file][info.bytes.clone()];
         let word = |b: &[u8]| -> [u8; 4] { [b[0], b[1], b[2], b[3]] };
         Ok(match info.dtype {
-            Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(word(b)) as i64).collect(),
-            Dtype::U32 => bytes.chunks_exact(4).map(|b| u32::from_le_bytes(word(b)) as i64).collect(),
-            other => bail!("tensor {name} in {} has dtype {other:?}, not an integer type", self.paths[info.file].display()),
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(word(b)) as i64)
+                .collect(),
+            Dtype::U32 => bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(word(b)) as i64)
+                .collect(),
+            other => bail!(
+                "tensor {name} in {} has dtype {other:?}, not an integer type",
+                self.paths[info.file].display()
+            ),
         })
     }
 
@@ -154,9 +189,18 @@ impl Weights {
         }
         let bytes = &self.maps[info.file][info.bytes.clone()];
         let out = match info.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             other => bail!("tensor {name} in {path} has dtype {other:?}; sqlora reads F32, F16 and BF16"),
         };
         Ok(out)

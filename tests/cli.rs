@@ -20,17 +20,40 @@ fn ask_prints_exactly_the_greedy_continuation() {
         let ids = tok.encode(prompt).unwrap();
         // BOS only where the tokenizer's post-processor adds it: the llama variants, not qwen2.
         let bos_added = ids.len() == prompt.len() + 1;
-        assert_eq!(bos_added, matches!(v, TinyVariant::Llama | TinyVariant::LlamaTied), "{}", v.name());
-        assert_eq!(ids[ids.len() - prompt.len()..], prompt.bytes().map(u32::from).collect::<Vec<_>>()[..]);
+        assert_eq!(
+            bos_added,
+            matches!(v, TinyVariant::Llama | TinyVariant::LlamaTied),
+            "{}",
+            v.name()
+        );
+        assert_eq!(
+            ids[ids.len() - prompt.len()..],
+            prompt.bytes().map(u32::from).collect::<Vec<_>>()[..]
+        );
 
         let model = Model::load_dir(dir.path()).unwrap();
         let want_ids = greedy(&model, &ids, 20, &model.config.eos_token_ids);
         let want = tok.decode(&want_ids).unwrap();
 
-        let out = sqlora(&["ask", "--model", dir.path().to_str().unwrap(), "--max-new-tokens", "20", prompt]);
+        let out = sqlora(&[
+            "ask",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--max-new-tokens",
+            "20",
+            prompt,
+        ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{want}\n"), "{}", v.name());
-        assert!(!want.contains("<s>") && !want.contains("<|im_end|>"), "special tokens are not printed");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{want}\n"),
+            "{}",
+            v.name()
+        );
+        assert!(
+            !want.contains("<s>") && !want.contains("<|im_end|>"),
+            "special tokens are not printed"
+        );
     }
 }
 
@@ -41,8 +64,23 @@ fn ask_nf4_runs_the_quantized_base() {
     let prompt = "SELECT name FROM";
     let model = Model::load_dir(dir.path()).unwrap().quantize_nf4();
     let tok = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
-    let want = tok.decode(&greedy(&model, &tok.encode(prompt).unwrap(), 12, &model.config.eos_token_ids)).unwrap();
-    let out = sqlora(&["ask", "--model", dir.path().to_str().unwrap(), "--nf4", "--max-new-tokens", "12", prompt]);
+    let want = tok
+        .decode(&greedy(
+            &model,
+            &tok.encode(prompt).unwrap(),
+            12,
+            &model.config.eos_token_ids,
+        ))
+        .unwrap();
+    let out = sqlora(&[
+        "ask",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--nf4",
+        "--max-new-tokens",
+        "12",
+        prompt,
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{want}\n"));
 }

@@ -28,7 +28,9 @@ fn nf4_forward_equals_dense_forward_on_dequantized_weights() {
         let mut dense = Model::load_dir(dir.path()).unwrap();
         for (dl, ql) in dense.layers.iter_mut().zip(&nf4.layers) {
             for (d, q) in dl.proj.iter_mut().zip(&ql.proj) {
-                let LinearWeight::Nf4(t) = &q.weight else { panic!("not quantized") };
+                let LinearWeight::Nf4(t) = &q.weight else {
+                    panic!("not quantized")
+                };
                 *d = Linear::dense(q.out_features, q.in_features, t.dequantize(), q.bias.clone());
             }
         }
@@ -40,6 +42,10 @@ fn nf4_forward_equals_dense_forward_on_dequantized_weights() {
         // quantized projections per layer, two or three layers deep, compound that to the measured
         // 0.267-0.286 on these random models. A wrong table, scale or nibble order gives >= 1.
         let err = rel_err(&nf4_logits, &full_logits);
-        assert!(err > 0.15 && err < 0.35, "{}: NF4 vs f32 logits relative error {err}", v.name());
+        assert!(
+            err > 0.15 && err < 0.35,
+            "{}: NF4 vs f32 logits relative error {err}",
+            v.name()
+        );
     }
 }

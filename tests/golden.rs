@@ -16,9 +16,16 @@ struct Golden {
 }
 
 fn golden(v: TinyVariant) -> Golden {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/reference/golden/{}.safetensors", v.name()));
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/reference/golden/{}.safetensors", v.name()));
     let w = Weights::open_files(&[path]).unwrap();
-    let ids = |name: &str| w.ints(name).unwrap().into_iter().map(|x| x as u32).collect::<Vec<u32>>();
+    let ids = |name: &str| {
+        w.ints(name)
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect::<Vec<u32>>()
+    };
     let input_ids = ids("input_ids");
     let logits = w.f32("logits", &[input_ids.len(), sqlora::tiny::TINY_VOCAB]).unwrap();
     Golden {
@@ -63,7 +70,11 @@ fn logits_match_transformers() {
         let err = rel_err(&logits, &g.logits);
         assert!(err < 1e-4, "{}: logits relative error {err:e} (limit 1e-4)", v.name());
         // Not vacuous: the logits vary across positions and the vocabulary.
-        assert!(g.logits.iter().any(|&x| x.abs() > 0.5), "{}: degenerate golden logits", v.name());
+        assert!(
+            g.logits.iter().any(|&x| x.abs() > 0.5),
+            "{}: degenerate golden logits",
+            v.name()
+        );
     }
 }
 
@@ -95,9 +106,17 @@ fn greedy_generation_matches_transformers() {
         let out = greedy(&model, &g.prompt, 32, eos);
         assert_eq!(out, g.generated, "{}: greedy tokens differ from transformers", v.name());
         let distinct: std::collections::HashSet<_> = out.iter().collect();
-        assert!(distinct.len() >= 3, "{}: generation is degenerate ({out:?}), a weak test", v.name());
+        assert!(
+            distinct.len() >= 3,
+            "{}: generation is degenerate ({out:?}), a weak test",
+            v.name()
+        );
         if out.len() < 32 {
-            assert!(eos.contains(out.last().unwrap()), "{}: stopped early without EOS", v.name());
+            assert!(
+                eos.contains(out.last().unwrap()),
+                "{}: stopped early without EOS",
+                v.name()
+            );
             stopped_at_eos += 1;
         }
     }

@@ -39,7 +39,10 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     let map: serde_json::Map<String, serde_json::Value> = a
         .iter()
         .map(|t| (t.0.clone(), "model-00001-of-00002.safetensors".into()))
-        .chain(b.iter().map(|t| (t.0.clone(), "model-00002-of-00002.safetensors".into())))
+        .chain(
+            b.iter()
+                .map(|t| (t.0.clone(), "model-00002-of-00002.safetensors".into())),
+        )
         .collect();
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
     std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
@@ -54,7 +57,11 @@ fn sharded_checkpoint_loads_like_the_single_file() {
 #[test]
 fn malformed_config_names_the_file() {
     let dir = tiny(TinyVariant::Llama);
-    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"llama\", \"hidden_size\": 64,").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"llama\", \"hidden_size\": 64,",
+    )
+    .unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("config.json") && err.contains("malformed"), "{err}");
 }
@@ -63,7 +70,9 @@ fn malformed_config_names_the_file() {
 fn unknown_model_type_is_named() {
     let dir = tiny(TinyVariant::Llama);
     let path = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&path).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"llama\"", "\"gpt_neox\"");
     std::fs::write(&path, text).unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("unsupported model_type \"gpt_neox\""), "{err}");
@@ -78,7 +87,10 @@ fn missing_tensor_is_named_with_the_file() {
         .collect();
     save_safetensors(&dir.path().join("model.safetensors"), &tensors, SaveDtype::BF16, None).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("tensor model.layers.1.mlp.up_proj.weight not found"), "{err}");
+    assert!(
+        err.contains("tensor model.layers.1.mlp.up_proj.weight not found"),
+        "{err}"
+    );
     assert!(err.contains("model.safetensors"), "{err}");
 }
 
@@ -125,7 +137,10 @@ fn missing_bias_is_explained() {
         .collect();
     save_safetensors(&dir.path().join("model.safetensors"), &tensors, SaveDtype::BF16, None).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("model.layers.2.self_attn.v_proj.bias") && err.contains("bias"), "{err}");
+    assert!(
+        err.contains("model.layers.2.self_attn.v_proj.bias") && err.contains("bias"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -81,7 +81,10 @@ fn round_trip_error_is_within_the_bound_of_the_table() {
 #[test]
 fn dynamic_map_is_within_one_ulp_of_torch() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/golden/nf4_dynamic_map.safetensors");
-    let golden = Weights::open_files(&[path]).unwrap().f32("dynamic_map", &[256]).unwrap();
+    let golden = Weights::open_files(&[path])
+        .unwrap()
+        .f32("dynamic_map", &[256])
+        .unwrap();
     let ours = dynamic_map();
     // torch's linspace is vectorised, and its last bit depends on the CPU's vector width.
     for i in 0..256 {
@@ -92,7 +95,11 @@ fn dynamic_map_is_within_one_ulp_of_torch() {
     let mut rng = Rng::new(4);
     for _ in 0..10_000 {
         let x = rng.uniform_in(-1.0, 1.0) * 10f32.powi(-(rng.below(7) as i32));
-        let nearest = |m: &[f32]| (0..256).min_by(|&a, &b| (m[a] - x).abs().total_cmp(&(m[b] - x).abs())).unwrap();
+        let nearest = |m: &[f32]| {
+            (0..256)
+                .min_by(|&a, &b| (m[a] - x).abs().total_cmp(&(m[b] - x).abs()))
+                .unwrap()
+        };
         assert_eq!(nearest(&ours), nearest(&golden), "x = {x}");
     }
 }
@@ -115,7 +122,11 @@ fn double_quant_reconstructs_absmax_within_the_map_resolution() {
             assert!((a - b).abs() <= bound, "n={n} [{i}]: |{a} - {b}| > {bound}");
         }
         // The scale is still informative: relative error of the absmax below 1%.
-        let worst = absmax.iter().zip(&back).map(|(a, b)| ((a - b) / a).abs()).fold(0f32, f32::max);
+        let worst = absmax
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| ((a - b) / a).abs())
+            .fold(0f32, f32::max);
         assert!(worst < 0.01, "n={n}: worst relative absmax error {worst}");
     }
 }

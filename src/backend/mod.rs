@@ -3,3 +3,8 @@
 //! tested against it op by op.
 
 pub mod cpu;
+
+/// The CUDA kernels compiled by build.rs (empty when the build had no nvcc).
+pub mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}

@@ -1,0 +1,241 @@
+//! LoRA adapters: configuration, one flat f32 buffer for every A and B (llm.c style: one allocation
+//! handed out as named views), PEFT's initialisation, and PEFT-compatible files.
+//!
+//! On a target projection `y = x W^T + b`, the adapter adds `s (dropout(x) A^T) B^T` with
+//! A: [r, in], B: [out, r] and `s = alpha / r` (`alpha / sqrt(r)` with rsLoRA).
+
+use crate::config::ModelConfig;
+use crate::model::Proj;
+use crate::rng::Rng;
+use crate::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::ops::Range;
+use std::path::Path;
+
+/// Adapter hyper-parameters (PEFT's `LoraConfig` fields of the same names).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub use_rslora: bool,
+    /// Which projections carry an adapter, in [`Proj::ALL`] order.
+    pub targets: Vec<Proj>,
+}
+
+impl Default for LoraConfig {
+    /// r 16, alpha 32, dropout 0.05 on all seven projections: the common QLoRA recipe.
+    fn default() -> LoraConfig {
+        LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            use_rslora: false,
+            targets: Proj::ALL.to_vec(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The scale `s` applied to the adapter branch.
+    pub fn scale(&self) -> f32 {
+        if self.use_rslora {
+            self.alpha / (self.r as f32).sqrt()
+        } else {
+            self.alpha / self.r as f32
+        }
+    }
+
+    /// Parse a comma-separated list of module names (`q_proj,v_proj`) or `all`.
+    pub fn parse_targets(s: &str) -> Result<Vec<Proj>> {
+        if s == "all" {
+            return Ok(Proj::ALL.to_vec());
+        }
+        let mut out = Vec::new();
+        for name in s.split(',').map(str::trim) {
+            match Proj::ALL.iter().find(|p| p.name() == name) {
+                Some(&p) => out.push(p),
+                None => {
+                    bail!("unknown LoRA target \"{name}\": use q_proj k_proj v_proj o_proj gate_proj up_proj down_proj")
+                }
+            }
+        }
+        out.sort_by_key(|&p| p as usize);
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// Where one projection's adapter lives in the flat buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSlot {
+    /// `[r, in]` A.
+    pub a: Range<usize>,
+    /// `[out, r]` B.
+    pub b: Range<usize>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// All adapter parameters of a model in one buffer; gradients and optimizer moments use the same
+/// layout, so an update is a loop over one slice.
+#[derive(Clone, Debug)]
+pub struct LoraParams {
+    pub config: LoraConfig,
+    /// Per layer, per projection (indexed by `Proj as usize`): its slot, if targeted.
+    pub slots: Vec<[Option<LoraSlot>; 7]>,
+    /// Every A and B, layer by layer, in [`Proj::ALL`] order, A before B.
+    pub data: Vec<f32>,
+}
+
+impl LoraParams {
+    /// Lay out the buffer for a model, all zeros.
+    pub fn zeros(model: &ModelConfig, config: LoraConfig) -> LoraParams {
+        let r = config.r;
+        let mut next = 0;
+        let mut take = |n: usize| {
+            next += n;
+            next - n..next
+        };
+        let slots = (0..model.num_layers)
+            .map(|_| {
+                Proj::ALL.map(|p| {
+                    config.targets.contains(&p).then(|| {
+                        let [out, inp] = p.shape(model);
+                        LoraSlot {
+                            a: take(r * inp),
+                            b: take(out * r),
+                            in_features: inp,
+                            out_features: out,
+                        }
+                    })
+                })
+            })
+            .collect();
+        LoraParams {
+            config,
+            slots,
+            data: vec![0.0; next],
+        }
+    }
+
+    /// PEFT's initialisation: A from Kaiming-uniform with `a = sqrt(5)`, i.e. U(-1/sqrt(in), 1/sqrt(in)),
+    /// and B = 0, so the adapted model starts equal to the base.
+    pub fn init(model: &ModelConfig, config: LoraConfig, seed: u64) -> LoraParams {
+        let mut p = LoraParams::zeros(model, config);
+        let mut rng = Rng::new(seed);
+        for slot in p.slots.iter().flatten().flatten() {
+            let bound = 1.0 / (slot.in_features as f32).sqrt();
+            for x in &mut p.data[slot.a.clone()] {
+                *x = rng.uniform_in(-bound, bound);
+            }
+        }
+        p
+    }
+
+    pub fn slot(&self, layer: usize, p: Proj) -> Option<&LoraSlot> {
+        self.slots[layer][p as usize].as_ref()
+    }
+
+    /// Number of trainable parameters.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Every (PEFT tensor name, shape, range in `data`), in layout order.
+    pub fn named_ranges(&self) -> Vec<(String, [usize; 2], Range<usize>)> {
+        let r = self.config.r;
+        let mut out = Vec::new();
+        for (i, layer) in self.slots.iter().enumerate() {
+            for p in Proj::ALL {
+                if let Some(s) = &layer[p as usize] {
+                    let base = format!("base_model.model.{}", p.path(i));
+                    out.push((format!("{base}.lora_A.weight"), [r, s.in_features], s.a.clone()));
+                    out.push((format!("{base}.lora_B.weight"), [s.out_features, r], s.b.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Write `adapter_model.safetensors` (f32) and `adapter_config.json` as PEFT does.
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = self
+            .named_ranges()
+            .into_iter()
+            .map(|(name, shape, range)| (name, shape.to_vec(), self.data[range].to_vec()))
+            .collect();
+        save_safetensors(&dir.join("adapter_model.safetensors"), &tensors, SaveDtype::F32, None)?;
+        let c = &self.config;
+        let config = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": c.r,
+            "lora_alpha": c.alpha,
+            "lora_dropout": c.dropout,
+            "use_rslora": c.use_rslora,
+            "target_modules": c.targets.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "use_dora": false,
+        });
+        write_atomic(
+            &dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )
+    }
+
+    /// Read a PEFT LoRA adapter directory for this model; every tensor is checked against the model's
+    /// shapes and errors name the file and tensor.
+    pub fn load_peft(dir: &Path, model: &ModelConfig) -> Result<LoraParams> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("malformed {}", cfg_path.display()))?;
+        let field = |k: &str| {
+            v.get(k)
+                .with_context(|| format!("{} has no \"{k}\"", cfg_path.display()))
+        };
+        if field("peft_type")?.as_str() != Some("LORA") {
+            bail!("{}: peft_type is not \"LORA\"", cfg_path.display());
+        }
+        let targets = match field("target_modules")? {
+            serde_json::Value::Array(xs) => {
+                let names: Vec<&str> = xs.iter().filter_map(|x| x.as_str()).collect();
+                LoraConfig::parse_targets(&names.join(","))?
+            }
+            serde_json::Value::String(s) if s == "all-linear" => Proj::ALL.to_vec(),
+            other => bail!("{}: unsupported target_modules {other}", cfg_path.display()),
+        };
+        let num = |k: &str| {
+            field(k)?
+                .as_f64()
+                .with_context(|| format!("{}: \"{k}\" is not a number", cfg_path.display()))
+        };
+        let config = LoraConfig {
+            r: num("r")? as usize,
+            alpha: num("lora_alpha")? as f32,
+            dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32,
+            use_rslora: v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
+            targets,
+        };
+        let mut params = LoraParams::zeros(model, config);
+        let weights = Weights::open_files(&[dir.join("adapter_model.safetensors")])?;
+        for (name, shape, range) in params.named_ranges() {
+            let data = weights.f32(&name, &shape)?;
+            params.data[range].copy_from_slice(&data);
+        }
+        Ok(params)
+    }
+}
