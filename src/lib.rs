@@ -9,6 +9,7 @@
 //! 6. [`generate`]: greedy decoding.
 //! 7. [`tokenizer`], [`tiny`]: text in and out; seeded tiny models for tests.
 
+pub mod autograd;
 pub mod backend;
 pub mod config;
 pub mod generate;
