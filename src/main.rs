@@ -52,6 +52,9 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Also write a seeded LoRA adapter for it (PEFT files) into this directory.
+        #[arg(long)]
+        adapter_out: Option<PathBuf>,
     },
 }
 
@@ -72,7 +75,18 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
         } => ask(&model, max_new_tokens, &device, nf4, &prompt),
         Command::Info { model } => info(&model),
-        Command::TinyModel { variant, out } => write_tiny_model(&out, TinyVariant::parse(&variant)?),
+        Command::TinyModel {
+            variant,
+            out,
+            adapter_out,
+        } => {
+            let v = TinyVariant::parse(&variant)?;
+            write_tiny_model(&out, v)?;
+            match adapter_out {
+                Some(dir) => sqlora::tiny::tiny_adapter(v).save_peft(&dir, &out.display().to_string()),
+                None => Ok(()),
+            }
+        }
     }
 }
 

@@ -245,3 +245,31 @@ mod tests {
         assert_eq!(byte_to_char(b'\n'), '\u{10a}'); // 'Ċ'
     }
 }
+
+/// A seeded adapter for a tiny variant, PEFT-initialised and then given a random B (N(0, 0.2^2)) so
+/// that the adapter changes the model and A receives gradient. The llama variants adapt all seven
+/// projections; qwen2 uses rsLoRA; qwen2-tied adapts only q_proj and v_proj (PEFT's classic default).
+pub fn tiny_adapter(v: TinyVariant) -> crate::lora::LoraParams {
+    use crate::lora::{LoraConfig, LoraParams};
+    use crate::model::Proj;
+    let c = crate::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
+    let config = LoraConfig {
+        r: 4,
+        alpha: if v == TinyVariant::Qwen2 { 6.0 } else { 8.0 },
+        dropout: 0.0,
+        use_rslora: v == TinyVariant::Qwen2,
+        targets: if v == TinyVariant::Qwen2Tied {
+            vec![Proj::Q, Proj::V]
+        } else {
+            Proj::ALL.to_vec()
+        },
+    };
+    let mut p = LoraParams::init(&c, config, 0xada7 ^ v as u64);
+    let mut rng = Rng::new(0xb0b ^ v as u64);
+    for slot in p.slots.clone().iter().flatten().flatten() {
+        for x in &mut p.data[slot.b.clone()] {
+            *x = rng.normal() * 0.2;
+        }
+    }
+    p
+}
