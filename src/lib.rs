@@ -12,11 +12,14 @@
 pub mod autograd;
 pub mod backend;
 pub mod config;
+pub mod data;
 pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod nf4;
+pub mod optim;
 pub mod rng;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;

@@ -1,6 +1,216 @@
-//! `train`: fine-tune LoRA adapters on a text-to-SQL data set.
+//! `train`: fine-tune LoRA adapters of a Llama/Qwen2 model on text-to-SQL examples (QLoRA: the
+//! frozen base is quantized to NF4 unless --no-nf4).
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use sqlora::data::{encode, read_jsonl, Encoded};
+use sqlora::lora::LoraConfig;
+use sqlora::model::Model;
+use sqlora::optim::{AdamWConfig, Decay};
+use sqlora::tokenizer::Tokenizer;
+use sqlora::train::{TrainConfig, Trainer};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "train", version, about = "QLoRA fine-tuning for text-to-SQL")]
+struct Args {
+    /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training examples, JSONL: {"instruction", "input", "output"} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation examples (same format); its loss is reported every --eval-every steps.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Output directory: adapter files, checkpoints, log.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    /// Compute device; only `cpu` is available in this build.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Stop after this many optimizer steps (the schedule then spans exactly these).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// constant, linear or cosine.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Clip the global gradient norm to this (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f32,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Scale the adapter by alpha/sqrt(r) instead of alpha/r.
+    #[arg(long)]
+    rslora: bool,
+    /// Projections to adapt: `all` or a list like `q_proj,v_proj`.
+    #[arg(long, default_value = "all")]
+    targets: String,
+    /// Recompute each layer's activations in the backward instead of keeping them.
+    #[arg(long)]
+    checkpointing: bool,
+    /// Keep the frozen base in f32 instead of NF4 (plain LoRA rather than QLoRA).
+    #[arg(long)]
+    no_nf4: bool,
+    /// Drop examples longer than this many tokens.
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+}
 
 fn main() {
-    eprintln!("error: the training loop is not built yet; `train` arrives with the LoRA/autograd work");
-    std::process::exit(2);
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load_examples(path: &Path, tok: &Tokenizer, eos: u32, max_len: usize) -> Result<Vec<Encoded>> {
+    let examples = read_jsonl(path)?;
+    let mut out = Vec::with_capacity(examples.len());
+    for ex in &examples {
+        let e = encode(tok, ex, eos)?;
+        if e.tokens.len() <= max_len {
+            out.push(e);
+        }
+    }
+    let dropped = examples.len() - out.len();
+    if dropped > 0 {
+        eprintln!(
+            "{}: dropped {dropped} of {} examples longer than {max_len} tokens",
+            path.display(),
+            examples.len()
+        );
+    }
+    if out.is_empty() {
+        bail!(
+            "{}: every example is longer than --max-seq-len {max_len}",
+            path.display()
+        );
+    }
+    Ok(out)
+}
+
+fn run(a: Args) -> Result<()> {
+    if a.device != "cpu" {
+        bail!(
+            "device \"{}\" is not available: this build trains on the CPU reference backend (--device cpu)",
+            a.device
+        );
+    }
+    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+    let mut model = Model::load_dir(&a.model)?;
+    let eos = *model
+        .config
+        .eos_token_ids
+        .first()
+        .context("config.json has no eos_token_id")?;
+    let train = load_examples(&a.data, &tok, eos, a.max_seq_len)?;
+    let val = match &a.val {
+        Some(p) => load_examples(p, &tok, eos, a.max_seq_len)?,
+        None => vec![],
+    };
+    if !a.no_nf4 {
+        model = model.quantize_nf4();
+    }
+    let config = TrainConfig {
+        lora: LoraConfig {
+            r: a.lora_r,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            use_rslora: a.rslora,
+            targets: LoraConfig::parse_targets(&a.targets)?,
+        },
+        adamw: AdamWConfig {
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        lr: a.lr,
+        warmup_steps: a.warmup,
+        decay: Decay::parse(&a.schedule)?,
+        max_grad_norm: a.max_grad_norm,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        micro_batch: a.batch,
+        grad_accum: a.grad_accum,
+        checkpointing: a.checkpointing,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+    };
+    let mut trainer = Trainer::new(model, train, val, config, &a.out, &a.model.display().to_string())?;
+    if a.resume {
+        match trainer.latest_checkpoint() {
+            Some(dir) => {
+                trainer.resume_from(&dir)?;
+                eprintln!("resumed from {} at step {}", dir.display(), trainer.state.step);
+            }
+            None => eprintln!("no checkpoint in {}: starting from scratch", a.out.display()),
+        }
+    }
+    let total = trainer.total_steps();
+    eprintln!(
+        "training {} adapter parameters ({} examples/step, {total} steps, NF4 base: {})",
+        trainer.lora.len(),
+        trainer.examples_per_step(),
+        !a.no_nf4
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130); // a second Ctrl-C does not wait
+        }
+        eprintln!("\ninterrupted: finishing this step and writing a checkpoint (Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+
+    trainer.run(total, &|| stop.load(Ordering::SeqCst), &mut |r, eval| {
+        let eval = eval.map(|e| format!("  eval {e:.4}")).unwrap_or_default();
+        eprintln!(
+            "step {:>5}/{total}  epoch {:.2}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{eval}",
+            r.step,
+            r.epoch,
+            r.loss,
+            r.lr,
+            r.grad_norm,
+            r.tokens as f64 / r.seconds
+        );
+    })?;
+    if stop.load(Ordering::SeqCst) {
+        eprintln!("stopped at step {}; resume with --resume", trainer.state.step);
+        std::process::exit(130);
+    }
+    trainer.save_final()?;
+    eprintln!("adapter written to {}", a.out.display());
+    Ok(())
 }

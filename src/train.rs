@@ -1,0 +1,419 @@
+//! The training loop: seeded epoch shuffles, micro-batches with gradient accumulation, AdamW with
+//! clipping and a schedule, periodic validation loss, atomic checkpoints, and exact resume.
+//!
+//! Everything random is a function of the seed and the position in training (the epoch's shuffle of
+//! the seed and epoch; dropout masks of the seed, step and micro-batch), so a run resumed from a
+//! checkpoint continues exactly as the uninterrupted run would have.
+
+use crate::autograd::{forward_backward, loss_sum, Batch, GradOptions};
+use crate::data::Encoded;
+use crate::lora::{LoraConfig, LoraParams};
+use crate::model::Model;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, HostPages, Schedule};
+use crate::rng::Rng;
+use crate::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Values of the optimizer state per page (1M floats: 4 MiB per moment per page).
+const PAGE: usize = 1 << 20;
+
+/// Everything that shapes a run.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub lora: LoraConfig,
+    pub adamw: AdamWConfig,
+    pub lr: f32,
+    pub warmup_steps: usize,
+    pub decay: Decay,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f32,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (overrides `epochs` for the schedule length).
+    pub max_steps: Option<usize>,
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub checkpointing: bool,
+    pub seed: u64,
+    /// Validation loss every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> TrainConfig {
+        TrainConfig {
+            lora: LoraConfig::default(),
+            adamw: AdamWConfig::default(),
+            lr: 2e-4,
+            warmup_steps: 10,
+            decay: Decay::Cosine,
+            max_grad_norm: 1.0,
+            epochs: 1,
+            max_steps: None,
+            micro_batch: 4,
+            grad_accum: 1,
+            checkpointing: false,
+            seed: 42,
+            eval_every: 0,
+            save_every: 0,
+        }
+    }
+}
+
+/// Where training stands: enough, with the checkpointed tensors, to continue exactly.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Examples consumed since the start (the data position: epoch = consumed / n).
+    pub consumed: usize,
+    /// Fingerprint of the training data and run settings, checked on resume.
+    pub fingerprint: String,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    pub epoch: f64,
+    /// Mean loss over the step's labelled tokens.
+    pub loss: f64,
+    pub lr: f32,
+    /// Gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Tokens processed (prompt + SQL) and labelled tokens.
+    pub tokens: usize,
+    pub labels: usize,
+    pub seconds: f64,
+}
+
+pub struct Trainer {
+    pub model: Model,
+    pub lora: LoraParams,
+    pub opt: AdamW,
+    pub config: TrainConfig,
+    pub state: TrainState,
+    train: Vec<Encoded>,
+    val: Vec<Encoded>,
+    out: PathBuf,
+    base_model: String,
+}
+
+impl Trainer {
+    /// A fresh run: PEFT-initialised adapters, zero optimizer state.
+    pub fn new(
+        model: Model,
+        train: Vec<Encoded>,
+        val: Vec<Encoded>,
+        config: TrainConfig,
+        out: &Path,
+        base_model: &str,
+    ) -> Result<Trainer> {
+        if train.is_empty() {
+            bail!("no training examples");
+        }
+        if config.micro_batch == 0 || config.grad_accum == 0 {
+            bail!("micro-batch size and gradient accumulation must be at least 1");
+        }
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let lora = LoraParams::init(&model.config, config.lora.clone(), config.seed);
+        let opt = AdamW::new(config.adamw, Box::new(HostPages::new(lora.len(), PAGE)));
+        let fingerprint = fingerprint(&train, &config);
+        Ok(Trainer {
+            model,
+            lora,
+            opt,
+            state: TrainState {
+                fingerprint,
+                ..Default::default()
+            },
+            config,
+            train,
+            val,
+            out: out.to_path_buf(),
+            base_model: base_model.to_string(),
+        })
+    }
+
+    /// Examples per optimizer step.
+    pub fn examples_per_step(&self) -> usize {
+        self.config.micro_batch * self.config.grad_accum
+    }
+
+    /// Length of the run in optimizer steps (the schedule spans exactly this).
+    pub fn total_steps(&self) -> usize {
+        self.config
+            .max_steps
+            .unwrap_or_else(|| (self.config.epochs * self.train.len()).div_ceil(self.examples_per_step()))
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            peak: self.config.lr,
+            warmup: self.config.warmup_steps,
+            total: self.total_steps(),
+            decay: self.config.decay,
+        }
+    }
+
+    /// Index of the `k`-th example consumed since the start: epochs are seeded shuffles.
+    fn example_at(&self, k: usize) -> usize {
+        let n = self.train.len();
+        let (epoch, i) = (k / n, k % n);
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = Rng::new(self.config.seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        for j in (1..n).rev() {
+            order.swap(j, rng.below(j as u64 + 1) as usize);
+        }
+        order[i]
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches. On a non-finite loss nothing is updated.
+    pub fn step(&mut self) -> Result<StepReport> {
+        let started = Instant::now();
+        let c = &self.config;
+        let ids: Vec<usize> = (0..self.examples_per_step())
+            .map(|j| self.example_at(self.state.consumed + j))
+            .collect();
+        let micro: Vec<Batch> = ids
+            .chunks(c.micro_batch)
+            .map(|ch| {
+                Batch::pack(
+                    ch.iter()
+                        .map(|&i| (&self.train[i].tokens[..], &self.train[i].targets[..])),
+                )
+            })
+            .collect();
+        let labels: usize = micro.iter().map(Batch::label_count).sum();
+        if labels == 0 {
+            bail!("step {}: no labelled tokens in the batch", self.state.step + 1);
+        }
+        let inv = 1.0 / labels as f32;
+        let mut grads = vec![0f32; self.lora.len()];
+        let mut loss = 0f64;
+        for (m, batch) in micro.iter().enumerate() {
+            let opts = GradOptions {
+                checkpointing: c.checkpointing,
+                dropout_seed: c.seed ^ ((self.state.step as u64) << 16 | m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            };
+            loss += forward_backward(&self.model, &self.lora, batch, inv, opts, &mut grads);
+        }
+        let loss = loss / labels as f64;
+        if !loss.is_finite() {
+            bail!(
+                "non-finite loss ({loss}) at step {}: no update was applied",
+                self.state.step + 1
+            );
+        }
+        let grad_norm = clip_grad_norm(&mut grads, c.max_grad_norm);
+        if !grad_norm.is_finite() {
+            bail!(
+                "non-finite gradient norm at step {}: no update was applied",
+                self.state.step + 1
+            );
+        }
+        let lr = self.schedule().lr(self.state.step);
+        self.opt.update(&mut self.lora.data, &grads, lr);
+        self.state.step += 1;
+        self.state.consumed += ids.len();
+        Ok(StepReport {
+            step: self.state.step,
+            epoch: self.state.consumed as f64 / self.train.len() as f64,
+            loss,
+            lr,
+            grad_norm,
+            tokens: micro.iter().map(|b| b.tokens.len()).sum(),
+            labels,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Mean loss per labelled token over the validation examples, without dropout.
+    pub fn eval_loss(&self) -> Option<f64> {
+        if self.val.is_empty() {
+            return None;
+        }
+        let (mut sum, mut labels) = (0f64, 0usize);
+        for chunk in self.val.chunks(self.config.micro_batch) {
+            let batch = Batch::pack(chunk.iter().map(|e| (&e.tokens[..], &e.targets[..])));
+            sum += loss_sum(&self.model, Some(&self.lora), &batch);
+            labels += batch.label_count();
+        }
+        Some(sum / labels.max(1) as f64)
+    }
+
+    /// Append a JSON line to `out/log.jsonl`.
+    pub fn log(&self, value: &serde_json::Value) -> Result<()> {
+        let path = self.out.join("log.jsonl");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        writeln!(f, "{value}").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Write `out/checkpoint-NNNNNN/` (adapter, optimizer moments, state) atomically: it is built
+    /// under a temporary name and renamed into place, so a checkpoint directory is always whole.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let dir = self.out.join(format!("checkpoint-{:06}", self.state.step));
+        let tmp = self.out.join(format!(".checkpoint-{:06}.partial", self.state.step));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        self.lora.save_peft(&tmp, &self.base_model)?;
+        let (m, v) = self.opt.state.export();
+        let n = m.len();
+        let tensors = vec![
+            ("exp_avg".to_string(), vec![n], m),
+            ("exp_avg_sq".to_string(), vec![n], v),
+        ];
+        let meta = [("adam_step".to_string(), self.opt.step.to_string())]
+            .into_iter()
+            .collect();
+        save_safetensors(&tmp.join("optimizer.safetensors"), &tensors, SaveDtype::F32, Some(meta))?;
+        write_atomic(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(&self.state)?.as_bytes(),
+        )?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::rename(&tmp, &dir).with_context(|| format!("moving checkpoint into {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// The newest whole checkpoint in the output directory, if any.
+    pub fn latest_checkpoint(&self) -> Option<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&self.out)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+            })
+            .collect();
+        found.sort();
+        found.pop()
+    }
+
+    /// Continue from a checkpoint: adapter, optimizer moments and position. Refuses a checkpoint
+    /// made from other data or settings. Log lines written after it are dropped.
+    pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?;
+        let state: TrainState =
+            serde_json::from_str(&text).with_context(|| format!("malformed {}", state_path.display()))?;
+        if state.fingerprint != self.state.fingerprint {
+            bail!(
+                "{} was made with other training data or settings; refusing to resume from it",
+                dir.display()
+            );
+        }
+        let lora = LoraParams::load_peft(dir, &self.model.config)?;
+        if lora.config != self.lora.config {
+            bail!("{}: adapter config differs from this run's", dir.display());
+        }
+        let opt_path = dir.join("optimizer.safetensors");
+        let w = Weights::open_files(&[opt_path.clone()])?;
+        let n = self.lora.len();
+        self.opt
+            .state
+            .import(&w.f32("exp_avg", &[n])?, &w.f32("exp_avg_sq", &[n])?)?;
+        self.opt.step = w
+            .metadata_of("exp_avg")?
+            .get("adam_step")
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("{} has no adam_step", opt_path.display()))?;
+        self.lora = lora;
+        self.state = state;
+        self.truncate_log()
+    }
+
+    fn truncate_log(&self) -> Result<()> {
+        let path = self.out.join("log.jsonl");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let keep: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                let step = serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64());
+                step.is_some_and(|s| s as usize <= self.state.step)
+            })
+            .collect();
+        write_atomic(
+            &path,
+            (keep.join("\n") + if keep.is_empty() { "" } else { "\n" }).as_bytes(),
+        )
+    }
+
+    /// Write the final adapter (PEFT files) into the output directory itself.
+    pub fn save_final(&self) -> Result<()> {
+        self.lora.save_peft(&self.out, &self.base_model)
+    }
+
+    /// Train until `until` steps are done (or the run's end), calling `report` after every step and
+    /// evaluation, checkpointing on schedule and at the end. `stop` is polled between steps (Ctrl-C):
+    /// when it is set, a checkpoint is written and the loop returns early.
+    pub fn run(
+        &mut self,
+        until: usize,
+        stop: &dyn Fn() -> bool,
+        report: &mut dyn FnMut(&StepReport, Option<f64>),
+    ) -> Result<()> {
+        let end = until.min(self.total_steps());
+        while self.state.step < end {
+            let r = self.step()?;
+            let c = &self.config;
+            let eval = if (c.eval_every > 0 && r.step % c.eval_every == 0) || r.step == self.total_steps() {
+                self.eval_loss()
+            } else {
+                None
+            };
+            self.log(&serde_json::to_value(&r)?)?;
+            if let Some(e) = eval {
+                self.log(&serde_json::json!({"step": r.step, "eval_loss": e}))?;
+            }
+            report(&r, eval);
+            let stopping = stop();
+            if (c.save_every > 0 && r.step % c.save_every == 0) || r.step == end || stopping {
+                self.save_checkpoint()?;
+            }
+            if stopping {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fingerprint of the training set and the settings that change what a step computes.
+fn fingerprint(train: &[Encoded], c: &TrainConfig) -> String {
+    let mut bytes = Vec::new();
+    for e in train {
+        bytes.extend(e.tokens.iter().flat_map(|t| t.to_le_bytes()));
+        bytes.extend(e.targets.iter().map(|t| t.is_some() as u8));
+    }
+    let settings = format!(
+        "{:?}|{:?}|{}|{}|{:?}|{}|{}|{:?}|{}|{}|{}",
+        c.lora,
+        c.adamw,
+        c.lr,
+        c.warmup_steps,
+        c.decay,
+        c.max_grad_norm,
+        c.epochs,
+        c.max_steps,
+        c.micro_batch,
+        c.grad_accum,
+        c.seed
+    );
+    bytes.extend(settings.as_bytes());
+    format!("{:016x}", crate::tiny::fnv1a64(&bytes))
+}

@@ -1,0 +1,266 @@
+//! The training loop on the CPU: gradient accumulation, exact resume, memorisation, and failures.
+
+use sqlora::data::{encode, read_jsonl, Encoded, Example};
+use sqlora::lora::LoraConfig;
+use sqlora::model::Model;
+use sqlora::optim::Decay;
+use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::tokenizer::Tokenizer;
+use sqlora::train::{StepReport, TrainConfig, Trainer};
+use std::path::Path;
+
+const QUESTIONS: [(&str, &str); 8] = [
+    ("How many singers are there?", "SELECT count(*) FROM singer"),
+    ("List all singer names.", "SELECT name FROM singer"),
+    ("What is the average age of singers?", "SELECT avg(age) FROM singer"),
+    (
+        "Show names of singers older than 30.",
+        "SELECT name FROM singer WHERE age > 30",
+    ),
+    (
+        "Which singer is the oldest?",
+        "SELECT name FROM singer ORDER BY age DESC LIMIT 1",
+    ),
+    (
+        "Count concerts per stadium.",
+        "SELECT stadium_id, count(*) FROM concert GROUP BY stadium_id",
+    ),
+    ("List stadium names.", "SELECT name FROM stadium"),
+    ("What is the largest capacity?", "SELECT max(capacity) FROM stadium"),
+];
+
+fn examples() -> Vec<Example> {
+    QUESTIONS
+        .iter()
+        .map(|(q, sql)| Example {
+            instruction: q.to_string(),
+            input: "singer(singer_id, name, age)\nstadium(stadium_id, name, capacity)".into(),
+            output: sql.to_string(),
+            db_id: None,
+            db_path: None,
+        })
+        .collect()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    model_dir: std::path::PathBuf,
+    data: Vec<Encoded>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, TinyVariant::Qwen2).unwrap();
+    let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json")).unwrap();
+    let model = Model::load_dir(&model_dir).unwrap();
+    let eos = model.config.eos_token_ids[0];
+    let data = examples().iter().map(|e| encode(&tok, e, eos).unwrap()).collect();
+    Setup {
+        _dir: dir,
+        model_dir,
+        data,
+    }
+}
+
+fn config(micro_batch: usize, grad_accum: usize) -> TrainConfig {
+    TrainConfig {
+        lora: LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.1,
+            ..Default::default()
+        },
+        lr: 5e-3,
+        warmup_steps: 2,
+        decay: Decay::Cosine,
+        max_steps: Some(6),
+        micro_batch,
+        grad_accum,
+        seed: 3,
+        ..Default::default()
+    }
+}
+
+fn trainer(s: &Setup, c: TrainConfig, out: &Path) -> Trainer {
+    let model = Model::load_dir(&s.model_dir).unwrap().quantize_nf4();
+    Trainer::new(model, s.data.clone(), s.data[..2].to_vec(), c, out, "tiny").unwrap()
+}
+
+fn run(t: &mut Trainer, until: usize) -> Vec<StepReport> {
+    let mut reports = Vec::new();
+    t.run(until, &|| false, &mut |r, _| reports.push(r.clone())).unwrap();
+    reports
+}
+
+#[test]
+fn encoding_masks_everything_but_the_sql_and_eos() {
+    let s = setup();
+    let tok = Tokenizer::from_file(&s.model_dir.join("tokenizer.json")).unwrap();
+    let e = &s.data[1];
+    let sql = tok.encode_plain("SELECT name FROM singer").unwrap();
+    assert_eq!(e.labels(), sql.len() + 1, "the SQL tokens and EOS carry the loss");
+    let labelled: Vec<u32> = e.targets.iter().flatten().copied().collect();
+    assert_eq!(&labelled[..sql.len()], &sql[..]);
+    assert_eq!(*labelled.last().unwrap(), *e.tokens.last().unwrap());
+    assert_eq!(e.targets.last(), Some(&None));
+}
+
+#[test]
+fn gradient_accumulation_2x2_equals_one_batch_of_4() {
+    // Without dropout (its masks are drawn per micro-batch), two micro-batches of 2 and one of 4 see
+    // the same examples and normalise by the same label count: the same update up to summation order.
+    let s = setup();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let no_dropout = |m, g| {
+        let mut c = config(m, g);
+        c.lora.dropout = 0.0;
+        c
+    };
+    let mut a = trainer(&s, no_dropout(2, 2), d1.path());
+    let mut b = trainer(&s, no_dropout(4, 1), d2.path());
+    let (ra, rb) = (run(&mut a, 3), run(&mut b, 3));
+    for (x, y) in ra.iter().zip(&rb) {
+        assert!(
+            (x.loss - y.loss).abs() < 1e-5 * x.loss,
+            "step {}: {} vs {}",
+            x.step,
+            x.loss,
+            y.loss
+        );
+        assert_eq!(x.labels, y.labels);
+    }
+    let num: f64 = a
+        .lora
+        .data
+        .iter()
+        .zip(&b.lora.data)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    let den: f64 = b.lora.data.iter().map(|y| (*y as f64).powi(2)).sum();
+    assert!(
+        (num / den).sqrt() < 1e-5,
+        "parameters differ: relative {:e}",
+        (num / den).sqrt()
+    );
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run_exactly() {
+    let s = setup();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut whole = trainer(&s, config(2, 2), d1.path());
+    let straight = run(&mut whole, 6);
+
+    let mut first = trainer(&s, config(2, 2), d2.path());
+    let mut losses: Vec<f64> = run(&mut first, 3).iter().map(|r| r.loss).collect();
+    drop(first); // the process "dies" after its checkpoint at step 3
+    let mut second = trainer(&s, config(2, 2), d2.path());
+    let ckpt = second.latest_checkpoint().expect("a checkpoint at step 3");
+    assert!(ckpt.ends_with("checkpoint-000003"));
+    second.resume_from(&ckpt).unwrap();
+    losses.extend(run(&mut second, 6).iter().map(|r| r.loss));
+
+    assert_eq!(losses, straight.iter().map(|r| r.loss).collect::<Vec<_>>());
+    assert_eq!(second.lora.data, whole.lora.data);
+    let log = std::fs::read_to_string(d2.path().join("log.jsonl")).unwrap();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("\"loss\"")).count(),
+        6,
+        "one log line per step"
+    );
+}
+
+#[test]
+fn resume_refuses_a_checkpoint_from_other_settings() {
+    let s = setup();
+    let d = tempfile::tempdir().unwrap();
+    let mut t = trainer(&s, config(2, 2), d.path());
+    run(&mut t, 2);
+    let mut other = config(2, 2);
+    other.lr = 1e-3;
+    let mut u = trainer(&s, other, d.path());
+    let err = format!("{:#}", u.resume_from(&t.latest_checkpoint().unwrap()).unwrap_err());
+    assert!(err.contains("other training data or settings"), "{err}");
+}
+
+#[test]
+fn a_tiny_model_memorises_a_small_dataset() {
+    let s = setup();
+    let d = tempfile::tempdir().unwrap();
+    let mut c = config(4, 1);
+    c.lora = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        ..Default::default()
+    };
+    c.lr = 1e-2;
+    c.max_steps = Some(100);
+    let mut t = trainer(&s, c, d.path());
+    let reports = run(&mut t, 100); // measured: 6.09 -> 0.29
+    let (first, last) = (reports[0].loss, reports.last().unwrap().loss);
+    assert!(last < first / 10.0, "loss went from {first} to {last}");
+    t.save_final().unwrap();
+    assert!(d.path().join("adapter_model.safetensors").exists());
+}
+
+#[test]
+fn a_non_finite_loss_stops_without_updating() {
+    let s = setup();
+    let d = tempfile::tempdir().unwrap();
+    let mut t = trainer(&s, config(2, 2), d.path());
+    let b = t.lora.slot(0, sqlora::model::Proj::Q).unwrap().b.start;
+    t.lora.data[b] = f32::NAN;
+    let before = t.lora.data.clone();
+    let err = format!("{:#}", t.step().unwrap_err());
+    assert!(err.contains("non-finite loss") && err.contains("step 1"), "{err}");
+    assert_eq!(t.state.step, 0);
+    assert!(t
+        .lora
+        .data
+        .iter()
+        .zip(&before)
+        .all(|(a, b)| a == b || (a.is_nan() && b.is_nan())));
+}
+
+#[test]
+fn a_stop_request_checkpoints_and_returns() {
+    let s = setup();
+    let d = tempfile::tempdir().unwrap();
+    let mut t = trainer(&s, config(2, 2), d.path());
+    let steps = std::cell::Cell::new(0);
+    t.run(6, &|| steps.get() >= 2, &mut |_, _| steps.set(steps.get() + 1))
+        .unwrap();
+    assert_eq!(t.state.step, 2);
+    assert!(d.path().join("checkpoint-000002/adapter_model.safetensors").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "no half-written checkpoint stays behind");
+}
+
+#[test]
+fn malformed_jsonl_names_file_and_line() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("train.jsonl");
+    let good = serde_json::to_string(&examples()[0]).unwrap();
+    std::fs::write(
+        &path,
+        format!("{good}\n\n{good}\n{{\"instruction\": \"q\", \"output\": 3}}\n"),
+    )
+    .unwrap();
+    let err = format!("{:#}", read_jsonl(&path).unwrap_err());
+    assert!(err.contains("train.jsonl:4"), "{err}");
+    std::fs::write(
+        &path,
+        format!("{good}\n{{\"instruction\": \"q\", \"outptu\": \"SELECT 1\"}}\n"),
+    )
+    .unwrap();
+    let err = format!("{:#}", read_jsonl(&path).unwrap_err());
+    assert!(err.contains("train.jsonl:2") && err.contains("outptu"), "{err}");
+    std::fs::write(&path, "\n").unwrap();
+    assert!(format!("{:#}", read_jsonl(&path).unwrap_err()).contains("no examples"));
+}
