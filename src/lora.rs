@@ -239,3 +239,60 @@ impl LoraParams {
         Ok(params)
     }
 }
+
+impl LoraParams {
+    /// Fold the adapter of projection `p` in layer `l` into its weight: `W += s B A`.
+    /// w: [out, in].
+    pub fn merge_into(&self, l: usize, p: Proj, w: &mut [f32]) {
+        let Some(slot) = self.slot(l, p) else { return };
+        let (r, k, s) = (self.config.r, slot.in_features, self.config.scale());
+        let (a, b) = (&self.data[slot.a.clone()], &self.data[slot.b.clone()]);
+        assert_eq!(w.len(), slot.out_features * k);
+        for (j, row) in w.chunks_mut(k).enumerate() {
+            for c in 0..r {
+                let bjc = s * b[j * r + c];
+                row.iter_mut()
+                    .zip(&a[c * k..(c + 1) * k])
+                    .for_each(|(o, &av)| *o += bjc * av);
+            }
+        }
+    }
+}
+
+/// Write `out`: the base model of `base` with the adapter in `adapter` merged into its weights, as
+/// bf16 safetensors, with config.json (dtype bfloat16) and the tokenizer files copied beside it.
+pub fn merge_model(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    let config = ModelConfig::from_file(&base.join("config.json"))?;
+    let lora = LoraParams::load_peft(adapter, &config)?;
+    let weights = Weights::open_dir(base)?;
+    let mut tensors = Vec::new();
+    for name in weights.names() {
+        let shape = weights.shape(name)?.to_vec();
+        let mut data = weights.f32(name, &shape)?;
+        for l in 0..config.num_layers {
+            for p in Proj::ALL {
+                if name == format!("{}.weight", p.path(l)) {
+                    lora.merge_into(l, p, &mut data);
+                }
+            }
+        }
+        tensors.push((name.to_string(), shape, data));
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    save_safetensors(&out.join("model.safetensors"), &tensors, SaveDtype::BF16, None)?;
+    let cfg_text = std::fs::read_to_string(base.join("config.json"))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text)?;
+    cfg["torch_dtype"] = json!("bfloat16");
+    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        if base.join(f).exists() {
+            std::fs::copy(base.join(f), out.join(f)).with_context(|| format!("copying {f}"))?;
+        }
+    }
+    Ok(())
+}

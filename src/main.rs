@@ -36,8 +36,23 @@ enum Command {
         /// Run the base model quantized to NF4 (as QLoRA trains it) instead of f32 as stored.
         #[arg(long)]
         nf4: bool,
+        /// Apply a LoRA adapter (a PEFT adapter directory, as `train` writes).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// The prompt, tokenized as is.
         prompt: String,
+    },
+    /// Merge a LoRA adapter into its base model and write the result as bf16 safetensors.
+    Merge {
+        /// Base HF model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output model directory.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Describe a model directory: architecture, parameter counts, NF4 footprint.
     Info {
@@ -72,8 +87,10 @@ fn run(cli: Cli) -> Result<()> {
             max_new_tokens,
             device,
             nf4,
+            adapter,
             prompt,
-        } => ask(&model, max_new_tokens, &device, nf4, &prompt),
+        } => ask(&model, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt),
+        Command::Merge { model, adapter, out } => sqlora::lora::merge_model(&model, &adapter, &out),
         Command::Info { model } => info(&model),
         Command::TinyModel {
             variant,
@@ -109,7 +126,7 @@ fn stop_ids(dir: &Path, config: &ModelConfig) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, prompt: &str) -> Result<()> {
+fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<()> {
     if device != "cpu" {
         bail!("device \"{device}\" is not available: this build runs on the CPU reference backend (--device cpu)");
     }
@@ -123,7 +140,11 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, prompt: &str) -> Res
         bail!("the prompt is empty after tokenization");
     }
     let eos = stop_ids(dir, &model.config)?;
-    let out = sqlora::generate::greedy(&model, &ids, max_new, &eos);
+    let lora = match adapter {
+        Some(a) => Some(sqlora::lora::LoraParams::load_peft(a, &model.config)?),
+        None => None,
+    };
+    let out = sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, &eos);
     let text = tokenizer.decode(&out)?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{text}")?;

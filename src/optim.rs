@@ -11,6 +11,9 @@ use std::ops::Range;
 /// Storage of the optimizer moments `m` and `v`, in pages. The CUDA backend keeps pages in pinned
 /// host memory and streams them through a fixed device window on a side stream; on the CPU the
 /// pages are plain memory. The update only ever sees one page at a time through this interface.
+/// A visitor of one page: the parameter range it covers, its `m` and its `v`.
+pub type PageFn<'a> = dyn FnMut(Range<usize>, &mut [f32], &mut [f32]) + 'a;
+
 pub trait StatePages {
     /// Number of parameters covered.
     fn len(&self) -> usize;
@@ -18,7 +21,7 @@ pub trait StatePages {
         self.len() == 0
     }
     /// Visit every page in order with the parameter range it covers and its `m` and `v`.
-    fn for_each_page(&mut self, f: &mut dyn FnMut(Range<usize>, &mut [f32], &mut [f32]));
+    fn for_each_page(&mut self, f: &mut PageFn);
     /// Copy out all of `m` and `v` (for checkpoints).
     fn export(&mut self) -> (Vec<f32>, Vec<f32>) {
         let (mut m, mut v) = (vec![0f32; self.len()], vec![0f32; self.len()]);
@@ -73,7 +76,7 @@ impl StatePages for HostPages {
         self.len
     }
 
-    fn for_each_page(&mut self, f: &mut dyn FnMut(Range<usize>, &mut [f32], &mut [f32])) {
+    fn for_each_page(&mut self, f: &mut PageFn) {
         for (i, (m, v)) in self.m.iter_mut().zip(&mut self.v).enumerate() {
             let start = i * self.page;
             f(start..start + m.len(), m, v);

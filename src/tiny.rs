@@ -232,20 +232,6 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_map_is_a_bijection_onto_known_chars() {
-        let chars: std::collections::HashSet<char> = (0..=255u8).map(byte_to_char).collect();
-        assert_eq!(chars.len(), 256);
-        assert_eq!(byte_to_char(b'A'), 'A');
-        assert_eq!(byte_to_char(b' '), '\u{120}'); // 'Ġ', the familiar space marker
-        assert_eq!(byte_to_char(b'\n'), '\u{10a}'); // 'Ċ'
-    }
-}
-
 /// A seeded adapter for a tiny variant, PEFT-initialised and then given a random B (N(0, 0.2^2)) so
 /// that the adapter changes the model and A receives gradient. The llama variants adapt all seven
 /// projections; qwen2 uses rsLoRA; qwen2-tied adapts only q_proj and v_proj (PEFT's classic default).
@@ -272,4 +258,18 @@ pub fn tiny_adapter(v: TinyVariant) -> crate::lora::LoraParams {
         }
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_map_is_a_bijection_onto_known_chars() {
+        let chars: std::collections::HashSet<char> = (0..=255u8).map(byte_to_char).collect();
+        assert_eq!(chars.len(), 256);
+        assert_eq!(byte_to_char(b'A'), 'A');
+        assert_eq!(byte_to_char(b' '), '\u{120}'); // 'Ġ', the familiar space marker
+        assert_eq!(byte_to_char(b'\n'), '\u{10a}'); // 'Ċ'
+    }
 }

@@ -318,7 +318,7 @@ impl Trainer {
             bail!("{}: adapter config differs from this run's", dir.display());
         }
         let opt_path = dir.join("optimizer.safetensors");
-        let w = Weights::open_files(&[opt_path.clone()])?;
+        let w = Weights::open_files(std::slice::from_ref(&opt_path))?;
         let n = self.lora.len();
         self.opt
             .state

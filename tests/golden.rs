@@ -103,7 +103,7 @@ fn greedy_generation_matches_transformers() {
     for v in TinyVariant::ALL {
         let (_dir, model, g) = load(v);
         let eos = &model.config.eos_token_ids;
-        let out = greedy(&model, &g.prompt, 32, eos);
+        let out = greedy(&model, None, &g.prompt, 32, eos);
         assert_eq!(out, g.generated, "{}: greedy tokens differ from transformers", v.name());
         let distinct: std::collections::HashSet<_> = out.iter().collect();
         assert!(

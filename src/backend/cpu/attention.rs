@@ -84,9 +84,9 @@ pub fn attention_bwd(
                     let qv = &q[(t * heads + h) * hd..][..hd];
                     let dov = &dout[(t * heads + h) * hd..][..hd];
                     let mut max = f32::NEG_INFINITY;
-                    for s in 0..=t {
-                        p[s] = super::dot(qv, krow(s)) * scale;
-                        max = max.max(p[s]);
+                    for (s, ps) in p[..=t].iter_mut().enumerate() {
+                        *ps = super::dot(qv, krow(s)) * scale;
+                        max = max.max(*ps);
                     }
                     let mut sum = 0f32;
                     for ps in &mut p[..=t] {
