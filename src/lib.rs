@@ -19,6 +19,7 @@ pub mod model;
 pub mod nf4;
 pub mod optim;
 pub mod rng;
+pub mod sql;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;

@@ -21,6 +21,48 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum Prepare {
+    /// Convert Spider (questions + tables.json + database/) into sqlora JSONL with schema snippets.
+    Spider {
+        #[arg(long)]
+        spider_dir: PathBuf,
+        /// train or dev.
+        #[arg(long, default_value = "train")]
+        split: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Hold out this many whole databases into --val-out.
+        #[arg(long, default_value_t = 0)]
+        holdout_dbs: usize,
+        #[arg(long)]
+        val_out: Option<PathBuf>,
+        /// Distractor tables per training snippet.
+        #[arg(long, default_value_t = 2)]
+        distractors: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Print the schema snippet of a SQLite database (for prompts over your own data).
+    Sqlite {
+        #[arg(long)]
+        db: PathBuf,
+        /// Sample values per text column.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+    },
+    /// Write the bundled shop database with generated, execution-verified question/SQL pairs.
+    Shop {
+        #[arg(long)]
+        out: PathBuf,
+        /// Pairs per question template (about 28 templates).
+        #[arg(long, default_value_t = 25)]
+        per_template: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Print the greedy continuation of a raw prompt (just the generated text).
     Ask {
@@ -39,6 +81,10 @@ enum Command {
         /// Apply a LoRA adapter (a PEFT adapter directory, as `train` writes).
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// Treat the prompt as a question over this SQLite database: it is wrapped in the training
+        /// template with the database's schema snippet (pruned to 1500 tokens if larger).
+        #[arg(long)]
+        db: Option<PathBuf>,
         /// The prompt, tokenized as is.
         prompt: String,
     },
@@ -53,6 +99,35 @@ enum Command {
         /// Output model directory.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Build training data: from Spider, from your own SQLite file, or the bundled shop example.
+    Prepare {
+        #[command(subcommand)]
+        source: Prepare,
+    },
+    /// Score predicted SQL against gold SQL by execution (Spider test-suite semantics).
+    Eval {
+        /// Gold examples, JSONL with "output" (the SQL) and "db_id" or "db_path".
+        #[arg(long)]
+        data: PathBuf,
+        /// Predictions, JSONL with one {"sql": ...} per line, in the gold file's order.
+        #[arg(long)]
+        pred: PathBuf,
+        /// Directory holding <db_id>/<db_id>.sqlite for examples that give a db_id.
+        #[arg(long)]
+        db_root: Option<PathBuf>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Write one JSON verdict per example to this file.
+        #[arg(long)]
+        details: Option<PathBuf>,
+        /// Time limit per query, in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// Keep DISTINCT in both queries (the official evaluator removes it).
+        #[arg(long)]
+        keep_distinct: bool,
     },
     /// Describe a model directory: architecture, parameter counts, NF4 footprint.
     Info {
@@ -88,10 +163,33 @@ fn run(cli: Cli) -> Result<()> {
             device,
             nf4,
             adapter,
+            db,
             prompt,
-        } => ask(&model, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt),
+        } => {
+            let prompt = match db {
+                Some(db) => question_prompt(&model, &db, &prompt)?,
+                None => prompt,
+            };
+            ask(&model, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)
+        }
         Command::Merge { model, adapter, out } => sqlora::lora::merge_model(&model, &adapter, &out),
         Command::Info { model } => info(&model),
+        Command::Prepare { source } => prepare(source),
+        Command::Eval {
+            data,
+            pred,
+            db_root,
+            json,
+            details,
+            timeout_ms,
+            keep_distinct,
+        } => {
+            let opts = sqlora::sql::eval::EvalOptions {
+                timeout: std::time::Duration::from_millis(timeout_ms),
+                keep_distinct,
+            };
+            eval(&data, &pred, db_root.as_deref(), json, details.as_deref(), opts)
+        }
         Command::TinyModel {
             variant,
             out,
@@ -124,6 +222,17 @@ fn stop_ids(dir: &Path, config: &ModelConfig) -> Result<Vec<u32>> {
     ids.sort_unstable();
     ids.dedup();
     Ok(ids)
+}
+
+/// The training template around a question over `db`, with the schema snippet the model expects.
+fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String> {
+    let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json"))?;
+    let schema = sqlora::sql::schema::Schema::from_sqlite(db, 3)?;
+    let count = |s: &str| tok.encode_plain(s).map(|t| t.len()).unwrap_or(usize::MAX);
+    Ok(sqlora::data::prompt(
+        question,
+        &schema.question_snippet(question, 1500, &count),
+    ))
 }
 
 fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<()> {
@@ -190,5 +299,101 @@ fn info(dir: &Path) -> Result<()> {
         "embed/head       {:.1} M params (kept in 16-bit)",
         (embed + head) as f64 / 1e6
     );
+    Ok(())
+}
+
+fn prepare(source: Prepare) -> Result<()> {
+    match source {
+        Prepare::Spider {
+            spider_dir,
+            split,
+            out,
+            holdout_dbs,
+            val_out,
+            distractors,
+            seed,
+        } => {
+            let opts = sqlora::data::spider::ImportOptions {
+                split,
+                distractors,
+                holdout_dbs,
+                seed,
+                ..Default::default()
+            };
+            let r = sqlora::data::spider::import_spider(&spider_dir, &opts, &out, val_out.as_deref())?;
+            println!(
+                "{} examples from {} databases: {} snippets from SQLite files, {} from tables.json",
+                r.examples, r.databases, r.from_sqlite, r.from_tables_json
+            );
+            if r.validation > 0 {
+                println!(
+                    "held out {} examples of {} databases: {}",
+                    r.validation,
+                    r.validation_dbs.len(),
+                    r.validation_dbs.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Prepare::Sqlite { db, samples } => {
+            println!(
+                "{}",
+                sqlora::sql::schema::Schema::from_sqlite(&db, samples)?.render_all()
+            );
+            Ok(())
+        }
+        Prepare::Shop {
+            out,
+            per_template,
+            seed,
+        } => {
+            let (train, val) = sqlora::data::shop::write_shop_dataset(&out, per_template, seed)?;
+            println!(
+                "{}: shop.sqlite, train.jsonl ({train} pairs), val.jsonl ({val} pairs)",
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn eval(
+    data: &Path,
+    pred: &Path,
+    db_root: Option<&Path>,
+    json: bool,
+    details: Option<&Path>,
+    opts: sqlora::sql::eval::EvalOptions,
+) -> Result<()> {
+    let verdicts = sqlora::sql::eval::evaluate_files(data, pred, db_root, opts)?;
+    if let Some(path) = details {
+        let mut text = String::new();
+        for v in &verdicts {
+            text += &serde_json::to_string(v)?;
+            text.push('\n');
+        }
+        sqlora::weights::write_atomic(path, text.as_bytes())?;
+    }
+    let r = sqlora::sql::eval::summarize(&verdicts);
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        return Ok(());
+    }
+    writeln!(out, "examples            {}", r.n)?;
+    writeln!(out, "execution accuracy  {:.4}", r.execution_accuracy)?;
+    writeln!(out, "exact match         {:.4}", r.exact_match)?;
+    writeln!(out, "valid SQL           {:.4}", r.valid_sql_rate)?;
+    writeln!(out, "time-outs           {}", r.timeouts)?;
+    if r.gold_errors > 0 {
+        writeln!(out, "gold query errors   {}", r.gold_errors)?;
+    }
+    for (h, g) in &r.by_hardness {
+        writeln!(
+            out,
+            "  {h:<7} {:>5} examples  accuracy {:.4}",
+            g.n, g.execution_accuracy
+        )?;
+    }
     Ok(())
 }

@@ -39,6 +39,9 @@ pub struct TrainConfig {
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
     pub checkpointing: bool,
+    /// Within each shuffled group of 32 steps' worth of examples, order by length, so that a
+    /// micro-batch holds sequences of similar length.
+    pub group_by_length: bool,
     pub seed: u64,
     /// Validation loss every N steps (0: only at the end).
     pub eval_every: usize,
@@ -60,6 +63,7 @@ impl Default for TrainConfig {
             micro_batch: 4,
             grad_accum: 1,
             checkpointing: false,
+            group_by_length: false,
             seed: 42,
             eval_every: 0,
             save_every: 0,
@@ -163,25 +167,43 @@ impl Trainer {
         }
     }
 
-    /// Index of the `k`-th example consumed since the start: epochs are seeded shuffles.
-    fn example_at(&self, k: usize) -> usize {
+    /// The order of the training examples in `epoch`: a shuffle seeded by the seed and the epoch,
+    /// then, with `group_by_length`, sorted longest-first within each group of 32 steps.
+    pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
         let n = self.train.len();
-        let (epoch, i) = (k / n, k % n);
         let mut order: Vec<usize> = (0..n).collect();
         let mut rng = Rng::new(self.config.seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
         for j in (1..n).rev() {
             order.swap(j, rng.below(j as u64 + 1) as usize);
         }
-        order[i]
+        if self.config.group_by_length {
+            for group in order.chunks_mut(32 * self.examples_per_step()) {
+                group.sort_by_key(|&e| std::cmp::Reverse(self.train[e].tokens.len()));
+            }
+        }
+        order
+    }
+
+    /// Indices of the `count` examples consumed from position `start` (counted from the start of
+    /// training; epochs follow one another).
+    fn examples_from(&self, start: usize, count: usize) -> Vec<usize> {
+        let n = self.train.len();
+        let mut out = Vec::with_capacity(count);
+        let mut order = (usize::MAX, Vec::new());
+        for k in start..start + count {
+            if order.0 != k / n {
+                order = (k / n, self.epoch_order(k / n));
+            }
+            out.push(order.1[k % n]);
+        }
+        out
     }
 
     /// One optimizer step over `grad_accum` micro-batches. On a non-finite loss nothing is updated.
     pub fn step(&mut self) -> Result<StepReport> {
         let started = Instant::now();
         let c = &self.config;
-        let ids: Vec<usize> = (0..self.examples_per_step())
-            .map(|j| self.example_at(self.state.consumed + j))
-            .collect();
+        let ids = self.examples_from(self.state.consumed, self.examples_per_step());
         let micro: Vec<Batch> = ids
             .chunks(c.micro_batch)
             .map(|ch| {

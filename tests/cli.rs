@@ -167,3 +167,67 @@ fn merge_folds_the_adapter_into_bf16_weights() {
     );
     assert!(merged.path().join("tokenizer.json").exists());
 }
+
+#[test]
+fn ask_db_wraps_the_question_in_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinyVariant::Qwen2).unwrap();
+    let db = dir.path().join("shop.sqlite");
+    sqlora::data::shop::write_shop_db(&db).unwrap();
+    let question = "How many users are there?";
+    let snippet = sqlora::sql::schema::Schema::from_sqlite(&db, 3).unwrap().render_all();
+    let prompt = sqlora::data::prompt(question, &snippet);
+    let model = Model::load_dir(dir.path()).unwrap();
+    let tok = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
+    let want = tok
+        .decode(&greedy(
+            &model,
+            None,
+            &tok.encode(&prompt).unwrap(),
+            8,
+            &model.config.eos_token_ids,
+        ))
+        .unwrap();
+    let (m, d) = (dir.path().to_str().unwrap(), db.to_str().unwrap());
+    let out = sqlora(&["ask", "--model", m, "--db", d, "--max-new-tokens", "8", question]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{want}\n"));
+}
+
+#[test]
+fn train_without_data_uses_the_bundled_shop_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, out) = (dir.path().join("model"), dir.path().join("run"));
+    write_tiny_model(&model, TinyVariant::Llama).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        // The tiny tokenizer is byte-level: a shop prompt is ~1100 tokens (a BPE vocabulary gives ~300).
+        .args([
+            "--max-steps",
+            "1",
+            "--batch",
+            "2",
+            "--lora-r",
+            "4",
+            "--max-seq-len",
+            "4096",
+        ])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(String::from_utf8_lossy(&status.stderr).contains("bundled shop dataset"));
+    for f in [
+        "data/shop.sqlite",
+        "data/train.jsonl",
+        "data/val.jsonl",
+        "adapter_model.safetensors",
+        "checkpoint-000001",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    assert!(
+        log.contains("\"eval_loss\""),
+        "the last step reports validation loss: {log}"
+    );
+}

@@ -264,3 +264,28 @@ fn malformed_jsonl_names_file_and_line() {
     std::fs::write(&path, "\n").unwrap();
     assert!(format!("{:#}", read_jsonl(&path).unwrap_err()).contains("no examples"));
 }
+
+#[test]
+fn epochs_are_seeded_permutations_and_length_grouping_sorts_within_groups() {
+    let s = setup();
+    let d = tempfile::tempdir().unwrap();
+    let t = trainer(&s, config(2, 1), d.path());
+    let (e0, e1) = (t.epoch_order(0), t.epoch_order(1));
+    let mut sorted = e0.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..s.data.len()).collect::<Vec<_>>());
+    assert_ne!(e0, e1, "each epoch has its own shuffle");
+    assert_eq!(
+        e0,
+        trainer(&s, config(2, 1), d.path()).epoch_order(0),
+        "and it is seeded"
+    );
+    let mut c = config(2, 1);
+    c.group_by_length = true;
+    let g = trainer(&s, c, d.path()).epoch_order(0);
+    let lens: Vec<usize> = g.iter().map(|&i| s.data[i].tokens.len()).collect();
+    assert!(
+        lens.windows(2).all(|w| w[0] >= w[1]),
+        "one group here: longest first {lens:?}"
+    );
+}

@@ -19,9 +19,10 @@ struct Args {
     /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// Training examples, JSONL: {"instruction", "input", "output"} per line.
+    /// Training examples, JSONL: {"instruction", "input", "output"} per line. Without it, the
+    /// bundled shop database and its generated questions are written to OUT/data and used.
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// Validation examples (same format); its loss is reported every --eval-every steps.
     #[arg(long)]
     val: Option<PathBuf>,
@@ -72,6 +73,9 @@ struct Args {
     /// Keep the frozen base in f32 instead of NF4 (plain LoRA rather than QLoRA).
     #[arg(long)]
     no_nf4: bool,
+    /// Put examples of similar length in the same micro-batch (within shuffled groups).
+    #[arg(long)]
+    group_by_length: bool,
     /// Drop examples longer than this many tokens.
     #[arg(long, default_value_t = 1024)]
     max_seq_len: usize,
@@ -133,8 +137,20 @@ fn run(a: Args) -> Result<()> {
         .eos_token_ids
         .first()
         .context("config.json has no eos_token_id")?;
-    let train = load_examples(&a.data, &tok, eos, a.max_seq_len)?;
-    let val = match &a.val {
+    let (data, val_path) = match &a.data {
+        Some(d) => (d.clone(), a.val.clone()),
+        None => {
+            let dir = a.out.join("data");
+            let (n_train, n_val) = sqlora::data::shop::write_shop_dataset(&dir, 25, a.seed)?;
+            eprintln!(
+                "no --data: using the bundled shop dataset ({n_train} training, {n_val} validation pairs) in {}",
+                dir.display()
+            );
+            (dir.join("train.jsonl"), a.val.clone().or(Some(dir.join("val.jsonl"))))
+        }
+    };
+    let train = load_examples(&data, &tok, eos, a.max_seq_len)?;
+    let val = match &val_path {
         Some(p) => load_examples(p, &tok, eos, a.max_seq_len)?,
         None => vec![],
     };
@@ -162,6 +178,7 @@ fn run(a: Args) -> Result<()> {
         micro_batch: a.batch,
         grad_accum: a.grad_accum,
         checkpointing: a.checkpointing,
+        group_by_length: a.group_by_length,
         seed: a.seed,
         eval_every: a.eval_every,
         save_every: a.save_every,

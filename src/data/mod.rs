@@ -16,6 +16,9 @@
 //!
 //! and is trained only on `{output}<eos>`.
 
+pub mod shop;
+pub mod spider;
+
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -62,6 +65,16 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
         bail!("{} holds no examples", path.display());
     }
     Ok(out)
+}
+
+/// Write examples as JSONL, atomically.
+pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
+    let mut text = String::new();
+    for e in examples {
+        text += &serde_json::to_string(e)?;
+        text.push('\n');
+    }
+    crate::weights::write_atomic(path, text.as_bytes())
 }
 
 /// The prompt up to and including the SQL header: everything the model conditions on.

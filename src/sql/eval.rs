@@ -1,0 +1,194 @@
+//! Execution accuracy, Spider test-suite style: gold and predicted SQL run on the same read-only
+//! database with a time limit, and their results are compared (see [`super::compare`]). Also
+//! normalised exact match, the valid-SQL rate, time-outs, and accuracy per hardness level.
+
+use super::compare::{normalize, order_matters, remove_distinct, results_match};
+use super::exec::{Db, QueryError};
+use super::hardness::{hardness, Hardness};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug)]
+pub struct EvalOptions {
+    /// Time limit of each query (gold and predicted).
+    pub timeout: Duration,
+    /// Keep DISTINCT (the official evaluator removes it from both queries).
+    pub keep_distinct: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> EvalOptions {
+        EvalOptions {
+            timeout: Duration::from_secs(10),
+            keep_distinct: false,
+        }
+    }
+}
+
+/// The verdict on one prediction.
+#[derive(Clone, Debug, Serialize)]
+pub struct Detail {
+    pub exec_match: bool,
+    pub exact_match: bool,
+    pub valid_sql: bool,
+    pub timeout: bool,
+    pub hardness: Hardness,
+    /// Why the prediction (or the gold query) gave no result, if it did not.
+    pub error: Option<String>,
+}
+
+/// Judge one prediction against its gold query on `db`.
+pub fn evaluate_one(db: &Db, gold: &str, pred: &str, opts: EvalOptions) -> Detail {
+    let prep = |sql: &str| {
+        if opts.keep_distinct {
+            sql.to_string()
+        } else {
+            remove_distinct(sql)
+        }
+    };
+    let level = hardness(gold);
+    let exact_match = normalize(gold) == normalize(pred);
+    let pred_result = db.query(&prep(pred), opts.timeout);
+    let (valid_sql, timeout) = match &pred_result {
+        Ok(_) => (true, false),
+        Err(QueryError::Timeout) => (false, true),
+        Err(QueryError::Sql(_)) => (false, false),
+    };
+    let verdict = |exec_match, error| Detail {
+        exec_match,
+        exact_match,
+        valid_sql,
+        timeout,
+        hardness: level,
+        error,
+    };
+    let gold_rows = match db.query(&prep(gold), opts.timeout) {
+        Ok(rows) => rows,
+        Err(e) => return verdict(false, Some(format!("gold query failed: {e}"))),
+    };
+    match pred_result {
+        Ok(rows) => verdict(results_match(&gold_rows, &rows, order_matters(gold)), None),
+        Err(e) => verdict(false, Some(e.to_string())),
+    }
+}
+
+/// Accuracy over a group of examples.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Group {
+    pub n: usize,
+    pub execution_accuracy: f64,
+}
+
+/// The whole evaluation.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub n: usize,
+    pub execution_accuracy: f64,
+    pub exact_match: f64,
+    pub valid_sql_rate: f64,
+    pub timeouts: usize,
+    /// Examples whose gold query itself failed (they count as misses).
+    pub gold_errors: usize,
+    pub by_hardness: BTreeMap<&'static str, Group>,
+}
+
+pub fn summarize(details: &[Detail]) -> Report {
+    let n = details.len();
+    let rate = |f: &dyn Fn(&Detail) -> bool| {
+        if n == 0 {
+            0.0
+        } else {
+            details.iter().filter(|d| f(d)).count() as f64 / n as f64
+        }
+    };
+    let by_hardness = Hardness::ALL
+        .iter()
+        .map(|&h| {
+            let group: Vec<&Detail> = details.iter().filter(|d| d.hardness == h).collect();
+            let hits = group.iter().filter(|d| d.exec_match).count();
+            let acc = if group.is_empty() {
+                0.0
+            } else {
+                hits as f64 / group.len() as f64
+            };
+            (
+                h.name(),
+                Group {
+                    n: group.len(),
+                    execution_accuracy: acc,
+                },
+            )
+        })
+        .collect();
+    Report {
+        n,
+        execution_accuracy: rate(&|d| d.exec_match),
+        exact_match: rate(&|d| d.exact_match),
+        valid_sql_rate: rate(&|d| d.valid_sql),
+        timeouts: details.iter().filter(|d| d.timeout).count(),
+        gold_errors: details
+            .iter()
+            .filter(|d| d.error.as_deref().is_some_and(|e| e.starts_with("gold query failed")))
+            .count(),
+        by_hardness,
+    }
+}
+
+/// Read predictions: one {"sql": ...} per non-blank line.
+pub fn read_predictions(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
+        let sql = v["sql"]
+            .as_str()
+            .with_context(|| format!("{}:{}: no string \"sql\"", path.display(), i + 1))?;
+        out.push(sql.to_string());
+    }
+    Ok(out)
+}
+
+/// Judge every prediction of `pred` against the gold examples of `data`, in order. Databases come
+/// from each example's `db_path` (relative paths resolve against the gold file's directory) or its
+/// `db_id` under `db_root`; each is opened once, read-only.
+pub fn evaluate_files(data: &Path, pred: &Path, db_root: Option<&Path>, opts: EvalOptions) -> Result<Vec<Detail>> {
+    let gold = crate::data::read_jsonl(data)?;
+    let preds = read_predictions(pred)?;
+    if gold.len() != preds.len() {
+        bail!(
+            "{} has {} examples but {} has {} predictions",
+            data.display(),
+            gold.len(),
+            pred.display(),
+            preds.len()
+        );
+    }
+    let base = data.parent().unwrap_or(Path::new("."));
+    let mut dbs: HashMap<PathBuf, Db> = HashMap::new();
+    let mut verdicts = Vec::with_capacity(gold.len());
+    for (i, (g, p)) in gold.iter().zip(&preds).enumerate() {
+        let path = match (&g.db_path, &g.db_id, db_root) {
+            (Some(p), _, _) => {
+                let p = PathBuf::from(p);
+                if p.is_relative() && !p.exists() {
+                    base.join(p)
+                } else {
+                    p
+                }
+            }
+            (None, Some(id), Some(root)) => root.join(id).join(format!("{id}.sqlite")),
+            (None, Some(_), None) => bail!("{}:{}: has a db_id; give --db-root", data.display(), i + 1),
+            (None, None, _) => bail!("{}:{}: needs \"db_id\" or \"db_path\"", data.display(), i + 1),
+        };
+        if !dbs.contains_key(&path) {
+            let db = Db::open(&path).with_context(|| format!("{}:{}", data.display(), i + 1))?;
+            dbs.insert(path.clone(), db);
+        }
+        verdicts.push(evaluate_one(&dbs[&path], &g.output, p, opts));
+    }
+    Ok(verdicts)
+}

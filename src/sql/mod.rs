@@ -1,0 +1,8 @@
+//! SQL: schemas and snippets, safe execution, and execution-accuracy evaluation.
+
+pub mod compare;
+pub mod eval;
+pub mod exec;
+pub mod hardness;
+pub mod lex;
+pub mod schema;
