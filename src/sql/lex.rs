@@ -124,8 +124,9 @@ mod tests {
         assert_eq!(t[5], Tok::Quoted("t".into()));
         assert!(t[8].is_punct("<="));
         assert_eq!(t[9], Tok::Num("3.5".into()));
-        assert!(t[11].is_punct("!="));
-        assert_eq!(t.len(), 13);
+        assert_eq!(t[11], Tok::Word("y".into()));
+        assert!(t[12].is_punct("!="));
+        assert_eq!(t.len(), 14, "the comment is skipped");
         assert_eq!(render(&lex("select 'a''b'")), "select 'a''b'");
     }
 }
