@@ -14,6 +14,7 @@ pub mod backend;
 pub mod config;
 pub mod data;
 pub mod generate;
+pub mod gguf;
 pub mod lora;
 pub mod model;
 pub mod nf4;

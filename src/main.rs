@@ -66,7 +66,7 @@ enum Prepare {
 enum Command {
     /// Print the greedy continuation of a raw prompt (just the generated text).
     Ask {
-        /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json).
+        /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json) or a .gguf file.
         #[arg(long)]
         model: PathBuf,
         /// Stop after this many new tokens (or at EOS).
@@ -129,6 +129,13 @@ enum Command {
         #[arg(long)]
         keep_distinct: bool,
     },
+    /// Convert a GGUF file into an HF directory (config.json, tokenizer.json, bf16 model.safetensors).
+    Convert {
+        /// The .gguf file.
+        gguf: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Describe a model directory: architecture, parameter counts, NF4 footprint.
     Info {
         #[arg(long)]
@@ -175,6 +182,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge { model, adapter, out } => sqlora::lora::merge_model(&model, &adapter, &out),
         Command::Info { model } => info(&model),
         Command::Prepare { source } => prepare(source),
+        Command::Convert { gguf, out } => sqlora::gguf::convert(&gguf, &out),
         Command::Eval {
             data,
             pred,
@@ -226,7 +234,7 @@ fn stop_ids(dir: &Path, config: &ModelConfig) -> Result<Vec<u32>> {
 
 /// The training template around a question over `db`, with the schema snippet the model expects.
 fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String> {
-    let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json"))?;
+    let tok = Tokenizer::load(model_dir)?;
     let schema = sqlora::sql::schema::Schema::from_sqlite(db, 3)?;
     let count = |s: &str| tok.encode_plain(s).map(|t| t.len()).unwrap_or(usize::MAX);
     Ok(sqlora::data::prompt(
@@ -239,8 +247,8 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
     if device != "cpu" {
         bail!("device \"{device}\" is not available: this build runs on the CPU reference backend (--device cpu)");
     }
-    let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-    let mut model = Model::load_dir(dir)?;
+    let tokenizer = Tokenizer::load(dir)?;
+    let mut model = Model::load(dir)?;
     if nf4 {
         model = model.quantize_nf4();
     }
@@ -261,7 +269,7 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
 }
 
 fn info(dir: &Path) -> Result<()> {
-    let model = Model::load_dir(dir)?;
+    let model = Model::load(dir)?;
     let c = &model.config.clone();
     let linear: usize = sqlora::model::Proj::ALL
         .iter()

@@ -155,8 +155,20 @@ impl Model {
         Model::from_weights(config, &weights)
     }
 
+    /// Load an HF model directory or a `.gguf` file.
+    pub fn load(path: &Path) -> Result<Model> {
+        if is_gguf(path) {
+            let file = crate::gguf::GgufFile::open(path)?;
+            let config = ModelConfig::from_json(&file.hf_config()?.to_string())
+                .with_context(|| format!("the architecture of {}", path.display()))?;
+            Model::from_weights(config, &crate::gguf::arch::GgufTensors::new(&file)?)
+        } else {
+            Model::load_dir(path)
+        }
+    }
+
     /// Build the model from named HF tensors, checking every shape against the config.
-    pub fn from_weights(config: ModelConfig, w: &Weights) -> Result<Model> {
+    pub fn from_weights(config: ModelConfig, w: &dyn TensorSource) -> Result<Model> {
         let c = &config;
         let (d, vocab) = (c.hidden_size, c.vocab_size);
         let embed = Linear::dense(vocab, d, w.f32("model.embed_tokens.weight", &[vocab, d])?, None);
@@ -405,7 +417,29 @@ fn resize(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 
-fn load_linear(w: &Weights, c: &ModelConfig, p: Proj, layer: usize) -> Result<Linear> {
+/// Whether a model path names a GGUF file (rather than an HF directory).
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Where model tensors come from, by HF name: safetensors files, or a GGUF file read through the
+/// name and layout mapping.
+pub trait TensorSource {
+    /// The tensor as f32, checked against `shape`.
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+impl TensorSource for Weights {
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Weights::f32(self, name, shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        Weights::contains(self, name)
+    }
+}
+
+fn load_linear(w: &dyn TensorSource, c: &ModelConfig, p: Proj, layer: usize) -> Result<Linear> {
     let [out, inp] = p.shape(c);
     let base = p.path(layer);
     let weight = w.f32(&format!("{base}.weight"), &[out, inp])?;

@@ -17,6 +17,20 @@ impl Tokenizer {
         Ok(Tokenizer { inner })
     }
 
+    /// The tokenizer of a model: `tokenizer.json` in an HF directory, or the vocabulary of a GGUF file.
+    pub fn load(model: &Path) -> Result<Tokenizer> {
+        if crate::model::is_gguf(model) {
+            let file = crate::gguf::GgufFile::open(model)?;
+            let json = file.tokenizer_json()?.to_string();
+            let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
+                .map_err(|e| anyhow!("{e}"))
+                .with_context(|| format!("building the tokenizer of {}", model.display()))?;
+            Ok(Tokenizer { inner })
+        } else {
+            Tokenizer::from_file(&model.join("tokenizer.json"))
+        }
+    }
+
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds (e.g. BOS).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(|e| anyhow!("tokenizing: {e}"))?;

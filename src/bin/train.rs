@@ -16,7 +16,7 @@ use std::sync::Arc;
 #[derive(Parser)]
 #[command(name = "train", version, about = "QLoRA fine-tuning for text-to-SQL")]
 struct Args {
-    /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json).
+    /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json) or a .gguf file.
     #[arg(long)]
     model: PathBuf,
     /// Training examples, JSONL: {"instruction", "input", "output"} per line. Without it, the
@@ -130,8 +130,8 @@ fn run(a: Args) -> Result<()> {
             a.device
         );
     }
-    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
-    let mut model = Model::load_dir(&a.model)?;
+    let tok = Tokenizer::load(&a.model)?;
+    let mut model = Model::load(&a.model)?;
     let eos = *model
         .config
         .eos_token_ids

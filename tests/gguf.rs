@@ -1,0 +1,321 @@
+//! GGUF import: dequantizers against gguf-py, the reader against corrupted files, and, with
+//! SQLORA_TEST_MODELS pointing at the files of ../shared/tools/fetch-models.sh, SmolLM2-135M-Instruct
+//! against transformers' own GGUF loader.
+
+use sqlora::gguf::quants::{dequantize, GgmlType};
+use sqlora::gguf::{parse_header, GgufFile};
+use sqlora::model::{KvCache, Logits, Model};
+use sqlora::rng::Rng;
+use sqlora::tokenizer::Tokenizer;
+use sqlora::weights::Weights;
+use std::path::PathBuf;
+
+fn golden(name: &str) -> Weights {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference/golden")
+        .join(name);
+    Weights::open_files(&[p]).unwrap()
+}
+
+#[test]
+fn dequantizers_match_gguf_py() {
+    let g = golden("gguf_blocks.safetensors");
+    let types = [
+        ("Q4_0", GgmlType::Q4_0),
+        ("Q4_1", GgmlType::Q4_1),
+        ("Q5_0", GgmlType::Q5_0),
+        ("Q5_1", GgmlType::Q5_1),
+        ("Q8_0", GgmlType::Q8_0),
+        ("Q4_K", GgmlType::Q4K),
+        ("Q5_K", GgmlType::Q5K),
+        ("Q6_K", GgmlType::Q6K),
+    ];
+    for (name, ty) in types {
+        let bytes: Vec<u8> = g
+            .ints(&format!("{name}.bytes"))
+            .unwrap()
+            .iter()
+            .map(|&b| b as u8)
+            .collect();
+        let n = bytes.len() / ty.block().1 * ty.block().0;
+        let want = g.f32(&format!("{name}.values"), &[n]).unwrap();
+        let got = dequantize(ty, &bytes, n).unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{name}[{i}]: {a} vs gguf-py {b}"
+            );
+        }
+        assert!(want.iter().any(|&v| v != 0.0), "{name}: vacuous golden");
+    }
+}
+
+#[test]
+fn hand_built_blocks_follow_the_definitions() {
+    let h = |x: f32| half::f16::from_f32(x).to_le_bytes();
+    // Q4_0: d = 0.5, nibbles 0..15 in the low halves and 15..0 in the high halves.
+    let mut b = h(0.5).to_vec();
+    b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    let y = dequantize(GgmlType::Q4_0, &b, 32).unwrap();
+    assert_eq!(y[0], -4.0); // (0 - 8) * 0.5
+    assert_eq!(y[15], 3.5); // (15 - 8) * 0.5
+    assert_eq!(y[16], 3.5); // high nibble of byte 0 is 15
+                            // Q8_0: d = 0.25, q = -128 and 127.
+    let mut b = h(0.25).to_vec();
+    b.extend([0x80u8, 0x7f].iter().cycle().take(32));
+    let y = dequantize(GgmlType::Q8_0, &b, 32).unwrap();
+    assert_eq!((y[0], y[1]), (-32.0, 31.75));
+    // Q4_1: d = 1, m = -2: x = q - 2.
+    let mut b = [h(1.0), h(-2.0)].concat();
+    b.extend([0x21u8; 16]);
+    let y = dequantize(GgmlType::Q4_1, &b, 32).unwrap();
+    assert_eq!((y[0], y[16]), (-1.0, 0.0));
+    // Q4_K: d = 1, dmin = 1; sub-block 0 has scale 2, min 3; every nibble 5: x = 2 * 5 - 3 = 7.
+    let mut b = [h(1.0), h(1.0)].concat();
+    let mut scales = [0u8; 12];
+    scales[0] = 2;
+    scales[4] = 3;
+    b.extend(scales);
+    b.extend([0x55u8; 128]);
+    let y = dequantize(GgmlType::Q4K, &b, 256).unwrap();
+    assert_eq!(y[0], 7.0);
+    assert_eq!(y[32], 0.0, "sub-block 1 has scale 0 and min 0");
+    // Wrong byte counts are errors, not panics.
+    assert!(dequantize(GgmlType::Q6K, &[0u8; 209], 256).is_err());
+    assert!(dequantize(GgmlType::Q8_0, &[0u8; 34], 31).is_err());
+}
+
+/// A small valid GGUF v3 file: a few metadata values (string, u32, array, f32) and two tensors.
+fn tiny_gguf() -> Vec<u8> {
+    fn s(out: &mut Vec<u8>, x: &str) {
+        out.extend((x.len() as u64).to_le_bytes());
+        out.extend(x.as_bytes());
+    }
+    let mut f = b"GGUF".to_vec();
+    f.extend(3u32.to_le_bytes());
+    f.extend(2u64.to_le_bytes()); // tensors
+    f.extend(4u64.to_le_bytes()); // metadata
+    s(&mut f, "general.architecture");
+    f.extend(8u32.to_le_bytes());
+    s(&mut f, "llama");
+    s(&mut f, "llama.block_count");
+    f.extend(4u32.to_le_bytes());
+    f.extend(1u32.to_le_bytes());
+    s(&mut f, "tokenizer.ggml.tokens");
+    f.extend(9u32.to_le_bytes());
+    f.extend(8u32.to_le_bytes());
+    f.extend(2u64.to_le_bytes());
+    s(&mut f, "a");
+    s(&mut f, "b");
+    s(&mut f, "llama.rope.freq_base");
+    f.extend(6u32.to_le_bytes());
+    f.extend(10000f32.to_le_bytes());
+    // tensor infos: "w" F32 [4, 2] at 0, "q" Q8_0 [32] at 32
+    s(&mut f, "w");
+    f.extend(2u32.to_le_bytes());
+    f.extend(4u64.to_le_bytes());
+    f.extend(2u64.to_le_bytes());
+    f.extend(0u32.to_le_bytes());
+    f.extend(0u64.to_le_bytes());
+    s(&mut f, "q");
+    f.extend(1u32.to_le_bytes());
+    f.extend(32u64.to_le_bytes());
+    f.extend(8u32.to_le_bytes());
+    f.extend(32u64.to_le_bytes());
+    while !f.len().is_multiple_of(32) {
+        f.push(0);
+    }
+    for i in 0..8 {
+        f.extend((i as f32).to_le_bytes());
+    }
+    f.extend(half::f16::from_f32(0.5).to_le_bytes());
+    f.extend((0..32).map(|i| i as u8));
+    f
+}
+
+#[test]
+fn the_reader_parses_a_valid_file() {
+    let bytes = tiny_gguf();
+    let (version, meta, tensors) = parse_header(&bytes).unwrap();
+    assert_eq!(version, 3);
+    assert_eq!(meta["general.architecture"].as_str(), Some("llama"));
+    assert_eq!(meta["tokenizer.ggml.tokens"].as_array().unwrap().len(), 2);
+    assert_eq!(tensors[0].shape(), vec![2, 4]);
+    let q = &tensors[1];
+    let y = dequantize(q.ty, &bytes[q.bytes.clone()], q.numel()).unwrap();
+    assert_eq!(y[3], 1.5);
+}
+
+#[test]
+fn corrupted_files_are_errors_never_panics() {
+    let good = tiny_gguf();
+    // Every truncation.
+    for n in 0..good.len() {
+        assert!(parse_header(&good[..n]).is_err(), "a file cut at {n} bytes parsed");
+    }
+    // Named failures.
+    let mut bad = good.clone();
+    bad[0] = b'X';
+    assert!(format!("{:#}", parse_header(&bad).unwrap_err()).contains("magic"));
+    let mut bad = good.clone();
+    bad[4] = 9;
+    assert!(format!("{:#}", parse_header(&bad).unwrap_err()).contains("version 9"));
+    // Random corruption: flipped bytes and overwritten words anywhere in the header must not panic.
+    let mut rng = Rng::new(99);
+    let header_len = good.len() - 32 - 34;
+    for _ in 0..20_000 {
+        let mut f = good.clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(header_len as u64) as usize;
+            if rng.below(2) == 0 {
+                f[at] ^= 1 << rng.below(8);
+            } else {
+                let v = [0u8, 0xff, 0x7f, 0x80][rng.below(4) as usize];
+                f[at..(at + 8).min(header_len)].fill(v);
+            }
+        }
+        if let Ok((_, _, tensors)) = parse_header(&f) {
+            for t in tensors {
+                assert!(t.bytes.end <= f.len());
+                let _ = dequantize(t.ty, &f[t.bytes.clone()], t.numel());
+            }
+        }
+    }
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let folder = std::env::var("SQLORA_TEST_MODELS").ok();
+    let path = folder
+        .as_ref()
+        .map(|f| PathBuf::from(f).join("smollm2-135m-instruct.Q4_1.gguf"));
+    match path {
+        Some(p) if p.exists() => Some(p),
+        _ => {
+            eprintln!("skipped: set SQLORA_TEST_MODELS to a folder holding smollm2-135m-instruct.Q4_1.gguf (../shared/tools/fetch-models.sh)");
+            None
+        }
+    }
+}
+
+#[test]
+fn smollm2_tokenizer_matches_transformers() {
+    let Some(path) = smollm2() else { return };
+    let g = golden("gguf_smollm2.safetensors");
+    let tok = Tokenizer::load(&path).unwrap();
+    let strings = [
+        "SELECT name FROM users WHERE city = 'Oslo';",
+        "How many orders were placed in 2024?",
+        "Hello, world! 12345 numbers and   spaces\n\ttabs",
+        "<|im_start|>user\nWrite SQL.<|im_end|>",
+    ];
+    for (i, s) in strings.iter().enumerate() {
+        let want: Vec<u32> = g.ints(&format!("ids_{i}")).unwrap().iter().map(|&x| x as u32).collect();
+        let ids = tok.encode(s).unwrap();
+        assert_eq!(ids, want, "token ids of {s:?}");
+        if i < 3 {
+            assert_eq!(tok.decode(&ids).unwrap(), *s, "round trip");
+        }
+    }
+}
+
+#[test]
+fn smollm2_forward_matches_transformers_and_is_a_trained_model() {
+    let Some(path) = smollm2() else { return };
+    let g = golden("gguf_smollm2.safetensors");
+    let model = Model::load(&path).unwrap();
+    let ids: Vec<u32> = g.ints("paragraph_ids").unwrap().iter().map(|&x| x as u32).collect();
+    let vocab = model.config.vocab_size;
+    let logits = model.forward(&ids, &mut KvCache::new(&model.config), Logits::All);
+    let mut loss = 0f64;
+    for t in 0..ids.len() - 1 {
+        let row = &logits[t * vocab..(t + 1) * vocab];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max as f64 + row.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+        loss += lse - row[ids[t + 1] as usize] as f64;
+    }
+    loss /= (ids.len() - 1) as f64;
+    let want = g.f32("paragraph_loss", &[]).unwrap()[0] as f64;
+    assert!((loss - want).abs() < 1e-3, "mean loss {loss} vs transformers {want}");
+    assert!(
+        loss < 0.5 * (vocab as f64).ln(),
+        "loss {loss} is not far below ln(vocab) = {}",
+        (vocab as f64).ln()
+    );
+    let last = &logits[(ids.len() - 1) * vocab..];
+    let want_last = g.f32("last_logits", &[vocab]).unwrap();
+    let num: f64 = last
+        .iter()
+        .zip(&want_last)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    let den: f64 = want_last.iter().map(|&b| (b as f64).powi(2)).sum();
+    assert!(
+        (num / den).sqrt() < 1e-4,
+        "last logits relative error {}",
+        (num / den).sqrt()
+    );
+}
+
+#[test]
+fn smollm2_writes_sql_that_runs_on_the_bundled_database() {
+    let Some(path) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shop.sqlite");
+    sqlora::data::shop::write_shop_db(&db).unwrap();
+    let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+        <|im_start|>user\nGiven the SQLite table users(id INTEGER PRIMARY KEY, name TEXT, city TEXT) and \
+        products(id INTEGER PRIMARY KEY, name TEXT, price REAL), write one SQL query: How many users are there? \
+        Reply with SQL only.<|im_end|>\n<|im_start|>assistant\n";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sqlora"))
+        .args([
+            "ask",
+            "--model",
+            path.to_str().unwrap(),
+            "--max-new-tokens",
+            "40",
+            prompt,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text
+        .to_uppercase()
+        .find("SELECT")
+        .unwrap_or_else(|| panic!("no SQL in {text:?}"));
+    let sql: String = text[start..].split([';', '`']).next().unwrap().to_string();
+    let rows = sqlora::sql::exec::Db::open(&db)
+        .unwrap()
+        .query(&sql, std::time::Duration::from_secs(5));
+    assert!(rows.is_ok_and(|r| !r.is_empty()), "{sql:?} did not run: {text:?}");
+}
+
+#[test]
+fn smollm2_converts_to_an_hf_directory() {
+    let Some(path) = smollm2() else { return };
+    let out = tempfile::tempdir().unwrap();
+    sqlora::gguf::convert(&path, out.path()).unwrap();
+    let from_gguf = Model::load(&path).unwrap();
+    let from_dir = Model::load(out.path()).unwrap();
+    assert_eq!(from_gguf.config, from_dir.config);
+    let ids = [1u32, 504, 3458, 314, 4649, 314];
+    let a = from_gguf.forward(&ids, &mut KvCache::new(&from_gguf.config), Logits::Last);
+    let b = from_dir.forward(&ids, &mut KvCache::new(&from_dir.config), Logits::Last);
+    let num: f64 = a.iter().zip(&b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+    let den: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum();
+    // The directory holds bf16 weights: rounding to 8 significant bits moves the logits a little.
+    assert!(
+        (num / den).sqrt() < 2e-2,
+        "converted model differs: {}",
+        (num / den).sqrt()
+    );
+    let tok = Tokenizer::load(out.path()).unwrap();
+    assert_eq!(
+        tok.encode("SELECT 1").unwrap(),
+        Tokenizer::load(&path).unwrap().encode("SELECT 1").unwrap()
+    );
+    assert!(
+        GgufFile::open(&out.path().join("model.safetensors")).is_err(),
+        "not a GGUF file: an error"
+    );
+}
