@@ -59,7 +59,9 @@ impl GgmlType {
     /// Bytes of `numel` values, if that is a whole number of blocks.
     pub fn bytes_for(self, numel: u64) -> Option<u64> {
         let (per, bytes) = self.block();
-        numel.is_multiple_of(per as u64).then(|| numel / per as u64 * bytes as u64)
+        numel
+            .is_multiple_of(per as u64)
+            .then(|| numel / per as u64 * bytes as u64)
     }
 }
 
