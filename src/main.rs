@@ -136,6 +136,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Check every CUDA kernel against the CPU reference on random inputs; a table of errors.
+    Selftest {
+        /// Print the checks as one JSON array.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Describe a model directory: architecture, parameter counts, NF4 footprint.
     Info {
         #[arg(long)]
@@ -182,6 +190,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge { model, adapter, out } => sqlora::lora::merge_model(&model, &adapter, &out),
         Command::Info { model } => info(&model),
         Command::Prepare { source } => prepare(source),
+        Command::Selftest { json, seed } => selftest(json, seed),
         Command::Convert { gguf, out } => sqlora::gguf::convert(&gguf, &out),
         Command::Eval {
             data,
@@ -402,6 +411,36 @@ fn eval(
             "  {h:<7} {:>5} examples  accuracy {:.4}",
             g.n, g.execution_accuracy
         )?;
+    }
+    Ok(())
+}
+
+fn selftest(json: bool, seed: u64) -> Result<()> {
+    use sqlora::backend::cuda;
+    if let Some(why) = cuda::unavailable() {
+        eprintln!("selftest needs a GPU: {why}");
+        std::process::exit(2);
+    }
+    let gpu = cuda::Cuda::new()?;
+    let checks = cuda::selftest::run(&gpu, seed)?;
+    if json {
+        println!("{}", serde_json::to_string(&checks)?);
+    } else {
+        println!(
+            "{:<24} {:>14} {:>12} {:>10}  result",
+            "op", "size", "rel error", "tolerance"
+        );
+        for c in &checks {
+            let verdict = if c.pass { "pass" } else { "FAIL" };
+            println!(
+                "{:<24} {:>14} {:>12.3e} {:>10.0e}  {verdict}",
+                c.op, c.size, c.rel_err, c.tolerance
+            );
+        }
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    if failed > 0 {
+        bail!("{failed} of {} kernel checks failed", checks.len());
     }
     Ok(())
 }

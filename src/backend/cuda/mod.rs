@@ -1,0 +1,293 @@
+//! The CUDA backend: our kernels from kernels/*.cu (compiled by build.rs), loaded through cudarc.
+//! Every kernel is looked up once, when the device is opened, so a missing kernel is an error at
+//! start-up that names it, never a failed lookup in the middle of a run.
+//!
+//! Status: the elementwise and normalisation families (RMSNorm, RoPE, SwiGLU, AdamW, NF4
+//! dequantization) are here and checked by `sqlora selftest` against the CPU reference; the NF4 GEMM,
+//! attention and cross-entropy kernels, and training on the device, are still to come.
+
+pub mod selftest;
+
+use super::kernels;
+use anyhow::{bail, Context, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+use std::sync::Arc;
+
+/// Why there is no usable GPU, in words a user can act on; `None` when one can be opened.
+pub fn unavailable() -> Option<String> {
+    if !kernels::KERNELS_BUILT {
+        return Some(
+            "this build has no CUDA kernels (nvcc was not found at build time): run .ci/run once, or set NVCC \
+             or CUDA_HOME, and rebuild"
+                .into(),
+        );
+    }
+    // SAFETY: only checks whether libcuda can be loaded; calls nothing in it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some("no CUDA driver (libcuda) on this machine".into());
+    }
+    None
+}
+
+/// The kernels, loaded.
+pub struct Kernels {
+    pub rmsnorm_fwd: CudaFunction,
+    pub rmsnorm_bwd: CudaFunction,
+    pub rope_rotate: CudaFunction,
+    pub swiglu_fwd: CudaFunction,
+    pub swiglu_bwd: CudaFunction,
+    pub adamw_step: CudaFunction,
+    pub nf4_dequantize_absmax: CudaFunction,
+    pub nf4_dequantize: CudaFunction,
+}
+
+/// An opened GPU with our kernels loaded.
+pub struct Cuda {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub k: Kernels,
+}
+
+fn load(ctx: &Arc<CudaContext>, file: &str, fatbin: &[u8], names: &[&str]) -> Result<Vec<CudaFunction>> {
+    let module = ctx
+        .load_module(Ptx::from_binary(fatbin.to_vec()))
+        .with_context(|| format!("loading kernels/{file}.cu (does the fatbin have code for this GPU?)"))?;
+    names
+        .iter()
+        .map(|n| {
+            module
+                .load_function(n)
+                .with_context(|| format!("kernel {n} is missing from kernels/{file}.cu"))
+        })
+        .collect()
+}
+
+/// A launch configuration of `ceil(n / 256)` blocks of 256 threads.
+fn blocks_for(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of 256 threads per row.
+fn block_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl Cuda {
+    /// Open GPU 0 and load every kernel.
+    pub fn new() -> Result<Cuda> {
+        if let Some(why) = unavailable() {
+            bail!("{why}");
+        }
+        let ctx = CudaContext::new(0).context("opening CUDA device 0")?;
+        let stream = ctx.default_stream();
+        let [rmsnorm_fwd, rmsnorm_bwd]: [CudaFunction; 2] =
+            load(&ctx, "rmsnorm", kernels::RMSNORM, &["rmsnorm_fwd", "rmsnorm_bwd"])?
+                .try_into()
+                .unwrap();
+        let [rope_rotate]: [CudaFunction; 1] = load(&ctx, "rope", kernels::ROPE, &["rope_rotate"])?.try_into().unwrap();
+        let [swiglu_fwd, swiglu_bwd]: [CudaFunction; 2] =
+            load(&ctx, "swiglu", kernels::SWIGLU, &["swiglu_fwd", "swiglu_bwd"])?
+                .try_into()
+                .unwrap();
+        let [adamw_step]: [CudaFunction; 1] = load(&ctx, "adamw", kernels::ADAMW, &["adamw_step"])?
+            .try_into()
+            .unwrap();
+        let [nf4_dequantize_absmax, nf4_dequantize]: [CudaFunction; 2] =
+            load(&ctx, "nf4", kernels::NF4, &["nf4_dequantize_absmax", "nf4_dequantize"])?
+                .try_into()
+                .unwrap();
+        Ok(Cuda {
+            ctx,
+            stream,
+            k: Kernels {
+                rmsnorm_fwd,
+                rmsnorm_bwd,
+                rope_rotate,
+                swiglu_fwd,
+                swiglu_bwd,
+                adamw_step,
+                nf4_dequantize_absmax,
+                nf4_dequantize,
+            },
+        })
+    }
+
+    /// y = rmsnorm(x) * w, keeping each row's inverse RMS.
+    /// y, x: [T, d]; rstd: [T]; w: [d].
+    pub fn rmsnorm_fwd(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        rstd: &mut CudaSlice<f32>,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        eps: f32,
+    ) -> Result<()> {
+        let d = w.len();
+        let rows = x.len() / d;
+        assert!(y.len() == x.len() && rstd.len() == rows);
+        let di = d as i32;
+        let mut b = self.stream.launch_builder(&self.k.rmsnorm_fwd);
+        b.arg(y).arg(rstd).arg(x).arg(w).arg(&di).arg(&eps);
+        // SAFETY: the kernel reads x [rows, d] and w [d], writes y [rows, d] and rstd [rows]; the
+        // buffers have exactly those lengths (asserted above) and one block handles one row.
+        unsafe { b.launch(block_per_row(rows)) }.context("kernel rmsnorm_fwd")?;
+        Ok(())
+    }
+
+    /// dx of RMSNorm (frozen gain). dx, dy, x: [T, d]; w: [d]; rstd: [T] from the forward.
+    pub fn rmsnorm_bwd(
+        &self,
+        dx: &mut CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        rstd: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = w.len();
+        let rows = x.len() / d;
+        assert!(dx.len() == x.len() && dy.len() == x.len() && rstd.len() == rows);
+        let di = d as i32;
+        let mut b = self.stream.launch_builder(&self.k.rmsnorm_bwd);
+        b.arg(dx).arg(dy).arg(x).arg(w).arg(rstd).arg(&di);
+        // SAFETY: reads dy, x [rows, d], w [d], rstd [rows]; writes dx [rows, d]; lengths asserted.
+        unsafe { b.launch(block_per_row(rows)) }.context("kernel rmsnorm_bwd")?;
+        Ok(())
+    }
+
+    /// Rotate x in place by `sign * pos * inv_freq` (sign +1 forward, -1 backward).
+    /// x: [T, heads, hd]; pos: [T]; inv_freq: [hd/2].
+    pub fn rope_rotate(
+        &self,
+        x: &mut CudaSlice<bf16>,
+        pos: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        heads: usize,
+        sign: f32,
+    ) -> Result<()> {
+        let (t, hd) = (pos.len(), 2 * inv_freq.len());
+        assert_eq!(x.len(), t * heads * hd);
+        let n = t * heads * hd / 2;
+        let (ti, hi, hdi) = (t as i32, heads as i32, hd as i32);
+        let mut b = self.stream.launch_builder(&self.k.rope_rotate);
+        b.arg(x).arg(pos).arg(inv_freq).arg(&ti).arg(&hi).arg(&hdi).arg(&sign);
+        // SAFETY: one thread per (token, head, pair), bounded by n inside the kernel; x is [T, heads, hd]
+        // (asserted), pos [T], inv_freq [hd/2].
+        unsafe { b.launch(blocks_for(n)) }.context("kernel rope_rotate")?;
+        Ok(())
+    }
+
+    /// out = silu(gate) * up. All [n].
+    pub fn swiglu_fwd(&self, out: &mut CudaSlice<bf16>, gate: &CudaSlice<bf16>, up: &CudaSlice<bf16>) -> Result<()> {
+        let n = gate.len();
+        assert!(out.len() == n && up.len() == n);
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.swiglu_fwd);
+        b.arg(out).arg(gate).arg(up).arg(&ni);
+        // SAFETY: elementwise over n values, bounded inside the kernel; all three buffers hold n.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel swiglu_fwd")?;
+        Ok(())
+    }
+
+    /// SwiGLU backward. All [n].
+    pub fn swiglu_bwd(
+        &self,
+        dgate: &mut CudaSlice<bf16>,
+        dup: &mut CudaSlice<bf16>,
+        dout: &CudaSlice<bf16>,
+        gate: &CudaSlice<bf16>,
+        up: &CudaSlice<bf16>,
+    ) -> Result<()> {
+        let n = gate.len();
+        assert!(dgate.len() == n && dup.len() == n && dout.len() == n && up.len() == n);
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.swiglu_bwd);
+        b.arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&ni);
+        // SAFETY: elementwise over n values, bounded inside the kernel; all five buffers hold n.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel swiglu_bwd")?;
+        Ok(())
+    }
+
+    /// One AdamW update of a page. p, m, v, g: [n] f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_step(
+        &self,
+        p: &mut CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        lr: f32,
+        c: crate::optim::AdamWConfig,
+        step: u64,
+    ) -> Result<()> {
+        let n = p.len();
+        assert!(m.len() == n && v.len() == n && g.len() == n && step > 0);
+        let bc1 = 1.0 - c.beta1.powi(step as i32);
+        let bc2_sqrt = (1.0 - c.beta2.powi(step as i32)).sqrt();
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.adamw_step);
+        b.arg(p)
+            .arg(m)
+            .arg(v)
+            .arg(g)
+            .arg(&ni)
+            .arg(&lr)
+            .arg(&c.beta1)
+            .arg(&c.beta2);
+        b.arg(&c.eps).arg(&c.weight_decay).arg(&bc1).arg(&bc2_sqrt);
+        // SAFETY: elementwise over n values, bounded inside the kernel; all four buffers hold n.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel adamw_step")?;
+        Ok(())
+    }
+
+    /// The per-64-block scales of an NF4 tensor from its double-quantized form.
+    /// absmax: [nblocks]; qabsmax: [nblocks] u8; absmax2: [ceil(nblocks / 256)]; dyn_map: [256].
+    pub fn nf4_dequantize_absmax(
+        &self,
+        absmax: &mut CudaSlice<f32>,
+        qabsmax: &CudaSlice<u8>,
+        absmax2: &CudaSlice<f32>,
+        dyn_map: &CudaSlice<f32>,
+        offset: f32,
+    ) -> Result<()> {
+        let n = qabsmax.len();
+        assert!(absmax.len() == n && absmax2.len() == n.div_ceil(256) && dyn_map.len() == 256);
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.nf4_dequantize_absmax);
+        b.arg(absmax)
+            .arg(qabsmax)
+            .arg(absmax2)
+            .arg(dyn_map)
+            .arg(&offset)
+            .arg(&ni);
+        // SAFETY: one thread per block scale, bounded inside the kernel; lengths asserted above.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel nf4_dequantize_absmax")?;
+        Ok(())
+    }
+
+    /// Packed NF4 codes to bf16. out: [n]; packed: [ceil(n / 2)]; absmax: [ceil(n / 64)].
+    pub fn nf4_dequantize(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        packed: &CudaSlice<u8>,
+        absmax: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = out.len();
+        assert!(packed.len() == n.div_ceil(2) && absmax.len() == n.div_ceil(64));
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.nf4_dequantize);
+        b.arg(out).arg(packed).arg(absmax).arg(&ni);
+        // SAFETY: one thread per packed byte, bounded by n inside the kernel; lengths asserted above.
+        unsafe { b.launch(blocks_for(n.div_ceil(2))) }.context("kernel nf4_dequantize")?;
+        Ok(())
+    }
+}

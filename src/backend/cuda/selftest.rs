@@ -1,0 +1,196 @@
+//! `sqlora selftest`: every CUDA kernel against the CPU reference, on fresh random inputs at several
+//! sizes (odd ones included), with outputs poisoned (NaN) before each run so an unwritten element
+//! fails. The measure is ‖gpu − cpu‖ / ‖cpu‖, with a tolerance suited to bf16 outputs.
+
+use super::Cuda;
+use crate::backend::cpu;
+use crate::nf4::{dynamic_map, Nf4Tensor};
+use crate::optim::{AdamW, AdamWConfig, HostPages};
+use crate::rng::Rng;
+use anyhow::Result;
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use serde::Serialize;
+
+/// bf16 keeps 8 significant bits: a relative error of a few 1e-3 is rounding, 1e-2 is the bound.
+const TOL_BF16: f64 = 1e-2;
+const TOL_F32: f64 = 1e-5;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub op: String,
+    pub size: String,
+    pub rel_err: f64,
+    pub tolerance: f64,
+    pub pass: bool,
+}
+
+fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+    if gpu.len() != cpu.len() || gpu.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = gpu.iter().zip(cpu).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let den: f64 = cpu.iter().map(|&b| (b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Round through bf16, as the device sees the values.
+fn bf(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+}
+
+impl Cuda {
+    fn up(&self, v: &[f32]) -> Result<CudaSlice<bf16>> {
+        let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        Ok(self.stream.clone_htod(&h)?)
+    }
+    fn up32<T: cudarc::driver::DeviceRepr + Clone>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        Ok(self.stream.clone_htod(v)?)
+    }
+    /// A bf16 buffer of n NaNs: an element the kernel fails to write stays NaN and fails the check.
+    fn poisoned(&self, n: usize) -> Result<CudaSlice<bf16>> {
+        Ok(self.stream.clone_htod(&vec![bf16::NAN; n])?)
+    }
+    fn poisoned32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.stream.clone_htod(&vec![f32::NAN; n])?)
+    }
+    fn down(&self, s: &CudaSlice<bf16>) -> Result<Vec<f32>> {
+        Ok(self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect())
+    }
+    fn down32(&self, s: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        Ok(self.stream.clone_dtoh(s)?)
+    }
+}
+
+/// Run every check; the caller prints the table and fails on any `pass == false`.
+pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    let mut push = |op: &str, size: String, err: f64, tol: f64| {
+        out.push(Check {
+            op: op.into(),
+            size,
+            rel_err: err,
+            tolerance: tol,
+            pass: err <= tol,
+        })
+    };
+
+    for &(t, d) in &[(1usize, 64usize), (7, 576), (33, 1000), (4, 4096)] {
+        let size = format!("{t}x{d}");
+        let (x, w, dy) = (
+            bf(&rng.normal_vec(t * d, 1.0)),
+            bf(&rng.normal_vec(d, 0.5)),
+            bf(&rng.normal_vec(t * d, 1.0)),
+        );
+        let (xd, wd, dyd) = (gpu.up(&x)?, gpu.up(&w)?, gpu.up(&dy)?);
+        let (mut y, mut rstd) = (gpu.poisoned(t * d)?, gpu.poisoned32(t)?);
+        gpu.rmsnorm_fwd(&mut y, &mut rstd, &xd, &wd, 1e-5)?;
+        let mut want = vec![0f32; t * d];
+        cpu::rmsnorm_fwd(&mut want, &x, &w, 1e-5);
+        push("rmsnorm_fwd", size.clone(), rel_err(&gpu.down(&y)?, &want), TOL_BF16);
+        let mut dx = gpu.poisoned(t * d)?;
+        gpu.rmsnorm_bwd(&mut dx, &dyd, &xd, &wd, &rstd)?;
+        cpu::rmsnorm_bwd(&mut want, &dy, &x, &w, 1e-5);
+        push("rmsnorm_bwd", size, rel_err(&gpu.down(&dx)?, &want), TOL_BF16);
+    }
+
+    for &(t, heads, hd) in &[(5usize, 3usize, 64usize), (17, 9, 64), (3, 2, 128)] {
+        let size = format!("{t}x{heads}x{hd}");
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 100_000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        let pos: Vec<usize> = (0..t).map(|i| 7 * i + 3).collect();
+        let x = bf(&rng.normal_vec(t * heads * hd, 1.0));
+        let (posd, invd) = (
+            gpu.up32(&pos.iter().map(|&p| p as i32).collect::<Vec<_>>())?,
+            gpu.up32(&inv)?,
+        );
+        for (op, sign) in [("rope_fwd", 1.0), ("rope_bwd", -1.0)] {
+            let mut xd = gpu.up(&x)?;
+            gpu.rope_rotate(&mut xd, &posd, &invd, heads, sign)?;
+            let mut want = x.clone();
+            if sign > 0.0 {
+                cpu::rope_fwd(&mut want, &pos, &inv, heads);
+            } else {
+                cpu::rope_bwd(&mut want, &pos, &inv, heads);
+            }
+            push(op, size.clone(), rel_err(&gpu.down(&xd)?, &want), TOL_BF16);
+        }
+    }
+
+    for &n in &[1usize, 1000, 65_537] {
+        let (g, u, dout) = (
+            bf(&rng.normal_vec(n, 2.0)),
+            bf(&rng.normal_vec(n, 1.0)),
+            bf(&rng.normal_vec(n, 1.0)),
+        );
+        let (gd, ud, dd) = (gpu.up(&g)?, gpu.up(&u)?, gpu.up(&dout)?);
+        let mut o = gpu.poisoned(n)?;
+        gpu.swiglu_fwd(&mut o, &gd, &ud)?;
+        let mut want = vec![0f32; n];
+        cpu::swiglu_fwd(&mut want, &g, &u);
+        push("swiglu_fwd", n.to_string(), rel_err(&gpu.down(&o)?, &want), TOL_BF16);
+        let (mut dg, mut du) = (gpu.poisoned(n)?, gpu.poisoned(n)?);
+        gpu.swiglu_bwd(&mut dg, &mut du, &dd, &gd, &ud)?;
+        let (mut wg, mut wu) = (vec![0f32; n], vec![0f32; n]);
+        cpu::swiglu_bwd(&mut wg, &mut wu, &dout, &g, &u);
+        let err = rel_err(&gpu.down(&dg)?, &wg).max(rel_err(&gpu.down(&du)?, &wu));
+        push("swiglu_bwd", n.to_string(), err, TOL_BF16);
+    }
+
+    for &n in &[1usize, 1000, 100_003] {
+        let c = AdamWConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let p0 = rng.normal_vec(n, 0.1);
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.normal_vec(n, 0.01)).collect();
+        let mut want = p0.clone();
+        let mut opt = AdamW::new(c, Box::new(HostPages::new(n, 4096)));
+        let (mut p, mut m, mut v) = (gpu.up32(&p0)?, gpu.up32(&vec![0f32; n])?, gpu.up32(&vec![0f32; n])?);
+        for (s, g) in grads.iter().enumerate() {
+            opt.update(&mut want, g, 1e-3);
+            gpu.adamw_step(&mut p, &mut m, &mut v, &gpu.up32(g)?, 1e-3, c, s as u64 + 1)?;
+        }
+        let got = gpu.down32(&p)?;
+        // Compare the updates, not the parameters (which barely move).
+        let delta = |x: &[f32]| x.iter().zip(&p0).map(|(a, b)| a - b).collect::<Vec<f32>>();
+        push(
+            "adamw_step",
+            format!("{n} x3"),
+            rel_err(&delta(&got), &delta(&want)),
+            1e-4,
+        );
+    }
+
+    let map = dynamic_map();
+    for &n in &[64usize, 1000, 65 * 64 + 13, 300 * 64] {
+        let w = rng.normal_vec(n, 0.02);
+        let q = Nf4Tensor::quantize(&w, &[n]);
+        let nblocks = q.scales.qabsmax.len();
+        let mut absmax = gpu.poisoned32(nblocks)?;
+        let (qa, a2, dm) = (
+            gpu.up32(&q.scales.qabsmax)?,
+            gpu.up32(&q.scales.absmax2)?,
+            gpu.up32(&map)?,
+        );
+        gpu.nf4_dequantize_absmax(&mut absmax, &qa, &a2, &dm, q.scales.offset)?;
+        push(
+            "nf4_dequantize_absmax",
+            n.to_string(),
+            rel_err(&gpu.down32(&absmax)?, q.absmax()),
+            TOL_F32,
+        );
+        let mut out = gpu.poisoned(n)?;
+        gpu.nf4_dequantize(&mut out, &gpu.up32(&q.packed)?, &absmax)?;
+        push(
+            "nf4_dequantize",
+            n.to_string(),
+            rel_err(&gpu.down(&out)?, &q.dequantize()),
+            TOL_BF16,
+        );
+    }
+    gpu.stream.synchronize()?;
+    Ok(out)
+}
