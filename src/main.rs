@@ -64,7 +64,8 @@ enum Prepare {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the greedy continuation of a raw prompt (just the generated text).
+    /// Print the greedy continuation of a raw prompt (just the generated text); with --db, the SQL
+    /// answer to a question over that database and, below it, the rows it returns.
     Ask {
         /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json) or a .gguf file.
         #[arg(long)]
@@ -82,7 +83,8 @@ enum Command {
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// Treat the prompt as a question over this SQLite database: it is wrapped in the training
-        /// template with the database's schema snippet (pruned to 1500 tokens if larger).
+        /// template with the database's schema snippet (pruned to 1500 tokens if larger); the
+        /// generated SQL is then run read-only (10 s limit) and its rows printed as a table.
         #[arg(long)]
         db: Option<PathBuf>,
         /// The prompt, tokenized as is.
@@ -180,13 +182,19 @@ fn run(cli: Cli) -> Result<()> {
             adapter,
             db,
             prompt,
-        } => {
-            let prompt = match db {
-                Some(db) => question_prompt(&model, &db, &prompt)?,
-                None => prompt,
-            };
-            ask(&model, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)
-        }
+        } => match db {
+            Some(db) => {
+                let prompt = question_prompt(&model, &db, &prompt)?;
+                let sql = ask(&model, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
+                run_answer(&db, &sql)
+            }
+            None => {
+                let text = ask(&model, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
+                let mut stdout = std::io::stdout().lock();
+                writeln!(stdout, "{text}")?;
+                Ok(())
+            }
+        },
         Command::Merge { model, adapter, out } => sqlora::lora::merge_model(&model, &adapter, &out),
         Command::Info { model } => info(&model),
         Command::Prepare { source } => prepare(source),
@@ -252,7 +260,8 @@ fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String
     ))
 }
 
-fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<()> {
+/// The greedy continuation of `prompt`, decoded.
+fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<String> {
     if device != "cpu" {
         bail!("device \"{device}\" is not available: this build runs on the CPU reference backend (--device cpu)");
     }
@@ -271,10 +280,21 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
         None => None,
     };
     let out = sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, &eos);
-    let text = tokenizer.decode(&out)?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{text}")?;
-    Ok(())
+    tokenizer.decode(&out)
+}
+
+/// Print the generated SQL, run it read-only with a time limit, and print its rows as a table.
+fn run_answer(db: &Path, sql: &str) -> Result<()> {
+    let sql = sql.trim();
+    println!("{sql}\n");
+    let conn = sqlora::sql::exec::Db::open(db)?;
+    match conn.query_named(sql, std::time::Duration::from_secs(10)) {
+        Ok((names, rows)) => {
+            println!("{}", sqlora::sql::exec::format_table(&names, &rows, 50));
+            Ok(())
+        }
+        Err(e) => bail!("the generated SQL did not run on {}: {e}", db.display()),
+    }
 }
 
 fn info(dir: &Path) -> Result<()> {

@@ -47,6 +47,8 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Checkpoint every N steps (0: only at the end).
     pub save_every: usize,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).
+    pub max_bad_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -67,6 +69,7 @@ impl Default for TrainConfig {
             seed: 42,
             eval_every: 0,
             save_every: 0,
+            max_bad_steps: 5,
         }
     }
 }
@@ -80,12 +83,17 @@ pub struct TrainState {
     pub consumed: usize,
     /// Fingerprint of the training data and run settings, checked on resume.
     pub fingerprint: String,
+    /// Consecutive steps skipped for a non-finite loss or gradient.
+    #[serde(default)]
+    pub bad_steps: usize,
 }
 
 /// What one optimizer step did.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepReport {
     pub step: usize,
+    /// The loss or gradient was not finite: no update was applied.
+    pub skipped: bool,
     pub epoch: f64,
     /// Mean loss over the step's labelled tokens.
     pub loss: f64,
@@ -199,7 +207,8 @@ impl Trainer {
         out
     }
 
-    /// One optimizer step over `grad_accum` micro-batches. On a non-finite loss nothing is updated.
+    /// One optimizer step over `grad_accum` micro-batches. A non-finite loss or gradient skips the
+    /// update (the report says so); `max_bad_steps` of them in a row is an error.
     pub fn step(&mut self) -> Result<StepReport> {
         let started = Instant::now();
         let c = &self.config;
@@ -228,24 +237,28 @@ impl Trainer {
             loss += forward_backward(&self.model, &self.lora, batch, inv, opts, &mut grads);
         }
         let loss = loss / labels as f64;
-        if !loss.is_finite() {
-            bail!(
-                "non-finite loss ({loss}) at step {}: no update was applied",
-                self.state.step + 1
-            );
-        }
         let grad_norm = clip_grad_norm(&mut grads, c.max_grad_norm);
-        if !grad_norm.is_finite() {
-            bail!(
-                "non-finite gradient norm at step {}: no update was applied",
-                self.state.step + 1
-            );
-        }
         let lr = self.schedule().lr(self.state.step);
-        self.opt.update(&mut self.lora.data, &grads, lr);
+        // A non-finite loss or gradient skips the step: its data is consumed, nothing is updated.
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        if skipped {
+            self.state.bad_steps += 1;
+            if self.state.bad_steps >= c.max_bad_steps {
+                bail!(
+                    "non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {}, {} steps in a row: stopping \
+                     (the adapter is unchanged since the last good step; try a lower --lr or --max-grad-norm)",
+                    self.state.step + 1,
+                    self.state.bad_steps
+                );
+            }
+        } else {
+            self.state.bad_steps = 0;
+            self.opt.update(&mut self.lora.data, &grads, lr);
+        }
         self.state.step += 1;
         self.state.consumed += ids.len();
         Ok(StepReport {
+            skipped,
             step: self.state.step,
             epoch: self.state.consumed as f64 / self.train.len() as f64,
             loss,
@@ -284,7 +297,7 @@ impl Trainer {
         let dir = self.out.join(format!("checkpoint-{:06}", self.state.step));
         let tmp = self.out.join(format!(".checkpoint-{:06}.partial", self.state.step));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("clearing {}", tmp.display()))?;
         }
         self.lora.save_peft(&tmp, &self.base_model)?;
         let (m, v) = self.opt.state.export();
@@ -302,7 +315,7 @@ impl Trainer {
             serde_json::to_string_pretty(&self.state)?.as_bytes(),
         )?;
         if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
+            std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;
         }
         std::fs::rename(&tmp, &dir).with_context(|| format!("moving checkpoint into {}", dir.display()))?;
         Ok(dir)

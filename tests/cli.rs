@@ -190,8 +190,13 @@ fn ask_db_wraps_the_question_in_the_template() {
         .unwrap();
     let (m, d) = (dir.path().to_str().unwrap(), db.to_str().unwrap());
     let out = sqlora(&["ask", "--model", m, "--db", d, "--max-new-tokens", "8", question]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{want}\n"));
+    // The random model's answer is not SQL: it is printed, then its failure is reported.
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("{}\n", want.trim())));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not run on") && err.contains("shop.sqlite"), "{err}");
+    let before = std::fs::read(&db).unwrap();
+    assert_eq!(std::fs::read(&db).unwrap(), before);
 }
 
 #[test]

@@ -206,22 +206,58 @@ fn a_tiny_model_memorises_a_small_dataset() {
 }
 
 #[test]
-fn a_non_finite_loss_stops_without_updating() {
+fn non_finite_losses_skip_steps_and_k_in_a_row_stop_the_run() {
     let s = setup();
     let d = tempfile::tempdir().unwrap();
-    let mut t = trainer(&s, config(2, 2), d.path());
+    let mut c = config(2, 2);
+    c.max_bad_steps = 3;
+    let mut t = trainer(&s, c, d.path());
     let b = t.lora.slot(0, sqlora::model::Proj::Q).unwrap().b.start;
-    t.lora.data[b] = f32::NAN;
+    t.lora.data[b] = f32::NAN; // poisons every forward from now on
     let before = t.lora.data.clone();
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x == y || (x.is_nan() && y.is_nan()));
+    for step in 1..=2 {
+        let r = t.step().unwrap();
+        assert!(r.skipped && r.loss.is_nan(), "step {step} is skipped");
+        assert!(same(&t.lora.data, &before), "a skipped step changes nothing");
+    }
     let err = format!("{:#}", t.step().unwrap_err());
-    assert!(err.contains("non-finite loss") && err.contains("step 1"), "{err}");
-    assert_eq!(t.state.step, 0);
-    assert!(t
-        .lora
-        .data
-        .iter()
-        .zip(&before)
-        .all(|(a, b)| a == b || (a.is_nan() && b.is_nan())));
+    assert!(
+        err.contains("non-finite") && err.contains("step 3") && err.contains("3 steps in a row"),
+        "{err}"
+    );
+    assert!(same(&t.lora.data, &before));
+
+    // One good step in between resets the count.
+    let mut t = trainer(&s, config(2, 2), d.path());
+    t.lora.data[b] = f32::NAN;
+    assert!(t.step().unwrap().skipped);
+    t.lora.data[b] = 0.0;
+    assert!(!t.step().unwrap().skipped);
+    assert_eq!(t.state.bad_steps, 0);
+}
+
+#[test]
+fn an_unwritable_output_directory_is_a_clear_error() {
+    let s = setup();
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let out = file.join("run");
+    let model = Model::load_dir(&s.model_dir).unwrap();
+    let err = Trainer::new(model, s.data.clone(), vec![], config(2, 1), &out, "tiny")
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains(&out.display().to_string()), "{err:#}");
+    // A checkpoint that cannot be written fails the run loudly and leaves no partial directory.
+    let mut t = trainer(&s, config(2, 1), d.path());
+    std::fs::write(
+        d.path().join(".checkpoint-000001.partial"),
+        "a file where the directory goes",
+    )
+    .unwrap();
+    let err = t.run(1, &|| false, &mut |_, _| {}).unwrap_err();
+    assert!(format!("{err:#}").contains("checkpoint-000001"), "{err:#}");
 }
 
 #[test]

@@ -85,6 +85,9 @@ struct Args {
     eval_every: usize,
     #[arg(long, default_value_t = 0)]
     save_every: usize,
+    /// Skip steps whose loss or gradient is not finite; stop after this many in a row.
+    #[arg(long, default_value_t = 5)]
+    max_bad_steps: usize,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -182,6 +185,7 @@ fn run(a: Args) -> Result<()> {
         seed: a.seed,
         eval_every: a.eval_every,
         save_every: a.save_every,
+        max_bad_steps: a.max_bad_steps,
     };
     let mut trainer = Trainer::new(model, train, val, config, &a.out, &a.model.display().to_string())?;
     if a.resume {
@@ -213,6 +217,11 @@ fn run(a: Args) -> Result<()> {
 
     trainer.run(total, &|| stop.load(Ordering::SeqCst), &mut |r, eval| {
         let eval = eval.map(|e| format!("  eval {e:.4}")).unwrap_or_default();
+        let eval = if r.skipped {
+            format!("{eval}  SKIPPED (non-finite)")
+        } else {
+            eval
+        };
         eprintln!(
             "step {:>5}/{total}  epoch {:.2}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{eval}",
             r.step,

@@ -30,6 +30,60 @@ pub enum Key {
     Blob(Vec<u8>),
 }
 
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Null => write!(f, "NULL"),
+            Key::Int(i) => write!(f, "{i}"),
+            Key::Real(b) => write!(f, "{}", f64::from_bits(*b)),
+            Key::Text(s) => write!(f, "{s}"),
+            Key::Blob(b) => write!(f, "<{} bytes>", b.len()),
+        }
+    }
+}
+
+/// Rows as an aligned text table under a header; at most `max_rows` rows, then a count of the rest.
+pub fn format_table(names: &[String], rows: &[Row], max_rows: usize) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .take(max_rows)
+        .map(|r| r.iter().map(|k| k.to_string()).collect())
+        .collect();
+    let widths: Vec<usize> = (0..names.len())
+        .map(|c| {
+            cells
+                .iter()
+                .map(|r| r[c].chars().count())
+                .chain([names[c].chars().count()])
+                .max()
+                .unwrap_or(0)
+                .min(40)
+        })
+        .collect();
+    let line = |vals: &[String]| -> String {
+        let parts: Vec<String> = vals
+            .iter()
+            .zip(&widths)
+            .map(|(v, &w)| format!("{:<w$}", v.chars().take(40).collect::<String>()))
+            .collect();
+        parts.join(" | ").trim_end().to_string()
+    };
+    let mut out = vec![
+        line(names),
+        widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>().join("-+-"),
+    ];
+    out.extend(cells.iter().map(|r| line(r)));
+    if rows.len() > max_rows {
+        out.push(format!("... {} more rows", rows.len() - max_rows));
+    }
+    out.push(format!(
+        "({} row{})",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    ));
+    out.join("\n")
+}
+
 impl Value {
     pub fn key(&self) -> Key {
         match self {
@@ -99,6 +153,11 @@ impl Db {
 
     /// Run one query with a time limit and return its rows.
     pub fn query(&self, sql: &str, limit: Duration) -> Result<Vec<Row>, QueryError> {
+        self.query_named(sql, limit).map(|(_, rows)| rows)
+    }
+
+    /// [`Db::query`], with the result's column names.
+    pub fn query_named(&self, sql: &str, limit: Duration) -> Result<(Vec<String>, Vec<Row>), QueryError> {
         let deadline = Instant::now() + limit;
         let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = timed_out.clone();
@@ -121,10 +180,11 @@ impl Db {
         }
     }
 
-    fn run(&self, sql: &str) -> Result<Vec<Row>, QueryError> {
+    fn run(&self, sql: &str) -> Result<(Vec<String>, Vec<Row>), QueryError> {
         let err = |e: rusqlite::Error| QueryError::Sql(e.to_string());
         let mut stmt = self.conn.prepare(sql).map_err(err)?;
         let n = stmt.column_count();
+        let names: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
         let mut rows = stmt.query([]).map_err(err)?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(err)? {
@@ -144,6 +204,30 @@ impl Db {
                 return Err(QueryError::Sql(format!("result has more than {MAX_ROWS} rows")));
             }
         }
-        Ok(out)
+        Ok((names, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_count() {
+        let names = vec!["name".to_string(), "n".to_string()];
+        let rows = vec![
+            vec![Key::Text("Ada".into()), Key::Int(3)],
+            vec![Key::Text("Bartholomew".into()), Key::Null],
+            vec![Key::Text("Cy".into()), Value::Real(2.5).key()],
+        ];
+        let t = format_table(&names, &rows, 2);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "name        | n");
+        assert_eq!(lines[1], "------------+-----");
+        assert_eq!(lines[2], "Ada         | 3");
+        assert_eq!(lines[3], "Bartholomew | NULL");
+        assert_eq!(lines[4], "... 1 more rows");
+        assert_eq!(lines[5], "(3 rows)");
+        assert_eq!(Value::Real(2.0).key(), Key::Int(2));
     }
 }
