@@ -13,6 +13,7 @@ pub mod autograd;
 pub mod backend;
 pub mod config;
 pub mod data;
+pub mod evaluate;
 pub mod generate;
 pub mod gguf;
 pub mod lora;

@@ -107,6 +107,24 @@ enum Command {
         #[command(subcommand)]
         source: Prepare,
     },
+    /// Generate SQL for every example of a JSONL file: one {"sql": ...} per line, for `eval`.
+    Predict {
+        /// HF model directory or .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Examples (the prompt is built from "instruction" and "input").
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Run the base model quantized to NF4.
+        #[arg(long)]
+        nf4: bool,
+    },
     /// Score predicted SQL against gold SQL by execution (Spider test-suite semantics).
     Eval {
         /// Gold examples, JSONL with "output" (the SQL) and "db_id" or "db_path".
@@ -198,6 +216,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge { model, adapter, out } => sqlora::lora::merge_model(&model, &adapter, &out),
         Command::Info { model } => info(&model),
         Command::Prepare { source } => prepare(source),
+        Command::Predict {
+            model,
+            adapter,
+            data,
+            out,
+            max_new_tokens,
+            nf4,
+        } => predict(&model, adapter.as_deref(), &data, &out, max_new_tokens, nf4),
         Command::Selftest { json, seed } => selftest(json, seed),
         Command::Convert { gguf, out } => sqlora::gguf::convert(&gguf, &out),
         Command::Eval {
@@ -463,4 +489,33 @@ fn selftest(json: bool, seed: u64) -> Result<()> {
         bail!("{failed} of {} kernel checks failed", checks.len());
     }
     Ok(())
+}
+
+fn predict(
+    model_path: &Path,
+    adapter: Option<&Path>,
+    data: &Path,
+    out: &Path,
+    max_new: usize,
+    nf4: bool,
+) -> Result<()> {
+    let tok = Tokenizer::load(model_path)?;
+    let mut model = Model::load(model_path)?;
+    if nf4 {
+        model = model.quantize_nf4();
+    }
+    let lora = adapter
+        .map(|a| sqlora::lora::LoraParams::load_peft(a, &model.config))
+        .transpose()?;
+    let examples = sqlora::data::read_jsonl(data)?;
+    let mut text = String::new();
+    for (i, e) in examples.iter().enumerate() {
+        let prompt = tok.encode(&sqlora::data::prompt(&e.instruction, &e.input))?;
+        let sql = sqlora::evaluate::predict(&model, lora.as_ref(), &tok, &prompt, max_new)?;
+        text += &serde_json::json!({ "sql": sql }).to_string();
+        text.push('\n');
+        eprint!("\r{}/{} predicted", i + 1, examples.len());
+    }
+    eprintln!();
+    sqlora::weights::write_atomic(out, text.as_bytes())
 }

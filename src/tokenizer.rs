@@ -4,6 +4,7 @@
 use anyhow::{anyhow, Context, Result};
 use std::path::Path;
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }

@@ -86,6 +86,9 @@ pub struct TrainState {
     /// Consecutive steps skipped for a non-finite loss or gradient.
     #[serde(default)]
     pub bad_steps: usize,
+    /// Best execution accuracy seen, and its step (the adapter is in `out/best/`).
+    #[serde(default)]
+    pub best_exec_accuracy: Option<(f64, usize)>,
 }
 
 /// What one optimizer step did.
@@ -106,8 +109,27 @@ pub struct StepReport {
     pub seconds: f64,
 }
 
+/// Execution accuracy on a validation sample, every `every` steps and at the end.
+pub struct SqlEval {
+    pub tasks: Vec<crate::evaluate::SqlTask>,
+    pub tokenizer: crate::tokenizer::Tokenizer,
+    pub every: usize,
+    pub max_new_tokens: usize,
+}
+
+/// The evaluations that ran after a step, if any.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Evals {
+    /// Mean validation loss.
+    pub loss: Option<f64>,
+    /// Execution accuracy on the SQL-eval sample.
+    pub exec_accuracy: Option<f64>,
+}
+
 pub struct Trainer {
     pub model: Model,
+    /// Optional execution-accuracy evaluation; the best adapter by it is kept in `out/best/`.
+    pub sql_eval: Option<SqlEval>,
     pub lora: LoraParams,
     pub opt: AdamW,
     pub config: TrainConfig,
@@ -140,6 +162,7 @@ impl Trainer {
         let fingerprint = fingerprint(&train, &config);
         Ok(Trainer {
             model,
+            sql_eval: None,
             lora,
             opt,
             state: TrainState {
@@ -393,6 +416,24 @@ impl Trainer {
         self.lora.save_peft(&self.out, &self.base_model)
     }
 
+    /// Execution accuracy of the current adapter on the SQL-eval sample; keeps the best adapter in
+    /// `out/best/`. None when no SQL evaluation is configured.
+    pub fn eval_exec_accuracy(&mut self) -> Result<Option<f64>> {
+        let Some(se) = &self.sql_eval else { return Ok(None) };
+        let acc = crate::evaluate::exec_accuracy(
+            &self.model,
+            Some(&self.lora),
+            &se.tokenizer,
+            &se.tasks,
+            se.max_new_tokens,
+        )?;
+        if self.state.best_exec_accuracy.is_none_or(|(best, _)| acc > best) {
+            self.state.best_exec_accuracy = Some((acc, self.state.step));
+            self.lora.save_peft(&self.out.join("best"), &self.base_model)?;
+        }
+        Ok(Some(acc))
+    }
+
     /// Train until `until` steps are done (or the run's end), calling `report` after every step and
     /// evaluation, checkpointing on schedule and at the end. `stop` is polled between steps (Ctrl-C):
     /// when it is set, a checkpoint is written and the loop returns early.
@@ -400,7 +441,7 @@ impl Trainer {
         &mut self,
         until: usize,
         stop: &dyn Fn() -> bool,
-        report: &mut dyn FnMut(&StepReport, Option<f64>),
+        report: &mut dyn FnMut(&StepReport, &Evals),
     ) -> Result<()> {
         let end = until.min(self.total_steps());
         while self.state.step < end {
@@ -411,11 +452,30 @@ impl Trainer {
             } else {
                 None
             };
+            let sql_due = self
+                .sql_eval
+                .as_ref()
+                .is_some_and(|se| se.every > 0 && r.step % se.every == 0);
+            let exec = if sql_due || (r.step == self.total_steps() && self.sql_eval.is_some()) {
+                self.eval_exec_accuracy()?
+            } else {
+                None
+            };
             self.log(&serde_json::to_value(&r)?)?;
             if let Some(e) = eval {
                 self.log(&serde_json::json!({"step": r.step, "eval_loss": e}))?;
             }
-            report(&r, eval);
+            if let Some(a) = exec {
+                self.log(&serde_json::json!({"step": r.step, "exec_accuracy": a}))?;
+            }
+            let c = &self.config;
+            report(
+                &r,
+                &Evals {
+                    loss: eval,
+                    exec_accuracy: exec,
+                },
+            );
             let stopping = stop();
             if (c.save_every > 0 && r.step % c.save_every == 0) || r.step == end || stopping {
                 self.save_checkpoint()?;

@@ -236,3 +236,48 @@ fn train_without_data_uses_the_bundled_shop_dataset() {
         "the last step reports validation loss: {log}"
     );
 }
+
+#[test]
+fn predict_writes_one_sql_per_example_that_eval_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = (dir.path().join("model"), dir.path().join("data"));
+    write_tiny_model(&model, TinyVariant::Qwen2).unwrap();
+    let out = sqlora(&[
+        "prepare",
+        "shop",
+        "--out",
+        data.to_str().unwrap(),
+        "--per-template",
+        "1",
+    ]);
+    assert!(out.status.success());
+    // Three validation questions are enough to exercise the contract.
+    let val = data.join("train.jsonl");
+    let three: Vec<String> = std::fs::read_to_string(&val)
+        .unwrap()
+        .lines()
+        .take(3)
+        .map(String::from)
+        .collect();
+    std::fs::write(&val, three.join("\n") + "\n").unwrap();
+    let pred = dir.path().join("pred.jsonl");
+    let (m, v, p) = (model.to_str().unwrap(), val.to_str().unwrap(), pred.to_str().unwrap());
+    let out = sqlora(&[
+        "predict",
+        "--model",
+        m,
+        "--data",
+        v,
+        "--out",
+        p,
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&pred).unwrap().lines().count(), 3);
+    let out = sqlora(&["eval", "--data", v, "--pred", p, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["n"], 3);
+    assert_eq!(r["execution_accuracy"], 0.0, "a random model answers nothing right");
+}

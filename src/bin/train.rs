@@ -8,7 +8,7 @@ use sqlora::lora::LoraConfig;
 use sqlora::model::Model;
 use sqlora::optim::{AdamWConfig, Decay};
 use sqlora::tokenizer::Tokenizer;
-use sqlora::train::{TrainConfig, Trainer};
+use sqlora::train::{SqlEval, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -88,6 +88,18 @@ struct Args {
     /// Skip steps whose loss or gradient is not finite; stop after this many in a row.
     #[arg(long, default_value_t = 5)]
     max_bad_steps: usize,
+    /// Execution accuracy on this many validation questions (those naming a database), at the end
+    /// and every --sql-eval-every steps; the best adapter is kept in OUT/best. 0 turns it off.
+    #[arg(long, default_value_t = 32)]
+    sql_eval_samples: usize,
+    #[arg(long, default_value_t = 0)]
+    sql_eval_every: usize,
+    /// Longest SQL generated during evaluation, in tokens.
+    #[arg(long, default_value_t = 128)]
+    sql_max_new_tokens: usize,
+    /// Directory holding <db_id>/<db_id>.sqlite, for examples that name a db_id.
+    #[arg(long)]
+    db_root: Option<PathBuf>,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -188,6 +200,27 @@ fn run(a: Args) -> Result<()> {
         max_bad_steps: a.max_bad_steps,
     };
     let mut trainer = Trainer::new(model, train, val, config, &a.out, &a.model.display().to_string())?;
+    if let (Some(vp), true) = (&val_path, a.sql_eval_samples > 0) {
+        let examples: Vec<_> = read_jsonl(vp)?
+            .into_iter()
+            .filter(|e| e.db_id.is_some() || e.db_path.is_some())
+            .take(a.sql_eval_samples)
+            .collect();
+        if examples.is_empty() {
+            eprintln!(
+                "{}: no example names a database; execution accuracy is not measured",
+                vp.display()
+            );
+        } else {
+            let base = vp.parent().unwrap_or(Path::new("."));
+            trainer.sql_eval = Some(SqlEval {
+                tasks: sqlora::evaluate::tasks(&examples, &tok, base, a.db_root.as_deref())?,
+                tokenizer: tok.clone(),
+                every: a.sql_eval_every,
+                max_new_tokens: a.sql_max_new_tokens,
+            });
+        }
+    }
     if a.resume {
         match trainer.latest_checkpoint() {
             Some(dir) => {
@@ -215,8 +248,11 @@ fn run(a: Args) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
-    trainer.run(total, &|| stop.load(Ordering::SeqCst), &mut |r, eval| {
-        let eval = eval.map(|e| format!("  eval {e:.4}")).unwrap_or_default();
+    trainer.run(total, &|| stop.load(Ordering::SeqCst), &mut |r, evals| {
+        let mut eval = evals.loss.map(|e| format!("  eval {e:.4}")).unwrap_or_default();
+        if let Some(a) = evals.exec_accuracy {
+            eval += &format!("  exec acc {a:.4}");
+        }
         let eval = if r.skipped {
             format!("{eval}  SKIPPED (non-finite)")
         } else {

@@ -171,19 +171,7 @@ pub fn evaluate_files(data: &Path, pred: &Path, db_root: Option<&Path>, opts: Ev
     let mut dbs: HashMap<PathBuf, Db> = HashMap::new();
     let mut verdicts = Vec::with_capacity(gold.len());
     for (i, (g, p)) in gold.iter().zip(&preds).enumerate() {
-        let path = match (&g.db_path, &g.db_id, db_root) {
-            (Some(p), _, _) => {
-                let p = PathBuf::from(p);
-                if p.is_relative() && !p.exists() {
-                    base.join(p)
-                } else {
-                    p
-                }
-            }
-            (None, Some(id), Some(root)) => root.join(id).join(format!("{id}.sqlite")),
-            (None, Some(_), None) => bail!("{}:{}: has a db_id; give --db-root", data.display(), i + 1),
-            (None, None, _) => bail!("{}:{}: needs \"db_id\" or \"db_path\"", data.display(), i + 1),
-        };
+        let path = resolve_db(g, base, db_root).with_context(|| format!("{}:{}", data.display(), i + 1))?;
         if !dbs.contains_key(&path) {
             let db = Db::open(&path).with_context(|| format!("{}:{}", data.display(), i + 1))?;
             dbs.insert(path.clone(), db);
@@ -191,4 +179,22 @@ pub fn evaluate_files(data: &Path, pred: &Path, db_root: Option<&Path>, opts: Ev
         verdicts.push(evaluate_one(&dbs[&path], &g.output, p, opts));
     }
     Ok(verdicts)
+}
+
+/// The database of an example: its `db_path` (a relative path resolves against `base`, the directory
+/// of the file it came from, unless it exists as given), or `db_root/<db_id>/<db_id>.sqlite`.
+pub fn resolve_db(e: &crate::data::Example, base: &Path, db_root: Option<&Path>) -> Result<PathBuf> {
+    match (&e.db_path, &e.db_id, db_root) {
+        (Some(p), _, _) => {
+            let p = PathBuf::from(p);
+            Ok(if p.is_relative() && !p.exists() {
+                base.join(p)
+            } else {
+                p
+            })
+        }
+        (None, Some(id), Some(root)) => Ok(root.join(id).join(format!("{id}.sqlite"))),
+        (None, Some(_), None) => bail!("the example has a db_id; give --db-root"),
+        (None, None, _) => bail!("the example needs \"db_id\" or \"db_path\""),
+    }
 }

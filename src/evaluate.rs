@@ -1,0 +1,69 @@
+//! Generate SQL for examples with a model (and adapter), and score it by execution: what `sqlora
+//! predict` writes and what training reports as execution accuracy on a validation sample.
+
+use crate::data::{prompt, Example};
+use crate::generate::greedy;
+use crate::lora::LoraParams;
+use crate::model::Model;
+use crate::sql::eval::{evaluate_one, resolve_db, EvalOptions};
+use crate::sql::exec::Db;
+use crate::tokenizer::Tokenizer;
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// One question to answer: its prompt tokens, the gold SQL and the database to judge on.
+#[derive(Clone, Debug)]
+pub struct SqlTask {
+    /// [L] the prompt, through "### SQL ###\n".
+    pub prompt: Vec<u32>,
+    pub gold: String,
+    pub db: PathBuf,
+}
+
+/// Tasks for examples read from a file in `base` (relative `db_path`s resolve against it).
+pub fn tasks(examples: &[Example], tok: &Tokenizer, base: &Path, db_root: Option<&Path>) -> Result<Vec<SqlTask>> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            Ok(SqlTask {
+                prompt: tok.encode(&prompt(&e.instruction, &e.input))?,
+                gold: e.output.clone(),
+                db: resolve_db(e, base, db_root).with_context(|| format!("validation example {}", i + 1))?,
+            })
+        })
+        .collect()
+}
+
+/// Greedy SQL for a prompt: decoded, stopped at EOS, trimmed.
+pub fn predict(
+    model: &Model,
+    lora: Option<&LoraParams>,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    max_new: usize,
+) -> Result<String> {
+    let out = greedy(model, lora, prompt, max_new, &model.config.eos_token_ids);
+    Ok(tok.decode(&out)?.trim().to_string())
+}
+
+/// Fraction of tasks whose generated SQL gives the gold result (databases opened once, read-only).
+pub fn exec_accuracy(
+    model: &Model,
+    lora: Option<&LoraParams>,
+    tok: &Tokenizer,
+    tasks: &[SqlTask],
+    max_new: usize,
+) -> Result<f64> {
+    let mut dbs: HashMap<&Path, Db> = HashMap::new();
+    let mut hits = 0;
+    for t in tasks {
+        let sql = predict(model, lora, tok, &t.prompt, max_new)?;
+        if !dbs.contains_key(t.db.as_path()) {
+            dbs.insert(&t.db, Db::open(&t.db)?);
+        }
+        hits += evaluate_one(&dbs[t.db.as_path()], &t.gold, &sql, EvalOptions::default()).exec_match as usize;
+    }
+    Ok(hits as f64 / tasks.len().max(1) as f64)
+}
