@@ -20,6 +20,7 @@ pub mod lora;
 pub mod model;
 pub mod nf4;
 pub mod optim;
+pub mod plot;
 pub mod rng;
 pub mod sql;
 pub mod tiny;

@@ -307,9 +307,9 @@ impl Trainer {
         Some(sum / labels.max(1) as f64)
     }
 
-    /// Append a JSON line to `out/log.jsonl`.
+    /// Append a JSON line to `out/metrics.jsonl`.
     pub fn log(&self, value: &serde_json::Value) -> Result<()> {
-        let path = self.out.join("log.jsonl");
+        let path = self.out.join("metrics.jsonl");
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         writeln!(f, "{value}").with_context(|| format!("writing {}", path.display()))
     }
@@ -341,6 +341,9 @@ impl Trainer {
             std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;
         }
         std::fs::rename(&tmp, &dir).with_context(|| format!("moving checkpoint into {}", dir.display()))?;
+        if self.out.join("metrics.jsonl").exists() {
+            crate::plot::write_curves(&self.out)?;
+        }
         Ok(dir)
     }
 
@@ -392,7 +395,7 @@ impl Trainer {
     }
 
     fn truncate_log(&self) -> Result<()> {
-        let path = self.out.join("log.jsonl");
+        let path = self.out.join("metrics.jsonl");
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(());
         };

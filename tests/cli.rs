@@ -230,7 +230,7 @@ fn train_without_data_uses_the_bundled_shop_dataset() {
     ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
-    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(
         log.contains("\"eval_loss\""),
         "the last step reports validation loss: {log}"
@@ -280,4 +280,56 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["n"], 3);
     assert_eq!(r["execution_accuracy"], 0.0, "a random model answers nothing right");
+}
+
+#[test]
+fn train_reads_a_toml_config_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, out) = (dir.path().join("model"), dir.path().join("run"));
+    write_tiny_model(&model, TinyVariant::Qwen2).unwrap();
+    let data = dir.path().join("train.jsonl");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/singers.jsonl"), &data).unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ndata = {:?}\nmax_steps = 2\nbatch = 2\nlora-r = 4\nlr = 0.5\nwarmup = 0\n\
+             schedule = \"constant\"\ntargets = [\"q_proj\", \"v_proj\"]\nno_nf4 = true\n",
+            model.display().to_string(),
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_train"))
+            .args(["--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--lr", "0.001"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lrs: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64())
+        .collect();
+    assert_eq!(lrs.len(), 2);
+    assert!(
+        lrs.iter().all(|&lr| (lr - 0.001).abs() < 1e-9),
+        "the flag wins over the file: {lrs:?}"
+    );
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(adapter["r"], 4);
+    assert_eq!(adapter["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+
+    std::fs::write(&config, "lora_rank = 8\n").unwrap();
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("run.toml") && err.contains("unknown option \"lora_rank\""),
+        "{err}"
+    );
 }

@@ -163,7 +163,7 @@ fn resume_reproduces_the_uninterrupted_run_exactly() {
 
     assert_eq!(losses, straight.iter().map(|r| r.loss).collect::<Vec<_>>());
     assert_eq!(second.lora.data, whole.lora.data);
-    let log = std::fs::read_to_string(d2.path().join("log.jsonl")).unwrap();
+    let log = std::fs::read_to_string(d2.path().join("metrics.jsonl")).unwrap();
     assert_eq!(
         log.lines().filter(|l| l.contains("\"loss\"")).count(),
         6,
@@ -203,6 +203,13 @@ fn a_tiny_model_memorises_a_small_dataset() {
     assert!(last < first / 10.0, "loss went from {first} to {last}");
     t.save_final().unwrap();
     assert!(d.path().join("adapter_model.safetensors").exists());
+    // Curves were drawn at the final checkpoint: an SVG with the loss, validation loss and lr lines,
+    // and a PNG.
+    let svg = std::fs::read_to_string(d.path().join("curves.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 3, "{svg}");
+    assert!(svg.contains("training loss") && svg.contains("learning rate"));
+    let png = std::fs::read(d.path().join("curves.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
 
 #[test]
@@ -384,6 +391,6 @@ fn execution_accuracy_after_memorising_is_high_and_the_best_adapter_is_kept() {
     let (best, _) = t.state.best_exec_accuracy.unwrap();
     assert_eq!(best, accs.iter().cloned().fold(0.0, f64::max));
     assert!(out.join("best/adapter_model.safetensors").exists());
-    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(log.matches("exec_accuracy").count(), 2);
 }

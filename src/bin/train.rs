@@ -3,19 +3,31 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 use sqlora::data::{encode, read_jsonl, Encoded};
 use sqlora::lora::LoraConfig;
 use sqlora::model::Model;
 use sqlora::optim::{AdamWConfig, Decay};
 use sqlora::tokenizer::Tokenizer;
 use sqlora::train::{SqlEval, TrainConfig, Trainer};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "train", version, about = "QLoRA fine-tuning for text-to-SQL")]
+#[command(
+    name = "train",
+    version,
+    about = "QLoRA fine-tuning for text-to-SQL",
+    args_override_self = true,
+    after_help = "A TOML file given with --config sets any option by its name (lora_r = 16, schedule = \"cosine\"); \
+                  options on the command line override it."
+)]
 struct Args {
+    /// TOML file of options (keys are the option names, with _ or -); the command line overrides it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json) or a .gguf file.
     #[arg(long)]
     model: PathBuf,
@@ -26,7 +38,7 @@ struct Args {
     /// Validation examples (same format); its loss is reported every --eval-every steps.
     #[arg(long)]
     val: Option<PathBuf>,
-    /// Output directory: adapter files, checkpoints, log.jsonl.
+    /// Output directory: adapter files, checkpoints, metrics.jsonl.
     #[arg(long)]
     out: PathBuf,
     /// Compute device; only `cpu` is available in this build.
@@ -106,10 +118,64 @@ struct Args {
 }
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
+    let args = match with_config_file(std::env::args().collect()) {
+        Ok(a) => Args::parse_from(a),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = run(args) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Insert the options of a `--config` TOML file before the command-line arguments, so that the
+/// command line wins (the last occurrence of an option is the one used).
+fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
+    use clap::CommandFactory;
+    let at = args.iter().position(|a| a == "--config");
+    let path = match at {
+        Some(i) => args.get(i + 1).context("--config needs a file")?.clone(),
+        None => match args.iter().find_map(|a| a.strip_prefix("--config=")) {
+            Some(p) => p.to_string(),
+            None => return Ok(args),
+        },
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{path} is not valid TOML"))?;
+    let known: Vec<String> = Args::command()
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect();
+    let mut from_file = Vec::new();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        if !known.contains(&id) || id == "config" {
+            bail!("{path}: unknown option \"{key}\" (see train --help)");
+        }
+        let flag = format!("--{}", id.replace('_', "-"));
+        match value {
+            toml::Value::Boolean(true) => from_file.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => from_file.extend([flag, s]),
+            toml::Value::Integer(i) => from_file.extend([flag, i.to_string()]),
+            toml::Value::Float(f) => from_file.extend([flag, f.to_string()]),
+            toml::Value::Array(items) => {
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), String::from))
+                    .collect();
+                from_file.extend([flag, parts.join(",")]);
+            }
+            other => bail!("{path}: option \"{key}\" has an unsupported value {other}"),
+        }
+    }
+    let mut out = vec![args[0].clone()];
+    out.extend(from_file);
+    out.extend(args.into_iter().skip(1));
+    Ok(out)
 }
 
 fn load_examples(path: &Path, tok: &Tokenizer, eos: u32, max_len: usize) -> Result<Vec<Encoded>> {
@@ -248,26 +314,47 @@ fn run(a: Args) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
+    // A live bar on a terminal; one line per step otherwise (logs, CI). Evaluations always get a line.
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_position(trainer.state.step as u64);
+        Some(bar)
+    } else {
+        None
+    };
     trainer.run(total, &|| stop.load(Ordering::SeqCst), &mut |r, evals| {
-        let mut eval = evals.loss.map(|e| format!("  eval {e:.4}")).unwrap_or_default();
-        if let Some(a) = evals.exec_accuracy {
-            eval += &format!("  exec acc {a:.4}");
-        }
-        let eval = if r.skipped {
-            format!("{eval}  SKIPPED (non-finite)")
-        } else {
-            eval
-        };
-        eprintln!(
-            "step {:>5}/{total}  epoch {:.2}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{eval}",
-            r.step,
+        let skipped = if r.skipped { "  SKIPPED (non-finite)" } else { "" };
+        let line = format!(
+            "epoch {:.2}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{skipped}",
             r.epoch,
             r.loss,
             r.lr,
             r.grad_norm,
             r.tokens as f64 / r.seconds
         );
+        let mut evals_line = evals.loss.map(|e| format!("  eval loss {e:.4}")).unwrap_or_default();
+        if let Some(a) = evals.exec_accuracy {
+            evals_line += &format!("  execution accuracy {a:.4}");
+        }
+        match &bar {
+            Some(bar) => {
+                bar.set_position(r.step as u64);
+                bar.set_message(line);
+                if !evals_line.is_empty() {
+                    bar.println(format!("step {}:{evals_line}", r.step));
+                }
+            }
+            None => eprintln!("step {:>5}/{total}  {line}{evals_line}", r.step),
+        }
     })?;
+    if let Some(bar) = &bar {
+        bar.finish();
+    }
     if stop.load(Ordering::SeqCst) {
         eprintln!("stopped at step {}; resume with --resume", trainer.state.step);
         std::process::exit(130);
