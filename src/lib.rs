@@ -17,6 +17,7 @@ pub mod evaluate;
 pub mod generate;
 pub mod gguf;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod nf4;
 pub mod optim;

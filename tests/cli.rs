@@ -333,3 +333,49 @@ fn train_reads_a_toml_config_and_flags_override_it() {
         "{err}"
     );
 }
+
+#[test]
+fn dry_run_prints_the_plan_and_refuses_what_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinyVariant::Llama).unwrap();
+    let m = dir.path().to_str().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["--model", m, "--data", "unused.jsonl", "--out", "unused", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for part in [
+        "frozen linear weights",
+        "adapter + AdamW state",
+        "activations",
+        "total",
+        "tokens/s",
+        "fits",
+    ] {
+        assert!(text.contains(part), "{part} missing from:\n{text}");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args([
+            "--model",
+            m,
+            "--data",
+            "x",
+            "--out",
+            "x",
+            "--dry-run",
+            "--batch",
+            "64",
+            "--max-seq-len",
+            "4096",
+        ])
+        .args(["--memory-budget", "0.2"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("0.200 GiB are available") && err.contains("--checkpointing"),
+        "{err}"
+    );
+}

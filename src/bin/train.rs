@@ -112,6 +112,12 @@ struct Args {
     /// Directory holding <db_id>/<db_id>.sqlite, for examples that name a db_id.
     #[arg(long)]
     db_root: Option<PathBuf>,
+    /// Print the memory plan and a throughput estimate, then exit (non-zero if it does not fit).
+    #[arg(long)]
+    dry_run: bool,
+    /// Memory the run may use, in GiB (default: the machine's available memory).
+    #[arg(long)]
+    memory_budget: Option<f64>,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -178,6 +184,62 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// `--dry-run`: the plan, the estimate, and whether it fits.
+fn dry_run(a: &Args) -> Result<()> {
+    use sqlora::memory::{available_memory, flops_per_token, measure_cpu_flops, plan, suggestions, PlanInput};
+    let config = if sqlora::model::is_gguf(&a.model) {
+        let f = sqlora::gguf::GgufFile::open(&a.model)?;
+        sqlora::config::ModelConfig::from_json(&f.hf_config()?.to_string())?
+    } else {
+        sqlora::config::ModelConfig::from_file(&a.model.join("config.json"))?
+    };
+    let input = PlanInput {
+        lora_r: a.lora_r,
+        lora_targets: LoraConfig::parse_targets(&a.targets)?,
+        micro_batch: a.batch,
+        max_seq_len: a.max_seq_len,
+        checkpointing: a.checkpointing,
+        nf4: !a.no_nf4,
+        threads: rayon::current_num_threads(),
+    };
+    let p = plan(&config, &input);
+    println!(
+        "memory plan (CPU backend; {} sequences of up to {} tokens per micro-batch):",
+        a.batch, a.max_seq_len
+    );
+    println!("{p}");
+    let rate = measure_cpu_flops();
+    let per_token = flops_per_token(&config, a.max_seq_len / 2, a.checkpointing);
+    println!(
+        "estimated throughput: {:.0} tokens/s ({:.1} GFLOP per token at {:.1} GFLOP/s measured on this machine)",
+        rate / per_token,
+        per_token / 1e9,
+        rate / 1e9
+    );
+    let budget = match a.memory_budget {
+        Some(g) => Some((g * (1u64 << 30) as f64) as u64),
+        None => available_memory(),
+    };
+    match budget {
+        Some(b) if p.total() > b => {
+            let fixes = suggestions(&config, &input, b);
+            let hint = if fixes.is_empty() {
+                "a smaller --max-seq-len or --lora-r".to_string()
+            } else {
+                fixes.join("; or ")
+            };
+            bail!(
+                "the plan needs {:.3} GiB but {:.3} GiB are available: try {hint}",
+                p.total() as f64 / (1u64 << 30) as f64,
+                b as f64 / (1u64 << 30) as f64
+            )
+        }
+        Some(b) => println!("fits: {:.3} GiB available", b as f64 / (1u64 << 30) as f64),
+        None => println!("(available memory unknown)"),
+    }
+    Ok(())
+}
+
 fn load_examples(path: &Path, tok: &Tokenizer, eos: u32, max_len: usize) -> Result<Vec<Encoded>> {
     let examples = read_jsonl(path)?;
     let mut out = Vec::with_capacity(examples.len());
@@ -210,6 +272,9 @@ fn run(a: Args) -> Result<()> {
             "device \"{}\" is not available: this build trains on the CPU reference backend (--device cpu)",
             a.device
         );
+    }
+    if a.dry_run {
+        return dry_run(&a);
     }
     let tok = Tokenizer::load(&a.model)?;
     let mut model = Model::load(&a.model)?;

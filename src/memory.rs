@@ -1,0 +1,254 @@
+//! The memory plan of a training run, computed from the config before anything is allocated:
+//! `train --dry-run` prints it, with a throughput estimate, and refuses a plan that does not fit.
+//!
+//! Sizes are for the CPU reference backend (f32 activations; f32 or NF4 base weights).
+
+use crate::config::ModelConfig;
+use crate::model::Proj;
+use std::fmt;
+
+/// What the plan depends on.
+#[derive(Clone, Debug)]
+pub struct PlanInput {
+    pub lora_r: usize,
+    pub lora_targets: Vec<Proj>,
+    /// Sequences per micro-batch and the longest sequence: the worst-case tokens per micro-batch.
+    pub micro_batch: usize,
+    pub max_seq_len: usize,
+    pub checkpointing: bool,
+    pub nf4: bool,
+    /// Threads of the CPU backend (each holds a vocabulary-sized row in the fused loss).
+    pub threads: usize,
+}
+
+/// Bytes per part of the run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The frozen linear layers (NF4 or f32).
+    pub base_linear: u64,
+    /// Embedding, output head (when untied) and norms, f32.
+    pub base_other: u64,
+    /// LoRA A and B, their gradients, and AdamW's two moments (all f32).
+    pub adapter_and_optimizer: u64,
+    /// Activations kept for the backward (every layer, or only layer inputs with checkpointing).
+    pub activations: u64,
+    /// Transient buffers of the backward and the fused loss.
+    pub workspace: u64,
+}
+
+impl Plan {
+    pub fn total(&self) -> u64 {
+        self.base_linear + self.base_other + self.adapter_and_optimizer + self.activations + self.workspace
+    }
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "  frozen linear weights   {:>9.3} GiB", gib(self.base_linear))?;
+        writeln!(f, "  embedding, head, norms  {:>9.3} GiB", gib(self.base_other))?;
+        writeln!(
+            f,
+            "  adapter + AdamW state   {:>9.3} GiB",
+            gib(self.adapter_and_optimizer)
+        )?;
+        writeln!(f, "  activations             {:>9.3} GiB", gib(self.activations))?;
+        writeln!(f, "  workspace               {:>9.3} GiB", gib(self.workspace))?;
+        write!(f, "  total                   {:>9.3} GiB", gib(self.total()))
+    }
+}
+
+/// Compute the plan.
+pub fn plan(c: &ModelConfig, p: &PlanInput) -> Plan {
+    let (d, f, v, l) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+        c.num_layers as u64,
+    );
+    let (qd, kvd, r) = (c.q_dim() as u64, c.kv_dim() as u64, p.lora_r as u64);
+    let linear_numel: u64 = Proj::ALL
+        .iter()
+        .map(|pr| pr.shape(c).iter().product::<usize>() as u64)
+        .sum::<u64>()
+        * l;
+    // NF4: half a byte per weight, one u8 scale per 64, one f32 per 256 scales.
+    let base_linear = if p.nf4 {
+        linear_numel / 2 + linear_numel / 64 + linear_numel / 64 / 256 * 4
+    } else {
+        linear_numel * 4
+    };
+    let head = if c.tie_word_embeddings { 0 } else { v * d };
+    let base_other = 4 * (v * d + head + (2 * l + 1) * d);
+    let adapter: u64 = p
+        .lora_targets
+        .iter()
+        .map(|pr| r * pr.shape(c).iter().sum::<usize>() as u64)
+        .sum::<u64>()
+        * l;
+    let adapter_and_optimizer = 4 * adapter * 4; // params, grads, m, v
+    let t = (p.micro_batch * p.max_seq_len) as u64;
+    // Saved per token and layer: x_in, h_attn, x_mid, h_mlp, plus rstd-free q, k, v, att, gate, up, act, xa.
+    let per_layer = 4 * d + 2 * qd + 2 * kvd + 3 * f + 7 * r + d;
+    let activations = 4
+        * t
+        * if p.checkpointing {
+            l * d + per_layer
+        } else {
+            l * per_layer
+        };
+    // The backward holds a few [T, max(d, f)] gradients at a time; the loss one [vocab] row per thread.
+    let workspace = 4 * (6 * t * d.max(f).max(qd) + p.threads as u64 * v);
+    Plan {
+        base_linear,
+        base_other,
+        adapter_and_optimizer,
+        activations,
+        workspace,
+    }
+}
+
+/// Useful FLOPs per trained token: the forward (2 per weight), the input-gradient backward (2 per
+/// weight; frozen weights get no weight gradient), the forward again with checkpointing, and
+/// attention (quadratic in the sequence length, counted at its mean).
+pub fn flops_per_token(c: &ModelConfig, seq: usize, checkpointing: bool) -> f64 {
+    let n: f64 = Proj::ALL
+        .iter()
+        .map(|p| p.shape(c).iter().product::<usize>() as f64)
+        .sum::<f64>()
+        * c.num_layers as f64
+        + (c.vocab_size * c.hidden_size) as f64;
+    let passes = if checkpointing { 6.0 } else { 4.0 };
+    let attention = 4.0 * seq as f64 / 2.0 * c.q_dim() as f64 * c.num_layers as f64 * passes / 2.0;
+    passes * n + attention
+}
+
+/// Measure this machine's f32 matmul speed (FLOP/s) with the CPU backend's own linear layer.
+pub fn measure_cpu_flops() -> f64 {
+    let (t, n, k) = (64, 512, 512);
+    let mut rng = crate::rng::Rng::new(1);
+    let lin = crate::backend::cpu::Linear::dense(n, k, rng.normal_vec(n * k, 0.1), None);
+    let x = rng.normal_vec(t * k, 1.0);
+    let mut y = vec![0f32; t * n];
+    crate::backend::cpu::linear_fwd(&mut y, &x, &lin); // warm-up
+    let start = std::time::Instant::now();
+    let reps = 5;
+    for _ in 0..reps {
+        crate::backend::cpu::linear_fwd(&mut y, &x, &lin);
+    }
+    (2 * t * n * k * reps) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Memory this machine can give the run: `MemAvailable` of /proc/meminfo, in bytes.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Changes that would make the plan fit in `budget` bytes, most useful first.
+pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    let fits = |q: &PlanInput| plan(c, q).total() <= budget;
+    if !p.checkpointing {
+        let q = PlanInput {
+            checkpointing: true,
+            ..p.clone()
+        };
+        if fits(&q) {
+            out.push("--checkpointing".to_string());
+        }
+    }
+    // Smaller micro-batches that divide the current one, with gradient accumulation making up the rest.
+    'outer: for b in (1..p.micro_batch).rev().filter(|b| p.micro_batch % b == 0) {
+        for ckpt in [p.checkpointing, true] {
+            let q = PlanInput {
+                micro_batch: b,
+                checkpointing: ckpt,
+                ..p.clone()
+            };
+            if fits(&q) {
+                let extra = if ckpt && !p.checkpointing {
+                    " --checkpointing"
+                } else {
+                    ""
+                };
+                let k = p.micro_batch / b;
+                out.push(format!(
+                    "--batch {b} with --grad-accum {k} times larger{extra} (same examples per step)"
+                ));
+                break 'outer;
+            }
+        }
+    }
+    if !p.nf4 {
+        let q = PlanInput { nf4: true, ..p.clone() };
+        if fits(&q) {
+            out.push("drop --no-nf4".to_string());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qwen05() -> ModelConfig {
+        ModelConfig::from_json(
+            r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,
+            "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"tie_word_embeddings":true}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nf4_and_checkpointing_shrink_the_plan_as_expected() {
+        let c = qwen05();
+        let p = PlanInput {
+            lora_r: 16,
+            lora_targets: Proj::ALL.to_vec(),
+            micro_batch: 8,
+            max_seq_len: 512,
+            checkpointing: false,
+            nf4: true,
+            threads: 2,
+        };
+        let a = plan(&c, &p);
+        // Qwen2.5-0.5B has 357.9M linear weights: NF4 is ~0.516 bytes each.
+        assert!(
+            (a.base_linear as f64 / 357.9e6 - 0.516).abs() < 0.01,
+            "{}",
+            a.base_linear
+        );
+        // Its LoRA r=16 on all seven projections has 8.8M parameters: x4 tensors x4 bytes.
+        assert!(
+            (a.adapter_and_optimizer as f64 / 16.0 / 8.8e6 - 1.0).abs() < 0.01,
+            "{}",
+            a.adapter_and_optimizer
+        );
+        let f32_base = plan(
+            &c,
+            &PlanInput {
+                nf4: false,
+                ..p.clone()
+            },
+        );
+        assert!(f32_base.base_linear > 7 * a.base_linear);
+        let ckpt = plan(
+            &c,
+            &PlanInput {
+                checkpointing: true,
+                ..p.clone()
+            },
+        );
+        assert!(ckpt.activations * 5 < a.activations);
+        let budget = ckpt.total() + 1;
+        assert!(a.total() > budget);
+        assert_eq!(suggestions(&c, &p, budget)[0], "--checkpointing");
+    }
+}
