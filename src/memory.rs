@@ -164,7 +164,7 @@ pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<String> {
         }
     }
     // Smaller micro-batches that divide the current one, with gradient accumulation making up the rest.
-    'outer: for b in (1..p.micro_batch).rev().filter(|b| p.micro_batch % b == 0) {
+    'outer: for b in (1..p.micro_batch).rev().filter(|b| p.micro_batch.is_multiple_of(*b)) {
         for ckpt in [p.checkpointing, true] {
             let q = PlanInput {
                 micro_batch: b,
