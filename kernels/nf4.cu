@@ -1,5 +1,9 @@
-// NF4: dequantization of the double-quantized scales and of the packed weights. Twin of src/nf4.rs.
-// (The fused NF4 GEMM joins this file with the rest of the CUDA engine.)
+// NF4: dequantization of the double-quantized scales and of the packed weights, and the fused NF4
+// GEMM in both orientations (Y = X W^T and dX = dY W) from the same packed bytes.
+// Twin of src/nf4.rs and of linear_fwd / linear_bwd_input in src/backend/cpu/linear.rs.
+//
+// The GEMMs are shared-memory tiled with f32 accumulation (no tensor cores yet): the correct first
+// version that the faster ones will be checked against.
 #include "common.cuh"
 
 __constant__ float NF4_TABLE[16] = {
@@ -25,4 +29,81 @@ extern "C" __global__ void nf4_dequantize(bf16* out, const uint8_t* packed, cons
     const uint8_t byte = packed[j];
     out[2 * j] = to_bf16(NF4_TABLE[byte >> 4] * absmax[(2 * j) / 64]);
     if (2 * j + 1 < n) out[2 * j + 1] = to_bf16(NF4_TABLE[byte & 15] * absmax[(2 * j + 1) / 64]);
+}
+
+// Element e of the flattened [N, K] weight, dequantized.
+__device__ __forceinline__ float nf4_at(const uint8_t* packed, const float* absmax, long e) {
+    const uint8_t b = packed[e >> 1];
+    return NF4_TABLE[(e & 1) ? (b & 15) : (b >> 4)] * absmax[e >> 6];
+}
+
+#define GEMM_TT 16  // rows of X (tokens) per block
+#define GEMM_TN 64  // columns of the output per block (one per thread in x)
+#define GEMM_TK 32  // reduction chunk held in shared memory
+
+// y[t, n] = sum_k x[t, k] W[n, k] (+ bias[n])
+// y: [T, N] bf16 (written); x: [T, K] bf16; W: NF4 [N, K]; bias: [N] bf16 or null.
+// Grid (ceil(N / 64), ceil(T / 16)), block (64, 4): each thread owns column n and rows ty + 4j.
+extern "C" __global__ void nf4_gemm_fwd(bf16* y, const bf16* x, const uint8_t* packed, const float* absmax,
+                                        const bf16* bias, int T, int N, int K) {
+    __shared__ float xs[GEMM_TT][GEMM_TK + 1];
+    __shared__ float ws[GEMM_TN][GEMM_TK + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * GEMM_TN + tx;
+    const int n = blockIdx.x * GEMM_TN + tx, t0 = blockIdx.y * GEMM_TT;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k0 = 0; k0 < K; k0 += GEMM_TK) {
+        for (int i = tid; i < GEMM_TT * GEMM_TK; i += 256) {
+            const int r = i / GEMM_TK, c = i % GEMM_TK, t = t0 + r, k = k0 + c;
+            xs[r][c] = (t < T && k < K) ? to_f32(x[(long)t * K + k]) : 0.0f;
+        }
+        for (int i = tid; i < GEMM_TN * GEMM_TK; i += 256) {
+            const int r = i / GEMM_TK, c = i % GEMM_TK, nn = blockIdx.x * GEMM_TN + r, k = k0 + c;
+            ws[r][c] = (nn < N && k < K) ? nf4_at(packed, absmax, (long)nn * K + k) : 0.0f;
+        }
+        __syncthreads();
+        for (int c = 0; c < GEMM_TK; c++) {
+            const float w = ws[tx][c];
+            for (int j = 0; j < 4; j++) acc[j] += xs[ty + 4 * j][c] * w;
+        }
+        __syncthreads();
+    }
+    if (n >= N) return;
+    const float b = bias ? to_f32(bias[n]) : 0.0f;
+    for (int j = 0; j < 4; j++) {
+        const int t = t0 + ty + 4 * j;
+        if (t < T) y[(long)t * N + n] = to_bf16(acc[j] + b);
+    }
+}
+
+// dx[t, k] = sum_n dy[t, n] W[n, k]   (the frozen weight gets no gradient)
+// dx: [T, K] bf16 (written); dy: [T, N] bf16; W: NF4 [N, K].
+// Grid (ceil(K / 64), ceil(T / 16)), block (64, 4): each thread owns column k and rows ty + 4j.
+extern "C" __global__ void nf4_gemm_bwd_input(bf16* dx, const bf16* dy, const uint8_t* packed, const float* absmax,
+                                              int T, int N, int K) {
+    __shared__ float ds[GEMM_TT][GEMM_TK + 1];
+    __shared__ float ws[GEMM_TK][GEMM_TN + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * GEMM_TN + tx;
+    const int k = blockIdx.x * GEMM_TN + tx, t0 = blockIdx.y * GEMM_TT;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int n0 = 0; n0 < N; n0 += GEMM_TK) {
+        for (int i = tid; i < GEMM_TT * GEMM_TK; i += 256) {
+            const int r = i / GEMM_TK, c = i % GEMM_TK, t = t0 + r, nn = n0 + c;
+            ds[r][c] = (t < T && nn < N) ? to_f32(dy[(long)t * N + nn]) : 0.0f;
+        }
+        for (int i = tid; i < GEMM_TK * GEMM_TN; i += 256) {
+            const int r = i / GEMM_TN, c = i % GEMM_TN, nn = n0 + r, kk = blockIdx.x * GEMM_TN + c;
+            ws[r][c] = (nn < N && kk < K) ? nf4_at(packed, absmax, (long)nn * K + kk) : 0.0f;
+        }
+        __syncthreads();
+        for (int c = 0; c < GEMM_TK; c++) {
+            const float w = ws[c][tx];
+            for (int j = 0; j < 4; j++) acc[j] += ds[ty + 4 * j][c] * w;
+        }
+        __syncthreads();
+    }
+    if (k >= K) return;
+    for (int j = 0; j < 4; j++) {
+        const int t = t0 + ty + 4 * j;
+        if (t < T) dx[(long)t * K + k] = to_bf16(acc[j]);
+    }
 }

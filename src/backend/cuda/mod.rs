@@ -2,9 +2,9 @@
 //! Every kernel is looked up once, when the device is opened, so a missing kernel is an error at
 //! start-up that names it, never a failed lookup in the middle of a run.
 //!
-//! Status: the elementwise and normalisation families (RMSNorm, RoPE, SwiGLU, AdamW, NF4
-//! dequantization) are here and checked by `sqlora selftest` against the CPU reference; the NF4 GEMM,
-//! attention and cross-entropy kernels, and training on the device, are still to come.
+//! Status: RMSNorm, RoPE, SwiGLU, AdamW, embedding, NF4 dequantization and the NF4 GEMM (both
+//! orientations, tiled, f32 accumulation) are here and checked by `sqlora selftest` against the CPU
+//! reference; attention, cross-entropy and LoRA kernels, and training on the device, are still to come.
 
 pub mod selftest;
 
@@ -41,6 +41,28 @@ pub struct Kernels {
     pub adamw_step: CudaFunction,
     pub nf4_dequantize_absmax: CudaFunction,
     pub nf4_dequantize: CudaFunction,
+    pub nf4_gemm_fwd: CudaFunction,
+    pub nf4_gemm_bwd_input: CudaFunction,
+    pub embedding_fwd: CudaFunction,
+}
+
+/// An NF4 weight on the device: packed codes and dequantized per-64 scales.
+pub struct Nf4Device {
+    /// [ceil(out * in / 2)] u8
+    pub packed: CudaSlice<u8>,
+    /// [ceil(out * in / 64)] f32
+    pub absmax: CudaSlice<f32>,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+/// Grid of a tiled NF4 GEMM: 64 output columns by 16 rows per block of (64, 4) threads.
+fn gemm_tiles(rows: usize, cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(64) as u32, rows.div_ceil(16) as u32, 1),
+        block_dim: (64, 4, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// An opened GPU with our kernels loaded.
@@ -102,10 +124,22 @@ impl Cuda {
         let [adamw_step]: [CudaFunction; 1] = load(&ctx, "adamw", kernels::ADAMW, &["adamw_step"])?
             .try_into()
             .unwrap();
-        let [nf4_dequantize_absmax, nf4_dequantize]: [CudaFunction; 2] =
-            load(&ctx, "nf4", kernels::NF4, &["nf4_dequantize_absmax", "nf4_dequantize"])?
-                .try_into()
-                .unwrap();
+        let [nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input]: [CudaFunction; 4] = load(
+            &ctx,
+            "nf4",
+            kernels::NF4,
+            &[
+                "nf4_dequantize_absmax",
+                "nf4_dequantize",
+                "nf4_gemm_fwd",
+                "nf4_gemm_bwd_input",
+            ],
+        )?
+        .try_into()
+        .unwrap();
+        let [embedding_fwd]: [CudaFunction; 1] = load(&ctx, "embedding", kernels::EMBEDDING, &["embedding_fwd"])?
+            .try_into()
+            .unwrap();
         Ok(Cuda {
             ctx,
             stream,
@@ -118,6 +152,9 @@ impl Cuda {
                 adamw_step,
                 nf4_dequantize_absmax,
                 nf4_dequantize,
+                nf4_gemm_fwd,
+                nf4_gemm_bwd_input,
+                embedding_fwd,
             },
         })
     }
@@ -288,6 +325,71 @@ impl Cuda {
         b.arg(out).arg(packed).arg(absmax).arg(&ni);
         // SAFETY: one thread per packed byte, bounded by n inside the kernel; lengths asserted above.
         unsafe { b.launch(blocks_for(n.div_ceil(2))) }.context("kernel nf4_dequantize")?;
+        Ok(())
+    }
+
+    /// y = x W^T (+ bias) with W in NF4. y: [T, out]; x: [T, in]; bias: [out].
+    pub fn nf4_gemm_fwd(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        bias: Option<&CudaSlice<bf16>>,
+    ) -> Result<()> {
+        let (n, k) = (w.out_features, w.in_features);
+        let t = x.len() / k;
+        assert!(x.len() == t * k && y.len() == t * n && bias.is_none_or(|b| b.len() == n));
+        assert!(w.packed.len() == (n * k).div_ceil(2) && w.absmax.len() == (n * k).div_ceil(64));
+        let (ti, ni, ki, null) = (t as i32, n as i32, k as i32, 0u64);
+        let mut b = self.stream.launch_builder(&self.k.nf4_gemm_fwd);
+        b.arg(y).arg(x).arg(&w.packed).arg(&w.absmax);
+        match bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&null), // a null `const bf16*`: no bias
+        };
+        b.arg(&ti).arg(&ni).arg(&ki);
+        // SAFETY: reads x [T, in], the packed weight and scales of [out, in] (lengths asserted) and
+        // bias [out] if given; writes y [T, out]. Every access is bounds-checked against T, N, K.
+        unsafe { b.launch(gemm_tiles(t, n)) }.context("kernel nf4_gemm_fwd")?;
+        Ok(())
+    }
+
+    /// dx = dy W with W in NF4. dx: [T, in]; dy: [T, out].
+    pub fn nf4_gemm_bwd_input(&self, dx: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, w: &Nf4Device) -> Result<()> {
+        let (n, k) = (w.out_features, w.in_features);
+        let t = dy.len() / n;
+        assert!(dy.len() == t * n && dx.len() == t * k);
+        let (ti, ni, ki) = (t as i32, n as i32, k as i32);
+        let mut b = self.stream.launch_builder(&self.k.nf4_gemm_bwd_input);
+        b.arg(dx)
+            .arg(dy)
+            .arg(&w.packed)
+            .arg(&w.absmax)
+            .arg(&ti)
+            .arg(&ni)
+            .arg(&ki);
+        // SAFETY: reads dy [T, out] and the NF4 weight [out, in]; writes dx [T, in]; every access is
+        // bounds-checked against T, N, K inside the kernel.
+        unsafe { b.launch(gemm_tiles(t, k)) }.context("kernel nf4_gemm_bwd_input")?;
+        Ok(())
+    }
+
+    /// out[t] = table[tokens[t]]. out: [T, d]; table: [vocab, d]; tokens: [T].
+    pub fn embedding_fwd(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        table: &CudaSlice<bf16>,
+        tokens: &CudaSlice<i32>,
+        d: usize,
+    ) -> Result<()> {
+        let (t, vocab) = (tokens.len(), table.len() / d);
+        assert!(out.len() == t * d && table.len() == vocab * d);
+        let (ti, di, vi) = (t as i32, d as i32, vocab as i32);
+        let mut b = self.stream.launch_builder(&self.k.embedding_fwd);
+        b.arg(out).arg(table).arg(tokens).arg(&ti).arg(&di).arg(&vi);
+        // SAFETY: one thread per output value (bounded by T * d in the kernel); token ids are checked
+        // against vocab before the table is read.
+        unsafe { b.launch(blocks_for(t * d)) }.context("kernel embedding_fwd")?;
         Ok(())
     }
 }

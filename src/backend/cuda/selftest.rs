@@ -191,6 +191,54 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             TOL_BF16,
         );
     }
+    for &(t, n, k, with_bias) in &[
+        (1usize, 64usize, 64usize, false),
+        (5, 96, 200, true),
+        (17, 300, 576, false),
+        (40, 128, 1000, true),
+    ] {
+        let size = format!("{t}x{n}x{k}");
+        let dense = cpu::Linear::dense(
+            n,
+            k,
+            rng.normal_vec(n * k, 0.05),
+            with_bias.then(|| bf(&rng.normal_vec(n, 0.1))),
+        );
+        let lin = dense.to_nf4();
+        let cpu::LinearWeight::Nf4(q) = &lin.weight else {
+            unreachable!("quantized")
+        };
+        let w = super::Nf4Device {
+            packed: gpu.up32(&q.packed)?,
+            absmax: gpu.up32(q.absmax())?,
+            out_features: n,
+            in_features: k,
+        };
+        let x = bf(&rng.normal_vec(t * k, 1.0));
+        let bias = lin.bias.as_ref().map(|b| gpu.up(b)).transpose()?;
+        let mut y = gpu.poisoned(t * n)?;
+        gpu.nf4_gemm_fwd(&mut y, &gpu.up(&x)?, &w, bias.as_ref())?;
+        let mut want = vec![0f32; t * n];
+        cpu::linear_fwd(&mut want, &x, &lin);
+        push("nf4_gemm_fwd", size.clone(), rel_err(&gpu.down(&y)?, &want), TOL_BF16);
+        let dy = bf(&rng.normal_vec(t * n, 1.0));
+        let mut dx = gpu.poisoned(t * k)?;
+        gpu.nf4_gemm_bwd_input(&mut dx, &gpu.up(&dy)?, &w)?;
+        let mut want = vec![0f32; t * k];
+        cpu::linear_bwd_input(&mut want, &dy, &lin);
+        push("nf4_gemm_bwd_input", size, rel_err(&gpu.down(&dx)?, &want), TOL_BF16);
+    }
+
+    for &(t, d, vocab) in &[(1usize, 64usize, 10usize), (37, 576, 300)] {
+        let table = bf(&rng.normal_vec(vocab * d, 1.0));
+        let tokens: Vec<u32> = (0..t).map(|_| rng.below(vocab as u64) as u32).collect();
+        let mut o = gpu.poisoned(t * d)?;
+        let ids: Vec<i32> = tokens.iter().map(|&x| x as i32).collect();
+        gpu.embedding_fwd(&mut o, &gpu.up(&table)?, &gpu.up32(&ids)?, d)?;
+        let mut want = vec![0f32; t * d];
+        cpu::embedding_fwd(&mut want, &table, &tokens, d);
+        push("embedding_fwd", format!("{t}x{d}"), rel_err(&gpu.down(&o)?, &want), 0.0);
+    }
     gpu.stream.synchronize()?;
     Ok(out)
 }
