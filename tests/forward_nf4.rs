@@ -1,6 +1,9 @@
 //! The NF4-quantized base: the forward pass over packed weights equals the dense forward over the
 //! dequantized weights, and stays close to the unquantized model.
 
+mod common;
+use common::rel_err;
+
 use sqlora::backend::cpu::{Linear, LinearWeight};
 use sqlora::model::{KvCache, Logits, Model};
 use sqlora::tiny::{write_tiny_model, TinyVariant};
@@ -8,12 +11,6 @@ use sqlora::tiny::{write_tiny_model, TinyVariant};
 fn run(model: &Model, tokens: &[u32]) -> Vec<f32> {
     let mut cache = KvCache::new(&model.config);
     model.forward(tokens, &mut cache, Logits::All)
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 #[test]

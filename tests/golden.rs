@@ -1,6 +1,9 @@
 //! Golden parity: the CPU reference forward pass and greedy generation against PyTorch +
 //! transformers on the same tiny models (files made by tests/reference/make_golden.py).
 
+mod common;
+use common::rel_err;
+
 use sqlora::generate::greedy;
 use sqlora::model::{KvCache, Logits, Model};
 use sqlora::tiny::{fnv1a64, write_tiny_model, TinyVariant};
@@ -35,14 +38,6 @@ fn golden(v: TinyVariant) -> Golden {
         fingerprint: w.metadata_of("logits").unwrap()["weights_fnv1a64"].clone(),
         input_ids,
     }
-}
-
-/// ‖a − b‖ / ‖b‖ in f64.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 fn load(v: TinyVariant) -> (tempfile::TempDir, Model, Golden) {

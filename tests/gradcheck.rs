@@ -4,19 +4,15 @@
 //! analytic gradient from the backward is compared with central differences of L, computed in f64
 //! from f32 forwards. Inputs are random normals (never zeros); several sizes per op.
 
+mod common;
+use common::rel_err;
+
 use sqlora::autograd::{forward_backward, loss_sum, Batch, GradOptions};
 use sqlora::backend::cpu::{self, Linear};
 use sqlora::lora::{LoraConfig, LoraParams};
 use sqlora::model::Model;
 use sqlora::rng::Rng;
 use sqlora::tiny::{write_tiny_model, TinyVariant};
-
-/// ‖a − b‖ / ‖b‖.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
 
 /// Central differences of `f` at `x` for the given indices (all when `None`).
 fn numeric_grad(f: &dyn Fn(&[f32]) -> f64, x: &[f32], eps: f32, idx: &[usize]) -> Vec<f32> {

@@ -2,18 +2,15 @@
 //! sqlora writes loads in peft and gives the same logits, and sqlora's loss and every A/B gradient
 //! match peft's autograd.
 
+mod common;
+use common::rel_err;
+
 use sqlora::autograd::{forward_backward, Batch, GradOptions};
 use sqlora::lora::LoraParams;
 use sqlora::model::{KvCache, Logits, Model};
 use sqlora::tiny::{fnv1a64, tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
 use sqlora::weights::Weights;
 use std::path::PathBuf;
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
 
 #[test]
 fn loss_logits_and_lora_gradients_match_peft() {

@@ -82,6 +82,20 @@ fn config(micro_batch: usize, grad_accum: usize) -> TrainConfig {
     }
 }
 
+/// The recipe that makes the tiny model memorise the eight examples: 100 steps at lr 1e-2, r 16.
+fn memorising_config() -> TrainConfig {
+    let mut c = config(4, 1);
+    c.lora = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        ..Default::default()
+    };
+    c.lr = 1e-2;
+    c.max_steps = Some(100);
+    c
+}
+
 fn trainer(s: &Setup, c: TrainConfig, out: &Path) -> Trainer {
     let model = Model::load_dir(&s.model_dir).unwrap().quantize_nf4();
     Trainer::new(model, s.data.clone(), s.data[..2].to_vec(), c, out, "tiny").unwrap()
@@ -188,15 +202,7 @@ fn resume_refuses_a_checkpoint_from_other_settings() {
 fn a_tiny_model_memorises_a_small_dataset() {
     let s = setup();
     let d = tempfile::tempdir().unwrap();
-    let mut c = config(4, 1);
-    c.lora = LoraConfig {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        ..Default::default()
-    };
-    c.lr = 1e-2;
-    c.max_steps = Some(100);
+    let c = memorising_config();
     let mut t = trainer(&s, c, d.path());
     let reports = run(&mut t, 100); // measured: 6.09 -> 0.29
     let (first, last) = (reports[0].loss, reports.last().unwrap().loss);
@@ -363,15 +369,7 @@ fn execution_accuracy_after_memorising_is_high_and_the_best_adapter_is_kept() {
         })
         .collect();
     let tasks = sqlora::evaluate::tasks(&exs, &tok, d.path(), None).unwrap();
-    let mut c = config(4, 1);
-    c.lora = LoraConfig {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        ..Default::default()
-    };
-    c.lr = 1e-2;
-    c.max_steps = Some(100);
+    let c = memorising_config();
     let out = d.path().join("run");
     let mut t = trainer(&s, c, &out);
     let before = sqlora::evaluate::exec_accuracy(&t.model, Some(&t.lora), &tok, &tasks, 40).unwrap();
