@@ -379,3 +379,128 @@ fn dry_run_prints_the_plan_and_refuses_what_does_not_fit() {
         "{err}"
     );
 }
+
+#[test]
+fn train_reports_bad_inputs_by_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, out) = (dir.path().join("model"), dir.path().join("run"));
+    write_tiny_model(&model, TinyVariant::Qwen2).unwrap();
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"instruction\": \"q\", \"output\": \"SELECT 1\"}\n{\"instruction\": \"q\"\n",
+    )
+    .unwrap();
+    let train = |m: &str| {
+        Command::new(env!("CARGO_BIN_EXE_train"))
+            .args([
+                "--model",
+                m,
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = train(model.to_str().unwrap());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("bad.jsonl:2"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let missing = dir.path().join("no-such-model");
+    let o = train(missing.to_str().unwrap());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no-such-model"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, out) = (dir.path().join("model"), dir.path().join("run"));
+    write_tiny_model(&model, TinyVariant::Qwen2).unwrap();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/singers.jsonl");
+    let args = |extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(
+            [
+                "--max-steps",
+                "400",
+                "--batch",
+                "2",
+                "--lora-r",
+                "4",
+                "--sql-eval-samples",
+                "0",
+            ]
+            .map(String::from),
+        );
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(args(&[]))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way, then interrupt it as a terminal's Ctrl-C would.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step     3/") {
+            break;
+        }
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("resume with --resume")), "{rest:?}");
+    let ckpt = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .find(|n| n.starts_with("checkpoint-"))
+        .expect("a checkpoint written on interrupt");
+    let stopped_at: usize = ckpt["checkpoint-".len()..].parse().unwrap();
+    assert!((3..400).contains(&stopped_at), "{ckpt}");
+    // Resume finishes the run from there.
+    let o = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(args(&["--resume"]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("resumed from")) && err.contains(&format!("at step {stopped_at}")),
+        "{err}"
+    );
+    assert!(out.join("checkpoint-000400").exists() && out.join("adapter_model.safetensors").exists());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().filter(|l| l.contains("\"loss\"")).count(),
+        400,
+        "one line per step, none twice"
+    );
+}
