@@ -493,7 +493,7 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains(&format!("resumed from")) && err.contains(&format!("at step {stopped_at}")),
+        err.contains("resumed from") && err.contains(&format!("at step {stopped_at}")),
         "{err}"
     );
     assert!(out.join("checkpoint-000400").exists() && out.join("adapter_model.safetensors").exists());
