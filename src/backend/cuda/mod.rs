@@ -2,9 +2,10 @@
 //! Every kernel is looked up once, when the device is opened, so a missing kernel is an error at
 //! start-up that names it, never a failed lookup in the middle of a run.
 //!
-//! Status: RMSNorm, RoPE, SwiGLU, AdamW, embedding, NF4 dequantization and the NF4 GEMM (both
-//! orientations, tiled, f32 accumulation) are here and checked by `sqlora selftest` against the CPU
-//! reference; attention, cross-entropy and LoRA kernels, and training on the device, are still to come.
+//! Status: RMSNorm, RoPE, SwiGLU, AdamW, embedding, LoRA, fused cross-entropy, NF4 dequantization and
+//! the NF4 GEMM (both orientations, tiled, f32 accumulation) are here and checked by `sqlora selftest`
+//! against the CPU reference; attention, the tensor-core GEMM and training on the device are still to
+//! come.
 
 pub mod selftest;
 
@@ -44,6 +45,8 @@ pub struct Kernels {
     pub nf4_gemm_fwd: CudaFunction,
     pub nf4_gemm_bwd_input: CudaFunction,
     pub embedding_fwd: CudaFunction,
+    pub lora: [CudaFunction; 6],
+    pub cross_entropy_fwd_bwd: CudaFunction,
 }
 
 /// An NF4 weight on the device: packed codes and dequantized per-64 scales.
@@ -137,6 +140,22 @@ impl Cuda {
         )?
         .try_into()
         .unwrap();
+        let lora: [CudaFunction; 6] = load(
+            &ctx,
+            "lora",
+            kernels::LORA,
+            &["lora_xa", "lora_add", "lora_g", "lora_db", "lora_da", "lora_dx"],
+        )?
+        .try_into()
+        .unwrap();
+        let [cross_entropy_fwd_bwd]: [CudaFunction; 1] = load(
+            &ctx,
+            "cross_entropy",
+            kernels::CROSS_ENTROPY,
+            &["cross_entropy_fwd_bwd"],
+        )?
+        .try_into()
+        .unwrap();
         let [embedding_fwd]: [CudaFunction; 1] = load(&ctx, "embedding", kernels::EMBEDDING, &["embedding_fwd"])?
             .try_into()
             .unwrap();
@@ -155,6 +174,8 @@ impl Cuda {
                 nf4_gemm_fwd,
                 nf4_gemm_bwd_input,
                 embedding_fwd,
+                lora,
+                cross_entropy_fwd_bwd,
             },
         })
     }
@@ -390,6 +411,111 @@ impl Cuda {
         // SAFETY: one thread per output value (bounded by T * d in the kernel); token ids are checked
         // against vocab before the table is read.
         unsafe { b.launch(blocks_for(t * d)) }.context("kernel embedding_fwd")?;
+        Ok(())
+    }
+
+    /// LoRA forward: xa = x A^T, then y += s xa B^T.
+    /// y: [T, out]; xa: [T, r] f32; x: [T, in]; a: [r, in]; b: [out, r].
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_fwd(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        xa: &mut CudaSlice<f32>,
+        x: &CudaSlice<bf16>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let (k, n) = (a.len() / r, b.len() / r);
+        let t = x.len() / k;
+        assert!(x.len() == t * k && y.len() == t * n && xa.len() == t * r);
+        let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
+        let mut l = self.stream.launch_builder(&self.k.lora[0]);
+        l.arg(&mut *xa).arg(x).arg(a).arg(&ti).arg(&ki).arg(&ri);
+        // SAFETY: one warp per (t, c) of xa [T, r], bounded in the kernel; x [T, in], a [r, in] asserted.
+        unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_xa")?;
+        let mut l = self.stream.launch_builder(&self.k.lora[1]);
+        l.arg(y).arg(&*xa).arg(b).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
+        // SAFETY: one thread per element of y [T, out], bounded in the kernel; xa [T, r], b [out, r].
+        unsafe { l.launch(blocks_for(t * n)) }.context("kernel lora_add")?;
+        Ok(())
+    }
+
+    /// LoRA backward: with g = dy B, dB += s dy^T xa, dA += s g^T x, dx += s g A.
+    /// dx: [T, in] (added to); da: [r, in] f32 and db: [out, r] f32 (accumulated); g: [T, r] f32
+    /// (scratch); dy: [T, out]; x: [T, in]; xa: [T, r] f32 from the forward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_bwd(
+        &self,
+        dx: &mut CudaSlice<bf16>,
+        da: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+        g: &mut CudaSlice<f32>,
+        dy: &CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        xa: &CudaSlice<f32>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let (k, n) = (a.len() / r, b.len() / r);
+        let t = x.len() / k;
+        assert!(dx.len() == t * k && dy.len() == t * n && xa.len() == t * r && g.len() == t * r);
+        assert!(da.len() == a.len() && db.len() == b.len());
+        let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
+        let mut l = self.stream.launch_builder(&self.k.lora[2]);
+        l.arg(&mut *g).arg(dy).arg(b).arg(&ti).arg(&ni).arg(&ri);
+        // SAFETY: one warp per (t, c) of g [T, r]; dy [T, out], b [out, r]; bounded in the kernel.
+        unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_g")?;
+        let mut l = self.stream.launch_builder(&self.k.lora[3]);
+        l.arg(db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
+        // SAFETY: one thread per element of db [out, r]; reads dy [T, out] and xa [T, r].
+        unsafe { l.launch(blocks_for(n * r)) }.context("kernel lora_db")?;
+        let mut l = self.stream.launch_builder(&self.k.lora[4]);
+        l.arg(da).arg(&*g).arg(x).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
+        // SAFETY: one thread per element of da [r, in]; reads g [T, r] and x [T, in].
+        unsafe { l.launch(blocks_for(r * k)) }.context("kernel lora_da")?;
+        let mut l = self.stream.launch_builder(&self.k.lora[5]);
+        l.arg(dx).arg(&*g).arg(a).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
+        // SAFETY: one thread per element of dx [T, in]; reads g [T, r] and a [r, in].
+        unsafe { l.launch(blocks_for(t * k)) }.context("kernel lora_dx")?;
+        Ok(())
+    }
+
+    /// Fused loss and input gradient through the output head, on rows with a target (-1: none).
+    /// dh: [T, d]; loss: [T] f32 (per row, un-normalised); h: [T, d]; head: [vocab, d]; targets: [T].
+    pub fn cross_entropy_fwd_bwd(
+        &self,
+        dh: &mut CudaSlice<bf16>,
+        loss: &mut CudaSlice<f32>,
+        h: &CudaSlice<bf16>,
+        head: &CudaSlice<bf16>,
+        targets: &CudaSlice<i32>,
+        d: usize,
+        inv_count: f32,
+    ) -> Result<()> {
+        let (t, vocab) = (targets.len(), head.len() / d);
+        assert!(dh.len() == t * d && h.len() == t * d && loss.len() == t && head.len() == vocab * d);
+        let (di, vi) = (d as i32, vocab as i32);
+        let mut l = self.stream.launch_builder(&self.k.cross_entropy_fwd_bwd);
+        l.arg(dh)
+            .arg(loss)
+            .arg(h)
+            .arg(head)
+            .arg(targets)
+            .arg(&di)
+            .arg(&vi)
+            .arg(&inv_count);
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (2 * d * 4) as u32,
+        };
+        // SAFETY: one block per row of h [T, d]; each reads the whole head [vocab, d] (asserted) and
+        // writes its row of dh and loss; 2 d floats of dynamic shared memory are requested.
+        unsafe { l.launch(cfg) }.context("kernel cross_entropy_fwd_bwd")?;
         Ok(())
     }
 }

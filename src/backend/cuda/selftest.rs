@@ -239,6 +239,86 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         cpu::embedding_fwd(&mut want, &table, &tokens, d);
         push("embedding_fwd", format!("{t}x{d}"), rel_err(&gpu.down(&o)?, &want), 0.0);
     }
+    for &(t, n, k, r) in &[(1usize, 3usize, 5usize, 1usize), (6, 40, 64, 4), (33, 96, 200, 16)] {
+        let size = format!("{t}x{n}x{k} r{r}");
+        let (x, a, b) = (
+            bf(&rng.normal_vec(t * k, 1.0)),
+            bf(&rng.normal_vec(r * k, 0.3)),
+            bf(&rng.normal_vec(n * r, 0.3)),
+        );
+        let y0 = bf(&rng.normal_vec(t * n, 1.0));
+        let (xd, ad, bd) = (gpu.up(&x)?, gpu.up(&a)?, gpu.up(&b)?);
+        let (mut y, mut xa) = (gpu.up(&y0)?, gpu.poisoned32(t * r)?);
+        gpu.lora_fwd(&mut y, &mut xa, &xd, &ad, &bd, r, 2.0)?;
+        let (mut want_y, mut want_xa) = (y0.clone(), vec![0f32; t * r]);
+        cpu::lora_fwd(&mut want_y, &mut want_xa, &x, &a, &b, r, 2.0);
+        push("lora_fwd", size.clone(), rel_err(&gpu.down(&y)?, &want_y), TOL_BF16);
+        push(
+            "lora_fwd xa",
+            size.clone(),
+            rel_err(&gpu.down32(&xa)?, &want_xa),
+            TOL_F32,
+        );
+        let (dy, dx0) = (bf(&rng.normal_vec(t * n, 1.0)), bf(&rng.normal_vec(t * k, 1.0)));
+        let (mut dx, mut da, mut db, mut g) = (
+            gpu.up(&dx0)?,
+            gpu.up32(&vec![0f32; r * k])?,
+            gpu.up32(&vec![0f32; n * r])?,
+            gpu.poisoned32(t * r)?,
+        );
+        gpu.lora_bwd(
+            &mut dx,
+            &mut da,
+            &mut db,
+            &mut g,
+            &gpu.up(&dy)?,
+            &xd,
+            &xa,
+            &ad,
+            &bd,
+            r,
+            2.0,
+        )?;
+        let (mut dx_l, mut wda, mut wdb) = (vec![0f32; t * k], vec![0f32; r * k], vec![0f32; n * r]);
+        cpu::lora_bwd(&mut dx_l, &mut wda, &mut wdb, &dy, &x, &want_xa, &a, &b, r, 2.0);
+        let want_dx: Vec<f32> = dx0.iter().zip(&dx_l).map(|(p, q)| p + q).collect();
+        push(
+            "lora_bwd dx",
+            size.clone(),
+            rel_err(&gpu.down(&dx)?, &want_dx),
+            TOL_BF16,
+        );
+        push("lora_bwd dA", size.clone(), rel_err(&gpu.down32(&da)?, &wda), 1e-4);
+        push("lora_bwd dB", size, rel_err(&gpu.down32(&db)?, &wdb), 1e-4);
+    }
+
+    for &(t, d, vocab) in &[(1usize, 64usize, 10usize), (5, 128, 1000), (9, 576, 3001)] {
+        let size = format!("{t}x{d}x{vocab}");
+        let (h, w) = (bf(&rng.normal_vec(t * d, 1.0)), bf(&rng.normal_vec(vocab * d, 0.1)));
+        let targets: Vec<Option<u32>> = (0..t)
+            .map(|i| (i % 4 != 3).then(|| rng.below(vocab as u64) as u32))
+            .collect();
+        let inv = 1.0 / targets.iter().flatten().count() as f32;
+        let ids: Vec<i32> = targets.iter().map(|x| x.map_or(-1, |v| v as i32)).collect();
+        let (mut dh, mut loss) = (gpu.poisoned(t * d)?, gpu.poisoned32(t)?);
+        gpu.cross_entropy_fwd_bwd(&mut dh, &mut loss, &gpu.up(&h)?, &gpu.up(&w)?, &gpu.up32(&ids)?, d, inv)?;
+        let head = cpu::Linear::dense(vocab, d, w.clone(), None);
+        let mut want = vec![0f32; t * d];
+        let want_loss = cpu::cross_entropy_fwd_bwd(Some(&mut want), &h, &head, &targets, inv);
+        push(
+            "cross_entropy dh",
+            size.clone(),
+            rel_err(&gpu.down(&dh)?, &want),
+            TOL_BF16,
+        );
+        let got_loss: f64 = gpu.down32(&loss)?.iter().map(|&l| l as f64).sum();
+        push(
+            "cross_entropy loss",
+            size,
+            ((got_loss - want_loss) / want_loss).abs(),
+            1e-4,
+        );
+    }
     gpu.stream.synchronize()?;
     Ok(out)
 }
