@@ -486,6 +486,7 @@ impl Cuda {
 
     /// Fused loss and input gradient through the output head, on rows with a target (-1: none).
     /// dh: [T, d]; loss: [T] f32 (per row, un-normalised); h: [T, d]; head: [vocab, d]; targets: [T].
+    #[allow(clippy::too_many_arguments)]
     pub fn cross_entropy_fwd_bwd(
         &self,
         dh: &mut CudaSlice<bf16>,
