@@ -2,10 +2,10 @@
 //! Every kernel is looked up once, when the device is opened, so a missing kernel is an error at
 //! start-up that names it, never a failed lookup in the middle of a run.
 //!
-//! Status: RMSNorm, RoPE, SwiGLU, AdamW, embedding, LoRA, fused cross-entropy, NF4 dequantization and
-//! the NF4 GEMM (both orientations, tiled, f32 accumulation) are here and checked by `sqlora selftest`
-//! against the CPU reference; attention, the tensor-core GEMM and training on the device are still to
-//! come.
+//! Status: RMSNorm, RoPE, SwiGLU, AdamW, embedding, LoRA, fused cross-entropy, packed attention, NF4
+//! dequantization and the NF4 GEMM (both orientations, tiled, f32 accumulation) are here and checked
+//! by `sqlora selftest` against the CPU reference; the fast kernels (tensor cores, flash-style
+//! attention) and training on the device are still to come.
 
 pub mod selftest;
 
@@ -46,6 +46,8 @@ pub struct Kernels {
     pub nf4_gemm_bwd_input: CudaFunction,
     pub embedding_fwd: CudaFunction,
     pub lora: [CudaFunction; 6],
+    pub attention_fwd: CudaFunction,
+    pub attention_bwd: CudaFunction,
     pub cross_entropy_fwd_bwd: CudaFunction,
 }
 
@@ -148,6 +150,14 @@ impl Cuda {
         )?
         .try_into()
         .unwrap();
+        let [attention_fwd, attention_bwd]: [CudaFunction; 2] = load(
+            &ctx,
+            "attention",
+            kernels::ATTENTION,
+            &["attention_fwd", "attention_bwd"],
+        )?
+        .try_into()
+        .unwrap();
         let [cross_entropy_fwd_bwd]: [CudaFunction; 1] = load(
             &ctx,
             "cross_entropy",
@@ -175,6 +185,8 @@ impl Cuda {
                 nf4_gemm_bwd_input,
                 embedding_fwd,
                 lora,
+                attention_fwd,
+                attention_bwd,
                 cross_entropy_fwd_bwd,
             },
         })
@@ -517,6 +529,92 @@ impl Cuda {
         // SAFETY: one block per row of h [T, d]; each reads the whole head [vocab, d] (asserted) and
         // writes its row of dh and loss; 2 d floats of dynamic shared memory are requested.
         unsafe { l.launch(cfg) }.context("kernel cross_entropy_fwd_bwd")?;
+        Ok(())
+    }
+
+    /// Causal GQA attention over packed sequences. out, q: [T, heads, hd]; k, v: [T, kv_heads, hd];
+    /// seq_start: [T] (index of the first token of each token's sequence); max_len: longest sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_fwd(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        q: &CudaSlice<bf16>,
+        k: &CudaSlice<bf16>,
+        v: &CudaSlice<bf16>,
+        seq_start: &CudaSlice<i32>,
+        heads: usize,
+        kv_heads: usize,
+        max_len: usize,
+    ) -> Result<()> {
+        let t = seq_start.len();
+        let hd = q.len() / (t * heads);
+        assert!(
+            out.len() == q.len()
+                && k.len() == t * kv_heads * hd
+                && v.len() == k.len()
+                && heads.is_multiple_of(kv_heads)
+        );
+        anyhow::ensure!(
+            max_len * 4 <= 48 * 1024,
+            "attention_fwd: sequences of {max_len} tokens exceed shared memory"
+        );
+        let (hi, kvi, hdi) = (heads as i32, kv_heads as i32, hd as i32);
+        let mut l = self.stream.launch_builder(&self.k.attention_fwd);
+        l.arg(out)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(seq_start)
+            .arg(&hi)
+            .arg(&kvi)
+            .arg(&hdi);
+        let cfg = LaunchConfig {
+            grid_dim: ((t * heads) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (max_len * 4) as u32,
+        };
+        // SAFETY: one block per (token, head); keys are read from seq_start[t] to t only, which lie in
+        // [0, T) when seq_start is a valid packing; the probability row fits the max_len floats requested.
+        unsafe { l.launch(cfg) }.context("kernel attention_fwd")?;
+        Ok(())
+    }
+
+    /// Attention backward. dq: [T, heads, hd] (written); dk, dv: [T, kv_heads, hd] f32 (accumulated:
+    /// zero them first); the rest as in [`Cuda::attention_fwd`], plus dout: [T, heads, hd].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd(
+        &self,
+        dq: &mut CudaSlice<bf16>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+        dout: &CudaSlice<bf16>,
+        q: &CudaSlice<bf16>,
+        k: &CudaSlice<bf16>,
+        v: &CudaSlice<bf16>,
+        seq_start: &CudaSlice<i32>,
+        heads: usize,
+        kv_heads: usize,
+        max_len: usize,
+    ) -> Result<()> {
+        let t = seq_start.len();
+        let hd = q.len() / (t * heads);
+        assert!(dq.len() == q.len() && dout.len() == q.len() && dk.len() == k.len() && dv.len() == v.len());
+        anyhow::ensure!(
+            2 * max_len * 4 <= 48 * 1024,
+            "attention_bwd: sequences of {max_len} tokens exceed shared memory"
+        );
+        let (hi, kvi, hdi, mli) = (heads as i32, kv_heads as i32, hd as i32, max_len as i32);
+        let mut l = self.stream.launch_builder(&self.k.attention_bwd);
+        l.arg(dq).arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(seq_start);
+        l.arg(&hi).arg(&kvi).arg(&hdi).arg(&mli);
+        let cfg = LaunchConfig {
+            grid_dim: ((t * heads) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (2 * max_len * 4) as u32,
+        };
+        // SAFETY: as attention_fwd; dk and dv have the shape of k and v (asserted) and only keys of the
+        // token's own sequence are touched; 2 max_len floats of shared memory are requested.
+        unsafe { l.launch(cfg) }.context("kernel attention_bwd")?;
         Ok(())
     }
 }

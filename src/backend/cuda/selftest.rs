@@ -319,6 +319,91 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             1e-4,
         );
     }
+    for (lens, heads, kv_heads, hd) in [
+        (vec![3usize, 5], 4usize, 2usize, 16usize),
+        (vec![17], 3, 3, 8),
+        (vec![40, 9], 8, 1, 64),
+    ] {
+        let t: usize = lens.iter().sum();
+        let size = format!("{lens:?}x{heads}/{kv_heads}x{hd}");
+        let (q, k, v) = (
+            bf(&rng.normal_vec(t * heads * hd, 1.0)),
+            bf(&rng.normal_vec(t * kv_heads * hd, 1.0)),
+            bf(&rng.normal_vec(t * kv_heads * hd, 1.0)),
+        );
+        let dout = bf(&rng.normal_vec(t * heads * hd, 1.0));
+        let mut starts = Vec::new();
+        for (i, &n) in lens.iter().enumerate() {
+            let s0: usize = lens[..i].iter().sum();
+            starts.extend(std::iter::repeat_n(s0 as i32, n));
+        }
+        let max_len = *lens.iter().max().unwrap();
+        let (qd, kd, vd, sd) = (gpu.up(&q)?, gpu.up(&k)?, gpu.up(&v)?, gpu.up32(&starts)?);
+        let mut o = gpu.poisoned(t * heads * hd)?;
+        gpu.attention_fwd(&mut o, &qd, &kd, &vd, &sd, heads, kv_heads, max_len)?;
+        let (mut dq, mut dk, mut dv) = (
+            gpu.poisoned(q.len())?,
+            gpu.up32(&vec![0f32; k.len()])?,
+            gpu.up32(&vec![0f32; v.len()])?,
+        );
+        gpu.attention_bwd(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &gpu.up(&dout)?,
+            &qd,
+            &kd,
+            &vd,
+            &sd,
+            heads,
+            kv_heads,
+            max_len,
+        )?;
+        let (mut wo, mut wdq, mut wdk, mut wdv) = (
+            vec![0f32; q.len()],
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        let mut s0 = 0;
+        for &n in &lens {
+            let (qr, kr) = (
+                s0 * heads * hd..(s0 + n) * heads * hd,
+                s0 * kv_heads * hd..(s0 + n) * kv_heads * hd,
+            );
+            cpu::attention_fwd(
+                &mut wo[qr.clone()],
+                &q[qr.clone()],
+                &k[kr.clone()],
+                &v[kr.clone()],
+                heads,
+                kv_heads,
+                hd,
+            );
+            cpu::attention_bwd(
+                &mut wdq[qr.clone()],
+                &mut wdk[kr.clone()],
+                &mut wdv[kr.clone()],
+                &dout[qr.clone()],
+                &q[qr],
+                &k[kr.clone()],
+                &v[kr],
+                heads,
+                kv_heads,
+                hd,
+            );
+            s0 += n;
+        }
+        push("attention_fwd", size.clone(), rel_err(&gpu.down(&o)?, &wo), TOL_BF16);
+        push(
+            "attention_bwd dq",
+            size.clone(),
+            rel_err(&gpu.down(&dq)?, &wdq),
+            TOL_BF16,
+        );
+        push("attention_bwd dk", size.clone(), rel_err(&gpu.down32(&dk)?, &wdk), 1e-4);
+        push("attention_bwd dv", size, rel_err(&gpu.down32(&dv)?, &wdv), 1e-4);
+    }
     gpu.stream.synchronize()?;
     Ok(out)
 }
