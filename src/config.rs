@@ -171,6 +171,23 @@ impl ModelConfig {
         })
     }
 
+    /// Add the stop tokens of an HF directory's `generation_config.json`, if it has one, after the
+    /// config's own (their order is kept: the first is the EOS that training appends).
+    pub fn add_generation_stops(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("malformed {}", path.display()))?;
+        for id in token_ids(v.get("eos_token_id"), "eos_token_id").with_context(|| format!("in {}", path.display()))? {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(())
+    }
+
     /// Width of the query projection output, `h * hd`.
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
@@ -258,6 +275,24 @@ mod tests {
         assert_eq!(a.eos_token_ids.len(), 3);
         assert_eq!(a.rope_theta, 5e5);
         assert!(matches!(a.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 32.0));
+    }
+
+    #[test]
+    fn generation_config_adds_stop_tokens_after_the_configs_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = ModelConfig::from_json(QWEN).unwrap();
+        c.add_generation_stops(dir.path()).unwrap();
+        assert_eq!(c.eos_token_ids, vec![151645], "no file: unchanged");
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [151643, 151645]}"#,
+        )
+        .unwrap();
+        c.add_generation_stops(dir.path()).unwrap();
+        assert_eq!(c.eos_token_ids, vec![151645, 151643], "the config's EOS stays first");
+        std::fs::write(dir.path().join("generation_config.json"), "{").unwrap();
+        let err = format!("{:#}", c.add_generation_stops(dir.path()).unwrap_err());
+        assert!(err.contains("generation_config.json"), "{err}");
     }
 
     #[test]

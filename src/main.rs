@@ -1,8 +1,7 @@
 //! `sqlora`: the toolbox around the training engine.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use sqlora::config::ModelConfig;
 use sqlora::model::Model;
 use sqlora::tiny::{write_tiny_model, TinyVariant};
 use sqlora::tokenizer::Tokenizer;
@@ -256,25 +255,6 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Stop ids: the config's eos_token_id plus generation_config.json's, if that file exists.
-fn stop_ids(dir: &Path, config: &ModelConfig) -> Result<Vec<u32>> {
-    let mut ids = config.eos_token_ids.clone();
-    let gen = dir.join("generation_config.json");
-    if gen.exists() {
-        let text = std::fs::read_to_string(&gen).with_context(|| format!("reading {}", gen.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("malformed {}", gen.display()))?;
-        match v.get("eos_token_id") {
-            Some(serde_json::Value::Array(xs)) => ids.extend(xs.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
-            Some(x) => ids.extend(x.as_u64().map(|x| x as u32)),
-            None => {}
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
-}
-
 /// The training template around a question over `db`, with the schema snippet the model expects.
 fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String> {
     let tok = Tokenizer::load(model_dir)?;
@@ -300,12 +280,12 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
-    let eos = stop_ids(dir, &model.config)?;
+    let eos = &model.config.eos_token_ids;
     let lora = match adapter {
         Some(a) => Some(sqlora::lora::LoraParams::load_peft(a, &model.config)?),
         None => None,
     };
-    let out = sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, &eos);
+    let out = sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, eos);
     tokenizer.decode(&out)
 }
 

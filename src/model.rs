@@ -148,9 +148,11 @@ pub enum Logits {
 }
 
 impl Model {
-    /// Load `config.json` and the safetensors weights of an HF model directory (f32 compute).
+    /// Load `config.json` (with the stop tokens of `generation_config.json`, if present) and the
+    /// safetensors weights of an HF model directory (f32 compute).
     pub fn load_dir(dir: &Path) -> Result<Model> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+        config.add_generation_stops(dir)?;
         let weights = Weights::open_dir(dir)?;
         Model::from_weights(config, &weights)
     }
