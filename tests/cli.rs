@@ -1,5 +1,8 @@
 //! The `sqlora` toolbox from the outside: the `ask` contract and its errors.
 
+mod common;
+use common::rel_err;
+
 use sqlora::generate::greedy;
 use sqlora::lora::LoraParams;
 use sqlora::model::Model;
@@ -150,19 +153,15 @@ fn merge_folds_the_adapter_into_bf16_weights() {
     let plain = base.forward(&tokens, &mut KvCache::new(&base.config), Logits::All);
     let merged_model = Model::load_dir(merged.path()).unwrap();
     let folded = merged_model.forward(&tokens, &mut KvCache::new(&merged_model.config), Logits::All);
-    let rel = |a: &[f32], b: &[f32]| {
-        let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-        (num / b.iter().map(|&y| (y as f64).powi(2)).sum::<f64>()).sqrt()
-    };
     // bf16 storage of W + s B A rounds each weight to 8 significant bits: measured 4.3e-3
     // (and the adapter alone moves the logits by 1.02).
     assert!(
-        rel(&folded, &adapted) < 1e-2,
+        rel_err(&folded, &adapted) < 1e-2,
         "merged vs adapted: {}",
-        rel(&folded, &adapted)
+        rel_err(&folded, &adapted)
     );
     assert!(
-        rel(&plain, &adapted) > 5e-2,
+        rel_err(&plain, &adapted) > 5e-2,
         "the adapter must matter for this test to mean anything"
     );
     assert!(merged.path().join("tokenizer.json").exists());

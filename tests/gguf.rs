@@ -2,6 +2,9 @@
 //! SQLORA_TEST_MODELS pointing at the files of ../shared/tools/fetch-models.sh, SmolLM2-135M-Instruct
 //! against transformers' own GGUF loader.
 
+mod common;
+use common::rel_err;
+
 use sqlora::gguf::quants::{dequantize, GgmlType};
 use sqlora::gguf::{parse_header, GgufFile};
 use sqlora::model::{KvCache, Logits, Model};
@@ -243,17 +246,8 @@ fn smollm2_forward_matches_transformers_and_is_a_trained_model() {
     );
     let last = &logits[(ids.len() - 1) * vocab..];
     let want_last = g.f32("last_logits", &[vocab]).unwrap();
-    let num: f64 = last
-        .iter()
-        .zip(&want_last)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let den: f64 = want_last.iter().map(|&b| (b as f64).powi(2)).sum();
-    assert!(
-        (num / den).sqrt() < 1e-4,
-        "last logits relative error {}",
-        (num / den).sqrt()
-    );
+    let err = rel_err(last, &want_last);
+    assert!(err < 1e-4, "last logits relative error {err}");
 }
 
 #[test]
@@ -301,14 +295,9 @@ fn smollm2_converts_to_an_hf_directory() {
     let ids = [1u32, 504, 3458, 314, 4649, 314];
     let a = from_gguf.forward(&ids, &mut KvCache::new(&from_gguf.config), Logits::Last);
     let b = from_dir.forward(&ids, &mut KvCache::new(&from_dir.config), Logits::Last);
-    let num: f64 = a.iter().zip(&b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-    let den: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum();
     // The directory holds bf16 weights: rounding to 8 significant bits moves the logits a little.
-    assert!(
-        (num / den).sqrt() < 2e-2,
-        "converted model differs: {}",
-        (num / den).sqrt()
-    );
+    let err = rel_err(&b, &a);
+    assert!(err < 2e-2, "converted model differs: {err}");
     let tok = Tokenizer::load(out.path()).unwrap();
     assert_eq!(
         tok.encode("SELECT 1").unwrap(),

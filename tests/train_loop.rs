@@ -1,5 +1,8 @@
 //! The training loop on the CPU: gradient accumulation, exact resume, memorisation, and failures.
 
+mod common;
+use common::rel_err;
+
 use sqlora::data::{encode, read_jsonl, Encoded, Example};
 use sqlora::lora::LoraConfig;
 use sqlora::model::Model;
@@ -144,19 +147,8 @@ fn gradient_accumulation_2x2_equals_one_batch_of_4() {
         );
         assert_eq!(x.labels, y.labels);
     }
-    let num: f64 = a
-        .lora
-        .data
-        .iter()
-        .zip(&b.lora.data)
-        .map(|(x, y)| ((x - y) as f64).powi(2))
-        .sum();
-    let den: f64 = b.lora.data.iter().map(|y| (*y as f64).powi(2)).sum();
-    assert!(
-        (num / den).sqrt() < 1e-5,
-        "parameters differ: relative {:e}",
-        (num / den).sqrt()
-    );
+    let err = rel_err(&a.lora.data, &b.lora.data);
+    assert!(err < 1e-5, "parameters differ: relative {err:e}");
 }
 
 #[test]
