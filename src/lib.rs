@@ -8,11 +8,15 @@
 //! 5. [`model`]: the decoder forward pass, top to bottom, with a KV cache.
 //! 6. [`generate`]: greedy decoding.
 //! 7. [`tokenizer`], [`tiny`]: text in and out; seeded tiny models for tests.
+//! 8. [`autograd`], [`optim`], [`train`]: the adapter-only backward, AdamW, the training loop.
+//! 9. [`engine`]: the same step over the kernels of a device (bf16 storage), and
+//!    [`backend::cuda`], where those kernels run on the GPU.
 
 pub mod autograd;
 pub mod backend;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod evaluate;
 pub mod generate;
 pub mod gguf;

@@ -13,7 +13,6 @@
 use crate::backend::cpu::{self, Linear};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::lora::LoraParams;
-use crate::rng::Rng;
 use crate::weights::Weights;
 use anyhow::{Context, Result};
 use std::borrow::Cow;
@@ -401,16 +400,17 @@ impl Dropout {
     pub fn apply(d: Option<Dropout>, l: usize, p: Proj, x: &[f32]) -> Cow<'_, [f32]> {
         match d {
             Some(d) if d.p > 0.0 => {
-                let mut rng = Rng::new(d.seed ^ ((l as u64) << 8 | p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                let keep = 1.0 / (1.0 - d.p);
-                Cow::Owned(
-                    x.iter()
-                        .map(|&v| if rng.uniform() as f32 >= d.p { v * keep } else { 0.0 })
-                        .collect(),
-                )
+                let mut out = vec![0f32; x.len()];
+                cpu::dropout(&mut out, x, d.seed_for(l, p), d.p);
+                Cow::Owned(out)
             }
             _ => Cow::Borrowed(x),
         }
+    }
+
+    /// The mask seed of projection `p` in layer `l`.
+    pub fn seed_for(self, l: usize, p: Proj) -> u64 {
+        self.seed ^ ((l as u64) << 8 | p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 }
 

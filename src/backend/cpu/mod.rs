@@ -7,6 +7,7 @@
 
 mod attention;
 mod cross_entropy;
+mod elementwise;
 mod linear;
 mod lora;
 mod rmsnorm;
@@ -15,6 +16,7 @@ mod swiglu;
 
 pub use attention::*;
 pub use cross_entropy::*;
+pub use elementwise::*;
 pub use linear::*;
 pub use lora::*;
 pub use rmsnorm::*;
@@ -33,11 +35,4 @@ pub fn embedding_fwd(out: &mut [f32], table: &[f32], tokens: &[u32], d: usize) {
         );
         row.copy_from_slice(&table[tok * d..(tok + 1) * d]);
     }
-}
-
-/// `x += y` (the residual connection).
-/// x, y: [T, d].
-pub fn add_inplace(x: &mut [f32], y: &[f32]) {
-    assert_eq!(x.len(), y.len());
-    x.iter_mut().zip(y).for_each(|(a, &b)| *a += b);
 }

@@ -85,12 +85,12 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         );
         let (xd, wd, dyd) = (gpu.up(&x)?, gpu.up(&w)?, gpu.up(&dy)?);
         let (mut y, mut rstd) = (gpu.poisoned(t * d)?, gpu.poisoned32(t)?);
-        gpu.rmsnorm_fwd(&mut y, &mut rstd, &xd, &wd, 1e-5)?;
+        gpu.rmsnorm_fwd(&mut y, &mut rstd, &xd, &wd, t, 1e-5)?;
         let mut want = vec![0f32; t * d];
         cpu::rmsnorm_fwd(&mut want, &x, &w, 1e-5);
         push("rmsnorm_fwd", size.clone(), rel_err(&gpu.down(&y)?, &want), TOL_BF16);
         let mut dx = gpu.poisoned(t * d)?;
-        gpu.rmsnorm_bwd(&mut dx, &dyd, &xd, &wd, &rstd)?;
+        gpu.rmsnorm_bwd(&mut dx, &dyd, &xd, &wd, &rstd, t)?;
         cpu::rmsnorm_bwd(&mut want, &dy, &x, &w, 1e-5);
         push("rmsnorm_bwd", size, rel_err(&gpu.down(&dx)?, &want), TOL_BF16);
     }
@@ -108,7 +108,7 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         );
         for (op, sign) in [("rope_fwd", 1.0), ("rope_bwd", -1.0)] {
             let mut xd = gpu.up(&x)?;
-            gpu.rope_rotate(&mut xd, &posd, &invd, heads, sign)?;
+            gpu.rope_rotate(&mut xd, &posd, &invd, t, heads, sign)?;
             let mut want = x.clone();
             if sign > 0.0 {
                 cpu::rope_fwd(&mut want, &pos, &inv, heads);
@@ -127,12 +127,12 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         );
         let (gd, ud, dd) = (gpu.up(&g)?, gpu.up(&u)?, gpu.up(&dout)?);
         let mut o = gpu.poisoned(n)?;
-        gpu.swiglu_fwd(&mut o, &gd, &ud)?;
+        gpu.swiglu_fwd(&mut o, &gd, &ud, n)?;
         let mut want = vec![0f32; n];
         cpu::swiglu_fwd(&mut want, &g, &u);
         push("swiglu_fwd", n.to_string(), rel_err(&gpu.down(&o)?, &want), TOL_BF16);
         let (mut dg, mut du) = (gpu.poisoned(n)?, gpu.poisoned(n)?);
-        gpu.swiglu_bwd(&mut dg, &mut du, &dd, &gd, &ud)?;
+        gpu.swiglu_bwd(&mut dg, &mut du, &dd, &gd, &ud, n)?;
         let (mut wg, mut wu) = (vec![0f32; n], vec![0f32; n]);
         cpu::swiglu_bwd(&mut wg, &mut wu, &dout, &g, &u);
         let err = rel_err(&gpu.down(&dg)?, &wg).max(rel_err(&gpu.down(&du)?, &wu));
@@ -217,13 +217,13 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         let x = bf(&rng.normal_vec(t * k, 1.0));
         let bias = lin.bias.as_ref().map(|b| gpu.up(b)).transpose()?;
         let mut y = gpu.poisoned(t * n)?;
-        gpu.nf4_gemm_fwd(&mut y, &gpu.up(&x)?, &w, bias.as_ref())?;
+        gpu.nf4_gemm_fwd(&mut y, &gpu.up(&x)?, &w, bias.as_ref(), t)?;
         let mut want = vec![0f32; t * n];
         cpu::linear_fwd(&mut want, &x, &lin);
         push("nf4_gemm_fwd", size.clone(), rel_err(&gpu.down(&y)?, &want), TOL_BF16);
         let dy = bf(&rng.normal_vec(t * n, 1.0));
         let mut dx = gpu.poisoned(t * k)?;
-        gpu.nf4_gemm_bwd_input(&mut dx, &gpu.up(&dy)?, &w)?;
+        gpu.nf4_gemm_bwd_input(&mut dx, &gpu.up(&dy)?, &w, t)?;
         let mut want = vec![0f32; t * k];
         cpu::linear_bwd_input(&mut want, &dy, &lin);
         push("nf4_gemm_bwd_input", size, rel_err(&gpu.down(&dx)?, &want), TOL_BF16);
@@ -234,7 +234,7 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         let tokens: Vec<u32> = (0..t).map(|_| rng.below(vocab as u64) as u32).collect();
         let mut o = gpu.poisoned(t * d)?;
         let ids: Vec<i32> = tokens.iter().map(|&x| x as i32).collect();
-        gpu.embedding_fwd(&mut o, &gpu.up(&table)?, &gpu.up32(&ids)?, d)?;
+        gpu.embedding_fwd(&mut o, &gpu.up(&table)?, &gpu.up32(&ids)?, t, d)?;
         let mut want = vec![0f32; t * d];
         cpu::embedding_fwd(&mut want, &table, &tokens, d);
         push("embedding_fwd", format!("{t}x{d}"), rel_err(&gpu.down(&o)?, &want), 0.0);
@@ -249,7 +249,7 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         let y0 = bf(&rng.normal_vec(t * n, 1.0));
         let (xd, ad, bd) = (gpu.up(&x)?, gpu.up(&a)?, gpu.up(&b)?);
         let (mut y, mut xa) = (gpu.up(&y0)?, gpu.poisoned32(t * r)?);
-        gpu.lora_fwd(&mut y, &mut xa, &xd, &ad, &bd, r, 2.0)?;
+        gpu.lora_fwd(&mut y, &mut xa, &xd, &ad, &bd, t, r, 2.0)?;
         let (mut want_y, mut want_xa) = (y0.clone(), vec![0f32; t * r]);
         cpu::lora_fwd(&mut want_y, &mut want_xa, &x, &a, &b, r, 2.0);
         push("lora_fwd", size.clone(), rel_err(&gpu.down(&y)?, &want_y), TOL_BF16);
@@ -276,6 +276,7 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             &xa,
             &ad,
             &bd,
+            t,
             r,
             2.0,
         )?;
@@ -301,7 +302,16 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         let inv = 1.0 / targets.iter().flatten().count() as f32;
         let ids: Vec<i32> = targets.iter().map(|x| x.map_or(-1, |v| v as i32)).collect();
         let (mut dh, mut loss) = (gpu.poisoned(t * d)?, gpu.poisoned32(t)?);
-        gpu.cross_entropy_fwd_bwd(&mut dh, &mut loss, &gpu.up(&h)?, &gpu.up(&w)?, &gpu.up32(&ids)?, d, inv)?;
+        gpu.cross_entropy_fwd_bwd(
+            &mut dh,
+            &mut loss,
+            &gpu.up(&h)?,
+            &gpu.up(&w)?,
+            &gpu.up32(&ids)?,
+            t,
+            d,
+            inv,
+        )?;
         let head = cpu::Linear::dense(vocab, d, w.clone(), None);
         let mut want = vec![0f32; t * d];
         let want_loss = cpu::cross_entropy_fwd_bwd(Some(&mut want), &h, &head, &targets, inv);
@@ -340,7 +350,7 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         let max_len = *lens.iter().max().unwrap();
         let (qd, kd, vd, sd) = (gpu.up(&q)?, gpu.up(&k)?, gpu.up(&v)?, gpu.up32(&starts)?);
         let mut o = gpu.poisoned(t * heads * hd)?;
-        gpu.attention_fwd(&mut o, &qd, &kd, &vd, &sd, heads, kv_heads, max_len)?;
+        gpu.attention_fwd(&mut o, &qd, &kd, &vd, &sd, t, [heads, kv_heads, hd], max_len)?;
         let (mut dq, mut dk, mut dv) = (
             gpu.poisoned(q.len())?,
             gpu.up32(&vec![0f32; k.len()])?,
@@ -355,8 +365,8 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             &kd,
             &vd,
             &sd,
-            heads,
-            kv_heads,
+            t,
+            [heads, kv_heads, hd],
             max_len,
         )?;
         let (mut wo, mut wdq, mut wdk, mut wdv) = (
@@ -403,6 +413,33 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         );
         push("attention_bwd dk", size.clone(), rel_err(&gpu.down32(&dk)?, &wdk), 1e-4);
         push("attention_bwd dv", size, rel_err(&gpu.down32(&dv)?, &wdv), 1e-4);
+    }
+
+    for &n in &[1usize, 1000, 65_537] {
+        let (x, y) = (bf(&rng.normal_vec(n, 1.0)), bf(&rng.normal_vec(n, 1.0)));
+        let mut xd = gpu.up(&x)?;
+        gpu.add(&mut xd, &gpu.up(&y)?, n)?;
+        let mut want = x.clone();
+        cpu::add_inplace(&mut want, &y);
+        push("add", n.to_string(), rel_err(&gpu.down(&xd)?, &want), TOL_BF16);
+        let f = rng.normal_vec(n, 3.0);
+        let mut o = gpu.poisoned(n)?;
+        gpu.cast_f32_bf16(&mut o, &gpu.up32(&f)?, n)?;
+        push("cast_f32_bf16", n.to_string(), rel_err(&gpu.down(&o)?, &bf(&f)), 0.0);
+        // Dropout must draw exactly the CPU's mask: compare which elements were zeroed, and the values.
+        let seed = rng.next_u64();
+        let mut o = gpu.poisoned(n)?;
+        gpu.dropout(&mut o, &gpu.up(&x)?, seed, 0.1, n)?;
+        let mut want = vec![0f32; n];
+        cpu::dropout(&mut want, &x, seed, 0.1);
+        let got = gpu.down(&o)?;
+        let masks_differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| (**a == 0.0) != (**b == 0.0))
+            .count();
+        push("dropout mask", n.to_string(), masks_differ as f64, 0.0);
+        push("dropout", n.to_string(), rel_err(&got, &bf(&want)), 0.0);
     }
     gpu.stream.synchronize()?;
     Ok(out)

@@ -1,0 +1,234 @@
+//! The GPU as an [`engine::Device`](crate::engine::Device): each method forwards to the typed launch
+//! wrapper of the same name (ops.rs), so the training step of `engine::step` runs our kernels.
+
+use super::{Cuda, Nf4Device};
+use crate::engine::{Bf, Device, Elem, F32};
+use crate::nf4::{dynamic_map, Nf4Tensor};
+use anyhow::{Context, Result};
+use cudarc::driver::CudaSlice;
+
+#[allow(clippy::too_many_arguments)]
+impl Device for Cuda {
+    type Buf<T: Elem> = CudaSlice<T>;
+    type Nf4 = Nf4Device;
+
+    fn describe(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+        format!(
+            "{name} ({:.1} of {:.1} GiB free)",
+            free as f64 / GIB,
+            total as f64 / GIB
+        )
+    }
+    fn alloc<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(n.max(1))
+            .map_err(|e| oom(self, e, n * size_of::<T>()))
+    }
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| oom(self, e, std::mem::size_of_val(host)))
+    }
+    fn write<T: Elem>(&self, dst: &mut CudaSlice<T>, host: &[T]) -> Result<()> {
+        self.stream.memcpy_htod(host, dst).context("copy to the GPU")
+    }
+    fn read<T: Elem>(&self, src: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(&src.slice(..n)).context("copy from the GPU")
+    }
+    fn zero<T: Elem>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
+        self.stream.memset_zeros(buf).context("memset on the GPU")
+    }
+    fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Nf4Device> {
+        let [out_features, in_features] = w.shape[..] else {
+            anyhow::bail!("an NF4 linear weight must be 2-D, not {:?}", w.shape);
+        };
+        // The scales travel double-quantized (1 byte per 64 weights) and are expanded on the device.
+        let qabsmax = self.upload(&w.scales.qabsmax)?;
+        let absmax2 = self.upload(&w.scales.absmax2)?;
+        let mut absmax = self.alloc::<f32>(qabsmax.len())?;
+        self.nf4_dequantize_absmax(
+            &mut absmax,
+            &qabsmax,
+            &absmax2,
+            &self.upload(&dynamic_map())?,
+            w.scales.offset,
+        )?;
+        Ok(Nf4Device {
+            packed: self.upload(&w.packed)?,
+            absmax,
+            out_features,
+            in_features,
+        })
+    }
+    fn memory_used(&self) -> Option<usize> {
+        self.ctx.mem_get_info().ok().map(|(free, total)| total - free)
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        rstd: &mut F32<Self>,
+        x: &Bf<Self>,
+        w: &Bf<Self>,
+        t: usize,
+        eps: f32,
+    ) -> Result<()> {
+        Cuda::rmsnorm_fwd(self, y, rstd, x, w, t, eps)
+    }
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut Bf<Self>,
+        dy: &Bf<Self>,
+        x: &Bf<Self>,
+        w: &Bf<Self>,
+        rstd: &F32<Self>,
+        t: usize,
+    ) -> Result<()> {
+        Cuda::rmsnorm_bwd(self, dx, dy, x, w, rstd, t)
+    }
+    fn rope_rotate(
+        &self,
+        x: &mut Bf<Self>,
+        pos: &CudaSlice<i32>,
+        inv_freq: &F32<Self>,
+        t: usize,
+        heads: usize,
+        sign: f32,
+    ) -> Result<()> {
+        Cuda::rope_rotate(self, x, pos, inv_freq, t, heads, sign)
+    }
+    fn swiglu_fwd(&self, out: &mut Bf<Self>, gate: &Bf<Self>, up: &Bf<Self>, n: usize) -> Result<()> {
+        Cuda::swiglu_fwd(self, out, gate, up, n)
+    }
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut Bf<Self>,
+        dup: &mut Bf<Self>,
+        dout: &Bf<Self>,
+        gate: &Bf<Self>,
+        up: &Bf<Self>,
+        n: usize,
+    ) -> Result<()> {
+        Cuda::swiglu_bwd(self, dgate, dup, dout, gate, up, n)
+    }
+    fn embedding_fwd(
+        &self,
+        out: &mut Bf<Self>,
+        table: &Bf<Self>,
+        tokens: &CudaSlice<i32>,
+        t: usize,
+        d: usize,
+    ) -> Result<()> {
+        Cuda::embedding_fwd(self, out, table, tokens, t, d)
+    }
+    fn nf4_gemm_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        x: &Bf<Self>,
+        w: &Nf4Device,
+        bias: Option<&Bf<Self>>,
+        t: usize,
+    ) -> Result<()> {
+        Cuda::nf4_gemm_fwd(self, y, x, w, bias, t)
+    }
+    fn nf4_gemm_bwd_input(&self, dx: &mut Bf<Self>, dy: &Bf<Self>, w: &Nf4Device, t: usize) -> Result<()> {
+        Cuda::nf4_gemm_bwd_input(self, dx, dy, w, t)
+    }
+    fn lora_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        xa: &mut F32<Self>,
+        x: &Bf<Self>,
+        a: &Bf<Self>,
+        b: &Bf<Self>,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        Cuda::lora_fwd(self, y, xa, x, a, b, t, r, scale)
+    }
+    fn lora_bwd(
+        &self,
+        dx: &mut Bf<Self>,
+        da: &mut F32<Self>,
+        db: &mut F32<Self>,
+        g: &mut F32<Self>,
+        dy: &Bf<Self>,
+        x: &Bf<Self>,
+        xa: &F32<Self>,
+        a: &Bf<Self>,
+        b: &Bf<Self>,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        Cuda::lora_bwd(self, dx, da, db, g, dy, x, xa, a, b, t, r, scale)
+    }
+    fn cross_entropy_fwd_bwd(
+        &self,
+        dh: &mut Bf<Self>,
+        loss: &mut F32<Self>,
+        h: &Bf<Self>,
+        head: &Bf<Self>,
+        targets: &CudaSlice<i32>,
+        t: usize,
+        d: usize,
+        inv_count: f32,
+    ) -> Result<()> {
+        Cuda::cross_entropy_fwd_bwd(self, dh, loss, h, head, targets, t, d, inv_count)
+    }
+    fn attention_fwd(
+        &self,
+        out: &mut Bf<Self>,
+        q: &Bf<Self>,
+        k: &Bf<Self>,
+        v: &Bf<Self>,
+        seq_start: &CudaSlice<i32>,
+        t: usize,
+        dims: [usize; 3],
+        max_len: usize,
+    ) -> Result<()> {
+        Cuda::attention_fwd(self, out, q, k, v, seq_start, t, dims, max_len)
+    }
+    fn attention_bwd(
+        &self,
+        dq: &mut Bf<Self>,
+        dk: &mut F32<Self>,
+        dv: &mut F32<Self>,
+        dout: &Bf<Self>,
+        q: &Bf<Self>,
+        k: &Bf<Self>,
+        v: &Bf<Self>,
+        seq_start: &CudaSlice<i32>,
+        t: usize,
+        dims: [usize; 3],
+        max_len: usize,
+    ) -> Result<()> {
+        Cuda::attention_bwd(self, dq, dk, dv, dout, q, k, v, seq_start, t, dims, max_len)
+    }
+    fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
+        Cuda::add(self, x, y, n)
+    }
+    fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()> {
+        Cuda::cast_f32_bf16(self, out, x, n)
+    }
+    fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()> {
+        Cuda::dropout(self, out, x, seed, p, n)
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// An allocation failure, said with what was asked and what is free.
+fn oom(gpu: &Cuda, e: cudarc::driver::DriverError, bytes: usize) -> anyhow::Error {
+    let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
+    anyhow::anyhow!(
+        "out of GPU memory: asked for {:.1} MiB with {:.2} of {:.2} GiB free ({e}); run `train --dry-run` for the \
+         memory plan, and lower --micro-batch or --max-len, or turn on --checkpointing",
+        bytes as f64 / (1 << 20) as f64,
+        free as f64 / GIB,
+        total as f64 / GIB
+    )
+}

@@ -1,0 +1,478 @@
+//! Typed launch wrappers, one per kernel. Each checks that its buffers hold the shapes it is told
+//! (`t` is the number of rows, i.e. tokens, in the call; a buffer may be longer than the call needs,
+//! so the training step can size its buffers once for the longest micro-batch), then launches.
+//! Every launch error names the kernel.
+
+use super::{block_per_row, blocks_for, gemm_tiles, Cuda, Nf4Device};
+use anyhow::{Context, Result};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+impl Cuda {
+    /// y = rmsnorm(x) * w, keeping each row's inverse RMS.
+    /// y, x: [t, d]; rstd: [t]; w: [d].
+    pub fn rmsnorm_fwd(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        rstd: &mut CudaSlice<f32>,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        t: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let d = w.len();
+        assert!(y.len() >= t * d && x.len() >= t * d && rstd.len() >= t);
+        let di = d as i32;
+        let mut b = self.stream.launch_builder(&self.k.rmsnorm_fwd);
+        b.arg(y).arg(rstd).arg(x).arg(w).arg(&di).arg(&eps);
+        // SAFETY: one block per row for t rows; the kernel reads x [t, d] and w [d] and writes y [t, d]
+        // and rstd [t], all within the buffers (lengths asserted above).
+        unsafe { b.launch(block_per_row(t)) }.context("kernel rmsnorm_fwd")?;
+        Ok(())
+    }
+
+    /// dx of RMSNorm (frozen gain). dx, dy, x: [t, d]; w: [d]; rstd: [t] from the forward.
+    pub fn rmsnorm_bwd(
+        &self,
+        dx: &mut CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        rstd: &CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let d = w.len();
+        assert!(dx.len() >= t * d && dy.len() >= t * d && x.len() >= t * d && rstd.len() >= t);
+        let di = d as i32;
+        let mut b = self.stream.launch_builder(&self.k.rmsnorm_bwd);
+        b.arg(dx).arg(dy).arg(x).arg(w).arg(rstd).arg(&di);
+        // SAFETY: one block per row for t rows; reads dy, x [t, d], w [d], rstd [t]; writes dx [t, d];
+        // lengths asserted.
+        unsafe { b.launch(block_per_row(t)) }.context("kernel rmsnorm_bwd")?;
+        Ok(())
+    }
+
+    /// Rotate x in place by `sign * pos * inv_freq` (sign +1 forward, -1 backward).
+    /// x: [t, heads, hd]; pos: [t]; inv_freq: [hd/2].
+    pub fn rope_rotate(
+        &self,
+        x: &mut CudaSlice<bf16>,
+        pos: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        t: usize,
+        heads: usize,
+        sign: f32,
+    ) -> Result<()> {
+        let hd = 2 * inv_freq.len();
+        assert!(x.len() >= t * heads * hd && pos.len() >= t);
+        let n = t * heads * hd / 2;
+        let (ti, hi, hdi) = (t as i32, heads as i32, hd as i32);
+        let mut b = self.stream.launch_builder(&self.k.rope_rotate);
+        b.arg(x).arg(pos).arg(inv_freq).arg(&ti).arg(&hi).arg(&hdi).arg(&sign);
+        // SAFETY: one thread per (token, head, pair), bounded by t * heads * hd / 2 inside the kernel;
+        // x holds [t, heads, hd] and pos [t] (asserted), inv_freq [hd/2].
+        unsafe { b.launch(blocks_for(n)) }.context("kernel rope_rotate")?;
+        Ok(())
+    }
+
+    /// out = silu(gate) * up over the first n values.
+    pub fn swiglu_fwd(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        gate: &CudaSlice<bf16>,
+        up: &CudaSlice<bf16>,
+        n: usize,
+    ) -> Result<()> {
+        assert!(out.len() >= n && gate.len() >= n && up.len() >= n);
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.swiglu_fwd);
+        b.arg(out).arg(gate).arg(up).arg(&ni);
+        // SAFETY: elementwise over n values, bounded inside the kernel; all three buffers hold n.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel swiglu_fwd")?;
+        Ok(())
+    }
+
+    /// SwiGLU backward over the first n values.
+    pub fn swiglu_bwd(
+        &self,
+        dgate: &mut CudaSlice<bf16>,
+        dup: &mut CudaSlice<bf16>,
+        dout: &CudaSlice<bf16>,
+        gate: &CudaSlice<bf16>,
+        up: &CudaSlice<bf16>,
+        n: usize,
+    ) -> Result<()> {
+        assert!(dgate.len() >= n && dup.len() >= n && dout.len() >= n && gate.len() >= n && up.len() >= n);
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.swiglu_bwd);
+        b.arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&ni);
+        // SAFETY: elementwise over n values, bounded inside the kernel; all five buffers hold n.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel swiglu_bwd")?;
+        Ok(())
+    }
+
+    /// One AdamW update of a page. p, m, v, g: [n] f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_step(
+        &self,
+        p: &mut CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        lr: f32,
+        c: crate::optim::AdamWConfig,
+        step: u64,
+    ) -> Result<()> {
+        let n = p.len();
+        assert!(m.len() == n && v.len() == n && g.len() == n && step > 0);
+        let bc1 = 1.0 - c.beta1.powi(step as i32);
+        let bc2_sqrt = (1.0 - c.beta2.powi(step as i32)).sqrt();
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.adamw_step);
+        b.arg(p).arg(m).arg(v).arg(g).arg(&ni).arg(&lr);
+        b.arg(&c.beta1)
+            .arg(&c.beta2)
+            .arg(&c.eps)
+            .arg(&c.weight_decay)
+            .arg(&bc1)
+            .arg(&bc2_sqrt);
+        // SAFETY: elementwise over n values, bounded inside the kernel; all four buffers hold n.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel adamw_step")?;
+        Ok(())
+    }
+
+    /// The per-64-block scales of an NF4 tensor from its double-quantized form.
+    /// absmax: [nblocks]; qabsmax: [nblocks] u8; absmax2: [ceil(nblocks / 256)]; dyn_map: [256].
+    pub fn nf4_dequantize_absmax(
+        &self,
+        absmax: &mut CudaSlice<f32>,
+        qabsmax: &CudaSlice<u8>,
+        absmax2: &CudaSlice<f32>,
+        dyn_map: &CudaSlice<f32>,
+        offset: f32,
+    ) -> Result<()> {
+        let n = qabsmax.len();
+        assert!(absmax.len() == n && absmax2.len() == n.div_ceil(256) && dyn_map.len() == 256);
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.nf4_dequantize_absmax);
+        b.arg(absmax)
+            .arg(qabsmax)
+            .arg(absmax2)
+            .arg(dyn_map)
+            .arg(&offset)
+            .arg(&ni);
+        // SAFETY: one thread per block scale, bounded inside the kernel; lengths asserted above.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel nf4_dequantize_absmax")?;
+        Ok(())
+    }
+
+    /// Packed NF4 codes to bf16. out: [n]; packed: [ceil(n / 2)]; absmax: [ceil(n / 64)].
+    pub fn nf4_dequantize(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        packed: &CudaSlice<u8>,
+        absmax: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = out.len();
+        assert!(packed.len() == n.div_ceil(2) && absmax.len() == n.div_ceil(64));
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.nf4_dequantize);
+        b.arg(out).arg(packed).arg(absmax).arg(&ni);
+        // SAFETY: one thread per packed byte, bounded by n inside the kernel; lengths asserted above.
+        unsafe { b.launch(blocks_for(n.div_ceil(2))) }.context("kernel nf4_dequantize")?;
+        Ok(())
+    }
+
+    /// y = x W^T (+ bias) with W in NF4. y: [t, out]; x: [t, in]; bias: [out].
+    pub fn nf4_gemm_fwd(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        bias: Option<&CudaSlice<bf16>>,
+        t: usize,
+    ) -> Result<()> {
+        let (n, k) = (w.out_features, w.in_features);
+        assert!(x.len() >= t * k && y.len() >= t * n && bias.is_none_or(|b| b.len() == n));
+        assert!(w.packed.len() == (n * k).div_ceil(2) && w.absmax.len() == (n * k).div_ceil(64));
+        let (ti, ni, ki, null) = (t as i32, n as i32, k as i32, 0u64);
+        let mut b = self.stream.launch_builder(&self.k.nf4_gemm_fwd);
+        b.arg(y).arg(x).arg(&w.packed).arg(&w.absmax);
+        match bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&null), // a null `const bf16*`: no bias
+        };
+        b.arg(&ti).arg(&ni).arg(&ki);
+        // SAFETY: reads x [t, in], the packed weight and scales of [out, in] (lengths asserted) and
+        // bias [out] if given; writes y [t, out]. Every access is bounds-checked against t, N, K.
+        unsafe { b.launch(gemm_tiles(t, n)) }.context("kernel nf4_gemm_fwd")?;
+        Ok(())
+    }
+
+    /// dx = dy W with W in NF4. dx: [t, in]; dy: [t, out].
+    pub fn nf4_gemm_bwd_input(
+        &self,
+        dx: &mut CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        t: usize,
+    ) -> Result<()> {
+        let (n, k) = (w.out_features, w.in_features);
+        assert!(dy.len() >= t * n && dx.len() >= t * k);
+        let (ti, ni, ki) = (t as i32, n as i32, k as i32);
+        let mut b = self.stream.launch_builder(&self.k.nf4_gemm_bwd_input);
+        b.arg(dx)
+            .arg(dy)
+            .arg(&w.packed)
+            .arg(&w.absmax)
+            .arg(&ti)
+            .arg(&ni)
+            .arg(&ki);
+        // SAFETY: reads dy [t, out] and the NF4 weight [out, in]; writes dx [t, in]; every access is
+        // bounds-checked against t, N, K inside the kernel.
+        unsafe { b.launch(gemm_tiles(t, k)) }.context("kernel nf4_gemm_bwd_input")?;
+        Ok(())
+    }
+
+    /// out[i] = table[tokens[i]] for i < t. out: [t, d]; table: [vocab, d]; tokens: [t].
+    pub fn embedding_fwd(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        table: &CudaSlice<bf16>,
+        tokens: &CudaSlice<i32>,
+        t: usize,
+        d: usize,
+    ) -> Result<()> {
+        let vocab = table.len() / d;
+        assert!(out.len() >= t * d && tokens.len() >= t && table.len() == vocab * d);
+        let (ti, di, vi) = (t as i32, d as i32, vocab as i32);
+        let mut b = self.stream.launch_builder(&self.k.embedding_fwd);
+        b.arg(out).arg(table).arg(tokens).arg(&ti).arg(&di).arg(&vi);
+        // SAFETY: one thread per output value (bounded by t * d in the kernel); token ids are checked
+        // against vocab before the table is read.
+        unsafe { b.launch(blocks_for(t * d)) }.context("kernel embedding_fwd")?;
+        Ok(())
+    }
+
+    /// LoRA forward: xa = x A^T, then y += s xa B^T.
+    /// y: [t, out]; xa: [t, r] f32; x: [t, in]; a: [r, in]; b: [out, r].
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_fwd(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        xa: &mut CudaSlice<f32>,
+        x: &CudaSlice<bf16>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let (k, n) = (a.len() / r, b.len() / r);
+        assert!(x.len() >= t * k && y.len() >= t * n && xa.len() >= t * r);
+        let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
+        let mut l = self.stream.launch_builder(&self.k.lora[0]);
+        l.arg(&mut *xa).arg(x).arg(a).arg(&ti).arg(&ki).arg(&ri);
+        // SAFETY: one warp per (t, c) of xa [t, r], bounded in the kernel; x [t, in], a [r, in] asserted.
+        unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_xa")?;
+        let mut l = self.stream.launch_builder(&self.k.lora[1]);
+        l.arg(y).arg(&*xa).arg(b).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
+        // SAFETY: one thread per element of y [t, out], bounded in the kernel; xa [t, r], b [out, r].
+        unsafe { l.launch(blocks_for(t * n)) }.context("kernel lora_add")?;
+        Ok(())
+    }
+
+    /// LoRA backward: with g = dy B, dB += s dy^T xa, dA += s g^T x, dx += s g A.
+    /// dx: [t, in] (added to); da: [r, in] f32 and db: [out, r] f32 (accumulated); g: [t, r] f32
+    /// (scratch); dy: [t, out]; x: [t, in]; xa: [t, r] f32 from the forward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_bwd(
+        &self,
+        dx: &mut CudaSlice<bf16>,
+        da: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+        g: &mut CudaSlice<f32>,
+        dy: &CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        xa: &CudaSlice<f32>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let (k, n) = (a.len() / r, b.len() / r);
+        assert!(dx.len() >= t * k && x.len() >= t * k && dy.len() >= t * n && xa.len() >= t * r && g.len() >= t * r);
+        assert!(da.len() == a.len() && db.len() == b.len());
+        let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
+        let mut l = self.stream.launch_builder(&self.k.lora[2]);
+        l.arg(&mut *g).arg(dy).arg(b).arg(&ti).arg(&ni).arg(&ri);
+        // SAFETY: one warp per (t, c) of g [t, r]; dy [t, out], b [out, r]; bounded in the kernel.
+        unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_g")?;
+        let mut l = self.stream.launch_builder(&self.k.lora[3]);
+        l.arg(db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
+        // SAFETY: one thread per element of db [out, r]; reads dy [t, out] and xa [t, r].
+        unsafe { l.launch(blocks_for(n * r)) }.context("kernel lora_db")?;
+        let mut l = self.stream.launch_builder(&self.k.lora[4]);
+        l.arg(da).arg(&*g).arg(x).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
+        // SAFETY: one thread per element of da [r, in]; reads g [t, r] and x [t, in].
+        unsafe { l.launch(blocks_for(r * k)) }.context("kernel lora_da")?;
+        let mut l = self.stream.launch_builder(&self.k.lora[5]);
+        l.arg(dx).arg(&*g).arg(a).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
+        // SAFETY: one thread per element of dx [t, in]; reads g [t, r] and a [r, in].
+        unsafe { l.launch(blocks_for(t * k)) }.context("kernel lora_dx")?;
+        Ok(())
+    }
+
+    /// Fused loss and input gradient through the output head, on rows with a target (-1: none).
+    /// dh: [t, d]; loss: [t] f32 (per row, un-normalised); h: [t, d]; head: [vocab, d]; targets: [t].
+    #[allow(clippy::too_many_arguments)]
+    pub fn cross_entropy_fwd_bwd(
+        &self,
+        dh: &mut CudaSlice<bf16>,
+        loss: &mut CudaSlice<f32>,
+        h: &CudaSlice<bf16>,
+        head: &CudaSlice<bf16>,
+        targets: &CudaSlice<i32>,
+        t: usize,
+        d: usize,
+        inv_count: f32,
+    ) -> Result<()> {
+        let vocab = head.len() / d;
+        assert!(dh.len() >= t * d && h.len() >= t * d && loss.len() >= t && targets.len() >= t);
+        assert_eq!(head.len(), vocab * d);
+        let (di, vi) = (d as i32, vocab as i32);
+        let mut l = self.stream.launch_builder(&self.k.cross_entropy_fwd_bwd);
+        l.arg(dh)
+            .arg(loss)
+            .arg(h)
+            .arg(head)
+            .arg(targets)
+            .arg(&di)
+            .arg(&vi)
+            .arg(&inv_count);
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (2 * d * 4) as u32,
+        };
+        // SAFETY: one block per row of h [t, d]; each reads the whole head [vocab, d] (asserted) and
+        // writes its row of dh and loss; 2 d floats of dynamic shared memory are requested.
+        unsafe { l.launch(cfg) }.context("kernel cross_entropy_fwd_bwd")?;
+        Ok(())
+    }
+
+    /// Causal GQA attention over packed sequences. out, q: [t, heads, hd]; k, v: [t, kv_heads, hd];
+    /// seq_start: [t] (index of the first token of each token's sequence); max_len: longest sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_fwd(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        q: &CudaSlice<bf16>,
+        k: &CudaSlice<bf16>,
+        v: &CudaSlice<bf16>,
+        seq_start: &CudaSlice<i32>,
+        t: usize,
+        [heads, kv_heads, hd]: [usize; 3],
+        max_len: usize,
+    ) -> Result<()> {
+        assert!(out.len() >= t * heads * hd && q.len() >= t * heads * hd && seq_start.len() >= t);
+        assert!(k.len() >= t * kv_heads * hd && v.len() >= t * kv_heads * hd && heads.is_multiple_of(kv_heads));
+        anyhow::ensure!(
+            max_len * 4 <= 48 * 1024,
+            "attention_fwd: sequences of {max_len} tokens exceed shared memory"
+        );
+        let (hi, kvi, hdi) = (heads as i32, kv_heads as i32, hd as i32);
+        let mut l = self.stream.launch_builder(&self.k.attention_fwd);
+        l.arg(out)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(seq_start)
+            .arg(&hi)
+            .arg(&kvi)
+            .arg(&hdi);
+        let cfg = LaunchConfig {
+            grid_dim: ((t * heads) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (max_len * 4) as u32,
+        };
+        // SAFETY: one block per (token, head) of the first t tokens; keys are read from seq_start[i] to
+        // i only, which lie in [0, t) when seq_start is a valid packing; the probability row fits the
+        // max_len floats requested.
+        unsafe { l.launch(cfg) }.context("kernel attention_fwd")?;
+        Ok(())
+    }
+
+    /// Attention backward. dq: [t, heads, hd] (written); dk, dv: [t, kv_heads, hd] f32 (accumulated:
+    /// zero them first); the rest as in [`Cuda::attention_fwd`], plus dout: [t, heads, hd].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd(
+        &self,
+        dq: &mut CudaSlice<bf16>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+        dout: &CudaSlice<bf16>,
+        q: &CudaSlice<bf16>,
+        k: &CudaSlice<bf16>,
+        v: &CudaSlice<bf16>,
+        seq_start: &CudaSlice<i32>,
+        t: usize,
+        [heads, kv_heads, hd]: [usize; 3],
+        max_len: usize,
+    ) -> Result<()> {
+        let (nq, nkv) = (t * heads * hd, t * kv_heads * hd);
+        assert!(dq.len() >= nq && dout.len() >= nq && q.len() >= nq && seq_start.len() >= t);
+        assert!(dk.len() >= nkv && dv.len() >= nkv && k.len() >= nkv && v.len() >= nkv);
+        anyhow::ensure!(
+            2 * max_len * 4 <= 48 * 1024,
+            "attention_bwd: sequences of {max_len} tokens exceed shared memory"
+        );
+        let (hi, kvi, hdi, mli) = (heads as i32, kv_heads as i32, hd as i32, max_len as i32);
+        let mut l = self.stream.launch_builder(&self.k.attention_bwd);
+        l.arg(dq).arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(seq_start);
+        l.arg(&hi).arg(&kvi).arg(&hdi).arg(&mli);
+        let cfg = LaunchConfig {
+            grid_dim: ((t * heads) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (2 * max_len * 4) as u32,
+        };
+        // SAFETY: as attention_fwd; dk and dv hold at least the [t, kv_heads, hd] of k and v (asserted)
+        // and only keys of the token's own sequence are touched; 2 max_len floats of shared memory.
+        unsafe { l.launch(cfg) }.context("kernel attention_bwd")?;
+        Ok(())
+    }
+
+    /// x += y over the first n values. x, y: bf16.
+    pub fn add(&self, x: &mut CudaSlice<bf16>, y: &CudaSlice<bf16>, n: usize) -> Result<()> {
+        assert!(x.len() >= n && y.len() >= n);
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.add_bf16);
+        b.arg(x).arg(y).arg(&ni);
+        // SAFETY: elementwise over n values, bounded inside the kernel; both buffers hold n.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel add_bf16")?;
+        Ok(())
+    }
+
+    /// out = bf16(x) over the first n values.
+    pub fn cast_f32_bf16(&self, out: &mut CudaSlice<bf16>, x: &CudaSlice<f32>, n: usize) -> Result<()> {
+        assert!(out.len() >= n && x.len() >= n);
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.cast_f32_bf16);
+        b.arg(out).arg(x).arg(&ni);
+        // SAFETY: elementwise over n values, bounded inside the kernel; both buffers hold n.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel cast_f32_bf16")?;
+        Ok(())
+    }
+
+    /// out = dropout(x) with the counter-based mask of `seed` (see cpu::dropout), first n values.
+    pub fn dropout(&self, out: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, seed: u64, p: f32, n: usize) -> Result<()> {
+        assert!(out.len() >= n && x.len() >= n && (0.0..1.0).contains(&p));
+        let (ni, keep) = (n as i64, 1.0 / (1.0 - p));
+        let mut b = self.stream.launch_builder(&self.k.dropout_bf16);
+        b.arg(out).arg(x).arg(&seed).arg(&p).arg(&keep).arg(&ni);
+        // SAFETY: elementwise over n values, bounded inside the kernel; both buffers hold n.
+        unsafe { b.launch(blocks_for(n)) }.context("kernel dropout_bf16")?;
+        Ok(())
+    }
+}

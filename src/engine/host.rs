@@ -1,0 +1,367 @@
+//! The [`Device`] contract on the CPU: each op widens its bf16 inputs to f32, runs the reference op
+//! of `backend::cpu`, and rounds what the kernel stores as bf16. It follows the kernels' storage
+//! precision exactly (so the step's bf16 round trips are exercised without a GPU), though not their
+//! order of f32 summation.
+
+use super::{to_bf16, to_f32, Bf, Device, Elem, F32};
+use crate::backend::cpu::{self, Linear, LinearWeight};
+use crate::nf4::Nf4Tensor;
+use anyhow::Result;
+use half::bf16;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// The CPU as a [`Device`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Host;
+
+/// Store f32 results into the start of a bf16 buffer.
+fn store(dst: &mut [bf16], v: &[f32]) {
+    dst[..v.len()]
+        .iter_mut()
+        .zip(v)
+        .for_each(|(o, &x)| *o = bf16::from_f32(x));
+}
+
+/// The sequences of a packing, from each token's sequence start.
+fn seqs(seq_start: &[i32], t: usize) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for (i, &s) in seq_start[..t].iter().enumerate() {
+        match out.last_mut() {
+            Some(r) if r.start == s as usize => r.end = i + 1,
+            _ => out.push(s as usize..i + 1),
+        }
+    }
+    out
+}
+
+impl Device for Host {
+    type Buf<T: Elem> = Vec<T>;
+    type Nf4 = Linear;
+
+    fn describe(&self) -> String {
+        format!("CPU, bf16 storage emulated ({} threads)", rayon::current_num_threads())
+    }
+    fn alloc<T: Elem>(&self, n: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); n])
+    }
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+    fn write<T: Elem>(&self, dst: &mut Vec<T>, host: &[T]) -> Result<()> {
+        dst[..host.len()].copy_from_slice(host);
+        Ok(())
+    }
+    fn read<T: Elem>(&self, src: &Vec<T>, n: usize) -> Result<Vec<T>> {
+        Ok(src[..n].to_vec())
+    }
+    fn zero<T: Elem>(&self, buf: &mut Vec<T>) -> Result<()> {
+        buf.fill(T::default());
+        Ok(())
+    }
+    fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Linear> {
+        let [out_features, in_features] = w.shape[..] else {
+            anyhow::bail!("an NF4 linear weight must be 2-D, not {:?}", w.shape);
+        };
+        Ok(Linear {
+            out_features,
+            in_features,
+            weight: LinearWeight::Nf4(w.clone()),
+            bias: None,
+        })
+    }
+    fn memory_used(&self) -> Option<usize> {
+        None
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        rstd: &mut F32<Self>,
+        x: &Bf<Self>,
+        w: &Bf<Self>,
+        t: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let d = w.len();
+        let (xf, wf) = (to_f32(&x[..t * d]), to_f32(w));
+        let mut yf = vec![0f32; t * d];
+        cpu::rmsnorm_fwd(&mut yf, &xf, &wf, eps);
+        store(y, &yf);
+        for (r, row) in rstd.iter_mut().zip(xf.chunks(d)) {
+            *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+        }
+        Ok(())
+    }
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut Bf<Self>,
+        dy: &Bf<Self>,
+        x: &Bf<Self>,
+        w: &Bf<Self>,
+        rstd: &F32<Self>,
+        t: usize,
+    ) -> Result<()> {
+        // The kernel's formula with the forward's rstd: dx = r w dy - (r^3 / d) x sum(dy w x).
+        let d = w.len();
+        let (dyf, xf, wf) = (to_f32(&dy[..t * d]), to_f32(&x[..t * d]), to_f32(w));
+        let mut out = vec![0f32; t * d];
+        for (i, o) in out.chunks_mut(d).enumerate() {
+            let (dyr, xr, r) = (&dyf[i * d..(i + 1) * d], &xf[i * d..(i + 1) * d], rstd[i]);
+            let dot: f32 = (0..d).map(|j| dyr[j] * wf[j] * xr[j]).sum();
+            let c = r * r * r / d as f32 * dot;
+            (0..d).for_each(|j| o[j] = r * wf[j] * dyr[j] - c * xr[j]);
+        }
+        store(dx, &out);
+        Ok(())
+    }
+    fn rope_rotate(
+        &self,
+        x: &mut Bf<Self>,
+        pos: &Vec<i32>,
+        inv_freq: &F32<Self>,
+        t: usize,
+        heads: usize,
+        sign: f32,
+    ) -> Result<()> {
+        let n = t * heads * 2 * inv_freq.len();
+        let mut xf = to_f32(&x[..n]);
+        let positions: Vec<usize> = pos[..t].iter().map(|&p| p as usize).collect();
+        if sign > 0.0 {
+            cpu::rope_fwd(&mut xf, &positions, inv_freq, heads);
+        } else {
+            cpu::rope_bwd(&mut xf, &positions, inv_freq, heads);
+        }
+        store(x, &xf);
+        Ok(())
+    }
+    fn swiglu_fwd(&self, out: &mut Bf<Self>, gate: &Bf<Self>, up: &Bf<Self>, n: usize) -> Result<()> {
+        let mut o = vec![0f32; n];
+        cpu::swiglu_fwd(&mut o, &to_f32(&gate[..n]), &to_f32(&up[..n]));
+        store(out, &o);
+        Ok(())
+    }
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut Bf<Self>,
+        dup: &mut Bf<Self>,
+        dout: &Bf<Self>,
+        gate: &Bf<Self>,
+        up: &Bf<Self>,
+        n: usize,
+    ) -> Result<()> {
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        cpu::swiglu_bwd(
+            &mut dg,
+            &mut du,
+            &to_f32(&dout[..n]),
+            &to_f32(&gate[..n]),
+            &to_f32(&up[..n]),
+        );
+        store(dgate, &dg);
+        store(dup, &du);
+        Ok(())
+    }
+    fn embedding_fwd(&self, out: &mut Bf<Self>, table: &Bf<Self>, tokens: &Vec<i32>, t: usize, d: usize) -> Result<()> {
+        for (i, &tok) in tokens[..t].iter().enumerate() {
+            let tok = usize::try_from(tok).ok().filter(|&v| (v + 1) * d <= table.len());
+            let tok = tok.ok_or_else(|| anyhow::anyhow!("token id {} is outside the embedding table", tokens[i]))?;
+            out[i * d..(i + 1) * d].copy_from_slice(&table[tok * d..(tok + 1) * d]);
+        }
+        Ok(())
+    }
+    fn nf4_gemm_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        x: &Bf<Self>,
+        w: &Linear,
+        bias: Option<&Bf<Self>>,
+        t: usize,
+    ) -> Result<()> {
+        let (n, k) = (w.out_features, w.in_features);
+        let mut yf = vec![0f32; t * n];
+        cpu::linear_fwd(&mut yf, &to_f32(&x[..t * k]), w);
+        if let Some(b) = bias {
+            let b = to_f32(b);
+            yf.chunks_mut(n).for_each(|row| cpu::add_inplace(row, &b));
+        }
+        store(y, &yf);
+        Ok(())
+    }
+    fn nf4_gemm_bwd_input(&self, dx: &mut Bf<Self>, dy: &Bf<Self>, w: &Linear, t: usize) -> Result<()> {
+        let (n, k) = (w.out_features, w.in_features);
+        let mut out = vec![0f32; t * k];
+        cpu::linear_bwd_input(&mut out, &to_f32(&dy[..t * n]), w);
+        store(dx, &out);
+        Ok(())
+    }
+    fn lora_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        xa: &mut F32<Self>,
+        x: &Bf<Self>,
+        a: &Bf<Self>,
+        b: &Bf<Self>,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let (k, n) = (a.len() / r, b.len() / r);
+        let mut yf = to_f32(&y[..t * n]);
+        cpu::lora_fwd(
+            &mut yf,
+            &mut xa[..t * r],
+            &to_f32(&x[..t * k]),
+            &to_f32(a),
+            &to_f32(b),
+            r,
+            scale,
+        );
+        store(y, &yf);
+        Ok(())
+    }
+    fn lora_bwd(
+        &self,
+        dx: &mut Bf<Self>,
+        da: &mut F32<Self>,
+        db: &mut F32<Self>,
+        _g: &mut F32<Self>,
+        dy: &Bf<Self>,
+        x: &Bf<Self>,
+        xa: &F32<Self>,
+        a: &Bf<Self>,
+        b: &Bf<Self>,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let (k, n) = (a.len() / r, b.len() / r);
+        let mut dx_lora = vec![0f32; t * k];
+        let (dyf, xf) = (to_f32(&dy[..t * n]), to_f32(&x[..t * k]));
+        cpu::lora_bwd(
+            &mut dx_lora,
+            da,
+            db,
+            &dyf,
+            &xf,
+            &xa[..t * r],
+            &to_f32(a),
+            &to_f32(b),
+            r,
+            scale,
+        );
+        cpu::add_inplace(&mut dx_lora, &to_f32(&dx[..t * k]));
+        store(dx, &dx_lora);
+        Ok(())
+    }
+    fn cross_entropy_fwd_bwd(
+        &self,
+        dh: &mut Bf<Self>,
+        loss: &mut F32<Self>,
+        h: &Bf<Self>,
+        head: &Bf<Self>,
+        targets: &Vec<i32>,
+        t: usize,
+        d: usize,
+        inv_count: f32,
+    ) -> Result<()> {
+        let head = Linear::dense(head.len() / d, d, to_f32(head), None);
+        let hf = to_f32(&h[..t * d]);
+        let mut out = vec![0f32; t * d];
+        let rows: Vec<f64> = out
+            .par_chunks_mut(d)
+            .enumerate()
+            .map(|(i, dh_row)| {
+                let target = u32::try_from(targets[i]).ok();
+                cpu::cross_entropy_fwd_bwd(Some(dh_row), &hf[i * d..(i + 1) * d], &head, &[target], inv_count)
+            })
+            .collect();
+        store(dh, &out);
+        loss[..t].iter_mut().zip(rows).for_each(|(o, l)| *o = l as f32);
+        Ok(())
+    }
+    fn attention_fwd(
+        &self,
+        out: &mut Bf<Self>,
+        q: &Bf<Self>,
+        k: &Bf<Self>,
+        v: &Bf<Self>,
+        seq_start: &Vec<i32>,
+        t: usize,
+        [heads, kv_heads, hd]: [usize; 3],
+        _max_len: usize,
+    ) -> Result<()> {
+        let (qd, kvd) = (heads * hd, kv_heads * hd);
+        let (qf, kf, vf) = (to_f32(&q[..t * qd]), to_f32(&k[..t * kvd]), to_f32(&v[..t * kvd]));
+        let mut o = vec![0f32; t * qd];
+        for s in seqs(seq_start, t) {
+            let (qr, kr) = (s.start * qd..s.end * qd, s.start * kvd..s.end * kvd);
+            cpu::attention_fwd(
+                &mut o[qr.clone()],
+                &qf[qr],
+                &kf[kr.clone()],
+                &vf[kr],
+                heads,
+                kv_heads,
+                hd,
+            );
+        }
+        store(out, &o);
+        Ok(())
+    }
+    fn attention_bwd(
+        &self,
+        dq: &mut Bf<Self>,
+        dk: &mut F32<Self>,
+        dv: &mut F32<Self>,
+        dout: &Bf<Self>,
+        q: &Bf<Self>,
+        k: &Bf<Self>,
+        v: &Bf<Self>,
+        seq_start: &Vec<i32>,
+        t: usize,
+        [heads, kv_heads, hd]: [usize; 3],
+        _max_len: usize,
+    ) -> Result<()> {
+        let (qd, kvd) = (heads * hd, kv_heads * hd);
+        let (qf, kf, vf) = (to_f32(&q[..t * qd]), to_f32(&k[..t * kvd]), to_f32(&v[..t * kvd]));
+        let dof = to_f32(&dout[..t * qd]);
+        let (mut dqf, mut dkf, mut dvf) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
+        for s in seqs(seq_start, t) {
+            let (qr, kr) = (s.start * qd..s.end * qd, s.start * kvd..s.end * kvd);
+            cpu::attention_bwd(
+                &mut dqf[qr.clone()],
+                &mut dkf[kr.clone()],
+                &mut dvf[kr.clone()],
+                &dof[qr.clone()],
+                &qf[qr],
+                &kf[kr.clone()],
+                &vf[kr],
+                heads,
+                kv_heads,
+                hd,
+            );
+        }
+        store(dq, &dqf);
+        cpu::add_inplace(&mut dk[..t * kvd], &dkf);
+        cpu::add_inplace(&mut dv[..t * kvd], &dvf);
+        Ok(())
+    }
+    fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
+        x[..n]
+            .iter_mut()
+            .zip(&y[..n])
+            .for_each(|(a, b)| *a = bf16::from_f32(a.to_f32() + b.to_f32()));
+        Ok(())
+    }
+    fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()> {
+        out[..n].copy_from_slice(&to_bf16(&x[..n]));
+        Ok(())
+    }
+    fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()> {
+        let mut o = vec![0f32; n];
+        cpu::dropout(&mut o, &to_f32(&x[..n]), seed, p);
+        store(out, &o);
+        Ok(())
+    }
+}

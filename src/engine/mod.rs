@@ -1,0 +1,210 @@
+//! The training step written once for any device with our kernels.
+//!
+//! [`Device`] is the set of kernels the step needs, with the CUDA kernels' exact semantics: bf16
+//! activations, f32 statistics and gradients, explicit row counts `t` (a buffer may be longer than a
+//! call uses, so the step sizes every buffer once, for the longest micro-batch, and never allocates
+//! inside a step). Two devices implement it:
+//! - [`crate::backend::cuda::Cuda`]: the hand-written kernels;
+//! - [`host::Host`]: the same contract on the CPU, each op computed by the f32 reference
+//!   (`backend::cpu`) and rounded to bf16 where the kernel stores bf16. It is how the step itself is
+//!   tested without a GPU, and the CPU side of the GPU step check in `sqlora selftest`.
+//!
+//! [`step::Engine`] is the step: it uploads the NF4 model once, then runs forward, the fused loss and
+//! the adapter-only backward of a packed micro-batch, as `autograd::forward_backward` does in f32.
+
+pub mod host;
+pub mod step;
+
+use crate::nf4::Nf4Tensor;
+use anyhow::Result;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+
+/// An element type a device buffer can hold.
+pub trait Elem: Copy + Default + Send + Sync + Unpin + DeviceRepr + ValidAsZeroBits + 'static {}
+impl Elem for bf16 {}
+impl Elem for f32 {}
+impl Elem for i32 {}
+impl Elem for u8 {}
+
+/// Bf16 buffer of a device.
+pub type Bf<D> = <D as Device>::Buf<bf16>;
+/// F32 buffer of a device.
+pub type F32<D> = <D as Device>::Buf<f32>;
+
+/// The kernels of a training step. Shapes are given per argument; `t` is the number of rows (tokens)
+/// the call covers. Every method is one kernel launch (or a few, for LoRA) on the device's stream.
+#[allow(clippy::too_many_arguments)]
+pub trait Device {
+    /// A buffer of `T` in device memory.
+    type Buf<T: Elem>;
+    /// A frozen linear weight in NF4.
+    type Nf4;
+
+    /// One line naming the device, for logs.
+    fn describe(&self) -> String;
+    /// A zero-filled buffer of n elements.
+    fn alloc<T: Elem>(&self, n: usize) -> Result<Self::Buf<T>>;
+    /// A buffer holding a copy of `host`.
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
+    /// Copy `host` into the start of `dst` (which may be longer).
+    fn write<T: Elem>(&self, dst: &mut Self::Buf<T>, host: &[T]) -> Result<()>;
+    /// The first n elements of `src` (waits for the stream).
+    fn read<T: Elem>(&self, src: &Self::Buf<T>, n: usize) -> Result<Vec<T>>;
+    /// Set every element to zero.
+    fn zero<T: Elem>(&self, buf: &mut Self::Buf<T>) -> Result<()>;
+    /// Upload an NF4 weight of shape [out, in].
+    fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Self::Nf4>;
+    /// Bytes of device memory in use by this process's context, if the device can tell.
+    fn memory_used(&self) -> Option<usize>;
+
+    /// y = rmsnorm(x) w; rstd = 1 / sqrt(mean(x^2) + eps). y, x: [t, d]; w: [d]; rstd: [t] f32.
+    fn rmsnorm_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        rstd: &mut F32<Self>,
+        x: &Bf<Self>,
+        w: &Bf<Self>,
+        t: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// dx = r w dy - (r^3 / d) x sum(dy w x) with r = rstd. dx, dy, x: [t, d]; w: [d]; rstd: [t].
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut Bf<Self>,
+        dy: &Bf<Self>,
+        x: &Bf<Self>,
+        w: &Bf<Self>,
+        rstd: &F32<Self>,
+        t: usize,
+    ) -> Result<()>;
+    /// Rotate pairs of x in place by sign * pos * inv_freq. x: [t, heads, hd]; pos: [t]; inv_freq: [hd/2].
+    fn rope_rotate(
+        &self,
+        x: &mut Bf<Self>,
+        pos: &Self::Buf<i32>,
+        inv_freq: &F32<Self>,
+        t: usize,
+        heads: usize,
+        sign: f32,
+    ) -> Result<()>;
+    /// out = silu(gate) up over n values.
+    fn swiglu_fwd(&self, out: &mut Bf<Self>, gate: &Bf<Self>, up: &Bf<Self>, n: usize) -> Result<()>;
+    /// Gradients of silu(gate) up over n values.
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut Bf<Self>,
+        dup: &mut Bf<Self>,
+        dout: &Bf<Self>,
+        gate: &Bf<Self>,
+        up: &Bf<Self>,
+        n: usize,
+    ) -> Result<()>;
+    /// out[i] = table[tokens[i]]. out: [t, d]; table: [vocab, d]; tokens: [t].
+    fn embedding_fwd(
+        &self,
+        out: &mut Bf<Self>,
+        table: &Bf<Self>,
+        tokens: &Self::Buf<i32>,
+        t: usize,
+        d: usize,
+    ) -> Result<()>;
+    /// y = x W^T (+ bias). y: [t, out]; x: [t, in]; bias: [out].
+    fn nf4_gemm_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        x: &Bf<Self>,
+        w: &Self::Nf4,
+        bias: Option<&Bf<Self>>,
+        t: usize,
+    ) -> Result<()>;
+    /// dx = dy W. dx: [t, in]; dy: [t, out].
+    fn nf4_gemm_bwd_input(&self, dx: &mut Bf<Self>, dy: &Bf<Self>, w: &Self::Nf4, t: usize) -> Result<()>;
+    /// xa = x A^T; y += s xa B^T. y: [t, out]; xa: [t, r] f32; x: [t, in]; a: [r, in]; b: [out, r].
+    fn lora_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        xa: &mut F32<Self>,
+        x: &Bf<Self>,
+        a: &Bf<Self>,
+        b: &Bf<Self>,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()>;
+    /// With g = dy B: dB += s dy^T xa, dA += s g^T x, dx += s g A.
+    /// dx: [t, in]; da: [r, in] f32; db: [out, r] f32; g: [t, r] f32 scratch; dy: [t, out];
+    /// x: [t, in]; xa: [t, r] f32.
+    fn lora_bwd(
+        &self,
+        dx: &mut Bf<Self>,
+        da: &mut F32<Self>,
+        db: &mut F32<Self>,
+        g: &mut F32<Self>,
+        dy: &Bf<Self>,
+        x: &Bf<Self>,
+        xa: &F32<Self>,
+        a: &Bf<Self>,
+        b: &Bf<Self>,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()>;
+    /// Per-row loss -log softmax(h W^T)[target] and dh = inv_count (p - onehot) W, on rows whose
+    /// target is >= 0 (others: loss 0, dh 0). dh, h: [t, d]; loss: [t] f32; head: [vocab, d]; targets: [t].
+    fn cross_entropy_fwd_bwd(
+        &self,
+        dh: &mut Bf<Self>,
+        loss: &mut F32<Self>,
+        h: &Bf<Self>,
+        head: &Bf<Self>,
+        targets: &Self::Buf<i32>,
+        t: usize,
+        d: usize,
+        inv_count: f32,
+    ) -> Result<()>;
+    /// Causal GQA attention within packed sequences. out, q: [t, heads, hd]; k, v: [t, kv_heads, hd];
+    /// seq_start: [t], the first token of each token's sequence; max_len: the longest sequence.
+    fn attention_fwd(
+        &self,
+        out: &mut Bf<Self>,
+        q: &Bf<Self>,
+        k: &Bf<Self>,
+        v: &Bf<Self>,
+        seq_start: &Self::Buf<i32>,
+        t: usize,
+        dims: [usize; 3],
+        max_len: usize,
+    ) -> Result<()>;
+    /// Attention backward: dq written; dk, dv: [t, kv_heads, hd] f32, accumulated.
+    fn attention_bwd(
+        &self,
+        dq: &mut Bf<Self>,
+        dk: &mut F32<Self>,
+        dv: &mut F32<Self>,
+        dout: &Bf<Self>,
+        q: &Bf<Self>,
+        k: &Bf<Self>,
+        v: &Bf<Self>,
+        seq_start: &Self::Buf<i32>,
+        t: usize,
+        dims: [usize; 3],
+        max_len: usize,
+    ) -> Result<()>;
+    /// x += y over n values.
+    fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()>;
+    /// out = bf16(x) over n values.
+    fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()>;
+    /// out = dropout(x) with the counter-based mask of `seed` (`backend::cpu::dropout`), n values.
+    fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()>;
+}
+
+/// f32 values rounded to bf16.
+pub fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// bf16 values widened to f32.
+pub fn to_f32(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}

@@ -1,0 +1,694 @@
+//! The training step on a [`Device`]: the model uploaded once (NF4 projections, bf16 embedding, norms
+//! and head), every buffer sized once for the largest micro-batch, and a forward + fused loss +
+//! adapter-only backward that mirrors `autograd::forward_backward` op for op.
+//!
+//! Adapters stay f32 on the host, where the optimizer, clipping and checkpoints already live: each
+//! call uploads bf16 copies of A and B, and reads back the f32 gradients of this micro-batch. (For a
+//! rank-16 adapter on a 1B model that is ~22 MB up and ~44 MB down per micro-batch.)
+
+use super::{to_bf16, Bf, Device, F32};
+use crate::autograd::{Batch, GradOptions};
+use crate::backend::cpu::LinearWeight;
+use crate::config::ModelConfig;
+use crate::lora::{LoraParams, LoraSlot};
+use crate::model::{Dropout, Model, Proj};
+use crate::nf4::Nf4Tensor;
+use anyhow::{bail, ensure, Context, Result};
+
+/// One layer's frozen weights on the device.
+struct DeviceLayer<D: Device> {
+    attn_norm: Bf<D>, // [d]
+    mlp_norm: Bf<D>,  // [d]
+    /// In the order of [`Proj::ALL`]; each [out, in] NF4.
+    proj: Vec<D::Nf4>,
+    /// [out] per projection, where the config has biases.
+    bias: Vec<Option<Bf<D>>>,
+}
+
+/// One adapted projection's parameters (bf16 copies) and gradients (f32).
+struct DeviceSlot<D: Device> {
+    slot: LoraSlot,
+    a: Bf<D>,   // [r, in]
+    b: Bf<D>,   // [out, r]
+    da: F32<D>, // [r, in]
+    db: F32<D>, // [out, r]
+}
+
+/// What a layer's forward keeps for its backward (one set per layer, or one in all with
+/// checkpointing). Every buffer holds `cap` rows.
+struct LayerBufs<D: Device> {
+    h_attn: Bf<D>,     // [T, d] rmsnorm(x_in)
+    rstd_attn: F32<D>, // [T]
+    q: Bf<D>,          // [T, h, hd] after RoPE
+    k: Bf<D>,          // [T, h_kv, hd] after RoPE
+    v: Bf<D>,          // [T, h_kv, hd]
+    att: Bf<D>,        // [T, h, hd]
+    x_mid: Bf<D>,      // [T, d]
+    h_mlp: Bf<D>,      // [T, d]
+    rstd_mlp: F32<D>,  // [T]
+    gate: Bf<D>,       // [T, f]
+    up: Bf<D>,         // [T, f]
+    act: Bf<D>,        // [T, f]
+    xa: Vec<F32<D>>,   // per projection [T, r]
+}
+
+/// Scratch of the backward and the loss, `cap` rows each; `w` = max(d, q_dim, f).
+struct Scratch<D: Device> {
+    tokens: D::Buf<i32>,    // [T]
+    positions: D::Buf<i32>, // [T]
+    seq_start: D::Buf<i32>, // [T]
+    targets: D::Buf<i32>,   // [T], -1 where no loss
+    h: Bf<D>,               // [T, d] final norm output
+    rstd: F32<D>,           // [T]
+    loss: F32<D>,           // [T]
+    dx: Bf<D>,              // [T, d] gradient of a layer's output
+    dx_in: Bf<D>,           // [T, d] gradient of its input
+    dx_mid: Bf<D>,          // [T, d]
+    dh: Bf<D>,              // [T, d]
+    d_act: Bf<D>,           // [T, f]
+    d_gate: Bf<D>,          // [T, f]
+    d_up: Bf<D>,            // [T, f]
+    d_att: Bf<D>,           // [T, h, hd]
+    dq: Bf<D>,              // [T, h, hd]
+    dk: Bf<D>,              // [T, h_kv, hd]
+    dv: Bf<D>,              // [T, h_kv, hd]
+    dk32: F32<D>,           // [T, h_kv, hd]
+    dv32: F32<D>,           // [T, h_kv, hd]
+    ps: ProjScratch<D>,
+    /// [T, w] dropout(x) in the forward.
+    xd: Bf<D>,
+}
+
+/// Scratch of one projection's backward; `w` = max(d, q_dim, f).
+struct ProjScratch<D: Device> {
+    g: F32<D>,    // [T, r] dy B
+    tmp: Bf<D>,   // [T, w] the projection's dx before it is added
+    xd: Bf<D>,    // [T, w] dropout(x), then the masked LoRA dx
+    dlora: Bf<D>, // [T, w] the LoRA dx before dropout
+}
+
+/// A model on a device, ready to run training steps of up to `cap` tokens.
+pub struct Engine<D: Device> {
+    pub dev: D,
+    config: ModelConfig,
+    embed: Bf<D>,           // [vocab, d]
+    lm_head: Option<Bf<D>>, // [vocab, d] when untied
+    norm: Bf<D>,            // [d]
+    inv_freq: F32<D>,       // [hd/2]
+    layers: Vec<DeviceLayer<D>>,
+    /// Per layer, per projection.
+    slots: Vec<Vec<Option<DeviceSlot<D>>>>,
+    rank: usize,
+    scale: f32,
+    /// Residual stream: xs[l] is layer l's input, xs[L] the last layer's output. [T, d] each.
+    xs: Vec<Bf<D>>,
+    acts: Vec<LayerBufs<D>>,
+    s: Scratch<D>,
+    cap: usize,
+    checkpointing: bool,
+}
+
+fn nf4_of(model: &Model, l: usize, p: Proj) -> Nf4Tensor {
+    match &model.layers[l].proj(p).weight {
+        LinearWeight::Nf4(q) => q.clone(),
+        LinearWeight::Dense(_) => match model.layers[l].proj(p).to_nf4().weight {
+            LinearWeight::Nf4(q) => q,
+            LinearWeight::Dense(_) => unreachable!("to_nf4 quantizes"),
+        },
+    }
+}
+
+fn dense_bf16<D: Device>(dev: &D, lin: &crate::backend::cpu::Linear, what: &str) -> Result<Bf<D>> {
+    match &lin.weight {
+        LinearWeight::Dense(w) => dev.upload(&to_bf16(w)),
+        LinearWeight::Nf4(_) => bail!("{what} must be dense"),
+    }
+}
+
+impl<D: Device> Engine<D> {
+    /// Upload `model` (its projections quantized to NF4 if they are not already) and the adapter
+    /// layout of `lora`, and size every buffer for micro-batches of up to `cap` tokens.
+    pub fn new(dev: D, model: &Model, lora: &LoraParams, cap: usize, checkpointing: bool) -> Result<Engine<D>> {
+        let c = model.config.clone();
+        let (d, f, qd, kvd, r) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), lora.config.r);
+        ensure!(cap > 0, "the step needs room for at least one token");
+        let mut layers = Vec::with_capacity(c.num_layers);
+        let mut slots = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let layer = &model.layers[l];
+            let mut proj = Vec::with_capacity(7);
+            let mut bias = Vec::with_capacity(7);
+            let mut layer_slots = Vec::with_capacity(7);
+            for p in Proj::ALL {
+                let name = p.path(l);
+                proj.push(
+                    dev.upload_nf4(&nf4_of(model, l, p))
+                        .with_context(|| format!("uploading {name}"))?,
+                );
+                bias.push(
+                    layer
+                        .proj(p)
+                        .bias
+                        .as_ref()
+                        .map(|b| dev.upload(&to_bf16(b)))
+                        .transpose()?,
+                );
+                layer_slots.push(match lora.slot(l, p) {
+                    Some(slot) => Some(DeviceSlot {
+                        slot: slot.clone(),
+                        a: dev.alloc(slot.a.len())?,
+                        b: dev.alloc(slot.b.len())?,
+                        da: dev.alloc(slot.a.len())?,
+                        db: dev.alloc(slot.b.len())?,
+                    }),
+                    None => None,
+                });
+            }
+            layers.push(DeviceLayer {
+                attn_norm: dev.upload(&to_bf16(&layer.attn_norm))?,
+                mlp_norm: dev.upload(&to_bf16(&layer.mlp_norm))?,
+                proj,
+                bias,
+            });
+            slots.push(layer_slots);
+        }
+        let n_acts = if checkpointing { 1 } else { c.num_layers };
+        let mut acts = Vec::with_capacity(n_acts);
+        for _ in 0..n_acts {
+            acts.push(LayerBufs {
+                h_attn: dev.alloc(cap * d)?,
+                rstd_attn: dev.alloc(cap)?,
+                q: dev.alloc(cap * qd)?,
+                k: dev.alloc(cap * kvd)?,
+                v: dev.alloc(cap * kvd)?,
+                att: dev.alloc(cap * qd)?,
+                x_mid: dev.alloc(cap * d)?,
+                h_mlp: dev.alloc(cap * d)?,
+                rstd_mlp: dev.alloc(cap)?,
+                gate: dev.alloc(cap * f)?,
+                up: dev.alloc(cap * f)?,
+                act: dev.alloc(cap * f)?,
+                xa: (0..7).map(|_| dev.alloc(cap * r)).collect::<Result<_>>()?,
+            });
+        }
+        let w = d.max(qd).max(f);
+        let s = Scratch {
+            tokens: dev.alloc(cap)?,
+            positions: dev.alloc(cap)?,
+            seq_start: dev.alloc(cap)?,
+            targets: dev.alloc(cap)?,
+            h: dev.alloc(cap * d)?,
+            rstd: dev.alloc(cap)?,
+            loss: dev.alloc(cap)?,
+            dx: dev.alloc(cap * d)?,
+            dx_in: dev.alloc(cap * d)?,
+            dx_mid: dev.alloc(cap * d)?,
+            dh: dev.alloc(cap * d)?,
+            d_act: dev.alloc(cap * f)?,
+            d_gate: dev.alloc(cap * f)?,
+            d_up: dev.alloc(cap * f)?,
+            d_att: dev.alloc(cap * qd)?,
+            dq: dev.alloc(cap * qd)?,
+            dk: dev.alloc(cap * kvd)?,
+            dv: dev.alloc(cap * kvd)?,
+            dk32: dev.alloc(cap * kvd)?,
+            dv32: dev.alloc(cap * kvd)?,
+            ps: ProjScratch {
+                g: dev.alloc(cap * r)?,
+                tmp: dev.alloc(cap * w)?,
+                xd: dev.alloc(cap * w)?,
+                dlora: dev.alloc(cap * w)?,
+            },
+            xd: dev.alloc(cap * w)?,
+        };
+        let xs = (0..=c.num_layers).map(|_| dev.alloc(cap * d)).collect::<Result<_>>()?;
+        let embed = dense_bf16(&dev, &model.embed, "the embedding")?;
+        let lm_head = model
+            .lm_head
+            .as_ref()
+            .map(|h| dense_bf16(&dev, h, "the output head"))
+            .transpose()?;
+        Ok(Engine {
+            embed,
+            lm_head,
+            norm: dev.upload(&to_bf16(&model.norm))?,
+            inv_freq: dev.upload(&model.inv_freq)?,
+            layers,
+            slots,
+            rank: r,
+            scale: lora.config.scale(),
+            xs,
+            acts,
+            s,
+            cap,
+            checkpointing,
+            config: c,
+            dev,
+        })
+    }
+
+    /// Tokens per micro-batch this engine was sized for.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Forward, loss and backward of one micro-batch, as `autograd::forward_backward`: adds the
+    /// gradient of `inv_count * loss_sum` into `grads` (the layout of `lora.data`) and returns the
+    /// loss sum.
+    pub fn forward_backward(
+        &mut self,
+        lora: &LoraParams,
+        batch: &Batch,
+        inv_count: f32,
+        opts: GradOptions,
+        grads: &mut [f32],
+    ) -> Result<f64> {
+        ensure!(
+            grads.len() == lora.data.len(),
+            "gradient buffer does not match the adapters"
+        );
+        let dropout = (lora.config.dropout > 0.0).then_some(Dropout {
+            p: lora.config.dropout,
+            seed: opts.dropout_seed,
+        });
+        let t = self.load_batch(batch, Some(lora))?;
+        let max_len = batch.seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let layers = self.config.num_layers;
+        for l in 0..layers {
+            let a = if self.checkpointing { 0 } else { l };
+            self.layer_fwd(l, a, t, max_len, true, dropout)?;
+        }
+        let loss = self.loss_and_dh(t, inv_count)?;
+        // dx = rmsnorm_bwd(dh) of the final norm: the gradient of the last layer's output.
+        let (dev, s) = (&self.dev, &mut self.s);
+        dev.rmsnorm_bwd(&mut s.dx, &s.dh, &self.xs[layers], &self.norm, &s.rstd, t)?;
+        for l in (0..layers).rev() {
+            let a = if self.checkpointing { 0 } else { l };
+            if self.checkpointing {
+                self.layer_fwd(l, a, t, max_len, true, dropout)?;
+            }
+            self.layer_bwd(l, a, t, max_len, dropout)?;
+            std::mem::swap(&mut self.s.dx, &mut self.s.dx_in);
+        }
+        for slot in self.slots.iter().flatten().flatten() {
+            let da = self.dev.read(&slot.da, slot.slot.a.len())?;
+            let db = self.dev.read(&slot.db, slot.slot.b.len())?;
+            grads[slot.slot.a.clone()].iter_mut().zip(da).for_each(|(g, v)| *g += v);
+            grads[slot.slot.b.clone()].iter_mut().zip(db).for_each(|(g, v)| *g += v);
+        }
+        Ok(loss)
+    }
+
+    /// Loss sum of a batch without gradients or dropout (`lora: None`: the base model).
+    pub fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64> {
+        let t = self.load_batch(batch, lora)?;
+        let max_len = batch.seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        for l in 0..self.config.num_layers {
+            let a = if self.checkpointing { 0 } else { l };
+            self.layer_fwd(l, a, t, max_len, lora.is_some(), None)?;
+        }
+        self.loss_and_dh(t, 1.0)
+    }
+
+    /// Upload the batch (and the adapters, zeroing their gradients); returns its token count.
+    fn load_batch(&mut self, batch: &Batch, lora: Option<&LoraParams>) -> Result<usize> {
+        let t = batch.tokens.len();
+        ensure!(t > 0, "empty micro-batch");
+        ensure!(
+            t <= self.cap,
+            "a micro-batch of {t} tokens exceeds the {} this engine was sized for",
+            self.cap
+        );
+        let (dev, s) = (&self.dev, &mut self.s);
+        let ids: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
+        dev.write(&mut s.tokens, &ids)?;
+        let pos: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
+        dev.write(&mut s.positions, &pos)?;
+        let mut starts = vec![0i32; t];
+        for r in &batch.seqs {
+            starts[r.clone()].fill(r.start as i32);
+        }
+        dev.write(&mut s.seq_start, &starts)?;
+        let targets: Vec<i32> = batch.targets.iter().map(|x| x.map_or(-1, |v| v as i32)).collect();
+        dev.write(&mut s.targets, &targets)?;
+        if let Some(lora) = lora {
+            ensure!(
+                lora.config.r == self.rank,
+                "the adapters changed rank since the engine was built"
+            );
+            for slot in self.slots.iter_mut().flatten().flatten() {
+                dev.write(&mut slot.a, &to_bf16(&lora.data[slot.slot.a.clone()]))?;
+                dev.write(&mut slot.b, &to_bf16(&lora.data[slot.slot.b.clone()]))?;
+                dev.zero(&mut slot.da)?;
+                dev.zero(&mut slot.db)?;
+            }
+        }
+        dev.embedding_fwd(&mut self.xs[0], &self.embed, &s.tokens, t, self.config.hidden_size)?;
+        Ok(t)
+    }
+
+    /// Final norm, then the fused loss into s.dh; returns the loss sum.
+    fn loss_and_dh(&mut self, t: usize, inv_count: f32) -> Result<f64> {
+        let c = &self.config;
+        let (dev, s) = (&self.dev, &mut self.s);
+        dev.rmsnorm_fwd(
+            &mut s.h,
+            &mut s.rstd,
+            &self.xs[c.num_layers],
+            &self.norm,
+            t,
+            c.rms_norm_eps,
+        )?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        dev.cross_entropy_fwd_bwd(
+            &mut s.dh,
+            &mut s.loss,
+            &s.h,
+            head,
+            &s.targets,
+            t,
+            c.hidden_size,
+            inv_count,
+        )?;
+        Ok(dev.read(&s.loss, t)?.iter().map(|&l| l as f64).sum())
+    }
+}
+
+/// The adapters as one layer's projections see them.
+struct Adapt<'a, D: Device> {
+    /// This layer's slots; `None` runs the base model.
+    slots: Option<&'a mut [Option<DeviceSlot<D>>]>,
+    c: &'a ModelConfig,
+    l: usize,
+    rank: usize,
+    scale: f32,
+    dropout: Option<Dropout>,
+}
+
+impl<D: Device> Engine<D> {
+    /// Layer `l`'s forward from xs[l] into xs[l + 1], keeping its activations in acts[a].
+    fn layer_fwd(
+        &mut self,
+        l: usize,
+        a: usize,
+        t: usize,
+        max_len: usize,
+        adapted: bool,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        let Engine {
+            dev,
+            config: c,
+            layers,
+            slots,
+            xs,
+            acts,
+            s,
+            inv_freq,
+            rank,
+            scale,
+            ..
+        } = self;
+        let (layer, acts) = (&layers[l], &mut acts[a]);
+        let (head, tail) = xs.split_at_mut(l + 1);
+        let (x_in, out) = (&head[l], &mut tail[0]);
+        let ad = Adapt {
+            slots: adapted.then_some(&mut slots[l][..]),
+            c,
+            l,
+            rank: *rank,
+            scale: *scale,
+            dropout,
+        };
+        let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
+        let dims = [c.num_heads, c.num_kv_heads, c.head_dim];
+        let xa = &mut acts.xa;
+        dev.rmsnorm_fwd(&mut acts.h_attn, &mut acts.rstd_attn, x_in, &layer.attn_norm, t, eps)?;
+        proj_fwd(dev, layer, &ad, Proj::Q, &mut acts.q, &acts.h_attn, xa, &mut s.xd, t)?;
+        proj_fwd(dev, layer, &ad, Proj::K, &mut acts.k, &acts.h_attn, xa, &mut s.xd, t)?;
+        proj_fwd(dev, layer, &ad, Proj::V, &mut acts.v, &acts.h_attn, xa, &mut s.xd, t)?;
+        dev.rope_rotate(&mut acts.q, &s.positions, inv_freq, t, c.num_heads, 1.0)?;
+        dev.rope_rotate(&mut acts.k, &s.positions, inv_freq, t, c.num_kv_heads, 1.0)?;
+        dev.attention_fwd(&mut acts.att, &acts.q, &acts.k, &acts.v, &s.seq_start, t, dims, max_len)?;
+        proj_fwd(dev, layer, &ad, Proj::O, &mut acts.x_mid, &acts.att, xa, &mut s.xd, t)?;
+        dev.add(&mut acts.x_mid, x_in, t * d)?; // x_mid = x_in + o(att)
+        dev.rmsnorm_fwd(
+            &mut acts.h_mlp,
+            &mut acts.rstd_mlp,
+            &acts.x_mid,
+            &layer.mlp_norm,
+            t,
+            eps,
+        )?;
+        proj_fwd(
+            dev,
+            layer,
+            &ad,
+            Proj::Gate,
+            &mut acts.gate,
+            &acts.h_mlp,
+            xa,
+            &mut s.xd,
+            t,
+        )?;
+        proj_fwd(dev, layer, &ad, Proj::Up, &mut acts.up, &acts.h_mlp, xa, &mut s.xd, t)?;
+        dev.swiglu_fwd(&mut acts.act, &acts.gate, &acts.up, t * f)?;
+        proj_fwd(dev, layer, &ad, Proj::Down, out, &acts.act, xa, &mut s.xd, t)?;
+        dev.add(out, &acts.x_mid, t * d) // out = x_mid + down(act)
+    }
+
+    /// Layer `l`'s backward: from s.dx (gradient of its output) to s.dx_in (of its input),
+    /// accumulating its adapters' gradients. The math is `autograd::layer_bwd`'s:
+    ///   d x_mid = dout + rmsnorm_bwd(gate^T(dg) + up^T(du)),  dg, du = swiglu_bwd(down^T(dout))
+    ///   d x_in  = d x_mid + rmsnorm_bwd(q^T dq + k^T dk + v^T dv),
+    ///   dq, dk, dv = rope^-1(attention_bwd(o^T(d x_mid)))
+    fn layer_bwd(&mut self, l: usize, a: usize, t: usize, max_len: usize, dropout: Option<Dropout>) -> Result<()> {
+        let Engine {
+            dev,
+            config: c,
+            layers,
+            slots,
+            xs,
+            acts,
+            s,
+            inv_freq,
+            rank,
+            scale,
+            ..
+        } = self;
+        let (layer, acts, x_in) = (&layers[l], &acts[a], &xs[l]);
+        let mut ad = Adapt {
+            slots: Some(&mut slots[l][..]),
+            c,
+            l,
+            rank: *rank,
+            scale: *scale,
+            dropout,
+        };
+        let (d, f, kvd) = (c.hidden_size, c.intermediate_size, c.kv_dim());
+        let dims = [c.num_heads, c.num_kv_heads, c.head_dim];
+        let ps = &mut s.ps;
+
+        // MLP block.
+        proj_bwd(
+            dev,
+            layer,
+            &mut ad,
+            Proj::Down,
+            &s.dx,
+            &acts.act,
+            &acts.xa,
+            &mut s.d_act,
+            false,
+            ps,
+            t,
+        )?;
+        dev.swiglu_bwd(&mut s.d_gate, &mut s.d_up, &s.d_act, &acts.gate, &acts.up, t * f)?;
+        proj_bwd(
+            dev,
+            layer,
+            &mut ad,
+            Proj::Gate,
+            &s.d_gate,
+            &acts.h_mlp,
+            &acts.xa,
+            &mut s.dh,
+            false,
+            ps,
+            t,
+        )?;
+        proj_bwd(
+            dev,
+            layer,
+            &mut ad,
+            Proj::Up,
+            &s.d_up,
+            &acts.h_mlp,
+            &acts.xa,
+            &mut s.dh,
+            true,
+            ps,
+            t,
+        )?;
+        dev.rmsnorm_bwd(&mut s.dx_mid, &s.dh, &acts.x_mid, &layer.mlp_norm, &acts.rstd_mlp, t)?;
+        dev.add(&mut s.dx_mid, &s.dx, t * d)?;
+
+        // Attention block.
+        proj_bwd(
+            dev,
+            layer,
+            &mut ad,
+            Proj::O,
+            &s.dx_mid,
+            &acts.att,
+            &acts.xa,
+            &mut s.d_att,
+            false,
+            ps,
+            t,
+        )?;
+        dev.zero(&mut s.dk32)?;
+        dev.zero(&mut s.dv32)?;
+        dev.attention_bwd(
+            &mut s.dq,
+            &mut s.dk32,
+            &mut s.dv32,
+            &s.d_att,
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            &s.seq_start,
+            t,
+            dims,
+            max_len,
+        )?;
+        dev.cast_f32_bf16(&mut s.dk, &s.dk32, t * kvd)?;
+        dev.cast_f32_bf16(&mut s.dv, &s.dv32, t * kvd)?;
+        dev.rope_rotate(&mut s.dq, &s.positions, inv_freq, t, c.num_heads, -1.0)?;
+        dev.rope_rotate(&mut s.dk, &s.positions, inv_freq, t, c.num_kv_heads, -1.0)?;
+        proj_bwd(
+            dev,
+            layer,
+            &mut ad,
+            Proj::Q,
+            &s.dq,
+            &acts.h_attn,
+            &acts.xa,
+            &mut s.dh,
+            false,
+            ps,
+            t,
+        )?;
+        proj_bwd(
+            dev,
+            layer,
+            &mut ad,
+            Proj::K,
+            &s.dk,
+            &acts.h_attn,
+            &acts.xa,
+            &mut s.dh,
+            true,
+            ps,
+            t,
+        )?;
+        proj_bwd(
+            dev,
+            layer,
+            &mut ad,
+            Proj::V,
+            &s.dv,
+            &acts.h_attn,
+            &acts.xa,
+            &mut s.dh,
+            true,
+            ps,
+            t,
+        )?;
+        dev.rmsnorm_bwd(&mut s.dx_in, &s.dh, x_in, &layer.attn_norm, &acts.rstd_attn, t)?;
+        dev.add(&mut s.dx_in, &s.dx_mid, t * d)
+    }
+}
+
+/// `y = x W^T + b (+ s (dropout(x) A^T) B^T)`, saving `dropout(x) A^T` in xa[p].
+/// y: [t, out]; x: [t, in]; xa: per projection [t, r]; xd: [t, in] scratch for dropout(x).
+#[allow(clippy::too_many_arguments)]
+fn proj_fwd<D: Device>(
+    dev: &D,
+    layer: &DeviceLayer<D>,
+    ad: &Adapt<D>,
+    p: Proj,
+    y: &mut Bf<D>,
+    x: &Bf<D>,
+    xa: &mut [F32<D>],
+    xd: &mut Bf<D>,
+    t: usize,
+) -> Result<()> {
+    let i = p as usize;
+    dev.nf4_gemm_fwd(y, x, &layer.proj[i], layer.bias[i].as_ref(), t)?;
+    let Some(slot) = ad.slots.as_deref().and_then(|s| s[i].as_ref()) else {
+        return Ok(());
+    };
+    let x = match ad.dropout {
+        Some(dr) => {
+            dev.dropout(xd, x, dr.seed_for(ad.l, p), dr.p, t * p.shape(ad.c)[1])?;
+            &*xd
+        }
+        None => x,
+    };
+    dev.lora_fwd(y, &mut xa[i], x, &slot.a, &slot.b, t, ad.rank, ad.scale)
+}
+
+/// Backward of one projection (see `autograd::proj_bwd`):
+///   dx = dy W + dropout'(s (dy B) A),  dA += s (dy B)^T dropout(x),  dB += s dy^T (dropout(x) A^T)
+/// dx: [t, in], assigned or (with `accumulate`) added to; dy: [t, out]; x: [t, in]; xa: per projection.
+#[allow(clippy::too_many_arguments)]
+fn proj_bwd<D: Device>(
+    dev: &D,
+    layer: &DeviceLayer<D>,
+    ad: &mut Adapt<D>,
+    p: Proj,
+    dy: &Bf<D>,
+    x: &Bf<D>,
+    xa: &[F32<D>],
+    dx: &mut Bf<D>,
+    accumulate: bool,
+    ps: &mut ProjScratch<D>,
+    t: usize,
+) -> Result<()> {
+    let (i, n) = (p as usize, t * p.shape(ad.c)[1]);
+    let (r, scale) = (ad.rank, ad.scale);
+    let target = if accumulate { &mut ps.tmp } else { &mut *dx };
+    dev.nf4_gemm_bwd_input(target, dy, &layer.proj[i], t)?;
+    if let Some(slot) = ad.slots.as_deref_mut().and_then(|s| s[i].as_mut()) {
+        let (da, db) = (&mut slot.da, &mut slot.db);
+        match ad.dropout {
+            Some(dr) => {
+                let seed = dr.seed_for(ad.l, p);
+                dev.dropout(&mut ps.xd, x, seed, dr.p, n)?;
+                dev.zero(&mut ps.dlora)?;
+                dev.lora_bwd(
+                    &mut ps.dlora,
+                    da,
+                    db,
+                    &mut ps.g,
+                    dy,
+                    &ps.xd,
+                    &xa[i],
+                    &slot.a,
+                    &slot.b,
+                    t,
+                    r,
+                    scale,
+                )?;
+                dev.dropout(&mut ps.xd, &ps.dlora, seed, dr.p, n)?;
+                dev.add(target, &ps.xd, n)?;
+            }
+            None => dev.lora_bwd(target, da, db, &mut ps.g, dy, x, &xa[i], &slot.a, &slot.b, t, r, scale)?,
+        }
+    }
+    if accumulate {
+        dev.add(dx, &ps.tmp, n)?;
+    }
+    Ok(())
+}
