@@ -224,6 +224,44 @@ pub fn write_tiny_model(dir: &Path, v: TinyVariant) -> Result<()> {
     Ok(())
 }
 
+/// A variant's model built in memory from [`tiny_tensors`] (f32, without the dtype round trip of
+/// [`write_tiny_model`]).
+pub fn tiny_model(v: TinyVariant) -> crate::model::Model {
+    struct Mem(std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>);
+    impl crate::model::TensorSource for Mem {
+        fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+            match self.0.get(name) {
+                Some((s, data)) if s == shape => Ok(data.clone()),
+                Some((s, _)) => bail!("{name} is {s:?}, not {shape:?}"),
+                None => bail!("no tensor {name}"),
+            }
+        }
+        fn contains(&self, name: &str) -> bool {
+            self.0.contains_key(name)
+        }
+    }
+    let tensors = Mem(tiny_tensors(v).into_iter().map(|(n, s, d)| (n, (s, d))).collect());
+    let c = crate::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
+    crate::model::Model::from_weights(c, &tensors).expect("tiny tensors match their config")
+}
+
+/// A packed batch of random tokens below `vocab`: one sequence per length, labelled on its second
+/// half (as a prompt / answer split would be).
+pub fn tiny_batch(seed: u64, lens: &[usize], vocab: usize) -> crate::autograd::Batch {
+    let mut rng = Rng::new(seed);
+    let seqs: Vec<(Vec<u32>, Vec<Option<u32>>)> = lens
+        .iter()
+        .map(|&n| {
+            let tokens: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
+            let targets = (0..n)
+                .map(|i| (i >= n / 2 && i + 1 < n).then(|| tokens[i + 1]))
+                .collect();
+            (tokens, targets)
+        })
+        .collect();
+    crate::autograd::Batch::pack(seqs.iter().map(|(t, y)| (&t[..], &y[..])))
+}
+
 /// FNV-1a, 64-bit: a dependency-free fingerprint of a file's bytes (golden files record the one of
 /// the weights they were made from).
 pub fn fnv1a64(bytes: &[u8]) -> u64 {

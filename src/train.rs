@@ -7,6 +7,8 @@
 
 use crate::autograd::{forward_backward, loss_sum, Batch, GradOptions};
 use crate::data::Encoded;
+use crate::engine::step::Engine;
+use crate::engine::Device;
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, HostPages, Schedule};
@@ -107,6 +109,9 @@ pub struct StepReport {
     pub tokens: usize,
     pub labels: usize,
     pub seconds: f64,
+    /// Bytes of device memory in use after the step (GPU runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_memory: Option<usize>,
 }
 
 /// Execution accuracy on a validation sample, every `every` steps and at the end.
@@ -128,6 +133,9 @@ pub struct Evals {
 
 pub struct Trainer {
     pub model: Model,
+    /// Where steps and validation losses run: `None` is the f32 CPU reference (`autograd`);
+    /// otherwise a device engine (`engine::step`). Generation for the SQL evaluation stays on the CPU.
+    pub engine: Option<Box<dyn StepEngine>>,
     /// Optional execution-accuracy evaluation; the best adapter by it is kept in `out/best/`.
     pub sql_eval: Option<SqlEval>,
     pub lora: LoraParams,
@@ -162,6 +170,7 @@ impl Trainer {
         let fingerprint = fingerprint(&train, &config);
         Ok(Trainer {
             model,
+            engine: None,
             sql_eval: None,
             lora,
             opt,
@@ -175,6 +184,22 @@ impl Trainer {
             out: out.to_path_buf(),
             base_model: base_model.to_string(),
         })
+    }
+
+    /// Run steps and validation on `dev`, with buffers sized for the longest possible micro-batch
+    /// (the micro-batch size times the longest example).
+    pub fn use_device<D: Device + 'static>(&mut self, dev: D) -> Result<()> {
+        let longest = self
+            .train
+            .iter()
+            .chain(&self.val)
+            .map(|e| e.tokens.len())
+            .max()
+            .unwrap_or(1);
+        let cap = self.config.micro_batch * longest;
+        let engine = Engine::new(dev, &self.model, &self.lora, cap, self.config.checkpointing)?;
+        self.engine = Some(Box::new(engine));
+        Ok(())
     }
 
     /// Examples per optimizer step.
@@ -257,7 +282,10 @@ impl Trainer {
                 checkpointing: c.checkpointing,
                 dropout_seed: c.seed ^ ((self.state.step as u64) << 16 | m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             };
-            loss += forward_backward(&self.model, &self.lora, batch, inv, opts, &mut grads);
+            loss += match &mut self.engine {
+                Some(e) => e.forward_backward(&self.lora, batch, inv, opts, &mut grads)?,
+                None => forward_backward(&self.model, &self.lora, batch, inv, opts, &mut grads),
+            };
         }
         let loss = loss / labels as f64;
         let grad_norm = clip_grad_norm(&mut grads, c.max_grad_norm);
@@ -290,21 +318,25 @@ impl Trainer {
             tokens: micro.iter().map(|b| b.tokens.len()).sum(),
             labels,
             seconds: started.elapsed().as_secs_f64(),
+            device_memory: self.engine.as_ref().and_then(|e| e.memory_used()),
         })
     }
 
     /// Mean loss per labelled token over the validation examples, without dropout.
-    pub fn eval_loss(&self) -> Option<f64> {
+    pub fn eval_loss(&mut self) -> Result<Option<f64>> {
         if self.val.is_empty() {
-            return None;
+            return Ok(None);
         }
         let (mut sum, mut labels) = (0f64, 0usize);
         for chunk in self.val.chunks(self.config.micro_batch) {
             let batch = Batch::pack(chunk.iter().map(|e| (&e.tokens[..], &e.targets[..])));
-            sum += loss_sum(&self.model, Some(&self.lora), &batch);
+            sum += match &mut self.engine {
+                Some(e) => e.loss_sum(Some(&self.lora), &batch)?,
+                None => loss_sum(&self.model, Some(&self.lora), &batch),
+            };
             labels += batch.label_count();
         }
-        Some(sum / labels.max(1) as f64)
+        Ok(Some(sum / labels.max(1) as f64))
     }
 
     /// Append a JSON line to `out/metrics.jsonl`.
@@ -451,7 +483,7 @@ impl Trainer {
             let r = self.step()?;
             let c = &self.config;
             let eval = if (c.eval_every > 0 && r.step % c.eval_every == 0) || r.step == self.total_steps() {
-                self.eval_loss()
+                self.eval_loss()?
             } else {
                 None
             };
@@ -488,6 +520,47 @@ impl Trainer {
             }
         }
         Ok(())
+    }
+}
+
+/// A training step on some device, behind one object-safe interface (see `engine::step::Engine`).
+pub trait StepEngine {
+    /// One line naming the device.
+    fn describe(&self) -> String;
+    /// As `autograd::forward_backward`.
+    fn forward_backward(
+        &mut self,
+        lora: &LoraParams,
+        batch: &Batch,
+        inv_count: f32,
+        opts: GradOptions,
+        grads: &mut [f32],
+    ) -> Result<f64>;
+    /// As `autograd::loss_sum`.
+    fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64>;
+    /// Device memory in use, where the device can tell.
+    fn memory_used(&self) -> Option<usize>;
+}
+
+impl<D: Device> StepEngine for Engine<D> {
+    fn describe(&self) -> String {
+        self.dev.describe()
+    }
+    fn forward_backward(
+        &mut self,
+        lora: &LoraParams,
+        batch: &Batch,
+        inv_count: f32,
+        opts: GradOptions,
+        grads: &mut [f32],
+    ) -> Result<f64> {
+        Engine::forward_backward(self, lora, batch, inv_count, opts, grads)
+    }
+    fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64> {
+        Engine::loss_sum(self, lora, batch)
+    }
+    fn memory_used(&self) -> Option<usize> {
+        self.dev.memory_used()
     }
 }
 

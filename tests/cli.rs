@@ -503,3 +503,34 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
         "one line per step, none twice"
     );
 }
+
+#[test]
+fn train_device_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, out) = (dir.path().join("model"), dir.path().join("run"));
+    write_tiny_model(&model, TinyVariant::Qwen2Tied).unwrap();
+    let train = |device: &str| {
+        Command::new(env!("CARGO_BIN_EXE_train"))
+            .args(["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .args(["--device", device, "--max-steps", "1", "--batch", "1", "--lora-r", "4"])
+            .args(["--max-seq-len", "4096"])
+            .output()
+            .unwrap()
+    };
+    // The device step on the CPU trains and writes the same files.
+    let o = train("cpu-bf16");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("device: CPU, bf16 storage"), "{err}");
+    assert!(out.join("adapter_model.safetensors").exists());
+    // An unknown device is named; without a GPU, asking for one says why it cannot be used.
+    let o = train("tpu");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown device \"tpu\""));
+    if let Some(why) = sqlora::backend::cuda::unavailable() {
+        let o = train("cuda");
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--device cuda") && err.contains(&why), "{err}");
+    }
+}

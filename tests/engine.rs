@@ -11,26 +11,13 @@ use sqlora::engine::host::Host;
 use sqlora::engine::step::Engine;
 use sqlora::lora::LoraParams;
 use sqlora::model::Model;
-use sqlora::rng::Rng;
-use sqlora::tiny::{tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
+use sqlora::tiny::{tiny_adapter, tiny_batch, write_tiny_model, TinyVariant, TINY_VOCAB};
 
 fn setup(v: TinyVariant) -> (Model, LoraParams, Batch) {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), v).unwrap();
     let model = Model::load_dir(dir.path()).unwrap().quantize_nf4();
-    let mut rng = Rng::new(0x5eed ^ v as u64);
-    let seqs: Vec<(Vec<u32>, Vec<Option<u32>>)> = [11usize, 4, 23]
-        .iter()
-        .map(|&n| {
-            let tokens: Vec<u32> = (0..n).map(|_| rng.below(TINY_VOCAB as u64) as u32).collect();
-            // Labels on the second half, as a prompt/answer split would give.
-            let targets = (0..n)
-                .map(|i| (i >= n / 2 && i + 1 < n).then(|| tokens[i + 1]))
-                .collect();
-            (tokens, targets)
-        })
-        .collect();
-    let batch = Batch::pack(seqs.iter().map(|(t, y)| (&t[..], &y[..])));
+    let batch = tiny_batch(0x5eed ^ v as u64, &[11, 4, 23], TINY_VOCAB);
     (model, tiny_adapter(v), batch)
 }
 

@@ -384,3 +384,56 @@ fn execution_accuracy_after_memorising_is_high_and_the_best_adapter_is_kept() {
     let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(log.matches("exec_accuracy").count(), 2);
 }
+
+/// The same run with its steps on the device engine (here the CPU with bf16 storage, as on a GPU).
+fn device_trainer(s: &Setup, c: TrainConfig, out: &Path) -> Trainer {
+    let mut t = trainer(s, c, out);
+    t.use_device(sqlora::engine::host::Host).unwrap();
+    t
+}
+
+#[test]
+fn the_device_step_trains_like_the_reference() {
+    let s = setup();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut reference = trainer(&s, config(2, 2), d1.path());
+    let mut device = device_trainer(&s, config(2, 2), d2.path());
+    let (want, got) = (run(&mut reference, 6), run(&mut device, 6));
+    for (w, g) in want.iter().zip(&got) {
+        let err = (g.loss - w.loss).abs() / w.loss;
+        assert!(err < 1e-2, "step {}: loss {} vs reference {}", w.step, g.loss, w.loss);
+        let err = (g.grad_norm - w.grad_norm).abs() / w.grad_norm;
+        assert!(
+            err < 5e-2,
+            "step {}: |g| {} vs reference {}",
+            w.step,
+            g.grad_norm,
+            w.grad_norm
+        );
+    }
+    assert!(
+        got[5].loss < got[0].loss,
+        "the loss fell: {} -> {}",
+        got[0].loss,
+        got[5].loss
+    );
+    let err = rel_err(&device.lora.data, &reference.lora.data);
+    assert!(err < 5e-2, "adapters after 6 steps differ by {err:e}");
+    assert!(device.eval_loss().unwrap().is_some());
+}
+
+#[test]
+fn resume_on_the_device_reproduces_the_uninterrupted_run_exactly() {
+    let s = setup();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut whole = device_trainer(&s, config(2, 1), d1.path());
+    let straight: Vec<f64> = run(&mut whole, 4).iter().map(|r| r.loss).collect();
+    let mut first = device_trainer(&s, config(2, 1), d2.path());
+    let mut losses: Vec<f64> = run(&mut first, 2).iter().map(|r| r.loss).collect();
+    drop(first);
+    let mut second = device_trainer(&s, config(2, 1), d2.path());
+    second.resume_from(&second.latest_checkpoint().unwrap()).unwrap();
+    losses.extend(run(&mut second, 4).iter().map(|r| r.loss));
+    assert_eq!(losses, straight);
+    assert_eq!(second.lora.data, whole.lora.data);
+}

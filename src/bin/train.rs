@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use sqlora::backend::cuda;
 use sqlora::data::{encode, read_jsonl, Encoded};
 use sqlora::lora::LoraConfig;
 use sqlora::model::Model;
@@ -41,8 +42,10 @@ struct Args {
     /// Output directory: adapter files, checkpoints, metrics.jsonl.
     #[arg(long)]
     out: PathBuf,
-    /// Compute device; only `cpu` is available in this build.
-    #[arg(long, default_value = "cpu")]
+    /// Compute device: `cuda` (our kernels on GPU 0), `cpu` (the f32 reference), `cpu-bf16` (the
+    /// device step on the CPU, bf16 storage as on the GPU: slow, for checking), or `auto` (`cuda`
+    /// when a GPU and kernels are present, else `cpu`).
+    #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
@@ -185,7 +188,7 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
 }
 
 /// `--dry-run`: the plan, the estimate, and whether it fits.
-fn dry_run(a: &Args) -> Result<()> {
+fn dry_run(a: &Args, device: Dev) -> Result<()> {
     use sqlora::memory::{available_memory, flops_per_token, measure_cpu_flops, plan, suggestions, PlanInput};
     let config = if sqlora::model::is_gguf(&a.model) {
         let f = sqlora::gguf::GgufFile::open(&a.model)?;
@@ -203,22 +206,35 @@ fn dry_run(a: &Args) -> Result<()> {
         threads: rayon::current_num_threads(),
     };
     let p = plan(&config, &input);
+    let gpu = match device {
+        Dev::Cuda => Some(cuda::Cuda::new()?),
+        Dev::Cpu | Dev::CpuBf16 => None,
+    };
+    let where_ = gpu.as_ref().map_or("CPU".to_string(), |g| g.name());
     println!(
-        "memory plan (CPU backend; {} sequences of up to {} tokens per micro-batch):",
+        "memory plan ({where_}; {} sequences of up to {} tokens per micro-batch):",
         a.batch, a.max_seq_len
     );
     println!("{p}");
-    let rate = measure_cpu_flops();
     let per_token = flops_per_token(&config, a.max_seq_len / 2, a.checkpointing);
-    println!(
-        "estimated throughput: {:.0} tokens/s ({:.1} GFLOP per token at {:.1} GFLOP/s measured on this machine)",
-        rate / per_token,
-        per_token / 1e9,
-        rate / 1e9
-    );
-    let budget = match a.memory_budget {
-        Some(g) => Some((g * (1u64 << 30) as f64) as u64),
-        None => available_memory(),
+    if gpu.is_some() {
+        println!(
+            "{:.1} GFLOP per token; for the GPU's rate on this shape run `sqlora bench train`",
+            per_token / 1e9
+        );
+    } else {
+        let rate = measure_cpu_flops();
+        println!(
+            "estimated throughput: {:.0} tokens/s ({:.1} GFLOP per token at {:.1} GFLOP/s measured on this machine)",
+            rate / per_token,
+            per_token / 1e9,
+            rate / 1e9
+        );
+    }
+    let budget = match (a.memory_budget, &gpu) {
+        (Some(g), _) => Some((g * (1u64 << 30) as f64) as u64),
+        (None, Some(g)) => Some(g.total_memory() as u64),
+        (None, None) => available_memory(),
     };
     match budget {
         Some(b) if p.total() > b => {
@@ -266,15 +282,37 @@ fn load_examples(path: &Path, tok: &Tokenizer, eos: u32, max_len: usize) -> Resu
     Ok(out)
 }
 
+/// What `--device` asks for, resolved: `auto` becomes `cuda` when a GPU can be used.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dev {
+    Cpu,
+    CpuBf16,
+    Cuda,
+}
+
+fn resolve_device(name: &str) -> Result<Dev> {
+    Ok(match name {
+        "cpu" => Dev::Cpu,
+        "cpu-bf16" => Dev::CpuBf16,
+        "cuda" => match cuda::unavailable() {
+            None => Dev::Cuda,
+            Some(why) => bail!("--device cuda: {why}"),
+        },
+        "auto" => match cuda::unavailable() {
+            None => Dev::Cuda,
+            Some(why) => {
+                eprintln!("training on the CPU reference backend: {why}");
+                Dev::Cpu
+            }
+        },
+        other => bail!("unknown device \"{other}\": one of auto, cuda, cpu, cpu-bf16"),
+    })
+}
+
 fn run(a: Args) -> Result<()> {
-    if a.device != "cpu" {
-        bail!(
-            "device \"{}\" is not available: this build trains on the CPU reference backend (--device cpu)",
-            a.device
-        );
-    }
+    let device = resolve_device(&a.device)?;
     if a.dry_run {
-        return dry_run(&a);
+        return dry_run(&a, device);
     }
     let tok = Tokenizer::load(&a.model)?;
     let mut model = Model::load(&a.model)?;
@@ -361,6 +399,14 @@ fn run(a: Args) -> Result<()> {
             None => eprintln!("no checkpoint in {}: starting from scratch", a.out.display()),
         }
     }
+    match device {
+        Dev::Cpu => {}
+        Dev::CpuBf16 => trainer.use_device(sqlora::engine::host::Host)?,
+        Dev::Cuda => trainer.use_device(cuda::Cuda::new()?)?,
+    }
+    if let Some(e) = &trainer.engine {
+        eprintln!("device: {}", e.describe());
+    }
     let total = trainer.total_steps();
     eprintln!(
         "training {} adapter parameters ({} examples/step, {total} steps, NF4 base: {})",
@@ -394,8 +440,12 @@ fn run(a: Args) -> Result<()> {
     };
     trainer.run(total, &|| stop.load(Ordering::SeqCst), &mut |r, evals| {
         let skipped = if r.skipped { "  SKIPPED (non-finite)" } else { "" };
+        let memory = r
+            .device_memory
+            .map(|b| format!("  mem {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+            .unwrap_or_default();
         let line = format!(
-            "epoch {:.2}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{skipped}",
+            "epoch {:.2}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{memory}{skipped}",
             r.epoch,
             r.loss,
             r.lr,

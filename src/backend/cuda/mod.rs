@@ -9,6 +9,7 @@
 mod device;
 mod ops;
 pub mod selftest;
+mod selftest_step;
 
 use super::kernels;
 use anyhow::{bail, Context, Result};
@@ -33,6 +34,7 @@ pub fn unavailable() -> Option<String> {
 }
 
 /// The kernels, loaded.
+#[derive(Clone)]
 pub struct Kernels {
     pub rmsnorm_fwd: CudaFunction,
     pub rmsnorm_bwd: CudaFunction,
@@ -74,6 +76,7 @@ fn gemm_tiles(rows: usize, cols: usize) -> LaunchConfig {
 }
 
 /// An opened GPU with our kernels loaded.
+#[derive(Clone)]
 pub struct Cuda {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -113,6 +116,16 @@ fn block_per_row(rows: usize) -> LaunchConfig {
 }
 
 impl Cuda {
+    /// The GPU's name.
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    /// Bytes of device memory in all.
+    pub fn total_memory(&self) -> usize {
+        self.ctx.mem_get_info().map_or(0, |(_, total)| total)
+    }
+
     /// Open GPU 0 and load every kernel.
     pub fn new() -> Result<Cuda> {
         if let Some(why) = unavailable() {

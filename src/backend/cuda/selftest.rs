@@ -1,6 +1,7 @@
 //! `sqlora selftest`: every CUDA kernel against the CPU reference, on fresh random inputs at several
 //! sizes (odd ones included), with outputs poisoned (NaN) before each run so an unwritten element
-//! fails. The measure is ‖gpu − cpu‖ / ‖cpu‖, with a tolerance suited to bf16 outputs.
+//! fails. The measure is ‖gpu − cpu‖ / ‖cpu‖, with a tolerance suited to bf16 outputs. Then a whole
+//! training step of tiny models on both devices (`selftest_step.rs`).
 
 use super::Cuda;
 use crate::backend::cpu;
@@ -25,7 +26,7 @@ pub struct Check {
     pub pass: bool,
 }
 
-fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+pub(super) fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
     if gpu.len() != cpu.len() || gpu.iter().any(|v| !v.is_finite()) {
         return f64::INFINITY;
     }
@@ -442,5 +443,6 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         push("dropout", n.to_string(), rel_err(&got, &bf(&want)), 0.0);
     }
     gpu.stream.synchronize()?;
+    super::selftest_step::run(gpu, &mut out)?;
     Ok(out)
 }
