@@ -14,6 +14,7 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod engine;

@@ -198,6 +198,29 @@ impl Nf4Tensor {
     }
 
     /// Number of logical elements.
+    /// A random tensor of the given shape, without quantizing one: uniformly random codes and block
+    /// scales uniform in [0.5, 1.5) x `scale` (double-quantized as usual). For benchmarks, which need
+    /// the bytes and the work of a real weight, never zeros.
+    pub fn random(shape: &[usize], scale: f32, rng: &mut crate::rng::Rng) -> Nf4Tensor {
+        let n: usize = shape.iter().product();
+        let mut packed = Vec::with_capacity(n.div_ceil(2) + 8);
+        while packed.len() < n.div_ceil(2) {
+            packed.extend_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        packed.truncate(n.div_ceil(2));
+        let absmax: Vec<f32> = (0..n.div_ceil(BLOCK))
+            .map(|_| rng.uniform_in(0.5, 1.5) * scale)
+            .collect();
+        let scales = DoubleQuant::quantize(&absmax);
+        let absmax = scales.dequantize();
+        Nf4Tensor {
+            shape: shape.to_vec(),
+            packed,
+            scales,
+            absmax,
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

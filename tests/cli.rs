@@ -534,3 +534,21 @@ fn train_device_choices() {
         assert!(err.contains("--device cuda") && err.contains(&why), "{err}");
     }
 }
+
+#[test]
+fn bench_train_times_steps_of_a_named_shape() {
+    let out = sqlora(&[
+        "bench", "train", "--shape", "tiny", "--batch", "2", "--seq", "24", "--steps", "2", "--warmup", "1",
+        "--device", "cpu-bf16", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["tokens_per_s"].as_f64().map(|v| v > 0.0), Some(true), "{r}");
+    assert_eq!(r["timed_steps"], 2);
+    // Random weights and tokens: the loss is about ln(vocab) = ln(272) = 5.6.
+    let loss = r["loss"].as_f64().unwrap();
+    assert!((loss - 272f64.ln()).abs() < 1.0, "loss {loss}");
+    let bad = sqlora(&["bench", "train", "--shape", "gpt-5", "--device", "cpu-bf16"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown shape \"gpt-5\""));
+}

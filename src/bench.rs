@@ -1,0 +1,224 @@
+//! `sqlora bench train`: time the training step on a model of a real shape with random NF4 weights
+//! (never zeros), LoRA r 16 on all seven projections, batch B x T tokens. It reports tokens/s,
+//! ms/step, the device memory in use, and MFU (useful FLOPs over a peak rate).
+//!
+//! A timed step is what `train` does per optimizer step: forward, loss and backward on the device,
+//! then gradient clipping and AdamW over the adapters on the host.
+
+use crate::autograd::{Batch, GradOptions};
+use crate::backend::cpu::{Linear, LinearWeight};
+use crate::config::ModelConfig;
+use crate::lora::{LoraConfig, LoraParams};
+use crate::model::{rope_inv_freq, Layer, Model, Proj};
+use crate::nf4::Nf4Tensor;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, HostPages};
+use crate::rng::Rng;
+use crate::train::StepEngine;
+use anyhow::{bail, Result};
+use serde::Serialize;
+use serde_json::json;
+use std::time::Instant;
+
+/// The shapes `bench train` knows, as HF config.json fields.
+pub const SHAPES: [&str; 6] = [
+    "llama-3.2-1b",
+    "qwen2.5-0.5b",
+    "tinyllama-1.1b",
+    "qwen2.5-1.5b",
+    "smollm2-135m",
+    "tiny",
+];
+
+/// The config of a named shape.
+pub fn shape_config(name: &str) -> Result<ModelConfig> {
+    // (arch, d, f, layers, heads, kv heads, vocab, tied, rope theta)
+    let (arch, d, f, l, h, kv, vocab, tied, theta) = match name {
+        "llama-3.2-1b" => ("llama", 2048, 8192, 16, 32, 8, 128_256, true, 500_000.0),
+        "qwen2.5-0.5b" => ("qwen2", 896, 4864, 24, 14, 2, 151_936, true, 1_000_000.0),
+        "tinyllama-1.1b" => ("llama", 2048, 5632, 22, 32, 4, 32_000, false, 10_000.0),
+        "qwen2.5-1.5b" => ("qwen2", 1536, 8960, 28, 12, 2, 151_936, true, 1_000_000.0),
+        "smollm2-135m" => ("llama", 576, 1536, 30, 9, 3, 49_152, true, 100_000.0),
+        "tiny" => ("llama", 64, 160, 2, 4, 2, 272, false, 10_000.0),
+        other => bail!("unknown shape \"{other}\": one of {}", SHAPES.join(", ")),
+    };
+    let mut j = json!({
+        "architectures": [if arch == "llama" { "LlamaForCausalLM" } else { "Qwen2ForCausalLM" }],
+        "model_type": arch,
+        "hidden_size": d,
+        "intermediate_size": f,
+        "num_hidden_layers": l,
+        "num_attention_heads": h,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "rope_theta": theta,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 32768,
+        "eos_token_id": 0,
+    });
+    if name == "llama-3.2-1b" {
+        j["rope_scaling"] = json!({
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192
+        });
+    }
+    ModelConfig::from_json(&j.to_string())
+}
+
+/// A model of the config's shape with random weights: NF4 projections with random codes and scales
+/// near 0.02 (so activations stay O(1)), N(0, 0.02^2) embeddings, unit-ish norm gains.
+pub fn random_model(c: &ModelConfig, seed: u64) -> Model {
+    let mut rng = Rng::new(seed);
+    let (d, vocab) = (c.hidden_size, c.vocab_size);
+    let dense = |rng: &mut Rng, n: usize, k: usize| Linear::dense(n, k, rng.normal_vec(n * k, 0.02), None);
+    let gain = |rng: &mut Rng| -> Vec<f32> { (0..d).map(|_| rng.uniform_in(0.9, 1.1)).collect() };
+    let layers = (0..c.num_layers)
+        .map(|_| Layer {
+            attn_norm: gain(&mut rng),
+            mlp_norm: gain(&mut rng),
+            proj: Proj::ALL.map(|p| {
+                let [out, inp] = p.shape(c);
+                Linear {
+                    out_features: out,
+                    in_features: inp,
+                    weight: LinearWeight::Nf4(Nf4Tensor::random(&[out, inp], 1.0 / (inp as f32).sqrt(), &mut rng)),
+                    bias: p.has_bias(c).then(|| rng.normal_vec(out, 0.02)),
+                }
+            }),
+        })
+        .collect();
+    Model {
+        embed: dense(&mut rng, vocab, d),
+        lm_head: (!c.tie_word_embeddings).then(|| dense(&mut rng, vocab, d)),
+        norm: gain(&mut rng),
+        inv_freq: rope_inv_freq(c),
+        layers,
+        config: c.clone(),
+    }
+}
+
+/// Builds the engine a benchmark times, from the model, the adapters and the tokens per step.
+pub type EngineFor<'a> = dyn FnMut(&Model, &LoraParams, usize) -> Result<Box<dyn StepEngine>> + 'a;
+
+/// What one benchmark measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub shape: String,
+    pub device: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub warmup_steps: usize,
+    pub timed_steps: usize,
+    pub adapter_params: usize,
+    pub tokens_per_s: f64,
+    pub ms_per_step: f64,
+    /// Device memory in use at the end of the timed steps (all buffers are allocated before them).
+    pub device_memory_bytes: Option<usize>,
+    /// Useful FLOP/s over `peak_flops`.
+    pub mfu: f64,
+    pub peak_flops: f64,
+    /// Mean loss of the timed steps (random weights and tokens: about ln(vocab)).
+    pub loss: f64,
+}
+
+/// Run `warmup` then `steps` timed steps of `batch` sequences of `seq` random tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_train(
+    shape: &str,
+    engine_for: &mut EngineFor,
+    batch: usize,
+    seq: usize,
+    warmup: usize,
+    steps: usize,
+    checkpointing: bool,
+    peak_flops: f64,
+) -> Result<BenchReport> {
+    if batch == 0 || seq < 2 || steps == 0 {
+        bail!("bench train needs --batch >= 1, --seq >= 2 and --steps >= 1");
+    }
+    let c = shape_config(shape)?;
+    let model = random_model(&c, 0xbe7c);
+    let lora_config = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.05,
+        use_rslora: false,
+        targets: Proj::ALL.to_vec(),
+    };
+    let mut lora = LoraParams::init(&c, lora_config, 1);
+    // PEFT starts B at zero; give it values so every branch of the backward does real work.
+    let mut rng = Rng::new(2);
+    lora.data.iter_mut().for_each(|x| *x += rng.normal() * 1e-3);
+    let mut engine = engine_for(&model, &lora, batch * seq)?;
+    let mut opt = AdamW::new(AdamWConfig::default(), Box::new(HostPages::new(lora.len(), 1 << 20)));
+    let seqs: Vec<(Vec<u32>, Vec<Option<u32>>)> = (0..batch)
+        .map(|_| {
+            let toks: Vec<u32> = (0..seq).map(|_| rng.below(c.vocab_size as u64) as u32).collect();
+            let targets = (0..seq).map(|i| toks.get(i + 1).copied()).collect();
+            (toks, targets)
+        })
+        .collect();
+    let b = Batch::pack(seqs.iter().map(|(t, y)| (&t[..], &y[..])));
+    let inv = 1.0 / b.label_count() as f32;
+    let mut grads = vec![0f32; lora.len()];
+    let (mut started, mut loss) = (Instant::now(), 0.0);
+    for s in 0..warmup + steps {
+        if s == warmup {
+            started = Instant::now();
+        }
+        grads.fill(0.0);
+        let opts = GradOptions {
+            checkpointing,
+            dropout_seed: s as u64,
+        };
+        let l = engine.forward_backward(&lora, &b, inv, opts, &mut grads)? * inv as f64;
+        clip_grad_norm(&mut grads, 1.0);
+        opt.update(&mut lora.data, &grads, 1e-4);
+        if s >= warmup {
+            loss += l / steps as f64;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens_per_s = (batch * seq * steps) as f64 / seconds;
+    let useful = crate::memory::flops_per_token(&c, seq, checkpointing) * tokens_per_s;
+    Ok(BenchReport {
+        shape: shape.into(),
+        device: engine.describe(),
+        batch,
+        seq,
+        warmup_steps: warmup,
+        timed_steps: steps,
+        adapter_params: lora.len(),
+        tokens_per_s,
+        ms_per_step: seconds * 1e3 / steps as f64,
+        device_memory_bytes: engine.memory_used(),
+        mfu: useful / peak_flops,
+        peak_flops,
+        loss,
+    })
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "bench train: {} (NF4, random weights), LoRA r16 on all 7 projections ({} params), batch {} x {} tokens",
+            self.shape, self.adapter_params, self.batch, self.seq
+        )?;
+        writeln!(f, "device: {}", self.device)?;
+        writeln!(
+            f,
+            "{} warm-up + {} timed steps: {:.0} tokens/s, {:.1} ms/step, loss {:.3}",
+            self.warmup_steps, self.timed_steps, self.tokens_per_s, self.ms_per_step, self.loss
+        )?;
+        let mem = self
+            .device_memory_bytes
+            .map_or("n/a".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64));
+        let peak = if self.peak_flops >= 1e12 {
+            format!("{:.0} TFLOP/s", self.peak_flops / 1e12)
+        } else {
+            format!("{:.1} GFLOP/s", self.peak_flops / 1e9)
+        };
+        write!(f, "device memory in use: {mem}; MFU {:.1}% of {peak}", self.mfu * 100.0)
+    }
+}
