@@ -356,10 +356,7 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
         bail!("device \"{device}\" is not available: this build runs on the CPU reference backend (--device cpu)");
     }
     let tokenizer = Tokenizer::load(dir)?;
-    let mut model = Model::load(dir)?;
-    if nf4 {
-        model = model.quantize_nf4();
-    }
+    let model = Model::load_as(dir, nf4)?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -564,10 +561,7 @@ fn predict(
     nf4: bool,
 ) -> Result<()> {
     let tok = Tokenizer::load(model_path)?;
-    let mut model = Model::load(model_path)?;
-    if nf4 {
-        model = model.quantize_nf4();
-    }
+    let model = Model::load_as(model_path, nf4)?;
     let lora = adapter
         .map(|a| sqlora::lora::LoraParams::load_peft(a, &model.config))
         .transpose()?;

@@ -150,33 +150,49 @@ impl Model {
     /// Load `config.json` (with the stop tokens of `generation_config.json`, if present) and the
     /// safetensors weights of an HF model directory (f32 compute).
     pub fn load_dir(dir: &Path) -> Result<Model> {
+        Model::load_dir_as(dir, false)
+    }
+
+    fn load_dir_as(dir: &Path, nf4: bool) -> Result<Model> {
         let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
         config.add_generation_stops(dir)?;
         let weights = Weights::open_dir(dir)?;
-        Model::from_weights(config, &weights)
+        Model::from_weights_as(config, &weights, nf4)
     }
 
     /// Load an HF model directory or a `.gguf` file.
     pub fn load(path: &Path) -> Result<Model> {
+        Model::load_as(path, false)
+    }
+
+    /// [`Model::load`], with every projection quantized to NF4 as soon as it is read (`nf4`), so the
+    /// host never holds more than one projection in f32: the same model as `load(path)?.quantize_nf4()`
+    /// at a fraction of the peak memory.
+    pub fn load_as(path: &Path, nf4: bool) -> Result<Model> {
         if is_gguf(path) {
             let file = crate::gguf::GgufFile::open(path)?;
             let config = ModelConfig::from_json(&file.hf_config()?.to_string())
                 .with_context(|| format!("the architecture of {}", path.display()))?;
-            Model::from_weights(config, &crate::gguf::arch::GgufTensors::new(&file)?)
+            Model::from_weights_as(config, &crate::gguf::arch::GgufTensors::new(&file)?, nf4)
         } else {
-            Model::load_dir(path)
+            Model::load_dir_as(path, nf4)
         }
     }
 
     /// Build the model from named HF tensors, checking every shape against the config.
     pub fn from_weights(config: ModelConfig, w: &dyn TensorSource) -> Result<Model> {
+        Model::from_weights_as(config, w, false)
+    }
+
+    /// [`Model::from_weights`], quantizing each projection to NF4 as it is read when `nf4`.
+    pub fn from_weights_as(config: ModelConfig, w: &dyn TensorSource, nf4: bool) -> Result<Model> {
         let c = &config;
         let (d, vocab) = (c.hidden_size, c.vocab_size);
         let embed = Linear::dense(vocab, d, w.f32("model.embed_tokens.weight", &[vocab, d])?, None);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let norm = |name: &str| w.f32(&format!("model.layers.{i}.{name}.weight"), &[d]);
-            let proj = Proj::ALL.map(|p| load_linear(w, c, p, i));
+            let proj = Proj::ALL.map(|p| load_linear(w, c, p, i).map(|lin| if nf4 { lin.to_nf4() } else { lin }));
             let proj = proj.into_iter().collect::<Result<Vec<_>>>()?;
             layers.push(Layer {
                 attn_norm: norm("input_layernorm")?,

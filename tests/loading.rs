@@ -149,3 +149,22 @@ fn empty_directory_says_what_is_missing() {
     let err = load_err(dir.path());
     assert!(err.contains("config.json"), "{err}");
 }
+
+#[test]
+fn quantizing_while_loading_gives_the_same_nf4_model() {
+    use sqlora::backend::cpu::LinearWeight;
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinyVariant::Qwen2).unwrap();
+    let after = Model::load(dir.path()).unwrap().quantize_nf4();
+    let streamed = Model::load_as(dir.path(), true).unwrap();
+    for (a, b) in after.layers.iter().zip(&streamed.layers) {
+        for (pa, pb) in a.proj.iter().zip(&b.proj) {
+            let (LinearWeight::Nf4(qa), LinearWeight::Nf4(qb)) = (&pa.weight, &pb.weight) else {
+                panic!("every projection is NF4");
+            };
+            assert_eq!(qa.packed, qb.packed);
+            assert_eq!(qa.absmax(), qb.absmax());
+            assert_eq!(pa.bias, pb.bias);
+        }
+    }
+}

@@ -315,7 +315,7 @@ fn run(a: Args) -> Result<()> {
         return dry_run(&a, device);
     }
     let tok = Tokenizer::load(&a.model)?;
-    let mut model = Model::load(&a.model)?;
+    let model = Model::load_as(&a.model, !a.no_nf4)?;
     let eos = *model
         .config
         .eos_token_ids
@@ -338,9 +338,6 @@ fn run(a: Args) -> Result<()> {
         Some(p) => load_examples(p, &tok, eos, a.max_seq_len)?,
         None => vec![],
     };
-    if !a.no_nf4 {
-        model = model.quantize_nf4();
-    }
     let config = TrainConfig {
         lora: LoraConfig {
             r: a.lora_r,
