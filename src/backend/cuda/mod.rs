@@ -46,6 +46,8 @@ pub struct Kernels {
     pub nf4_dequantize: CudaFunction,
     pub nf4_gemm_fwd: CudaFunction,
     pub nf4_gemm_bwd_input: CudaFunction,
+    pub nf4_gemm_fwd_mma: CudaFunction,
+    pub nf4_gemm_bwd_input_mma: CudaFunction,
     pub embedding_fwd: CudaFunction,
     pub lora: [CudaFunction; 6],
     pub attention_fwd: CudaFunction,
@@ -81,6 +83,35 @@ pub struct Cuda {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub k: Kernels,
+    /// Which NF4 GEMM the training step uses (`SQLORA_NF4_GEMM=tiled|mma`).
+    pub gemm: GemmPath,
+}
+
+/// The two NF4 GEMM implementations: f32 FMA on shared-memory tiles, or bf16 tensor cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPath {
+    Tiled,
+    Mma,
+}
+
+impl GemmPath {
+    /// From `SQLORA_NF4_GEMM`; the tiled kernel until the tensor-core one has been measured faster.
+    fn from_env() -> Result<GemmPath> {
+        match std::env::var("SQLORA_NF4_GEMM").as_deref() {
+            Err(_) | Ok("tiled") => Ok(GemmPath::Tiled),
+            Ok("mma") => Ok(GemmPath::Mma),
+            Ok(other) => bail!("SQLORA_NF4_GEMM={other}: use tiled or mma"),
+        }
+    }
+}
+
+/// Grid of a tensor-core NF4 GEMM: 64 x 64 output tiles, 4 warps each.
+fn mma_tiles(rows: usize, cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn load(ctx: &Arc<CudaContext>, file: &str, fatbin: &[u8], names: &[&str]) -> Result<Vec<CudaFunction>> {
@@ -145,7 +176,7 @@ impl Cuda {
         let [adamw_step]: [CudaFunction; 1] = load(&ctx, "adamw", kernels::ADAMW, &["adamw_step"])?
             .try_into()
             .unwrap();
-        let [nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input]: [CudaFunction; 4] = load(
+        let [nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma]: [CudaFunction; 6] = load(
             &ctx,
             "nf4",
             kernels::NF4,
@@ -154,6 +185,8 @@ impl Cuda {
                 "nf4_dequantize",
                 "nf4_gemm_fwd",
                 "nf4_gemm_bwd_input",
+                "nf4_gemm_fwd_mma",
+                "nf4_gemm_bwd_input_mma",
             ],
         )?
         .try_into()
@@ -194,6 +227,7 @@ impl Cuda {
         .try_into()
         .unwrap();
         Ok(Cuda {
+            gemm: GemmPath::from_env()?,
             ctx,
             stream,
             k: Kernels {
@@ -207,6 +241,8 @@ impl Cuda {
                 nf4_dequantize,
                 nf4_gemm_fwd,
                 nf4_gemm_bwd_input,
+                nf4_gemm_fwd_mma,
+                nf4_gemm_bwd_input_mma,
                 embedding_fwd,
                 lora,
                 attention_fwd,

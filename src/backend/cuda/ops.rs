@@ -3,7 +3,7 @@
 //! so the training step can size its buffers once for the longest micro-batch), then launches.
 //! Every launch error names the kernel.
 
-use super::{block_per_row, blocks_for, gemm_tiles, Cuda, Nf4Device};
+use super::{block_per_row, blocks_for, gemm_tiles, mma_tiles, Cuda, GemmPath, Nf4Device};
 use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -183,9 +183,33 @@ impl Cuda {
         Ok(())
     }
 
-    /// y = x W^T (+ bias) with W in NF4. y: [t, out]; x: [t, in]; bias: [out].
+    /// y = x W^T (+ bias) with W in NF4, by the kernel `self.gemm` names. y: [t, out]; x: [t, in].
     pub fn nf4_gemm_fwd(
         &self,
+        y: &mut CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        bias: Option<&CudaSlice<bf16>>,
+        t: usize,
+    ) -> Result<()> {
+        self.nf4_gemm_fwd_via(self.gemm, y, x, w, bias, t)
+    }
+
+    /// dx = dy W with W in NF4, by the kernel `self.gemm` names. dx: [t, in]; dy: [t, out].
+    pub fn nf4_gemm_bwd_input(
+        &self,
+        dx: &mut CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        t: usize,
+    ) -> Result<()> {
+        self.nf4_gemm_bwd_input_via(self.gemm, dx, dy, w, t)
+    }
+
+    /// y = x W^T (+ bias) with W in NF4 by the given kernel. y: [t, out]; x: [t, in]; bias: [out].
+    pub fn nf4_gemm_fwd_via(
+        &self,
+        path: GemmPath,
         y: &mut CudaSlice<bf16>,
         x: &CudaSlice<bf16>,
         w: &Nf4Device,
@@ -196,7 +220,11 @@ impl Cuda {
         assert!(x.len() >= t * k && y.len() >= t * n && bias.is_none_or(|b| b.len() == n));
         assert!(w.packed.len() == (n * k).div_ceil(2) && w.absmax.len() == (n * k).div_ceil(64));
         let (ti, ni, ki, null) = (t as i32, n as i32, k as i32, 0u64);
-        let mut b = self.stream.launch_builder(&self.k.nf4_gemm_fwd);
+        let (kernel, grid, name) = match path {
+            GemmPath::Tiled => (&self.k.nf4_gemm_fwd, gemm_tiles(t, n), "nf4_gemm_fwd"),
+            GemmPath::Mma => (&self.k.nf4_gemm_fwd_mma, mma_tiles(t, n), "nf4_gemm_fwd_mma"),
+        };
+        let mut b = self.stream.launch_builder(kernel);
         b.arg(y).arg(x).arg(&w.packed).arg(&w.absmax);
         match bias {
             Some(bias) => b.arg(bias),
@@ -204,14 +232,16 @@ impl Cuda {
         };
         b.arg(&ti).arg(&ni).arg(&ki);
         // SAFETY: reads x [t, in], the packed weight and scales of [out, in] (lengths asserted) and
-        // bias [out] if given; writes y [t, out]. Every access is bounds-checked against t, N, K.
-        unsafe { b.launch(gemm_tiles(t, n)) }.context("kernel nf4_gemm_fwd")?;
+        // bias [out] if given; writes y [t, out]. Either kernel bounds-checks every access against
+        // t, N, K, and its grid covers [t, out] in its own tile size.
+        unsafe { b.launch(grid) }.with_context(|| format!("kernel {name}"))?;
         Ok(())
     }
 
-    /// dx = dy W with W in NF4. dx: [t, in]; dy: [t, out].
-    pub fn nf4_gemm_bwd_input(
+    /// dx = dy W with W in NF4 by the given kernel. dx: [t, in]; dy: [t, out].
+    pub fn nf4_gemm_bwd_input_via(
         &self,
+        path: GemmPath,
         dx: &mut CudaSlice<bf16>,
         dy: &CudaSlice<bf16>,
         w: &Nf4Device,
@@ -220,7 +250,15 @@ impl Cuda {
         let (n, k) = (w.out_features, w.in_features);
         assert!(dy.len() >= t * n && dx.len() >= t * k);
         let (ti, ni, ki) = (t as i32, n as i32, k as i32);
-        let mut b = self.stream.launch_builder(&self.k.nf4_gemm_bwd_input);
+        let (kernel, grid, name) = match path {
+            GemmPath::Tiled => (&self.k.nf4_gemm_bwd_input, gemm_tiles(t, k), "nf4_gemm_bwd_input"),
+            GemmPath::Mma => (
+                &self.k.nf4_gemm_bwd_input_mma,
+                mma_tiles(t, k),
+                "nf4_gemm_bwd_input_mma",
+            ),
+        };
+        let mut b = self.stream.launch_builder(kernel);
         b.arg(dx)
             .arg(dy)
             .arg(&w.packed)
@@ -228,9 +266,9 @@ impl Cuda {
             .arg(&ti)
             .arg(&ni)
             .arg(&ki);
-        // SAFETY: reads dy [t, out] and the NF4 weight [out, in]; writes dx [t, in]; every access is
-        // bounds-checked against t, N, K inside the kernel.
-        unsafe { b.launch(gemm_tiles(t, k)) }.context("kernel nf4_gemm_bwd_input")?;
+        // SAFETY: reads dy [t, out] and the NF4 weight [out, in]; writes dx [t, in]; either kernel
+        // bounds-checks every access against t, N, K, and its grid covers [t, in] in its tile size.
+        unsafe { b.launch(grid) }.with_context(|| format!("kernel {name}"))?;
         Ok(())
     }
 

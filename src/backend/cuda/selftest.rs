@@ -3,7 +3,7 @@
 //! fails. The measure is ‖gpu − cpu‖ / ‖cpu‖, with a tolerance suited to bf16 outputs. Then a whole
 //! training step of tiny models on both devices (`selftest_step.rs`).
 
-use super::Cuda;
+use super::{Cuda, GemmPath};
 use crate::backend::cpu;
 use crate::nf4::{dynamic_map, Nf4Tensor};
 use crate::optim::{AdamW, AdamWConfig, HostPages};
@@ -217,17 +217,21 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         };
         let x = bf(&rng.normal_vec(t * k, 1.0));
         let bias = lin.bias.as_ref().map(|b| gpu.up(b)).transpose()?;
-        let mut y = gpu.poisoned(t * n)?;
-        gpu.nf4_gemm_fwd(&mut y, &gpu.up(&x)?, &w, bias.as_ref(), t)?;
-        let mut want = vec![0f32; t * n];
-        cpu::linear_fwd(&mut want, &x, &lin);
-        push("nf4_gemm_fwd", size.clone(), rel_err(&gpu.down(&y)?, &want), TOL_BF16);
+        let mut want_y = vec![0f32; t * n];
+        cpu::linear_fwd(&mut want_y, &x, &lin);
         let dy = bf(&rng.normal_vec(t * n, 1.0));
-        let mut dx = gpu.poisoned(t * k)?;
-        gpu.nf4_gemm_bwd_input(&mut dx, &gpu.up(&dy)?, &w, t)?;
-        let mut want = vec![0f32; t * k];
-        cpu::linear_bwd_input(&mut want, &dy, &lin);
-        push("nf4_gemm_bwd_input", size, rel_err(&gpu.down(&dx)?, &want), TOL_BF16);
+        let mut want_dx = vec![0f32; t * k];
+        cpu::linear_bwd_input(&mut want_dx, &dy, &lin);
+        for (path, suffix) in [(GemmPath::Tiled, ""), (GemmPath::Mma, "_mma")] {
+            let mut y = gpu.poisoned(t * n)?;
+            gpu.nf4_gemm_fwd_via(path, &mut y, &gpu.up(&x)?, &w, bias.as_ref(), t)?;
+            let err = rel_err(&gpu.down(&y)?, &want_y);
+            push(&format!("nf4_gemm_fwd{suffix}"), size.clone(), err, TOL_BF16);
+            let mut dx = gpu.poisoned(t * k)?;
+            gpu.nf4_gemm_bwd_input_via(path, &mut dx, &gpu.up(&dy)?, &w, t)?;
+            let err = rel_err(&gpu.down(&dx)?, &want_dx);
+            push(&format!("nf4_gemm_bwd_input{suffix}"), size.clone(), err, TOL_BF16);
+        }
     }
 
     for &(t, d, vocab) in &[(1usize, 64usize, 10usize), (37, 576, 300)] {
