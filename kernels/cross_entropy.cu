@@ -1,64 +1,69 @@
-// Cross-entropy through the output head, fused: loss and dh of the labelled rows only, with the
-// logits of a row recomputed rather than stored, so [T, vocab] is never materialised.
-// Twin of src/backend/cpu/cross_entropy.rs. One block per row; correctness first.
+// Cross-entropy through the output head, on the labelled rows only, in row chunks: for each chunk of
+// rows, the logits [rows, V] come from one tensor-core GEMM, a block per row turns them into the
+// loss and dlogits = inv_count (softmax - onehot), and a second GEMM gives dh = dlogits head. The
+// full [T, V] logits never exist. Twin of src/backend/cpu/cross_entropy.rs.
 #include "common.cuh"
+#include "mma.cuh"
 
-// With p = softmax(h_t W^T):  loss_t = logsumexp - logit[target],  dh_t = inv_count (p - onehot) W
-// dh: [T, d] bf16 (written; zero for rows without a target); loss: [T] f32 (written, 0 without target);
-// h: [T, d] bf16; w: [V, d] bf16; targets: [T] i32 (-1: no loss). Dynamic shared memory: 2 d floats.
-extern "C" __global__ void cross_entropy_fwd_bwd(bf16* dh, float* loss, const bf16* h, const bf16* w, const int* targets,
-                                                 int d, int V, float inv_count) {
-    extern __shared__ float sm[];
-    float* hs = sm;       // [d] the row's hidden state
-    float* acc = sm + d;  // [d] sum_v p_v W_v
+// B[r, c] = head[c, r]: the head [V, d] read along its rows (the forward's orientation).
+struct HeadRows {
+    const bf16* head;
+    int d;
+    __device__ float operator()(int r, int c) const { return to_f32(head[(long)c * d + r]); }
+};
+
+// B[r, c] = head[r, c] (the input gradient's orientation).
+struct HeadCols {
+    const bf16* head;
+    int d;
+    __device__ float operator()(int r, int c) const { return to_f32(head[(long)r * d + c]); }
+};
+
+struct StoreF32 {
+    float* out;
+    int N;
+    __device__ void operator()(int m, int n, float v) const { out[(long)m * N + n] = v; }
+};
+
+struct StoreBf16 {
+    bf16* out;
+    int N;
+    __device__ void operator()(int m, int n, float v) const { out[(long)m * N + n] = to_bf16(v); }
+};
+
+// logits[i, v] = sum_k h[row0 + i, k] head[v, k], i < rows.
+// logits: [rows, V] f32 (written); h: [>= row0 + rows, d] bf16; head: [V, d] bf16.
+// Grid (ceil(V / 64), ceil(rows / 64)), block 128.
+extern "C" __global__ void head_logits(float* logits, const bf16* h, const bf16* head, int row0, int rows, int V,
+                                       int d) {
+    mma_gemm<false>(h + (long)row0 * d, HeadRows{head, d}, StoreF32{logits, V}, rows, V, d);
+}
+
+// dh[row0 + i, k] = sum_v dlogits[i, v] head[v, k], i < rows.
+// dh: [>= row0 + rows, d] bf16 (written); dlogits: [rows, V] bf16; head: [V, d] bf16.
+// Grid (ceil(d / 64), ceil(rows / 64)), block 128.
+extern "C" __global__ void head_grad(bf16* dh, const bf16* dlogits, const bf16* head, int row0, int rows, int V,
+                                     int d) {
+    mma_gemm<true>(dlogits, HeadCols{head, d}, StoreBf16{dh + (long)row0 * d, d}, rows, d, V);
+}
+
+// With z = logits[i], lse = log sum_v exp(z_v), target = targets[row0 + i]:
+//   loss[row0 + i] = lse - z[target];   dlogits[i, v] = inv_count (exp(z_v - lse) - [v == target])
+// dlogits: [rows, V] bf16 (written); loss, targets: [>= row0 + rows]; logits: [rows, V] f32.
+// One block of 256 threads per row.
+extern "C" __global__ void ce_softmax_grad(bf16* dlogits, float* loss, const float* logits, const int* targets,
+                                           int row0, int V, float inv_count) {
     __shared__ float scratch[32];
-    const long row = blockIdx.x;
-    const int target = targets[row];
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        hs[i] = to_f32(h[row * d + i]);
-        acc[i] = 0.0f;
-    }
-    __syncthreads();
-    if (target < 0 || target >= V) {
-        for (int i = threadIdx.x; i < d; i += blockDim.x) dh[row * d + i] = to_bf16(0.0f);
-        if (threadIdx.x == 0) loss[row] = 0.0f;
-        return;
-    }
-    // Pass 1: the row's max logit and sum of exponentials (online, per thread, then merged).
-    float m = -INFINITY, s = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float z = 0.0f;
-        for (int i = 0; i < d; i++) z += hs[i] * to_f32(w[(long)v * d + i]);
-        if (z > m) {
-            s = s * __expf(m - z) + 1.0f;
-            m = z;
-        } else {
-            s += __expf(z - m);
-        }
-    }
-    // Merge (m, s) across the block: the global max first, then the rescaled sums.
-    __shared__ float mmax;
-    float bm = warp_max(m);
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = bm;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float x = scratch[0];
-        for (int k = 1; k < blockDim.x / 32; k++) x = fmaxf(x, scratch[k]);
-        mmax = x;
-    }
-    __syncthreads();
-    const float gmax = mmax;
-    const float total = block_sum(m == -INFINITY ? 0.0f : s * __expf(m - gmax), scratch);
-    const float lse = gmax + logf(total);
-    // Pass 2: dh = inv_count (sum_v p_v W_v - W_target), accumulated in shared memory.
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float z = 0.0f;
-        for (int i = 0; i < d; i++) z += hs[i] * to_f32(w[(long)v * d + i]);
-        const float p = __expf(z - lse);
-        for (int i = 0; i < d; i++) atomicAdd(&acc[i], p * to_f32(w[(long)v * d + i]));
-        if (v == target) loss[row] = lse - z;  // exactly one thread holds the target's logit
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < d; i += blockDim.x)
-        dh[row * d + i] = to_bf16(inv_count * (acc[i] - to_f32(w[(long)target * d + i])));
+    const long i = blockIdx.x;
+    const float* z = logits + i * V;
+    const int target = targets[row0 + i];
+    float m = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, z[v]);
+    m = block_max(m, scratch);
+    float s = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) s += __expf(z[v] - m);
+    const float lse = m + logf(block_sum(s, scratch));
+    for (int v = threadIdx.x; v < V; v += blockDim.x)
+        dlogits[i * V + v] = to_bf16(inv_count * (__expf(z[v] - lse) - (v == target ? 1.0f : 0.0f)));
+    if (threadIdx.x == 0) loss[row0 + i] = (target >= 0 && target < V) ? lse - z[target] : NAN;
 }

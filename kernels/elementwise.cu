@@ -1,4 +1,5 @@
-// Elementwise glue of the training step: residual adds, f32 -> bf16 casts, and adapter dropout.
+// Elementwise glue of the training step: residual adds, f32 -> bf16 casts, adapter dropout, and
+// gathering / scattering the labelled rows.
 // Twin of src/backend/cpu/elementwise.rs. One thread per value.
 #include "common.cuh"
 
@@ -36,4 +37,20 @@ extern "C" __global__ void dropout_bf16(bf16* out, const bf16* x, unsigned long 
     const uint64_t z = splitmix64(seed + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull);
     const double u = (double)(z >> 11) * (1.0 / 9007199254740992.0);
     out[i] = ((float)u >= p) ? to_bf16(to_f32(x[i]) * keep) : to_bf16(0.0f);
+}
+
+// out[i, :] = x[idx[i], :] for i < n (gather the labelled rows). out: [n, d]; x: [T, d]; idx: [n].
+extern "C" __global__ void gather_rows(bf16* out, const bf16* x, const int* idx, int n, int d) {
+    const long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long)n * d) return;
+    const long i = e / d, c = e % d;
+    out[e] = x[(long)idx[i] * d + c];
+}
+
+// out[idx[i], :] = x[i, :] for i < n; other rows of out are left as they are. out: [T, d]; x: [n, d].
+extern "C" __global__ void scatter_rows(bf16* out, const bf16* x, const int* idx, int n, int d) {
+    const long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long)n * d) return;
+    const long i = e / d, c = e % d;
+    out[(long)idx[i] * d + c] = x[e];
 }

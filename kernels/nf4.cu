@@ -2,9 +2,10 @@
 // GEMM in both orientations (Y = X W^T and dX = dY W) from the same packed bytes.
 // Twin of src/nf4.rs and of linear_fwd / linear_bwd_input in src/backend/cpu/linear.rs.
 //
-// The GEMMs are shared-memory tiled with f32 accumulation (no tensor cores yet): the correct first
-// version that the faster ones will be checked against.
+// Each GEMM comes twice: shared-memory tiles with f32 FMA (the first, plainest version), and on
+// tensor cores through mma.cuh; SQLORA_NF4_GEMM picks one.
 #include "common.cuh"
+#include "mma.cuh"
 
 __constant__ float NF4_TABLE[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
@@ -108,93 +109,42 @@ extern "C" __global__ void nf4_gemm_bwd_input(bf16* dx, const bf16* dy, const ui
     }
 }
 
-// ---- Tensor-core versions (mma.sync m16n8k16, bf16 in, f32 accumulate; sm_80 and newer) ----
-//
-// C[M, C] = A[M, R] B[R, C] with A bf16 row-major and B an NF4 weight seen either as W^T (forward:
-// R = K, C = N) or as W (input gradient: R = N, C = K). A block of 4 warps computes a 64 x 64 tile
-// of C; each warp a 32 x 32 quarter as 2 x 4 mma tiles. Per 32-wide slice of R, the block stages
-// A [64][32] and the dequantized B, stored as Bs[c][r] (so both orientations read the same
-// fragments), in shared memory.
-//
-// Fragment layout of m16n8k16 (g = lane / 4, q = lane % 4; two bf16 per 32-bit register, the lower
-// index in the low half):
-//   A: a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 2q+8..), a3 = (g+8, 2q+8..)
-//   B: b0 = (r 2q..2q+1, c g), b1 = (r 2q+8.., c g)
-//   C: c0, c1 = (g, 2q), (g, 2q+1); c2, c3 = (g+8, 2q), (g+8, 2q+1)
-#define MMA_BM 64
-#define MMA_BC 64
-#define MMA_BR 32
-#define MMA_PAD 8  // keeps rows 16-byte aligned and spreads them over banks
+// ---- Tensor-core versions (mma.cuh), bf16 in, f32 accumulate; sm_80 and newer ----
 
-__device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// B[r, c] = W[c, r]: the forward's weight, W [C, R], read along r (its rows are contiguous).
+struct Nf4Rows {
+    const uint8_t* packed;
+    const float* absmax;
+    int R;
+    __device__ float operator()(int r, int c) const { return nf4_at(packed, absmax, (long)c * R + r); }
+};
 
-__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// B[r, c] = W[r, c]: the input gradient's weight, W [R, C], read along c.
+struct Nf4Cols {
+    const uint8_t* packed;
+    const float* absmax;
+    int C;
+    __device__ float operator()(int r, int c) const { return nf4_at(packed, absmax, (long)r * C + c); }
+};
 
-// TRANSPOSED = false: B[r, c] = W[c, r] (forward, W: [C, R]); true: B[r, c] = W[r, c] (W: [R, C]).
-template <bool TRANSPOSED>
-__device__ void nf4_gemm_mma(bf16* out, const bf16* a, const uint8_t* packed, const float* absmax, const bf16* bias,
-                             int M, int C, int R) {
-    __shared__ __align__(16) bf16 As[MMA_BM][MMA_BR + MMA_PAD];
-    __shared__ __align__(16) bf16 Bs[MMA_BC][MMA_BR + MMA_PAD];
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const int g = lane / 4, q = lane % 4, wm = (warp / 2) * 32, wc = (warp % 2) * 32;
-    const int m0 = blockIdx.y * MMA_BM, c0 = blockIdx.x * MMA_BC;
-    float acc[2][4][4] = {};
-    for (int r0 = 0; r0 < R; r0 += MMA_BR) {
-        for (int i = tid; i < MMA_BM * MMA_BR; i += blockDim.x) {
-            const int m = i / MMA_BR, r = i % MMA_BR;
-            As[m][r] = (m0 + m < M && r0 + r < R) ? a[(long)(m0 + m) * R + r0 + r] : to_bf16(0.0f);
-        }
-        for (int i = tid; i < MMA_BC * MMA_BR; i += blockDim.x) {
-            // Consecutive threads read consecutive weight bytes in either orientation.
-            const int c = TRANSPOSED ? i % MMA_BC : i / MMA_BR, r = TRANSPOSED ? i / MMA_BC : i % MMA_BR;
-            const int cc = c0 + c, rr = r0 + r;
-            float w = 0.0f;
-            if (cc < C && rr < R) w = nf4_at(packed, absmax, TRANSPOSED ? (long)rr * C + cc : (long)cc * R + rr);
-            Bs[c][r] = to_bf16(w);
-        }
-        __syncthreads();
-        for (int k = 0; k < MMA_BR; k += 16) {
-            uint32_t af[2][4], bfr[4][2];
-            for (int mi = 0; mi < 2; mi++) {
-                const int row = wm + mi * 16 + g;
-                af[mi][0] = ld_pair(&As[row][k + 2 * q]);
-                af[mi][1] = ld_pair(&As[row + 8][k + 2 * q]);
-                af[mi][2] = ld_pair(&As[row][k + 2 * q + 8]);
-                af[mi][3] = ld_pair(&As[row + 8][k + 2 * q + 8]);
-            }
-            for (int ci = 0; ci < 4; ci++) {
-                const int col = wc + ci * 8 + g;
-                bfr[ci][0] = ld_pair(&Bs[col][k + 2 * q]);
-                bfr[ci][1] = ld_pair(&Bs[col][k + 2 * q + 8]);
-            }
-            for (int mi = 0; mi < 2; mi++)
-                for (int ci = 0; ci < 4; ci++) mma_bf16(acc[mi][ci], af[mi], bfr[ci]);
-        }
-        __syncthreads();
+// out[m, c] = bf16(v + bias[c]).
+struct StoreBias {
+    bf16* out;
+    const bf16* bias;
+    int C;
+    __device__ void operator()(int m, int c, float v) const {
+        out[(long)m * C + c] = to_bf16(v + (bias ? to_f32(bias[c]) : 0.0f));
     }
-    for (int mi = 0; mi < 2; mi++)
-        for (int ci = 0; ci < 4; ci++)
-            for (int h = 0; h < 4; h++) {
-                const int m = m0 + wm + mi * 16 + g + (h >= 2 ? 8 : 0), c = c0 + wc + ci * 8 + 2 * q + (h & 1);
-                if (m < M && c < C) out[(long)m * C + c] = to_bf16(acc[mi][ci][h] + (bias ? to_f32(bias[c]) : 0.0f));
-            }
-}
+};
 
 // As nf4_gemm_fwd, on tensor cores. Grid (ceil(N / 64), ceil(T / 64)), block 128.
 extern "C" __global__ void nf4_gemm_fwd_mma(bf16* y, const bf16* x, const uint8_t* packed, const float* absmax,
                                             const bf16* bias, int T, int N, int K) {
-    nf4_gemm_mma<false>(y, x, packed, absmax, bias, T, N, K);
+    mma_gemm<false>(x, Nf4Rows{packed, absmax, K}, StoreBias{y, bias, N}, T, N, K);
 }
 
 // As nf4_gemm_bwd_input, on tensor cores. Grid (ceil(K / 64), ceil(T / 64)), block 128.
 extern "C" __global__ void nf4_gemm_bwd_input_mma(bf16* dx, const bf16* dy, const uint8_t* packed,
                                                   const float* absmax, int T, int N, int K) {
-    nf4_gemm_mma<true>(dx, dy, packed, absmax, nullptr, T, K, N);
+    mma_gemm<true>(dy, Nf4Cols{packed, absmax, K}, StoreBias{dx, nullptr, K}, T, K, N);
 }

@@ -98,3 +98,23 @@ fn device_step_refuses_a_batch_larger_than_its_buffers() {
         .unwrap_err();
     assert!(err.to_string().contains("exceeds"), "{err}");
 }
+
+#[test]
+fn the_loss_in_row_chunks_equals_the_loss_in_one() {
+    let (model, lora, batch) = setup(TinyVariant::LlamaTied);
+    let inv = 1.0 / batch.label_count() as f32;
+    let run = |chunk: Option<usize>| {
+        let mut engine = Engine::new(Host, &model, &lora, batch.tokens.len(), false).unwrap();
+        if let Some(rows) = chunk {
+            engine.set_loss_chunk_rows(rows);
+        }
+        let mut g = vec![0f32; lora.len()];
+        let loss = engine
+            .forward_backward(&lora, &batch, inv, GradOptions::default(), &mut g)
+            .unwrap();
+        (loss, g)
+    };
+    let (whole, chunked) = (run(None), run(Some(5)));
+    assert_eq!(whole.0, chunked.0);
+    assert_eq!(whole.1, chunked.1);
+}

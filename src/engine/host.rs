@@ -8,7 +8,6 @@ use crate::backend::cpu::{self, Linear, LinearWeight};
 use crate::nf4::Nf4Tensor;
 use anyhow::Result;
 use half::bf16;
-use rayon::prelude::*;
 use std::ops::Range;
 
 /// The CPU as a [`Device`].
@@ -254,30 +253,70 @@ impl Device for Host {
         store(dx, &dx_lora);
         Ok(())
     }
-    fn cross_entropy_fwd_bwd(
+    fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
+        for (i, &r) in idx[..n].iter().enumerate() {
+            out[i * d..(i + 1) * d].copy_from_slice(&x[r as usize * d..(r as usize + 1) * d]);
+        }
+        Ok(())
+    }
+    fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
+        for (i, &r) in idx[..n].iter().enumerate() {
+            out[r as usize * d..(r as usize + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
+        }
+        Ok(())
+    }
+    fn head_logits(
         &self,
-        dh: &mut Bf<Self>,
-        loss: &mut F32<Self>,
+        logits: &mut F32<Self>,
         h: &Bf<Self>,
         head: &Bf<Self>,
-        targets: &Vec<i32>,
-        t: usize,
+        row0: usize,
+        rows: usize,
         d: usize,
-        inv_count: f32,
     ) -> Result<()> {
         let head = Linear::dense(head.len() / d, d, to_f32(head), None);
-        let hf = to_f32(&h[..t * d]);
-        let mut out = vec![0f32; t * d];
-        let rows: Vec<f64> = out
-            .par_chunks_mut(d)
-            .enumerate()
-            .map(|(i, dh_row)| {
-                let target = u32::try_from(targets[i]).ok();
-                cpu::cross_entropy_fwd_bwd(Some(dh_row), &hf[i * d..(i + 1) * d], &head, &[target], inv_count)
-            })
-            .collect();
-        store(dh, &out);
-        loss[..t].iter_mut().zip(rows).for_each(|(o, l)| *o = l as f32);
+        let v = head.out_features;
+        cpu::linear_fwd(&mut logits[..rows * v], &to_f32(&h[row0 * d..(row0 + rows) * d]), &head);
+        Ok(())
+    }
+    fn ce_softmax_grad(
+        &self,
+        dlogits: &mut Bf<Self>,
+        loss: &mut F32<Self>,
+        logits: &F32<Self>,
+        targets: &Vec<i32>,
+        row0: usize,
+        rows: usize,
+        vocab: usize,
+        inv_count: f32,
+    ) -> Result<()> {
+        for i in 0..rows {
+            let z = &logits[i * vocab..(i + 1) * vocab];
+            let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = m + z.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
+            let y = usize::try_from(targets[row0 + i]).ok().filter(|&y| y < vocab);
+            for (v, o) in dlogits[i * vocab..(i + 1) * vocab].iter_mut().enumerate() {
+                let onehot = if Some(v) == y { 1.0 } else { 0.0 };
+                *o = bf16::from_f32(inv_count * ((z[v] - lse).exp() - onehot));
+            }
+            loss[row0 + i] = y.map_or(f32::NAN, |y| lse - z[y]);
+        }
+        Ok(())
+    }
+    fn head_grad(
+        &self,
+        dh: &mut Bf<Self>,
+        dlogits: &Bf<Self>,
+        head: &Bf<Self>,
+        row0: usize,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        let head = Linear::dense(head.len() / d, d, to_f32(head), None);
+        let v = head.out_features;
+        let mut out = vec![0f32; rows * d];
+        cpu::linear_bwd_input(&mut out, &to_f32(&dlogits[..rows * v]), &head);
+        store(&mut dh[row0 * d..], &out);
         Ok(())
     }
     fn attention_fwd(

@@ -150,18 +150,43 @@ pub trait Device {
         r: usize,
         scale: f32,
     ) -> Result<()>;
-    /// Per-row loss -log softmax(h W^T)[target] and dh = inv_count (p - onehot) W, on rows whose
-    /// target is >= 0 (others: loss 0, dh 0). dh, h: [t, d]; loss: [t] f32; head: [vocab, d]; targets: [t].
-    fn cross_entropy_fwd_bwd(
+    /// out[i] = x[idx[i]], rows of d, for i < n. out: [n, d]; x: [T, d]; idx: [n].
+    fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Self::Buf<i32>, n: usize, d: usize) -> Result<()>;
+    /// out[idx[i]] = x[i], rows of d, for i < n; other rows unchanged. out: [T, d]; x: [n, d].
+    fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Self::Buf<i32>, n: usize, d: usize) -> Result<()>;
+    /// logits[i] = h[row0 + i] head^T, i < rows. logits: [rows, V] f32; h: [.., d]; head: [V, d].
+    fn head_logits(
         &self,
-        dh: &mut Bf<Self>,
-        loss: &mut F32<Self>,
+        logits: &mut F32<Self>,
         h: &Bf<Self>,
         head: &Bf<Self>,
-        targets: &Self::Buf<i32>,
-        t: usize,
+        row0: usize,
+        rows: usize,
         d: usize,
+    ) -> Result<()>;
+    /// Per row i < rows, with lse = logsumexp(logits[i]) and y = targets[row0 + i]:
+    /// loss[row0 + i] = lse - logits[i, y]; dlogits[i] = inv_count (softmax(logits[i]) - onehot(y)).
+    /// dlogits: [rows, V]; loss, targets: [.. row0 + rows]; logits: [rows, V] f32.
+    fn ce_softmax_grad(
+        &self,
+        dlogits: &mut Bf<Self>,
+        loss: &mut F32<Self>,
+        logits: &F32<Self>,
+        targets: &Self::Buf<i32>,
+        row0: usize,
+        rows: usize,
+        vocab: usize,
         inv_count: f32,
+    ) -> Result<()>;
+    /// dh[row0 + i] = dlogits[i] head, i < rows. dh: [.., d]; dlogits: [rows, V]; head: [V, d].
+    fn head_grad(
+        &self,
+        dh: &mut Bf<Self>,
+        dlogits: &Bf<Self>,
+        head: &Bf<Self>,
+        row0: usize,
+        rows: usize,
+        d: usize,
     ) -> Result<()>;
     /// Causal GQA attention within packed sequences. out, q: [t, heads, hd]; k, v: [t, kv_heads, hd];
     /// seq_start: [t], the first token of each token's sequence; max_len: the longest sequence.

@@ -57,10 +57,15 @@ struct Scratch<D: Device> {
     tokens: D::Buf<i32>,    // [T]
     positions: D::Buf<i32>, // [T]
     seq_start: D::Buf<i32>, // [T]
-    targets: D::Buf<i32>,   // [T], -1 where no loss
+    labels: D::Buf<i32>,    // [L] positions with a target (L <= T)
+    targets: D::Buf<i32>,   // [L] their targets
     h: Bf<D>,               // [T, d] final norm output
     rstd: F32<D>,           // [T]
-    loss: F32<D>,           // [T]
+    h_lab: Bf<D>,           // [L, d] h at the labelled positions
+    dh_lab: Bf<D>,          // [L, d]
+    logits: F32<D>,         // [ce_rows, V] one chunk of rows
+    dlogits: Bf<D>,         // [ce_rows, V]
+    loss: F32<D>,           // [L]
     dx: Bf<D>,              // [T, d] gradient of a layer's output
     dx_in: Bf<D>,           // [T, d] gradient of its input
     dx_mid: Bf<D>,          // [T, d]
@@ -105,8 +110,15 @@ pub struct Engine<D: Device> {
     acts: Vec<LayerBufs<D>>,
     s: Scratch<D>,
     cap: usize,
+    /// Labelled rows per chunk of the loss (bounds the [rows, V] logits buffer).
+    ce_rows: usize,
+    /// Labelled positions of the batch in the buffers.
+    n_labels: usize,
     checkpointing: bool,
 }
+
+/// Bytes the loss's logits and dlogits chunk may take (f32 + bf16 per element).
+const CE_CHUNK_BYTES: usize = 256 << 20;
 
 fn nf4_of(model: &Model, l: usize, p: Proj) -> Nf4Tensor {
     match &model.layers[l].proj(p).weight {
@@ -192,13 +204,20 @@ impl<D: Device> Engine<D> {
             });
         }
         let w = d.max(qd).max(f);
+        let v = c.vocab_size;
+        let ce_rows = (CE_CHUNK_BYTES / (6 * v)).max(64).min(cap);
         let s = Scratch {
             tokens: dev.alloc(cap)?,
             positions: dev.alloc(cap)?,
             seq_start: dev.alloc(cap)?,
+            labels: dev.alloc(cap)?,
             targets: dev.alloc(cap)?,
             h: dev.alloc(cap * d)?,
             rstd: dev.alloc(cap)?,
+            h_lab: dev.alloc(cap * d)?,
+            dh_lab: dev.alloc(cap * d)?,
+            logits: dev.alloc(ce_rows * v)?,
+            dlogits: dev.alloc(ce_rows * v)?,
             loss: dev.alloc(cap)?,
             dx: dev.alloc(cap * d)?,
             dx_in: dev.alloc(cap * d)?,
@@ -241,10 +260,23 @@ impl<D: Device> Engine<D> {
             acts,
             s,
             cap,
+            ce_rows,
+            n_labels: 0,
             checkpointing,
             config: c,
             dev,
         })
+    }
+
+    /// Process the loss in chunks of at most `rows` labelled rows (at least 1; at most what the
+    /// engine was sized for). Smaller chunks bound the logits buffer; the results do not change.
+    pub fn set_loss_chunk_rows(&mut self, rows: usize) {
+        assert!(
+            (1..=self.ce_rows).contains(&rows),
+            "loss chunks of {rows} rows: the engine holds 1 to {}",
+            self.ce_rows
+        );
+        self.ce_rows = rows;
     }
 
     /// Tokens per micro-batch this engine was sized for.
@@ -278,7 +310,7 @@ impl<D: Device> Engine<D> {
             let a = if self.checkpointing { 0 } else { l };
             self.layer_fwd(l, a, t, max_len, true, dropout)?;
         }
-        let loss = self.loss_and_dh(t, inv_count)?;
+        let loss = self.loss_and_dh(t, inv_count, true)?;
         // dx = rmsnorm_bwd(dh) of the final norm: the gradient of the last layer's output.
         let (dev, s) = (&self.dev, &mut self.s);
         dev.rmsnorm_bwd(&mut s.dx, &s.dh, &self.xs[layers], &self.norm, &s.rstd, t)?;
@@ -307,7 +339,7 @@ impl<D: Device> Engine<D> {
             let a = if self.checkpointing { 0 } else { l };
             self.layer_fwd(l, a, t, max_len, lora.is_some(), None)?;
         }
-        self.loss_and_dh(t, 1.0)
+        self.loss_and_dh(t, 1.0, false)
     }
 
     /// Upload the batch (and the adapters, zeroing their gradients); returns its token count.
@@ -329,8 +361,21 @@ impl<D: Device> Engine<D> {
             starts[r.clone()].fill(r.start as i32);
         }
         dev.write(&mut s.seq_start, &starts)?;
-        let targets: Vec<i32> = batch.targets.iter().map(|x| x.map_or(-1, |v| v as i32)).collect();
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = batch
+            .tokens
+            .iter()
+            .chain(batch.targets.iter().flatten())
+            .find(|&&x| x as usize >= vocab)
+        {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+        }
+        let (labels, targets): (Vec<i32>, Vec<i32>) = (batch.targets.iter().enumerate())
+            .filter_map(|(i, y)| y.map(|y| (i as i32, y as i32)))
+            .unzip();
+        dev.write(&mut s.labels, &labels)?;
         dev.write(&mut s.targets, &targets)?;
+        self.n_labels = labels.len();
         if let Some(lora) = lora {
             ensure!(
                 lora.config.r == self.rank,
@@ -347,9 +392,12 @@ impl<D: Device> Engine<D> {
         Ok(t)
     }
 
-    /// Final norm, then the fused loss into s.dh; returns the loss sum.
-    fn loss_and_dh(&mut self, t: usize, inv_count: f32) -> Result<f64> {
-        let c = &self.config;
+    /// Final norm, then the loss on the labelled rows in chunks of `ce_rows` (and, with `grad`, the
+    /// gradient of `inv_count * loss` into s.dh, zero on unlabelled rows). Returns the loss sum.
+    ///   logits = h_lab head^T;  loss = lse - logits[target];  dh_lab = inv_count (softmax - onehot) head
+    fn loss_and_dh(&mut self, t: usize, inv_count: f32, grad: bool) -> Result<f64> {
+        let (c, n) = (&self.config, self.n_labels);
+        let (d, v) = (c.hidden_size, c.vocab_size);
         let (dev, s) = (&self.dev, &mut self.s);
         dev.rmsnorm_fwd(
             &mut s.h,
@@ -360,17 +408,32 @@ impl<D: Device> Engine<D> {
             c.rms_norm_eps,
         )?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        dev.cross_entropy_fwd_bwd(
-            &mut s.dh,
-            &mut s.loss,
-            &s.h,
-            head,
-            &s.targets,
-            t,
-            c.hidden_size,
-            inv_count,
-        )?;
-        Ok(dev.read(&s.loss, t)?.iter().map(|&l| l as f64).sum())
+        dev.gather_rows(&mut s.h_lab, &s.h, &s.labels, n, d)?;
+        for r0 in (0..n).step_by(self.ce_rows) {
+            let rows = self.ce_rows.min(n - r0);
+            dev.head_logits(&mut s.logits, &s.h_lab, head, r0, rows, d)?;
+            dev.ce_softmax_grad(
+                &mut s.dlogits,
+                &mut s.loss,
+                &s.logits,
+                &s.targets,
+                r0,
+                rows,
+                v,
+                inv_count,
+            )?;
+            if grad {
+                dev.head_grad(&mut s.dh_lab, &s.dlogits, head, r0, rows, d)?;
+            }
+        }
+        if grad {
+            dev.zero(&mut s.dh)?;
+            dev.scatter_rows(&mut s.dh, &s.dh_lab, &s.labels, n, d)?;
+        }
+        if n == 0 {
+            return Ok(0.0);
+        }
+        Ok(dev.read(&s.loss, n)?.iter().map(|&l| l as f64).sum())
     }
 }
 

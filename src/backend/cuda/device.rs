@@ -166,18 +166,46 @@ impl Device for Cuda {
     ) -> Result<()> {
         Cuda::lora_bwd(self, dx, da, db, g, dy, x, xa, a, b, t, r, scale)
     }
-    fn cross_entropy_fwd_bwd(
+    fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &CudaSlice<i32>, n: usize, d: usize) -> Result<()> {
+        Cuda::gather_rows(self, out, x, idx, n, d)
+    }
+    fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &CudaSlice<i32>, n: usize, d: usize) -> Result<()> {
+        Cuda::scatter_rows(self, out, x, idx, n, d)
+    }
+    fn head_logits(
         &self,
-        dh: &mut Bf<Self>,
-        loss: &mut F32<Self>,
+        logits: &mut F32<Self>,
         h: &Bf<Self>,
         head: &Bf<Self>,
-        targets: &CudaSlice<i32>,
-        t: usize,
+        row0: usize,
+        rows: usize,
         d: usize,
+    ) -> Result<()> {
+        Cuda::head_logits(self, logits, h, head, row0, rows, d)
+    }
+    fn ce_softmax_grad(
+        &self,
+        dlogits: &mut Bf<Self>,
+        loss: &mut F32<Self>,
+        logits: &F32<Self>,
+        targets: &CudaSlice<i32>,
+        row0: usize,
+        rows: usize,
+        vocab: usize,
         inv_count: f32,
     ) -> Result<()> {
-        Cuda::cross_entropy_fwd_bwd(self, dh, loss, h, head, targets, t, d, inv_count)
+        Cuda::ce_softmax_grad(self, dlogits, loss, logits, targets, row0, rows, vocab, inv_count)
+    }
+    fn head_grad(
+        &self,
+        dh: &mut Bf<Self>,
+        dlogits: &Bf<Self>,
+        head: &Bf<Self>,
+        row0: usize,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        Cuda::head_grad(self, dh, dlogits, head, row0, rows, d)
     }
     fn attention_fwd(
         &self,

@@ -52,10 +52,14 @@ pub struct Kernels {
     pub lora: [CudaFunction; 6],
     pub attention_fwd: CudaFunction,
     pub attention_bwd: CudaFunction,
-    pub cross_entropy_fwd_bwd: CudaFunction,
+    pub head_logits: CudaFunction,
+    pub head_grad: CudaFunction,
+    pub ce_softmax_grad: CudaFunction,
     pub add_bf16: CudaFunction,
     pub cast_f32_bf16: CudaFunction,
     pub dropout_bf16: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub scatter_rows: CudaFunction,
 }
 
 /// An NF4 weight on the device: packed codes and dequantized per-64 scales.
@@ -207,22 +211,28 @@ impl Cuda {
         )?
         .try_into()
         .unwrap();
-        let [cross_entropy_fwd_bwd]: [CudaFunction; 1] = load(
+        let [head_logits, head_grad, ce_softmax_grad]: [CudaFunction; 3] = load(
             &ctx,
             "cross_entropy",
             kernels::CROSS_ENTROPY,
-            &["cross_entropy_fwd_bwd"],
+            &["head_logits", "head_grad", "ce_softmax_grad"],
         )?
         .try_into()
         .unwrap();
         let [embedding_fwd]: [CudaFunction; 1] = load(&ctx, "embedding", kernels::EMBEDDING, &["embedding_fwd"])?
             .try_into()
             .unwrap();
-        let [add_bf16, cast_f32_bf16, dropout_bf16]: [CudaFunction; 3] = load(
+        let [add_bf16, cast_f32_bf16, dropout_bf16, gather_rows, scatter_rows]: [CudaFunction; 5] = load(
             &ctx,
             "elementwise",
             kernels::ELEMENTWISE,
-            &["add_bf16", "cast_f32_bf16", "dropout_bf16"],
+            &[
+                "add_bf16",
+                "cast_f32_bf16",
+                "dropout_bf16",
+                "gather_rows",
+                "scatter_rows",
+            ],
         )?
         .try_into()
         .unwrap();
@@ -247,10 +257,14 @@ impl Cuda {
                 lora,
                 attention_fwd,
                 attention_bwd,
-                cross_entropy_fwd_bwd,
+                head_logits,
+                head_grad,
+                ce_softmax_grad,
                 add_bf16,
                 cast_f32_bf16,
                 dropout_bf16,
+                gather_rows,
+                scatter_rows,
             },
         })
     }

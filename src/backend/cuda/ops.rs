@@ -362,41 +362,77 @@ impl Cuda {
         Ok(())
     }
 
-    /// Fused loss and input gradient through the output head, on rows with a target (-1: none).
-    /// dh: [t, d]; loss: [t] f32 (per row, un-normalised); h: [t, d]; head: [vocab, d]; targets: [t].
-    #[allow(clippy::too_many_arguments)]
-    pub fn cross_entropy_fwd_bwd(
+    /// logits[i] = h[row0 + i] head^T for i < rows. logits: [rows, V] f32; h: [>= row0 + rows, d];
+    /// head: [V, d].
+    pub fn head_logits(
         &self,
-        dh: &mut CudaSlice<bf16>,
-        loss: &mut CudaSlice<f32>,
+        logits: &mut CudaSlice<f32>,
         h: &CudaSlice<bf16>,
         head: &CudaSlice<bf16>,
-        targets: &CudaSlice<i32>,
-        t: usize,
+        row0: usize,
+        rows: usize,
         d: usize,
+    ) -> Result<()> {
+        let v = head.len() / d;
+        assert!(logits.len() >= rows * v && h.len() >= (row0 + rows) * d && head.len() == v * d);
+        let (r0, ri, vi, di) = (row0 as i32, rows as i32, v as i32, d as i32);
+        let mut l = self.stream.launch_builder(&self.k.head_logits);
+        l.arg(logits).arg(h).arg(head).arg(&r0).arg(&ri).arg(&vi).arg(&di);
+        // SAFETY: the GEMM reads h rows [row0, row0 + rows) and the head [V, d], writes logits
+        // [rows, V] (lengths asserted); every access is bounds-checked against rows, V, d.
+        unsafe { l.launch(mma_tiles(rows, v)) }.context("kernel head_logits")?;
+        Ok(())
+    }
+
+    /// dh[row0 + i] = dlogits[i] head for i < rows. dh: [>= row0 + rows, d]; dlogits: [rows, V].
+    pub fn head_grad(
+        &self,
+        dh: &mut CudaSlice<bf16>,
+        dlogits: &CudaSlice<bf16>,
+        head: &CudaSlice<bf16>,
+        row0: usize,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        let v = head.len() / d;
+        assert!(dlogits.len() >= rows * v && dh.len() >= (row0 + rows) * d && head.len() == v * d);
+        let (r0, ri, vi, di) = (row0 as i32, rows as i32, v as i32, d as i32);
+        let mut l = self.stream.launch_builder(&self.k.head_grad);
+        l.arg(dh).arg(dlogits).arg(head).arg(&r0).arg(&ri).arg(&vi).arg(&di);
+        // SAFETY: the GEMM reads dlogits [rows, V] and the head [V, d], writes dh rows
+        // [row0, row0 + rows) (lengths asserted); every access is bounds-checked.
+        unsafe { l.launch(mma_tiles(rows, d)) }.context("kernel head_grad")?;
+        Ok(())
+    }
+
+    /// Per row i < rows: loss[row0 + i] = lse - z[target], dlogits[i] = inv_count (softmax(z) - onehot).
+    /// dlogits: [rows, V]; loss, targets: [>= row0 + rows]; logits: [rows, V] f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ce_softmax_grad(
+        &self,
+        dlogits: &mut CudaSlice<bf16>,
+        loss: &mut CudaSlice<f32>,
+        logits: &CudaSlice<f32>,
+        targets: &CudaSlice<i32>,
+        row0: usize,
+        rows: usize,
+        vocab: usize,
         inv_count: f32,
     ) -> Result<()> {
-        let vocab = head.len() / d;
-        assert!(dh.len() >= t * d && h.len() >= t * d && loss.len() >= t && targets.len() >= t);
-        assert_eq!(head.len(), vocab * d);
-        let (di, vi) = (d as i32, vocab as i32);
-        let mut l = self.stream.launch_builder(&self.k.cross_entropy_fwd_bwd);
-        l.arg(dh)
+        assert!(dlogits.len() >= rows * vocab && logits.len() >= rows * vocab);
+        assert!(loss.len() >= row0 + rows && targets.len() >= row0 + rows);
+        let (r0, vi) = (row0 as i32, vocab as i32);
+        let mut l = self.stream.launch_builder(&self.k.ce_softmax_grad);
+        l.arg(dlogits)
             .arg(loss)
-            .arg(h)
-            .arg(head)
+            .arg(logits)
             .arg(targets)
-            .arg(&di)
+            .arg(&r0)
             .arg(&vi)
             .arg(&inv_count);
-        let cfg = LaunchConfig {
-            grid_dim: (t as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: (2 * d * 4) as u32,
-        };
-        // SAFETY: one block per row of h [t, d]; each reads the whole head [vocab, d] (asserted) and
-        // writes its row of dh and loss; 2 d floats of dynamic shared memory are requested.
-        unsafe { l.launch(cfg) }.context("kernel cross_entropy_fwd_bwd")?;
+        // SAFETY: one block per row i < rows reads logits row i [V] and targets[row0 + i], writes
+        // dlogits row i and loss[row0 + i]; the lengths are asserted above.
+        unsafe { l.launch(block_per_row(rows)) }.context("kernel ce_softmax_grad")?;
         Ok(())
     }
 
@@ -500,6 +536,44 @@ impl Cuda {
         b.arg(out).arg(x).arg(&ni);
         // SAFETY: elementwise over n values, bounded inside the kernel; both buffers hold n.
         unsafe { b.launch(blocks_for(n)) }.context("kernel cast_f32_bf16")?;
+        Ok(())
+    }
+
+    /// out[i] = x[idx[i]] (rows of d) for i < n. out: [n, d]; idx: [n], each < rows of x.
+    pub fn gather_rows(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        idx: &CudaSlice<i32>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        assert!(out.len() >= n * d && idx.len() >= n);
+        let (ni, di) = (n as i32, d as i32);
+        let mut b = self.stream.launch_builder(&self.k.gather_rows);
+        b.arg(out).arg(x).arg(idx).arg(&ni).arg(&di);
+        // SAFETY: one thread per element of out [n, d]; reads x at rows idx[i], which the caller (the
+        // engine) builds from positions inside the batch, so below x.len() / d.
+        unsafe { b.launch(blocks_for(n * d)) }.context("kernel gather_rows")?;
+        Ok(())
+    }
+
+    /// out[idx[i]] = x[i] (rows of d) for i < n; other rows unchanged. x: [n, d]; idx: [n].
+    pub fn scatter_rows(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        idx: &CudaSlice<i32>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        assert!(x.len() >= n * d && idx.len() >= n);
+        let (ni, di) = (n as i32, d as i32);
+        let mut b = self.stream.launch_builder(&self.k.scatter_rows);
+        b.arg(out).arg(x).arg(idx).arg(&ni).arg(&di);
+        // SAFETY: one thread per element of x [n, d]; writes out at rows idx[i], positions inside the
+        // batch (so below out.len() / d), each row by exactly one thread.
+        unsafe { b.launch(blocks_for(n * d)) }.context("kernel scatter_rows")?;
         Ok(())
     }
 

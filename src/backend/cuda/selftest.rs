@@ -298,26 +298,46 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         push("lora_bwd dB", size, rel_err(&gpu.down32(&db)?, &wdb), 1e-4);
     }
 
-    for &(t, d, vocab) in &[(1usize, 64usize, 10usize), (5, 128, 1000), (9, 576, 3001)] {
+    // The loss as the engine runs it: gather the labelled rows, then per chunk of rows the head
+    // GEMM, softmax and gradient, and the second GEMM; scatter dh back. Two chunks, so row offsets
+    // are exercised.
+    for &(t, d, vocab) in &[(1usize, 64usize, 10usize), (13, 128, 1000), (70, 576, 3001)] {
         let size = format!("{t}x{d}x{vocab}");
         let (h, w) = (bf(&rng.normal_vec(t * d, 1.0)), bf(&rng.normal_vec(vocab * d, 0.1)));
         let targets: Vec<Option<u32>> = (0..t)
             .map(|i| (i % 4 != 3).then(|| rng.below(vocab as u64) as u32))
             .collect();
-        let inv = 1.0 / targets.iter().flatten().count() as f32;
-        let ids: Vec<i32> = targets.iter().map(|x| x.map_or(-1, |v| v as i32)).collect();
-        let (mut dh, mut loss) = (gpu.poisoned(t * d)?, gpu.poisoned32(t)?);
-        gpu.cross_entropy_fwd_bwd(
-            &mut dh,
-            &mut loss,
-            &gpu.up(&h)?,
-            &gpu.up(&w)?,
-            &gpu.up32(&ids)?,
-            t,
-            d,
-            inv,
-        )?;
+        let (labels, ids): (Vec<i32>, Vec<i32>) = (targets.iter().enumerate())
+            .filter_map(|(i, y)| y.map(|y| (i as i32, y as i32)))
+            .unzip();
+        let n = labels.len();
+        let inv = 1.0 / n as f32;
+        let (hd, wd, labd, idd) = (gpu.up(&h)?, gpu.up(&w)?, gpu.up32(&labels)?, gpu.up32(&ids)?);
+        let mut h_lab = gpu.poisoned(n * d)?;
+        gpu.gather_rows(&mut h_lab, &hd, &labd, n, d)?;
+        let chunk = n.div_ceil(2);
+        let (mut dh_lab, mut loss) = (gpu.poisoned(n * d)?, gpu.poisoned32(n)?);
+        let mut logits_all = Vec::new();
+        for r0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - r0);
+            let (mut logits, mut dlogits) = (gpu.poisoned32(rows * vocab)?, gpu.poisoned(rows * vocab)?);
+            gpu.head_logits(&mut logits, &h_lab, &wd, r0, rows, d)?;
+            logits_all.extend(gpu.down32(&logits)?);
+            gpu.ce_softmax_grad(&mut dlogits, &mut loss, &logits, &idd, r0, rows, vocab, inv)?;
+            gpu.head_grad(&mut dh_lab, &dlogits, &wd, r0, rows, d)?;
+        }
+        let mut dh = gpu.poisoned(t * d)?;
+        gpu.stream.memset_zeros(&mut dh)?;
+        gpu.scatter_rows(&mut dh, &dh_lab, &labd, n, d)?;
+
         let head = cpu::Linear::dense(vocab, d, w.clone(), None);
+        let h_labelled: Vec<f32> = labels
+            .iter()
+            .flat_map(|&r| h[r as usize * d..(r as usize + 1) * d].to_vec())
+            .collect();
+        let mut want_logits = vec![0f32; n * vocab];
+        cpu::linear_fwd(&mut want_logits, &h_labelled, &head);
+        push("head_logits", size.clone(), rel_err(&logits_all, &want_logits), 1e-4);
         let mut want = vec![0f32; t * d];
         let want_loss = cpu::cross_entropy_fwd_bwd(Some(&mut want), &h, &head, &targets, inv);
         push(
