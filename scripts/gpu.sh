@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU checks, in two halves: build here (the GPU machine has no Rust), run there.
+#
+#   scripts/gpu.sh build   stripped release binaries and the CUDA test binary into .stage/bin
+#                          (ignored by git; small enough to carry: name .stage/bin in the device tool's carry)
+#   scripts/gpu.sh run     on the GPU machine, from the repository root: selftest, the CUDA tests,
+#                          `bench train` on each shape with both NF4 GEMM paths, and a short training
+#                          run on the GPU beside the same run on the CPU. Logs go to $OUT (or ./gpu-out).
+#
+# SHAPES overrides the benchmarked shapes (default: the four of the baseline table).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+build)
+    set -e
+    SQLORA_REQUIRE_KERNELS=1 cargo build --release --bins
+    test_bin=$(SQLORA_REQUIRE_KERNELS=1 cargo test --release --test cuda --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+        print(m["executable"])')
+    mkdir -p .stage/bin
+    for b in target/release/sqlora target/release/train "$test_bin"; do
+        strip -o ".stage/bin/$(basename "$b" | sed 's/-[0-9a-f]*$//')" "$b"
+    done
+    ls -la .stage/bin
+    ;;
+run)
+    out=${OUT:-gpu-out}
+    mkdir -p "$out"
+    bin=.stage/bin
+    nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+    "$bin/sqlora" selftest 2>&1 | tee "$out/selftest.txt"
+    "$bin/sqlora" selftest --json >"$out/selftest.json" 2>&1
+    "$bin/cuda" 2>&1 | tee "$out/cuda-tests.txt"
+    for shape in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b tinyllama-1.1b qwen2.5-1.5b}; do
+        for gemm in tiled mma; do
+            echo "== bench train $shape, NF4 GEMM $gemm"
+            SQLORA_NF4_GEMM=$gemm timeout 240 "$bin/sqlora" bench train --shape "$shape" --batch 8 --seq 512 \
+                --device cuda --json >>"$out/bench-train.jsonl" 2>>"$out/bench-train.err"
+            tail -n 1 "$out/bench-train.jsonl"
+        done
+    done
+    # The same short run on both devices: the loss curves must agree to bf16 accuracy.
+    "$bin/sqlora" tiny-model --variant qwen2 --out "$out/tiny"
+    for dev in cuda cpu; do
+        timeout 240 "$bin/train" --model "$out/tiny" --out "$out/run-$dev" --device "$dev" --max-steps 20 \
+            --batch 2 --lora-r 8 --max-seq-len 4096 2>&1 | tail -n 4
+    done
+    ;;
+*)
+    echo "usage: scripts/gpu.sh build|run" >&2
+    exit 2
+    ;;
+esac
