@@ -1,7 +1,8 @@
 //! The memory plan of a training run, computed from the config before anything is allocated:
 //! `train --dry-run` prints it, with a throughput estimate, and refuses a plan that does not fit.
 //!
-//! Sizes are for the CPU reference backend (f32 activations; f32 or NF4 base weights).
+//! Sizes are for the CPU reference backend (f32 activations; f32 or NF4 base weights), or, with
+//! `PlanInput::device`, exactly what the device engine allocates (`engine::step::device_plan`).
 
 use crate::config::ModelConfig;
 use crate::model::Proj;
@@ -19,6 +20,9 @@ pub struct PlanInput {
     pub nf4: bool,
     /// Threads of the CPU backend (each holds a vocabulary-sized row in the fused loss).
     pub threads: usize,
+    /// Plan the device engine's memory (`engine::step`: bf16 activations, NF4 base, the adapters'
+    /// AdamW state on the host) rather than the CPU reference's.
+    pub device: bool,
 }
 
 /// Bytes per part of the run.
@@ -34,6 +38,8 @@ pub struct Plan {
     pub activations: u64,
     /// Transient buffers of the backward and the fused loss.
     pub workspace: u64,
+    /// A device plan: the adapter line then counts parameters and gradients only.
+    pub device: bool,
 }
 
 impl Plan {
@@ -50,11 +56,12 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "  frozen linear weights   {:>9.3} GiB", gib(self.base_linear))?;
         writeln!(f, "  embedding, head, norms  {:>9.3} GiB", gib(self.base_other))?;
-        writeln!(
-            f,
-            "  adapter + AdamW state   {:>9.3} GiB",
-            gib(self.adapter_and_optimizer)
-        )?;
+        let adapter = if self.device {
+            "adapter + gradients    "
+        } else {
+            "adapter + AdamW state  "
+        };
+        writeln!(f, "  {adapter} {:>9.3} GiB", gib(self.adapter_and_optimizer))?;
         writeln!(f, "  activations             {:>9.3} GiB", gib(self.activations))?;
         writeln!(f, "  workspace               {:>9.3} GiB", gib(self.workspace))?;
         write!(f, "  total                   {:>9.3} GiB", gib(self.total()))
@@ -63,6 +70,10 @@ impl fmt::Display for Plan {
 
 /// Compute the plan.
 pub fn plan(c: &ModelConfig, p: &PlanInput) -> Plan {
+    if p.device {
+        let cap = p.micro_batch * p.max_seq_len;
+        return crate::engine::step::device_plan(c, p.lora_r, &p.lora_targets, cap, p.checkpointing);
+    }
     let (d, f, v, l) = (
         c.hidden_size as u64,
         c.intermediate_size as u64,
@@ -108,6 +119,7 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Plan {
         adapter_and_optimizer,
         activations,
         workspace,
+        device: false,
     }
 }
 
@@ -217,6 +229,7 @@ mod tests {
             checkpointing: false,
             nf4: true,
             threads: 2,
+            device: false,
         };
         let a = plan(&c, &p);
         // Qwen2.5-0.5B has 357.9M linear weights: NF4 is ~0.516 bytes each.

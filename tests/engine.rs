@@ -118,3 +118,20 @@ fn the_loss_in_row_chunks_equals_the_loss_in_one() {
     assert_eq!(whole.0, chunked.0);
     assert_eq!(whole.1, chunked.1);
 }
+
+#[test]
+fn the_device_plan_is_what_the_engine_allocates() {
+    use sqlora::engine::step::device_plan;
+    for v in TinyVariant::ALL {
+        let (model, lora, _) = setup(v);
+        for (cap, checkpointing) in [(37, false), (300, true)] {
+            let engine = Engine::new(Host, &model, &lora, cap, checkpointing).unwrap();
+            let plan = device_plan(&model.config, lora.config.r, &lora.config.targets, cap, checkpointing);
+            assert_eq!(
+                plan.total() as usize,
+                engine.device_bytes(),
+                "{v:?} cap {cap} checkpointing {checkpointing}"
+            );
+        }
+    }
+}

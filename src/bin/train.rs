@@ -204,6 +204,7 @@ fn dry_run(a: &Args, device: Dev) -> Result<()> {
         checkpointing: a.checkpointing,
         nf4: !a.no_nf4,
         threads: rayon::current_num_threads(),
+        device: device != Dev::Cpu,
     };
     let p = plan(&config, &input);
     let gpu = match device {

@@ -69,6 +69,16 @@ impl Device for Host {
             bias: None,
         })
     }
+    fn bytes<T: Elem>(buf: &Vec<T>) -> usize {
+        std::mem::size_of_val(&buf[..])
+    }
+    fn nf4_bytes(w: &Linear) -> usize {
+        match &w.weight {
+            // What the GPU keeps: the packed codes and the f32 block scales.
+            LinearWeight::Nf4(q) => q.packed.len() + 4 * q.absmax().len(),
+            LinearWeight::Dense(v) => 4 * v.len(),
+        }
+    }
     fn memory_used(&self) -> Option<usize> {
         None
     }

@@ -55,6 +55,10 @@ pub trait Device {
     fn zero<T: Elem>(&self, buf: &mut Self::Buf<T>) -> Result<()>;
     /// Upload an NF4 weight of shape [out, in].
     fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Self::Nf4>;
+    /// Bytes a buffer holds.
+    fn bytes<T: Elem>(buf: &Self::Buf<T>) -> usize;
+    /// Bytes an uploaded NF4 weight holds on the device.
+    fn nf4_bytes(w: &Self::Nf4) -> usize;
     /// Bytes of device memory in use by this process's context, if the device can tell.
     fn memory_used(&self) -> Option<usize>;
 

@@ -11,6 +11,7 @@ use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::LinearWeight;
 use crate::config::ModelConfig;
 use crate::lora::{LoraParams, LoraSlot};
+use crate::memory::Plan;
 use crate::model::{Dropout, Model, Proj};
 use crate::nf4::Nf4Tensor;
 use anyhow::{bail, ensure, Context, Result};
@@ -134,6 +135,41 @@ fn dense_bf16<D: Device>(dev: &D, lin: &crate::backend::cpu::Linear, what: &str)
     match &lin.weight {
         LinearWeight::Dense(w) => dev.upload(&to_bf16(w)),
         LinearWeight::Nf4(_) => bail!("{what} must be dense"),
+    }
+}
+
+/// What [`Engine::new`] allocates for a model of config `c`, adapters of rank `r` on `targets`, and
+/// micro-batches of up to `cap` tokens, by the same formulas: the device side of `train --dry-run`.
+/// (The adapters' AdamW state stays on the host.)
+pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, checkpointing: bool) -> Plan {
+    let (d, f, qd, kvd, v, l) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.vocab_size,
+        c.num_layers,
+    );
+    let mut base_linear = 0;
+    for p in Proj::ALL {
+        let n: usize = p.shape(c).iter().product();
+        base_linear += n.div_ceil(2) + 4 * n.div_ceil(crate::nf4::BLOCK);
+        base_linear += if p.has_bias(c) { 2 * p.shape(c)[0] } else { 0 };
+    }
+    let head = if c.tie_word_embeddings { 0 } else { v * d };
+    let adapter: usize = targets.iter().map(|p| r * p.shape(c).iter().sum::<usize>()).sum();
+    let per_token_layer = 2 * (3 * d + 2 * qd + 2 * kvd + 3 * f) + 4 * (2 + 7 * r);
+    let n_acts = if checkpointing { 1 } else { l };
+    let ce_rows = (CE_CHUNK_BYTES / (6 * v)).max(64).min(cap);
+    let w = d.max(qd).max(f);
+    let scratch_per_token = 4 * 5 + 2 * (7 * d + 3 * f + 2 * qd + 2 * kvd + 4 * w) + 4 * (2 + 2 * kvd + r);
+    Plan {
+        base_linear: (l * base_linear) as u64,
+        base_other: (2 * (v * d + head + (2 * l + 1) * d) + 4 * (c.head_dim / 2)) as u64,
+        adapter_and_optimizer: (l * adapter * (2 + 4)) as u64,
+        activations: (cap * (n_acts * per_token_layer + (l + 1) * 2 * d)) as u64,
+        workspace: (cap * scratch_per_token + ce_rows * v * (4 + 2)) as u64,
+        device: true,
     }
 }
 
@@ -277,6 +313,56 @@ impl<D: Device> Engine<D> {
             self.ce_rows
         );
         self.ce_rows = rows;
+    }
+
+    /// Bytes of device memory the engine holds, counted buffer by buffer.
+    pub fn device_bytes(&self) -> usize {
+        fn sum<D: Device, T: super::Elem>(bufs: &[&D::Buf<T>]) -> usize {
+            bufs.iter().map(|b| D::bytes(b)).sum()
+        }
+        let mut n = sum::<D, _>(&[&self.embed, &self.norm]) + D::bytes(&self.inv_freq);
+        n += self.lm_head.as_ref().map_or(0, |h| D::bytes(h));
+        for l in &self.layers {
+            n += sum::<D, _>(&[&l.attn_norm, &l.mlp_norm]);
+            n += l.proj.iter().map(D::nf4_bytes).sum::<usize>();
+            n += l.bias.iter().flatten().map(|b| D::bytes(b)).sum::<usize>();
+        }
+        for slot in self.slots.iter().flatten().flatten() {
+            n += sum::<D, _>(&[&slot.a, &slot.b]) + sum::<D, _>(&[&slot.da, &slot.db]);
+        }
+        for a in &self.acts {
+            let bf = [
+                &a.h_attn, &a.q, &a.k, &a.v, &a.att, &a.x_mid, &a.h_mlp, &a.gate, &a.up, &a.act,
+            ];
+            n += sum::<D, _>(&bf) + sum::<D, _>(&[&a.rstd_attn, &a.rstd_mlp]);
+            n += a.xa.iter().map(|b| D::bytes(b)).sum::<usize>();
+        }
+        n += self.xs.iter().map(|b| D::bytes(b)).sum::<usize>();
+        let s = &self.s;
+        n += sum::<D, _>(&[&s.tokens, &s.positions, &s.seq_start, &s.labels, &s.targets]);
+        let bf = [
+            &s.h,
+            &s.h_lab,
+            &s.dh_lab,
+            &s.dlogits,
+            &s.dx,
+            &s.dx_in,
+            &s.dx_mid,
+            &s.dh,
+            &s.d_act,
+            &s.d_gate,
+            &s.d_up,
+            &s.d_att,
+            &s.dq,
+            &s.dk,
+            &s.dv,
+            &s.ps.tmp,
+            &s.ps.xd,
+            &s.ps.dlora,
+            &s.xd,
+        ];
+        n += sum::<D, _>(&bf);
+        n + sum::<D, _>(&[&s.rstd, &s.logits, &s.loss, &s.dk32, &s.dv32, &s.ps.g])
     }
 
     /// Tokens per micro-batch this engine was sized for.

@@ -62,6 +62,12 @@ impl Device for Cuda {
             in_features,
         })
     }
+    fn bytes<T: Elem>(buf: &CudaSlice<T>) -> usize {
+        buf.len() * size_of::<T>()
+    }
+    fn nf4_bytes(w: &Nf4Device) -> usize {
+        w.packed.len() + 4 * w.absmax.len()
+    }
     fn memory_used(&self) -> Option<usize> {
         self.ctx.mem_get_info().ok().map(|(free, total)| total - free)
     }
