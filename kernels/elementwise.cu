@@ -54,3 +54,10 @@ extern "C" __global__ void scatter_rows(bf16* out, const bf16* x, const int* idx
     const long i = e / d, c = e % d;
     out[(long)idx[i] * d + c] = x[e];
 }
+
+// y[t, n] += bias[n] for t < T. y: [T, N] bf16; bias: [N] bf16. (The bias of a cuBLAS projection.)
+extern "C" __global__ void add_bias_rows(bf16* y, const bf16* bias, int T, int N) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)T * N) return;
+    y[i] = to_bf16(to_f32(y[i]) + to_f32(bias[i % N]));
+}

@@ -36,7 +36,7 @@ run)
     "$bin/sqlora" selftest --json >"$out/selftest.json" 2>&1
     "$bin/cuda" 2>&1 | tee "$out/cuda-tests.txt"
     for shape in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b tinyllama-1.1b qwen2.5-1.5b}; do
-        for gemm in tiled mma; do
+        for gemm in auto tiled mma cublas; do
             echo "== bench train $shape, NF4 GEMM $gemm"
             SQLORA_NF4_GEMM=$gemm timeout 240 "$bin/sqlora" bench train --shape "$shape" --batch 8 --seq 512 \
                 --device cuda --json >>"$out/bench-train.jsonl" 2>>"$out/bench-train.err"

@@ -7,6 +7,7 @@
 //! reference. Still to come: the fast kernels (tensor cores, flash-style attention).
 
 mod device;
+mod gemm;
 mod ops;
 pub mod selftest;
 mod selftest_step;
@@ -15,7 +16,9 @@ use super::kernels;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+pub use gemm::{GemmPath, GemmState};
 
 /// Why there is no usable GPU, in words a user can act on; `None` when one can be opened.
 pub fn unavailable() -> Option<String> {
@@ -60,6 +63,7 @@ pub struct Kernels {
     pub dropout_bf16: CudaFunction,
     pub gather_rows: CudaFunction,
     pub scatter_rows: CudaFunction,
+    pub add_bias_rows: CudaFunction,
 }
 
 /// An NF4 weight on the device: packed codes and dequantized per-64 scales.
@@ -87,26 +91,10 @@ pub struct Cuda {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub k: Kernels,
-    /// Which NF4 GEMM the training step uses (`SQLORA_NF4_GEMM=tiled|mma`).
+    /// Which NF4 GEMM the training step uses (`SQLORA_NF4_GEMM=auto|tiled|mma|cublas`).
     pub gemm: GemmPath,
-}
-
-/// The two NF4 GEMM implementations: f32 FMA on shared-memory tiles, or bf16 tensor cores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GemmPath {
-    Tiled,
-    Mma,
-}
-
-impl GemmPath {
-    /// From `SQLORA_NF4_GEMM`; the tiled kernel until the tensor-core one has been measured faster.
-    fn from_env() -> Result<GemmPath> {
-        match std::env::var("SQLORA_NF4_GEMM").as_deref() {
-            Err(_) | Ok("tiled") => Ok(GemmPath::Tiled),
-            Ok("mma") => Ok(GemmPath::Mma),
-            Ok(other) => bail!("SQLORA_NF4_GEMM={other}: use tiled or mma"),
-        }
-    }
+    /// cuBLAS, its weight scratch and the tuner's choices, shared by clones.
+    pub gemm_state: Arc<Mutex<GemmState>>,
 }
 
 /// Grid of a tensor-core NF4 GEMM: 64 x 64 output tiles, 4 warps each.
@@ -222,22 +210,25 @@ impl Cuda {
         let [embedding_fwd]: [CudaFunction; 1] = load(&ctx, "embedding", kernels::EMBEDDING, &["embedding_fwd"])?
             .try_into()
             .unwrap();
-        let [add_bf16, cast_f32_bf16, dropout_bf16, gather_rows, scatter_rows]: [CudaFunction; 5] = load(
-            &ctx,
-            "elementwise",
-            kernels::ELEMENTWISE,
-            &[
-                "add_bf16",
-                "cast_f32_bf16",
-                "dropout_bf16",
-                "gather_rows",
-                "scatter_rows",
-            ],
-        )?
-        .try_into()
-        .unwrap();
+        let [add_bf16, cast_f32_bf16, dropout_bf16, gather_rows, scatter_rows, add_bias_rows]: [CudaFunction; 6] =
+            load(
+                &ctx,
+                "elementwise",
+                kernels::ELEMENTWISE,
+                &[
+                    "add_bf16",
+                    "cast_f32_bf16",
+                    "dropout_bf16",
+                    "gather_rows",
+                    "scatter_rows",
+                    "add_bias_rows",
+                ],
+            )?
+            .try_into()
+            .unwrap();
         Ok(Cuda {
             gemm: GemmPath::from_env()?,
+            gemm_state: GemmState::new(&stream),
             ctx,
             stream,
             k: Kernels {
@@ -265,6 +256,7 @@ impl Cuda {
                 dropout_bf16,
                 gather_rows,
                 scatter_rows,
+                add_bias_rows,
             },
         })
     }

@@ -3,7 +3,7 @@
 //! so the training step can size its buffers once for the longest micro-batch), then launches.
 //! Every launch error names the kernel.
 
-use super::{block_per_row, blocks_for, gemm_tiles, mma_tiles, Cuda, GemmPath, Nf4Device};
+use super::{block_per_row, blocks_for, mma_tiles, Cuda};
 use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -180,95 +180,6 @@ impl Cuda {
         b.arg(out).arg(packed).arg(absmax).arg(&ni);
         // SAFETY: one thread per packed byte, bounded by n inside the kernel; lengths asserted above.
         unsafe { b.launch(blocks_for(n.div_ceil(2))) }.context("kernel nf4_dequantize")?;
-        Ok(())
-    }
-
-    /// y = x W^T (+ bias) with W in NF4, by the kernel `self.gemm` names. y: [t, out]; x: [t, in].
-    pub fn nf4_gemm_fwd(
-        &self,
-        y: &mut CudaSlice<bf16>,
-        x: &CudaSlice<bf16>,
-        w: &Nf4Device,
-        bias: Option<&CudaSlice<bf16>>,
-        t: usize,
-    ) -> Result<()> {
-        self.nf4_gemm_fwd_via(self.gemm, y, x, w, bias, t)
-    }
-
-    /// dx = dy W with W in NF4, by the kernel `self.gemm` names. dx: [t, in]; dy: [t, out].
-    pub fn nf4_gemm_bwd_input(
-        &self,
-        dx: &mut CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
-        w: &Nf4Device,
-        t: usize,
-    ) -> Result<()> {
-        self.nf4_gemm_bwd_input_via(self.gemm, dx, dy, w, t)
-    }
-
-    /// y = x W^T (+ bias) with W in NF4 by the given kernel. y: [t, out]; x: [t, in]; bias: [out].
-    pub fn nf4_gemm_fwd_via(
-        &self,
-        path: GemmPath,
-        y: &mut CudaSlice<bf16>,
-        x: &CudaSlice<bf16>,
-        w: &Nf4Device,
-        bias: Option<&CudaSlice<bf16>>,
-        t: usize,
-    ) -> Result<()> {
-        let (n, k) = (w.out_features, w.in_features);
-        assert!(x.len() >= t * k && y.len() >= t * n && bias.is_none_or(|b| b.len() == n));
-        assert!(w.packed.len() == (n * k).div_ceil(2) && w.absmax.len() == (n * k).div_ceil(64));
-        let (ti, ni, ki, null) = (t as i32, n as i32, k as i32, 0u64);
-        let (kernel, grid, name) = match path {
-            GemmPath::Tiled => (&self.k.nf4_gemm_fwd, gemm_tiles(t, n), "nf4_gemm_fwd"),
-            GemmPath::Mma => (&self.k.nf4_gemm_fwd_mma, mma_tiles(t, n), "nf4_gemm_fwd_mma"),
-        };
-        let mut b = self.stream.launch_builder(kernel);
-        b.arg(y).arg(x).arg(&w.packed).arg(&w.absmax);
-        match bias {
-            Some(bias) => b.arg(bias),
-            None => b.arg(&null), // a null `const bf16*`: no bias
-        };
-        b.arg(&ti).arg(&ni).arg(&ki);
-        // SAFETY: reads x [t, in], the packed weight and scales of [out, in] (lengths asserted) and
-        // bias [out] if given; writes y [t, out]. Either kernel bounds-checks every access against
-        // t, N, K, and its grid covers [t, out] in its own tile size.
-        unsafe { b.launch(grid) }.with_context(|| format!("kernel {name}"))?;
-        Ok(())
-    }
-
-    /// dx = dy W with W in NF4 by the given kernel. dx: [t, in]; dy: [t, out].
-    pub fn nf4_gemm_bwd_input_via(
-        &self,
-        path: GemmPath,
-        dx: &mut CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
-        w: &Nf4Device,
-        t: usize,
-    ) -> Result<()> {
-        let (n, k) = (w.out_features, w.in_features);
-        assert!(dy.len() >= t * n && dx.len() >= t * k);
-        let (ti, ni, ki) = (t as i32, n as i32, k as i32);
-        let (kernel, grid, name) = match path {
-            GemmPath::Tiled => (&self.k.nf4_gemm_bwd_input, gemm_tiles(t, k), "nf4_gemm_bwd_input"),
-            GemmPath::Mma => (
-                &self.k.nf4_gemm_bwd_input_mma,
-                mma_tiles(t, k),
-                "nf4_gemm_bwd_input_mma",
-            ),
-        };
-        let mut b = self.stream.launch_builder(kernel);
-        b.arg(dx)
-            .arg(dy)
-            .arg(&w.packed)
-            .arg(&w.absmax)
-            .arg(&ti)
-            .arg(&ni)
-            .arg(&ki);
-        // SAFETY: reads dy [t, out] and the NF4 weight [out, in]; writes dx [t, in]; either kernel
-        // bounds-checks every access against t, N, K, and its grid covers [t, in] in its tile size.
-        unsafe { b.launch(grid) }.with_context(|| format!("kernel {name}"))?;
         Ok(())
     }
 

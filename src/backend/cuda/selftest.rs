@@ -222,7 +222,11 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         let dy = bf(&rng.normal_vec(t * n, 1.0));
         let mut want_dx = vec![0f32; t * k];
         cpu::linear_bwd_input(&mut want_dx, &dy, &lin);
-        for (path, suffix) in [(GemmPath::Tiled, ""), (GemmPath::Mma, "_mma")] {
+        let mut paths = vec![(GemmPath::Tiled, ""), (GemmPath::Mma, "_mma")];
+        if gpu.gemm_state.lock().is_ok_and(|s| s.has_blas()) {
+            paths.push((GemmPath::Cublas, "_cublas"));
+        }
+        for (path, suffix) in paths {
             let mut y = gpu.poisoned(t * n)?;
             gpu.nf4_gemm_fwd_via(path, &mut y, &gpu.up(&x)?, &w, bias.as_ref(), t)?;
             let err = rel_err(&gpu.down(&y)?, &want_y);

@@ -1,0 +1,333 @@
+//! The NF4 GEMMs of a projection, three ways, and the choice between them.
+//!
+//! - `Tiled`: kernels/nf4.cu's shared-memory tiles with f32 FMA (the plainest version);
+//! - `Mma`: the same dequantize-in-the-tile GEMM on tensor cores (kernels/mma.cuh);
+//! - `Cublas`: dequantize the whole weight to bf16 into a scratch buffer, then cuBLAS.
+//!
+//! `Auto` (the default) times every available path the first time it meets a shape (orientation,
+//! out, in, and tokens rounded up to a power of two), keeps only the paths whose output agrees with
+//! the tiled kernel's, and from then on uses the fastest: the engine runs whichever measures faster
+//! per shape, and a broken fast path can only lose the race, not corrupt training.
+
+use super::{gemm_tiles, mma_tiles, Cuda, Nf4Device};
+use anyhow::{bail, Context, Result};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::bf16;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// How a projection's NF4 GEMM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmPath {
+    Tiled,
+    Mma,
+    Cublas,
+    Auto,
+}
+
+impl GemmPath {
+    /// From `SQLORA_NF4_GEMM` (auto, tiled, mma or cublas); `Auto` when unset.
+    pub(super) fn from_env() -> Result<GemmPath> {
+        Ok(match std::env::var("SQLORA_NF4_GEMM").as_deref() {
+            Err(_) | Ok("auto") => GemmPath::Auto,
+            Ok("tiled") => GemmPath::Tiled,
+            Ok("mma") => GemmPath::Mma,
+            Ok("cublas") => GemmPath::Cublas,
+            Ok(other) => bail!("SQLORA_NF4_GEMM={other}: use auto, tiled, mma or cublas"),
+        })
+    }
+}
+
+/// One GEMM call with its inputs bound, run by the given path into the given output.
+type GemmCall<'a> = dyn FnMut(&Cuda, GemmPath, &mut CudaSlice<bf16>) -> Result<()> + 'a;
+
+/// A GEMM shape as the tuner keys it: (forward?, out, in, tokens rounded up to a power of two).
+type Shape = (bool, usize, usize, usize);
+
+/// State shared by every clone of a [`Cuda`]: the cuBLAS handle, the dequantized-weight scratch, and
+/// the tuner's choices.
+#[derive(Default)]
+pub struct GemmState {
+    blas: Option<CudaBlas>,
+    /// [out * in] bf16: the weight of the current cuBLAS call, grown to the largest seen.
+    scratch: Option<CudaSlice<bf16>>,
+    chosen: HashMap<Shape, GemmPath>,
+}
+
+impl GemmState {
+    /// Whether the cuBLAS path is available.
+    pub fn has_blas(&self) -> bool {
+        self.blas.is_some()
+    }
+
+    /// cuBLAS on the stream, when libcublas can be loaded.
+    pub(super) fn new(stream: &Arc<cudarc::driver::CudaStream>) -> Arc<Mutex<GemmState>> {
+        // SAFETY: only checks whether libcublas can be loaded; calls nothing in it.
+        let blas = unsafe { cudarc::cublas::sys::is_culib_present() }
+            .then(|| CudaBlas::new(stream.clone()).ok())
+            .flatten();
+        Arc::new(Mutex::new(GemmState {
+            blas,
+            ..Default::default()
+        }))
+    }
+}
+
+impl Cuda {
+    /// y = x W^T (+ bias) with W in NF4, by `self.gemm`'s path. y: [t, out]; x: [t, in]; bias: [out].
+    pub fn nf4_gemm_fwd(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        bias: Option<&CudaSlice<bf16>>,
+        t: usize,
+    ) -> Result<()> {
+        let shape = (true, w.out_features, w.in_features, t.next_power_of_two());
+        self.tuned(shape, y, t * w.out_features, &mut |gpu, path, y| {
+            gpu.nf4_gemm_fwd_via(path, y, x, w, bias, t)
+        })
+    }
+
+    /// dx = dy W with W in NF4, by `self.gemm`'s path. dx: [t, in]; dy: [t, out].
+    pub fn nf4_gemm_bwd_input(
+        &self,
+        dx: &mut CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        t: usize,
+    ) -> Result<()> {
+        let shape = (false, w.out_features, w.in_features, t.next_power_of_two());
+        self.tuned(shape, dx, t * w.in_features, &mut |gpu, path, dx| {
+            gpu.nf4_gemm_bwd_input_via(path, dx, dy, w, t)
+        })
+    }
+
+    /// Run `gemm` by the configured path, or by the tuner's choice for `shape` (choosing it first
+    /// if this shape is new). `out` holds `out_len` meaningful values.
+    fn tuned(&self, shape: Shape, out: &mut CudaSlice<bf16>, out_len: usize, gemm: &mut GemmCall) -> Result<()> {
+        if self.gemm != GemmPath::Auto {
+            return gemm(self, self.gemm, out);
+        }
+        let (known, has_blas) = {
+            let st = self.gemm_state.lock().expect("GEMM state lock");
+            (st.chosen.get(&shape).copied(), st.blas.is_some())
+        };
+        if let Some(path) = known {
+            return gemm(self, path, out);
+        }
+        let mut candidates = vec![GemmPath::Tiled, GemmPath::Mma];
+        if has_blas {
+            candidates.push(GemmPath::Cublas);
+        }
+        let mut timed: Vec<(GemmPath, f64)> = Vec::new();
+        let mut reference: Option<Vec<f32>> = None;
+        for path in candidates {
+            gemm(self, path, out)?; // warm-up (and the scratch's first allocation)
+            self.stream.synchronize()?;
+            let started = Instant::now();
+            gemm(self, path, out)?;
+            self.stream.synchronize()?;
+            let seconds = started.elapsed().as_secs_f64();
+            let got: Vec<f32> = self
+                .stream
+                .clone_dtoh(&out.slice(..out_len))?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            match &reference {
+                None => {
+                    reference = Some(got);
+                    timed.push((path, seconds));
+                }
+                Some(want) => {
+                    let err = rel_err(&got, want);
+                    if err <= 2e-2 {
+                        timed.push((path, seconds));
+                    } else {
+                        eprintln!("warning: NF4 GEMM {path:?} disagrees with the tiled kernel ({err:.1e}) on {shape:?}: not used");
+                    }
+                }
+            }
+        }
+        let best = timed
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(GemmPath::Tiled, |b| b.0);
+        self.gemm_state
+            .lock()
+            .expect("GEMM state lock")
+            .chosen
+            .insert(shape, best);
+        gemm(self, best, out)
+    }
+
+    /// y = x W^T (+ bias) with W in NF4 by the given path. y: [t, out]; x: [t, in]; bias: [out].
+    pub fn nf4_gemm_fwd_via(
+        &self,
+        path: GemmPath,
+        y: &mut CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        bias: Option<&CudaSlice<bf16>>,
+        t: usize,
+    ) -> Result<()> {
+        let (n, k) = (w.out_features, w.in_features);
+        assert!(x.len() >= t * k && y.len() >= t * n && bias.is_none_or(|b| b.len() == n));
+        assert!(w.packed.len() == (n * k).div_ceil(2) && w.absmax.len() == (n * k).div_ceil(64));
+        let (ti, ni, ki, null) = (t as i32, n as i32, k as i32, 0u64);
+        let (kernel, grid, name) = match path {
+            GemmPath::Tiled => (&self.k.nf4_gemm_fwd, gemm_tiles(t, n), "nf4_gemm_fwd"),
+            GemmPath::Mma => (&self.k.nf4_gemm_fwd_mma, mma_tiles(t, n), "nf4_gemm_fwd_mma"),
+            GemmPath::Cublas => return self.cublas_fwd(y, x, w, bias, t),
+            GemmPath::Auto => return self.nf4_gemm_fwd(y, x, w, bias, t),
+        };
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(y).arg(x).arg(&w.packed).arg(&w.absmax);
+        match bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&null), // a null `const bf16*`: no bias
+        };
+        b.arg(&ti).arg(&ni).arg(&ki);
+        // SAFETY: reads x [t, in], the packed weight and scales of [out, in] (lengths asserted) and
+        // bias [out] if given; writes y [t, out]. Either kernel bounds-checks every access against
+        // t, N, K, and its grid covers [t, out] in its own tile size.
+        unsafe { b.launch(grid) }.with_context(|| format!("kernel {name}"))?;
+        Ok(())
+    }
+
+    /// dx = dy W with W in NF4 by the given path. dx: [t, in]; dy: [t, out].
+    pub fn nf4_gemm_bwd_input_via(
+        &self,
+        path: GemmPath,
+        dx: &mut CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        t: usize,
+    ) -> Result<()> {
+        let (n, k) = (w.out_features, w.in_features);
+        assert!(dy.len() >= t * n && dx.len() >= t * k);
+        let (ti, ni, ki) = (t as i32, n as i32, k as i32);
+        let (kernel, grid, name) = match path {
+            GemmPath::Tiled => (&self.k.nf4_gemm_bwd_input, gemm_tiles(t, k), "nf4_gemm_bwd_input"),
+            GemmPath::Mma => (
+                &self.k.nf4_gemm_bwd_input_mma,
+                mma_tiles(t, k),
+                "nf4_gemm_bwd_input_mma",
+            ),
+            GemmPath::Cublas => return self.cublas_bwd_input(dx, dy, w, t),
+            GemmPath::Auto => return self.nf4_gemm_bwd_input(dx, dy, w, t),
+        };
+        let mut b = self.stream.launch_builder(kernel);
+        b.arg(dx)
+            .arg(dy)
+            .arg(&w.packed)
+            .arg(&w.absmax)
+            .arg(&ti)
+            .arg(&ni)
+            .arg(&ki);
+        // SAFETY: reads dy [t, out] and the NF4 weight [out, in]; writes dx [t, in]; either kernel
+        // bounds-checks every access against t, N, K, and its grid covers [t, in] in its tile size.
+        unsafe { b.launch(grid) }.with_context(|| format!("kernel {name}"))?;
+        Ok(())
+    }
+
+    /// Dequantize W [out, in] into the scratch and hand it, with cuBLAS, to `f`.
+    fn with_dequantized(
+        &self,
+        w: &Nf4Device,
+        f: &mut dyn FnMut(&CudaBlas, &CudaSlice<bf16>) -> Result<()>,
+    ) -> Result<()> {
+        let numel = w.out_features * w.in_features;
+        let mut st = self.gemm_state.lock().expect("GEMM state lock");
+        let GemmState { blas, scratch, .. } = &mut *st;
+        let blas = blas
+            .as_ref()
+            .context("cuBLAS (libcublas) is not available on this machine")?;
+        if scratch.as_ref().is_none_or(|s| s.len() < numel) {
+            *scratch = Some(
+                self.stream
+                    .alloc_zeros(numel)
+                    .context("the cuBLAS path's weight scratch")?,
+            );
+        }
+        let scratch = scratch.as_mut().expect("allocated above");
+        let mut b = self.stream.launch_builder(&self.k.nf4_dequantize);
+        let ni = numel as i64;
+        b.arg(&mut *scratch).arg(&w.packed).arg(&w.absmax).arg(&ni);
+        // SAFETY: one thread per packed byte, bounded by numel inside the kernel; the scratch holds
+        // at least numel values and the packed codes and scales are those of [out, in].
+        unsafe { b.launch(super::blocks_for(numel.div_ceil(2))) }.context("kernel nf4_dequantize")?;
+        f(blas, scratch)
+    }
+
+    /// Row-major y [t, n] = x [t, k] W^T is column-major y^T = W x^T: gemm(T, N, m = n, n = t, k).
+    fn cublas_fwd(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        bias: Option<&CudaSlice<bf16>>,
+        t: usize,
+    ) -> Result<()> {
+        let (n, k) = (w.out_features as i32, w.in_features as i32);
+        self.with_dequantized(w, &mut |blas, wd| {
+            let cfg = GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_T,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: n,
+                n: t as i32,
+                k,
+                alpha: bf16::ONE,
+                lda: k,
+                ldb: k,
+                beta: bf16::ZERO,
+                ldc: n,
+            };
+            // SAFETY: A is the [n, k] weight (lda k), B the first t rows of x (ldb k), C the first t
+            // rows of y (ldc n); the buffers hold at least that much (asserted by the caller).
+            unsafe { blas.gemm(cfg, wd, x, y) }.context("cuBLAS gemm (NF4 forward)")
+        })?;
+        if let Some(bias) = bias {
+            let (ti, ni) = (t as i32, n);
+            let mut b = self.stream.launch_builder(&self.k.add_bias_rows);
+            b.arg(&mut *y).arg(bias).arg(&ti).arg(&ni);
+            // SAFETY: one thread per element of y's first t rows of n; bias holds n (asserted).
+            unsafe { b.launch(super::blocks_for(t * n as usize)) }.context("kernel add_bias_rows")?;
+        }
+        Ok(())
+    }
+
+    /// Row-major dx [t, k] = dy [t, n] W is column-major dx^T = W^T dy^T: gemm(N, N, m = k, n = t, k = n).
+    fn cublas_bwd_input(&self, dx: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, w: &Nf4Device, t: usize) -> Result<()> {
+        let (n, k) = (w.out_features as i32, w.in_features as i32);
+        self.with_dequantized(w, &mut |blas, wd| {
+            let cfg = GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: k,
+                n: t as i32,
+                k: n,
+                alpha: bf16::ONE,
+                lda: k,
+                ldb: n,
+                beta: bf16::ZERO,
+                ldc: k,
+            };
+            // SAFETY: A is the weight seen column-major as [k, n] (lda k), B the first t rows of dy
+            // (ldb n), C the first t rows of dx (ldc k); the buffers hold at least that much.
+            unsafe { blas.gemm(cfg, wd, dy, dx) }.context("cuBLAS gemm (NF4 input gradient)")
+        })
+    }
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    (num / den.max(1e-30)).sqrt()
+}
