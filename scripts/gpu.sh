@@ -7,7 +7,9 @@
 #                          `bench train` on each shape with both NF4 GEMM paths, and a short training
 #                          run on the GPU beside the same run on the CPU. Logs go to $OUT (or ./gpu-out).
 #
-# SHAPES overrides the benchmarked shapes (default: the four of the baseline table).
+# SHAPES and GEMMS override the benchmarked shapes (default: the four of the baseline table) and NF4
+# GEMM paths (auto tiled mma cublas); a device call is limited to 10 minutes, so split the run with
+# them if it is slow (e.g. SHAPES=llama-3.2-1b GEMMS=auto).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +38,7 @@ run)
     "$bin/sqlora" selftest --json >"$out/selftest.json" 2>&1
     "$bin/cuda" 2>&1 | tee "$out/cuda-tests.txt"
     for shape in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b tinyllama-1.1b qwen2.5-1.5b}; do
-        for gemm in auto tiled mma cublas; do
+        for gemm in ${GEMMS:-auto tiled mma cublas}; do
             echo "== bench train $shape, NF4 GEMM $gemm"
             SQLORA_NF4_GEMM=$gemm timeout 240 "$bin/sqlora" bench train --shape "$shape" --batch 8 --seq 512 \
                 --device cuda --json >>"$out/bench-train.jsonl" 2>>"$out/bench-train.err"
