@@ -1,0 +1,41 @@
+//! The LoRA branch of Llama-3.2-1B's gate projection (in 2048, out 8192, rank 16) over 4096 tokens,
+//! forward and backward. Throughput in FLOPs (2 r T (in + out) forward, twice that backward).
+
+mod common;
+use common::*;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+fn lora(c: &mut Criterion) {
+    let Some(gpu) = gpu() else { return };
+    let (t, k, n, r) = (4096usize, 2048usize, 8192usize, 16usize);
+    let (x, a, bm, dy) = (
+        normal_bf16(&gpu, t * k, 1.0, 1),
+        normal_bf16(&gpu, r * k, 0.02, 2),
+        normal_bf16(&gpu, n * r, 0.02, 3),
+        normal_bf16(&gpu, t * n, 1.0, 4),
+    );
+    let (mut y, mut xa, mut dx) = (zeros(&gpu, t * n), zeros(&gpu, t * r), zeros(&gpu, t * k));
+    let (mut da, mut db, mut g32) = (zeros(&gpu, r * k), zeros(&gpu, n * r), zeros(&gpu, t * r));
+    let flops = (2 * r * t * (k + n)) as u64;
+    let mut g = c.benchmark_group("lora_4096x2048x8192_r16");
+    g.throughput(Throughput::Elements(flops));
+    g.bench_function("fwd", |b| {
+        b.iter(|| {
+            gpu.lora_fwd(&mut y, &mut xa, &x, &a, &bm, t, r, 2.0).unwrap();
+            sync(&gpu);
+        })
+    });
+    g.throughput(Throughput::Elements(2 * flops));
+    g.bench_function("bwd", |b| {
+        b.iter(|| {
+            gpu.lora_bwd(&mut dx, &mut da, &mut db, &mut g32, &dy, &x, &xa, &a, &bm, t, r, 2.0)
+                .unwrap();
+            sync(&gpu);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, lora);
+criterion_main!(benches);
