@@ -21,12 +21,13 @@ fn attention(c: &mut Criterion) {
     let starts = gpu.stream.clone_htod(&starts).unwrap();
     let (mut out, mut dq) = (zeros(&gpu, t * h * hd), zeros(&gpu, t * h * hd));
     let (mut dk, mut dv) = (zeros(&gpu, t * kv * hd), zeros(&gpu, t * kv * hd));
+    let (mut lse, mut dd) = (zeros(&gpu, t * h), zeros(&gpu, t * h));
     let fwd_flops = (b * h * 2 * s * s * hd) as u64; // 4 S^2 hd per head, halved by the mask
     let mut g = c.benchmark_group("attention_8x512_h32_kv8_hd64");
     g.throughput(Throughput::Elements(fwd_flops));
     g.bench_function("fwd", |bch| {
         bch.iter(|| {
-            gpu.attention_fwd(&mut out, &q, &k, &v, &starts, t, [h, kv, hd], s)
+            gpu.attention_fwd(&mut out, &mut lse, &q, &k, &v, &starts, t, [h, kv, hd], s)
                 .unwrap();
             sync(&gpu);
         })
@@ -34,10 +35,22 @@ fn attention(c: &mut Criterion) {
     g.throughput(Throughput::Elements(2 * fwd_flops));
     g.bench_function("bwd", |bch| {
         bch.iter(|| {
-            gpu.stream.memset_zeros(&mut dk).unwrap();
-            gpu.stream.memset_zeros(&mut dv).unwrap();
-            gpu.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &starts, t, [h, kv, hd], s)
-                .unwrap();
+            let qkv = [&q, &k, &v];
+            gpu.attention_bwd(
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &mut dd,
+                &dout,
+                qkv,
+                &out,
+                &lse,
+                &starts,
+                t,
+                [h, kv, hd],
+                s,
+            )
+            .unwrap();
             sync(&gpu);
         })
     });

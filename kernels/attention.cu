@@ -1,13 +1,15 @@
 // Causal grouped-query attention over packed sequences, forward and backward.
-// Twin of src/backend/cpu/attention.rs. One block per (token, query head); the row of
-// probabilities lives in dynamic shared memory (one float per key of the longest sequence).
-// Correctness first: the flash-style kernel will be checked against this one.
+// Twin of src/backend/cpu/attention.rs. The forward keeps each row's log-sum-exp, so the backward
+// recomputes probabilities instead of storing them, and splits into a pass per query (dq) and a pass
+// per key (dk, dv): every output is written by one block, with no atomics, so it is deterministic.
+// Correctness first: one block per (token, head) or (key, kv head); the flash-style tensor-core
+// kernels will be checked against these.
 #include "common.cuh"
 
-// The probabilities of query (t, h) over keys start..=t, into p[0 .. t - start + 1].
-// Returns the number of keys.
-__device__ int attention_probs(float* p, const bf16* q, const bf16* k, int t, int start, int h, int heads, int kv_heads,
-                               int hd, float* scratch) {
+// p[j] = softmax_j(q[t, h] . k[start + j, kvh] / sqrt(hd)) for j < n = t - start + 1, and the row's
+// log-sum-exp of the scaled scores into *lse (thread 0). Returns n. p: shared, >= n floats.
+__device__ int attention_probs(float* p, float* lse, const bf16* q, const bf16* k, int t, int start, int h, int heads,
+                               int kv_heads, int hd, float* scratch) {
     const int kvh = h / (heads / kv_heads), n = t - start + 1;
     const float scale = rsqrtf((float)hd);
     const bf16* qv = q + ((long)t * heads + h) * hd;
@@ -19,13 +21,7 @@ __device__ int attention_probs(float* p, const bf16* q, const bf16* k, int t, in
         p[j] = s * scale;
         m = fmaxf(m, p[j]);
     }
-    // block max
-    m = warp_max(m);
-    __syncthreads();
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = m;
-    __syncthreads();
-    float mx = scratch[0];
-    for (int w = 1; w < blockDim.x / 32; w++) mx = fmaxf(mx, scratch[w]);
+    const float mx = block_max(m, scratch);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
         p[j] = __expf(p[j] - mx);
@@ -33,19 +29,21 @@ __device__ int attention_probs(float* p, const bf16* q, const bf16* k, int t, in
     }
     sum = block_sum(sum, scratch);
     for (int j = threadIdx.x; j < n; j += blockDim.x) p[j] /= sum;
+    if (threadIdx.x == 0) *lse = mx + logf(sum);
     __syncthreads();
     return n;
 }
 
 // out[t, h] = sum_s P[s] v[s, kvh],  P = softmax(q[t, h] . k[s, kvh] / sqrt(hd)) over s in start(t)..=t
-// out, q: [T, heads, hd] bf16; k, v: [T, kv_heads, hd] bf16; seq_start: [T] i32 (first token of t's sequence).
-// Grid T * heads blocks; dynamic shared memory: (longest sequence) floats.
-extern "C" __global__ void attention_fwd(bf16* out, const bf16* q, const bf16* k, const bf16* v, const int* seq_start,
-                                         int heads, int kv_heads, int hd) {
+// out, q: [T, heads, hd] bf16; lse: [T, heads] f32 (written); k, v: [T, kv_heads, hd] bf16;
+// seq_start: [T] i32 (first token of t's sequence). Grid T * heads blocks; dynamic shared memory:
+// (longest sequence) floats.
+extern "C" __global__ void attention_fwd(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                                         const int* seq_start, int heads, int kv_heads, int hd) {
     extern __shared__ float p[];
     __shared__ float scratch[32];
     const int t = blockIdx.x / heads, h = blockIdx.x % heads, start = seq_start[t];
-    const int n = attention_probs(p, q, k, t, start, h, heads, kv_heads, hd, scratch);
+    const int n = attention_probs(p, &lse[blockIdx.x], q, k, t, start, h, heads, kv_heads, hd, scratch);
     const int kvh = h / (heads / kv_heads);
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         float o = 0.0f;
@@ -54,43 +52,106 @@ extern "C" __global__ void attention_fwd(bf16* out, const bf16* q, const bf16* k
     }
 }
 
-// With dP_s = dO . v_s and D = sum_s P_s dP_s:  dS_s = P_s (dP_s - D) / sqrt(hd)
-//   dq = sum_s dS_s k_s,   dk_s += dS_s q,   dv_s += P_s dO
-// dq: [T, heads, hd] bf16 (written); dk, dv: [T, kv_heads, hd] f32 (accumulated with atomics: zero them
-// first); dout, q: [T, heads, hd] bf16; k, v: [T, kv_heads, hd] bf16; seq_start: [T] i32.
-// Grid T * heads blocks; dynamic shared memory: 2 * (longest sequence) floats.
-extern "C" __global__ void attention_bwd(bf16* dq, float* dk, float* dv, const bf16* dout, const bf16* q, const bf16* k,
-                                         const bf16* v, const int* seq_start, int heads, int kv_heads, int hd,
-                                         int max_len) {
-    extern __shared__ float sm[];
-    float* p = sm;
-    float* ds = sm + max_len;
-    __shared__ float scratch[32];
-    const int t = blockIdx.x / heads, h = blockIdx.x % heads, start = seq_start[t];
-    const int n = attention_probs(p, q, k, t, start, h, heads, kv_heads, hd, scratch);
+// The backward, with P_ts = exp(q_t . k_s / sqrt(hd) - lse_t), dP_ts = dO_t . v_s and
+// D_t = sum_s P_ts dP_ts = dO_t . O_t:
+//   dS_ts = P_ts (dP_ts - D_t) / sqrt(hd)
+//   dq_t = sum_s dS_ts k_s,   dk_s = sum_(t, h in group) dS_ts q_t,   dv_s = sum_(t, h in group) P_ts dO_t
+
+// dd[r] = dO[r] . O[r] for each of the T * heads rows; one warp per row.
+// dd: [T * heads] f32 (written); dout, out: [T, heads, hd] bf16.
+extern "C" __global__ void attention_bwd_rowdot(float* dd, const bf16* dout, const bf16* out, int rows, int hd) {
+    const long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (w >= rows) return;
+    float s = 0.0f;
+    for (int i = lane; i < hd; i += 32) s += to_f32(dout[w * hd + i]) * to_f32(out[w * hd + i]);
+    s = warp_sum(s);
+    if (lane == 0) dd[w] = s;
+}
+
+// dq for query (t, h); one block per (t, h). dq: [T, heads, hd] bf16 (written); lse, dd: [T, heads];
+// the rest as in the forward. Dynamic shared memory: (longest sequence) floats.
+extern "C" __global__ void attention_bwd_dq(bf16* dq, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
+                                            const float* lse, const float* dd, const int* seq_start, int heads,
+                                            int kv_heads, int hd) {
+    extern __shared__ float ds[];
+    const int t = blockIdx.x / heads, h = blockIdx.x % heads, start = seq_start[t], n = t - start + 1;
     const int kvh = h / (heads / kv_heads);
-    const float scale = rsqrtf((float)hd);
-    const bf16* dov = dout + ((long)t * heads + h) * hd;
-    const bf16* qv = q + ((long)t * heads + h) * hd;
-    float dsum = 0.0f;
+    const float scale = rsqrtf((float)hd), row_lse = lse[blockIdx.x], row_d = dd[blockIdx.x];
+    const bf16 *qv = q + (long)blockIdx.x * hd, *dov = dout + (long)blockIdx.x * hd;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const bf16* vv = v + ((long)(start + j) * kv_heads + kvh) * hd;
-        float dp = 0.0f;
-        for (int i = 0; i < hd; i++) dp += to_f32(dov[i]) * to_f32(vv[i]);
-        ds[j] = dp;
-        dsum += p[j] * dp;
+        const long kv_at = ((long)(start + j) * kv_heads + kvh) * hd;
+        float s = 0.0f, dp = 0.0f;
+        for (int i = 0; i < hd; i++) {
+            s += to_f32(qv[i]) * to_f32(k[kv_at + i]);
+            dp += to_f32(dov[i]) * to_f32(v[kv_at + i]);
+        }
+        const float p = __expf(s * scale - row_lse);
+        ds[j] = p * (dp - row_d) * scale;
     }
-    const float big_d = block_sum(dsum, scratch);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) ds[j] = p[j] * (ds[j] - big_d) * scale;
     __syncthreads();
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         float g = 0.0f;
-        for (int j = 0; j < n; j++) {
-            const long kv_at = ((long)(start + j) * kv_heads + kvh) * hd + i;
-            g += ds[j] * to_f32(k[kv_at]);
-            atomicAdd(&dk[kv_at], ds[j] * to_f32(qv[i]));
-            atomicAdd(&dv[kv_at], p[j] * to_f32(dov[i]));
+        for (int j = 0; j < n; j++) g += ds[j] * to_f32(k[((long)(start + j) * kv_heads + kvh) * hd + i]);
+        dq[(long)blockIdx.x * hd + i] = to_bf16(g);
+    }
+}
+
+// dk, dv for key (s, kvh); one block of 4 warps per (s, kvh). Each warp takes queries t >= s of the
+// same sequence, with every query head h of the group, and keeps its share of dk_s, dv_s in registers
+// (lane l holds dims l, l + 32, ...: hd <= 256); the warps' partial sums meet in shared memory.
+// dk, dv: [T, kv_heads, hd] bf16 (written); T: tokens in the batch; the rest as above.
+#define BWD_KV_WARPS 4
+#define MAX_HD_PER_LANE 8
+extern "C" __global__ void attention_bwd_dkv(bf16* dk, bf16* dv, const bf16* dout, const bf16* q, const bf16* k,
+                                             const bf16* v, const float* lse, const float* dd, const int* seq_start,
+                                             int T, int heads, int kv_heads, int hd) {
+    __shared__ float part[BWD_KV_WARPS][2][MAX_HD_PER_LANE * 32];
+    const int s = blockIdx.x / kv_heads, kvh = blockIdx.x % kv_heads, start = seq_start[s];
+    const int group = heads / kv_heads, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const float scale = rsqrtf((float)hd);
+    const bf16 *kv = k + (long)blockIdx.x * hd, *vv = v + (long)blockIdx.x * hd;
+    float dk_acc[MAX_HD_PER_LANE] = {}, dv_acc[MAX_HD_PER_LANE] = {};
+    // Pairs (t, g) with t = s, s+1, ... while t is in s's sequence (sequences are contiguous).
+    for (long pair = warp;; pair += BWD_KV_WARPS) {
+        const int t = s + (int)(pair / group), h = kvh * group + (int)(pair % group);
+        if (t >= T || seq_start[t] != start) break;
+        const long row = (long)t * heads + h;
+        const bf16 *qv = q + row * hd, *dov = dout + row * hd;
+        float sc = 0.0f, dp = 0.0f;
+        for (int i = lane; i < hd; i += 32) {
+            sc += to_f32(qv[i]) * to_f32(kv[i]);
+            dp += to_f32(dov[i]) * to_f32(vv[i]);
         }
-        dq[((long)t * heads + h) * hd + i] = to_bf16(g);
+        sc = warp_sum(sc);
+        dp = warp_sum(dp);
+        const float p = __expf(sc * scale - lse[row]);
+        const float dsv = p * (dp - dd[row]) * scale;
+#pragma unroll
+        for (int c = 0; c < MAX_HD_PER_LANE; c++) {
+            const int i = lane + 32 * c;
+            if (i < hd) {
+                dk_acc[c] += dsv * to_f32(qv[i]);
+                dv_acc[c] += p * to_f32(dov[i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < MAX_HD_PER_LANE; c++) {
+        const int i = lane + 32 * c;
+        if (i < hd) {
+            part[warp][0][i] = dk_acc[c];
+            part[warp][1][i] = dv_acc[c];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float a = 0.0f, b = 0.0f;
+        for (int w = 0; w < BWD_KV_WARPS; w++) {
+            a += part[w][0][i];
+            b += part[w][1][i];
+        }
+        dk[(long)blockIdx.x * hd + i] = to_bf16(a);
+        dv[(long)blockIdx.x * hd + i] = to_bf16(b);
     }
 }

@@ -4,7 +4,8 @@
 #   scripts/gpu.sh build   stripped release binaries and the CUDA test binary into .stage/bin
 #                          (ignored by git; small enough to carry: name .stage/bin in the device tool's carry)
 #   scripts/gpu.sh run     on the GPU machine, from the repository root: selftest, the CUDA tests,
-#                          `bench train` on each shape with both NF4 GEMM paths, and a short training
+#                          `bench train` on each shape with each NF4 GEMM path, the criterion kernel
+#                          benches, and a short training
 #                          run on the GPU beside the same run on the CPU. Logs go to $OUT (or ./gpu-out).
 #
 # SHAPES and GEMMS override the benchmarked shapes (default: the four of the baseline table) and NF4
@@ -17,14 +18,17 @@ case "${1:-}" in
 build)
     set -e
     SQLORA_REQUIRE_KERNELS=1 cargo build --release --bins
-    test_bin=$(SQLORA_REQUIRE_KERNELS=1 cargo test --release --test cuda --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys
+    executables() { # the executables cargo built, for the targets named in $1 (a Python regex)
+        python3 -c 'import json, re, sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and re.fullmatch(sys.argv[1], m["target"]["name"]):
+        print(m["executable"])' "$1"
+    }
+    test_bin=$(SQLORA_REQUIRE_KERNELS=1 cargo test --release --test cuda --no-run --message-format=json | executables cuda)
+    bench_bins=$(SQLORA_REQUIRE_KERNELS=1 cargo bench --no-run --message-format=json | executables 'cuda_.*')
     mkdir -p .stage/bin
-    for b in target/release/sqlora target/release/train "$test_bin"; do
+    for b in target/release/sqlora target/release/train $test_bin $bench_bins; do
         strip -o ".stage/bin/$(basename "$b" | sed 's/-[0-9a-f]*$//')" "$b"
     done
     ls -la .stage/bin
@@ -44,6 +48,11 @@ run)
                 --device cuda --json >>"$out/bench-train.jsonl" 2>>"$out/bench-train.err"
             tail -n 1 "$out/bench-train.jsonl"
         done
+    done
+    # The kernel benches (short criterion runs; the full ones: drop the two time options).
+    for b in "$bin"/cuda_*; do
+        [ "$b" = "$bin/cuda" ] && continue
+        timeout 300 "$b" --bench --warm-up-time 1 --measurement-time 2 2>&1 | tee -a "$out/kernel-benches.txt"
     done
     # The same short run on both devices: the loss curves must agree to bf16 accuracy.
     "$bin/sqlora" tiny-model --variant qwen2 --out "$out/tiny"

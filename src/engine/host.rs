@@ -332,6 +332,7 @@ impl Device for Host {
     fn attention_fwd(
         &self,
         out: &mut Bf<Self>,
+        lse: &mut F32<Self>,
         q: &Bf<Self>,
         k: &Bf<Self>,
         v: &Bf<Self>,
@@ -354,6 +355,18 @@ impl Device for Host {
                 kv_heads,
                 hd,
             );
+            // Each row's log-sum-exp, as the kernel keeps it (the CPU backward does not need it).
+            let scale = 1.0 / (hd as f32).sqrt();
+            for i in s.clone() {
+                for h in 0..heads {
+                    let (qv, kvh) = (&qf[(i * heads + h) * hd..][..hd], h / (heads / kv_heads));
+                    let scores: Vec<f32> = (s.start..=i)
+                        .map(|j| cpu::dot(qv, &kf[(j * kv_heads + kvh) * hd..][..hd]) * scale)
+                        .collect();
+                    let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    lse[i * heads + h] = m + scores.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
+                }
+            }
         }
         store(out, &o);
         Ok(())
@@ -361,12 +374,13 @@ impl Device for Host {
     fn attention_bwd(
         &self,
         dq: &mut Bf<Self>,
-        dk: &mut F32<Self>,
-        dv: &mut F32<Self>,
+        dk: &mut Bf<Self>,
+        dv: &mut Bf<Self>,
+        _dd: &mut F32<Self>,
         dout: &Bf<Self>,
-        q: &Bf<Self>,
-        k: &Bf<Self>,
-        v: &Bf<Self>,
+        [q, k, v]: [&Bf<Self>; 3],
+        _out: &Bf<Self>,
+        _lse: &F32<Self>,
         seq_start: &Vec<i32>,
         t: usize,
         [heads, kv_heads, hd]: [usize; 3],
@@ -392,8 +406,8 @@ impl Device for Host {
             );
         }
         store(dq, &dqf);
-        cpu::add_inplace(&mut dk[..t * kvd], &dkf);
-        cpu::add_inplace(&mut dv[..t * kvd], &dvf);
+        store(dk, &dkf);
+        store(dv, &dvf);
         Ok(())
     }
     fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {

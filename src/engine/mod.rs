@@ -192,11 +192,13 @@ pub trait Device {
         rows: usize,
         d: usize,
     ) -> Result<()>;
-    /// Causal GQA attention within packed sequences. out, q: [t, heads, hd]; k, v: [t, kv_heads, hd];
+    /// Causal GQA attention within packed sequences. out, q: [t, heads, hd]; lse: [t, heads] f32
+    /// (each row's log-sum-exp of the scaled scores, for the backward); k, v: [t, kv_heads, hd];
     /// seq_start: [t], the first token of each token's sequence; max_len: the longest sequence.
     fn attention_fwd(
         &self,
         out: &mut Bf<Self>,
+        lse: &mut F32<Self>,
         q: &Bf<Self>,
         k: &Bf<Self>,
         v: &Bf<Self>,
@@ -205,16 +207,18 @@ pub trait Device {
         dims: [usize; 3],
         max_len: usize,
     ) -> Result<()>;
-    /// Attention backward: dq written; dk, dv: [t, kv_heads, hd] f32, accumulated.
+    /// Attention backward from the forward's output and lse: dq, dk, dv written; dd: [t, heads] f32
+    /// scratch.
     fn attention_bwd(
         &self,
         dq: &mut Bf<Self>,
-        dk: &mut F32<Self>,
-        dv: &mut F32<Self>,
+        dk: &mut Bf<Self>,
+        dv: &mut Bf<Self>,
+        dd: &mut F32<Self>,
         dout: &Bf<Self>,
-        q: &Bf<Self>,
-        k: &Bf<Self>,
-        v: &Bf<Self>,
+        qkv: [&Bf<Self>; 3],
+        out: &Bf<Self>,
+        lse: &F32<Self>,
         seq_start: &Self::Buf<i32>,
         t: usize,
         dims: [usize; 3],

@@ -44,6 +44,7 @@ struct LayerBufs<D: Device> {
     k: Bf<D>,          // [T, h_kv, hd] after RoPE
     v: Bf<D>,          // [T, h_kv, hd]
     att: Bf<D>,        // [T, h, hd]
+    lse: F32<D>,       // [T, h] log-sum-exp of each attention row
     x_mid: Bf<D>,      // [T, d]
     h_mlp: Bf<D>,      // [T, d]
     rstd_mlp: F32<D>,  // [T]
@@ -78,8 +79,7 @@ struct Scratch<D: Device> {
     dq: Bf<D>,              // [T, h, hd]
     dk: Bf<D>,              // [T, h_kv, hd]
     dv: Bf<D>,              // [T, h_kv, hd]
-    dk32: F32<D>,           // [T, h_kv, hd]
-    dv32: F32<D>,           // [T, h_kv, hd]
+    dd: F32<D>,             // [T, h] dO . O per attention row
     ps: ProjScratch<D>,
     /// [T, w] dropout(x) in the forward.
     xd: Bf<D>,
@@ -158,11 +158,12 @@ pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, chec
     }
     let head = if c.tie_word_embeddings { 0 } else { v * d };
     let adapter: usize = targets.iter().map(|p| r * p.shape(c).iter().sum::<usize>()).sum();
-    let per_token_layer = 2 * (3 * d + 2 * qd + 2 * kvd + 3 * f) + 4 * (2 + 7 * r);
+    let h = c.num_heads;
+    let per_token_layer = 2 * (3 * d + 2 * qd + 2 * kvd + 3 * f) + 4 * (2 + h + 7 * r);
     let n_acts = if checkpointing { 1 } else { l };
     let ce_rows = (CE_CHUNK_BYTES / (6 * v)).max(64).min(cap);
     let w = d.max(qd).max(f);
-    let scratch_per_token = 4 * 5 + 2 * (7 * d + 3 * f + 2 * qd + 2 * kvd + 4 * w) + 4 * (2 + 2 * kvd + r);
+    let scratch_per_token = 4 * 5 + 2 * (7 * d + 3 * f + 2 * qd + 2 * kvd + 4 * w) + 4 * (2 + h + r);
     Plan {
         base_linear: (l * base_linear) as u64,
         base_other: (2 * (v * d + head + (2 * l + 1) * d) + 4 * (c.head_dim / 2)) as u64,
@@ -230,6 +231,7 @@ impl<D: Device> Engine<D> {
                 k: dev.alloc(cap * kvd)?,
                 v: dev.alloc(cap * kvd)?,
                 att: dev.alloc(cap * qd)?,
+                lse: dev.alloc(cap * c.num_heads)?,
                 x_mid: dev.alloc(cap * d)?,
                 h_mlp: dev.alloc(cap * d)?,
                 rstd_mlp: dev.alloc(cap)?,
@@ -266,8 +268,7 @@ impl<D: Device> Engine<D> {
             dq: dev.alloc(cap * qd)?,
             dk: dev.alloc(cap * kvd)?,
             dv: dev.alloc(cap * kvd)?,
-            dk32: dev.alloc(cap * kvd)?,
-            dv32: dev.alloc(cap * kvd)?,
+            dd: dev.alloc(cap * c.num_heads)?,
             ps: ProjScratch {
                 g: dev.alloc(cap * r)?,
                 tmp: dev.alloc(cap * w)?,
@@ -334,7 +335,7 @@ impl<D: Device> Engine<D> {
             let bf = [
                 &a.h_attn, &a.q, &a.k, &a.v, &a.att, &a.x_mid, &a.h_mlp, &a.gate, &a.up, &a.act,
             ];
-            n += sum::<D, _>(&bf) + sum::<D, _>(&[&a.rstd_attn, &a.rstd_mlp]);
+            n += sum::<D, _>(&bf) + sum::<D, _>(&[&a.rstd_attn, &a.rstd_mlp, &a.lse]);
             n += a.xa.iter().map(|b| D::bytes(b)).sum::<usize>();
         }
         n += self.xs.iter().map(|b| D::bytes(b)).sum::<usize>();
@@ -362,7 +363,7 @@ impl<D: Device> Engine<D> {
             &s.xd,
         ];
         n += sum::<D, _>(&bf);
-        n + sum::<D, _>(&[&s.rstd, &s.logits, &s.loss, &s.dk32, &s.dv32, &s.ps.g])
+        n + sum::<D, _>(&[&s.rstd, &s.logits, &s.loss, &s.dd, &s.ps.g])
     }
 
     /// Tokens per micro-batch this engine was sized for.
@@ -578,7 +579,17 @@ impl<D: Device> Engine<D> {
         proj_fwd(dev, layer, &ad, Proj::V, &mut acts.v, &acts.h_attn, xa, &mut s.xd, t)?;
         dev.rope_rotate(&mut acts.q, &s.positions, inv_freq, t, c.num_heads, 1.0)?;
         dev.rope_rotate(&mut acts.k, &s.positions, inv_freq, t, c.num_kv_heads, 1.0)?;
-        dev.attention_fwd(&mut acts.att, &acts.q, &acts.k, &acts.v, &s.seq_start, t, dims, max_len)?;
+        dev.attention_fwd(
+            &mut acts.att,
+            &mut acts.lse,
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            &s.seq_start,
+            t,
+            dims,
+            max_len,
+        )?;
         proj_fwd(dev, layer, &ad, Proj::O, &mut acts.x_mid, &acts.att, xa, &mut s.xd, t)?;
         dev.add(&mut acts.x_mid, x_in, t * d)?; // x_mid = x_in + o(att)
         dev.rmsnorm_fwd(
@@ -634,7 +645,7 @@ impl<D: Device> Engine<D> {
             scale: *scale,
             dropout,
         };
-        let (d, f, kvd) = (c.hidden_size, c.intermediate_size, c.kv_dim());
+        let (d, f) = (c.hidden_size, c.intermediate_size);
         let dims = [c.num_heads, c.num_kv_heads, c.head_dim];
         let ps = &mut s.ps;
 
@@ -696,23 +707,20 @@ impl<D: Device> Engine<D> {
             ps,
             t,
         )?;
-        dev.zero(&mut s.dk32)?;
-        dev.zero(&mut s.dv32)?;
         dev.attention_bwd(
             &mut s.dq,
-            &mut s.dk32,
-            &mut s.dv32,
+            &mut s.dk,
+            &mut s.dv,
+            &mut s.dd,
             &s.d_att,
-            &acts.q,
-            &acts.k,
-            &acts.v,
+            [&acts.q, &acts.k, &acts.v],
+            &acts.att,
+            &acts.lse,
             &s.seq_start,
             t,
             dims,
             max_len,
         )?;
-        dev.cast_f32_bf16(&mut s.dk, &s.dk32, t * kvd)?;
-        dev.cast_f32_bf16(&mut s.dv, &s.dv32, t * kvd)?;
         dev.rope_rotate(&mut s.dq, &s.positions, inv_freq, t, c.num_heads, -1.0)?;
         dev.rope_rotate(&mut s.dk, &s.positions, inv_freq, t, c.num_kv_heads, -1.0)?;
         proj_bwd(

@@ -216,6 +216,7 @@ impl Device for Cuda {
     fn attention_fwd(
         &self,
         out: &mut Bf<Self>,
+        lse: &mut F32<Self>,
         q: &Bf<Self>,
         k: &Bf<Self>,
         v: &Bf<Self>,
@@ -224,23 +225,24 @@ impl Device for Cuda {
         dims: [usize; 3],
         max_len: usize,
     ) -> Result<()> {
-        Cuda::attention_fwd(self, out, q, k, v, seq_start, t, dims, max_len)
+        Cuda::attention_fwd(self, out, lse, q, k, v, seq_start, t, dims, max_len)
     }
     fn attention_bwd(
         &self,
         dq: &mut Bf<Self>,
-        dk: &mut F32<Self>,
-        dv: &mut F32<Self>,
+        dk: &mut Bf<Self>,
+        dv: &mut Bf<Self>,
+        dd: &mut F32<Self>,
         dout: &Bf<Self>,
-        q: &Bf<Self>,
-        k: &Bf<Self>,
-        v: &Bf<Self>,
+        qkv: [&Bf<Self>; 3],
+        out: &Bf<Self>,
+        lse: &F32<Self>,
         seq_start: &CudaSlice<i32>,
         t: usize,
         dims: [usize; 3],
         max_len: usize,
     ) -> Result<()> {
-        Cuda::attention_bwd(self, dq, dk, dv, dout, q, k, v, seq_start, t, dims, max_len)
+        Cuda::attention_bwd(self, dq, dk, dv, dd, dout, qkv, out, lse, seq_start, t, dims, max_len)
     }
     fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
         Cuda::add(self, x, y, n)

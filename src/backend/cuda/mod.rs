@@ -54,7 +54,9 @@ pub struct Kernels {
     pub embedding_fwd: CudaFunction,
     pub lora: [CudaFunction; 6],
     pub attention_fwd: CudaFunction,
-    pub attention_bwd: CudaFunction,
+    pub attention_bwd_rowdot: CudaFunction,
+    pub attention_bwd_dq: CudaFunction,
+    pub attention_bwd_dkv: CudaFunction,
     pub head_logits: CudaFunction,
     pub head_grad: CudaFunction,
     pub ce_softmax_grad: CudaFunction,
@@ -191,11 +193,16 @@ impl Cuda {
         )?
         .try_into()
         .unwrap();
-        let [attention_fwd, attention_bwd]: [CudaFunction; 2] = load(
+        let [attention_fwd, attention_bwd_rowdot, attention_bwd_dq, attention_bwd_dkv]: [CudaFunction; 4] = load(
             &ctx,
             "attention",
             kernels::ATTENTION,
-            &["attention_fwd", "attention_bwd"],
+            &[
+                "attention_fwd",
+                "attention_bwd_rowdot",
+                "attention_bwd_dq",
+                "attention_bwd_dkv",
+            ],
         )?
         .try_into()
         .unwrap();
@@ -247,7 +254,9 @@ impl Cuda {
                 embedding_fwd,
                 lora,
                 attention_fwd,
-                attention_bwd,
+                attention_bwd_rowdot,
+                attention_bwd_dq,
+                attention_bwd_dkv,
                 head_logits,
                 head_grad,
                 ce_softmax_grad,

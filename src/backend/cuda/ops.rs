@@ -347,12 +347,14 @@ impl Cuda {
         Ok(())
     }
 
-    /// Causal GQA attention over packed sequences. out, q: [t, heads, hd]; k, v: [t, kv_heads, hd];
-    /// seq_start: [t] (index of the first token of each token's sequence); max_len: longest sequence.
+    /// Causal GQA attention over packed sequences, keeping each row's log-sum-exp.
+    /// out, q: [t, heads, hd]; lse: [t, heads] f32; k, v: [t, kv_heads, hd]; seq_start: [t] (index of
+    /// the first token of each token's sequence); max_len: the longest sequence.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_fwd(
         &self,
         out: &mut CudaSlice<bf16>,
+        lse: &mut CudaSlice<f32>,
         q: &CudaSlice<bf16>,
         k: &CudaSlice<bf16>,
         v: &CudaSlice<bf16>,
@@ -362,7 +364,8 @@ impl Cuda {
         max_len: usize,
     ) -> Result<()> {
         assert!(out.len() >= t * heads * hd && q.len() >= t * heads * hd && seq_start.len() >= t);
-        assert!(k.len() >= t * kv_heads * hd && v.len() >= t * kv_heads * hd && heads.is_multiple_of(kv_heads));
+        assert!(k.len() >= t * kv_heads * hd && v.len() >= t * kv_heads * hd && lse.len() >= t * heads);
+        assert!(heads.is_multiple_of(kv_heads));
         anyhow::ensure!(
             max_len * 4 <= 48 * 1024,
             "attention_fwd: sequences of {max_len} tokens exceed shared memory"
@@ -370,6 +373,7 @@ impl Cuda {
         let (hi, kvi, hdi) = (heads as i32, kv_heads as i32, hd as i32);
         let mut l = self.stream.launch_builder(&self.k.attention_fwd);
         l.arg(out)
+            .arg(lse)
             .arg(q)
             .arg(k)
             .arg(v)
@@ -384,47 +388,83 @@ impl Cuda {
         };
         // SAFETY: one block per (token, head) of the first t tokens; keys are read from seq_start[i] to
         // i only, which lie in [0, t) when seq_start is a valid packing; the probability row fits the
-        // max_len floats requested.
+        // max_len floats requested; lse gets one value per block.
         unsafe { l.launch(cfg) }.context("kernel attention_fwd")?;
         Ok(())
     }
 
-    /// Attention backward. dq: [t, heads, hd] (written); dk, dv: [t, kv_heads, hd] f32 (accumulated:
-    /// zero them first); the rest as in [`Cuda::attention_fwd`], plus dout: [t, heads, hd].
+    /// Attention backward from the forward's output and log-sum-exp: dq, dk, dv: written (dk, dv:
+    /// [t, kv_heads, hd]); dd: [t, heads] f32 scratch; the rest as in [`Cuda::attention_fwd`], plus
+    /// dout: [t, heads, hd]. Deterministic: no atomics.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_bwd(
         &self,
         dq: &mut CudaSlice<bf16>,
-        dk: &mut CudaSlice<f32>,
-        dv: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<bf16>,
+        dv: &mut CudaSlice<bf16>,
+        dd: &mut CudaSlice<f32>,
         dout: &CudaSlice<bf16>,
-        q: &CudaSlice<bf16>,
-        k: &CudaSlice<bf16>,
-        v: &CudaSlice<bf16>,
+        [q, k, v]: [&CudaSlice<bf16>; 3],
+        out: &CudaSlice<bf16>,
+        lse: &CudaSlice<f32>,
         seq_start: &CudaSlice<i32>,
         t: usize,
         [heads, kv_heads, hd]: [usize; 3],
         max_len: usize,
     ) -> Result<()> {
-        let (nq, nkv) = (t * heads * hd, t * kv_heads * hd);
-        assert!(dq.len() >= nq && dout.len() >= nq && q.len() >= nq && seq_start.len() >= t);
+        let (nq, nkv, rows) = (t * heads * hd, t * kv_heads * hd, t * heads);
+        assert!(dq.len() >= nq && dout.len() >= nq && q.len() >= nq && out.len() >= nq && seq_start.len() >= t);
         assert!(dk.len() >= nkv && dv.len() >= nkv && k.len() >= nkv && v.len() >= nkv);
+        assert!(lse.len() >= rows && dd.len() >= rows && heads.is_multiple_of(kv_heads));
+        anyhow::ensure!(hd <= 256, "attention_bwd: head width {hd} is over 256");
         anyhow::ensure!(
-            2 * max_len * 4 <= 48 * 1024,
+            max_len * 4 <= 48 * 1024,
             "attention_bwd: sequences of {max_len} tokens exceed shared memory"
         );
-        let (hi, kvi, hdi, mli) = (heads as i32, kv_heads as i32, hd as i32, max_len as i32);
-        let mut l = self.stream.launch_builder(&self.k.attention_bwd);
-        l.arg(dq).arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(seq_start);
-        l.arg(&hi).arg(&kvi).arg(&hdi).arg(&mli);
+        let (ti, hi, kvi, hdi, ri) = (t as i32, heads as i32, kv_heads as i32, hd as i32, rows as i32);
+        let mut l = self.stream.launch_builder(&self.k.attention_bwd_rowdot);
+        l.arg(&mut *dd).arg(dout).arg(out).arg(&ri).arg(&hdi);
+        // SAFETY: one warp per row r < t * heads of dout and out [t, heads, hd]; writes dd[r].
+        unsafe { l.launch(blocks_for(rows * 32)) }.context("kernel attention_bwd_rowdot")?;
+        let mut l = self.stream.launch_builder(&self.k.attention_bwd_dq);
+        l.arg(dq)
+            .arg(dout)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(lse)
+            .arg(&*dd)
+            .arg(seq_start);
+        l.arg(&hi).arg(&kvi).arg(&hdi);
         let cfg = LaunchConfig {
-            grid_dim: ((t * heads) as u32, 1, 1),
+            grid_dim: (rows as u32, 1, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: (2 * max_len * 4) as u32,
+            shared_mem_bytes: (max_len * 4) as u32,
         };
-        // SAFETY: as attention_fwd; dk and dv hold at least the [t, kv_heads, hd] of k and v (asserted)
-        // and only keys of the token's own sequence are touched; 2 max_len floats of shared memory.
-        unsafe { l.launch(cfg) }.context("kernel attention_bwd")?;
+        // SAFETY: one block per (token, head) of the first t tokens, reading keys and values of the
+        // token's own sequence only (inside [0, t) for a valid packing); max_len floats of shared
+        // memory hold its dS row; writes that row of dq.
+        unsafe { l.launch(cfg) }.context("kernel attention_bwd_dq")?;
+        let mut l = self.stream.launch_builder(&self.k.attention_bwd_dkv);
+        l.arg(dk)
+            .arg(dv)
+            .arg(dout)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(lse)
+            .arg(&*dd)
+            .arg(seq_start);
+        l.arg(&ti).arg(&hi).arg(&kvi).arg(&hdi);
+        let cfg = LaunchConfig {
+            grid_dim: ((t * kv_heads) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one block per (key, kv head) of the first t tokens; it reads queries t' >= key of the
+        // same sequence (checked against t and seq_start) and writes that key's rows of dk and dv;
+        // hd <= 256 fits the kernel's per-lane registers (checked above).
+        unsafe { l.launch(cfg) }.context("kernel attention_bwd_dkv")?;
         Ok(())
     }
 

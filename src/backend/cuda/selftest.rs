@@ -5,6 +5,7 @@
 
 use super::{Cuda, GemmPath};
 use crate::backend::cpu;
+use crate::engine::Device;
 use crate::nf4::{dynamic_map, Nf4Tensor};
 use crate::optim::{AdamW, AdamWConfig, HostPages};
 use crate::rng::Rng;
@@ -378,26 +379,40 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         }
         let max_len = *lens.iter().max().unwrap();
         let (qd, kd, vd, sd) = (gpu.up(&q)?, gpu.up(&k)?, gpu.up(&v)?, gpu.up32(&starts)?);
-        let mut o = gpu.poisoned(t * heads * hd)?;
-        gpu.attention_fwd(&mut o, &qd, &kd, &vd, &sd, t, [heads, kv_heads, hd], max_len)?;
-        let (mut dq, mut dk, mut dv) = (
+        let (mut o, mut lse) = (gpu.poisoned(t * heads * hd)?, gpu.poisoned32(t * heads)?);
+        gpu.attention_fwd(&mut o, &mut lse, &qd, &kd, &vd, &sd, t, [heads, kv_heads, hd], max_len)?;
+        let (mut dq, mut dk, mut dv, mut dd) = (
             gpu.poisoned(q.len())?,
-            gpu.up32(&vec![0f32; k.len()])?,
-            gpu.up32(&vec![0f32; v.len()])?,
+            gpu.poisoned(k.len())?,
+            gpu.poisoned(v.len())?,
+            gpu.poisoned32(t * heads)?,
         );
+        let dims = [heads, kv_heads, hd];
+        let (doutd, qkv) = (gpu.up(&dout)?, [&qd, &kd, &vd]);
         gpu.attention_bwd(
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            &gpu.up(&dout)?,
-            &qd,
-            &kd,
-            &vd,
-            &sd,
+            &mut dq, &mut dk, &mut dv, &mut dd, &doutd, qkv, &o, &lse, &sd, t, dims, max_len,
+        )?;
+        // The log-sum-exp as the CPU device computes it from the same bf16 inputs.
+        let (mut host_o, mut want_lse) = (vec![bf16::ZERO; q.len()], vec![0f32; t * heads]);
+        let to_bf = |v: &[f32]| crate::engine::to_bf16(v);
+        let (qh, kh, vh) = (to_bf(&q), to_bf(&k), to_bf(&v));
+        crate::engine::host::Host.attention_fwd(
+            &mut host_o,
+            &mut want_lse,
+            &qh,
+            &kh,
+            &vh,
+            &starts,
             t,
-            [heads, kv_heads, hd],
+            dims,
             max_len,
         )?;
+        push(
+            "attention_fwd lse",
+            size.clone(),
+            rel_err(&gpu.down32(&lse)?, &want_lse),
+            1e-5,
+        );
         let (mut wo, mut wdq, mut wdk, mut wdv) = (
             vec![0f32; q.len()],
             vec![0f32; q.len()],
@@ -440,8 +455,13 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             rel_err(&gpu.down(&dq)?, &wdq),
             TOL_BF16,
         );
-        push("attention_bwd dk", size.clone(), rel_err(&gpu.down32(&dk)?, &wdk), 1e-4);
-        push("attention_bwd dv", size, rel_err(&gpu.down32(&dv)?, &wdv), 1e-4);
+        push(
+            "attention_bwd dk",
+            size.clone(),
+            rel_err(&gpu.down(&dk)?, &wdk),
+            TOL_BF16,
+        );
+        push("attention_bwd dv", size, rel_err(&gpu.down(&dv)?, &wdv), TOL_BF16);
     }
 
     for &n in &[1usize, 1000, 65_537] {
