@@ -206,6 +206,27 @@ pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<String> {
     out
 }
 
+/// Why the plan does not fit in `budget` bytes, with the plan and the options that would fit; `None`
+/// when it fits. What `train --dry-run` prints, and the error a device run gives before allocating.
+pub fn refusal(c: &ModelConfig, p: &PlanInput, budget: u64) -> Option<String> {
+    let total = plan(c, p).total();
+    if total <= budget {
+        return None;
+    }
+    let fixes = suggestions(c, p, budget);
+    let hint = if fixes.is_empty() {
+        "a smaller --max-seq-len or --lora-r".to_string()
+    } else {
+        fixes.join("; or ")
+    };
+    Some(format!(
+        "the plan needs {:.3} GiB but {:.3} GiB are available: try {hint}\n{}",
+        gib(total),
+        gib(budget),
+        plan(c, p)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +237,25 @@ mod tests {
             "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"tie_word_embeddings":true}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_device_plan_over_budget_is_refused_with_what_would_fit() {
+        let c = qwen05();
+        let p = PlanInput {
+            lora_r: 16,
+            lora_targets: Proj::ALL.to_vec(),
+            micro_batch: 8,
+            max_seq_len: 512,
+            checkpointing: false,
+            nf4: true,
+            threads: 1,
+            device: true,
+        };
+        let total = plan(&c, &p).total();
+        assert!(refusal(&c, &p, total).is_none());
+        let why = refusal(&c, &p, total / 2).expect("half the memory does not fit");
+        assert!(why.contains("--checkpointing") && why.contains("activations"), "{why}");
     }
 
     #[test]

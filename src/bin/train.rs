@@ -189,7 +189,7 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
 
 /// `--dry-run`: the plan, the estimate, and whether it fits.
 fn dry_run(a: &Args, device: Dev) -> Result<()> {
-    use sqlora::memory::{available_memory, flops_per_token, measure_cpu_flops, plan, suggestions, PlanInput};
+    use sqlora::memory::{available_memory, flops_per_token, measure_cpu_flops, plan, refusal, PlanInput};
     let config = if sqlora::model::is_gguf(&a.model) {
         let f = sqlora::gguf::GgufFile::open(&a.model)?;
         sqlora::config::ModelConfig::from_json(&f.hf_config()?.to_string())?
@@ -239,17 +239,8 @@ fn dry_run(a: &Args, device: Dev) -> Result<()> {
     };
     match budget {
         Some(b) if p.total() > b => {
-            let fixes = suggestions(&config, &input, b);
-            let hint = if fixes.is_empty() {
-                "a smaller --max-seq-len or --lora-r".to_string()
-            } else {
-                fixes.join("; or ")
-            };
-            bail!(
-                "the plan needs {:.3} GiB but {:.3} GiB are available: try {hint}",
-                p.total() as f64 / (1u64 << 30) as f64,
-                b as f64 / (1u64 << 30) as f64
-            )
+            let why = refusal(&config, &input, b).expect("over budget");
+            bail!("{}", why.lines().next().unwrap_or_default())
         }
         Some(b) => println!("fits: {:.3} GiB available", b as f64 / (1u64 << 30) as f64),
         None => println!("(available memory unknown)"),

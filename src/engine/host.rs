@@ -82,6 +82,9 @@ impl Device for Host {
     fn memory_used(&self) -> Option<usize> {
         None
     }
+    fn memory_free(&self) -> Option<usize> {
+        None
+    }
 
     fn rmsnorm_fwd(
         &self,

@@ -61,6 +61,8 @@ pub trait Device {
     fn nf4_bytes(w: &Self::Nf4) -> usize;
     /// Bytes of device memory in use by this process's context, if the device can tell.
     fn memory_used(&self) -> Option<usize>;
+    /// Bytes of device memory free now, if the device can tell.
+    fn memory_free(&self) -> Option<usize>;
 
     /// y = rmsnorm(x) w; rstd = 1 / sqrt(mean(x^2) + eps). y, x: [t, d]; w: [d]; rstd: [t] f32.
     fn rmsnorm_fwd(

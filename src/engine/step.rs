@@ -11,7 +11,7 @@ use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::LinearWeight;
 use crate::config::ModelConfig;
 use crate::lora::{LoraParams, LoraSlot};
-use crate::memory::Plan;
+use crate::memory::{Plan, PlanInput};
 use crate::model::{Dropout, Model, Proj};
 use crate::nf4::Nf4Tensor;
 use anyhow::{bail, ensure, Context, Result};
@@ -174,6 +174,17 @@ pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, chec
     }
 }
 
+/// Refuse a run whose device plan exceeds the device's free memory, up front, with the plan and
+/// the options that would fit, rather than fail half-way through allocating.
+pub fn ensure_fits<D: Device>(dev: &D, c: &ModelConfig, input: &PlanInput) -> Result<()> {
+    if let Some(free) = dev.memory_free() {
+        if let Some(why) = crate::memory::refusal(c, input, free as u64) {
+            bail!("out of device memory on {}: {why}", dev.describe());
+        }
+    }
+    Ok(())
+}
+
 impl<D: Device> Engine<D> {
     /// Upload `model` (its projections quantized to NF4 if they are not already) and the adapter
     /// layout of `lora`, and size every buffer for micro-batches of up to `cap` tokens.
@@ -181,6 +192,17 @@ impl<D: Device> Engine<D> {
         let c = model.config.clone();
         let (d, f, qd, kvd, r) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), lora.config.r);
         ensure!(cap > 0, "the step needs room for at least one token");
+        let input = PlanInput {
+            lora_r: r,
+            lora_targets: lora.config.targets.clone(),
+            micro_batch: 1,
+            max_seq_len: cap,
+            checkpointing,
+            nf4: true,
+            threads: 1,
+            device: true,
+        };
+        ensure_fits(&dev, &c, &input)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         let mut slots = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {

@@ -68,6 +68,9 @@ impl Device for Cuda {
     fn nf4_bytes(w: &Nf4Device) -> usize {
         w.packed.len() + 4 * w.absmax.len()
     }
+    fn memory_free(&self) -> Option<usize> {
+        self.ctx.mem_get_info().ok().map(|(free, _)| free)
+    }
     fn memory_used(&self) -> Option<usize> {
         self.ctx.mem_get_info().ok().map(|(free, total)| total - free)
     }
