@@ -10,6 +10,15 @@ struct HeadRows {
     const bf16* head;
     int d;
     __device__ float operator()(int r, int c) const { return to_f32(head[(long)c * d + r]); }
+    // A whole tile with 16-byte aligned rows: 16-byte copies into Bs[c][r..r+8].
+    __device__ bool stage(TileRow* Bs, int r0, int n0, int R, int N) const {
+        if (n0 + MMA_BN > N || r0 + MMA_BR > R || d % 8 != 0) return false;
+        for (int i = threadIdx.x; i < MMA_BN * MMA_BR / 8; i += blockDim.x) {
+            const int c = i / (MMA_BR / 8), r = (i % (MMA_BR / 8)) * 8;
+            *reinterpret_cast<uint4*>(&Bs[c][r]) = *reinterpret_cast<const uint4*>(head + (long)(n0 + c) * d + r0 + r);
+        }
+        return true;
+    }
 };
 
 // B[r, c] = head[r, c] (the input gradient's orientation).
@@ -17,6 +26,17 @@ struct HeadCols {
     const bf16* head;
     int d;
     __device__ float operator()(int r, int c) const { return to_f32(head[(long)r * d + c]); }
+    // A whole tile with 16-byte aligned rows: 16-byte loads of a row r, stored down Bs[c..c+8][r].
+    __device__ bool stage(TileRow* Bs, int r0, int n0, int R, int N) const {
+        if (n0 + MMA_BN > N || r0 + MMA_BR > R || d % 8 != 0) return false;
+        for (int i = threadIdx.x; i < MMA_BR * MMA_BN / 8; i += blockDim.x) {
+            const int r = i / (MMA_BN / 8), c = (i % (MMA_BN / 8)) * 8;
+            const uint4 w = *reinterpret_cast<const uint4*>(head + (long)(r0 + r) * d + n0 + c);
+            const bf16* v = reinterpret_cast<const bf16*>(&w);
+            for (int j = 0; j < 8; j++) Bs[c + j][r] = v[j];
+        }
+        return true;
+    }
 };
 
 struct StoreF32 {

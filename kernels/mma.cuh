@@ -29,9 +29,36 @@ __device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, const uint
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// load_b(r, c) -> B[r, c] as float, called only inside [R, N]; store(m, n, v) for every C element
-// inside [M, N]. N_FAST: B is contiguous along n (consecutive threads then walk n when staging it);
-// otherwise along r. Grid (ceil(N / 64), ceil(M / 64)), block 128.
+typedef bf16 TileRow[MMA_BR + MMA_PAD];
+
+// Eight bf16 as one 16-byte word, the lower index in the low half of each 32-bit part.
+__device__ __forceinline__ uint4 pack8(const bf16* v) {
+    uint32_t w[4];
+    for (int j = 0; j < 4; j++)
+        w[j] = (uint32_t)__bfloat16_as_ushort(v[2 * j]) | ((uint32_t)__bfloat16_as_ushort(v[2 * j + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Stage A's [64][32] tile at (m0, r0): 16-byte loads when the tile is whole and its rows are 16-byte
+// aligned, element by element (zero outside [M, R]) otherwise.
+__device__ __forceinline__ void stage_a(TileRow* As, const bf16* a, int m0, int r0, int M, int R) {
+    if (m0 + MMA_BM <= M && r0 + MMA_BR <= R && R % 8 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0) {
+        for (int i = threadIdx.x; i < MMA_BM * MMA_BR / 8; i += blockDim.x) {
+            const int m = i / (MMA_BR / 8), c = (i % (MMA_BR / 8)) * 8;
+            *reinterpret_cast<uint4*>(&As[m][c]) = *reinterpret_cast<const uint4*>(a + (long)(m0 + m) * R + r0 + c);
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < MMA_BM * MMA_BR; i += blockDim.x) {
+        const int m = i / MMA_BR, r = i % MMA_BR;
+        As[m][r] = (m0 + m < M && r0 + r < R) ? a[(long)(m0 + m) * R + r0 + r] : to_bf16(0.0f);
+    }
+}
+
+// load_b(r, c) -> B[r, c] as float, called only inside [R, N]; load_b.stage(Bs, r0, n0, R, N) may
+// stage a whole tile faster (returning false to decline). store(m, n, v) for every C element inside
+// [M, N]. N_FAST: B is contiguous along n (consecutive threads then walk n when staging it element
+// by element); otherwise along r. Grid (ceil(N / 64), ceil(M / 64)), block 128.
 template <bool N_FAST, class LoadB, class Store>
 __device__ void mma_gemm(const bf16* a, LoadB load_b, Store store, int M, int N, int R) {
     __shared__ __align__(16) bf16 As[MMA_BM][MMA_BR + MMA_PAD];
@@ -41,13 +68,12 @@ __device__ void mma_gemm(const bf16* a, LoadB load_b, Store store, int M, int N,
     const int m0 = blockIdx.y * MMA_BM, n0 = blockIdx.x * MMA_BN;
     float acc[2][4][4] = {};
     for (int r0 = 0; r0 < R; r0 += MMA_BR) {
-        for (int i = tid; i < MMA_BM * MMA_BR; i += blockDim.x) {
-            const int m = i / MMA_BR, r = i % MMA_BR;
-            As[m][r] = (m0 + m < M && r0 + r < R) ? a[(long)(m0 + m) * R + r0 + r] : to_bf16(0.0f);
-        }
-        for (int i = tid; i < MMA_BN * MMA_BR; i += blockDim.x) {
-            const int n = N_FAST ? i % MMA_BN : i / MMA_BR, r = N_FAST ? i / MMA_BN : i % MMA_BR;
-            Bs[n][r] = to_bf16((n0 + n < N && r0 + r < R) ? load_b(r0 + r, n0 + n) : 0.0f);
+        stage_a(As, a, m0, r0, M, R);
+        if (!load_b.stage(Bs, r0, n0, R, N)) {
+            for (int i = tid; i < MMA_BN * MMA_BR; i += blockDim.x) {
+                const int n = N_FAST ? i % MMA_BN : i / MMA_BR, r = N_FAST ? i / MMA_BN : i % MMA_BR;
+                Bs[n][r] = to_bf16((n0 + n < N && r0 + r < R) ? load_b(r0 + r, n0 + n) : 0.0f);
+            }
         }
         __syncthreads();
         for (int k = 0; k < MMA_BR; k += 16) {

@@ -111,12 +111,36 @@ extern "C" __global__ void nf4_gemm_bwd_input(bf16* dx, const bf16* dy, const ui
 
 // ---- Tensor-core versions (mma.cuh), bf16 in, f32 accumulate; sm_80 and newer ----
 
+// The 16 weights from element e (a multiple of 16) as bf16: one 8-byte load, one scale (16 aligned
+// elements never straddle a 64-block).
+__device__ __forceinline__ void nf4_decode16(bf16* out, const uint8_t* packed, const float* absmax, long e) {
+    const uint2 bytes = *reinterpret_cast<const uint2*>(packed + e / 2);
+    const float s = absmax[e >> 6];
+    for (int j = 0; j < 8; j++) {
+        const uint32_t b = ((j < 4 ? bytes.x : bytes.y) >> (8 * (j % 4))) & 0xff;
+        out[2 * j] = to_bf16(NF4_TABLE[b >> 4] * s);
+        out[2 * j + 1] = to_bf16(NF4_TABLE[b & 15] * s);
+    }
+}
+
 // B[r, c] = W[c, r]: the forward's weight, W [C, R], read along r (its rows are contiguous).
 struct Nf4Rows {
     const uint8_t* packed;
     const float* absmax;
     int R;
     __device__ float operator()(int r, int c) const { return nf4_at(packed, absmax, (long)c * R + r); }
+    // A whole tile with R % 32 == 0: each thread decodes 16 weights of a row into Bs[n][r..r+16].
+    __device__ bool stage(TileRow* Bs, int r0, int n0, int R_, int N) const {
+        if (n0 + MMA_BN > N || r0 + MMA_BR > R_ || R_ % 32 != 0) return false;
+        for (int i = threadIdx.x; i < MMA_BN * 2; i += blockDim.x) {
+            const int n = i / 2, h = (i % 2) * 16;
+            bf16 v[16];
+            nf4_decode16(v, packed, absmax, (long)(n0 + n) * R_ + r0 + h);
+            *reinterpret_cast<uint4*>(&Bs[n][h]) = pack8(v);
+            *reinterpret_cast<uint4*>(&Bs[n][h + 8]) = pack8(v + 8);
+        }
+        return true;
+    }
 };
 
 // B[r, c] = W[r, c]: the input gradient's weight, W [R, C], read along c.
@@ -125,6 +149,17 @@ struct Nf4Cols {
     const float* absmax;
     int C;
     __device__ float operator()(int r, int c) const { return nf4_at(packed, absmax, (long)r * C + c); }
+    // A whole tile with C % 16 == 0: each thread decodes 16 weights of a row r, stored down Bs[c][r].
+    __device__ bool stage(TileRow* Bs, int r0, int n0, int R, int C_) const {
+        if (n0 + MMA_BN > C_ || r0 + MMA_BR > R || C_ % 16 != 0) return false;
+        for (int i = threadIdx.x; i < MMA_BR * 4; i += blockDim.x) {
+            const int r = i / 4, c = (i % 4) * 16;
+            bf16 v[16];
+            nf4_decode16(v, packed, absmax, (long)(r0 + r) * C_ + n0 + c);
+            for (int j = 0; j < 16; j++) Bs[c + j][r] = v[j];
+        }
+        return true;
+    }
 };
 
 // out[m, c] = bf16(v + bias[c]).

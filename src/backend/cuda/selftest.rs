@@ -198,6 +198,7 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         (5, 96, 200, true),
         (17, 300, 576, false),
         (40, 128, 1000, true),
+        (130, 256, 512, true), // whole 64 x 64 tiles: the tensor-core kernels' vectorised staging
     ] {
         let size = format!("{t}x{n}x{k}");
         let dense = cpu::Linear::dense(
@@ -306,7 +307,12 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
     // The loss as the engine runs it: gather the labelled rows, then per chunk of rows the head
     // GEMM, softmax and gradient, and the second GEMM; scatter dh back. Two chunks, so row offsets
     // are exercised.
-    for &(t, d, vocab) in &[(1usize, 64usize, 10usize), (13, 128, 1000), (70, 576, 3001)] {
+    for &(t, d, vocab) in &[
+        (1usize, 64usize, 10usize),
+        (13, 128, 1000),
+        (70, 576, 3001),
+        (170, 256, 1000),
+    ] {
         let size = format!("{t}x{d}x{vocab}");
         let (h, w) = (bf(&rng.normal_vec(t * d, 1.0)), bf(&rng.normal_vec(vocab * d, 0.1)));
         let targets: Vec<Option<u32>> = (0..t)
