@@ -6,13 +6,11 @@
 // kernels will be checked against these.
 #include "common.cuh"
 
-// p[j] = softmax_j(q[t, h] . k[start + j, kvh] / sqrt(hd)) for j < n = t - start + 1, and the row's
-// log-sum-exp of the scaled scores into *lse (thread 0). Returns n. p: shared, >= n floats.
-__device__ int attention_probs(float* p, float* lse, const bf16* q, const bf16* k, int t, int start, int h, int heads,
-                               int kv_heads, int hd, float* scratch) {
-    const int kvh = h / (heads / kv_heads), n = t - start + 1;
+// p[j] = softmax_j(qv . k[start + j, kvh] / sqrt(hd)) for j < n; returns the row's log-sum-exp of
+// the scaled scores (to every thread). p: shared, >= n floats; qv: [hd] one query head.
+__device__ float attention_probs(float* p, const bf16* qv, const bf16* k, int start, int n, int kvh, int kv_heads,
+                                 int hd, float* scratch) {
     const float scale = rsqrtf((float)hd);
-    const bf16* qv = q + ((long)t * heads + h) * hd;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
         const bf16* kv = k + ((long)(start + j) * kv_heads + kvh) * hd;
@@ -29,9 +27,17 @@ __device__ int attention_probs(float* p, float* lse, const bf16* q, const bf16* 
     }
     sum = block_sum(sum, scratch);
     for (int j = threadIdx.x; j < n; j += blockDim.x) p[j] /= sum;
-    if (threadIdx.x == 0) *lse = mx + logf(sum);
     __syncthreads();
-    return n;
+    return mx + logf(sum);
+}
+
+// out[row] = sum_j p[j] v[start + j, kvh] for the n keys of p.
+__device__ void attention_mix(bf16* out, const float* p, const bf16* v, int start, int n, int kvh, int kv_heads, int hd) {
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float o = 0.0f;
+        for (int j = 0; j < n; j++) o += p[j] * to_f32(v[((long)(start + j) * kv_heads + kvh) * hd + i]);
+        out[i] = to_bf16(o);
+    }
 }
 
 // out[t, h] = sum_s P[s] v[s, kvh],  P = softmax(q[t, h] . k[s, kvh] / sqrt(hd)) over s in start(t)..=t
@@ -42,14 +48,26 @@ extern "C" __global__ void attention_fwd(bf16* out, float* lse, const bf16* q, c
                                          const int* seq_start, int heads, int kv_heads, int hd) {
     extern __shared__ float p[];
     __shared__ float scratch[32];
-    const int t = blockIdx.x / heads, h = blockIdx.x % heads, start = seq_start[t];
-    const int n = attention_probs(p, &lse[blockIdx.x], q, k, t, start, h, heads, kv_heads, hd, scratch);
+    const int t = blockIdx.x / heads, h = blockIdx.x % heads, start = seq_start[t], n = t - start + 1;
     const int kvh = h / (heads / kv_heads);
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float o = 0.0f;
-        for (int j = 0; j < n; j++) o += p[j] * to_f32(v[((long)(start + j) * kv_heads + kvh) * hd + i]);
-        out[((long)t * heads + h) * hd + i] = to_bf16(o);
-    }
+    const float row_lse = attention_probs(p, q + (long)blockIdx.x * hd, k, start, n, kvh, kv_heads, hd, scratch);
+    if (threadIdx.x == 0) lse[blockIdx.x] = row_lse;
+    attention_mix(out + (long)blockIdx.x * hd, p, v, start, n, kvh, kv_heads, hd);
+}
+
+// Generation: query b (one new token of sequence b) against its cached keys
+// key_start[b] .. key_start[b] + key_len[b] (its own key included).
+// out, q: [B, heads, hd] bf16; k, v: [rows, kv_heads, hd] bf16 (the cache); key_start, key_len: [B].
+// Grid B * heads blocks; dynamic shared memory: (longest key_len) floats.
+extern "C" __global__ void attention_decode(bf16* out, const bf16* q, const bf16* k, const bf16* v,
+                                            const int* key_start, const int* key_len, int heads, int kv_heads,
+                                            int hd) {
+    extern __shared__ float p[];
+    __shared__ float scratch[32];
+    const int b = blockIdx.x / heads, h = blockIdx.x % heads, start = key_start[b], n = key_len[b];
+    const int kvh = h / (heads / kv_heads);
+    attention_probs(p, q + (long)blockIdx.x * hd, k, start, n, kvh, kv_heads, hd, scratch);
+    attention_mix(out + (long)blockIdx.x * hd, p, v, start, n, kvh, kv_heads, hd);
 }
 
 // The backward, with P_ts = exp(q_t . k_s / sqrt(hd) - lse_t), dP_ts = dO_t . v_s and

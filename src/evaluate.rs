@@ -56,14 +56,27 @@ pub fn exec_accuracy(
     tasks: &[SqlTask],
     max_new: usize,
 ) -> Result<f64> {
+    let sqls = (tasks.iter())
+        .map(|t| predict(model, lora, tok, &t.prompt, max_new))
+        .collect::<Result<Vec<_>>>()?;
+    score(tasks, &sqls)
+}
+
+/// Fraction of tasks whose predicted SQL (one per task, in order) gives the gold result.
+pub fn score(tasks: &[SqlTask], sqls: &[String]) -> Result<f64> {
+    anyhow::ensure!(
+        tasks.len() == sqls.len(),
+        "{} predictions for {} tasks",
+        sqls.len(),
+        tasks.len()
+    );
     let mut dbs: HashMap<&Path, Db> = HashMap::new();
     let mut hits = 0;
-    for t in tasks {
-        let sql = predict(model, lora, tok, &t.prompt, max_new)?;
+    for (t, sql) in tasks.iter().zip(sqls) {
         if !dbs.contains_key(t.db.as_path()) {
             dbs.insert(&t.db, Db::open(&t.db)?);
         }
-        hits += evaluate_one(&dbs[t.db.as_path()], &t.gold, &sql, EvalOptions::default()).exec_match as usize;
+        hits += evaluate_one(&dbs[t.db.as_path()], &t.gold, sql, EvalOptions::default()).exec_match as usize;
     }
     Ok(hits as f64 / tasks.len().max(1) as f64)
 }

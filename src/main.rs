@@ -120,9 +120,13 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
-        /// Run the base model quantized to NF4.
+        /// Run the base model quantized to NF4 (always so on cuda and cpu-bf16).
         #[arg(long)]
         nf4: bool,
+        /// `cpu` (the f32 reference, one example at a time), `cuda` (batched on the GPU), `cpu-bf16`
+        /// (the GPU's computation on the CPU, for checking), or `auto` (cuda when usable, else cpu).
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// Score predicted SQL against gold SQL by execution (Spider test-suite semantics).
     Eval {
@@ -262,7 +266,8 @@ fn run(cli: Cli) -> Result<()> {
             out,
             max_new_tokens,
             nf4,
-        } => predict(&model, adapter.as_deref(), &data, &out, max_new_tokens, nf4),
+            device,
+        } => predict(&model, adapter.as_deref(), &data, &out, max_new_tokens, nf4, &device),
         Command::Selftest { json, seed } => selftest(json, seed),
         Command::Bench {
             what:
@@ -559,21 +564,60 @@ fn predict(
     out: &Path,
     max_new: usize,
     nf4: bool,
+    device: &str,
 ) -> Result<()> {
+    use anyhow::Context;
+    use sqlora::backend::cuda;
+    use sqlora::engine::{host::Host, step::Engine};
+    use sqlora::train::StepEngine;
+    let gpu = match device {
+        "cuda" => Some(cuda::Cuda::new().context("--device cuda")?),
+        "auto" if cuda::unavailable().is_none() => Some(cuda::Cuda::new()?),
+        "auto" | "cpu" | "cpu-bf16" => None,
+        other => bail!("unknown device \"{other}\": one of auto, cuda, cpu, cpu-bf16"),
+    };
+    let on_engine = gpu.is_some() || device == "cpu-bf16";
     let tok = Tokenizer::load(model_path)?;
-    let model = Model::load_as(model_path, nf4)?;
+    let model = Model::load_as(model_path, nf4 || on_engine)?;
     let lora = adapter
         .map(|a| sqlora::lora::LoraParams::load_peft(a, &model.config))
         .transpose()?;
     let examples = sqlora::data::read_jsonl(data)?;
+    let prompts = (examples.iter())
+        .map(|e| tok.encode(&sqlora::data::prompt(&e.instruction, &e.input)))
+        .collect::<Result<Vec<_>>>()?;
+    let sqls: Vec<String> = if on_engine {
+        // Batched greedy decoding with a KV cache on the device; an empty adapter layout without one.
+        let layout = lora.clone().unwrap_or_else(|| {
+            let none = sqlora::lora::LoraConfig {
+                targets: vec![],
+                ..Default::default()
+            };
+            sqlora::lora::LoraParams::zeros(&model.config, none)
+        });
+        let cap = prompts.iter().map(Vec::len).max().unwrap_or(1).max(2048);
+        let mut engine: Box<dyn StepEngine> = match gpu {
+            Some(g) => Box::new(Engine::new(g, &model, &layout, cap, false)?),
+            None => Box::new(Engine::new(Host, &model, &layout, cap, false)?),
+        };
+        eprintln!("predicting {} examples on {}", prompts.len(), engine.describe());
+        let outs = engine.generate(lora.as_ref(), &prompts, max_new, &model.config.eos_token_ids)?;
+        outs.iter()
+            .map(|o| Ok(tok.decode(o)?.trim().to_string()))
+            .collect::<Result<_>>()?
+    } else {
+        let mut sqls = Vec::with_capacity(prompts.len());
+        for (i, p) in prompts.iter().enumerate() {
+            sqls.push(sqlora::evaluate::predict(&model, lora.as_ref(), &tok, p, max_new)?);
+            eprint!("\r{}/{} predicted", i + 1, prompts.len());
+        }
+        eprintln!();
+        sqls
+    };
     let mut text = String::new();
-    for (i, e) in examples.iter().enumerate() {
-        let prompt = tok.encode(&sqlora::data::prompt(&e.instruction, &e.input))?;
-        let sql = sqlora::evaluate::predict(&model, lora.as_ref(), &tok, &prompt, max_new)?;
+    for sql in sqls {
         text += &serde_json::json!({ "sql": sql }).to_string();
         text.push('\n');
-        eprint!("\r{}/{} predicted", i + 1, examples.len());
     }
-    eprintln!();
     sqlora::weights::write_atomic(out, text.as_bytes())
 }

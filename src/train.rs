@@ -455,13 +455,24 @@ impl Trainer {
     /// `out/best/`. None when no SQL evaluation is configured.
     pub fn eval_exec_accuracy(&mut self) -> Result<Option<f64>> {
         let Some(se) = &self.sql_eval else { return Ok(None) };
-        let acc = crate::evaluate::exec_accuracy(
-            &self.model,
-            Some(&self.lora),
-            &se.tokenizer,
-            &se.tasks,
-            se.max_new_tokens,
-        )?;
+        let acc = match &mut self.engine {
+            Some(e) => {
+                let prompts: Vec<Vec<u32>> = se.tasks.iter().map(|t| t.prompt.clone()).collect();
+                let stops = &self.model.config.eos_token_ids;
+                let outs = e.generate(Some(&self.lora), &prompts, se.max_new_tokens, stops)?;
+                let sqls = (outs.iter())
+                    .map(|o| Ok(se.tokenizer.decode(o)?.trim().to_string()))
+                    .collect::<Result<Vec<_>>>()?;
+                crate::evaluate::score(&se.tasks, &sqls)?
+            }
+            None => crate::evaluate::exec_accuracy(
+                &self.model,
+                Some(&self.lora),
+                &se.tokenizer,
+                &se.tasks,
+                se.max_new_tokens,
+            )?,
+        };
         if self.state.best_exec_accuracy.is_none_or(|(best, _)| acc > best) {
             self.state.best_exec_accuracy = Some((acc, self.state.step));
             self.lora.save_peft(&self.out.join("best"), &self.base_model)?;
@@ -538,6 +549,14 @@ pub trait StepEngine {
     ) -> Result<f64>;
     /// As `autograd::loss_sum`.
     fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64>;
+    /// Greedy continuations, as `generate::greedy` for each prompt.
+    fn generate(
+        &mut self,
+        lora: Option<&LoraParams>,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stops: &[u32],
+    ) -> Result<Vec<Vec<u32>>>;
     /// Device memory in use, where the device can tell.
     fn memory_used(&self) -> Option<usize>;
 }
@@ -558,6 +577,15 @@ impl<D: Device> StepEngine for Engine<D> {
     }
     fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64> {
         Engine::loss_sum(self, lora, batch)
+    }
+    fn generate(
+        &mut self,
+        lora: Option<&LoraParams>,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stops: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        Engine::generate(self, lora, prompts, max_new, stops)
     }
     fn memory_used(&self) -> Option<usize> {
         self.dev.memory_used()

@@ -279,6 +279,23 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["n"], 3);
     assert_eq!(r["execution_accuracy"], 0.0, "a random model answers nothing right");
+    // The device path (batched generation with a KV cache; here on the CPU with bf16 storage).
+    let out = sqlora(&[
+        "predict",
+        "--model",
+        m,
+        "--data",
+        v,
+        "--out",
+        p,
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu-bf16",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("CPU, bf16 storage"), "{err}");
+    assert_eq!(std::fs::read_to_string(&pred).unwrap().lines().count(), 3);
 }
 
 #[test]

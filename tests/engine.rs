@@ -135,3 +135,51 @@ fn the_device_plan_is_what_the_engine_allocates() {
         }
     }
 }
+
+fn prompts() -> Vec<Vec<u32>> {
+    let mut rng = sqlora::rng::Rng::new(0x9e4);
+    [7usize, 19, 3]
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.below(TINY_VOCAB as u64) as u32).collect())
+        .collect()
+}
+
+#[test]
+fn device_generation_logits_match_the_reference() {
+    use sqlora::model::{KvCache, Logits};
+    for v in TinyVariant::ALL {
+        let (model, lora, _) = setup(v);
+        let mut engine = Engine::new(Host, &model, &lora, 64, false).unwrap();
+        let got = engine.last_logits(Some(&lora), &prompts()).unwrap();
+        for (p, g) in prompts().iter().zip(&got) {
+            let want = model.forward_adapted(p, &mut KvCache::new(&model.config), Logits::Last, Some(&lora));
+            let err = rel_err(g, &want);
+            assert!(err < 2e-2, "{v:?}, prompt of {}: logits differ by {err:e}", p.len());
+        }
+    }
+}
+
+#[test]
+fn device_generation_with_the_cache_equals_recomputing_each_prefix() {
+    for (v, checkpointing) in [(TinyVariant::Llama, false), (TinyVariant::Qwen2, true)] {
+        let (model, lora, _) = setup(v);
+        let mut engine = Engine::new(Host, &model, &lora, 64, checkpointing).unwrap();
+        let out = engine.generate(Some(&lora), &prompts(), 6, &[]).unwrap();
+        for (p, o) in prompts().iter().zip(&out) {
+            assert_eq!(o.len(), 6);
+            for j in 0..o.len() {
+                let prefix: Vec<u32> = p.iter().chain(&o[..j]).copied().collect();
+                let logits = engine.last_logits(Some(&lora), &[prefix]).unwrap();
+                assert_eq!(sqlora::generate::argmax(&logits[0]), o[j], "{v:?}: step {j}");
+            }
+        }
+        // In chunks (an engine for 20 tokens takes the prompts one or two at a time): the same.
+        let mut small = Engine::new(Host, &model, &lora, 20, checkpointing).unwrap();
+        assert_eq!(small.generate(Some(&lora), &prompts(), 6, &[]).unwrap(), out);
+        // A stop token ends a sequence and is kept.
+        let stop = out[0][2];
+        let stopped = engine.generate(Some(&lora), &prompts()[..1], 6, &[stop]).unwrap();
+        let first = out[0].iter().position(|&t| t == stop).unwrap();
+        assert_eq!(stopped[0], out[0][..=first]);
+    }
+}

@@ -413,6 +413,28 @@ impl Device for Host {
         store(dv, &dvf);
         Ok(())
     }
+    fn attention_decode(
+        &self,
+        out: &mut Bf<Self>,
+        q: &Bf<Self>,
+        [k, v]: [&Bf<Self>; 2],
+        key_start: &Vec<i32>,
+        key_len: &Vec<i32>,
+        b: usize,
+        [heads, kv_heads, hd]: [usize; 3],
+        _max_len: usize,
+    ) -> Result<()> {
+        let (qd, kvd) = (heads * hd, kv_heads * hd);
+        for i in 0..b {
+            let (s, n) = (key_start[i] as usize, key_len[i] as usize);
+            let (kf, vf) = (to_f32(&k[s * kvd..(s + n) * kvd]), to_f32(&v[s * kvd..(s + n) * kvd]));
+            // One query at the end of its keys: the reference's KV-cache attention.
+            let mut o = vec![0f32; qd];
+            cpu::attention_fwd(&mut o, &to_f32(&q[i * qd..(i + 1) * qd]), &kf, &vf, heads, kv_heads, hd);
+            store(&mut out[i * qd..], &o);
+        }
+        Ok(())
+    }
     fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
         x[..n]
             .iter_mut()

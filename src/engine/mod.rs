@@ -12,7 +12,9 @@
 //! [`step::Engine`] is the step: it uploads the NF4 model once, then runs forward, the fused loss and
 //! the adapter-only backward of a packed micro-batch, as `autograd::forward_backward` does in f32.
 
+mod generate;
 pub mod host;
+mod layer;
 pub mod step;
 
 use crate::nf4::Nf4Tensor;
@@ -223,6 +225,20 @@ pub trait Device {
         lse: &F32<Self>,
         seq_start: &Self::Buf<i32>,
         t: usize,
+        dims: [usize; 3],
+        max_len: usize,
+    ) -> Result<()>;
+    /// Generation: query i < b against cached keys key_start[i] .. key_start[i] + key_len[i].
+    /// out, q: [b, heads, hd]; k, v: [rows, kv_heads, hd]; key_start, key_len: [b]; max_len: the
+    /// longest key_len.
+    fn attention_decode(
+        &self,
+        out: &mut Bf<Self>,
+        q: &Bf<Self>,
+        kv: [&Bf<Self>; 2],
+        key_start: &Self::Buf<i32>,
+        key_len: &Self::Buf<i32>,
+        b: usize,
         dims: [usize; 3],
         max_len: usize,
     ) -> Result<()>;

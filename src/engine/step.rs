@@ -6,6 +6,7 @@
 //! call uploads bf16 copies of A and B, and reads back the f32 gradients of this micro-batch. (For a
 //! rank-16 adapter on a 1B model that is ~22 MB up and ~44 MB down per micro-batch.)
 
+use super::layer::Attn;
 use super::{to_bf16, Bf, Device, F32};
 use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::LinearWeight;
@@ -17,109 +18,111 @@ use crate::nf4::Nf4Tensor;
 use anyhow::{bail, ensure, Context, Result};
 
 /// One layer's frozen weights on the device.
-struct DeviceLayer<D: Device> {
-    attn_norm: Bf<D>, // [d]
-    mlp_norm: Bf<D>,  // [d]
+pub(super) struct DeviceLayer<D: Device> {
+    pub(super) attn_norm: Bf<D>, // [d]
+    pub(super) mlp_norm: Bf<D>,  // [d]
     /// In the order of [`Proj::ALL`]; each [out, in] NF4.
-    proj: Vec<D::Nf4>,
+    pub(super) proj: Vec<D::Nf4>,
     /// [out] per projection, where the config has biases.
-    bias: Vec<Option<Bf<D>>>,
+    pub(super) bias: Vec<Option<Bf<D>>>,
 }
 
 /// One adapted projection's parameters (bf16 copies) and gradients (f32).
-struct DeviceSlot<D: Device> {
-    slot: LoraSlot,
-    a: Bf<D>,   // [r, in]
-    b: Bf<D>,   // [out, r]
-    da: F32<D>, // [r, in]
-    db: F32<D>, // [out, r]
+pub(super) struct DeviceSlot<D: Device> {
+    pub(super) slot: LoraSlot,
+    pub(super) a: Bf<D>,   // [r, in]
+    pub(super) b: Bf<D>,   // [out, r]
+    pub(super) da: F32<D>, // [r, in]
+    pub(super) db: F32<D>, // [out, r]
 }
 
 /// What a layer's forward keeps for its backward (one set per layer, or one in all with
 /// checkpointing). Every buffer holds `cap` rows.
-struct LayerBufs<D: Device> {
-    h_attn: Bf<D>,     // [T, d] rmsnorm(x_in)
-    rstd_attn: F32<D>, // [T]
-    q: Bf<D>,          // [T, h, hd] after RoPE
-    k: Bf<D>,          // [T, h_kv, hd] after RoPE
-    v: Bf<D>,          // [T, h_kv, hd]
-    att: Bf<D>,        // [T, h, hd]
-    lse: F32<D>,       // [T, h] log-sum-exp of each attention row
-    x_mid: Bf<D>,      // [T, d]
-    h_mlp: Bf<D>,      // [T, d]
-    rstd_mlp: F32<D>,  // [T]
-    gate: Bf<D>,       // [T, f]
-    up: Bf<D>,         // [T, f]
-    act: Bf<D>,        // [T, f]
-    xa: Vec<F32<D>>,   // per projection [T, r]
+pub(super) struct LayerBufs<D: Device> {
+    pub(super) h_attn: Bf<D>,     // [T, d] rmsnorm(x_in)
+    pub(super) rstd_attn: F32<D>, // [T]
+    pub(super) q: Bf<D>,          // [T, h, hd] after RoPE
+    pub(super) k: Bf<D>,          // [T, h_kv, hd] after RoPE
+    pub(super) v: Bf<D>,          // [T, h_kv, hd]
+    pub(super) att: Bf<D>,        // [T, h, hd]
+    pub(super) lse: F32<D>,       // [T, h] log-sum-exp of each attention row
+    pub(super) x_mid: Bf<D>,      // [T, d]
+    pub(super) h_mlp: Bf<D>,      // [T, d]
+    pub(super) rstd_mlp: F32<D>,  // [T]
+    pub(super) gate: Bf<D>,       // [T, f]
+    pub(super) up: Bf<D>,         // [T, f]
+    pub(super) act: Bf<D>,        // [T, f]
+    pub(super) xa: Vec<F32<D>>,   // per projection [T, r]
 }
 
 /// Scratch of the backward and the loss, `cap` rows each; `w` = max(d, q_dim, f).
-struct Scratch<D: Device> {
-    tokens: D::Buf<i32>,    // [T]
-    positions: D::Buf<i32>, // [T]
-    seq_start: D::Buf<i32>, // [T]
-    labels: D::Buf<i32>,    // [L] positions with a target (L <= T)
-    targets: D::Buf<i32>,   // [L] their targets
-    h: Bf<D>,               // [T, d] final norm output
-    rstd: F32<D>,           // [T]
-    h_lab: Bf<D>,           // [L, d] h at the labelled positions
-    dh_lab: Bf<D>,          // [L, d]
-    logits: F32<D>,         // [ce_rows, V] one chunk of rows
-    dlogits: Bf<D>,         // [ce_rows, V]
-    loss: F32<D>,           // [L]
-    dx: Bf<D>,              // [T, d] gradient of a layer's output
-    dx_in: Bf<D>,           // [T, d] gradient of its input
-    dx_mid: Bf<D>,          // [T, d]
-    dh: Bf<D>,              // [T, d]
-    d_act: Bf<D>,           // [T, f]
-    d_gate: Bf<D>,          // [T, f]
-    d_up: Bf<D>,            // [T, f]
-    d_att: Bf<D>,           // [T, h, hd]
-    dq: Bf<D>,              // [T, h, hd]
-    dk: Bf<D>,              // [T, h_kv, hd]
-    dv: Bf<D>,              // [T, h_kv, hd]
-    dd: F32<D>,             // [T, h] dO . O per attention row
-    ps: ProjScratch<D>,
+pub(super) struct Scratch<D: Device> {
+    pub(super) tokens: D::Buf<i32>,    // [T]
+    pub(super) positions: D::Buf<i32>, // [T]
+    pub(super) seq_start: D::Buf<i32>, // [T]
+    pub(super) labels: D::Buf<i32>,    // [L] positions with a target (L <= T)
+    pub(super) targets: D::Buf<i32>,   // [L] their targets
+    pub(super) h: Bf<D>,               // [T, d] final norm output
+    pub(super) rstd: F32<D>,           // [T]
+    pub(super) h_lab: Bf<D>,           // [L, d] h at the labelled positions
+    pub(super) dh_lab: Bf<D>,          // [L, d]
+    pub(super) logits: F32<D>,         // [ce_rows, V] one chunk of rows
+    pub(super) dlogits: Bf<D>,         // [ce_rows, V]
+    pub(super) loss: F32<D>,           // [L]
+    pub(super) dx: Bf<D>,              // [T, d] gradient of a layer's output
+    pub(super) dx_in: Bf<D>,           // [T, d] gradient of its input
+    pub(super) dx_mid: Bf<D>,          // [T, d]
+    pub(super) dh: Bf<D>,              // [T, d]
+    pub(super) d_act: Bf<D>,           // [T, f]
+    pub(super) d_gate: Bf<D>,          // [T, f]
+    pub(super) d_up: Bf<D>,            // [T, f]
+    pub(super) d_att: Bf<D>,           // [T, h, hd]
+    pub(super) dq: Bf<D>,              // [T, h, hd]
+    pub(super) dk: Bf<D>,              // [T, h_kv, hd]
+    pub(super) dv: Bf<D>,              // [T, h_kv, hd]
+    pub(super) dd: F32<D>,             // [T, h] dO . O per attention row
+    pub(super) ps: ProjScratch<D>,
     /// [T, w] dropout(x) in the forward.
-    xd: Bf<D>,
+    pub(super) xd: Bf<D>,
 }
 
 /// Scratch of one projection's backward; `w` = max(d, q_dim, f).
-struct ProjScratch<D: Device> {
-    g: F32<D>,    // [T, r] dy B
-    tmp: Bf<D>,   // [T, w] the projection's dx before it is added
-    xd: Bf<D>,    // [T, w] dropout(x), then the masked LoRA dx
-    dlora: Bf<D>, // [T, w] the LoRA dx before dropout
+pub(super) struct ProjScratch<D: Device> {
+    pub(super) g: F32<D>,    // [T, r] dy B
+    pub(super) tmp: Bf<D>,   // [T, w] the projection's dx before it is added
+    pub(super) xd: Bf<D>,    // [T, w] dropout(x), then the masked LoRA dx
+    pub(super) dlora: Bf<D>, // [T, w] the LoRA dx before dropout
 }
 
 /// A model on a device, ready to run training steps of up to `cap` tokens.
 pub struct Engine<D: Device> {
     pub dev: D,
-    config: ModelConfig,
-    embed: Bf<D>,           // [vocab, d]
-    lm_head: Option<Bf<D>>, // [vocab, d] when untied
-    norm: Bf<D>,            // [d]
-    inv_freq: F32<D>,       // [hd/2]
-    layers: Vec<DeviceLayer<D>>,
+    pub(super) config: ModelConfig,
+    pub(super) embed: Bf<D>,           // [vocab, d]
+    pub(super) lm_head: Option<Bf<D>>, // [vocab, d] when untied
+    pub(super) norm: Bf<D>,            // [d]
+    pub(super) inv_freq: F32<D>,       // [hd/2]
+    pub(super) layers: Vec<DeviceLayer<D>>,
     /// Per layer, per projection.
-    slots: Vec<Vec<Option<DeviceSlot<D>>>>,
-    rank: usize,
-    scale: f32,
+    pub(super) slots: Vec<Vec<Option<DeviceSlot<D>>>>,
+    pub(super) rank: usize,
+    pub(super) scale: f32,
     /// Residual stream: xs[l] is layer l's input, xs[L] the last layer's output. [T, d] each.
-    xs: Vec<Bf<D>>,
-    acts: Vec<LayerBufs<D>>,
-    s: Scratch<D>,
-    cap: usize,
+    pub(super) xs: Vec<Bf<D>>,
+    pub(super) acts: Vec<LayerBufs<D>>,
+    pub(super) s: Scratch<D>,
+    pub(super) cap: usize,
     /// Labelled rows per chunk of the loss (bounds the [rows, V] logits buffer).
-    ce_rows: usize,
+    pub(super) ce_rows: usize,
     /// Labelled positions of the batch in the buffers.
-    n_labels: usize,
-    checkpointing: bool,
+    pub(super) n_labels: usize,
+    pub(super) checkpointing: bool,
+    /// The KV cache of generation, allocated on first use.
+    pub(super) gen: Option<super::generate::GenCache<D>>,
 }
 
 /// Bytes the loss's logits and dlogits chunk may take (f32 + bf16 per element).
-const CE_CHUNK_BYTES: usize = 256 << 20;
+pub(super) const CE_CHUNK_BYTES: usize = 256 << 20;
 
 fn nf4_of(model: &Model, l: usize, p: Proj) -> Nf4Tensor {
     match &model.layers[l].proj(p).weight {
@@ -322,6 +325,7 @@ impl<D: Device> Engine<D> {
             ce_rows,
             n_labels: 0,
             checkpointing,
+            gen: None,
             config: c,
             dev,
         })
@@ -417,7 +421,7 @@ impl<D: Device> Engine<D> {
         let layers = self.config.num_layers;
         for l in 0..layers {
             let a = if self.checkpointing { 0 } else { l };
-            self.layer_fwd(l, a, t, max_len, true, dropout)?;
+            self.layer_fwd(l, a, t, Attn::Packed { max_len }, true, dropout)?;
         }
         let loss = self.loss_and_dh(t, inv_count, true)?;
         // dx = rmsnorm_bwd(dh) of the final norm: the gradient of the last layer's output.
@@ -426,7 +430,7 @@ impl<D: Device> Engine<D> {
         for l in (0..layers).rev() {
             let a = if self.checkpointing { 0 } else { l };
             if self.checkpointing {
-                self.layer_fwd(l, a, t, max_len, true, dropout)?;
+                self.layer_fwd(l, a, t, Attn::Packed { max_len }, true, dropout)?;
             }
             self.layer_bwd(l, a, t, max_len, dropout)?;
             std::mem::swap(&mut self.s.dx, &mut self.s.dx_in);
@@ -446,13 +450,37 @@ impl<D: Device> Engine<D> {
         let max_len = batch.seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         for l in 0..self.config.num_layers {
             let a = if self.checkpointing { 0 } else { l };
-            self.layer_fwd(l, a, t, max_len, lora.is_some(), None)?;
+            self.layer_fwd(l, a, t, Attn::Packed { max_len }, lora.is_some(), None)?;
         }
         self.loss_and_dh(t, 1.0, false)
     }
 
     /// Upload the batch (and the adapters, zeroing their gradients); returns its token count.
     fn load_batch(&mut self, batch: &Batch, lora: Option<&LoraParams>) -> Result<usize> {
+        if let Some(lora) = lora {
+            self.upload_adapters(lora)?;
+        }
+        self.load_tokens(batch)
+    }
+
+    /// Upload bf16 copies of the adapters and zero their gradients.
+    pub(super) fn upload_adapters(&mut self, lora: &LoraParams) -> Result<()> {
+        ensure!(
+            lora.config.r == self.rank,
+            "the adapters changed rank since the engine was built"
+        );
+        for slot in self.slots.iter_mut().flatten().flatten() {
+            self.dev.write(&mut slot.a, &to_bf16(&lora.data[slot.slot.a.clone()]))?;
+            self.dev.write(&mut slot.b, &to_bf16(&lora.data[slot.slot.b.clone()]))?;
+            self.dev.zero(&mut slot.da)?;
+            self.dev.zero(&mut slot.db)?;
+        }
+        Ok(())
+    }
+
+    /// Upload a packed batch (tokens, positions, packing, labels) and embed it into xs[0]; returns
+    /// its token count.
+    pub(super) fn load_tokens(&mut self, batch: &Batch) -> Result<usize> {
         let t = batch.tokens.len();
         ensure!(t > 0, "empty micro-batch");
         ensure!(
@@ -460,45 +488,43 @@ impl<D: Device> Engine<D> {
             "a micro-batch of {t} tokens exceeds the {} this engine was sized for",
             self.cap
         );
-        let (dev, s) = (&self.dev, &mut self.s);
-        let ids: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
-        dev.write(&mut s.tokens, &ids)?;
-        let pos: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
-        dev.write(&mut s.positions, &pos)?;
-        let mut starts = vec![0i32; t];
-        for r in &batch.seqs {
-            starts[r.clone()].fill(r.start as i32);
-        }
-        dev.write(&mut s.seq_start, &starts)?;
         let vocab = self.config.vocab_size;
-        if let Some(&bad) = batch
-            .tokens
-            .iter()
+        if let Some(&bad) = (batch.tokens.iter())
             .chain(batch.targets.iter().flatten())
             .find(|&&x| x as usize >= vocab)
         {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
+        let (dev, s) = (&self.dev, &mut self.s);
+        let mut starts = vec![0i32; t];
+        for r in &batch.seqs {
+            starts[r.clone()].fill(r.start as i32);
+        }
+        dev.write(&mut s.seq_start, &starts)?;
         let (labels, targets): (Vec<i32>, Vec<i32>) = (batch.targets.iter().enumerate())
             .filter_map(|(i, y)| y.map(|y| (i as i32, y as i32)))
             .unzip();
         dev.write(&mut s.labels, &labels)?;
         dev.write(&mut s.targets, &targets)?;
         self.n_labels = labels.len();
-        if let Some(lora) = lora {
-            ensure!(
-                lora.config.r == self.rank,
-                "the adapters changed rank since the engine was built"
-            );
-            for slot in self.slots.iter_mut().flatten().flatten() {
-                dev.write(&mut slot.a, &to_bf16(&lora.data[slot.slot.a.clone()]))?;
-                dev.write(&mut slot.b, &to_bf16(&lora.data[slot.slot.b.clone()]))?;
-                dev.zero(&mut slot.da)?;
-                dev.zero(&mut slot.db)?;
-            }
-        }
-        dev.embedding_fwd(&mut self.xs[0], &self.embed, &s.tokens, t, self.config.hidden_size)?;
+        let ids: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
+        let pos: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
+        self.embed(&ids, &pos)?;
         Ok(t)
+    }
+
+    /// Upload tokens and their positions and embed them into xs[0].
+    pub(super) fn embed(&mut self, ids: &[i32], positions: &[i32]) -> Result<()> {
+        let (dev, s) = (&self.dev, &mut self.s);
+        dev.write(&mut s.tokens, ids)?;
+        dev.write(&mut s.positions, positions)?;
+        dev.embedding_fwd(
+            &mut self.xs[0],
+            &self.embed,
+            &s.tokens,
+            ids.len(),
+            self.config.hidden_size,
+        )
     }
 
     /// Final norm, then the loss on the labelled rows in chunks of `ce_rows` (and, with `grad`, the
@@ -544,330 +570,4 @@ impl<D: Device> Engine<D> {
         }
         Ok(dev.read(&s.loss, n)?.iter().map(|&l| l as f64).sum())
     }
-}
-
-/// The adapters as one layer's projections see them.
-struct Adapt<'a, D: Device> {
-    /// This layer's slots; `None` runs the base model.
-    slots: Option<&'a mut [Option<DeviceSlot<D>>]>,
-    c: &'a ModelConfig,
-    l: usize,
-    rank: usize,
-    scale: f32,
-    dropout: Option<Dropout>,
-}
-
-impl<D: Device> Engine<D> {
-    /// Layer `l`'s forward from xs[l] into xs[l + 1], keeping its activations in acts[a].
-    fn layer_fwd(
-        &mut self,
-        l: usize,
-        a: usize,
-        t: usize,
-        max_len: usize,
-        adapted: bool,
-        dropout: Option<Dropout>,
-    ) -> Result<()> {
-        let Engine {
-            dev,
-            config: c,
-            layers,
-            slots,
-            xs,
-            acts,
-            s,
-            inv_freq,
-            rank,
-            scale,
-            ..
-        } = self;
-        let (layer, acts) = (&layers[l], &mut acts[a]);
-        let (head, tail) = xs.split_at_mut(l + 1);
-        let (x_in, out) = (&head[l], &mut tail[0]);
-        let ad = Adapt {
-            slots: adapted.then_some(&mut slots[l][..]),
-            c,
-            l,
-            rank: *rank,
-            scale: *scale,
-            dropout,
-        };
-        let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
-        let dims = [c.num_heads, c.num_kv_heads, c.head_dim];
-        let xa = &mut acts.xa;
-        dev.rmsnorm_fwd(&mut acts.h_attn, &mut acts.rstd_attn, x_in, &layer.attn_norm, t, eps)?;
-        proj_fwd(dev, layer, &ad, Proj::Q, &mut acts.q, &acts.h_attn, xa, &mut s.xd, t)?;
-        proj_fwd(dev, layer, &ad, Proj::K, &mut acts.k, &acts.h_attn, xa, &mut s.xd, t)?;
-        proj_fwd(dev, layer, &ad, Proj::V, &mut acts.v, &acts.h_attn, xa, &mut s.xd, t)?;
-        dev.rope_rotate(&mut acts.q, &s.positions, inv_freq, t, c.num_heads, 1.0)?;
-        dev.rope_rotate(&mut acts.k, &s.positions, inv_freq, t, c.num_kv_heads, 1.0)?;
-        dev.attention_fwd(
-            &mut acts.att,
-            &mut acts.lse,
-            &acts.q,
-            &acts.k,
-            &acts.v,
-            &s.seq_start,
-            t,
-            dims,
-            max_len,
-        )?;
-        proj_fwd(dev, layer, &ad, Proj::O, &mut acts.x_mid, &acts.att, xa, &mut s.xd, t)?;
-        dev.add(&mut acts.x_mid, x_in, t * d)?; // x_mid = x_in + o(att)
-        dev.rmsnorm_fwd(
-            &mut acts.h_mlp,
-            &mut acts.rstd_mlp,
-            &acts.x_mid,
-            &layer.mlp_norm,
-            t,
-            eps,
-        )?;
-        proj_fwd(
-            dev,
-            layer,
-            &ad,
-            Proj::Gate,
-            &mut acts.gate,
-            &acts.h_mlp,
-            xa,
-            &mut s.xd,
-            t,
-        )?;
-        proj_fwd(dev, layer, &ad, Proj::Up, &mut acts.up, &acts.h_mlp, xa, &mut s.xd, t)?;
-        dev.swiglu_fwd(&mut acts.act, &acts.gate, &acts.up, t * f)?;
-        proj_fwd(dev, layer, &ad, Proj::Down, out, &acts.act, xa, &mut s.xd, t)?;
-        dev.add(out, &acts.x_mid, t * d) // out = x_mid + down(act)
-    }
-
-    /// Layer `l`'s backward: from s.dx (gradient of its output) to s.dx_in (of its input),
-    /// accumulating its adapters' gradients. The math is `autograd::layer_bwd`'s:
-    ///   d x_mid = dout + rmsnorm_bwd(gate^T(dg) + up^T(du)),  dg, du = swiglu_bwd(down^T(dout))
-    ///   d x_in  = d x_mid + rmsnorm_bwd(q^T dq + k^T dk + v^T dv),
-    ///   dq, dk, dv = rope^-1(attention_bwd(o^T(d x_mid)))
-    fn layer_bwd(&mut self, l: usize, a: usize, t: usize, max_len: usize, dropout: Option<Dropout>) -> Result<()> {
-        let Engine {
-            dev,
-            config: c,
-            layers,
-            slots,
-            xs,
-            acts,
-            s,
-            inv_freq,
-            rank,
-            scale,
-            ..
-        } = self;
-        let (layer, acts, x_in) = (&layers[l], &acts[a], &xs[l]);
-        let mut ad = Adapt {
-            slots: Some(&mut slots[l][..]),
-            c,
-            l,
-            rank: *rank,
-            scale: *scale,
-            dropout,
-        };
-        let (d, f) = (c.hidden_size, c.intermediate_size);
-        let dims = [c.num_heads, c.num_kv_heads, c.head_dim];
-        let ps = &mut s.ps;
-
-        // MLP block.
-        proj_bwd(
-            dev,
-            layer,
-            &mut ad,
-            Proj::Down,
-            &s.dx,
-            &acts.act,
-            &acts.xa,
-            &mut s.d_act,
-            false,
-            ps,
-            t,
-        )?;
-        dev.swiglu_bwd(&mut s.d_gate, &mut s.d_up, &s.d_act, &acts.gate, &acts.up, t * f)?;
-        proj_bwd(
-            dev,
-            layer,
-            &mut ad,
-            Proj::Gate,
-            &s.d_gate,
-            &acts.h_mlp,
-            &acts.xa,
-            &mut s.dh,
-            false,
-            ps,
-            t,
-        )?;
-        proj_bwd(
-            dev,
-            layer,
-            &mut ad,
-            Proj::Up,
-            &s.d_up,
-            &acts.h_mlp,
-            &acts.xa,
-            &mut s.dh,
-            true,
-            ps,
-            t,
-        )?;
-        dev.rmsnorm_bwd(&mut s.dx_mid, &s.dh, &acts.x_mid, &layer.mlp_norm, &acts.rstd_mlp, t)?;
-        dev.add(&mut s.dx_mid, &s.dx, t * d)?;
-
-        // Attention block.
-        proj_bwd(
-            dev,
-            layer,
-            &mut ad,
-            Proj::O,
-            &s.dx_mid,
-            &acts.att,
-            &acts.xa,
-            &mut s.d_att,
-            false,
-            ps,
-            t,
-        )?;
-        dev.attention_bwd(
-            &mut s.dq,
-            &mut s.dk,
-            &mut s.dv,
-            &mut s.dd,
-            &s.d_att,
-            [&acts.q, &acts.k, &acts.v],
-            &acts.att,
-            &acts.lse,
-            &s.seq_start,
-            t,
-            dims,
-            max_len,
-        )?;
-        dev.rope_rotate(&mut s.dq, &s.positions, inv_freq, t, c.num_heads, -1.0)?;
-        dev.rope_rotate(&mut s.dk, &s.positions, inv_freq, t, c.num_kv_heads, -1.0)?;
-        proj_bwd(
-            dev,
-            layer,
-            &mut ad,
-            Proj::Q,
-            &s.dq,
-            &acts.h_attn,
-            &acts.xa,
-            &mut s.dh,
-            false,
-            ps,
-            t,
-        )?;
-        proj_bwd(
-            dev,
-            layer,
-            &mut ad,
-            Proj::K,
-            &s.dk,
-            &acts.h_attn,
-            &acts.xa,
-            &mut s.dh,
-            true,
-            ps,
-            t,
-        )?;
-        proj_bwd(
-            dev,
-            layer,
-            &mut ad,
-            Proj::V,
-            &s.dv,
-            &acts.h_attn,
-            &acts.xa,
-            &mut s.dh,
-            true,
-            ps,
-            t,
-        )?;
-        dev.rmsnorm_bwd(&mut s.dx_in, &s.dh, x_in, &layer.attn_norm, &acts.rstd_attn, t)?;
-        dev.add(&mut s.dx_in, &s.dx_mid, t * d)
-    }
-}
-
-/// `y = x W^T + b (+ s (dropout(x) A^T) B^T)`, saving `dropout(x) A^T` in xa[p].
-/// y: [t, out]; x: [t, in]; xa: per projection [t, r]; xd: [t, in] scratch for dropout(x).
-#[allow(clippy::too_many_arguments)]
-fn proj_fwd<D: Device>(
-    dev: &D,
-    layer: &DeviceLayer<D>,
-    ad: &Adapt<D>,
-    p: Proj,
-    y: &mut Bf<D>,
-    x: &Bf<D>,
-    xa: &mut [F32<D>],
-    xd: &mut Bf<D>,
-    t: usize,
-) -> Result<()> {
-    let i = p as usize;
-    dev.nf4_gemm_fwd(y, x, &layer.proj[i], layer.bias[i].as_ref(), t)?;
-    let Some(slot) = ad.slots.as_deref().and_then(|s| s[i].as_ref()) else {
-        return Ok(());
-    };
-    let x = match ad.dropout {
-        Some(dr) => {
-            dev.dropout(xd, x, dr.seed_for(ad.l, p), dr.p, t * p.shape(ad.c)[1])?;
-            &*xd
-        }
-        None => x,
-    };
-    dev.lora_fwd(y, &mut xa[i], x, &slot.a, &slot.b, t, ad.rank, ad.scale)
-}
-
-/// Backward of one projection (see `autograd::proj_bwd`):
-///   dx = dy W + dropout'(s (dy B) A),  dA += s (dy B)^T dropout(x),  dB += s dy^T (dropout(x) A^T)
-/// dx: [t, in], assigned or (with `accumulate`) added to; dy: [t, out]; x: [t, in]; xa: per projection.
-#[allow(clippy::too_many_arguments)]
-fn proj_bwd<D: Device>(
-    dev: &D,
-    layer: &DeviceLayer<D>,
-    ad: &mut Adapt<D>,
-    p: Proj,
-    dy: &Bf<D>,
-    x: &Bf<D>,
-    xa: &[F32<D>],
-    dx: &mut Bf<D>,
-    accumulate: bool,
-    ps: &mut ProjScratch<D>,
-    t: usize,
-) -> Result<()> {
-    let (i, n) = (p as usize, t * p.shape(ad.c)[1]);
-    let (r, scale) = (ad.rank, ad.scale);
-    let target = if accumulate { &mut ps.tmp } else { &mut *dx };
-    dev.nf4_gemm_bwd_input(target, dy, &layer.proj[i], t)?;
-    if let Some(slot) = ad.slots.as_deref_mut().and_then(|s| s[i].as_mut()) {
-        let (da, db) = (&mut slot.da, &mut slot.db);
-        match ad.dropout {
-            Some(dr) => {
-                let seed = dr.seed_for(ad.l, p);
-                dev.dropout(&mut ps.xd, x, seed, dr.p, n)?;
-                dev.zero(&mut ps.dlora)?;
-                dev.lora_bwd(
-                    &mut ps.dlora,
-                    da,
-                    db,
-                    &mut ps.g,
-                    dy,
-                    &ps.xd,
-                    &xa[i],
-                    &slot.a,
-                    &slot.b,
-                    t,
-                    r,
-                    scale,
-                )?;
-                dev.dropout(&mut ps.xd, &ps.dlora, seed, dr.p, n)?;
-                dev.add(target, &ps.xd, n)?;
-            }
-            None => dev.lora_bwd(target, da, db, &mut ps.g, dy, x, &xa[i], &slot.a, &slot.b, t, r, scale)?,
-        }
-    }
-    if accumulate {
-        dev.add(dx, &ps.tmp, n)?;
-    }
-    Ok(())
 }

@@ -247,6 +247,19 @@ impl Device for Cuda {
     ) -> Result<()> {
         Cuda::attention_bwd(self, dq, dk, dv, dd, dout, qkv, out, lse, seq_start, t, dims, max_len)
     }
+    fn attention_decode(
+        &self,
+        out: &mut Bf<Self>,
+        q: &Bf<Self>,
+        [k, v]: [&Bf<Self>; 2],
+        key_start: &CudaSlice<i32>,
+        key_len: &CudaSlice<i32>,
+        b: usize,
+        dims: [usize; 3],
+        max_len: usize,
+    ) -> Result<()> {
+        Cuda::attention_decode(self, out, q, k, v, key_start, key_len, b, dims, max_len)
+    }
     fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
         Cuda::add(self, x, y, n)
     }

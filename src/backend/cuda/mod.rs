@@ -57,6 +57,7 @@ pub struct Kernels {
     pub attention_bwd_rowdot: CudaFunction,
     pub attention_bwd_dq: CudaFunction,
     pub attention_bwd_dkv: CudaFunction,
+    pub attention_decode: CudaFunction,
     pub head_logits: CudaFunction,
     pub head_grad: CudaFunction,
     pub ce_softmax_grad: CudaFunction,
@@ -193,7 +194,8 @@ impl Cuda {
         )?
         .try_into()
         .unwrap();
-        let [attention_fwd, attention_bwd_rowdot, attention_bwd_dq, attention_bwd_dkv]: [CudaFunction; 4] = load(
+        let [attention_fwd, attention_bwd_rowdot, attention_bwd_dq, attention_bwd_dkv, attention_decode]: [CudaFunction;
+            5] = load(
             &ctx,
             "attention",
             kernels::ATTENTION,
@@ -202,6 +204,7 @@ impl Cuda {
                 "attention_bwd_rowdot",
                 "attention_bwd_dq",
                 "attention_bwd_dkv",
+                "attention_decode",
             ],
         )?
         .try_into()
@@ -257,6 +260,7 @@ impl Cuda {
                 attention_bwd_rowdot,
                 attention_bwd_dq,
                 attention_bwd_dkv,
+                attention_decode,
                 head_logits,
                 head_grad,
                 ce_softmax_grad,

@@ -468,6 +468,50 @@ impl Cuda {
         Ok(())
     }
 
+    /// Generation: query i < b (one new token) against its cached keys key_start[i] ..
+    /// key_start[i] + key_len[i]. out, q: [b, heads, hd]; k, v: [rows, kv_heads, hd] (the cache).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        q: &CudaSlice<bf16>,
+        k: &CudaSlice<bf16>,
+        v: &CudaSlice<bf16>,
+        key_start: &CudaSlice<i32>,
+        key_len: &CudaSlice<i32>,
+        b: usize,
+        [heads, kv_heads, hd]: [usize; 3],
+        max_len: usize,
+    ) -> Result<()> {
+        assert!(out.len() >= b * heads * hd && q.len() >= b * heads * hd && key_start.len() >= b && key_len.len() >= b);
+        assert!(k.len() == v.len() && k.len().is_multiple_of(kv_heads * hd) && heads.is_multiple_of(kv_heads));
+        anyhow::ensure!(
+            max_len * 4 <= 48 * 1024,
+            "attention_decode: {max_len} cached tokens exceed shared memory"
+        );
+        let (hi, kvi, hdi) = (heads as i32, kv_heads as i32, hd as i32);
+        let mut l = self.stream.launch_builder(&self.k.attention_decode);
+        l.arg(out)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(key_start)
+            .arg(key_len)
+            .arg(&hi)
+            .arg(&kvi)
+            .arg(&hdi);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * heads) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (max_len * 4) as u32,
+        };
+        // SAFETY: one block per (query, head) of the first b; it reads cache rows key_start[i] ..
+        // key_start[i] + key_len[i], which the engine keeps inside k and v (each key_len <= max_len,
+        // whose floats of shared memory are requested), and writes its row of out.
+        unsafe { l.launch(cfg) }.context("kernel attention_decode")?;
+        Ok(())
+    }
+
     /// x += y over the first n values. x, y: bf16.
     pub fn add(&self, x: &mut CudaSlice<bf16>, y: &CudaSlice<bf16>, n: usize) -> Result<()> {
         assert!(x.len() >= n && y.len() >= n);

@@ -67,6 +67,38 @@ pub fn run(gpu: &Cuda, out: &mut Vec<Check>) -> Result<()> {
         push("step loss vs f32", ((loss_gpu - loss_ref) / loss_ref).abs(), LOSS_TOL);
         push("step grads vs cpu-bf16", worst(&lora, &g_gpu, &g_host), GRAD_TOL);
         push("step grads vs f32", worst(&lora, &g_gpu, &g_ref), GRAD_TOL);
+
+        // Generation: the logits after each prompt (prefill), then after one decoded token (the KV
+        // cache path), against the CPU with bf16 storage.
+        let prompts: Vec<Vec<u32>> = batch.seqs.iter().map(|r| batch.tokens[r.clone()].to_vec()).collect();
+        let mut gpu_engine = Engine::new(gpu.clone(), &model, &lora, t, false)?;
+        let mut host_engine = Engine::new(Host, &model, &lora, t, false)?;
+        let (a, b) = (
+            gpu_engine.last_logits(Some(&lora), &prompts)?,
+            host_engine.last_logits(Some(&lora), &prompts)?,
+        );
+        let err = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| super::selftest::rel_err(x, y))
+            .fold(0.0, f64::max);
+        push("generation logits vs cpu-bf16", err, 2e-2);
+        // The second token comes from the KV-cache decode path; it must be the argmax of the same
+        // prefix run whole. (Counted: cuBLAS may sum differently for other row counts, which could
+        // flip a near tie.)
+        let two = gpu_engine.generate(Some(&lora), &prompts, 2, &[])?;
+        let prefixes: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&two)
+            .map(|(p, o)| [&p[..], &o[..1]].concat())
+            .collect();
+        let whole = gpu_engine.last_logits(Some(&lora), &prefixes)?;
+        let mismatches = two
+            .iter()
+            .zip(&whole)
+            .filter(|(o, l)| o[1] != crate::generate::argmax(l))
+            .count();
+        push("decode vs whole-prefix argmax (mismatches)", mismatches as f64, 1.0);
     }
     Ok(())
 }

@@ -1,0 +1,209 @@
+//! Batched greedy generation on a device, with a KV cache: the device twin of `generate::greedy`.
+//!
+//! The prompts of a chunk are packed and run once (prefill), their keys and values written into a
+//! cache that gives sequence b the rows `b * S .. (b + 1) * S` (S: the longest prompt plus the new
+//! tokens); then each step runs one new token per unfinished sequence against its cache rows. Only
+//! the logits of each sequence's last position are computed; the argmax is taken on the host.
+
+use super::layer::Attn;
+use super::step::Engine;
+use super::{Bf, Device};
+use crate::autograd::Batch;
+use crate::generate::argmax;
+use crate::lora::LoraParams;
+use anyhow::{ensure, Result};
+
+/// The KV cache and the index buffers of generation.
+pub(super) struct GenCache<D: Device> {
+    /// Per layer: [rows, h_kv, hd] keys and values, after RoPE.
+    pub(super) k: Vec<Bf<D>>,
+    pub(super) v: Vec<Bf<D>>,
+    pub(super) rows: usize,
+    /// [cap] the cache row of each token of the current call.
+    pub(super) slot: D::Buf<i32>,
+    /// [cap] first cache row and number of cached keys of each decoded sequence.
+    pub(super) key_start: D::Buf<i32>,
+    pub(super) key_len: D::Buf<i32>,
+    /// [cap] the packed row of each prompt's last token.
+    last: D::Buf<i32>,
+}
+
+impl<D: Device> Engine<D> {
+    /// Greedy continuations of `prompts` (with the adapters, if given): at most `max_new` tokens
+    /// each, stopping after the first token in `stops` (which is kept, as `generate::greedy` does).
+    /// Prompts are processed in chunks that fit the engine's buffers.
+    pub fn generate(
+        &mut self,
+        lora: Option<&LoraParams>,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stops: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut out = vec![Vec::new(); prompts.len()];
+        if max_new == 0 || prompts.is_empty() {
+            return Ok(out);
+        }
+        if let Some(lora) = lora {
+            self.upload_adapters(lora)?;
+        }
+        let per_chunk = self.ce_rows.min(self.cap);
+        let mut i = 0;
+        while i < prompts.len() {
+            let (mut j, mut total) = (i, 0);
+            while j < prompts.len() && j - i < per_chunk && total + prompts[j].len() <= self.cap {
+                total += prompts[j].len();
+                j += 1;
+            }
+            ensure!(
+                j > i,
+                "a prompt of {} tokens exceeds the {} this engine holds",
+                prompts[i].len(),
+                self.cap
+            );
+            self.generate_chunk(lora.is_some(), &prompts[i..j], max_new, stops, &mut out[i..j])?;
+            i = j;
+        }
+        Ok(out)
+    }
+
+    /// Logits of the last position of each prompt, [prompts][vocab] (the first step of `generate`).
+    pub fn last_logits(&mut self, lora: Option<&LoraParams>, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        if let Some(lora) = lora {
+            self.upload_adapters(lora)?;
+        }
+        ensure!(
+            prompts.len() <= self.ce_rows.min(self.cap),
+            "too many prompts for one call"
+        );
+        let s = prompts.iter().map(Vec::len).max().unwrap_or(0) + 1;
+        self.prefill(lora.is_some(), prompts, s)
+    }
+
+    fn generate_chunk(
+        &mut self,
+        adapted: bool,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stops: &[u32],
+        out: &mut [Vec<u32>],
+    ) -> Result<()> {
+        let s = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
+        let mut logits = self.prefill(adapted, prompts, s)?;
+        let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let mut active: Vec<usize> = (0..prompts.len()).collect();
+        loop {
+            // Take each active sequence's next token; drop those that stop.
+            let mut still = Vec::with_capacity(active.len());
+            for (row, &b) in active.iter().enumerate() {
+                let next = argmax(&logits[row]);
+                out[b].push(next);
+                if !stops.contains(&next) && out[b].len() < max_new {
+                    still.push(b);
+                }
+            }
+            active = still;
+            if active.is_empty() {
+                return Ok(());
+            }
+            // One token per active sequence, at its next position, against its cache rows.
+            let ids: Vec<i32> = active
+                .iter()
+                .map(|&b| *out[b].last().expect("a token") as i32)
+                .collect();
+            let pos: Vec<i32> = active.iter().map(|&b| lens[b] as i32).collect();
+            let slot: Vec<i32> = active.iter().map(|&b| (b * s + lens[b]) as i32).collect();
+            let start: Vec<i32> = active.iter().map(|&b| (b * s) as i32).collect();
+            let keys: Vec<i32> = active.iter().map(|&b| lens[b] as i32 + 1).collect();
+            let g = self.gen.as_mut().expect("allocated by the prefill");
+            self.dev.write(&mut g.slot, &slot)?;
+            self.dev.write(&mut g.key_start, &start)?;
+            self.dev.write(&mut g.key_len, &keys)?;
+            self.embed(&ids, &pos)?;
+            let max_len = keys.iter().copied().max().unwrap_or(1) as usize;
+            let t = active.len();
+            for l in 0..self.config.num_layers {
+                let a = if self.checkpointing { 0 } else { l };
+                self.layer_fwd(l, a, t, Attn::Decode { max_len }, adapted, None)?;
+            }
+            logits = self.logits_of_rows(t, None)?;
+            for &b in &active {
+                lens[b] += 1;
+            }
+        }
+    }
+
+    /// Run the packed prompts through the model, filling the cache (sequence b at rows b * s ..),
+    /// and return the logits of each prompt's last position.
+    fn prefill(&mut self, adapted: bool, prompts: &[Vec<u32>], s: usize) -> Result<Vec<Vec<f32>>> {
+        self.ensure_cache(prompts.len() * s)?;
+        let none: Vec<Option<u32>> = vec![None; prompts.iter().map(Vec::len).max().unwrap_or(0)];
+        let batch = Batch::pack(prompts.iter().map(|p| (&p[..], &none[..p.len()])));
+        let t = self.load_tokens(&batch)?;
+        let mut slot = Vec::with_capacity(t);
+        for (b, p) in prompts.iter().enumerate() {
+            slot.extend((0..p.len()).map(|i| (b * s + i) as i32));
+        }
+        let last: Vec<i32> = batch.seqs.iter().map(|r| r.end as i32 - 1).collect();
+        let g = self.gen.as_mut().expect("allocated above");
+        self.dev.write(&mut g.slot, &slot)?;
+        self.dev.write(&mut g.last, &last)?;
+        let max_len = prompts.iter().map(Vec::len).max().unwrap_or(1);
+        for l in 0..self.config.num_layers {
+            let a = if self.checkpointing { 0 } else { l };
+            self.layer_fwd(l, a, t, Attn::Prefill { max_len }, adapted, None)?;
+        }
+        self.logits_of_rows(t, Some(prompts.len()))
+    }
+
+    /// Final norm of the last layer's t rows, then the logits of rows `last[..n]` (`Some(n)`) or of
+    /// all t rows (`None`), as [rows][vocab].
+    fn logits_of_rows(&mut self, t: usize, gather: Option<usize>) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let (d, v) = (c.hidden_size, c.vocab_size);
+        let (dev, s) = (&self.dev, &mut self.s);
+        dev.rmsnorm_fwd(
+            &mut s.h,
+            &mut s.rstd,
+            &self.xs[c.num_layers],
+            &self.norm,
+            t,
+            c.rms_norm_eps,
+        )?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let rows = match gather {
+            Some(n) => {
+                let g = self.gen.as_ref().expect("allocated by the prefill");
+                dev.gather_rows(&mut s.h_lab, &s.h, &g.last, n, d)?;
+                dev.head_logits(&mut s.logits, &s.h_lab, head, 0, n, d)?;
+                n
+            }
+            None => {
+                dev.head_logits(&mut s.logits, &s.h, head, 0, t, d)?;
+                t
+            }
+        };
+        let flat = dev.read(&s.logits, rows * v)?;
+        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+    }
+
+    /// A cache of at least `rows` rows per layer (grown, never shrunk).
+    fn ensure_cache(&mut self, rows: usize) -> Result<()> {
+        if self.gen.as_ref().is_some_and(|g| g.rows >= rows) {
+            return Ok(());
+        }
+        let (kvd, cap, dev) = (self.config.kv_dim(), self.cap, &self.dev);
+        let layers = self.config.num_layers;
+        let alloc_layers = || (0..layers).map(|_| dev.alloc(rows * kvd)).collect::<Result<Vec<_>>>();
+        self.gen = None; // free the old cache before allocating the new one
+        self.gen = Some(GenCache {
+            k: alloc_layers()?,
+            v: alloc_layers()?,
+            rows,
+            slot: dev.alloc(cap)?,
+            key_start: dev.alloc(cap)?,
+            key_len: dev.alloc(cap)?,
+            last: dev.alloc(cap)?,
+        });
+        Ok(())
+    }
+}
