@@ -49,6 +49,11 @@ run)
             tail -n 1 "$out/bench-train.jsonl"
         done
     done
+    # Batch-1 greedy decoding of a 1B NF4 model (issue 7's target: >= 1,500 tokens/s), and batched.
+    for b in 1 16; do
+        timeout 240 "$bin/sqlora" bench generate --shape llama-3.2-1b --batch "$b" --prompt 128 --new-tokens 128 \
+            --device cuda --json 2>&1 | tee -a "$out/bench-generate.jsonl"
+    done
     # The kernel benches (short criterion runs; the full ones: drop the two time options).
     for b in "$bin"/cuda_*; do
         [ "$b" = "$bin/cuda" ] && continue

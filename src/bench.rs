@@ -1,4 +1,4 @@
-//! `sqlora bench train`: time the training step on a model of a real shape with random NF4 weights
+//! `sqlora bench train` and `bench generate`. Train: time the training step on a model of a real shape with random NF4 weights
 //! (never zeros), LoRA r 16 on all seven projections, batch B x T tokens. It reports tokens/s,
 //! ms/step, the device memory in use, and MFU (useful FLOPs over a peak rate).
 //!
@@ -220,5 +220,82 @@ impl std::fmt::Display for BenchReport {
             format!("{:.1} GFLOP/s", self.peak_flops / 1e9)
         };
         write!(f, "device memory in use: {mem}; MFU {:.1}% of {peak}", self.mfu * 100.0)
+    }
+}
+
+/// What a generation benchmark measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateReport {
+    pub shape: String,
+    pub device: String,
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Prefill of all prompts, seconds.
+    pub prefill_s: f64,
+    /// Generated tokens per second over the decode steps (all sequences together).
+    pub decode_tokens_per_s: f64,
+    pub device_memory_bytes: Option<usize>,
+}
+
+/// Greedy decoding of `batch` random prompts of `prompt` tokens for `new` tokens each (no stop
+/// token), on random NF4 weights of a named shape without adapters: prefill time and decode rate.
+pub fn bench_generate(
+    shape: &str,
+    engine_for: &mut EngineFor,
+    batch: usize,
+    prompt: usize,
+    new: usize,
+) -> Result<GenerateReport> {
+    if batch == 0 || prompt == 0 || new < 2 {
+        bail!("bench generate needs --batch >= 1, --prompt >= 1 and --new-tokens >= 2");
+    }
+    let c = shape_config(shape)?;
+    let model = random_model(&c, 0xbe7c);
+    let none = LoraConfig {
+        targets: vec![],
+        ..Default::default()
+    };
+    let layout = LoraParams::zeros(&c, none);
+    let mut engine = engine_for(&model, &layout, batch * prompt)?;
+    let mut rng = Rng::new(3);
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|_| (0..prompt).map(|_| rng.below(c.vocab_size as u64) as u32).collect())
+        .collect();
+    engine.generate(None, &prompts, 2, &[])?; // warm-up (and the cache's allocation)
+    let started = Instant::now();
+    engine.generate(None, &prompts, 1, &[])?;
+    let prefill_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let out = engine.generate(None, &prompts, new, &[])?;
+    let decode_s = (started.elapsed().as_secs_f64() - prefill_s).max(1e-9);
+    let decoded: usize = out.iter().map(|o| o.len() - 1).sum();
+    Ok(GenerateReport {
+        shape: shape.into(),
+        device: engine.describe(),
+        batch,
+        prompt_tokens: prompt,
+        new_tokens: new,
+        prefill_s,
+        decode_tokens_per_s: decoded as f64 / decode_s,
+        device_memory_bytes: engine.memory_used(),
+    })
+}
+
+impl std::fmt::Display for GenerateReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "bench generate: {} (NF4, random weights), {} prompts of {} tokens, {} new tokens each",
+            self.shape, self.batch, self.prompt_tokens, self.new_tokens
+        )?;
+        writeln!(f, "device: {}", self.device)?;
+        write!(
+            f,
+            "prefill {:.1} ms; decode {:.0} tokens/s ({:.2} ms per step)",
+            self.prefill_s * 1e3,
+            self.decode_tokens_per_s,
+            1e3 * self.batch as f64 / self.decode_tokens_per_s
+        )
     }
 }

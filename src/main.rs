@@ -193,6 +193,27 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Time batched greedy decoding (KV cache) on a model of a real shape with random NF4 weights:
+    /// prefill time and decode tokens/s.
+    Generate {
+        /// llama-3.2-1b, qwen2.5-0.5b, tinyllama-1.1b, qwen2.5-1.5b, smollm2-135m or tiny.
+        #[arg(long)]
+        shape: String,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Tokens per prompt.
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        /// New tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// `cuda`, `cpu-bf16`, or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Time training steps on a model of a real shape with random NF4 weights (LoRA r 16 on all seven
     /// projections): tokens/s, ms/step, device memory, MFU.
     Train {
@@ -224,6 +245,34 @@ enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Whether `--device` (auto, cuda or cpu-bf16) means the GPU.
+fn device_is_gpu(device: &str) -> Result<bool> {
+    match device {
+        "cuda" => Ok(true),
+        "auto" => Ok(sqlora::backend::cuda::unavailable().is_none()),
+        "cpu-bf16" => Ok(false),
+        other => bail!("unknown device \"{other}\": one of auto, cuda, cpu-bf16"),
+    }
+}
+
+/// Builds the device engine a benchmark runs on.
+fn engine_factory(device: &str, checkpointing: bool) -> Result<Box<sqlora::bench::EngineFor<'static>>> {
+    use anyhow::Context;
+    use sqlora::engine::{host::Host, step::Engine};
+    use sqlora::train::StepEngine;
+    let gpu = if device_is_gpu(device)? {
+        Some(sqlora::backend::cuda::Cuda::new().context("--device cuda")?)
+    } else {
+        None
+    };
+    Ok(Box::new(move |m: &Model, l: &sqlora::lora::LoraParams, cap: usize| {
+        Ok(match &gpu {
+            Some(g) => Box::new(Engine::new(g.clone(), m, l, cap, checkpointing)?) as Box<dyn StepEngine>,
+            None => Box::new(Engine::new(Host, m, l, cap, checkpointing)?),
+        })
+    }))
 }
 
 fn main() {
@@ -271,6 +320,26 @@ fn run(cli: Cli) -> Result<()> {
         Command::Selftest { json, seed } => selftest(json, seed),
         Command::Bench {
             what:
+                BenchWhat::Generate {
+                    shape,
+                    batch,
+                    prompt,
+                    new_tokens,
+                    device,
+                    json,
+                },
+        } => {
+            let mut engine_for = engine_factory(&device, false)?;
+            let r = sqlora::bench::bench_generate(&shape, &mut *engine_for, batch, prompt, new_tokens)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{r}");
+            }
+            Ok(())
+        }
+        Command::Bench {
+            what:
                 BenchWhat::Train {
                     shape,
                     batch,
@@ -283,29 +352,14 @@ fn run(cli: Cli) -> Result<()> {
                     json,
                 },
         } => {
-            use anyhow::Context;
-            use sqlora::backend::cuda;
-            use sqlora::engine::{host::Host, step::Engine};
-            use sqlora::train::StepEngine;
-            let gpu = match device.as_str() {
-                "cuda" => Some(cuda::Cuda::new().context("--device cuda")?),
-                "auto" if cuda::unavailable().is_none() => Some(cuda::Cuda::new()?),
-                "auto" | "cpu-bf16" => None,
-                other => bail!("unknown device \"{other}\": one of auto, cuda, cpu-bf16"),
-            };
-            let peak = match (peak_tflops, &gpu) {
+            let peak = match (peak_tflops, device_is_gpu(&device)?) {
                 (Some(t), _) => t * 1e12,
-                (None, Some(_)) => 796e12,
-                (None, None) => sqlora::memory::measure_cpu_flops(),
+                (None, true) => 796e12,
+                (None, false) => sqlora::memory::measure_cpu_flops(),
             };
-            let mut engine_for = |m: &sqlora::model::Model, l: &sqlora::lora::LoraParams, cap: usize| {
-                Ok(match &gpu {
-                    Some(g) => Box::new(Engine::new(g.clone(), m, l, cap, checkpointing)?) as Box<dyn StepEngine>,
-                    None => Box::new(Engine::new(Host, m, l, cap, checkpointing)?),
-                })
-            };
+            let mut engine_for = engine_factory(&device, checkpointing)?;
             let r =
-                sqlora::bench::bench_train(&shape, &mut engine_for, batch, seq, warmup, steps, checkpointing, peak)?;
+                sqlora::bench::bench_train(&shape, &mut *engine_for, batch, seq, warmup, steps, checkpointing, peak)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -569,3 +569,26 @@ fn bench_train_times_steps_of_a_named_shape() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown shape \"gpt-5\""));
 }
+
+#[test]
+fn bench_generate_times_decoding() {
+    let out = sqlora(&[
+        "bench",
+        "generate",
+        "--shape",
+        "tiny",
+        "--batch",
+        "3",
+        "--prompt",
+        "16",
+        "--new-tokens",
+        "8",
+        "--device",
+        "cpu-bf16",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["batch"], 3);
+}
