@@ -72,7 +72,8 @@ enum Command {
         /// Stop after this many new tokens (or at EOS).
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
-        /// Compute device; only `cpu` is available in this build.
+        /// `cpu` (the f32 reference), `cuda` (our kernels; NF4 base), or `cpu-bf16` (the GPU's
+        /// computation on the CPU).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Run the base model quantized to NF4 (as QLoRA trains it) instead of f32 as stored.
@@ -411,11 +412,13 @@ fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String
 
 /// The greedy continuation of `prompt`, decoded.
 fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<String> {
-    if device != "cpu" {
-        bail!("device \"{device}\" is not available: this build runs on the CPU reference backend (--device cpu)");
-    }
+    let on_engine = match device {
+        "cpu" => false,
+        "cuda" | "cpu-bf16" => true,
+        other => bail!("unknown device \"{other}\": one of cpu, cuda, cpu-bf16"),
+    };
     let tokenizer = Tokenizer::load(dir)?;
-    let model = Model::load_as(dir, nf4)?;
+    let model = Model::load_as(dir, nf4 || on_engine)?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -425,8 +428,34 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
         Some(a) => Some(sqlora::lora::LoraParams::load_peft(a, &model.config)?),
         None => None,
     };
-    let out = sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, eos);
+    let out = if on_engine {
+        engine_generate(&model, lora.as_ref(), &[ids], max_new, device)?.remove(0)
+    } else {
+        sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, eos)
+    };
     tokenizer.decode(&out)
+}
+
+/// Greedy continuations on a device engine (`cuda` or `cpu-bf16`), batched, with a KV cache.
+fn engine_generate(
+    model: &Model,
+    lora: Option<&sqlora::lora::LoraParams>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    device: &str,
+) -> Result<Vec<Vec<u32>>> {
+    // Without an adapter, an empty adapter layout.
+    let layout = lora.cloned().unwrap_or_else(|| {
+        let none = sqlora::lora::LoraConfig {
+            targets: vec![],
+            ..Default::default()
+        };
+        sqlora::lora::LoraParams::zeros(&model.config, none)
+    });
+    let cap = prompts.iter().map(Vec::len).max().unwrap_or(1).max(2048);
+    let mut engine = engine_factory(device, false)?(model, &layout, cap)?;
+    eprintln!("generating on {}", engine.describe());
+    engine.generate(lora, prompts, max_new, &model.config.eos_token_ids)
 }
 
 /// Print the generated SQL, run it read-only with a time limit, and print its rows as a table.
@@ -620,17 +649,14 @@ fn predict(
     nf4: bool,
     device: &str,
 ) -> Result<()> {
-    use anyhow::Context;
-    use sqlora::backend::cuda;
-    use sqlora::engine::{host::Host, step::Engine};
-    use sqlora::train::StepEngine;
-    let gpu = match device {
-        "cuda" => Some(cuda::Cuda::new().context("--device cuda")?),
-        "auto" if cuda::unavailable().is_none() => Some(cuda::Cuda::new()?),
-        "auto" | "cpu" | "cpu-bf16" => None,
+    // The device engine for cuda and cpu-bf16; `auto` is cuda when a GPU is usable, else the CPU reference.
+    let engine_device = match device {
+        "cuda" | "cpu-bf16" => Some(device),
+        "auto" if sqlora::backend::cuda::unavailable().is_none() => Some("cuda"),
+        "auto" | "cpu" => None,
         other => bail!("unknown device \"{other}\": one of auto, cuda, cpu, cpu-bf16"),
     };
-    let on_engine = gpu.is_some() || device == "cpu-bf16";
+    let on_engine = engine_device.is_some();
     let tok = Tokenizer::load(model_path)?;
     let model = Model::load_as(model_path, nf4 || on_engine)?;
     let lora = adapter
@@ -640,22 +666,8 @@ fn predict(
     let prompts = (examples.iter())
         .map(|e| tok.encode(&sqlora::data::prompt(&e.instruction, &e.input)))
         .collect::<Result<Vec<_>>>()?;
-    let sqls: Vec<String> = if on_engine {
-        // Batched greedy decoding with a KV cache on the device; an empty adapter layout without one.
-        let layout = lora.clone().unwrap_or_else(|| {
-            let none = sqlora::lora::LoraConfig {
-                targets: vec![],
-                ..Default::default()
-            };
-            sqlora::lora::LoraParams::zeros(&model.config, none)
-        });
-        let cap = prompts.iter().map(Vec::len).max().unwrap_or(1).max(2048);
-        let mut engine: Box<dyn StepEngine> = match gpu {
-            Some(g) => Box::new(Engine::new(g, &model, &layout, cap, false)?),
-            None => Box::new(Engine::new(Host, &model, &layout, cap, false)?),
-        };
-        eprintln!("predicting {} examples on {}", prompts.len(), engine.describe());
-        let outs = engine.generate(lora.as_ref(), &prompts, max_new, &model.config.eos_token_ids)?;
+    let sqls: Vec<String> = if let Some(device) = engine_device {
+        let outs = engine_generate(&model, lora.as_ref(), &prompts, max_new, device)?;
         outs.iter()
             .map(|o| Ok(tok.decode(o)?.trim().to_string()))
             .collect::<Result<_>>()?

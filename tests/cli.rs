@@ -104,6 +104,20 @@ fn ask_reports_bad_input_clearly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("device \"tpu\""));
     assert!(out.stdout.is_empty(), "nothing but the answer goes to stdout");
+    // The device path (here on the CPU with bf16 storage) answers too, through the KV-cache decoder.
+    let m = dir.path().to_str().unwrap();
+    let out = sqlora(&[
+        "ask",
+        "--model",
+        m,
+        "--device",
+        "cpu-bf16",
+        "--max-new-tokens",
+        "5",
+        "hi",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.stdout.is_empty());
 }
 
 #[test]
