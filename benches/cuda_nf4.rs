@@ -1,4 +1,5 @@
-//! The NF4 GEMM three ways (tiled f32, tensor cores, dequantize + cuBLAS), both orientations, on
+//! The NF4 GEMM three ways (tiled f32, tensor cores, dequantize + cuBLAS; and the GEMV at decode
+//! shapes), both orientations, on
 //! Llama-3.2-1B's projection shapes: decode shapes (M <= 16: bytes/s of weight traffic) and
 //! training shapes (M = 4096: FLOP/s, shown by criterion as elements/s).
 
@@ -41,6 +42,14 @@ fn nf4_gemm(c: &mut Criterion) {
                 g.bench_function(BenchmarkId::new("bwd_input", format!("{p:?}")), |b| {
                     b.iter(|| {
                         gpu.nf4_gemm_bwd_input_via(p, &mut y, &x, &w, m).unwrap();
+                        sync(&gpu);
+                    })
+                });
+            }
+            if m <= 16 {
+                g.bench_function(BenchmarkId::new("fwd", "Gemv"), |b| {
+                    b.iter(|| {
+                        gpu.nf4_gemm_fwd_via(GemmPath::Gemv, &mut y, &x, &w, None, m).unwrap();
                         sync(&gpu);
                     })
                 });

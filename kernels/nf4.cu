@@ -183,3 +183,65 @@ extern "C" __global__ void nf4_gemm_bwd_input_mma(bf16* dx, const bf16* dy, cons
                                                   const float* absmax, int T, int N, int K) {
     mma_gemm<true>(dy, Nf4Cols{packed, absmax, K}, StoreBias{dx, nullptr, K}, T, K, N);
 }
+
+// ---- Decode shapes: M <= 16 rows of x against the whole weight ----
+
+#define GEMV_MAX_M 16
+
+// y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < M <= 16. One warp per output column n reads
+// W's row n once: with K % 32 == 0, each lane takes 32 weights at a time as one 16-byte load (and
+// one scale: 32 aligned weights lie in one 64-block); otherwise element by element.
+// y: [M, N] bf16 (written); x: [M, K] bf16; W: NF4 [N, K]; bias: [N] bf16 or null.
+// Grid ceil(N * 32 / 256) blocks of 256 threads.
+extern "C" __global__ void nf4_gemv(bf16* y, const bf16* x, const uint8_t* packed, const float* absmax,
+                                    const bf16* bias, int M, int N, int K) {
+    const long n = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const long row = n * K;
+    float acc[GEMV_MAX_M] = {};
+    if (K % 32 == 0) {
+        for (int k0 = lane * 32; k0 < K; k0 += 32 * 32) {
+            const uint4 bytes = *reinterpret_cast<const uint4*>(packed + (row + k0) / 2);
+            const float s = absmax[(row + k0) >> 6];
+            const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+            float w[32];
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                const uint32_t b = (words[j / 4] >> (8 * (j % 4))) & 0xff;
+                w[2 * j] = NF4_TABLE[b >> 4] * s;
+                w[2 * j + 1] = NF4_TABLE[b & 15] * s;
+            }
+#pragma unroll
+            for (int m = 0; m < GEMV_MAX_M; m++) {
+                if (m < M) {
+                    const uint4* xv = reinterpret_cast<const uint4*>(x + (long)m * K + k0);
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        const uint4 v = xv[q];
+                        const bf16* xs = reinterpret_cast<const bf16*>(&v);
+#pragma unroll
+                        for (int j = 0; j < 8; j++) sum += w[8 * q + j] * to_f32(xs[j]);
+                    }
+                    acc[m] += sum;
+                }
+            }
+        }
+    } else {
+        for (int k = lane; k < K; k += 32) {
+            const float w = nf4_at(packed, absmax, row + k);
+#pragma unroll
+            for (int m = 0; m < GEMV_MAX_M; m++)
+                if (m < M) acc[m] += w * to_f32(x[(long)m * K + k]);
+        }
+    }
+    const float b = bias ? to_f32(bias[n]) : 0.0f;
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; m++) {
+        if (m < M) {
+            const float v = warp_sum(acc[m]);
+            if (lane == 0) y[(long)m * N + n] = to_bf16(v + b);
+        }
+    }
+}

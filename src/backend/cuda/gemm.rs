@@ -2,7 +2,9 @@
 //!
 //! - `Tiled`: kernels/nf4.cu's shared-memory tiles with f32 FMA (the plainest version);
 //! - `Mma`: the same dequantize-in-the-tile GEMM on tensor cores (kernels/mma.cuh);
-//! - `Cublas`: dequantize the whole weight to bf16 into a scratch buffer, then cuBLAS.
+//! - `Cublas`: dequantize the whole weight to bf16 into a scratch buffer, then cuBLAS;
+//! - `Gemv`: decode shapes only (forward, at most 16 rows): a warp per output reads each weight
+//!   row once, 32 codes per 16-byte load. Chosen by `Auto` only.
 //!
 //! `Auto` (the default) times every available path the first time it meets a shape (orientation,
 //! out, in, and tokens rounded up to a power of two), keeps only the paths whose output agrees with
@@ -24,8 +26,12 @@ pub enum GemmPath {
     Tiled,
     Mma,
     Cublas,
+    Gemv,
     Auto,
 }
+
+/// The most rows of x the GEMV kernel takes (kernels/nf4.cu: GEMV_MAX_M).
+pub const GEMV_MAX_M: usize = 16;
 
 impl GemmPath {
     /// From `SQLORA_NF4_GEMM` (auto, tiled, mma or cublas); `Auto` when unset.
@@ -122,6 +128,10 @@ impl Cuda {
         if has_blas {
             candidates.push(GemmPath::Cublas);
         }
+        let (forward, rows) = (shape.0, shape.3);
+        if forward && rows <= GEMV_MAX_M {
+            candidates.push(GemmPath::Gemv);
+        }
         let mut timed: Vec<(GemmPath, f64)> = Vec::new();
         let mut reference: Option<Vec<f32>> = None;
         for path in candidates {
@@ -182,6 +192,11 @@ impl Cuda {
             GemmPath::Tiled => (&self.k.nf4_gemm_fwd, gemm_tiles(t, n), "nf4_gemm_fwd"),
             GemmPath::Mma => (&self.k.nf4_gemm_fwd_mma, mma_tiles(t, n), "nf4_gemm_fwd_mma"),
             GemmPath::Cublas => return self.cublas_fwd(y, x, w, bias, t),
+            GemmPath::Gemv => {
+                anyhow::ensure!(t <= GEMV_MAX_M, "nf4_gemv takes at most {GEMV_MAX_M} rows, not {t}");
+                let grid = super::blocks_for(n * 32);
+                (&self.k.nf4_gemv, grid, "nf4_gemv")
+            }
             GemmPath::Auto => return self.nf4_gemm_fwd(y, x, w, bias, t),
         };
         let mut b = self.stream.launch_builder(kernel);
@@ -192,8 +207,9 @@ impl Cuda {
         };
         b.arg(&ti).arg(&ni).arg(&ki);
         // SAFETY: reads x [t, in], the packed weight and scales of [out, in] (lengths asserted) and
-        // bias [out] if given; writes y [t, out]. Either kernel bounds-checks every access against
-        // t, N, K, and its grid covers [t, out] in its own tile size.
+        // bias [out] if given; writes y [t, out]. Each kernel bounds-checks every access against
+        // t, N, K, and its grid covers [t, out] (in tiles, or one warp per output column with
+        // t <= GEMV_MAX_M checked above).
         unsafe { b.launch(grid) }.with_context(|| format!("kernel {name}"))?;
         Ok(())
     }
@@ -218,6 +234,7 @@ impl Cuda {
                 "nf4_gemm_bwd_input_mma",
             ),
             GemmPath::Cublas => return self.cublas_bwd_input(dx, dy, w, t),
+            GemmPath::Gemv => bail!("nf4_gemv has no input-gradient orientation"),
             GemmPath::Auto => return self.nf4_gemm_bwd_input(dx, dy, w, t),
         };
         let mut b = self.stream.launch_builder(kernel);

@@ -51,6 +51,7 @@ pub struct Kernels {
     pub nf4_gemm_bwd_input: CudaFunction,
     pub nf4_gemm_fwd_mma: CudaFunction,
     pub nf4_gemm_bwd_input_mma: CudaFunction,
+    pub nf4_gemv: CudaFunction,
     pub embedding_fwd: CudaFunction,
     pub lora: [CudaFunction; 6],
     pub attention_fwd: CudaFunction,
@@ -171,7 +172,7 @@ impl Cuda {
         let [adamw_step]: [CudaFunction; 1] = load(&ctx, "adamw", kernels::ADAMW, &["adamw_step"])?
             .try_into()
             .unwrap();
-        let [nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma]: [CudaFunction; 6] = load(
+        let [nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma, nf4_gemv]: [CudaFunction; 7] = load(
             &ctx,
             "nf4",
             kernels::NF4,
@@ -182,6 +183,7 @@ impl Cuda {
                 "nf4_gemm_bwd_input",
                 "nf4_gemm_fwd_mma",
                 "nf4_gemm_bwd_input_mma",
+                "nf4_gemv",
             ],
         )?
         .try_into()
@@ -254,6 +256,7 @@ impl Cuda {
                 nf4_gemm_bwd_input,
                 nf4_gemm_fwd_mma,
                 nf4_gemm_bwd_input_mma,
+                nf4_gemv,
                 embedding_fwd,
                 lora,
                 attention_fwd,

@@ -199,6 +199,7 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         (17, 300, 576, false),
         (40, 128, 1000, true),
         (130, 256, 512, true), // whole 64 x 64 tiles: the tensor-core kernels' vectorised staging
+        (3, 300, 512, false),  // a decode shape with K % 32 == 0: the GEMV's 16-byte path
     ] {
         let size = format!("{t}x{n}x{k}");
         let dense = cpu::Linear::dense(
@@ -227,6 +228,11 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         let mut paths = vec![(GemmPath::Tiled, ""), (GemmPath::Mma, "_mma")];
         if gpu.gemm_state.lock().is_ok_and(|s| s.has_blas()) {
             paths.push((GemmPath::Cublas, "_cublas"));
+        }
+        if t <= super::gemm::GEMV_MAX_M {
+            let mut y = gpu.poisoned(t * n)?;
+            gpu.nf4_gemm_fwd_via(GemmPath::Gemv, &mut y, &gpu.up(&x)?, &w, bias.as_ref(), t)?;
+            push("nf4_gemv", size.clone(), rel_err(&gpu.down(&y)?, &want_y), TOL_BF16);
         }
         for (path, suffix) in paths {
             let mut y = gpu.poisoned(t * n)?;
