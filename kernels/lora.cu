@@ -40,26 +40,43 @@ extern "C" __global__ void lora_g(float* g, const bf16* dy, const bf16* b, int T
     if (lane == 0) g[w] = s;
 }
 
-// dB[n, c] += scale * sum_t dy[t, n] xa[t, c]; one thread per (n, c).
-// db: [N, r] f32 (accumulated); dy: [T, N] bf16; xa: [T, r] f32.
-extern "C" __global__ void lora_db(float* db, const bf16* dy, const float* xa, int T, int N, int r, float scale) {
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)N * r) return;
-    const int n = i / r, c = i % r;
+// The two sums over tokens (dB and dA) are long (T terms) and have few outputs (r per row or column),
+// so each block takes 32 outputs, one per lane, and its 8 warps split the tokens (t = warp, warp + 8,
+// ...); the partial sums meet in shared memory in a fixed order, so the result is deterministic.
+#define SPLIT_T_WARPS 8
+
+// out[o] += scale * sum_t f(t, o) for the block's 32 outputs o, f given per t by `term`.
+template <class Term>
+__device__ __forceinline__ void split_t_sum(float* out, long n_out, int T, float scale, Term term) {
+    __shared__ float part[SPLIT_T_WARPS][32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const long o = (long)blockIdx.x * 32 + lane;
     float s = 0.0f;
-    for (int t = 0; t < T; t++) s += to_f32(dy[(long)t * N + n]) * xa[(long)t * r + c];
-    db[i] += scale * s;
+    if (o < n_out)
+        for (int t = warp; t < T; t += SPLIT_T_WARPS) s += term(t, o);
+    part[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && o < n_out) {
+        float total = 0.0f;
+        for (int w = 0; w < SPLIT_T_WARPS; w++) total += part[w][lane];
+        out[o] += scale * total;
+    }
 }
 
-// dA[c, k] += scale * sum_t g[t, c] x[t, k]; one thread per (c, k).
+// dB[n, c] += scale * sum_t dy[t, n] xa[t, c]; output o = n * r + c.
+// db: [N, r] f32 (accumulated); dy: [T, N] bf16; xa: [T, r] f32.
+// Grid ceil(N * r / 32) blocks of 256 threads.
+extern "C" __global__ void lora_db(float* db, const bf16* dy, const float* xa, int T, int N, int r, float scale) {
+    split_t_sum(db, (long)N * r, T, scale,
+                [=](int t, long o) { return to_f32(dy[(long)t * N + o / r]) * xa[(long)t * r + o % r]; });
+}
+
+// dA[c, k] += scale * sum_t g[t, c] x[t, k]; output o = c * K + k.
 // da: [r, K] f32 (accumulated); g: [T, r] f32; x: [T, K] bf16.
+// Grid ceil(r * K / 32) blocks of 256 threads.
 extern "C" __global__ void lora_da(float* da, const float* g, const bf16* x, int T, int K, int r, float scale) {
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)r * K) return;
-    const int c = i / K, k = i % K;
-    float s = 0.0f;
-    for (int t = 0; t < T; t++) s += g[(long)t * r + c] * to_f32(x[(long)t * K + k]);
-    da[i] += scale * s;
+    split_t_sum(da, (long)r * K, T, scale,
+                [=](int t, long o) { return g[(long)t * r + o / K] * to_f32(x[(long)t * K + o % K]); });
 }
 
 // dx[t, k] += scale * sum_c g[t, c] A[c, k]; one thread per (t, k).

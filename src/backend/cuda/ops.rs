@@ -8,6 +8,15 @@ use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+/// Blocks of 256 threads (8 warps splitting the tokens), 32 outputs each (kernels/lora.cu).
+fn split_t(outputs: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (outputs.div_ceil(32).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 impl Cuda {
     /// y = rmsnorm(x) * w, keeping each row's inverse RMS.
     /// y, x: [t, d]; rstd: [t]; w: [d].
@@ -260,12 +269,14 @@ impl Cuda {
         unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_g")?;
         let mut l = self.stream.launch_builder(&self.k.lora[3]);
         l.arg(db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
-        // SAFETY: one thread per element of db [out, r]; reads dy [t, out] and xa [t, r].
-        unsafe { l.launch(blocks_for(n * r)) }.context("kernel lora_db")?;
+        // SAFETY: 32 outputs of db [out, r] per block of 256 threads (bounded by out * r in the
+        // kernel); reads dy [t, out] and xa [t, r].
+        unsafe { l.launch(split_t(n * r)) }.context("kernel lora_db")?;
         let mut l = self.stream.launch_builder(&self.k.lora[4]);
         l.arg(da).arg(&*g).arg(x).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
-        // SAFETY: one thread per element of da [r, in]; reads g [t, r] and x [t, in].
-        unsafe { l.launch(blocks_for(r * k)) }.context("kernel lora_da")?;
+        // SAFETY: 32 outputs of da [r, in] per block of 256 threads (bounded by r * in in the
+        // kernel); reads g [t, r] and x [t, in].
+        unsafe { l.launch(split_t(r * k)) }.context("kernel lora_da")?;
         let mut l = self.stream.launch_builder(&self.k.lora[5]);
         l.arg(dx).arg(&*g).arg(a).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
         // SAFETY: one thread per element of dx [t, in]; reads g [t, r] and a [r, in].
