@@ -31,12 +31,31 @@ __device__ float attention_probs(float* p, const bf16* qv, const bf16* k, int st
     return mx + logf(sum);
 }
 
-// out[row] = sum_j p[j] v[start + j, kvh] for the n keys of p.
-__device__ void attention_mix(bf16* out, const float* p, const bf16* v, int start, int n, int kvh, int kv_heads, int hd) {
+#define MIX_MAX_HD 256
+
+// out[i] = sum_j w[j] m[start + j, kvh, i] over n rows: the block's warps split the rows, each lane
+// keeps a few dimensions (hd <= 256) in registers, and the warps' partial sums meet in shared memory
+// in a fixed order. w: [n] (shared, visible to all threads); m: [rows, kv_heads, hd].
+__device__ void attention_mix(bf16* out, const float* w, const bf16* m, int start, int n, int kvh, int kv_heads,
+                              int hd) {
+    __shared__ float part[4][MIX_MAX_HD];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    float acc[MIX_MAX_HD / 32] = {};
+    for (int j = warp; j < n; j += warps) {
+        const bf16* row = m + ((long)(start + j) * kv_heads + kvh) * hd;
+        const float wj = w[j];
+#pragma unroll
+        for (int c = 0; c < MIX_MAX_HD / 32; c++)
+            if (lane + 32 * c < hd) acc[c] += wj * to_f32(row[lane + 32 * c]);
+    }
+#pragma unroll
+    for (int c = 0; c < MIX_MAX_HD / 32; c++)
+        if (lane + 32 * c < hd) part[warp][lane + 32 * c] = acc[c];
+    __syncthreads();
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float o = 0.0f;
-        for (int j = 0; j < n; j++) o += p[j] * to_f32(v[((long)(start + j) * kv_heads + kvh) * hd + i]);
-        out[i] = to_bf16(o);
+        float s = 0.0f;
+        for (int k = 0; k < warps; k++) s += part[k][i];
+        out[i] = to_bf16(s);
     }
 }
 
@@ -108,11 +127,7 @@ extern "C" __global__ void attention_bwd_dq(bf16* dq, const bf16* dout, const bf
         ds[j] = p * (dp - row_d) * scale;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float g = 0.0f;
-        for (int j = 0; j < n; j++) g += ds[j] * to_f32(k[((long)(start + j) * kv_heads + kvh) * hd + i]);
-        dq[(long)blockIdx.x * hd + i] = to_bf16(g);
-    }
+    attention_mix(dq + (long)blockIdx.x * hd, ds, k, start, n, kvh, kv_heads, hd);  // dq = sum_j dS_j k_j
 }
 
 // dk, dv for key (s, kvh); one block of 4 warps per (s, kvh). Each warp takes queries t >= s of the

@@ -381,6 +381,7 @@ impl Cuda {
             max_len * 4 <= 48 * 1024,
             "attention_fwd: sequences of {max_len} tokens exceed shared memory"
         );
+        anyhow::ensure!(hd <= 256, "attention_fwd: head width {hd} is over 256");
         let (hi, kvi, hdi) = (heads as i32, kv_heads as i32, hd as i32);
         let mut l = self.stream.launch_builder(&self.k.attention_fwd);
         l.arg(out)
@@ -500,6 +501,7 @@ impl Cuda {
             max_len * 4 <= 48 * 1024,
             "attention_decode: {max_len} cached tokens exceed shared memory"
         );
+        anyhow::ensure!(hd <= 256, "attention_decode: head width {hd} is over 256");
         let (hi, kvi, hdi) = (heads as i32, kv_heads as i32, hd as i32);
         let mut l = self.stream.launch_builder(&self.k.attention_decode);
         l.arg(out)
