@@ -6,6 +6,7 @@
 //!   p = p (1 - lr wd) - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// Storage of the optimizer moments `m` and `v`, in pages. The CUDA backend keeps pages in pinned
@@ -20,8 +21,14 @@ pub trait StatePages {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Every page, in order: the parameter range it covers (contiguous from 0), its `m` and its `v`.
+    fn pages_mut(&mut self) -> Vec<(Range<usize>, &mut [f32], &mut [f32])>;
     /// Visit every page in order with the parameter range it covers and its `m` and `v`.
-    fn for_each_page(&mut self, f: &mut PageFn);
+    fn for_each_page(&mut self, f: &mut PageFn) {
+        for (r, m, v) in self.pages_mut() {
+            f(r, m, v);
+        }
+    }
     /// Copy out all of `m` and `v` (for checkpoints).
     fn export(&mut self) -> (Vec<f32>, Vec<f32>) {
         let (mut m, mut v) = (vec![0f32; self.len()], vec![0f32; self.len()]);
@@ -76,11 +83,11 @@ impl StatePages for HostPages {
         self.len
     }
 
-    fn for_each_page(&mut self, f: &mut PageFn) {
-        for (i, (m, v)) in self.m.iter_mut().zip(&mut self.v).enumerate() {
-            let start = i * self.page;
-            f(start..start + m.len(), m, v);
-        }
+    fn pages_mut(&mut self) -> Vec<(Range<usize>, &mut [f32], &mut [f32])> {
+        let page = self.page;
+        (self.m.iter_mut().zip(&mut self.v).enumerate())
+            .map(|(i, (m, v))| (i * page..i * page + m.len(), &mut m[..], &mut v[..]))
+            .collect()
     }
 }
 
@@ -127,8 +134,16 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         let decay = 1.0 - lr * c.weight_decay;
-        self.state.for_each_page(&mut |range, m, v| {
-            let (p, g) = (&mut params[range.clone()], &grads[range]);
+        // Pages are independent: update them in parallel, each with its slice of params and grads.
+        let mut work = Vec::new();
+        let (mut p_rest, mut g_rest) = (params, grads);
+        for (range, m, v) in self.state.pages_mut() {
+            let (p, p_tail) = std::mem::take(&mut p_rest).split_at_mut(range.len());
+            let (g, g_tail) = g_rest.split_at(range.len());
+            (p_rest, g_rest) = (p_tail, g_tail);
+            work.push((p, g, m, v));
+        }
+        work.into_par_iter().for_each(|(p, g, m, v)| {
             for i in 0..p.len() {
                 m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * g[i];
                 v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * g[i] * g[i];
@@ -141,12 +156,17 @@ impl AdamW {
 
 /// Scale `grads` so their global L2 norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`:
 /// factor `max_norm / (norm + 1e-6)`, never above 1). Returns the norm before clipping.
+/// The sum of squares is taken in f64 over fixed chunks in parallel, then over the chunks in order,
+/// so it does not depend on the thread count.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
-    let norm = grads.iter().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt() as f32;
+    let partial: Vec<f64> = (grads.par_chunks(1 << 16))
+        .map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>())
+        .collect();
+    let norm = partial.iter().sum::<f64>().sqrt() as f32;
     if max_norm > 0.0 {
         let factor = max_norm / (norm + 1e-6);
         if factor < 1.0 {
-            grads.iter_mut().for_each(|g| *g *= factor);
+            grads.par_iter_mut().for_each(|g| *g *= factor);
         }
     }
     norm

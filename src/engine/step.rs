@@ -469,9 +469,11 @@ impl<D: Device> Engine<D> {
             lora.config.r == self.rank,
             "the adapters changed rank since the engine was built"
         );
+        use rayon::prelude::*;
+        let all: Vec<half::bf16> = lora.data.par_iter().map(|&x| half::bf16::from_f32(x)).collect();
         for slot in self.slots.iter_mut().flatten().flatten() {
-            self.dev.write(&mut slot.a, &to_bf16(&lora.data[slot.slot.a.clone()]))?;
-            self.dev.write(&mut slot.b, &to_bf16(&lora.data[slot.slot.b.clone()]))?;
+            self.dev.write(&mut slot.a, &all[slot.slot.a.clone()])?;
+            self.dev.write(&mut slot.b, &all[slot.slot.b.clone()])?;
             self.dev.zero(&mut slot.da)?;
             self.dev.zero(&mut slot.db)?;
         }
