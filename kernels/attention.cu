@@ -6,19 +6,33 @@
 // kernels will be checked against these.
 #include "common.cuh"
 
-// p[j] = softmax_j(qv . k[start + j, kvh] / sqrt(hd)) for j < n; returns the row's log-sum-exp of
-// the scaled scores (to every thread). p: shared, >= n floats; qv: [hd] one query head.
+#define MIX_MAX_HD 256
+
+// a . b over hd <= 256 dimensions by one warp: lane l takes dims l, l + 32, ... (reads coalesced along
+// the row); every lane gets the sum.
+__device__ __forceinline__ float warp_dot(const bf16* a, const bf16* b, int hd) {
+    float s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < MIX_MAX_HD / 32; c++) {
+        const int i = threadIdx.x % 32 + 32 * c;
+        if (i < hd) s += to_f32(a[i]) * to_f32(b[i]);
+    }
+    return warp_sum(s);
+}
+
+// p[j] = softmax_j(qv . k[start + j, kvh] / sqrt(hd)) for j < n (a warp per key); returns the row's
+// log-sum-exp of the scaled scores (to every thread). p: shared, >= n floats; qv: [hd] one query head.
 __device__ float attention_probs(float* p, const bf16* qv, const bf16* k, int start, int n, int kvh, int kv_heads,
                                  int hd, float* scratch) {
     const float scale = rsqrtf((float)hd);
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const bf16* kv = k + ((long)(start + j) * kv_heads + kvh) * hd;
-        float s = 0.0f;
-        for (int i = 0; i < hd; i++) s += to_f32(qv[i]) * to_f32(kv[i]);
-        p[j] = s * scale;
-        m = fmaxf(m, p[j]);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int j = warp; j < n; j += warps) {
+        const float s = warp_dot(qv, k + ((long)(start + j) * kv_heads + kvh) * hd, hd);
+        if (lane == 0) p[j] = s * scale;
     }
+    __syncthreads();
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, p[j]);
     const float mx = block_max(m, scratch);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
@@ -31,7 +45,6 @@ __device__ float attention_probs(float* p, const bf16* qv, const bf16* k, int st
     return mx + logf(sum);
 }
 
-#define MIX_MAX_HD 256
 
 // out[i] = sum_j w[j] m[start + j, kvh, i] over n rows: the block's warps split the rows, each lane
 // keeps a few dimensions (hd <= 256) in registers, and the warps' partial sums meet in shared memory
@@ -116,15 +129,11 @@ extern "C" __global__ void attention_bwd_dq(bf16* dq, const bf16* dout, const bf
     const int kvh = h / (heads / kv_heads);
     const float scale = rsqrtf((float)hd), row_lse = lse[blockIdx.x], row_d = dd[blockIdx.x];
     const bf16 *qv = q + (long)blockIdx.x * hd, *dov = dout + (long)blockIdx.x * hd;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int j = warp; j < n; j += warps) {  // a warp per key
         const long kv_at = ((long)(start + j) * kv_heads + kvh) * hd;
-        float s = 0.0f, dp = 0.0f;
-        for (int i = 0; i < hd; i++) {
-            s += to_f32(qv[i]) * to_f32(k[kv_at + i]);
-            dp += to_f32(dov[i]) * to_f32(v[kv_at + i]);
-        }
-        const float p = __expf(s * scale - row_lse);
-        ds[j] = p * (dp - row_d) * scale;
+        const float s = warp_dot(qv, k + kv_at, hd), dp = warp_dot(dov, v + kv_at, hd);
+        if (lane == 0) ds[j] = __expf(s * scale - row_lse) * (dp - row_d) * scale;
     }
     __syncthreads();
     attention_mix(dq + (long)blockIdx.x * hd, ds, k, start, n, kvh, kv_heads, hd);  // dq = sum_j dS_j k_j
