@@ -13,6 +13,8 @@
 //!
 //! Dequantization: `x ≈ NF4_TABLE[q] * (DYN[qabs_b] * absmax2_c + offset)`.
 
+use rayon::prelude::*;
+
 /// Values per NF4 block (bitsandbytes' `blocksize=64`, the QLoRA default).
 pub const BLOCK: usize = 64;
 /// Absmax values per double-quantization block (bitsandbytes' nested `blocksize=256`).
@@ -109,18 +111,25 @@ fn nearest_index(table: &[f32], x: f32) -> u8 {
 
 /// Blockwise quantization of a flat slice: the scales of each `block`-sized chunk (the last may be
 /// short) and the per-value codes, chosen by `code_of(x * (1 / absmax))`.
-fn quantize_blocks(xs: &[f32], block: usize, mut code_of: impl FnMut(f32) -> u8) -> (Vec<f32>, Vec<u8>) {
-    let mut scales = Vec::with_capacity(xs.len().div_ceil(block));
-    let mut codes = Vec::with_capacity(xs.len());
-    for chunk in xs.chunks(block) {
+fn quantize_blocks(xs: &[f32], block: usize, code_of: impl Fn(f32) -> u8 + Sync) -> (Vec<f32>, Vec<u8>) {
+    // Blocks are independent: each fills its scale and codes, in parallel (the result does not
+    // depend on it).
+    let mut scales = vec![0f32; xs.len().div_ceil(block)];
+    let mut codes = vec![0u8; xs.len()];
+    (scales
+        .par_iter_mut()
+        .zip(codes.par_chunks_mut(block))
+        .zip(xs.par_chunks(block)))
+    .for_each(|((scale, out), chunk)| {
         let absmax = chunk.iter().fold(0f32, |m, &x| m.max(x.abs()));
-        // An all-zero block gets the exact-zero code (x * 0 = 0), so it dequantizes to 0 even though
-        // double quantization reconstructs its scale as nonzero. (bitsandbytes multiplies by 1/0 and
-        // stores the code NaN falls to, -1.0; we deliberately differ on this degenerate block only.)
+        // An all-zero block gets the exact-zero code (x * 0 = 0), so it dequantizes to 0 even
+        // though double quantization reconstructs its scale as nonzero. (bitsandbytes multiplies
+        // by 1/0 and stores the code NaN falls to, -1.0; we deliberately differ on this
+        // degenerate block only.)
         let inv = if absmax > 0.0 { 1.0 / absmax } else { 0.0 };
-        scales.push(absmax);
-        codes.extend(chunk.iter().map(|&x| code_of(x * inv)));
-    }
+        *scale = absmax;
+        out.iter_mut().zip(chunk).for_each(|(o, &x)| *o = code_of(x * inv));
+    });
     (scales, codes)
 }
 
