@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
 build)
     set -e
-    SQLORA_REQUIRE_KERNELS=1 cargo build --release --bins
+    SQLORA_REQUIRE_KERNELS=1 cargo build --release --bins --example adapter_logits
     executables() { # the executables cargo built, for the targets named in $1 (a Python regex)
         python3 -c 'import json, re, sys
 for l in sys.stdin:
@@ -28,7 +28,7 @@ for l in sys.stdin:
     test_bin=$(SQLORA_REQUIRE_KERNELS=1 cargo test --release --test cuda --no-run --message-format=json | executables cuda)
     bench_bins=$(SQLORA_REQUIRE_KERNELS=1 cargo bench --no-run --message-format=json | executables 'cuda_.*')
     mkdir -p .stage/bin
-    for b in target/release/sqlora target/release/train $test_bin $bench_bins; do
+    for b in target/release/sqlora target/release/train target/release/examples/adapter_logits $test_bin $bench_bins; do
         strip -o ".stage/bin/$(basename "$b" | sed 's/-[0-9a-f]*$//')" "$b"
     done
     ls -la .stage/bin

@@ -290,7 +290,8 @@ fn resolve_device(name: &str) -> Result<Dev> {
             None => Dev::Cuda,
             Some(why) => bail!("--device cuda: {why}"),
         },
-        "auto" => match cuda::unavailable() {
+        // A driver without a usable GPU (or one that fails to open) also falls back to the CPU.
+        "auto" => match cuda::unavailable().map_or_else(|| cuda::Cuda::new().err().map(|e| format!("{e:#}")), Some) {
             None => Dev::Cuda,
             Some(why) => {
                 eprintln!("training on the CPU reference backend: {why}");
