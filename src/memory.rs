@@ -206,6 +206,22 @@ pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<String> {
     out
 }
 
+/// Whether to turn activation checkpointing on by itself: the plan without it exceeds `budget` bytes
+/// and the plan with it fits. (`p.checkpointing` is ignored.)
+pub fn checkpointing_needed(c: &ModelConfig, p: &PlanInput, budget: u64) -> bool {
+    let with = |ckpt| {
+        plan(
+            c,
+            &PlanInput {
+                checkpointing: ckpt,
+                ..p.clone()
+            },
+        )
+        .total()
+    };
+    with(false) > budget && with(true) <= budget
+}
+
 /// Why the plan does not fit in `budget` bytes, with the plan and the options that would fit; `None`
 /// when it fits. What `train --dry-run` prints, and the error a device run gives before allocating.
 pub fn refusal(c: &ModelConfig, p: &PlanInput, budget: u64) -> Option<String> {
@@ -237,6 +253,39 @@ mod tests {
             "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"tie_word_embeddings":true}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn checkpointing_is_turned_on_only_when_it_makes_the_plan_fit() {
+        let c = qwen05();
+        let p = PlanInput {
+            lora_r: 16,
+            lora_targets: Proj::ALL.to_vec(),
+            micro_batch: 8,
+            max_seq_len: 512,
+            checkpointing: false,
+            nf4: true,
+            threads: 1,
+            device: true,
+        };
+        let (without, with) = (
+            plan(&c, &p).total(),
+            plan(
+                &c,
+                &PlanInput {
+                    checkpointing: true,
+                    ..p.clone()
+                },
+            )
+            .total(),
+        );
+        assert!(with < without);
+        assert!(!checkpointing_needed(&c, &p, without), "fits as it is");
+        assert!(
+            checkpointing_needed(&c, &p, (with + without) / 2),
+            "fits only with checkpointing"
+        );
+        assert!(!checkpointing_needed(&c, &p, with - 1), "does not fit either way");
     }
 
     #[test]

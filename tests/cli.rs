@@ -606,3 +606,52 @@ fn bench_generate_times_decoding() {
     assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(r["batch"], 3);
 }
+
+#[test]
+fn a_memory_budget_that_only_checkpointing_meets_turns_it_on() {
+    use sqlora::memory::{plan, PlanInput};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, out) = (dir.path().join("model"), dir.path().join("run"));
+    write_tiny_model(&model, TinyVariant::Llama).unwrap();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/singers.jsonl");
+    // The plan as train computes it: micro-batch 2, r 4 on all projections, the longest example.
+    let tok = Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
+    let m = Model::load_dir(&model).unwrap();
+    let eos = m.config.eos_token_ids[0];
+    let examples = sqlora::data::read_jsonl(std::path::Path::new(data)).unwrap();
+    let longest = (examples.iter())
+        .map(|e| sqlora::data::encode(&tok, e, eos).unwrap().tokens.len())
+        .max()
+        .unwrap();
+    let input = |checkpointing| PlanInput {
+        lora_r: 4,
+        lora_targets: sqlora::model::Proj::ALL.to_vec(),
+        micro_batch: 2,
+        max_seq_len: longest,
+        checkpointing,
+        nf4: true,
+        threads: rayon::current_num_threads(),
+        device: false,
+    };
+    let (without, with) = (
+        plan(&m.config, &input(false)).total(),
+        plan(&m.config, &input(true)).total(),
+    );
+    let budget = (with + without) as f64 / 2.0 / (1u64 << 30) as f64;
+    let o = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(["--device", "cpu", "--max-steps", "1", "--batch", "2", "--lora-r", "4"])
+        .args(["--memory-budget", &format!("{budget:.12}")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("turning it on"), "{err}");
+}

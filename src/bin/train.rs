@@ -118,7 +118,9 @@ struct Args {
     /// Print the memory plan and a throughput estimate, then exit (non-zero if it does not fit).
     #[arg(long)]
     dry_run: bool,
-    /// Memory the run may use, in GiB (default: the machine's available memory).
+    /// Memory the run may use, in GiB (default: the GPU's free memory, or the machine's available
+    /// memory on the CPU). When the plan exceeds it and checkpointing would make it fit,
+    /// checkpointing is turned on.
     #[arg(long)]
     memory_budget: Option<f64>,
     /// Continue from the newest checkpoint in --out.
@@ -302,6 +304,43 @@ fn resolve_device(name: &str) -> Result<Dev> {
     })
 }
 
+/// Whether the memory budget calls for activation checkpointing (said on stderr when it does).
+fn auto_checkpointing(
+    a: &Args,
+    c: &sqlora::config::ModelConfig,
+    train: &[Encoded],
+    val: &[Encoded],
+    device: Dev,
+    gpu: Option<&cuda::Cuda>,
+) -> Result<bool> {
+    use sqlora::engine::Device;
+    use sqlora::memory::{available_memory, checkpointing_needed, PlanInput};
+    let budget = match (a.memory_budget, gpu) {
+        (Some(g), _) => Some((g * (1u64 << 30) as f64) as u64),
+        (None, Some(g)) => g.memory_free().map(|b| b as u64),
+        (None, None) => available_memory(),
+    };
+    let Some(budget) = budget else { return Ok(false) };
+    let input = PlanInput {
+        lora_r: a.lora_r,
+        lora_targets: LoraConfig::parse_targets(&a.targets)?,
+        micro_batch: a.batch,
+        max_seq_len: train.iter().chain(val).map(|e| e.tokens.len()).max().unwrap_or(1),
+        checkpointing: false,
+        nf4: !a.no_nf4,
+        threads: rayon::current_num_threads(),
+        device: device != Dev::Cpu,
+    };
+    let needed = checkpointing_needed(c, &input, budget);
+    if needed {
+        eprintln!(
+            "the memory plan does not fit in {:.2} GiB without activation checkpointing: turning it on",
+            budget as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(needed)
+}
+
 fn run(a: Args) -> Result<()> {
     let device = resolve_device(&a.device)?;
     if a.dry_run {
@@ -331,6 +370,12 @@ fn run(a: Args) -> Result<()> {
         Some(p) => load_examples(p, &tok, eos, a.max_seq_len)?,
         None => vec![],
     };
+    // The GPU is opened before planning, so its free memory is the default budget.
+    let gpu = match device {
+        Dev::Cuda => Some(cuda::Cuda::new()?),
+        Dev::Cpu | Dev::CpuBf16 => None,
+    };
+    let checkpointing = a.checkpointing || auto_checkpointing(&a, &model.config, &train, &val, device, gpu.as_ref())?;
     let config = TrainConfig {
         lora: LoraConfig {
             r: a.lora_r,
@@ -351,7 +396,7 @@ fn run(a: Args) -> Result<()> {
         max_steps: a.max_steps,
         micro_batch: a.batch,
         grad_accum: a.grad_accum,
-        checkpointing: a.checkpointing,
+        checkpointing,
         group_by_length: a.group_by_length,
         seed: a.seed,
         eval_every: a.eval_every,
@@ -392,7 +437,7 @@ fn run(a: Args) -> Result<()> {
     match device {
         Dev::Cpu => {}
         Dev::CpuBf16 => trainer.use_device(sqlora::engine::host::Host)?,
-        Dev::Cuda => trainer.use_device(cuda::Cuda::new()?)?,
+        Dev::Cuda => trainer.use_device(gpu.expect("opened above"))?,
     }
     if let Some(e) = &trainer.engine {
         eprintln!("device: {}", e.describe());
