@@ -472,26 +472,24 @@ fn run_answer(db: &Path, sql: &str) -> Result<()> {
     }
 }
 
-fn info(dir: &Path) -> Result<()> {
-    let model = Model::load(dir)?;
-    let c = &model.config.clone();
-    let linear: usize = sqlora::model::Proj::ALL
-        .iter()
-        .map(|p| p.shape(c).iter().product::<usize>())
-        .sum::<usize>()
-        * c.num_layers;
+fn info(path: &Path) -> Result<()> {
+    // The config alone: sizes are computed, not measured by loading and quantizing the weights.
+    let config = if sqlora::model::is_gguf(path) {
+        let f = sqlora::gguf::GgufFile::open(path)?;
+        sqlora::config::ModelConfig::from_json(&f.hf_config()?.to_string())?
+    } else {
+        sqlora::config::ModelConfig::from_file(&path.join("config.json"))?
+    };
+    let c = &config;
+    let shapes = sqlora::model::Proj::ALL.map(|p| p.shape(c).iter().product::<usize>());
+    let linear: usize = shapes.iter().sum::<usize>() * c.num_layers;
     let embed = c.vocab_size * c.hidden_size;
     let head = if c.tie_word_embeddings { 0 } else { embed };
-    let nf4 = model.quantize_nf4();
-    let nf4_bytes: usize = nf4
-        .layers
+    let nf4_bytes: usize = shapes
         .iter()
-        .flat_map(|l| l.proj.iter())
-        .map(|p| match &p.weight {
-            sqlora::backend::cpu::LinearWeight::Nf4(q) => q.size_bytes(),
-            sqlora::backend::cpu::LinearWeight::Dense(w) => 4 * w.len(),
-        })
-        .sum();
+        .map(|&n| sqlora::nf4::Nf4Tensor::size_bytes_of(n))
+        .sum::<usize>()
+        * c.num_layers;
     println!("architecture     {:?}", c.arch);
     println!(
         "layers           {} (d {}, ffn {}, heads {}/{} kv, head_dim {})",

@@ -244,6 +244,13 @@ impl Nf4Tensor {
         self.packed.len() + self.scales.qabsmax.len() + 4 * self.scales.absmax2.len() + 4
     }
 
+    /// [`Nf4Tensor::size_bytes`] of a tensor of `numel` values, without quantizing one: packed codes,
+    /// one u8 scale per block, one f32 per 256 scales, and the f32 offset.
+    pub fn size_bytes_of(numel: usize) -> usize {
+        let blocks = numel.div_ceil(BLOCK);
+        numel.div_ceil(2) + blocks + 4 * blocks.div_ceil(DQ_BLOCK) + 4
+    }
+
     /// The NF4 code of flattened element `i`.
     #[inline]
     pub fn code(&self, i: usize) -> u8 {

@@ -145,3 +145,12 @@ fn zero_blocks_and_odd_shapes_survive() {
     q.dequantize_range(BLOCK - 3, &mut part);
     assert_eq!(part, d[BLOCK - 3..BLOCK + 37]);
 }
+
+#[test]
+fn the_size_of_an_nf4_tensor_is_known_before_quantizing() {
+    let mut rng = sqlora::rng::Rng::new(5);
+    for n in [1usize, 64, 65, 64 * 256, 64 * 256 + 1, 300 * 577] {
+        let q = sqlora::nf4::Nf4Tensor::quantize(&rng.normal_vec(n, 1.0), &[n]);
+        assert_eq!(sqlora::nf4::Nf4Tensor::size_bytes_of(n), q.size_bytes(), "{n} values");
+    }
+}

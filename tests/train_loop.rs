@@ -455,3 +455,28 @@ fn resume_on_the_device_reproduces_the_uninterrupted_run_exactly() {
     assert_eq!(losses, straight);
     assert_eq!(second.lora.data, whole.lora.data);
 }
+
+#[test]
+fn on_the_device_engine_gradient_accumulation_2x2_equals_one_batch_of_4() {
+    let s = setup();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let no_dropout = |m, g| {
+        let mut c = config(m, g);
+        c.lora.dropout = 0.0;
+        c
+    };
+    let mut a = device_trainer(&s, no_dropout(2, 2), d1.path());
+    let mut b = device_trainer(&s, no_dropout(4, 1), d2.path());
+    let (ra, rb) = (run(&mut a, 3), run(&mut b, 3));
+    for (x, y) in ra.iter().zip(&rb) {
+        assert!(
+            (x.loss - y.loss).abs() < 1e-5 * x.loss,
+            "step {}: {} vs {}",
+            x.step,
+            x.loss,
+            y.loss
+        );
+    }
+    let err = rel_err(&a.lora.data, &b.lora.data);
+    assert!(err < 1e-5, "parameters differ: relative {err:e}");
+}
