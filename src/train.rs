@@ -131,6 +131,9 @@ pub struct Evals {
     pub exec_accuracy: Option<f64>,
 }
 
+/// What the trainer calls with a description of each evaluation before it starts.
+pub type EvalNotice = dyn FnMut(&str);
+
 pub struct Trainer {
     pub model: Model,
     /// Where steps and validation losses run: `None` is the f32 CPU reference (`autograd`);
@@ -138,6 +141,8 @@ pub struct Trainer {
     pub engine: Option<Box<dyn StepEngine>>,
     /// Optional execution-accuracy evaluation; the best adapter by it is kept in `out/best/`.
     pub sql_eval: Option<SqlEval>,
+    /// Told before each evaluation starts (evaluations can take a while: the binary shows them).
+    pub on_eval: Option<Box<EvalNotice>>,
     pub lora: LoraParams,
     pub opt: AdamW,
     pub config: TrainConfig,
@@ -172,6 +177,7 @@ impl Trainer {
             model,
             engine: None,
             sql_eval: None,
+            on_eval: None,
             lora,
             opt,
             state: TrainState {
@@ -480,6 +486,12 @@ impl Trainer {
         Ok(Some(acc))
     }
 
+    fn announce(&mut self, what: &str) {
+        if let Some(f) = &mut self.on_eval {
+            f(what);
+        }
+    }
+
     /// Train until `until` steps are done (or the run's end), calling `report` after every step and
     /// evaluation, checkpointing on schedule and at the end. `stop` is polled between steps (Ctrl-C):
     /// when it is set, a checkpoint is written and the loop returns early.
@@ -494,6 +506,8 @@ impl Trainer {
             let r = self.step()?;
             let c = &self.config;
             let eval = if (c.eval_every > 0 && r.step % c.eval_every == 0) || r.step == self.total_steps() {
+                let what = format!("validation loss on {} examples", self.val.len());
+                self.announce(&what);
                 self.eval_loss()?
             } else {
                 None
@@ -503,6 +517,8 @@ impl Trainer {
                 .as_ref()
                 .is_some_and(|se| se.every > 0 && r.step % se.every == 0);
             let exec = if sql_due || (r.step == self.total_steps() && self.sql_eval.is_some()) {
+                let n = self.sql_eval.as_ref().map_or(0, |se| se.tasks.len());
+                self.announce(&format!("execution accuracy on {n} generated answers"));
                 self.eval_exec_accuracy()?
             } else {
                 None

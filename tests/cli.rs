@@ -233,7 +233,12 @@ fn train_without_data_uses_the_bundled_shop_dataset() {
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    assert!(String::from_utf8_lossy(&status.stderr).contains("bundled shop dataset"));
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(err.contains("bundled shop dataset"), "{err}");
+    assert!(
+        err.contains("evaluating: validation loss on"),
+        "evaluations are announced: {err}"
+    );
     for f in [
         "data/shop.sqlite",
         "data/train.jsonl",

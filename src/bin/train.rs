@@ -473,6 +473,11 @@ fn run(a: Args) -> Result<()> {
     } else {
         None
     };
+    let bar_for_evals = bar.clone();
+    trainer.on_eval = Some(Box::new(move |what: &str| match &bar_for_evals {
+        Some(bar) => bar.set_message(format!("evaluating: {what}")),
+        None => eprintln!("evaluating: {what}"),
+    }));
     trainer.run(total, &|| stop.load(Ordering::SeqCst), &mut |r, evals| {
         let skipped = if r.skipped { "  SKIPPED (non-finite)" } else { "" };
         let memory = r
