@@ -255,19 +255,24 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn checkpointing_is_turned_on_only_when_it_makes_the_plan_fit() {
-        let c = qwen05();
-        let p = PlanInput {
+    /// r 16 on all seven projections, NF4, batch 8 x 512, no checkpointing.
+    fn batch_8x512(threads: usize, device: bool) -> PlanInput {
+        PlanInput {
             lora_r: 16,
             lora_targets: Proj::ALL.to_vec(),
             micro_batch: 8,
             max_seq_len: 512,
             checkpointing: false,
             nf4: true,
-            threads: 1,
-            device: true,
-        };
+            threads,
+            device,
+        }
+    }
+
+    #[test]
+    fn checkpointing_is_turned_on_only_when_it_makes_the_plan_fit() {
+        let c = qwen05();
+        let p = batch_8x512(1, true);
         let (without, with) = (
             plan(&c, &p).total(),
             plan(
@@ -291,16 +296,7 @@ mod tests {
     #[test]
     fn a_device_plan_over_budget_is_refused_with_what_would_fit() {
         let c = qwen05();
-        let p = PlanInput {
-            lora_r: 16,
-            lora_targets: Proj::ALL.to_vec(),
-            micro_batch: 8,
-            max_seq_len: 512,
-            checkpointing: false,
-            nf4: true,
-            threads: 1,
-            device: true,
-        };
+        let p = batch_8x512(1, true);
         let total = plan(&c, &p).total();
         assert!(refusal(&c, &p, total).is_none());
         let why = refusal(&c, &p, total / 2).expect("half the memory does not fit");
@@ -310,16 +306,7 @@ mod tests {
     #[test]
     fn nf4_and_checkpointing_shrink_the_plan_as_expected() {
         let c = qwen05();
-        let p = PlanInput {
-            lora_r: 16,
-            lora_targets: Proj::ALL.to_vec(),
-            micro_batch: 8,
-            max_seq_len: 512,
-            checkpointing: false,
-            nf4: true,
-            threads: 2,
-            device: false,
-        };
+        let p = batch_8x512(2, false);
         let a = plan(&c, &p);
         // Qwen2.5-0.5B has 357.9M linear weights: NF4 is ~0.516 bytes each.
         assert!(

@@ -195,8 +195,12 @@ impl Nf4Tensor {
             "NF4 quantize: data does not match shape {shape:?}"
         );
         let (absmax, codes) = quantize_blocks(xs, BLOCK, quantize_value);
-        let packed = pack_nibbles(&codes);
-        let scales = DoubleQuant::quantize(&absmax);
+        Nf4Tensor::from_parts(shape, pack_nibbles(&codes), &absmax)
+    }
+
+    /// A tensor from its packed codes and its block scales before double quantization.
+    fn from_parts(shape: &[usize], packed: Vec<u8>, absmax: &[f32]) -> Nf4Tensor {
+        let scales = DoubleQuant::quantize(absmax);
         let absmax = scales.dequantize();
         Nf4Tensor {
             shape: shape.to_vec(),
@@ -206,7 +210,6 @@ impl Nf4Tensor {
         }
     }
 
-    /// Number of logical elements.
     /// A random tensor of the given shape, without quantizing one: uniformly random codes and block
     /// scales uniform in [0.5, 1.5) x `scale` (double-quantized as usual). For benchmarks, which need
     /// the bytes and the work of a real weight, never zeros.
@@ -220,16 +223,10 @@ impl Nf4Tensor {
         let absmax: Vec<f32> = (0..n.div_ceil(BLOCK))
             .map(|_| rng.uniform_in(0.5, 1.5) * scale)
             .collect();
-        let scales = DoubleQuant::quantize(&absmax);
-        let absmax = scales.dequantize();
-        Nf4Tensor {
-            shape: shape.to_vec(),
-            packed,
-            scales,
-            absmax,
-        }
+        Nf4Tensor::from_parts(shape, packed, &absmax)
     }
 
+    /// Number of logical elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

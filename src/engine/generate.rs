@@ -158,17 +158,9 @@ impl<D: Device> Engine<D> {
     /// Final norm of the last layer's t rows, then the logits of rows `last[..n]` (`Some(n)`) or of
     /// all t rows (`None`), as [rows][vocab].
     fn logits_of_rows(&mut self, t: usize, gather: Option<usize>) -> Result<Vec<Vec<f32>>> {
-        let c = &self.config;
-        let (d, v) = (c.hidden_size, c.vocab_size);
+        self.final_norm(t)?;
+        let (d, v) = (self.config.hidden_size, self.config.vocab_size);
         let (dev, s) = (&self.dev, &mut self.s);
-        dev.rmsnorm_fwd(
-            &mut s.h,
-            &mut s.rstd,
-            &self.xs[c.num_layers],
-            &self.norm,
-            t,
-            c.rms_norm_eps,
-        )?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows = match gather {
             Some(n) => {

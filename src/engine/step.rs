@@ -529,21 +529,22 @@ impl<D: Device> Engine<D> {
         )
     }
 
+    /// s.h = rmsnorm(last layer's output) over t rows (s.rstd kept for the backward).
+    pub(super) fn final_norm(&mut self, t: usize) -> Result<()> {
+        let c = &self.config;
+        let (x, s) = (&self.xs[c.num_layers], &mut self.s);
+        self.dev
+            .rmsnorm_fwd(&mut s.h, &mut s.rstd, x, &self.norm, t, c.rms_norm_eps)
+    }
+
     /// Final norm, then the loss on the labelled rows in chunks of `ce_rows` (and, with `grad`, the
     /// gradient of `inv_count * loss` into s.dh, zero on unlabelled rows). Returns the loss sum.
     ///   logits = h_lab head^T;  loss = lse - logits[target];  dh_lab = inv_count (softmax - onehot) head
     fn loss_and_dh(&mut self, t: usize, inv_count: f32, grad: bool) -> Result<f64> {
         let (c, n) = (&self.config, self.n_labels);
         let (d, v) = (c.hidden_size, c.vocab_size);
+        self.final_norm(t)?;
         let (dev, s) = (&self.dev, &mut self.s);
-        dev.rmsnorm_fwd(
-            &mut s.h,
-            &mut s.rstd,
-            &self.xs[c.num_layers],
-            &self.norm,
-            t,
-            c.rms_norm_eps,
-        )?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         dev.gather_rows(&mut s.h_lab, &s.h, &s.labels, n, d)?;
         for r0 in (0..n).step_by(self.ce_rows) {

@@ -153,7 +153,7 @@ impl Cuda {
                     timed.push((path, seconds));
                 }
                 Some(want) => {
-                    let err = rel_err(&got, want);
+                    let err = super::rel_err(&got, want);
                     if err <= 2e-2 {
                         timed.push((path, seconds));
                     } else {
@@ -338,13 +338,4 @@ impl Cuda {
             unsafe { blas.gemm(cfg, wd, dy, dx) }.context("cuBLAS gemm (NF4 input gradient)")
         })
     }
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
-    if got.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    (num / den.max(1e-30)).sqrt()
 }

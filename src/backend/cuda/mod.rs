@@ -124,6 +124,17 @@ fn load(ctx: &Arc<CudaContext>, file: &str, fatbin: &[u8], names: &[&str]) -> Re
         .collect()
 }
 
+/// ‖got − want‖ / ‖want‖ in f64; infinite when `got` has a non-finite value or another length (an
+/// unwritten, poisoned element fails any check). Used by the selftest and the GEMM tuner.
+pub(crate) fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() || got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
 /// A launch configuration of `ceil(n / 256)` blocks of 256 threads.
 fn blocks_for(n: usize) -> LaunchConfig {
     LaunchConfig {

@@ -3,7 +3,7 @@
 //! fails. The measure is ‖gpu − cpu‖ / ‖cpu‖, with a tolerance suited to bf16 outputs. Then a whole
 //! training step of tiny models on both devices (`selftest_step.rs`).
 
-use super::{Cuda, GemmPath};
+use super::{rel_err, Cuda, GemmPath};
 use crate::backend::cpu;
 use crate::engine::Device;
 use crate::nf4::{dynamic_map, Nf4Tensor};
@@ -25,15 +25,6 @@ pub struct Check {
     pub rel_err: f64,
     pub tolerance: f64,
     pub pass: bool,
-}
-
-pub(super) fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
-    if gpu.len() != cpu.len() || gpu.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = gpu.iter().zip(cpu).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
-    let den: f64 = cpu.iter().map(|&b| (b as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 /// Round through bf16, as the device sees the values.

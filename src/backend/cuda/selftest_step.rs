@@ -19,7 +19,7 @@ const GRAD_TOL: f64 = 8e-2;
 fn worst(lora: &crate::lora::LoraParams, got: &[f32], want: &[f32]) -> f64 {
     lora.named_ranges()
         .into_iter()
-        .map(|(_, _, r)| super::selftest::rel_err(&got[r.clone()], &want[r]))
+        .map(|(_, _, r)| super::rel_err(&got[r.clone()], &want[r]))
         .fold(0.0, f64::max)
 }
 
@@ -77,11 +77,7 @@ pub fn run(gpu: &Cuda, out: &mut Vec<Check>) -> Result<()> {
             gpu_engine.last_logits(Some(&lora), &prompts)?,
             host_engine.last_logits(Some(&lora), &prompts)?,
         );
-        let err = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| super::selftest::rel_err(x, y))
-            .fold(0.0, f64::max);
+        let err = a.iter().zip(&b).map(|(x, y)| super::rel_err(x, y)).fold(0.0, f64::max);
         push("generation logits vs cpu-bf16", err, 2e-2);
         // The second token comes from the KV-cache decode path; it must be the argmax of the same
         // prefix run whole. (Counted: cuBLAS may sum differently for other row counts, which could
