@@ -1,17 +1,33 @@
-// AdamW on one page of f32 parameters. Twin of src/optim.rs (AdamW::update). One thread per value.
+// AdamW on f32 parameters and the gradient norm it clips by. Twin of src/optim.rs (AdamW::update,
+// clip_grad_norm) and of the host device in src/engine/host.rs.
 #include "common.cuh"
 
-// m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+// With g' = gscale g (gscale: the clipping factor, 1 when not clipping):
+// m = b1 m + (1 - b1) g';  v = b2 v + (1 - b2) g'^2
 // p = p (1 - lr wd) - lr (m / bc1) / (sqrt(v) / bc2_sqrt + eps),  bc1 = 1 - b1^t, bc2_sqrt = sqrt(1 - b2^t)
-// p, m, v: [n] f32 (updated); g: [n] f32.
-extern "C" __global__ void adamw_step(float* p, float* m, float* v, const float* g, long n, float lr, float b1, float b2,
-                                      float eps, float wd, float bc1, float bc2_sqrt) {
+// p, m, v: [n] f32 (updated); g: [n] f32. One thread per value.
+extern "C" __global__ void adamw_step(float* p, float* m, float* v, const float* g, long n, float gscale, float lr,
+                                      float b1, float b2, float eps, float wd, float bc1, float bc2_sqrt) {
     const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const float gi = g[i];
+    const float gi = g[i] * gscale;
     const float mi = b1 * m[i] + (1.0f - b1) * gi;
     const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
     m[i] = mi;
     v[i] = vi;
     p[i] = p[i] * (1.0f - lr * wd) - lr * (mi / bc1) / (sqrtf(vi) / bc2_sqrt + eps);
+}
+
+// parts[b] = sum of x[i]^2 over the i that block b visits (i = b * blockDim + tid, stepping by
+// gridDim * blockDim). The caller sums the gridDim parts (in f64, in order): one fixed summation
+// order for a given n, so the norm is the same from run to run.
+// parts: [gridDim] f32; x: [n] f32.
+extern "C" __global__ void sum_squares(float* parts, const float* x, long n) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        acc = fmaf(x[i], x[i], acc);
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) parts[blockIdx.x] = acc;
 }

@@ -57,7 +57,7 @@ impl fmt::Display for Plan {
         writeln!(f, "  frozen linear weights   {:>9.3} GiB", gib(self.base_linear))?;
         writeln!(f, "  embedding, head, norms  {:>9.3} GiB", gib(self.base_other))?;
         let adapter = if self.device {
-            "adapter + gradients    "
+            "adapter, grads, AdamW  "
         } else {
             "adapter + AdamW state  "
         };

@@ -9,6 +9,9 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::ops::Range;
 
+/// Values of the optimizer state per page (1M floats: 4 MiB per moment per page).
+pub const PAGE: usize = 1 << 20;
+
 /// Storage of the optimizer moments `m` and `v`, in pages. The CUDA backend keeps pages in pinned
 /// host memory and streams them through a fixed device window on a side stream; on the CPU the
 /// pages are plain memory. The update only ever sees one page at a time through this interface.
@@ -129,11 +132,7 @@ impl AdamW {
     pub fn update(&mut self, params: &mut [f32], grads: &[f32], lr: f32) {
         assert!(params.len() == self.state.len() && grads.len() == params.len());
         self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let decay = 1.0 - lr * c.weight_decay;
+        let h = AdamStep::new(self.config, self.step, lr, 1.0);
         // Pages are independent: update them in parallel, each with its slice of params and grads.
         let mut work = Vec::new();
         let (mut p_rest, mut g_rest) = (params, grads);
@@ -143,14 +142,65 @@ impl AdamW {
             (p_rest, g_rest) = (p_tail, g_tail);
             work.push((p, g, m, v));
         }
-        work.into_par_iter().for_each(|(p, g, m, v)| {
-            for i in 0..p.len() {
-                m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * g[i];
-                v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * g[i] * g[i];
-                let denom = v[i].sqrt() / bc2_sqrt + c.eps;
-                p[i] = p[i] * decay - lr * (m[i] / bc1) / denom;
-            }
-        });
+        work.into_par_iter().for_each(|(p, g, m, v)| h.apply(p, m, v, g));
+    }
+}
+
+/// The scalars of one AdamW update: what every device's update of a value needs (the CUDA kernel
+/// `adamw_step` takes exactly these). `gscale` multiplies each gradient first: the clipping factor
+/// when clipping is folded into the update, else 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub gscale: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1 - beta1^t.
+    pub bc1: f32,
+    /// sqrt(1 - beta2^t).
+    pub bc2_sqrt: f32,
+}
+
+impl AdamStep {
+    /// The scalars of update number `step` (1-based).
+    pub fn new(c: AdamWConfig, step: u64, lr: f32, gscale: f32) -> AdamStep {
+        assert!(step > 0, "AdamW steps count from 1");
+        let t = step.min(i32::MAX as u64) as i32;
+        AdamStep {
+            lr,
+            gscale,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            bc1: 1.0 - c.beta1.powi(t),
+            bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt(),
+        }
+    }
+
+    /// Update p, m, v from g, value by value (the formula at the top of this file), in f32 and in
+    /// the kernel's order of operations.
+    pub fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        let (b1, b2) = (self.beta1, self.beta2);
+        let decay = 1.0 - self.lr * self.weight_decay;
+        for i in 0..p.len() {
+            let gi = g[i] * self.gscale;
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            p[i] = p[i] * decay - self.lr * (m[i] / self.bc1) / (v[i].sqrt() / self.bc2_sqrt + self.eps);
+        }
+    }
+}
+
+/// The clipping factor for a gradient of global norm `norm` (as `torch.nn.utils.clip_grad_norm_`:
+/// `max_norm / (norm + 1e-6)`, never above 1; 1 when `max_norm` is 0, i.e. no clipping).
+pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
+    if max_norm > 0.0 {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
     }
 }
 
@@ -163,11 +213,9 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
         .map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>())
         .collect();
     let norm = partial.iter().sum::<f64>().sqrt() as f32;
-    if max_norm > 0.0 {
-        let factor = max_norm / (norm + 1e-6);
-        if factor < 1.0 {
-            grads.par_iter_mut().for_each(|g| *g *= factor);
-        }
+    let factor = clip_factor(norm, max_norm);
+    if factor < 1.0 {
+        grads.par_iter_mut().for_each(|g| *g *= factor);
     }
     norm
 }

@@ -7,11 +7,12 @@
 
 use crate::autograd::{forward_backward, loss_sum, Batch, GradOptions};
 use crate::data::Encoded;
+use crate::engine::optim::OPTIMIZER_WINDOW;
 use crate::engine::step::Engine;
 use crate::engine::Device;
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, HostPages, Schedule};
+use crate::optim::{clip_factor, clip_grad_norm, AdamW, AdamWConfig, Decay, HostPages, Schedule, StatePages, PAGE};
 use crate::rng::Rng;
 use crate::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
 use anyhow::{bail, Context, Result};
@@ -19,9 +20,6 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// Values of the optimizer state per page (1M floats: 4 MiB per moment per page).
-const PAGE: usize = 1 << 20;
 
 /// Everything that shapes a run.
 #[derive(Clone, Debug)]
@@ -131,6 +129,17 @@ pub struct Evals {
     pub exec_accuracy: Option<f64>,
 }
 
+/// Where a device run's current adapters and optimizer moments are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Residence {
+    /// Only the host has them (a fresh run, a resume, or no device): upload before the next step.
+    Host,
+    /// Host and device agree.
+    Both,
+    /// The device has updated them since the host last looked.
+    Device,
+}
+
 /// What the trainer calls with a description of each evaluation before it starts.
 pub type EvalNotice = dyn FnMut(&str);
 
@@ -143,9 +152,15 @@ pub struct Trainer {
     pub sql_eval: Option<SqlEval>,
     /// Told before each evaluation starts (evaluations can take a while: the binary shows them).
     pub on_eval: Option<Box<EvalNotice>>,
+    /// The adapters. With a device engine, the device holds the current ones during training and
+    /// these are brought up to date by [`Trainer::sync_host`] (which every method that reads them
+    /// calls first).
     pub lora: LoraParams,
+    /// AdamW: its moments' pages, and the step count. With a device engine, as `lora`.
     pub opt: AdamW,
     pub config: TrainConfig,
+    /// Where the adapters and moments are current: see [`Residence`].
+    residence: Residence,
     pub state: TrainState,
     train: Vec<Encoded>,
     val: Vec<Encoded>,
@@ -180,6 +195,7 @@ impl Trainer {
             on_eval: None,
             lora,
             opt,
+            residence: Residence::Host,
             state: TrainState {
                 fingerprint,
                 ..Default::default()
@@ -203,8 +219,24 @@ impl Trainer {
             .max()
             .unwrap_or(1);
         let cap = self.config.micro_batch * longest;
-        let engine = Engine::new(dev, &self.model, &self.lora, cap, self.config.checkpointing)?;
+        self.sync_host()?;
+        let mut engine = Engine::new(dev, &self.model, &self.lora, cap, self.config.checkpointing)?;
+        // The moments move into the device's kind of host pages (pinned on a GPU).
+        let mut pages = StepEngine::start_optimizer(&mut engine)?;
+        let (m, v) = self.opt.state.export();
+        pages.import(&m, &v)?;
+        self.opt.state = pages;
         self.engine = Some(Box::new(engine));
+        self.residence = Residence::Host;
+        Ok(())
+    }
+
+    /// Bring `lora` and `opt` up to date from the device, if it has updated them.
+    pub fn sync_host(&mut self) -> Result<()> {
+        if let (Residence::Device, Some(e)) = (self.residence, &mut self.engine) {
+            e.to_host(&mut self.lora, &mut self.opt)?;
+            self.residence = Residence::Both;
+        }
         Ok(())
     }
 
@@ -281,21 +313,35 @@ impl Trainer {
             bail!("step {}: no labelled tokens in the batch", self.state.step + 1);
         }
         let inv = 1.0 / labels as f32;
-        let mut grads = vec![0f32; self.lora.len()];
-        let mut loss = 0f64;
-        for (m, batch) in micro.iter().enumerate() {
-            let opts = GradOptions {
-                checkpointing: c.checkpointing,
-                dropout_seed: c.seed ^ ((self.state.step as u64) << 16 | m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            };
-            loss += match &mut self.engine {
-                Some(e) => e.forward_backward(&self.lora, batch, inv, opts, &mut grads)?,
-                None => forward_backward(&self.model, &self.lora, batch, inv, opts, &mut grads),
-            };
-        }
-        let loss = loss / labels as f64;
-        let grad_norm = clip_grad_norm(&mut grads, c.max_grad_norm);
+        let opts = |m: usize| GradOptions {
+            checkpointing: c.checkpointing,
+            dropout_seed: c.seed ^ ((self.state.step as u64) << 16 | m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        };
         let lr = self.schedule().lr(self.state.step);
+        let mut loss = 0f64;
+        // On the host: gradients summed here, clipped, then AdamW over `lora.data`. On a device:
+        // gradients accumulate there, and the paged AdamW updates the adapters there.
+        let mut grads = Vec::new();
+        let grad_norm = match &mut self.engine {
+            None => {
+                grads = vec![0f32; self.lora.len()];
+                for (m, batch) in micro.iter().enumerate() {
+                    loss += forward_backward(&self.model, &self.lora, batch, inv, opts(m), &mut grads);
+                }
+                clip_grad_norm(&mut grads, c.max_grad_norm)
+            }
+            Some(e) => {
+                if self.residence == Residence::Host {
+                    e.to_device(&self.lora)?;
+                    self.residence = Residence::Both;
+                }
+                for (m, batch) in micro.iter().enumerate() {
+                    loss += e.accumulate(batch, inv, opts(m))?;
+                }
+                e.grad_norm()?
+            }
+        };
+        let loss = loss / labels as f64;
         // A non-finite loss or gradient skips the step: its data is consumed, nothing is updated.
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
         if skipped {
@@ -310,7 +356,15 @@ impl Trainer {
             }
         } else {
             self.state.bad_steps = 0;
-            self.opt.update(&mut self.lora.data, &grads, lr);
+        }
+        match &mut self.engine {
+            None if !skipped => self.opt.update(&mut self.lora.data, &grads, lr),
+            None => {}
+            Some(e) if !skipped => {
+                e.adamw_update(&mut self.opt, lr, clip_factor(grad_norm, c.max_grad_norm))?;
+                self.residence = Residence::Device;
+            }
+            Some(e) => e.zero_grads()?,
         }
         self.state.step += 1;
         self.state.consumed += ids.len();
@@ -333,6 +387,7 @@ impl Trainer {
         if self.val.is_empty() {
             return Ok(None);
         }
+        self.sync_host()?;
         let (mut sum, mut labels) = (0f64, 0usize);
         for chunk in self.val.chunks(self.config.micro_batch) {
             let batch = Batch::pack(chunk.iter().map(|e| (&e.tokens[..], &e.targets[..])));
@@ -360,6 +415,7 @@ impl Trainer {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).with_context(|| format!("clearing {}", tmp.display()))?;
         }
+        self.sync_host()?;
         self.lora.save_peft(&tmp, &self.base_model)?;
         let (m, v) = self.opt.state.export();
         let n = m.len();
@@ -429,6 +485,7 @@ impl Trainer {
             .with_context(|| format!("{} has no adam_step", opt_path.display()))?;
         self.lora = lora;
         self.state = state;
+        self.residence = Residence::Host;
         self.truncate_log()
     }
 
@@ -453,13 +510,18 @@ impl Trainer {
     }
 
     /// Write the final adapter (PEFT files) into the output directory itself.
-    pub fn save_final(&self) -> Result<()> {
+    pub fn save_final(&mut self) -> Result<()> {
+        self.sync_host()?;
         self.lora.save_peft(&self.out, &self.base_model)
     }
 
     /// Execution accuracy of the current adapter on the SQL-eval sample; keeps the best adapter in
     /// `out/best/`. None when no SQL evaluation is configured.
     pub fn eval_exec_accuracy(&mut self) -> Result<Option<f64>> {
+        if self.sql_eval.is_none() {
+            return Ok(None);
+        }
+        self.sync_host()?;
         let Some(se) = &self.sql_eval else { return Ok(None) };
         let acc = match &mut self.engine {
             Some(e) => {
@@ -546,7 +608,7 @@ impl Trainer {
                 break;
             }
         }
-        Ok(())
+        self.sync_host()
     }
 }
 
@@ -554,17 +616,25 @@ impl Trainer {
 pub trait StepEngine {
     /// One line naming the device.
     fn describe(&self) -> String;
-    /// As `autograd::forward_backward`.
-    fn forward_backward(
-        &mut self,
-        lora: &LoraParams,
-        batch: &Batch,
-        inv_count: f32,
-        opts: GradOptions,
-        grads: &mut [f32],
-    ) -> Result<f64>;
     /// As `autograd::loss_sum`.
     fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64>;
+    /// Give the engine its paged AdamW (`PAGE`, `OPTIMIZER_WINDOW`); returns zeroed host pages of
+    /// the device's kind (pinned on a GPU) for the moments.
+    fn start_optimizer(&mut self) -> Result<Box<dyn StatePages + Send>>;
+    /// Make `lora` the device's adapters and have the optimizer take the host's moments.
+    fn to_device(&mut self, lora: &LoraParams) -> Result<()>;
+    /// The device's adapters and moments into `lora` and `opt`.
+    fn to_host(&mut self, lora: &mut LoraParams, opt: &mut AdamW) -> Result<()>;
+    /// Add one micro-batch's gradients into the device's (`Engine::accumulate`).
+    fn accumulate(&mut self, batch: &Batch, inv_count: f32, opts: GradOptions) -> Result<f64>;
+    /// Global norm of the accumulated gradients.
+    fn grad_norm(&mut self) -> Result<f32>;
+    /// The paged AdamW update on the device, gradients scaled by `gscale`; zeroes the gradients.
+    fn adamw_update(&mut self, opt: &mut AdamW, lr: f32, gscale: f32) -> Result<()>;
+    /// Drop the accumulated gradients (a skipped step).
+    fn zero_grads(&mut self) -> Result<()>;
+    /// Wait until the device has done all the work queued.
+    fn synchronize(&self) -> Result<()>;
     /// Greedy continuations, as `generate::greedy` for each prompt.
     fn generate(
         &mut self,
@@ -581,18 +651,35 @@ impl<D: Device> StepEngine for Engine<D> {
     fn describe(&self) -> String {
         self.dev.describe()
     }
-    fn forward_backward(
-        &mut self,
-        lora: &LoraParams,
-        batch: &Batch,
-        inv_count: f32,
-        opts: GradOptions,
-        grads: &mut [f32],
-    ) -> Result<f64> {
-        Engine::forward_backward(self, lora, batch, inv_count, opts, grads)
-    }
     fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64> {
         Engine::loss_sum(self, lora, batch)
+    }
+    fn start_optimizer(&mut self) -> Result<Box<dyn StatePages + Send>> {
+        self.enable_optimizer(PAGE, OPTIMIZER_WINDOW)?;
+        self.dev.state_pages(self.adapter_len(), PAGE)
+    }
+    fn to_device(&mut self, lora: &LoraParams) -> Result<()> {
+        self.upload_adapters(lora)?;
+        self.load_optimizer()
+    }
+    fn to_host(&mut self, lora: &mut LoraParams, opt: &mut AdamW) -> Result<()> {
+        self.download_adapters(lora)?;
+        self.save_optimizer(opt)
+    }
+    fn accumulate(&mut self, batch: &Batch, inv_count: f32, opts: GradOptions) -> Result<f64> {
+        Engine::accumulate(self, batch, inv_count, opts)
+    }
+    fn grad_norm(&mut self) -> Result<f32> {
+        Engine::grad_norm(self)
+    }
+    fn adamw_update(&mut self, opt: &mut AdamW, lr: f32, gscale: f32) -> Result<()> {
+        Engine::adamw_update(self, opt, lr, gscale)
+    }
+    fn zero_grads(&mut self) -> Result<()> {
+        Engine::zero_grads(self)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
     }
     fn generate(
         &mut self,

@@ -229,25 +229,35 @@ fn non_finite_losses_skip_steps_and_k_in_a_row_stop_the_run() {
     let d = tempfile::tempdir().unwrap();
     let mut c = config(2, 2);
     c.max_bad_steps = 3;
-    let mut t = trainer(&s, c, d.path());
-    let b = t.lora.slot(0, sqlora::model::Proj::Q).unwrap().b.start;
-    t.lora.data[b] = f32::NAN; // poisons every forward from now on
-    let before = t.lora.data.clone();
     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x == y || (x.is_nan() && y.is_nan()));
-    for step in 1..=2 {
-        let r = t.step().unwrap();
-        assert!(r.skipped && r.loss.is_nan(), "step {step} is skipped");
-        assert!(same(&t.lora.data, &before), "a skipped step changes nothing");
+    for device in [false, true] {
+        let mut t = if device {
+            device_trainer(&s, c.clone(), d.path())
+        } else {
+            trainer(&s, c.clone(), d.path())
+        };
+        let b = t.lora.slot(0, sqlora::model::Proj::Q).unwrap().b.start;
+        t.lora.data[b] = f32::NAN; // poisons every forward from now on
+        let before = t.lora.data.clone();
+        for step in 1..=2 {
+            let r = t.step().unwrap();
+            assert!(r.skipped && r.loss.is_nan(), "step {step} is skipped (device {device})");
+            t.sync_host().unwrap();
+            assert!(same(&t.lora.data, &before), "a skipped step changes nothing");
+            assert_eq!(t.opt.step, 0, "no AdamW update (device {device})");
+        }
+        let err = format!("{:#}", t.step().unwrap_err());
+        assert!(
+            err.contains("non-finite") && err.contains("step 3") && err.contains("3 steps in a row"),
+            "{err}"
+        );
+        t.sync_host().unwrap();
+        assert!(same(&t.lora.data, &before));
     }
-    let err = format!("{:#}", t.step().unwrap_err());
-    assert!(
-        err.contains("non-finite") && err.contains("step 3") && err.contains("3 steps in a row"),
-        "{err}"
-    );
-    assert!(same(&t.lora.data, &before));
 
     // One good step in between resets the count.
     let mut t = trainer(&s, config(2, 2), d.path());
+    let b = t.lora.slot(0, sqlora::model::Proj::Q).unwrap().b.start;
     t.lora.data[b] = f32::NAN;
     assert!(t.step().unwrap().skipped);
     t.lora.data[b] = 0.0;

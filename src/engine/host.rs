@@ -6,6 +6,7 @@
 use super::{to_bf16, to_f32, Bf, Device, Elem, F32};
 use crate::backend::cpu::{self, Linear, LinearWeight};
 use crate::nf4::Nf4Tensor;
+use crate::optim::{AdamStep, HostPages, StatePages};
 use anyhow::Result;
 use half::bf16;
 use std::ops::Range;
@@ -47,12 +48,22 @@ impl Device for Host {
     fn upload<T: Elem>(&self, host: &[T]) -> Result<Vec<T>> {
         Ok(host.to_vec())
     }
-    fn write<T: Elem>(&self, dst: &mut Vec<T>, host: &[T]) -> Result<()> {
-        dst[..host.len()].copy_from_slice(host);
+    fn write_at<T: Elem>(&self, dst: &mut Vec<T>, off: usize, host: &[T]) -> Result<()> {
+        dst[off..off + host.len()].copy_from_slice(host);
         Ok(())
     }
     fn read<T: Elem>(&self, src: &Vec<T>, n: usize) -> Result<Vec<T>> {
         Ok(src[..n].to_vec())
+    }
+    fn read_into<T: Elem>(&self, src: &Vec<T>, off: usize, out: &mut [T]) -> Result<()> {
+        out.copy_from_slice(&src[off..off + out.len()]);
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn state_pages(&self, len: usize, page: usize) -> Result<Box<dyn StatePages + Send>> {
+        Ok(Box::new(HostPages::new(len, page)))
     }
     fn zero<T: Elem>(&self, buf: &mut Vec<T>) -> Result<()> {
         buf.fill(T::default());
@@ -433,6 +444,28 @@ impl Device for Host {
             cpu::attention_fwd(&mut o, &to_f32(&q[i * qd..(i + 1) * qd]), &kf, &vf, heads, kv_heads, hd);
             store(&mut out[i * qd..], &o);
         }
+        Ok(())
+    }
+    fn sum_squares(&self, parts: &mut Vec<f32>, at: usize, x: &Vec<f32>, n: usize) -> Result<()> {
+        // The whole sum (in f64) in the first part.
+        let total: f64 = x[..n].iter().map(|&v| v as f64 * v as f64).sum();
+        parts[at..at + super::SUM_PARTS].fill(0.0);
+        parts[at] = total as f32;
+        Ok(())
+    }
+    fn adamw_step(
+        &self,
+        p: &mut Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        g: &Vec<f32>,
+        p_off: usize,
+        s_off: usize,
+        n: usize,
+        h: &AdamStep,
+    ) -> Result<()> {
+        let (ps, ss) = (p_off..p_off + n, s_off..s_off + n);
+        h.apply(&mut p[ps.clone()], &mut m[ss.clone()], &mut v[ss], &g[ps]);
         Ok(())
     }
     fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {

@@ -15,9 +15,11 @@
 mod generate;
 pub mod host;
 mod layer;
+pub mod optim;
 pub mod step;
 
 use crate::nf4::Nf4Tensor;
+use crate::optim::{AdamStep, StatePages};
 use anyhow::Result;
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use half::bf16;
@@ -28,6 +30,9 @@ impl Elem for bf16 {}
 impl Elem for f32 {}
 impl Elem for i32 {}
 impl Elem for u8 {}
+
+/// Partial sums written by [`Device::sum_squares`] per tensor.
+pub const SUM_PARTS: usize = 32;
 
 /// Bf16 buffer of a device.
 pub type Bf<D> = <D as Device>::Buf<bf16>;
@@ -50,9 +55,21 @@ pub trait Device {
     /// A buffer holding a copy of `host`.
     fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
     /// Copy `host` into the start of `dst` (which may be longer).
-    fn write<T: Elem>(&self, dst: &mut Self::Buf<T>, host: &[T]) -> Result<()>;
+    fn write<T: Elem>(&self, dst: &mut Self::Buf<T>, host: &[T]) -> Result<()> {
+        self.write_at(dst, 0, host)
+    }
+    /// Copy `host` into dst[off .. off + host.len()].
+    fn write_at<T: Elem>(&self, dst: &mut Self::Buf<T>, off: usize, host: &[T]) -> Result<()>;
     /// The first n elements of `src` (waits for the stream).
     fn read<T: Elem>(&self, src: &Self::Buf<T>, n: usize) -> Result<Vec<T>>;
+    /// Copy src[off .. off + out.len()] into `out`. Into pinned memory the copy may still be in flight
+    /// when this returns: [`Device::synchronize`] before reading `out`.
+    fn read_into<T: Elem>(&self, src: &Self::Buf<T>, off: usize, out: &mut [T]) -> Result<()>;
+    /// Wait until everything queued on the device is done.
+    fn synchronize(&self) -> Result<()>;
+    /// Host memory for the optimizer's moments of `len` parameters in pages of `page` values:
+    /// pinned on a GPU, so that pages move by DMA.
+    fn state_pages(&self, len: usize, page: usize) -> Result<Box<dyn StatePages + Send>>;
     /// Set every element to zero.
     fn zero<T: Elem>(&self, buf: &mut Self::Buf<T>) -> Result<()>;
     /// Upload an NF4 weight of shape [out, in].
@@ -241,6 +258,22 @@ pub trait Device {
         b: usize,
         dims: [usize; 3],
         max_len: usize,
+    ) -> Result<()>;
+    /// parts[at + b], b < [`SUM_PARTS`]: partial sums of x[i]^2 over i < n that add up to the total
+    /// (how the values are split among the parts is the device's choice; it is fixed for a given n).
+    fn sum_squares(&self, parts: &mut F32<Self>, at: usize, x: &F32<Self>, n: usize) -> Result<()>;
+    /// AdamW on n values (`AdamStep::apply`): p[p_off..] with gradients g[p_off..], moments m[s_off..]
+    /// and v[s_off..]. p, g: [p_off + n ..]; m, v: [s_off + n ..]; all f32.
+    fn adamw_step(
+        &self,
+        p: &mut F32<Self>,
+        m: &mut F32<Self>,
+        v: &mut F32<Self>,
+        g: &F32<Self>,
+        p_off: usize,
+        s_off: usize,
+        n: usize,
+        h: &AdamStep,
     ) -> Result<()>;
     /// x += y over n values.
     fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()>;

@@ -27,13 +27,16 @@ pub(super) struct DeviceLayer<D: Device> {
     pub(super) bias: Vec<Option<Bf<D>>>,
 }
 
-/// One adapted projection's parameters (bf16 copies) and gradients (f32).
+/// One adapted projection's parameters (f32 masters and the bf16 copies the kernels read) and
+/// gradients (f32).
 pub(super) struct DeviceSlot<D: Device> {
     pub(super) slot: LoraSlot,
-    pub(super) a: Bf<D>,   // [r, in]
-    pub(super) b: Bf<D>,   // [out, r]
-    pub(super) da: F32<D>, // [r, in]
-    pub(super) db: F32<D>, // [out, r]
+    pub(super) a32: F32<D>, // [r, in]
+    pub(super) b32: F32<D>, // [out, r]
+    pub(super) a: Bf<D>,    // [r, in]
+    pub(super) b: Bf<D>,    // [out, r]
+    pub(super) da: F32<D>,  // [r, in]
+    pub(super) db: F32<D>,  // [out, r]
 }
 
 /// What a layer's forward keeps for its backward (one set per layer, or one in all with
@@ -107,6 +110,10 @@ pub struct Engine<D: Device> {
     pub(super) slots: Vec<Vec<Option<DeviceSlot<D>>>>,
     pub(super) rank: usize,
     pub(super) scale: f32,
+    /// LoRA dropout probability of the adapters.
+    pub(super) dropout: f32,
+    /// The paged AdamW, once [`Engine::enable_optimizer`] has sized its window.
+    pub(super) opt: Option<super::optim::DeviceOptim<D>>,
     /// Residual stream: xs[l] is layer l's input, xs[L] the last layer's output. [T, d] each.
     pub(super) xs: Vec<Bf<D>>,
     pub(super) acts: Vec<LayerBufs<D>>,
@@ -142,8 +149,9 @@ fn dense_bf16<D: Device>(dev: &D, lin: &crate::backend::cpu::Linear, what: &str)
 }
 
 /// What [`Engine::new`] allocates for a model of config `c`, adapters of rank `r` on `targets`, and
-/// micro-batches of up to `cap` tokens, by the same formulas: the device side of `train --dry-run`.
-/// (The adapters' AdamW state stays on the host.)
+/// micro-batches of up to `cap` tokens, with the optimizer enabled as training enables it
+/// (`Engine::enable_optimizer(PAGE, OPTIMIZER_WINDOW)`), by the same formulas: the device side of
+/// `train --dry-run`.
 pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, checkpointing: bool) -> Plan {
     let (d, f, qd, kvd, v, l) = (
         c.hidden_size,
@@ -170,7 +178,10 @@ pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, chec
     Plan {
         base_linear: (l * base_linear) as u64,
         base_other: (2 * (v * d + head + (2 * l + 1) * d) + 4 * (c.head_dim / 2)) as u64,
-        adapter_and_optimizer: (l * adapter * (2 + 4)) as u64,
+        // bf16 copies, f32 masters and gradients; the optimizer's window.
+        adapter_and_optimizer: (l * adapter * (2 + 4 + 4)
+            + super::optim::optimizer_bytes(l * adapter, 2 * l * targets.len(), crate::optim::PAGE))
+            as u64,
         activations: (cap * (n_acts * per_token_layer + (l + 1) * 2 * d)) as u64,
         workspace: (cap * scratch_per_token + ce_rows * v * (4 + 2)) as u64,
         device: true,
@@ -230,6 +241,8 @@ impl<D: Device> Engine<D> {
                 layer_slots.push(match lora.slot(l, p) {
                     Some(slot) => Some(DeviceSlot {
                         slot: slot.clone(),
+                        a32: dev.alloc(slot.a.len())?,
+                        b32: dev.alloc(slot.b.len())?,
                         a: dev.alloc(slot.a.len())?,
                         b: dev.alloc(slot.b.len())?,
                         da: dev.alloc(slot.a.len())?,
@@ -318,6 +331,8 @@ impl<D: Device> Engine<D> {
             slots,
             rank: r,
             scale: lora.config.scale(),
+            dropout: lora.config.dropout,
+            opt: None,
             xs,
             acts,
             s,
@@ -355,8 +370,9 @@ impl<D: Device> Engine<D> {
             n += l.bias.iter().flatten().map(|b| D::bytes(b)).sum::<usize>();
         }
         for slot in self.slots.iter().flatten().flatten() {
-            n += sum::<D, _>(&[&slot.a, &slot.b]) + sum::<D, _>(&[&slot.da, &slot.db]);
+            n += sum::<D, _>(&[&slot.a, &slot.b]) + sum::<D, _>(&[&slot.a32, &slot.b32, &slot.da, &slot.db]);
         }
+        n += self.opt.as_ref().map_or(0, |o| o.device_bytes());
         for a in &self.acts {
             let bf = [
                 &a.h_attn, &a.q, &a.k, &a.v, &a.att, &a.x_mid, &a.h_mlp, &a.gate, &a.up, &a.act,
@@ -412,11 +428,26 @@ impl<D: Device> Engine<D> {
             grads.len() == lora.data.len(),
             "gradient buffer does not match the adapters"
         );
-        let dropout = (lora.config.dropout > 0.0).then_some(Dropout {
-            p: lora.config.dropout,
+        self.upload_adapters(lora)?;
+        let loss = self.accumulate(batch, inv_count, opts)?;
+        for slot in self.slots.iter().flatten().flatten() {
+            let da = self.dev.read(&slot.da, slot.slot.a.len())?;
+            let db = self.dev.read(&slot.db, slot.slot.b.len())?;
+            grads[slot.slot.a.clone()].iter_mut().zip(da).for_each(|(g, v)| *g += v);
+            grads[slot.slot.b.clone()].iter_mut().zip(db).for_each(|(g, v)| *g += v);
+        }
+        Ok(loss)
+    }
+
+    /// Forward, loss and backward of one micro-batch with the adapters already on the device: adds
+    /// the gradient of `inv_count * loss_sum` into the device's adapter gradients and returns the
+    /// loss sum. (The training loop's step: gradients stay on the device for the paged AdamW.)
+    pub fn accumulate(&mut self, batch: &Batch, inv_count: f32, opts: GradOptions) -> Result<f64> {
+        let dropout = (self.dropout > 0.0).then_some(Dropout {
+            p: self.dropout,
             seed: opts.dropout_seed,
         });
-        let t = self.load_batch(batch, Some(lora))?;
+        let t = self.load_tokens(batch)?;
         let max_len = batch.seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let layers = self.config.num_layers;
         for l in 0..layers {
@@ -434,12 +465,6 @@ impl<D: Device> Engine<D> {
             }
             self.layer_bwd(l, a, t, max_len, dropout)?;
             std::mem::swap(&mut self.s.dx, &mut self.s.dx_in);
-        }
-        for slot in self.slots.iter().flatten().flatten() {
-            let da = self.dev.read(&slot.da, slot.slot.a.len())?;
-            let db = self.dev.read(&slot.db, slot.slot.b.len())?;
-            grads[slot.slot.a.clone()].iter_mut().zip(da).for_each(|(g, v)| *g += v);
-            grads[slot.slot.b.clone()].iter_mut().zip(db).for_each(|(g, v)| *g += v);
         }
         Ok(loss)
     }
@@ -463,21 +488,32 @@ impl<D: Device> Engine<D> {
         self.load_tokens(batch)
     }
 
-    /// Upload bf16 copies of the adapters and zero their gradients.
-    pub(super) fn upload_adapters(&mut self, lora: &LoraParams) -> Result<()> {
+    /// Make `lora` the device's adapters: f32 masters, their bf16 copies, and zero gradients.
+    pub fn upload_adapters(&mut self, lora: &LoraParams) -> Result<()> {
         ensure!(
-            lora.config.r == self.rank,
-            "the adapters changed rank since the engine was built"
+            lora.config.r == self.rank && lora.data.len() == self.adapter_len(),
+            "the adapters changed shape since the engine was built"
         );
-        use rayon::prelude::*;
-        let all: Vec<half::bf16> = lora.data.par_iter().map(|&x| half::bf16::from_f32(x)).collect();
         for slot in self.slots.iter_mut().flatten().flatten() {
-            self.dev.write(&mut slot.a, &all[slot.slot.a.clone()])?;
-            self.dev.write(&mut slot.b, &all[slot.slot.b.clone()])?;
+            let (a, b) = (slot.slot.a.clone(), slot.slot.b.clone());
+            self.dev.write(&mut slot.a32, &lora.data[a.clone()])?;
+            self.dev.write(&mut slot.b32, &lora.data[b.clone()])?;
+            self.dev.cast_f32_bf16(&mut slot.a, &slot.a32, a.len())?;
+            self.dev.cast_f32_bf16(&mut slot.b, &slot.b32, b.len())?;
             self.dev.zero(&mut slot.da)?;
             self.dev.zero(&mut slot.db)?;
         }
         Ok(())
+    }
+
+    /// Number of adapter parameters (the length of `LoraParams::data`).
+    pub fn adapter_len(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|s| s.slot.a.len() + s.slot.b.len())
+            .sum()
     }
 
     /// Upload a packed batch (tokens, positions, packing, labels) and embed it into xs[0]; returns

@@ -4,6 +4,7 @@
 use super::{Cuda, Nf4Device};
 use crate::engine::{Bf, Device, Elem, F32};
 use crate::nf4::{dynamic_map, Nf4Tensor};
+use crate::optim::{AdamStep, StatePages};
 use anyhow::{Context, Result};
 use cudarc::driver::CudaSlice;
 
@@ -31,11 +32,22 @@ impl Device for Cuda {
             .clone_htod(host)
             .map_err(|e| oom(self, e, std::mem::size_of_val(host)))
     }
-    fn write<T: Elem>(&self, dst: &mut CudaSlice<T>, host: &[T]) -> Result<()> {
-        self.stream.memcpy_htod(host, dst).context("copy to the GPU")
+    fn write_at<T: Elem>(&self, dst: &mut CudaSlice<T>, off: usize, host: &[T]) -> Result<()> {
+        let mut dst = dst.slice_mut(off..off + host.len());
+        self.stream.memcpy_htod(host, &mut dst).context("copy to the GPU")
     }
     fn read<T: Elem>(&self, src: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
         self.stream.clone_dtoh(&src.slice(..n)).context("copy from the GPU")
+    }
+    fn read_into<T: Elem>(&self, src: &CudaSlice<T>, off: usize, out: &mut [T]) -> Result<()> {
+        let src = src.slice(off..off + out.len());
+        self.stream.memcpy_dtoh(&src, out).context("copy from the GPU")
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().context("waiting for the GPU")
+    }
+    fn state_pages(&self, len: usize, page: usize) -> Result<Box<dyn StatePages + Send>> {
+        Ok(Box::new(super::pinned::PinnedPages::new(&self.ctx, len, page)?))
     }
     fn zero<T: Elem>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
         self.stream.memset_zeros(buf).context("memset on the GPU")
@@ -259,6 +271,22 @@ impl Device for Cuda {
         max_len: usize,
     ) -> Result<()> {
         Cuda::attention_decode(self, out, q, k, v, key_start, key_len, b, dims, max_len)
+    }
+    fn sum_squares(&self, parts: &mut F32<Self>, at: usize, x: &F32<Self>, n: usize) -> Result<()> {
+        Cuda::sum_squares(self, parts, at, x, n)
+    }
+    fn adamw_step(
+        &self,
+        p: &mut F32<Self>,
+        m: &mut F32<Self>,
+        v: &mut F32<Self>,
+        g: &F32<Self>,
+        p_off: usize,
+        s_off: usize,
+        n: usize,
+        h: &AdamStep,
+    ) -> Result<()> {
+        Cuda::adamw_step(self, p, m, v, g, p_off, s_off, n, h)
     }
     fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
         Cuda::add(self, x, y, n)

@@ -9,6 +9,7 @@
 mod device;
 mod gemm;
 mod ops;
+mod pinned;
 pub mod selftest;
 mod selftest_step;
 
@@ -45,6 +46,7 @@ pub struct Kernels {
     pub swiglu_fwd: CudaFunction,
     pub swiglu_bwd: CudaFunction,
     pub adamw_step: CudaFunction,
+    pub sum_squares: CudaFunction,
     pub nf4_dequantize_absmax: CudaFunction,
     pub nf4_dequantize: CudaFunction,
     pub nf4_gemm_fwd: CudaFunction,
@@ -180,9 +182,10 @@ impl Cuda {
             load(&ctx, "swiglu", kernels::SWIGLU, &["swiglu_fwd", "swiglu_bwd"])?
                 .try_into()
                 .unwrap();
-        let [adamw_step]: [CudaFunction; 1] = load(&ctx, "adamw", kernels::ADAMW, &["adamw_step"])?
-            .try_into()
-            .unwrap();
+        let [adamw_step, sum_squares]: [CudaFunction; 2] =
+            load(&ctx, "adamw", kernels::ADAMW, &["adamw_step", "sum_squares"])?
+                .try_into()
+                .unwrap();
         let [nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma, nf4_gemv]: [CudaFunction; 7] = load(
             &ctx,
             "nf4",
@@ -261,6 +264,7 @@ impl Cuda {
                 swiglu_fwd,
                 swiglu_bwd,
                 adamw_step,
+                sum_squares,
                 nf4_dequantize_absmax,
                 nf4_dequantize,
                 nf4_gemm_fwd,

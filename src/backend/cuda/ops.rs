@@ -4,6 +4,8 @@
 //! Every launch error names the kernel.
 
 use super::{block_per_row, blocks_for, mma_tiles, Cuda};
+use crate::engine::SUM_PARTS;
+use crate::optim::AdamStep;
 use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -120,7 +122,8 @@ impl Cuda {
         Ok(())
     }
 
-    /// One AdamW update of a page. p, m, v, g: [n] f32.
+    /// One AdamW update of n values: p[p_off..] with gradients g[p_off..] and moments m[s_off..],
+    /// v[s_off..]. p, g: [p_off + n ..] f32; m, v: [s_off + n ..] f32.
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_step(
         &self,
@@ -128,25 +131,52 @@ impl Cuda {
         m: &mut CudaSlice<f32>,
         v: &mut CudaSlice<f32>,
         g: &CudaSlice<f32>,
-        lr: f32,
-        c: crate::optim::AdamWConfig,
-        step: u64,
+        p_off: usize,
+        s_off: usize,
+        n: usize,
+        h: &AdamStep,
     ) -> Result<()> {
-        let n = p.len();
-        assert!(m.len() == n && v.len() == n && g.len() == n && step > 0);
-        let bc1 = 1.0 - c.beta1.powi(step as i32);
-        let bc2_sqrt = (1.0 - c.beta2.powi(step as i32)).sqrt();
+        assert!(
+            p_off + n <= p.len() && p_off + n <= g.len(),
+            "adamw_step: parameters out of range"
+        );
+        assert!(
+            s_off + n <= m.len() && s_off + n <= v.len(),
+            "adamw_step: moments out of range"
+        );
+        if n == 0 {
+            return Ok(());
+        }
+        let (mut p, g) = (p.slice_mut(p_off..p_off + n), g.slice(p_off..p_off + n));
+        let (mut m, mut v) = (m.slice_mut(s_off..s_off + n), v.slice_mut(s_off..s_off + n));
         let ni = n as i64;
         let mut b = self.stream.launch_builder(&self.k.adamw_step);
-        b.arg(p).arg(m).arg(v).arg(g).arg(&ni).arg(&lr);
-        b.arg(&c.beta1)
-            .arg(&c.beta2)
-            .arg(&c.eps)
-            .arg(&c.weight_decay)
-            .arg(&bc1)
-            .arg(&bc2_sqrt);
-        // SAFETY: elementwise over n values, bounded inside the kernel; all four buffers hold n.
+        b.arg(&mut p).arg(&mut m).arg(&mut v).arg(&g).arg(&ni);
+        b.arg(&h.gscale).arg(&h.lr).arg(&h.beta1).arg(&h.beta2);
+        b.arg(&h.eps).arg(&h.weight_decay).arg(&h.bc1).arg(&h.bc2_sqrt);
+        // SAFETY: elementwise over n values, bounded inside the kernel; the four views hold n each.
         unsafe { b.launch(blocks_for(n)) }.context("kernel adamw_step")?;
+        Ok(())
+    }
+
+    /// parts[at + b] for b < SUM_PARTS: partial sums of x[i]^2 over i < n, which add up to the
+    /// total. parts: [at + SUM_PARTS ..] f32; x: [n ..] f32.
+    pub fn sum_squares(&self, parts: &mut CudaSlice<f32>, at: usize, x: &CudaSlice<f32>, n: usize) -> Result<()> {
+        assert!(
+            at + SUM_PARTS <= parts.len() && n <= x.len(),
+            "sum_squares: out of range"
+        );
+        let mut out = parts.slice_mut(at..at + SUM_PARTS);
+        let ni = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.sum_squares);
+        b.arg(&mut out).arg(x).arg(&ni);
+        let cfg = LaunchConfig {
+            grid_dim: (SUM_PARTS as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: SUM_PARTS blocks write one part each into the view of SUM_PARTS; reads stop at n.
+        unsafe { b.launch(cfg) }.context("kernel sum_squares")?;
         Ok(())
     }
 

@@ -6,8 +6,9 @@
 use super::{rel_err, Cuda, GemmPath};
 use crate::backend::cpu;
 use crate::engine::Device;
+use crate::engine::SUM_PARTS;
 use crate::nf4::{dynamic_map, Nf4Tensor};
-use crate::optim::{AdamW, AdamWConfig, HostPages};
+use crate::optim::{AdamStep, AdamWConfig};
 use crate::rng::Rng;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
@@ -133,28 +134,58 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
     }
 
     for &n in &[1usize, 1000, 100_003] {
+        // A window into longer buffers (p at offset 7, moments at offset 3), with a clipping factor on
+        // the second of three steps: the paged optimizer's use of the kernel.
         let c = AdamWConfig {
             weight_decay: 0.01,
             ..Default::default()
         };
-        let p0 = rng.normal_vec(n, 0.1);
-        let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.normal_vec(n, 0.01)).collect();
-        let mut want = p0.clone();
-        let mut opt = AdamW::new(c, Box::new(HostPages::new(n, 4096)));
-        let (mut p, mut m, mut v) = (gpu.up32(&p0)?, gpu.up32(&vec![0f32; n])?, gpu.up32(&vec![0f32; n])?);
+        let (p_off, s_off) = (7, 3);
+        let p0 = rng.normal_vec(p_off + n, 0.1);
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.normal_vec(p_off + n, 0.01)).collect();
+        let (mut want_p, mut want_m, mut want_v) = (p0.clone(), vec![0f32; s_off + n], vec![0f32; s_off + n]);
+        let (mut p, mut m, mut v) = (gpu.up32(&p0)?, gpu.up32(&want_m)?, gpu.up32(&want_v)?);
         for (s, g) in grads.iter().enumerate() {
-            opt.update(&mut want, g, 1e-3);
-            gpu.adamw_step(&mut p, &mut m, &mut v, &gpu.up32(g)?, 1e-3, c, s as u64 + 1)?;
+            let h = AdamStep::new(c, s as u64 + 1, 1e-3, if s == 1 { 0.37 } else { 1.0 });
+            let (ps, ss) = (p_off..p_off + n, s_off..s_off + n);
+            h.apply(
+                &mut want_p[ps.clone()],
+                &mut want_m[ss.clone()],
+                &mut want_v[ss],
+                &g[ps],
+            );
+            gpu.adamw_step(&mut p, &mut m, &mut v, &gpu.up32(g)?, p_off, s_off, n, &h)?;
         }
         let got = gpu.down32(&p)?;
-        // Compare the updates, not the parameters (which barely move).
+        // Compare the updates, not the parameters (which barely move); the values outside the
+        // window must not move at all.
         let delta = |x: &[f32]| x.iter().zip(&p0).map(|(a, b)| a - b).collect::<Vec<f32>>();
+        let outside = got[..p_off] != p0[..p_off];
+        let err = rel_err(&delta(&got), &delta(&want_p)).max(rel_err(&gpu.down32(&v)?, &want_v));
         push(
             "adamw_step",
             format!("{n} x3"),
-            rel_err(&delta(&got), &delta(&want)),
+            if outside { f64::INFINITY } else { err },
             1e-4,
         );
+    }
+
+    for &n in &[1usize, 1000, 100_003, 1 << 20] {
+        let x = rng.normal_vec(n, 0.3);
+        let at = 5;
+        let mut parts = gpu.poisoned32(at + SUM_PARTS + 2)?;
+        gpu.sum_squares(&mut parts, at, &gpu.up32(&x)?, n)?;
+        let parts = gpu.down32(&parts)?;
+        let got: f64 = parts[at..at + SUM_PARTS].iter().map(|&p| p as f64).sum();
+        let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        // Only the parts' slots are written: the poison around them stays.
+        let outside = !parts[..at].iter().chain(&parts[at + SUM_PARTS..]).all(|p| p.is_nan());
+        let err = if outside {
+            f64::INFINITY
+        } else {
+            (got - want).abs() / want
+        };
+        push("sum_squares", n.to_string(), err, TOL_F32);
     }
 
     let map = dynamic_map();

@@ -6,7 +6,10 @@ use super::selftest::Check;
 use super::Cuda;
 use crate::autograd::{forward_backward, GradOptions};
 use crate::engine::host::Host;
+use crate::engine::optim::OPTIMIZER_WINDOW;
 use crate::engine::step::Engine;
+use crate::engine::Device;
+use crate::optim::{clip_factor, clip_grad_norm, AdamW, AdamWConfig, HostPages, PAGE};
 use crate::tiny::{tiny_adapter, tiny_batch, tiny_model, TinyVariant, TINY_VOCAB};
 use anyhow::Result;
 
@@ -39,13 +42,12 @@ pub fn run(gpu: &Cuda, out: &mut Vec<Check>) -> Result<()> {
         };
         let inv = 1.0 / batch.label_count() as f32;
         let t = batch.tokens.len();
-        let step = |engine: &mut dyn crate::train::StepEngine| -> Result<(f64, Vec<f32>)> {
-            let mut g = vec![0f32; lora.len()];
-            let loss = engine.forward_backward(&lora, &batch, inv, opts, &mut g)?;
-            Ok((loss, g))
-        };
-        let (loss_gpu, g_gpu) = step(&mut Engine::new(gpu.clone(), &model, &lora, t + 7, checkpointing)?)?;
-        let (loss_host, g_host) = step(&mut Engine::new(Host, &model, &lora, t, checkpointing)?)?;
+        let mut g_gpu = vec![0f32; lora.len()];
+        let mut gpu_engine = Engine::new(gpu.clone(), &model, &lora, t + 7, checkpointing)?;
+        let loss_gpu = gpu_engine.forward_backward(&lora, &batch, inv, opts, &mut g_gpu)?;
+        let mut g_host = vec![0f32; lora.len()];
+        let mut host_engine = Engine::new(Host, &model, &lora, t, checkpointing)?;
+        let loss_host = host_engine.forward_backward(&lora, &batch, inv, opts, &mut g_host)?;
         let mut g_ref = vec![0f32; lora.len()];
         let loss_ref = forward_backward(&model, &lora, &batch, inv, opts, &mut g_ref);
 
@@ -68,11 +70,47 @@ pub fn run(gpu: &Cuda, out: &mut Vec<Check>) -> Result<()> {
         push("step grads vs cpu-bf16", worst(&lora, &g_gpu, &g_host), GRAD_TOL);
         push("step grads vs f32", worst(&lora, &g_gpu, &g_ref), GRAD_TOL);
 
+        // The paged AdamW on the GPU (gradients accumulated there, norm, clipping, update), with the
+        // moments streamed through the window in pinned pages of 37 values and resident in it,
+        // against the host's clipping and AdamW applied to the GPU's own gradients.
+        let c = AdamWConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let mut g = g_gpu.clone();
+        let want_norm = clip_grad_norm(&mut g, 0.05);
+        let mut want = lora.clone();
+        AdamW::new(c, Box::new(HostPages::new(lora.len(), PAGE))).update(&mut want.data, &g, 1e-2);
+        let delta = |p: &[f32]| p.iter().zip(&lora.data).map(|(a, b)| a - b).collect::<Vec<f32>>();
+        for (page, window) in [(37, 37), (PAGE, OPTIMIZER_WINDOW)] {
+            gpu_engine.enable_optimizer(page, window)?;
+            let mut opt = AdamW::new(c, gpu.state_pages(lora.len(), page)?);
+            gpu_engine.upload_adapters(&lora)?;
+            gpu_engine.load_optimizer()?;
+            gpu_engine.accumulate(&batch, inv, opts)?;
+            let norm = gpu_engine.grad_norm()?;
+            gpu_engine.adamw_update(&mut opt, 1e-2, clip_factor(norm, 0.05))?;
+            let mut got = lora.clone();
+            gpu_engine.download_adapters(&mut got)?;
+            let what = if window == 37 { "streamed" } else { "resident" };
+            push(
+                &format!("paged adamw norm ({what})"),
+                ((norm - want_norm) / want_norm).abs() as f64,
+                1e-5,
+            );
+            push(
+                &format!("paged adamw update ({what})"),
+                super::rel_err(&delta(&got.data), &delta(&want.data)),
+                1e-4,
+            );
+        }
+
         // Generation: the logits after each prompt (prefill), then after one decoded token (the KV
         // cache path), against the CPU with bf16 storage.
         let prompts: Vec<Vec<u32>> = batch.seqs.iter().map(|r| batch.tokens[r.clone()].to_vec()).collect();
         let mut gpu_engine = Engine::new(gpu.clone(), &model, &lora, t, false)?;
         let mut host_engine = Engine::new(Host, &model, &lora, t, false)?;
+
         let (a, b) = (
             gpu_engine.last_logits(Some(&lora), &prompts)?,
             host_engine.last_logits(Some(&lora), &prompts)?,
