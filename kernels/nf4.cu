@@ -13,6 +13,82 @@ __constant__ float NF4_TABLE[16] = {
     0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
     0.7229568362236023f, 1.0f};
 
+// Decision thresholds between neighbouring codes (src/nf4.rs NF4_MIDPOINTS, the same f32 values): a
+// normalised value strictly above NF4_MID[i] takes code i + 1 or above; NaN takes code 0.
+__constant__ float NF4_MID[15] = {
+    -8.480963707e-1f, -6.106328964e-1f, -4.599952698e-1f, -3.396794200e-1f, -2.346074134e-1f,
+    -1.379117370e-1f, -4.552501813e-2f, 3.979014978e-2f,  1.202552468e-1f,  2.035212517e-1f,
+    2.920137644e-1f,  3.893125355e-1f,  5.016633868e-1f,  6.427869201e-1f,  8.614783883e-1f};
+
+__device__ __forceinline__ uint8_t nf4_code(float v) {
+    uint8_t c = 0;
+    for (int i = 0; i < 15; i++) c += v > NF4_MID[i];
+    return c;
+}
+
+// Quantization, byte for byte as Nf4Tensor::quantize (src/nf4.rs). The products x * (1 / absmax) use
+// __fmul_rn so the compiler cannot fuse them into a following subtraction: every rounding is the CPU's.
+//
+// absmax[b] = max(0, max |x| over block b of 64);  code(i) = #{ m in NF4_MID : m < x[i] * (1 / absmax[b]) }
+// packed[j] = code(2j) << 4 | code(2j + 1)   (0 in the low nibble past the end; an all-zero block: code 7)
+// packed: [ceil(n / 2)] u8 (written); absmax: [ceil(n / 64)] f32 (written); x: [n] f32.
+// One warp per block of 64 values: lane l takes values 2l and 2l + 1, i.e. byte l of the block.
+extern "C" __global__ void nf4_quantize(uint8_t* packed, float* absmax, const float* x, long n) {
+    const long blk = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (blk * 64 >= n) return;  // the same for the whole warp
+    const long e = blk * 64 + 2 * lane;
+    const float a = e < n ? x[e] : 0.0f, b = e + 1 < n ? x[e + 1] : 0.0f;
+    // fmaxf drops NaN, as the CPU's fold from 0 does.
+    const float m = warp_max(fmaxf(0.0f, fmaxf(fabsf(a), fabsf(b))));
+    const float inv = m > 0.0f ? 1.0f / m : 0.0f;
+    if (lane == 0) absmax[blk] = m;
+    if (e >= n) return;
+    const uint8_t hi = nf4_code(__fmul_rn(a, inv));
+    const uint8_t lo = e + 1 < n ? nf4_code(__fmul_rn(b, inv)) : 0;
+    packed[e / 2] = (uint8_t)((hi << 4) | lo);
+}
+
+// offset[0] = mean of absmax[0 .. nblocks): the sum in f64, divided, rounded once to f32 (0 when
+// empty), as DoubleQuant::quantize. (For real weights the f64 sum of these f32 values is exact, so
+// the order of summation does not change it.) One block of 1024 threads.
+extern "C" __global__ void nf4_absmax_mean(float* offset, const float* absmax, long nblocks) {
+    __shared__ double part[32];
+    double s = 0.0;
+    for (long i = threadIdx.x; i < nblocks; i += blockDim.x) s += (double)absmax[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    double total = 0.0;
+    for (int w = 0; w < blockDim.x / 32; w++) total += part[w];
+    offset[0] = nblocks > 0 ? (float)(total / (double)nblocks) : 0.0f;
+}
+
+// Double quantization of the block scales, as DoubleQuant::quantize: with c_b = absmax[b] - offset,
+// absmax2[g] = max(0, max |c_b| over group g of 256);  v = c_b * (1 / absmax2[g]);
+// qabsmax[b] = the index of the dyn_map entry nearest v (the lower one on a tie; NaN: 0).
+// qabsmax: [nblocks] u8 (written); absmax2: [ceil(nblocks / 256)] f32 (written); absmax: [nblocks];
+// offset: [1]; dyn_map: [256] ascending. One block of 256 threads per group.
+extern "C" __global__ void nf4_double_quantize(uint8_t* qabsmax, float* absmax2, const float* absmax,
+                                               const float* offset, const float* dyn_map, long nblocks) {
+    __shared__ float scratch[32];
+    const long b = (long)blockIdx.x * 256 + threadIdx.x;
+    const float c = b < nblocks ? absmax[b] - offset[0] : 0.0f;
+    const float m = block_max(fmaxf(0.0f, fabsf(c)), scratch);
+    if (threadIdx.x == 0) absmax2[blockIdx.x] = m;
+    if (b >= nblocks) return;
+    const float v = __fmul_rn(c, m > 0.0f ? 1.0f / m : 0.0f);
+    int lo = 0, hi = 256;  // lo: how many entries are below v
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (dyn_map[mid] < v) lo = mid + 1;
+        else hi = mid;
+    }
+    const int up = min(lo, 255), down = max(up - 1, 0);
+    qabsmax[b] = (uint8_t)(fabsf(v - dyn_map[down]) <= fabsf(dyn_map[up] - v) ? down : up);
+}
+
 // absmax[b] = dyn_map[qabsmax[b]] * absmax2[b / 256] + offset
 // absmax: [nblocks] f32 (written); qabsmax: [nblocks] u8; absmax2: [ceil(nblocks / 256)] f32; dyn_map: [256] f32.
 extern "C" __global__ void nf4_dequantize_absmax(float* absmax, const uint8_t* qabsmax, const float* absmax2,

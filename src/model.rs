@@ -13,6 +13,7 @@
 use crate::backend::cpu::{self, Linear};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::lora::LoraParams;
+use crate::nf4::{Nf4Tensor, Quantizer};
 use crate::weights::Weights;
 use anyhow::{Context, Result};
 use std::borrow::Cow;
@@ -150,14 +151,14 @@ impl Model {
     /// Load `config.json` (with the stop tokens of `generation_config.json`, if present) and the
     /// safetensors weights of an HF model directory (f32 compute).
     pub fn load_dir(dir: &Path) -> Result<Model> {
-        Model::load_dir_as(dir, false)
+        Model::load_dir_with(dir, None)
     }
 
-    fn load_dir_as(dir: &Path, nf4: bool) -> Result<Model> {
+    fn load_dir_with(dir: &Path, quantize: Option<&Quantizer>) -> Result<Model> {
         let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
         config.add_generation_stops(dir)?;
         let weights = Weights::open_dir(dir)?;
-        Model::from_weights_as(config, &weights, nf4)
+        Model::from_weights_with(config, &weights, quantize)
     }
 
     /// Load an HF model directory or a `.gguf` file.
@@ -169,30 +170,43 @@ impl Model {
     /// host never holds more than one projection in f32: the same model as `load(path)?.quantize_nf4()`
     /// at a fraction of the peak memory.
     pub fn load_as(path: &Path, nf4: bool) -> Result<Model> {
+        let cpu = |w: &[f32], shape: &[usize]| Ok(Nf4Tensor::quantize(w, shape));
+        Model::load_with(path, nf4.then_some(&cpu as &Quantizer))
+    }
+
+    /// [`Model::load`], with every projection quantized by `quantize` as soon as it is read (a
+    /// device's kernel: `engine::Device::quantize_nf4`), or left in f32 when `None`.
+    pub fn load_with(path: &Path, quantize: Option<&Quantizer>) -> Result<Model> {
         if is_gguf(path) {
             let file = crate::gguf::GgufFile::open(path)?;
             let config = ModelConfig::from_json(&file.hf_config()?.to_string())
                 .with_context(|| format!("the architecture of {}", path.display()))?;
-            Model::from_weights_as(config, &crate::gguf::arch::GgufTensors::new(&file)?, nf4)
+            Model::from_weights_with(config, &crate::gguf::arch::GgufTensors::new(&file)?, quantize)
         } else {
-            Model::load_dir_as(path, nf4)
+            Model::load_dir_with(path, quantize)
         }
     }
 
     /// Build the model from named HF tensors, checking every shape against the config.
     pub fn from_weights(config: ModelConfig, w: &dyn TensorSource) -> Result<Model> {
-        Model::from_weights_as(config, w, false)
+        Model::from_weights_with(config, w, None)
     }
 
-    /// [`Model::from_weights`], quantizing each projection to NF4 as it is read when `nf4`.
-    pub fn from_weights_as(config: ModelConfig, w: &dyn TensorSource, nf4: bool) -> Result<Model> {
+    /// [`Model::from_weights`], quantizing each projection to NF4 with `quantize` as it is read.
+    pub fn from_weights_with(config: ModelConfig, w: &dyn TensorSource, quantize: Option<&Quantizer>) -> Result<Model> {
         let c = &config;
         let (d, vocab) = (c.hidden_size, c.vocab_size);
         let embed = Linear::dense(vocab, d, w.f32("model.embed_tokens.weight", &[vocab, d])?, None);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let norm = |name: &str| w.f32(&format!("model.layers.{i}.{name}.weight"), &[d]);
-            let proj = Proj::ALL.map(|p| load_linear(w, c, p, i).map(|lin| if nf4 { lin.to_nf4() } else { lin }));
+            let proj = Proj::ALL.map(|p| {
+                let lin = load_linear(w, c, p, i)?;
+                match quantize {
+                    Some(q) => lin.to_nf4_with(q).with_context(|| format!("quantizing {}", p.path(i))),
+                    None => Ok(lin),
+                }
+            });
             let proj = proj.into_iter().collect::<Result<Vec<_>>>()?;
             layers.push(Layer {
                 attn_norm: norm("input_layernorm")?,

@@ -173,6 +173,10 @@ impl DoubleQuant {
     }
 }
 
+/// Something that quantizes a row-major f32 tensor of a shape to NF4, byte for byte as
+/// [`Nf4Tensor::quantize`]: the CPU, or a device (`engine::Device::quantize_nf4`).
+pub type Quantizer<'a> = dyn Fn(&[f32], &[usize]) -> anyhow::Result<Nf4Tensor> + 'a;
+
 /// An NF4-quantized tensor with double-quantized scales, as stored by bitsandbytes' `Linear4bit`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Nf4Tensor {
@@ -200,7 +204,17 @@ impl Nf4Tensor {
 
     /// A tensor from its packed codes and its block scales before double quantization.
     fn from_parts(shape: &[usize], packed: Vec<u8>, absmax: &[f32]) -> Nf4Tensor {
-        let scales = DoubleQuant::quantize(absmax);
+        Nf4Tensor::from_quantized(shape, packed, DoubleQuant::quantize(absmax))
+    }
+
+    /// A tensor from its packed codes and double-quantized scales (quantized elsewhere, e.g. on a
+    /// GPU).
+    pub fn from_quantized(shape: &[usize], packed: Vec<u8>, scales: DoubleQuant) -> Nf4Tensor {
+        let n: usize = shape.iter().product();
+        assert!(
+            packed.len() == n.div_ceil(2) && scales.qabsmax.len() == n.div_ceil(BLOCK),
+            "NF4 parts do not match shape {shape:?}"
+        );
         let absmax = scales.dequantize();
         Nf4Tensor {
             shape: shape.to_vec(),
@@ -287,6 +301,15 @@ pub fn pack_nibbles(codes: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tensor_rebuilt_from_its_parts_is_the_same_tensor() {
+        let w = crate::rng::Rng::new(4).normal_vec(65 * 64 + 3, 0.05);
+        let shape = [w.len()];
+        let q = Nf4Tensor::quantize(&w, &shape);
+        let rebuilt = Nf4Tensor::from_quantized(&shape, q.packed.clone(), q.scales.clone());
+        assert_eq!(rebuilt, q);
+    }
 
     #[test]
     fn midpoints_lie_between_codes() {

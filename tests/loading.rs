@@ -168,3 +168,37 @@ fn quantizing_while_loading_gives_the_same_nf4_model() {
         }
     }
 }
+
+#[test]
+fn a_device_quantizer_loads_the_same_model_and_its_failure_names_the_tensor() {
+    use sqlora::backend::cpu::LinearWeight;
+    use sqlora::engine::{host::Host, Device};
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinyVariant::Llama).unwrap();
+    let on_cpu = Model::load_as(dir.path(), true).unwrap();
+    let calls = std::cell::Cell::new(0);
+    let device = |w: &[f32], s: &[usize]| {
+        calls.set(calls.get() + 1);
+        Host.quantize_nf4(w, s)
+    };
+    let loaded = Model::load_with(dir.path(), Some(&device)).unwrap();
+    assert_eq!(calls.get(), 7 * on_cpu.layers.len(), "one call per projection");
+    for (a, b) in on_cpu.layers.iter().zip(&loaded.layers) {
+        for (pa, pb) in a.proj.iter().zip(&b.proj) {
+            let (LinearWeight::Nf4(qa), LinearWeight::Nf4(qb)) = (&pa.weight, &pb.weight) else {
+                panic!("every projection is NF4");
+            };
+            assert_eq!(qa, qb);
+        }
+    }
+    let failing =
+        |_: &[f32], _: &[usize]| -> anyhow::Result<sqlora::nf4::Nf4Tensor> { anyhow::bail!("out of device memory") };
+    let Err(err) = Model::load_with(dir.path(), Some(&failing)) else {
+        panic!("a failing quantizer fails the load");
+    };
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("quantizing model.layers.0.self_attn.q_proj") && err.contains("out of device memory"),
+        "{err}"
+    );
+}

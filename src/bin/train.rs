@@ -347,7 +347,16 @@ fn run(a: Args) -> Result<()> {
         return dry_run(&a, device);
     }
     let tok = Tokenizer::load(&a.model)?;
-    let model = Model::load_as(&a.model, !a.no_nf4)?;
+    // The GPU is opened first: it quantizes each projection as the model loads (the same bytes as
+    // the CPU would write), and its free memory is the default budget of the plan.
+    let gpu = match device {
+        Dev::Cuda => Some(cuda::Cuda::new()?),
+        Dev::Cpu | Dev::CpuBf16 => None,
+    };
+    let model = match &gpu {
+        Some(g) if !a.no_nf4 => Model::load_with(&a.model, Some(&|w: &[f32], s: &[usize]| g.quantize_to_host(w, s)))?,
+        _ => Model::load_as(&a.model, !a.no_nf4)?,
+    };
     let eos = *model
         .config
         .eos_token_ids
@@ -369,11 +378,6 @@ fn run(a: Args) -> Result<()> {
     let val = match &val_path {
         Some(p) => load_examples(p, &tok, eos, a.max_seq_len)?,
         None => vec![],
-    };
-    // The GPU is opened before planning, so its free memory is the default budget.
-    let gpu = match device {
-        Dev::Cuda => Some(cuda::Cuda::new()?),
-        Dev::Cpu | Dev::CpuBf16 => None,
     };
     let checkpointing = a.checkpointing || auto_checkpointing(&a, &model.config, &train, &val, device, gpu.as_ref())?;
     let config = TrainConfig {

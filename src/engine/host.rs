@@ -69,6 +69,9 @@ impl Device for Host {
         buf.fill(T::default());
         Ok(())
     }
+    fn quantize_nf4(&self, x: &[f32], shape: &[usize]) -> Result<Nf4Tensor> {
+        Ok(Nf4Tensor::quantize(x, shape))
+    }
     fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Linear> {
         let [out_features, in_features] = w.shape[..] else {
             anyhow::bail!("an NF4 linear weight must be 2-D, not {:?}", w.shape);

@@ -72,6 +72,9 @@ pub trait Device {
     fn state_pages(&self, len: usize, page: usize) -> Result<Box<dyn StatePages + Send>>;
     /// Set every element to zero.
     fn zero<T: Elem>(&self, buf: &mut Self::Buf<T>) -> Result<()>;
+    /// Quantize x (row-major, of `shape`) to NF4 on the device and return it: the same bytes as
+    /// `Nf4Tensor::quantize(x, shape)` (the model loader's [`crate::nf4::Quantizer`]).
+    fn quantize_nf4(&self, x: &[f32], shape: &[usize]) -> Result<Nf4Tensor>;
     /// Upload an NF4 weight of shape [out, in].
     fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Self::Nf4>;
     /// Bytes a buffer holds.

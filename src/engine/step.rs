@@ -14,7 +14,6 @@ use crate::config::ModelConfig;
 use crate::lora::{LoraParams, LoraSlot};
 use crate::memory::{Plan, PlanInput};
 use crate::model::{Dropout, Model, Proj};
-use crate::nf4::Nf4Tensor;
 use anyhow::{bail, ensure, Context, Result};
 
 /// One layer's frozen weights on the device.
@@ -131,13 +130,12 @@ pub struct Engine<D: Device> {
 /// Bytes the loss's logits and dlogits chunk may take (f32 + bf16 per element).
 pub(super) const CE_CHUNK_BYTES: usize = 256 << 20;
 
-fn nf4_of(model: &Model, l: usize, p: Proj) -> Nf4Tensor {
-    match &model.layers[l].proj(p).weight {
-        LinearWeight::Nf4(q) => q.clone(),
-        LinearWeight::Dense(_) => match model.layers[l].proj(p).to_nf4().weight {
-            LinearWeight::Nf4(q) => q,
-            LinearWeight::Dense(_) => unreachable!("to_nf4 quantizes"),
-        },
+/// Projection p of layer l uploaded as NF4 (quantized on the device if the model holds it dense).
+fn upload_proj<D: Device>(dev: &D, model: &Model, l: usize, p: Proj) -> Result<D::Nf4> {
+    let lin = model.layers[l].proj(p);
+    match &lin.weight {
+        LinearWeight::Nf4(q) => dev.upload_nf4(q),
+        LinearWeight::Dense(w) => dev.upload_nf4(&dev.quantize_nf4(w, &[lin.out_features, lin.in_features])?),
     }
 }
 
@@ -226,10 +224,7 @@ impl<D: Device> Engine<D> {
             let mut layer_slots = Vec::with_capacity(7);
             for p in Proj::ALL {
                 let name = p.path(l);
-                proj.push(
-                    dev.upload_nf4(&nf4_of(model, l, p))
-                        .with_context(|| format!("uploading {name}"))?,
-                );
+                proj.push(upload_proj(&dev, model, l, p).with_context(|| format!("uploading {name}"))?);
                 bias.push(
                     layer
                         .proj(p)

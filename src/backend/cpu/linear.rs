@@ -40,11 +40,18 @@ impl Linear {
 
     /// The same layer with its weight quantized to NF4 (the bias stays f32).
     pub fn to_nf4(&self) -> Linear {
+        self.to_nf4_with(&|w, shape| Ok(Nf4Tensor::quantize(w, shape)))
+            .expect("quantizing on the CPU cannot fail")
+    }
+
+    /// [`Linear::to_nf4`] with the quantization done by `quantize` (the CPU's, or a GPU's kernel that
+    /// writes the same bytes).
+    pub fn to_nf4_with(&self, quantize: &crate::nf4::Quantizer) -> anyhow::Result<Linear> {
         let weight = match &self.weight {
-            LinearWeight::Dense(w) => LinearWeight::Nf4(Nf4Tensor::quantize(w, &[self.out_features, self.in_features])),
+            LinearWeight::Dense(w) => LinearWeight::Nf4(quantize(w, &[self.out_features, self.in_features])?),
             LinearWeight::Nf4(q) => LinearWeight::Nf4(q.clone()),
         };
-        Linear { weight, ..self.clone() }
+        Ok(Linear { weight, ..self.clone() })
     }
 
     /// Row `j` of `W` as f32: borrowed when dense, dequantized into `buf` when NF4.

@@ -10,6 +10,7 @@ mod device;
 mod gemm;
 mod ops;
 mod pinned;
+mod quantize;
 pub mod selftest;
 mod selftest_step;
 
@@ -47,6 +48,9 @@ pub struct Kernels {
     pub swiglu_bwd: CudaFunction,
     pub adamw_step: CudaFunction,
     pub sum_squares: CudaFunction,
+    pub nf4_quantize: CudaFunction,
+    pub nf4_absmax_mean: CudaFunction,
+    pub nf4_double_quantize: CudaFunction,
     pub nf4_dequantize_absmax: CudaFunction,
     pub nf4_dequantize: CudaFunction,
     pub nf4_gemm_fwd: CudaFunction,
@@ -186,11 +190,14 @@ impl Cuda {
             load(&ctx, "adamw", kernels::ADAMW, &["adamw_step", "sum_squares"])?
                 .try_into()
                 .unwrap();
-        let [nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma, nf4_gemv]: [CudaFunction; 7] = load(
+        let [nf4_quantize, nf4_absmax_mean, nf4_double_quantize, nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma, nf4_gemv]: [CudaFunction; 10] = load(
             &ctx,
             "nf4",
             kernels::NF4,
             &[
+                "nf4_quantize",
+                "nf4_absmax_mean",
+                "nf4_double_quantize",
                 "nf4_dequantize_absmax",
                 "nf4_dequantize",
                 "nf4_gemm_fwd",
@@ -265,6 +272,9 @@ impl Cuda {
                 swiglu_bwd,
                 adamw_step,
                 sum_squares,
+                nf4_quantize,
+                nf4_absmax_mean,
+                nf4_double_quantize,
                 nf4_dequantize_absmax,
                 nf4_dequantize,
                 nf4_gemm_fwd,

@@ -188,6 +188,26 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         push("sum_squares", n.to_string(), err, TOL_F32);
     }
 
+    // Quantization must write bitsandbytes' bytes, so it is checked for equality, not closeness:
+    // the count of differing packed bytes, scale codes, group scales and offsets. The data holds an
+    // all-zero block and a NaN (the cases the spec pins down) among Gaussian weights.
+    for &n in &[64usize, 1000, 65 * 64 + 13, 300 * 64 + 1, 1 << 20] {
+        let mut w = rng.normal_vec(n, 0.02);
+        if n >= 192 {
+            w[64..128].fill(0.0);
+            w[130] = f32::NAN;
+        }
+        let want = Nf4Tensor::quantize(&w, &[n]);
+        let got = gpu.quantize_to_host(&w, &[n])?;
+        let differ = |a: &[u8], b: &[u8]| a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len());
+        let bits = |v: &[f32]| v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect::<Vec<u8>>();
+        let mismatches = differ(&got.packed, &want.packed)
+            + differ(&got.scales.qabsmax, &want.scales.qabsmax)
+            + differ(&bits(&got.scales.absmax2), &bits(&want.scales.absmax2))
+            + (got.scales.offset.to_bits() != want.scales.offset.to_bits()) as usize;
+        push("nf4_quantize (values differing)", n.to_string(), mismatches as f64, 0.0);
+    }
+
     let map = dynamic_map();
     for &n in &[64usize, 1000, 65 * 64 + 13, 300 * 64] {
         let w = rng.normal_vec(n, 0.02);
