@@ -4,10 +4,10 @@
 //!
 //! The moments m and v belong to host pages (`optim::StatePages`; pinned memory on a GPU) and pass
 //! through a device window:
-//! - resident: when the whole state fits in [`OPTIMIZER_WINDOW`] values per moment (a rank-16
-//!   adapter of an 8B model has 42M parameters; of a 1B model, 11M), the pages are copied in once,
-//!   stay on the device between steps, and are copied back only when the host needs them (for a
-//!   checkpoint);
+//! - resident: when the whole state fits in [`OPTIMIZER_WINDOW`] values per moment (64M; a rank-16
+//!   adapter on every projection of a 1B model has 11M parameters, of an 8B model 42M, of a 70B
+//!   model 207M), the pages are copied in once, stay on the device between steps, and are copied
+//!   back only when the host needs them (for a checkpoint);
 //! - streaming: otherwise every step moves each page in, updates the adapter tensors it covers and
 //!   moves it back, so the optimizer's device memory is one page whatever the adapter size.
 //!
@@ -23,8 +23,8 @@ use crate::lora::LoraParams;
 use crate::optim::{AdamStep, AdamW};
 use anyhow::{ensure, Context, Result};
 
-/// Values per moment the optimizer may keep on the device (128 MiB each for m and v).
-pub const OPTIMIZER_WINDOW: usize = 32 << 20;
+/// Values per moment the optimizer may keep on the device (256 MiB each for m and v).
+pub const OPTIMIZER_WINDOW: usize = 64 << 20;
 
 /// The optimizer's device side.
 pub(super) struct DeviceOptim<D: Device> {
