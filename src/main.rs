@@ -1,7 +1,8 @@
 //! `sqlora`: the toolbox around the training engine.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use sqlora::engine::target::Target;
 use sqlora::model::Model;
 use sqlora::tiny::{write_tiny_model, TinyVariant};
 use sqlora::tokenizer::Tokenizer;
@@ -248,32 +249,23 @@ enum BenchWhat {
     },
 }
 
-/// Whether `--device` (auto, cuda or cpu-bf16) means the GPU.
-fn device_is_gpu(device: &str) -> Result<bool> {
-    match device {
-        "cuda" => Ok(true),
-        "auto" => Ok(sqlora::backend::cuda::unavailable().is_none()),
-        "cpu-bf16" => Ok(false),
-        other => bail!("unknown device \"{other}\": one of auto, cuda, cpu-bf16"),
+/// The device engine a benchmark runs on: `--device` resolved, `auto` falling back to the CPU with
+/// bf16 storage (a benchmark needs a device engine, so `cpu` is refused).
+fn bench_target(device: &str) -> Result<Target> {
+    let target = Target::open(device, Target::CpuBf16)?;
+    if !target.on_engine() {
+        bail!("bench runs on a device engine: --device cuda, cpu-bf16 or auto");
     }
+    Ok(target)
 }
 
 /// Builds the device engine a benchmark runs on.
-fn engine_factory(device: &str, checkpointing: bool) -> Result<Box<sqlora::bench::EngineFor<'static>>> {
-    use anyhow::Context;
-    use sqlora::engine::{host::Host, step::Engine};
-    use sqlora::train::StepEngine;
-    let gpu = if device_is_gpu(device)? {
-        Some(sqlora::backend::cuda::Cuda::new().context("--device cuda")?)
-    } else {
-        None
-    };
-    Ok(Box::new(move |m: &Model, l: &sqlora::lora::LoraParams, cap: usize| {
-        Ok(match &gpu {
-            Some(g) => Box::new(Engine::new(g.clone(), m, l, cap, checkpointing)?) as Box<dyn StepEngine>,
-            None => Box::new(Engine::new(Host, m, l, cap, checkpointing)?),
-        })
-    }))
+fn engine_factory(target: Target, checkpointing: bool) -> Box<sqlora::bench::EngineFor<'static>> {
+    Box::new(move |m: &Model, l: &sqlora::lora::LoraParams, cap: usize| {
+        target
+            .engine(m, l, cap, checkpointing)?
+            .ok_or_else(|| anyhow::anyhow!("no device engine on the CPU reference backend"))
+    })
 }
 
 fn main() {
@@ -330,7 +322,7 @@ fn run(cli: Cli) -> Result<()> {
                     json,
                 },
         } => {
-            let mut engine_for = engine_factory(&device, false)?;
+            let mut engine_for = engine_factory(bench_target(&device)?, false);
             let r = sqlora::bench::bench_generate(&shape, &mut *engine_for, batch, prompt, new_tokens)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -353,12 +345,13 @@ fn run(cli: Cli) -> Result<()> {
                     json,
                 },
         } => {
-            let peak = match (peak_tflops, device_is_gpu(&device)?) {
+            let target = bench_target(&device)?;
+            let peak = match (peak_tflops, target.gpu().is_some()) {
                 (Some(t), _) => t * 1e12,
                 (None, true) => 796e12,
                 (None, false) => sqlora::memory::measure_cpu_flops(),
             };
-            let mut engine_for = engine_factory(&device, checkpointing)?;
+            let mut engine_for = engine_factory(target, checkpointing);
             let r =
                 sqlora::bench::bench_train(&shape, &mut *engine_for, batch, seq, warmup, steps, checkpointing, peak)?;
             if json {
@@ -412,13 +405,9 @@ fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String
 
 /// The greedy continuation of `prompt`, decoded.
 fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<String> {
-    let on_engine = match device {
-        "cpu" => false,
-        "cuda" | "cpu-bf16" => true,
-        other => bail!("unknown device \"{other}\": one of cpu, cuda, cpu-bf16"),
-    };
+    let target = Target::open(device, Target::Cpu)?;
     let tokenizer = Tokenizer::load(dir)?;
-    let model = Model::load_as(dir, nf4 || on_engine)?;
+    let model = target.load_model(dir, nf4)?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -428,8 +417,8 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
         Some(a) => Some(sqlora::lora::LoraParams::load_peft(a, &model.config)?),
         None => None,
     };
-    let out = if on_engine {
-        engine_generate(&model, lora.as_ref(), &[ids], max_new, device)?.remove(0)
+    let out = if target.on_engine() {
+        engine_generate(&model, lora.as_ref(), &[ids], max_new, &target)?.remove(0)
     } else {
         sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, eos)
     };
@@ -442,7 +431,7 @@ fn engine_generate(
     lora: Option<&sqlora::lora::LoraParams>,
     prompts: &[Vec<u32>],
     max_new: usize,
-    device: &str,
+    target: &Target,
 ) -> Result<Vec<Vec<u32>>> {
     // Without an adapter, an empty adapter layout.
     let layout = lora.cloned().unwrap_or_else(|| {
@@ -453,7 +442,7 @@ fn engine_generate(
         sqlora::lora::LoraParams::zeros(&model.config, none)
     });
     let cap = prompts.iter().map(Vec::len).max().unwrap_or(1).max(2048);
-    let mut engine = engine_factory(device, false)?(model, &layout, cap)?;
+    let mut engine = (target.engine(model, &layout, cap, false)?).context("generation needs a device engine")?;
     eprintln!("generating on {}", engine.describe());
     engine.generate(lora, prompts, max_new, &model.config.eos_token_ids)
 }
@@ -648,15 +637,9 @@ fn predict(
     device: &str,
 ) -> Result<()> {
     // The device engine for cuda and cpu-bf16; `auto` is cuda when a GPU is usable, else the CPU reference.
-    let engine_device = match device {
-        "cuda" | "cpu-bf16" => Some(device),
-        "auto" if sqlora::backend::cuda::unavailable().is_none() => Some("cuda"),
-        "auto" | "cpu" => None,
-        other => bail!("unknown device \"{other}\": one of auto, cuda, cpu, cpu-bf16"),
-    };
-    let on_engine = engine_device.is_some();
+    let target = Target::open(device, Target::Cpu)?;
     let tok = Tokenizer::load(model_path)?;
-    let model = Model::load_as(model_path, nf4 || on_engine)?;
+    let model = target.load_model(model_path, nf4)?;
     let lora = adapter
         .map(|a| sqlora::lora::LoraParams::load_peft(a, &model.config))
         .transpose()?;
@@ -664,8 +647,8 @@ fn predict(
     let prompts = (examples.iter())
         .map(|e| tok.encode(&sqlora::data::prompt(&e.instruction, &e.input)))
         .collect::<Result<Vec<_>>>()?;
-    let sqls: Vec<String> = if let Some(device) = engine_device {
-        let outs = engine_generate(&model, lora.as_ref(), &prompts, max_new, device)?;
+    let sqls: Vec<String> = if target.on_engine() {
+        let outs = engine_generate(&model, lora.as_ref(), &prompts, max_new, &target)?;
         outs.iter()
             .map(|o| Ok(tok.decode(o)?.trim().to_string()))
             .collect::<Result<_>>()?

@@ -208,9 +208,8 @@ impl Trainer {
         })
     }
 
-    /// Run steps and validation on `dev`, with buffers sized for the longest possible micro-batch
-    /// (the micro-batch size times the longest example).
-    pub fn use_device<D: Device + 'static>(&mut self, dev: D) -> Result<()> {
+    /// Tokens a micro-batch can hold at most: the micro-batch size times the longest example.
+    pub fn step_capacity(&self) -> usize {
         let longest = self
             .train
             .iter()
@@ -218,15 +217,26 @@ impl Trainer {
             .map(|e| e.tokens.len())
             .max()
             .unwrap_or(1);
-        let cap = self.config.micro_batch * longest;
+        self.config.micro_batch * longest
+    }
+
+    /// Run steps and validation on `dev`, with buffers sized for the longest possible micro-batch.
+    pub fn use_device<D: Device + 'static>(&mut self, dev: D) -> Result<()> {
+        let cap = self.step_capacity();
+        let engine = Engine::new(dev, &self.model, &self.lora, cap, self.config.checkpointing)?;
+        self.use_engine(Box::new(engine))
+    }
+
+    /// Run steps and validation on `engine` (built for this model and adapter layout, with room for
+    /// [`Trainer::step_capacity`] tokens).
+    pub fn use_engine(&mut self, mut engine: Box<dyn StepEngine>) -> Result<()> {
         self.sync_host()?;
-        let mut engine = Engine::new(dev, &self.model, &self.lora, cap, self.config.checkpointing)?;
         // The moments move into the device's kind of host pages (pinned on a GPU).
-        let mut pages = StepEngine::start_optimizer(&mut engine)?;
+        let mut pages = engine.start_optimizer()?;
         let (m, v) = self.opt.state.export();
         pages.import(&m, &v)?;
         self.opt.state = pages;
-        self.engine = Some(Box::new(engine));
+        self.engine = Some(engine);
         self.residence = Residence::Host;
         Ok(())
     }

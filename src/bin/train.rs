@@ -4,10 +4,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use sqlora::backend::cuda;
 use sqlora::data::{encode, read_jsonl, Encoded};
+use sqlora::engine::target::Target;
 use sqlora::lora::LoraConfig;
-use sqlora::model::Model;
 use sqlora::optim::{AdamWConfig, Decay};
 use sqlora::tokenizer::Tokenizer;
 use sqlora::train::{SqlEval, TrainConfig, Trainer};
@@ -190,7 +189,7 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
 }
 
 /// `--dry-run`: the plan, the estimate, and whether it fits.
-fn dry_run(a: &Args, device: Dev) -> Result<()> {
+fn dry_run(a: &Args, target: &Target) -> Result<()> {
     use sqlora::memory::{available_memory, flops_per_token, measure_cpu_flops, plan, refusal, PlanInput};
     let config = if sqlora::model::is_gguf(&a.model) {
         let f = sqlora::gguf::GgufFile::open(&a.model)?;
@@ -206,13 +205,10 @@ fn dry_run(a: &Args, device: Dev) -> Result<()> {
         checkpointing: a.checkpointing,
         nf4: !a.no_nf4,
         threads: rayon::current_num_threads(),
-        device: device != Dev::Cpu,
+        device: target.on_engine(),
     };
     let p = plan(&config, &input);
-    let gpu = match device {
-        Dev::Cuda => Some(cuda::Cuda::new()?),
-        Dev::Cpu | Dev::CpuBf16 => None,
-    };
+    let gpu = target.gpu();
     let where_ = gpu.as_ref().map_or("CPU".to_string(), |g| g.name());
     println!(
         "memory plan ({where_}; {} sequences of up to {} tokens per micro-batch):",
@@ -276,46 +272,17 @@ fn load_examples(path: &Path, tok: &Tokenizer, eos: u32, max_len: usize) -> Resu
     Ok(out)
 }
 
-/// What `--device` asks for, resolved: `auto` becomes `cuda` when a GPU can be used.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Dev {
-    Cpu,
-    CpuBf16,
-    Cuda,
-}
-
-fn resolve_device(name: &str) -> Result<Dev> {
-    Ok(match name {
-        "cpu" => Dev::Cpu,
-        "cpu-bf16" => Dev::CpuBf16,
-        "cuda" => match cuda::unavailable() {
-            None => Dev::Cuda,
-            Some(why) => bail!("--device cuda: {why}"),
-        },
-        // A driver without a usable GPU (or one that fails to open) also falls back to the CPU.
-        "auto" => match cuda::unavailable().map_or_else(|| cuda::Cuda::new().err().map(|e| format!("{e:#}")), Some) {
-            None => Dev::Cuda,
-            Some(why) => {
-                eprintln!("training on the CPU reference backend: {why}");
-                Dev::Cpu
-            }
-        },
-        other => bail!("unknown device \"{other}\": one of auto, cuda, cpu, cpu-bf16"),
-    })
-}
-
 /// Whether the memory budget calls for activation checkpointing (said on stderr when it does).
 fn auto_checkpointing(
     a: &Args,
     c: &sqlora::config::ModelConfig,
     train: &[Encoded],
     val: &[Encoded],
-    device: Dev,
-    gpu: Option<&cuda::Cuda>,
+    target: &Target,
 ) -> Result<bool> {
     use sqlora::engine::Device;
     use sqlora::memory::{available_memory, checkpointing_needed, PlanInput};
-    let budget = match (a.memory_budget, gpu) {
+    let budget = match (a.memory_budget, target.gpu()) {
         (Some(g), _) => Some((g * (1u64 << 30) as f64) as u64),
         (None, Some(g)) => g.memory_free().map(|b| b as u64),
         (None, None) => available_memory(),
@@ -329,7 +296,7 @@ fn auto_checkpointing(
         checkpointing: false,
         nf4: !a.no_nf4,
         threads: rayon::current_num_threads(),
-        device: device != Dev::Cpu,
+        device: target.on_engine(),
     };
     let needed = checkpointing_needed(c, &input, budget);
     if needed {
@@ -342,21 +309,14 @@ fn auto_checkpointing(
 }
 
 fn run(a: Args) -> Result<()> {
-    let device = resolve_device(&a.device)?;
+    // The GPU, when there is one, is opened first: it quantizes each projection as the model loads
+    // (the same bytes as the CPU would write), and its free memory is the default budget of the plan.
+    let target = Target::open(&a.device, Target::Cpu)?;
     if a.dry_run {
-        return dry_run(&a, device);
+        return dry_run(&a, &target);
     }
     let tok = Tokenizer::load(&a.model)?;
-    // The GPU is opened first: it quantizes each projection as the model loads (the same bytes as
-    // the CPU would write), and its free memory is the default budget of the plan.
-    let gpu = match device {
-        Dev::Cuda => Some(cuda::Cuda::new()?),
-        Dev::Cpu | Dev::CpuBf16 => None,
-    };
-    let model = match &gpu {
-        Some(g) if !a.no_nf4 => Model::load_with(&a.model, Some(&|w: &[f32], s: &[usize]| g.quantize_to_host(w, s)))?,
-        _ => Model::load_as(&a.model, !a.no_nf4)?,
-    };
+    let model = target.load_model(&a.model, !a.no_nf4)?;
     let eos = *model
         .config
         .eos_token_ids
@@ -379,7 +339,7 @@ fn run(a: Args) -> Result<()> {
         Some(p) => load_examples(p, &tok, eos, a.max_seq_len)?,
         None => vec![],
     };
-    let checkpointing = a.checkpointing || auto_checkpointing(&a, &model.config, &train, &val, device, gpu.as_ref())?;
+    let checkpointing = a.checkpointing || auto_checkpointing(&a, &model.config, &train, &val, &target)?;
     let config = TrainConfig {
         lora: LoraConfig {
             r: a.lora_r,
@@ -438,10 +398,9 @@ fn run(a: Args) -> Result<()> {
             None => eprintln!("no checkpoint in {}: starting from scratch", a.out.display()),
         }
     }
-    match device {
-        Dev::Cpu => {}
-        Dev::CpuBf16 => trainer.use_device(sqlora::engine::host::Host)?,
-        Dev::Cuda => trainer.use_device(gpu.expect("opened above"))?,
+    let cap = trainer.step_capacity();
+    if let Some(engine) = target.engine(&trainer.model, &trainer.lora, cap, checkpointing)? {
+        trainer.use_engine(engine)?;
     }
     if let Some(e) = &trainer.engine {
         eprintln!("device: {}", e.describe());

@@ -17,6 +17,7 @@ pub mod host;
 mod layer;
 pub mod optim;
 pub mod step;
+pub mod target;
 
 use crate::nf4::Nf4Tensor;
 use crate::optim::{AdamStep, StatePages};
