@@ -7,6 +7,12 @@
 #                          `bench train` on each shape with each NF4 GEMM path, the criterion kernel
 #                          benches, and a short training
 #                          run on the GPU beside the same run on the CPU. Logs go to $OUT (or ./gpu-out).
+#   scripts/gpu.sh stage-result   here: Spider split into training and held-out databases, and the two
+#                          GGUF models cut into chunks, under .stage/ (see the end of NOTES.md)
+#   scripts/gpu.sh result MODEL NAME [train options]
+#                          there: the base model's SQL on the held-out databases, QLoRA training
+#                          (resumable: at TRAIN_SECONDS, default 480, it checkpoints and stops; run it
+#                          again to go on), then the tuned model's SQL; `sqlora eval` of both, in $OUT.
 #
 # SHAPES and GEMMS override the benchmarked shapes (default: the four of the baseline table) and NF4
 # GEMM paths (auto tiled mma cublas); a device call is limited to 10 minutes, so split the run with
@@ -66,8 +72,51 @@ run)
             --batch 2 --lora-r 8 --max-seq-len 4096 2>&1 | tail -n 4
     done
     ;;
+stage-result)
+    set -e
+    r=.stage/result
+    rm -rf "$r" && mkdir -p "$r/db"
+    cargo build --release -q --bin sqlora
+    # 14 whole databases (about 7% of the questions) are held out for validation.
+    target/release/sqlora prepare spider --spider-dir ../shared/data/spider-train --split train \
+        --out "$r/train.jsonl" --holdout-dbs 14 --val-out "$r/val.jsonl"
+    for db in $(python3 -c 'import json, sys
+print("\n".join(sorted({json.loads(l)["db_id"] for l in open(sys.argv[1])})))' "$r/val.jsonl"); do
+        cp -r "../shared/data/spider-train/database/$db" "$r/db/"
+    done
+    du -sh "$r"
+    ../shared/tools/fetch-models.sh "$PWD/.models" all
+    for m in .models/*.gguf; do ../shared/tools/stage-split.sh "$m" 60 .stage/models; done
+    ;;
+result)
+    model=${2:?usage: scripts/gpu.sh result MODEL.gguf NAME [train options]}
+    name=${3:?usage: scripts/gpu.sh result MODEL.gguf NAME [train options]}
+    shift 3
+    r=.stage/result bin=.stage/bin run=/root/run-$name out=${OUT:-gpu-out}
+    mkdir -p "$run" "$out"
+    score() { # predictions file, adapter (or nothing) -> eval JSON beside the predictions
+        "$bin/sqlora" eval --data "$r/val.jsonl" --pred "$1" --db-root "$r/db" --json >"${1%.jsonl}.eval.json"
+        cat "${1%.jsonl}.eval.json"
+    }
+    if [ ! -s "$run/pred-base.jsonl" ]; then
+        /usr/bin/time -v "$bin/sqlora" predict --model "$model" --data "$r/val.jsonl" --out "$run/pred-base.jsonl" \
+            --device cuda 2>"$run/predict-base.log"
+        score "$run/pred-base.jsonl"
+    fi
+    if [ ! -s "$run/adapter_model.safetensors" ]; then
+        timeout -s INT -k 90 "${TRAIN_SECONDS:-480}" "$bin/train" --model "$model" --data "$r/train.jsonl" \
+            --val "$r/val.jsonl" --sql-eval-samples 64 --db-root "$r/db" --out "$run" --resume --device cuda \
+            "$@" 2>&1 | tr '\r' '\n' | tail -n 5
+    fi
+    if [ -s "$run/adapter_model.safetensors" ] && [ ! -s "$run/pred-tuned.jsonl" ]; then
+        "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned.jsonl" \
+            --device cuda 2>"$run/predict-tuned.log"
+        score "$run/pred-tuned.jsonl"
+    fi
+    cp "$run"/*.json* "$run"/*.log "$run"/curves.svg "$out/" 2>/dev/null
+    ;;
 *)
-    echo "usage: scripts/gpu.sh build|run" >&2
+    echo "usage: scripts/gpu.sh build|run|stage-result|result" >&2
     exit 2
     ;;
 esac
