@@ -20,12 +20,14 @@ use serde_json::json;
 use std::time::Instant;
 
 /// The shapes `bench train` knows, as HF config.json fields.
-pub const SHAPES: [&str; 6] = [
+pub const SHAPES: [&str; 8] = [
     "llama-3.2-1b",
     "qwen2.5-0.5b",
     "tinyllama-1.1b",
     "qwen2.5-1.5b",
     "smollm2-135m",
+    "llama-3-8b",
+    "llama-3-70b",
     "tiny",
 ];
 
@@ -38,6 +40,8 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
         "tinyllama-1.1b" => ("llama", 2048, 5632, 22, 32, 4, 32_000, false, 10_000.0),
         "qwen2.5-1.5b" => ("qwen2", 1536, 8960, 28, 12, 2, 151_936, true, 1_000_000.0),
         "smollm2-135m" => ("llama", 576, 1536, 30, 9, 3, 49_152, true, 100_000.0),
+        "llama-3-8b" => ("llama", 4096, 14_336, 32, 32, 8, 128_256, false, 500_000.0),
+        "llama-3-70b" => ("llama", 8192, 28_672, 80, 64, 8, 128_256, false, 500_000.0),
         "tiny" => ("llama", 64, 160, 2, 4, 2, 272, false, 10_000.0),
         other => bail!("unknown shape \"{other}\": one of {}", SHAPES.join(", ")),
     };
@@ -301,5 +305,29 @@ impl std::fmt::Display for GenerateReport {
             self.decode_tokens_per_s,
             1e3 * self.batch as f64 / self.decode_tokens_per_s
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::step::device_plan;
+
+    const GIB: u64 = 1 << 30;
+
+    /// Issue 7: a Llama-3-8B QLoRA step (r 16 on all seven projections, batch 1 x 2048) fits in 20 GiB,
+    /// so a 24 GB card trains it, and a Llama-3-70B step at batch 1 x 512 fits the 80 GB H100. The
+    /// plan is what the engine allocates, buffer for buffer (tests/engine.rs), so this bounds the
+    /// engine's memory (the CUDA context and cuBLAS workspace come on top: ~0.5-1 GiB).
+    #[test]
+    fn large_shapes_fit_their_cards() {
+        let c = shape_config("llama-3-8b").unwrap();
+        let p = device_plan(&c, 16, &Proj::ALL, 2048, true);
+        assert!(p.total() < 20 * GIB, "8B, 1 x 2048, checkpointing:\n{p}");
+        let without = device_plan(&c, 16, &Proj::ALL, 2048, false);
+        assert!(without.total() > p.total(), "checkpointing saves memory");
+        let c = shape_config("llama-3-70b").unwrap();
+        let p = device_plan(&c, 16, &Proj::ALL, 512, true);
+        assert!(p.total() < 75 * GIB, "70B, 1 x 512, checkpointing:\n{p}");
     }
 }

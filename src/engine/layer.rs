@@ -68,10 +68,10 @@ impl<D: Device> Engine<D> {
         let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
         let dims = [c.num_heads, c.num_kv_heads, c.head_dim];
         let xa = &mut acts.xa;
-        dev.rmsnorm_fwd(&mut acts.h_attn, &mut acts.rstd_attn, x_in, &layer.attn_norm, t, eps)?;
-        proj_fwd(dev, layer, &ad, Proj::Q, &mut acts.q, &acts.h_attn, xa, &mut s.xd, t)?;
-        proj_fwd(dev, layer, &ad, Proj::K, &mut acts.k, &acts.h_attn, xa, &mut s.xd, t)?;
-        proj_fwd(dev, layer, &ad, Proj::V, &mut acts.v, &acts.h_attn, xa, &mut s.xd, t)?;
+        dev.rmsnorm_fwd(&mut s.h_norm, &mut acts.rstd_attn, x_in, &layer.attn_norm, t, eps)?;
+        proj_fwd(dev, layer, &ad, Proj::Q, &mut acts.q, &s.h_norm, xa, &mut s.xd, t)?;
+        proj_fwd(dev, layer, &ad, Proj::K, &mut acts.k, &s.h_norm, xa, &mut s.xd, t)?;
+        proj_fwd(dev, layer, &ad, Proj::V, &mut acts.v, &s.h_norm, xa, &mut s.xd, t)?;
         dev.rope_rotate(&mut acts.q, &s.positions, inv_freq, t, c.num_heads, 1.0)?;
         dev.rope_rotate(&mut acts.k, &s.positions, inv_freq, t, c.num_kv_heads, 1.0)?;
         let (q, k, v) = (&acts.q, &acts.k, &acts.v);
@@ -94,28 +94,11 @@ impl<D: Device> Engine<D> {
         }
         proj_fwd(dev, layer, &ad, Proj::O, &mut acts.x_mid, &acts.att, xa, &mut s.xd, t)?;
         dev.add(&mut acts.x_mid, x_in, t * d)?; // x_mid = x_in + o(att)
-        dev.rmsnorm_fwd(
-            &mut acts.h_mlp,
-            &mut acts.rstd_mlp,
-            &acts.x_mid,
-            &layer.mlp_norm,
-            t,
-            eps,
-        )?;
-        proj_fwd(
-            dev,
-            layer,
-            &ad,
-            Proj::Gate,
-            &mut acts.gate,
-            &acts.h_mlp,
-            xa,
-            &mut s.xd,
-            t,
-        )?;
-        proj_fwd(dev, layer, &ad, Proj::Up, &mut acts.up, &acts.h_mlp, xa, &mut s.xd, t)?;
-        dev.swiglu_fwd(&mut acts.act, &acts.gate, &acts.up, t * f)?;
-        proj_fwd(dev, layer, &ad, Proj::Down, out, &acts.act, xa, &mut s.xd, t)?;
+        dev.rmsnorm_fwd(&mut s.h_norm, &mut acts.rstd_mlp, &acts.x_mid, &layer.mlp_norm, t, eps)?;
+        proj_fwd(dev, layer, &ad, Proj::Gate, &mut acts.gate, &s.h_norm, xa, &mut s.xd, t)?;
+        proj_fwd(dev, layer, &ad, Proj::Up, &mut acts.up, &s.h_norm, xa, &mut s.xd, t)?;
+        dev.swiglu_fwd(&mut s.act, &acts.gate, &acts.up, t * f)?;
+        proj_fwd(dev, layer, &ad, Proj::Down, out, &s.act, xa, &mut s.xd, t)?;
         dev.add(out, &acts.x_mid, t * d) // out = x_mid + down(act)
     }
 
@@ -154,18 +137,19 @@ impl<D: Device> Engine<D> {
             scale: *scale,
             dropout,
         };
-        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
         let dims = [c.num_heads, c.num_kv_heads, c.head_dim];
         let ps = &mut s.ps;
 
-        // MLP block.
+        // MLP block. The down projection's input is made again from gate and up.
+        dev.swiglu_fwd(&mut s.act, &acts.gate, &acts.up, t * f)?;
         proj_bwd(
             dev,
             layer,
             &mut ad,
             Proj::Down,
             &s.dx,
-            &acts.act,
+            &s.act,
             &acts.xa,
             &mut s.d_act,
             false,
@@ -173,13 +157,14 @@ impl<D: Device> Engine<D> {
             t,
         )?;
         dev.swiglu_bwd(&mut s.d_gate, &mut s.d_up, &s.d_act, &acts.gate, &acts.up, t * f)?;
+        dev.rmsnorm_fwd(&mut s.h_norm, &mut s.rstd_norm, &acts.x_mid, &layer.mlp_norm, t, eps)?;
         proj_bwd(
             dev,
             layer,
             &mut ad,
             Proj::Gate,
             &s.d_gate,
-            &acts.h_mlp,
+            &s.h_norm,
             &acts.xa,
             &mut s.dh,
             false,
@@ -192,7 +177,7 @@ impl<D: Device> Engine<D> {
             &mut ad,
             Proj::Up,
             &s.d_up,
-            &acts.h_mlp,
+            &s.h_norm,
             &acts.xa,
             &mut s.dh,
             true,
@@ -232,13 +217,14 @@ impl<D: Device> Engine<D> {
         )?;
         dev.rope_rotate(&mut s.dq, &s.positions, inv_freq, t, c.num_heads, -1.0)?;
         dev.rope_rotate(&mut s.dk, &s.positions, inv_freq, t, c.num_kv_heads, -1.0)?;
+        dev.rmsnorm_fwd(&mut s.h_norm, &mut s.rstd_norm, x_in, &layer.attn_norm, t, eps)?;
         proj_bwd(
             dev,
             layer,
             &mut ad,
             Proj::Q,
             &s.dq,
-            &acts.h_attn,
+            &s.h_norm,
             &acts.xa,
             &mut s.dh,
             false,
@@ -251,7 +237,7 @@ impl<D: Device> Engine<D> {
             &mut ad,
             Proj::K,
             &s.dk,
-            &acts.h_attn,
+            &s.h_norm,
             &acts.xa,
             &mut s.dh,
             true,
@@ -264,7 +250,7 @@ impl<D: Device> Engine<D> {
             &mut ad,
             Proj::V,
             &s.dv,
-            &acts.h_attn,
+            &s.h_norm,
             &acts.xa,
             &mut s.dh,
             true,

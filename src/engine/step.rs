@@ -41,19 +41,16 @@ pub(super) struct DeviceSlot<D: Device> {
 /// What a layer's forward keeps for its backward (one set per layer, or one in all with
 /// checkpointing). Every buffer holds `cap` rows.
 pub(super) struct LayerBufs<D: Device> {
-    pub(super) h_attn: Bf<D>,     // [T, d] rmsnorm(x_in)
-    pub(super) rstd_attn: F32<D>, // [T]
+    pub(super) rstd_attn: F32<D>, // [T] of rmsnorm(x_in)
     pub(super) q: Bf<D>,          // [T, h, hd] after RoPE
     pub(super) k: Bf<D>,          // [T, h_kv, hd] after RoPE
     pub(super) v: Bf<D>,          // [T, h_kv, hd]
     pub(super) att: Bf<D>,        // [T, h, hd]
     pub(super) lse: F32<D>,       // [T, h] log-sum-exp of each attention row
     pub(super) x_mid: Bf<D>,      // [T, d]
-    pub(super) h_mlp: Bf<D>,      // [T, d]
-    pub(super) rstd_mlp: F32<D>,  // [T]
+    pub(super) rstd_mlp: F32<D>,  // [T] of rmsnorm(x_mid)
     pub(super) gate: Bf<D>,       // [T, f]
     pub(super) up: Bf<D>,         // [T, f]
-    pub(super) act: Bf<D>,        // [T, f]
     pub(super) xa: Vec<F32<D>>,   // per projection [T, r]
 }
 
@@ -75,14 +72,23 @@ pub(super) struct Scratch<D: Device> {
     pub(super) dx_in: Bf<D>,           // [T, d] gradient of its input
     pub(super) dx_mid: Bf<D>,          // [T, d]
     pub(super) dh: Bf<D>,              // [T, d]
-    pub(super) d_act: Bf<D>,           // [T, f]
-    pub(super) d_gate: Bf<D>,          // [T, f]
-    pub(super) d_up: Bf<D>,            // [T, f]
-    pub(super) d_att: Bf<D>,           // [T, h, hd]
-    pub(super) dq: Bf<D>,              // [T, h, hd]
-    pub(super) dk: Bf<D>,              // [T, h_kv, hd]
-    pub(super) dv: Bf<D>,              // [T, h_kv, hd]
-    pub(super) dd: F32<D>,             // [T, h] dO . O per attention row
+    /// [T, d] rmsnorm(x_in), then rmsnorm(x_mid): the projections' input, made in the forward and
+    /// made again in the backward from the kept x_in, x_mid and their rstd (cheaper than keeping it
+    /// per layer).
+    pub(super) h_norm: Bf<D>,
+    /// [T] the rstd of that recomputation (equal to the kept one).
+    pub(super) rstd_norm: F32<D>,
+    /// [T, f] silu(gate) up: the down projection's input, made in the forward and made again in the
+    /// backward from the kept gate and up (cheaper than keeping it per layer).
+    pub(super) act: Bf<D>,
+    pub(super) d_act: Bf<D>,  // [T, f]
+    pub(super) d_gate: Bf<D>, // [T, f]
+    pub(super) d_up: Bf<D>,   // [T, f]
+    pub(super) d_att: Bf<D>,  // [T, h, hd]
+    pub(super) dq: Bf<D>,     // [T, h, hd]
+    pub(super) dk: Bf<D>,     // [T, h_kv, hd]
+    pub(super) dv: Bf<D>,     // [T, h_kv, hd]
+    pub(super) dd: F32<D>,    // [T, h] dO . O per attention row
     pub(super) ps: ProjScratch<D>,
     /// [T, w] dropout(x) in the forward.
     pub(super) xd: Bf<D>,
@@ -168,11 +174,11 @@ pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, chec
     let head = if c.tie_word_embeddings { 0 } else { v * d };
     let adapter: usize = targets.iter().map(|p| r * p.shape(c).iter().sum::<usize>()).sum();
     let h = c.num_heads;
-    let per_token_layer = 2 * (3 * d + 2 * qd + 2 * kvd + 3 * f) + 4 * (2 + h + 7 * r);
+    let per_token_layer = 2 * (d + 2 * qd + 2 * kvd + 2 * f) + 4 * (2 + h + 7 * r);
     let n_acts = if checkpointing { 1 } else { l };
     let ce_rows = (CE_CHUNK_BYTES / (6 * v)).max(64).min(cap);
     let w = d.max(qd).max(f);
-    let scratch_per_token = 4 * 5 + 2 * (7 * d + 3 * f + 2 * qd + 2 * kvd + 4 * w) + 4 * (2 + h + r);
+    let scratch_per_token = 4 * 5 + 2 * (8 * d + 4 * f + 2 * qd + 2 * kvd + 4 * w) + 4 * (3 + h + r);
     Plan {
         base_linear: (l * base_linear) as u64,
         base_other: (2 * (v * d + head + (2 * l + 1) * d) + 4 * (c.head_dim / 2)) as u64,
@@ -258,7 +264,6 @@ impl<D: Device> Engine<D> {
         let mut acts = Vec::with_capacity(n_acts);
         for _ in 0..n_acts {
             acts.push(LayerBufs {
-                h_attn: dev.alloc(cap * d)?,
                 rstd_attn: dev.alloc(cap)?,
                 q: dev.alloc(cap * qd)?,
                 k: dev.alloc(cap * kvd)?,
@@ -266,11 +271,9 @@ impl<D: Device> Engine<D> {
                 att: dev.alloc(cap * qd)?,
                 lse: dev.alloc(cap * c.num_heads)?,
                 x_mid: dev.alloc(cap * d)?,
-                h_mlp: dev.alloc(cap * d)?,
                 rstd_mlp: dev.alloc(cap)?,
                 gate: dev.alloc(cap * f)?,
                 up: dev.alloc(cap * f)?,
-                act: dev.alloc(cap * f)?,
                 xa: (0..7).map(|_| dev.alloc(cap * r)).collect::<Result<_>>()?,
             });
         }
@@ -294,6 +297,9 @@ impl<D: Device> Engine<D> {
             dx_in: dev.alloc(cap * d)?,
             dx_mid: dev.alloc(cap * d)?,
             dh: dev.alloc(cap * d)?,
+            h_norm: dev.alloc(cap * d)?,
+            rstd_norm: dev.alloc(cap)?,
+            act: dev.alloc(cap * f)?,
             d_act: dev.alloc(cap * f)?,
             d_gate: dev.alloc(cap * f)?,
             d_up: dev.alloc(cap * f)?,
@@ -369,9 +375,7 @@ impl<D: Device> Engine<D> {
         }
         n += self.opt.as_ref().map_or(0, |o| o.device_bytes());
         for a in &self.acts {
-            let bf = [
-                &a.h_attn, &a.q, &a.k, &a.v, &a.att, &a.x_mid, &a.h_mlp, &a.gate, &a.up, &a.act,
-            ];
+            let bf = [&a.q, &a.k, &a.v, &a.att, &a.x_mid, &a.gate, &a.up];
             n += sum::<D, _>(&bf) + sum::<D, _>(&[&a.rstd_attn, &a.rstd_mlp, &a.lse]);
             n += a.xa.iter().map(|b| D::bytes(b)).sum::<usize>();
         }
@@ -387,6 +391,8 @@ impl<D: Device> Engine<D> {
             &s.dx_in,
             &s.dx_mid,
             &s.dh,
+            &s.h_norm,
+            &s.act,
             &s.d_act,
             &s.d_gate,
             &s.d_up,
@@ -400,7 +406,7 @@ impl<D: Device> Engine<D> {
             &s.xd,
         ];
         n += sum::<D, _>(&bf);
-        n + sum::<D, _>(&[&s.rstd, &s.logits, &s.loss, &s.dd, &s.ps.g])
+        n + sum::<D, _>(&[&s.rstd, &s.rstd_norm, &s.logits, &s.loss, &s.dd, &s.ps.g])
     }
 
     /// Tokens per micro-batch this engine was sized for.
