@@ -59,6 +59,7 @@ impl Device for Cuda {
         let [out_features, in_features] = w.shape[..] else {
             anyhow::bail!("an NF4 linear weight must be 2-D, not {:?}", w.shape);
         };
+        self.reserve_gemm_scratch(out_features * in_features)?;
         // The scales travel double-quantized (1 byte per 64 weights) and are expanded on the device.
         let qabsmax = self.upload(&w.scales.qabsmax)?;
         let absmax2 = self.upload(&w.scales.absmax2)?;

@@ -251,6 +251,22 @@ impl Cuda {
         Ok(())
     }
 
+    /// Size the cuBLAS path's weight scratch for a weight of `numel` values now (the engine calls
+    /// this as it uploads each weight), so that no GEMM allocates inside a training step.
+    pub fn reserve_gemm_scratch(&self, numel: usize) -> Result<()> {
+        let mut st = self.gemm_state.lock().expect("GEMM state lock");
+        let GemmState { blas, scratch, .. } = &mut *st;
+        if blas.is_some() && scratch.as_ref().is_none_or(|s| s.len() < numel) {
+            *scratch = None; // free the smaller one first
+            *scratch = Some(
+                self.stream
+                    .alloc_zeros(numel)
+                    .context("the cuBLAS path's weight scratch")?,
+            );
+        }
+        Ok(())
+    }
+
     /// Dequantize W [out, in] into the scratch and hand it, with cuBLAS, to `f`.
     fn with_dequantized(
         &self,
