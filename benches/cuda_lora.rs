@@ -9,27 +9,33 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 fn lora(c: &mut Criterion) {
     let Some(gpu) = gpu() else { return };
     let (t, k, n, r) = (4096usize, 2048usize, 8192usize, 16usize);
-    let (x, a, bm, dy) = (
+    // A and B side by side in one adapter buffer, as the engine keeps them.
+    let at = sqlora::engine::LoraAt {
+        a: 0,
+        b: r * k,
+        inp: k,
+        out: n,
+    };
+    let (x, w, dy) = (
         normal_bf16(&gpu, t * k, 1.0, 1),
-        normal_bf16(&gpu, r * k, 0.02, 2),
-        normal_bf16(&gpu, n * r, 0.02, 3),
+        normal_bf16(&gpu, r * (k + n), 0.02, 2),
         normal_bf16(&gpu, t * n, 1.0, 4),
     );
     let (mut y, mut xa, mut dx) = (zeros(&gpu, t * n), zeros(&gpu, t * r), zeros(&gpu, t * k));
-    let (mut da, mut db, mut g32) = (zeros(&gpu, r * k), zeros(&gpu, n * r), zeros(&gpu, t * r));
+    let (mut grad, mut g32) = (zeros(&gpu, r * (k + n)), zeros(&gpu, t * r));
     let flops = (2 * r * t * (k + n)) as u64;
     let mut g = c.benchmark_group("lora_4096x2048x8192_r16");
     g.throughput(Throughput::Elements(flops));
     g.bench_function("fwd", |b| {
         b.iter(|| {
-            gpu.lora_fwd(&mut y, &mut xa, &x, &a, &bm, t, r, 2.0).unwrap();
+            gpu.lora_fwd(&mut y, &mut xa, &x, &w, at, t, r, 2.0).unwrap();
             sync(&gpu);
         })
     });
     g.throughput(Throughput::Elements(2 * flops));
     g.bench_function("bwd", |b| {
         b.iter(|| {
-            gpu.lora_bwd(&mut dx, &mut da, &mut db, &mut g32, &dy, &x, &xa, &a, &bm, t, r, 2.0)
+            gpu.lora_bwd(&mut dx, &mut grad, &mut g32, &dy, &x, &xa, &w, at, t, r, 2.0)
                 .unwrap();
             sync(&gpu);
         })

@@ -3,7 +3,7 @@
 //! precision exactly (so the step's bf16 round trips are exercised without a GPU), though not their
 //! order of f32 summation.
 
-use super::{to_bf16, to_f32, Bf, Device, Elem, F32};
+use super::{to_bf16, to_f32, Bf, Device, Elem, LoraAt, F32};
 use crate::backend::cpu::{self, Linear, LinearWeight};
 use crate::nf4::Nf4Tensor;
 use crate::optim::{AdamStep, HostPages, StatePages};
@@ -226,20 +226,20 @@ impl Device for Host {
         y: &mut Bf<Self>,
         xa: &mut F32<Self>,
         x: &Bf<Self>,
-        a: &Bf<Self>,
-        b: &Bf<Self>,
+        w: &Bf<Self>,
+        at: LoraAt,
         t: usize,
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        let (k, n) = (a.len() / r, b.len() / r);
+        let (k, n) = (at.inp, at.out);
         let mut yf = to_f32(&y[..t * n]);
         cpu::lora_fwd(
             &mut yf,
             &mut xa[..t * r],
             &to_f32(&x[..t * k]),
-            &to_f32(a),
-            &to_f32(b),
+            &to_f32(&w[at.a..at.a + r * k]),
+            &to_f32(&w[at.b..at.b + n * r]),
             r,
             scale,
         );
@@ -249,21 +249,21 @@ impl Device for Host {
     fn lora_bwd(
         &self,
         dx: &mut Bf<Self>,
-        da: &mut F32<Self>,
-        db: &mut F32<Self>,
+        grad: &mut F32<Self>,
         _g: &mut F32<Self>,
         dy: &Bf<Self>,
         x: &Bf<Self>,
         xa: &F32<Self>,
-        a: &Bf<Self>,
-        b: &Bf<Self>,
+        w: &Bf<Self>,
+        at: LoraAt,
         t: usize,
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        let (k, n) = (a.len() / r, b.len() / r);
+        let (k, n) = (at.inp, at.out);
         let mut dx_lora = vec![0f32; t * k];
         let (dyf, xf) = (to_f32(&dy[..t * n]), to_f32(&x[..t * k]));
+        let (da, db) = grad[at.a..at.b + n * r].split_at_mut(r * k);
         cpu::lora_bwd(
             &mut dx_lora,
             da,
@@ -271,8 +271,8 @@ impl Device for Host {
             &dyf,
             &xf,
             &xa[..t * r],
-            &to_f32(a),
-            &to_f32(b),
+            &to_f32(&w[at.a..at.a + r * k]),
+            &to_f32(&w[at.b..at.b + n * r]),
             r,
             scale,
         );

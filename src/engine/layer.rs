@@ -1,8 +1,8 @@
 //! One decoder layer of the device step, forward and backward, and its projections with their
 //! adapters: the device twin of `model::Model::layer_fwd` and `autograd::layer_bwd`.
 
-use super::step::{DeviceLayer, DeviceSlot, Engine, ProjScratch};
-use super::{Bf, Device, F32};
+use super::step::{DeviceLayer, Engine, ProjScratch};
+use super::{Bf, Device, LoraAt, F32};
 use crate::config::ModelConfig;
 use crate::model::{Dropout, Proj};
 use anyhow::Result;
@@ -20,8 +20,10 @@ pub(super) enum Attn {
 
 /// The adapters as one layer's projections see them.
 pub(super) struct Adapt<'a, D: Device> {
-    /// This layer's slots; `None` runs the base model.
-    slots: Option<&'a mut [Option<DeviceSlot<D>>]>,
+    /// Where this layer's adapters lie, per projection; `None` runs the base model.
+    at: Option<&'a [Option<LoraAt>; 7]>,
+    /// [N] every adapter's bf16 copy.
+    w: &'a Bf<D>,
     c: &'a ModelConfig,
     l: usize,
     rank: usize,
@@ -45,6 +47,7 @@ impl<D: Device> Engine<D> {
             config: c,
             layers,
             slots,
+            adapters,
             xs,
             acts,
             s,
@@ -58,7 +61,8 @@ impl<D: Device> Engine<D> {
         let (head, tail) = xs.split_at_mut(l + 1);
         let (x_in, out) = (&head[l], &mut tail[0]);
         let ad = Adapt {
-            slots: adapted.then_some(&mut slots[l][..]),
+            at: adapted.then_some(&slots[l]),
+            w: &adapters.w,
             c,
             l,
             rank: *rank,
@@ -120,6 +124,7 @@ impl<D: Device> Engine<D> {
             config: c,
             layers,
             slots,
+            adapters,
             xs,
             acts,
             s,
@@ -129,8 +134,10 @@ impl<D: Device> Engine<D> {
             ..
         } = self;
         let (layer, acts, x_in) = (&layers[l], &acts[a], &xs[l]);
-        let mut ad = Adapt {
-            slots: Some(&mut slots[l][..]),
+        let grad = &mut adapters.grad;
+        let ad = Adapt {
+            at: Some(&slots[l]),
+            w: &adapters.w,
             c,
             l,
             rank: *rank,
@@ -146,7 +153,8 @@ impl<D: Device> Engine<D> {
         proj_bwd(
             dev,
             layer,
-            &mut ad,
+            &ad,
+            grad,
             Proj::Down,
             &s.dx,
             &s.act,
@@ -161,7 +169,8 @@ impl<D: Device> Engine<D> {
         proj_bwd(
             dev,
             layer,
-            &mut ad,
+            &ad,
+            grad,
             Proj::Gate,
             &s.d_gate,
             &s.h_norm,
@@ -174,7 +183,8 @@ impl<D: Device> Engine<D> {
         proj_bwd(
             dev,
             layer,
-            &mut ad,
+            &ad,
+            grad,
             Proj::Up,
             &s.d_up,
             &s.h_norm,
@@ -191,7 +201,8 @@ impl<D: Device> Engine<D> {
         proj_bwd(
             dev,
             layer,
-            &mut ad,
+            &ad,
+            grad,
             Proj::O,
             &s.dx_mid,
             &acts.att,
@@ -221,7 +232,8 @@ impl<D: Device> Engine<D> {
         proj_bwd(
             dev,
             layer,
-            &mut ad,
+            &ad,
+            grad,
             Proj::Q,
             &s.dq,
             &s.h_norm,
@@ -234,7 +246,8 @@ impl<D: Device> Engine<D> {
         proj_bwd(
             dev,
             layer,
-            &mut ad,
+            &ad,
+            grad,
             Proj::K,
             &s.dk,
             &s.h_norm,
@@ -247,7 +260,8 @@ impl<D: Device> Engine<D> {
         proj_bwd(
             dev,
             layer,
-            &mut ad,
+            &ad,
+            grad,
             Proj::V,
             &s.dv,
             &s.h_norm,
@@ -278,7 +292,7 @@ fn proj_fwd<D: Device>(
 ) -> Result<()> {
     let i = p as usize;
     dev.nf4_gemm_fwd(y, x, &layer.proj[i], layer.bias[i].as_ref(), t)?;
-    let Some(slot) = ad.slots.as_deref().and_then(|s| s[i].as_ref()) else {
+    let Some(at) = ad.at.and_then(|s| s[i]) else {
         return Ok(());
     };
     let x = match ad.dropout {
@@ -288,7 +302,7 @@ fn proj_fwd<D: Device>(
         }
         None => x,
     };
-    dev.lora_fwd(y, &mut xa[i], x, &slot.a, &slot.b, t, ad.rank, ad.scale)
+    dev.lora_fwd(y, &mut xa[i], x, ad.w, at, t, ad.rank, ad.scale)
 }
 
 /// Backward of one projection (see `autograd::proj_bwd`):
@@ -298,7 +312,8 @@ fn proj_fwd<D: Device>(
 fn proj_bwd<D: Device>(
     dev: &D,
     layer: &DeviceLayer<D>,
-    ad: &mut Adapt<D>,
+    ad: &Adapt<D>,
+    grad: &mut F32<D>,
     p: Proj,
     dy: &Bf<D>,
     x: &Bf<D>,
@@ -312,8 +327,7 @@ fn proj_bwd<D: Device>(
     let (r, scale) = (ad.rank, ad.scale);
     let target = if accumulate { &mut ps.tmp } else { &mut *dx };
     dev.nf4_gemm_bwd_input(target, dy, &layer.proj[i], t)?;
-    if let Some(slot) = ad.slots.as_deref_mut().and_then(|s| s[i].as_mut()) {
-        let (da, db) = (&mut slot.da, &mut slot.db);
+    if let Some(at) = ad.at.and_then(|s| s[i]) {
         match ad.dropout {
             Some(dr) => {
                 let seed = dr.seed_for(ad.l, p);
@@ -321,14 +335,13 @@ fn proj_bwd<D: Device>(
                 dev.zero(&mut ps.dlora)?;
                 dev.lora_bwd(
                     &mut ps.dlora,
-                    da,
-                    db,
+                    grad,
                     &mut ps.g,
                     dy,
                     &ps.xd,
                     &xa[i],
-                    &slot.a,
-                    &slot.b,
+                    ad.w,
+                    at,
                     t,
                     r,
                     scale,
@@ -336,7 +349,7 @@ fn proj_bwd<D: Device>(
                 dev.dropout(&mut ps.xd, &ps.dlora, seed, dr.p, n)?;
                 dev.add(target, &ps.xd, n)?;
             }
-            None => dev.lora_bwd(target, da, db, &mut ps.g, dy, x, &xa[i], &slot.a, &slot.b, t, r, scale)?,
+            None => dev.lora_bwd(target, grad, &mut ps.g, dy, x, &xa[i], ad.w, at, t, r, scale)?,
         }
     }
     if accumulate {

@@ -32,8 +32,30 @@ impl Elem for f32 {}
 impl Elem for i32 {}
 impl Elem for u8 {}
 
-/// Partial sums written by [`Device::sum_squares`] per tensor.
-pub const SUM_PARTS: usize = 32;
+/// Partial sums written by [`Device::sum_squares`].
+pub const SUM_PARTS: usize = 256;
+
+/// Where one projection's adapter lies in the flat adapter buffers (the layout of
+/// `LoraParams::data`): A [r, inp] from offset `a`, then B [out, r] from offset `b` = a + r inp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraAt {
+    pub a: usize,
+    pub b: usize,
+    pub inp: usize,
+    pub out: usize,
+}
+
+impl LoraAt {
+    pub fn of(slot: &crate::lora::LoraSlot) -> LoraAt {
+        assert_eq!(slot.a.end, slot.b.start, "B follows A in the adapter layout");
+        LoraAt {
+            a: slot.a.start,
+            b: slot.b.start,
+            inp: slot.in_features,
+            out: slot.out_features,
+        }
+    }
+}
 
 /// Bf16 buffer of a device.
 pub type Bf<D> = <D as Device>::Buf<bf16>;
@@ -149,32 +171,32 @@ pub trait Device {
     ) -> Result<()>;
     /// dx = dy W. dx: [t, in]; dy: [t, out].
     fn nf4_gemm_bwd_input(&self, dx: &mut Bf<Self>, dy: &Bf<Self>, w: &Self::Nf4, t: usize) -> Result<()>;
-    /// xa = x A^T; y += s xa B^T. y: [t, out]; xa: [t, r] f32; x: [t, in]; a: [r, in]; b: [out, r].
+    /// xa = x A^T; y += s xa B^T, with A [r, in] and B [out, r] where `at` places them in `w`, the
+    /// adapters' bf16 copies. y: [t, out]; xa: [t, r] f32; x: [t, in].
     fn lora_fwd(
         &self,
         y: &mut Bf<Self>,
         xa: &mut F32<Self>,
         x: &Bf<Self>,
-        a: &Bf<Self>,
-        b: &Bf<Self>,
+        w: &Bf<Self>,
+        at: LoraAt,
         t: usize,
         r: usize,
         scale: f32,
     ) -> Result<()>;
-    /// With g = dy B: dB += s dy^T xa, dA += s g^T x, dx += s g A.
-    /// dx: [t, in]; da: [r, in] f32; db: [out, r] f32; g: [t, r] f32 scratch; dy: [t, out];
+    /// With g = dy B: dB += s dy^T xa, dA += s g^T x, dx += s g A; dA and dB where `at` places them
+    /// in `grad` (f32, the layout of `w`). dx: [t, in]; g: [t, r] f32 scratch; dy: [t, out];
     /// x: [t, in]; xa: [t, r] f32.
     fn lora_bwd(
         &self,
         dx: &mut Bf<Self>,
-        da: &mut F32<Self>,
-        db: &mut F32<Self>,
+        grad: &mut F32<Self>,
         g: &mut F32<Self>,
         dy: &Bf<Self>,
         x: &Bf<Self>,
         xa: &F32<Self>,
-        a: &Bf<Self>,
-        b: &Bf<Self>,
+        w: &Bf<Self>,
+        at: LoraAt,
         t: usize,
         r: usize,
         scale: f32,

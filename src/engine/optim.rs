@@ -11,10 +11,11 @@
 //! - streaming: otherwise every step moves each page in, updates the adapter tensors it covers and
 //!   moves it back, so the optimizer's device memory is one page whatever the adapter size.
 //!
-//! One step, after the micro-batches have accumulated their gradients g on the device:
-//!   norm   = sqrt(sum over tensors of sum(g^2))      partial sums in f32 on the device, then in f64
+//! One step, after the micro-batches have accumulated their gradients g on the device (every
+//! adapter tensor lies in one flat buffer of each kind, so each line is one launch, or one per page):
+//!   norm   = sqrt(sum(g^2))                          partial sums in f32 on the device, then in f64
 //!   factor = clip_factor(norm, max_norm)              as torch.nn.utils.clip_grad_norm_
-//!   for each page, for each piece of a tensor in it:  adamw_step(master, m, v, g, gscale = factor)
+//!   for each page of the state:                       adamw_step(master, m, v, g, gscale = factor)
 //!   bf16 copies = bf16(masters);  g = 0
 
 use super::step::Engine;
@@ -44,11 +45,11 @@ impl<D: Device> DeviceOptim<D> {
     }
 }
 
-/// Bytes of device memory the optimizer takes for `len` adapter parameters in `tensors` tensors,
-/// host pages of `page` values: [`device_plan`](super::step::device_plan)'s formula.
-pub fn optimizer_bytes(len: usize, tensors: usize, page: usize) -> usize {
+/// Bytes of device memory the optimizer takes for `len` adapter parameters in host pages of `page`
+/// values: [`device_plan`](super::step::device_plan)'s formula.
+pub fn optimizer_bytes(len: usize, page: usize) -> usize {
     let window = if len <= OPTIMIZER_WINDOW { len } else { page };
-    2 * 4 * window.max(1) + 4 * (tensors * SUM_PARTS).max(1)
+    2 * 4 * window.max(1) + 4 * SUM_PARTS
 }
 
 impl<D: Device> Engine<D> {
@@ -62,13 +63,12 @@ impl<D: Device> Engine<D> {
             "optimizer pages of {page} values do not fit a device window of {max_window}"
         );
         let window = if resident { len } else { page };
-        let tensors = 2 * self.slots.iter().flatten().flatten().count();
         self.opt = Some(DeviceOptim {
             m: self.dev.alloc(window)?,
             v: self.dev.alloc(window)?,
             resident,
             loaded: false,
-            parts: self.dev.alloc(tensors * SUM_PARTS)?,
+            parts: self.dev.alloc(SUM_PARTS)?,
         });
         Ok(())
     }
@@ -78,19 +78,16 @@ impl<D: Device> Engine<D> {
         self.opt.as_ref().map(|o| o.resident)
     }
 
-    fn optim(&mut self) -> Result<&mut DeviceOptim<D>> {
-        self.opt
-            .as_mut()
-            .context("the engine's optimizer is not enabled (Engine::enable_optimizer)")
-    }
-
     /// Take the host's moments: a resident window copies them in before the next update.
     pub fn load_optimizer(&mut self) -> Result<()> {
-        self.optim()?.loaded = false;
+        self.opt
+            .as_mut()
+            .context("the engine's optimizer is not enabled (Engine::enable_optimizer)")?
+            .loaded = false;
         Ok(())
     }
 
-    /// Copy the resident window's moments back into the host pages (streaming pages are always
+    /// Copy the resident window's moments back into the host pages (streamed pages are always
     /// current on the host).
     pub fn save_optimizer(&mut self, opt: &mut AdamW) -> Result<()> {
         let o = self.opt.as_mut().context("the engine's optimizer is not enabled")?;
@@ -107,92 +104,73 @@ impl<D: Device> Engine<D> {
     /// Global L2 norm of the accumulated adapter gradients (NaN or infinite if any value is).
     pub fn grad_norm(&mut self) -> Result<f32> {
         let o = self.opt.as_mut().context("the engine's optimizer is not enabled")?;
-        let mut at = 0;
-        for slot in self.slots.iter().flatten().flatten() {
-            self.dev.sum_squares(&mut o.parts, at, &slot.da, slot.slot.a.len())?;
-            self.dev
-                .sum_squares(&mut o.parts, at + SUM_PARTS, &slot.db, slot.slot.b.len())?;
-            at += 2 * SUM_PARTS;
-        }
-        let parts = self.dev.read(&o.parts, at)?;
+        let ad = &self.adapters;
+        self.dev.sum_squares(&mut o.parts, 0, &ad.grad, ad.len)?;
+        let parts = self.dev.read(&o.parts, SUM_PARTS)?;
         Ok(parts.iter().map(|&p| p as f64).sum::<f64>().sqrt() as f32)
     }
 
     /// One AdamW update (number `opt.step + 1`) of the masters from the accumulated gradients times
     /// `gscale`; then the bf16 copies are refreshed and the gradients zeroed.
     pub fn adamw_update(&mut self, opt: &mut AdamW, lr: f32, gscale: f32) -> Result<()> {
+        let (dev, ad) = (&self.dev, &mut self.adapters);
         ensure!(
-            opt.state.len() == self.adapter_len(),
+            opt.state.len() == ad.len,
             "optimizer state for {} parameters, adapters of {}",
             opt.state.len(),
-            self.adapter_len()
+            ad.len
         );
-        let dev = &self.dev;
         let o = self.opt.as_mut().context("the engine's optimizer is not enabled")?;
         opt.step += 1;
         let h = AdamStep::new(opt.config, opt.step, lr, gscale);
-        let mut pages = opt.state.pages_mut();
-        if o.resident && !o.loaded {
-            for (range, m, v) in &pages {
-                dev.write_at(&mut o.m, range.start, m)?;
-                dev.write_at(&mut o.v, range.start, v)?;
+        let pages = opt.state.pages_mut();
+        if o.resident {
+            if !o.loaded {
+                for (range, m, v) in &pages {
+                    dev.write_at(&mut o.m, range.start, m)?;
+                    dev.write_at(&mut o.v, range.start, v)?;
+                }
+                o.loaded = true;
             }
-            o.loaded = true;
-        }
-        for (range, m, v) in &mut pages {
-            // Where parameter x's moments sit in the window.
-            let base = if o.resident { 0 } else { range.start };
-            if !o.resident {
+            dev.adamw_step(&mut ad.master, &mut o.m, &mut o.v, &ad.grad, 0, 0, ad.len, &h)?;
+        } else {
+            for (range, m, v) in pages {
                 dev.write_at(&mut o.m, 0, m)?;
                 dev.write_at(&mut o.v, 0, v)?;
-            }
-            for slot in self.slots.iter_mut().flatten().flatten() {
-                let tensors = [
-                    (slot.slot.a.clone(), &mut slot.a32, &slot.da),
-                    (slot.slot.b.clone(), &mut slot.b32, &slot.db),
-                ];
-                for (t, p32, g) in tensors {
-                    let (lo, hi) = (t.start.max(range.start), t.end.min(range.end));
-                    if lo < hi {
-                        dev.adamw_step(p32, &mut o.m, &mut o.v, g, lo - t.start, lo - base, hi - lo, &h)?;
-                    }
-                }
-            }
-            if !o.resident {
+                dev.adamw_step(
+                    &mut ad.master,
+                    &mut o.m,
+                    &mut o.v,
+                    &ad.grad,
+                    range.start,
+                    0,
+                    range.len(),
+                    &h,
+                )?;
                 dev.read_into(&o.m, 0, m)?;
                 dev.read_into(&o.v, 0, v)?;
             }
-        }
-        drop(pages);
-        if !o.resident {
             // The host pages must hold the copies before anyone reads them.
             dev.synchronize()?;
         }
-        for slot in self.slots.iter_mut().flatten().flatten() {
-            dev.cast_f32_bf16(&mut slot.a, &slot.a32, slot.slot.a.len())?;
-            dev.cast_f32_bf16(&mut slot.b, &slot.b32, slot.slot.b.len())?;
-        }
+        dev.cast_f32_bf16(&mut ad.w, &ad.master, ad.len)?;
         self.zero_grads()
     }
 
     /// Zero the accumulated gradients (after an update, or instead of a skipped one).
     pub fn zero_grads(&mut self) -> Result<()> {
-        for slot in self.slots.iter_mut().flatten().flatten() {
-            self.dev.zero(&mut slot.da)?;
-            self.dev.zero(&mut slot.db)?;
-        }
-        Ok(())
+        self.dev.zero(&mut self.adapters.grad)
     }
 
     /// The device's f32 adapters into `lora.data`.
     pub fn download_adapters(&mut self, lora: &mut LoraParams) -> Result<()> {
+        let ad = &self.adapters;
         ensure!(
-            lora.data.len() == self.adapter_len(),
+            lora.data.len() == ad.len,
             "the adapters changed shape since the engine was built"
         );
-        for slot in self.slots.iter().flatten().flatten() {
-            self.dev.read_into(&slot.a32, 0, &mut lora.data[slot.slot.a.clone()])?;
-            self.dev.read_into(&slot.b32, 0, &mut lora.data[slot.slot.b.clone()])?;
+        if ad.len > 0 {
+            self.dev.read_into(&ad.master, 0, &mut lora.data)?;
         }
         self.dev.synchronize()
     }

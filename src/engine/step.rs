@@ -2,16 +2,19 @@
 //! and head), every buffer sized once for the largest micro-batch, and a forward + fused loss +
 //! adapter-only backward that mirrors `autograd::forward_backward` op for op.
 //!
-//! Adapters stay f32 on the host, where the optimizer, clipping and checkpoints already live: each
-//! call uploads bf16 copies of A and B, and reads back the f32 gradients of this micro-batch. (For a
-//! rank-16 adapter on a 1B model that is ~22 MB up and ~44 MB down per micro-batch.)
+//! The adapters live on the device in three flat buffers in `LoraParams::data`'s layout: f32
+//! masters, their bf16 copies (what the LoRA kernels read) and f32 gradients. Training accumulates
+//! gradients there over a step's micro-batches ([`Engine::accumulate`]) and updates the masters with
+//! the paged AdamW of `engine::optim`; the host sees the adapters only when it asks
+//! ([`Engine::download_adapters`], for checkpoints and evaluation). [`Engine::forward_backward`] is
+//! the one-call form the tests and the selftest use: upload, accumulate, read the gradients back.
 
 use super::layer::Attn;
-use super::{to_bf16, Bf, Device, F32};
+use super::{to_bf16, Bf, Device, LoraAt, F32};
 use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::LinearWeight;
 use crate::config::ModelConfig;
-use crate::lora::{LoraParams, LoraSlot};
+use crate::lora::LoraParams;
 use crate::memory::{Plan, PlanInput};
 use crate::model::{Dropout, Model, Proj};
 use anyhow::{bail, ensure, Context, Result};
@@ -26,16 +29,13 @@ pub(super) struct DeviceLayer<D: Device> {
     pub(super) bias: Vec<Option<Bf<D>>>,
 }
 
-/// One adapted projection's parameters (f32 masters and the bf16 copies the kernels read) and
-/// gradients (f32).
-pub(super) struct DeviceSlot<D: Device> {
-    pub(super) slot: LoraSlot,
-    pub(super) a32: F32<D>, // [r, in]
-    pub(super) b32: F32<D>, // [out, r]
-    pub(super) a: Bf<D>,    // [r, in]
-    pub(super) b: Bf<D>,    // [out, r]
-    pub(super) da: F32<D>,  // [r, in]
-    pub(super) db: F32<D>,  // [out, r]
+/// Every adapter A and B in one flat buffer of each kind, in `LoraParams::data`'s layout ([`LoraAt`]
+/// says where a projection's lie): one copy, one cast, one optimizer launch for all of them.
+pub(super) struct AdapterBufs<D: Device> {
+    pub(super) master: F32<D>, // [N] f32 masters, which the optimizer updates
+    pub(super) w: Bf<D>,       // [N] their bf16 copies, which the LoRA kernels read
+    pub(super) grad: F32<D>,   // [N] gradients, accumulated over a step's micro-batches
+    pub(super) len: usize,     // N
 }
 
 /// What a layer's forward keeps for its backward (one set per layer, or one in all with
@@ -111,8 +111,9 @@ pub struct Engine<D: Device> {
     pub(super) norm: Bf<D>,            // [d]
     pub(super) inv_freq: F32<D>,       // [hd/2]
     pub(super) layers: Vec<DeviceLayer<D>>,
-    /// Per layer, per projection.
-    pub(super) slots: Vec<Vec<Option<DeviceSlot<D>>>>,
+    /// Per layer, per projection (in [`Proj::ALL`] order): where its adapter lies, if it has one.
+    pub(super) slots: Vec<[Option<LoraAt>; 7]>,
+    pub(super) adapters: AdapterBufs<D>,
     pub(super) rank: usize,
     pub(super) scale: f32,
     /// LoRA dropout probability of the adapters.
@@ -184,8 +185,7 @@ pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, chec
         base_other: (2 * (v * d + head + (2 * l + 1) * d) + 4 * (c.head_dim / 2)) as u64,
         // bf16 copies, f32 masters and gradients; the optimizer's window.
         adapter_and_optimizer: (l * adapter * (2 + 4 + 4)
-            + super::optim::optimizer_bytes(l * adapter, 2 * l * targets.len(), crate::optim::PAGE))
-            as u64,
+            + super::optim::optimizer_bytes(l * adapter, crate::optim::PAGE)) as u64,
         activations: (cap * (n_acts * per_token_layer + (l + 1) * 2 * d)) as u64,
         workspace: (cap * scratch_per_token + ce_rows * v * (4 + 2)) as u64,
         device: true,
@@ -222,12 +222,10 @@ impl<D: Device> Engine<D> {
         };
         ensure_fits(&dev, &c, &input)?;
         let mut layers = Vec::with_capacity(c.num_layers);
-        let mut slots = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let layer = &model.layers[l];
             let mut proj = Vec::with_capacity(7);
             let mut bias = Vec::with_capacity(7);
-            let mut layer_slots = Vec::with_capacity(7);
             for p in Proj::ALL {
                 let name = p.path(l);
                 proj.push(upload_proj(&dev, model, l, p).with_context(|| format!("uploading {name}"))?);
@@ -239,18 +237,6 @@ impl<D: Device> Engine<D> {
                         .map(|b| dev.upload(&to_bf16(b)))
                         .transpose()?,
                 );
-                layer_slots.push(match lora.slot(l, p) {
-                    Some(slot) => Some(DeviceSlot {
-                        slot: slot.clone(),
-                        a32: dev.alloc(slot.a.len())?,
-                        b32: dev.alloc(slot.b.len())?,
-                        a: dev.alloc(slot.a.len())?,
-                        b: dev.alloc(slot.b.len())?,
-                        da: dev.alloc(slot.a.len())?,
-                        db: dev.alloc(slot.b.len())?,
-                    }),
-                    None => None,
-                });
             }
             layers.push(DeviceLayer {
                 attn_norm: dev.upload(&to_bf16(&layer.attn_norm))?,
@@ -258,8 +244,17 @@ impl<D: Device> Engine<D> {
                 proj,
                 bias,
             });
-            slots.push(layer_slots);
         }
+        let slots = (lora.slots.iter())
+            .map(|layer| layer.each_ref().map(|s| s.as_ref().map(LoraAt::of)))
+            .collect();
+        let n = lora.data.len();
+        let adapters = AdapterBufs {
+            master: dev.alloc(n)?,
+            w: dev.alloc(n)?,
+            grad: dev.alloc(n)?,
+            len: n,
+        };
         let n_acts = if checkpointing { 1 } else { c.num_layers };
         let mut acts = Vec::with_capacity(n_acts);
         for _ in 0..n_acts {
@@ -330,6 +325,7 @@ impl<D: Device> Engine<D> {
             inv_freq: dev.upload(&model.inv_freq)?,
             layers,
             slots,
+            adapters,
             rank: r,
             scale: lora.config.scale(),
             dropout: lora.config.dropout,
@@ -370,9 +366,8 @@ impl<D: Device> Engine<D> {
             n += l.proj.iter().map(D::nf4_bytes).sum::<usize>();
             n += l.bias.iter().flatten().map(|b| D::bytes(b)).sum::<usize>();
         }
-        for slot in self.slots.iter().flatten().flatten() {
-            n += sum::<D, _>(&[&slot.a, &slot.b]) + sum::<D, _>(&[&slot.a32, &slot.b32, &slot.da, &slot.db]);
-        }
+        let ad = &self.adapters;
+        n += D::bytes(&ad.w) + sum::<D, _>(&[&ad.master, &ad.grad]);
         n += self.opt.as_ref().map_or(0, |o| o.device_bytes());
         for a in &self.acts {
             let bf = [&a.q, &a.k, &a.v, &a.att, &a.x_mid, &a.gate, &a.up];
@@ -431,11 +426,9 @@ impl<D: Device> Engine<D> {
         );
         self.upload_adapters(lora)?;
         let loss = self.accumulate(batch, inv_count, opts)?;
-        for slot in self.slots.iter().flatten().flatten() {
-            let da = self.dev.read(&slot.da, slot.slot.a.len())?;
-            let db = self.dev.read(&slot.db, slot.slot.b.len())?;
-            grads[slot.slot.a.clone()].iter_mut().zip(da).for_each(|(g, v)| *g += v);
-            grads[slot.slot.b.clone()].iter_mut().zip(db).for_each(|(g, v)| *g += v);
+        if !grads.is_empty() {
+            let got = self.dev.read(&self.adapters.grad, grads.len())?;
+            grads.iter_mut().zip(got).for_each(|(g, v)| *g += v);
         }
         Ok(loss)
     }
@@ -491,30 +484,21 @@ impl<D: Device> Engine<D> {
 
     /// Make `lora` the device's adapters: f32 masters, their bf16 copies, and zero gradients.
     pub fn upload_adapters(&mut self, lora: &LoraParams) -> Result<()> {
+        let ad = &mut self.adapters;
         ensure!(
-            lora.config.r == self.rank && lora.data.len() == self.adapter_len(),
+            lora.config.r == self.rank && lora.data.len() == ad.len,
             "the adapters changed shape since the engine was built"
         );
-        for slot in self.slots.iter_mut().flatten().flatten() {
-            let (a, b) = (slot.slot.a.clone(), slot.slot.b.clone());
-            self.dev.write(&mut slot.a32, &lora.data[a.clone()])?;
-            self.dev.write(&mut slot.b32, &lora.data[b.clone()])?;
-            self.dev.cast_f32_bf16(&mut slot.a, &slot.a32, a.len())?;
-            self.dev.cast_f32_bf16(&mut slot.b, &slot.b32, b.len())?;
-            self.dev.zero(&mut slot.da)?;
-            self.dev.zero(&mut slot.db)?;
+        if ad.len > 0 {
+            self.dev.write(&mut ad.master, &lora.data)?;
+            self.dev.cast_f32_bf16(&mut ad.w, &ad.master, ad.len)?;
         }
-        Ok(())
+        self.dev.zero(&mut ad.grad)
     }
 
     /// Number of adapter parameters (the length of `LoraParams::data`).
     pub fn adapter_len(&self) -> usize {
-        self.slots
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|s| s.slot.a.len() + s.slot.b.len())
-            .sum()
+        self.adapters.len
     }
 
     /// Upload a packed batch (tokens, positions, packing, labels) and embed it into xs[0]; returns

@@ -2,7 +2,7 @@
 //! wrapper of the same name (ops.rs), so the training step of `engine::step` runs our kernels.
 
 use super::{Cuda, Nf4Device};
-use crate::engine::{Bf, Device, Elem, F32};
+use crate::engine::{Bf, Device, Elem, LoraAt, F32};
 use crate::nf4::{dynamic_map, Nf4Tensor};
 use crate::optim::{AdamStep, StatePages};
 use anyhow::{Context, Result};
@@ -166,30 +166,29 @@ impl Device for Cuda {
         y: &mut Bf<Self>,
         xa: &mut F32<Self>,
         x: &Bf<Self>,
-        a: &Bf<Self>,
-        b: &Bf<Self>,
+        w: &Bf<Self>,
+        at: LoraAt,
         t: usize,
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        Cuda::lora_fwd(self, y, xa, x, a, b, t, r, scale)
+        Cuda::lora_fwd(self, y, xa, x, w, at, t, r, scale)
     }
     fn lora_bwd(
         &self,
         dx: &mut Bf<Self>,
-        da: &mut F32<Self>,
-        db: &mut F32<Self>,
+        grad: &mut F32<Self>,
         g: &mut F32<Self>,
         dy: &Bf<Self>,
         x: &Bf<Self>,
         xa: &F32<Self>,
-        a: &Bf<Self>,
-        b: &Bf<Self>,
+        w: &Bf<Self>,
+        at: LoraAt,
         t: usize,
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        Cuda::lora_bwd(self, dx, da, db, g, dy, x, xa, a, b, t, r, scale)
+        Cuda::lora_bwd(self, dx, grad, g, dy, x, xa, w, at, t, r, scale)
     }
     fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &CudaSlice<i32>, n: usize, d: usize) -> Result<()> {
         Cuda::gather_rows(self, out, x, idx, n, d)

@@ -4,7 +4,7 @@
 //! Every launch error names the kernel.
 
 use super::{block_per_row, blocks_for, mma_tiles, Cuda};
-use crate::engine::SUM_PARTS;
+use crate::engine::{LoraAt, SUM_PARTS};
 use crate::optim::AdamStep;
 use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -242,73 +242,83 @@ impl Cuda {
         Ok(())
     }
 
-    /// LoRA forward: xa = x A^T, then y += s xa B^T.
-    /// y: [t, out]; xa: [t, r] f32; x: [t, in]; a: [r, in]; b: [out, r].
+    /// LoRA forward: xa = x A^T, then y += s xa B^T, with A [r, in] and B [out, r] where `at` places
+    /// them in w (the adapters' bf16 copies). y: [t, out]; xa: [t, r] f32; x: [t, in].
     #[allow(clippy::too_many_arguments)]
     pub fn lora_fwd(
         &self,
         y: &mut CudaSlice<bf16>,
         xa: &mut CudaSlice<f32>,
         x: &CudaSlice<bf16>,
-        a: &CudaSlice<bf16>,
-        b: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        at: LoraAt,
         t: usize,
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        let (k, n) = (a.len() / r, b.len() / r);
+        let (k, n) = (at.inp, at.out);
         assert!(x.len() >= t * k && y.len() >= t * n && xa.len() >= t * r);
+        assert!(
+            at.b == at.a + r * k && at.b + n * r <= w.len(),
+            "lora_fwd: adapter out of range"
+        );
+        let (a, b) = (w.slice(at.a..at.b), w.slice(at.b..at.b + n * r));
         let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
         let mut l = self.stream.launch_builder(&self.k.lora[0]);
-        l.arg(&mut *xa).arg(x).arg(a).arg(&ti).arg(&ki).arg(&ri);
+        l.arg(&mut *xa).arg(x).arg(&a).arg(&ti).arg(&ki).arg(&ri);
         // SAFETY: one warp per (t, c) of xa [t, r], bounded in the kernel; x [t, in], a [r, in] asserted.
         unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_xa")?;
         let mut l = self.stream.launch_builder(&self.k.lora[1]);
-        l.arg(y).arg(&*xa).arg(b).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
+        l.arg(y).arg(&*xa).arg(&b).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
         // SAFETY: one thread per element of y [t, out], bounded in the kernel; xa [t, r], b [out, r].
         unsafe { l.launch(blocks_for(t * n)) }.context("kernel lora_add")?;
         Ok(())
     }
 
-    /// LoRA backward: with g = dy B, dB += s dy^T xa, dA += s g^T x, dx += s g A.
-    /// dx: [t, in] (added to); da: [r, in] f32 and db: [out, r] f32 (accumulated); g: [t, r] f32
-    /// (scratch); dy: [t, out]; x: [t, in]; xa: [t, r] f32 from the forward.
+    /// LoRA backward: with g = dy B, dB += s dy^T xa, dA += s g^T x, dx += s g A; dA [r, in] and
+    /// dB [out, r] (f32, accumulated) where `at` places them in grad, A and B where it places them in
+    /// w. dx: [t, in] (added to); g: [t, r] f32 (scratch); dy: [t, out]; x: [t, in]; xa: [t, r] f32.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_bwd(
         &self,
         dx: &mut CudaSlice<bf16>,
-        da: &mut CudaSlice<f32>,
-        db: &mut CudaSlice<f32>,
+        grad: &mut CudaSlice<f32>,
         g: &mut CudaSlice<f32>,
         dy: &CudaSlice<bf16>,
         x: &CudaSlice<bf16>,
         xa: &CudaSlice<f32>,
-        a: &CudaSlice<bf16>,
-        b: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        at: LoraAt,
         t: usize,
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        let (k, n) = (a.len() / r, b.len() / r);
+        let (k, n) = (at.inp, at.out);
         assert!(dx.len() >= t * k && x.len() >= t * k && dy.len() >= t * n && xa.len() >= t * r && g.len() >= t * r);
-        assert!(da.len() == a.len() && db.len() == b.len());
+        assert!(
+            at.b == at.a + r * k && at.b + n * r <= w.len().min(grad.len()),
+            "lora_bwd: adapter out of range"
+        );
+        let (a, b) = (w.slice(at.a..at.b), w.slice(at.b..at.b + n * r));
+        let (mut lo, mut hi) = grad.split_at_mut(at.b);
+        let (mut da, mut db) = (lo.slice_mut(at.a..), hi.slice_mut(..n * r));
         let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
         let mut l = self.stream.launch_builder(&self.k.lora[2]);
-        l.arg(&mut *g).arg(dy).arg(b).arg(&ti).arg(&ni).arg(&ri);
+        l.arg(&mut *g).arg(dy).arg(&b).arg(&ti).arg(&ni).arg(&ri);
         // SAFETY: one warp per (t, c) of g [t, r]; dy [t, out], b [out, r]; bounded in the kernel.
         unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_g")?;
         let mut l = self.stream.launch_builder(&self.k.lora[3]);
-        l.arg(db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
+        l.arg(&mut db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
         // SAFETY: 32 outputs of db [out, r] per block of 256 threads (bounded by out * r in the
         // kernel); reads dy [t, out] and xa [t, r].
         unsafe { l.launch(split_t(n * r)) }.context("kernel lora_db")?;
         let mut l = self.stream.launch_builder(&self.k.lora[4]);
-        l.arg(da).arg(&*g).arg(x).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
+        l.arg(&mut da).arg(&*g).arg(x).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
         // SAFETY: 32 outputs of da [r, in] per block of 256 threads (bounded by r * in in the
         // kernel); reads g [t, r] and x [t, in].
         unsafe { l.launch(split_t(r * k)) }.context("kernel lora_da")?;
         let mut l = self.stream.launch_builder(&self.k.lora[5]);
-        l.arg(dx).arg(&*g).arg(a).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
+        l.arg(dx).arg(&*g).arg(&a).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
         // SAFETY: one thread per element of dx [t, in]; reads g [t, r] and a [r, in].
         unsafe { l.launch(blocks_for(t * k)) }.context("kernel lora_dx")?;
         Ok(())
