@@ -10,12 +10,16 @@ extern "C" __global__ void adamw_step(float* p, float* m, float* v, const float*
                                       float b1, float b2, float eps, float wd, float bc1, float bc2_sqrt) {
     const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const float gi = g[i] * gscale;
-    const float mi = b1 * m[i] + (1.0f - b1) * gi;
-    const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+    // Every product and sum rounded on its own (the _rn intrinsics are never fused into an FMA), in
+    // AdamStep::apply's order: the update is the CPU's bit for bit.
+    const float gi = __fmul_rn(g[i], gscale);
+    const float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(1.0f - b1, gi));
+    const float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(1.0f - b2, gi), gi));
     m[i] = mi;
     v[i] = vi;
-    p[i] = p[i] * (1.0f - lr * wd) - lr * (mi / bc1) / (sqrtf(vi) / bc2_sqrt + eps);
+    const float decay = 1.0f - __fmul_rn(lr, wd);
+    const float step = __fmul_rn(lr, mi / bc1) / __fadd_rn(sqrtf(vi) / bc2_sqrt, eps);
+    p[i] = __fsub_rn(__fmul_rn(p[i], decay), step);
 }
 
 // parts[b] = sum of x[i]^2 over the i that block b visits (i = b * blockDim + tid, stepping by

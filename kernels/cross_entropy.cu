@@ -87,3 +87,34 @@ extern "C" __global__ void ce_softmax_grad(bf16* dlogits, float* loss, const flo
         dlogits[i * V + v] = to_bf16(inv_count * (__expf(z[v] - lse) - (v == target ? 1.0f : 0.0f)));
     if (threadIdx.x == 0) loss[row0 + i] = (target >= 0 && target < V) ? lse - z[target] : NAN;
 }
+
+// Greedy decoding's choice, as generate::argmax: out[i] = the first index of the largest value of
+// logits[i] (NaN values are never chosen; a row that starts with NaN gives 0, as the CPU's scan does).
+// out: [rows] int (written); logits: [rows, V] f32. One block of 256 threads per row.
+extern "C" __global__ void argmax_rows(int* out, const float* logits, int rows, int V) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* x = logits + (long)row * V;
+    float bv = -INFINITY;
+    int bi = V;  // past the end: loses every comparison with a real index
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float v = x[i];
+        if (v > bv || (v == bv && i < bi)) bv = v, bi = i;  // NaN compares false: never taken
+    }
+    // The winner of (bv, bi) pairs: larger value, then smaller index.
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffff, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffff, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+    }
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) best_v[warp] = bv, best_i[warp] = bi;
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    for (int w = 1; w < blockDim.x / 32; w++) {
+        if (best_v[w] > bv || (best_v[w] == bv && best_i[w] < bi)) bv = best_v[w], bi = best_i[w];
+    }
+    out[row] = (isnan(x[0]) || bi >= V) ? 0 : bi;
+}

@@ -95,7 +95,8 @@ extern "C" __global__ void nf4_dequantize_absmax(float* absmax, const uint8_t* q
                                                  const float* dyn_map, float offset, long nblocks) {
     const long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= nblocks) return;
-    absmax[b] = dyn_map[qabsmax[b]] * absmax2[b / 256] + offset;
+    // Rounded twice, as the CPU does (no fused multiply-add): the same f32 scale bit for bit.
+    absmax[b] = __fadd_rn(__fmul_rn(dyn_map[qabsmax[b]], absmax2[b / 256]), offset);
 }
 
 // out[i] = NF4_TABLE[code(i)] * absmax[i / 64], code(2j) = packed[j] >> 4, code(2j + 1) = packed[j] & 15

@@ -3,13 +3,13 @@
 //! The prompts of a chunk are packed and run once (prefill), their keys and values written into a
 //! cache that gives sequence b the rows `b * S .. (b + 1) * S` (S: the longest prompt plus the new
 //! tokens); then each step runs one new token per unfinished sequence against its cache rows. Only
-//! the logits of each sequence's last position are computed; the argmax is taken on the host.
+//! the logits of each sequence's last position are computed, and the argmax is taken on the device:
+//! one token id per sequence comes back per step.
 
 use super::layer::Attn;
 use super::step::Engine;
 use super::{Bf, Device};
 use crate::autograd::Batch;
-use crate::generate::argmax;
 use crate::lora::LoraParams;
 use anyhow::{ensure, Result};
 
@@ -26,6 +26,8 @@ pub(super) struct GenCache<D: Device> {
     pub(super) key_len: D::Buf<i32>,
     /// [cap] the packed row of each prompt's last token.
     last: D::Buf<i32>,
+    /// [cap] the greedy choice of each row of logits.
+    next: D::Buf<i32>,
 }
 
 impl<D: Device> Engine<D> {
@@ -76,7 +78,10 @@ impl<D: Device> Engine<D> {
             "too many prompts for one call"
         );
         let s = prompts.iter().map(Vec::len).max().unwrap_or(0) + 1;
-        self.prefill(lora.is_some(), prompts, s)
+        let rows = self.prefill(lora.is_some(), prompts, s)?;
+        let v = self.config.vocab_size;
+        let flat = self.dev.read(&self.s.logits, rows * v)?;
+        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
     }
 
     fn generate_chunk(
@@ -88,16 +93,17 @@ impl<D: Device> Engine<D> {
         out: &mut [Vec<u32>],
     ) -> Result<()> {
         let s = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
-        let mut logits = self.prefill(adapted, prompts, s)?;
+        let rows = self.prefill(adapted, prompts, s)?;
+        let mut next = self.argmax_of_logits(rows)?;
         let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let mut active: Vec<usize> = (0..prompts.len()).collect();
         loop {
             // Take each active sequence's next token; drop those that stop.
             let mut still = Vec::with_capacity(active.len());
             for (row, &b) in active.iter().enumerate() {
-                let next = argmax(&logits[row]);
-                out[b].push(next);
-                if !stops.contains(&next) && out[b].len() < max_new {
+                let token = next[row];
+                out[b].push(token);
+                if !stops.contains(&token) && out[b].len() < max_new {
                     still.push(b);
                 }
             }
@@ -125,7 +131,8 @@ impl<D: Device> Engine<D> {
                 let a = if self.checkpointing { 0 } else { l };
                 self.layer_fwd(l, a, t, Attn::Decode { max_len }, adapted, None)?;
             }
-            logits = self.logits_of_rows(t, None)?;
+            self.logits_of_rows(t, None)?;
+            next = self.argmax_of_logits(t)?;
             for &b in &active {
                 lens[b] += 1;
             }
@@ -133,8 +140,12 @@ impl<D: Device> Engine<D> {
     }
 
     /// Run the packed prompts through the model, filling the cache (sequence b at rows b * s ..),
-    /// and return the logits of each prompt's last position.
-    fn prefill(&mut self, adapted: bool, prompts: &[Vec<u32>], s: usize) -> Result<Vec<Vec<f32>>> {
+    /// and leave the logits of each prompt's last position in s.logits; returns their row count.
+    fn prefill(&mut self, adapted: bool, prompts: &[Vec<u32>], s: usize) -> Result<usize> {
+        ensure!(
+            prompts.iter().all(|p| !p.is_empty()),
+            "an empty prompt has no last position to continue from"
+        );
         self.ensure_cache(prompts.len() * s)?;
         let none: Vec<Option<u32>> = vec![None; prompts.iter().map(Vec::len).max().unwrap_or(0)];
         let batch = Batch::pack(prompts.iter().map(|p| (&p[..], &none[..p.len()])));
@@ -156,10 +167,10 @@ impl<D: Device> Engine<D> {
     }
 
     /// Final norm of the last layer's t rows, then the logits of rows `last[..n]` (`Some(n)`) or of
-    /// all t rows (`None`), as [rows][vocab].
-    fn logits_of_rows(&mut self, t: usize, gather: Option<usize>) -> Result<Vec<Vec<f32>>> {
+    /// all t rows (`None`) into s.logits [rows, vocab]; returns the row count.
+    fn logits_of_rows(&mut self, t: usize, gather: Option<usize>) -> Result<usize> {
         self.final_norm(t)?;
-        let (d, v) = (self.config.hidden_size, self.config.vocab_size);
+        let d = self.config.hidden_size;
         let (dev, s) = (&self.dev, &mut self.s);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows = match gather {
@@ -174,8 +185,16 @@ impl<D: Device> Engine<D> {
                 t
             }
         };
-        let flat = dev.read(&s.logits, rows * v)?;
-        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+        Ok(rows)
+    }
+
+    /// The greedy token of each of the first `rows` rows of s.logits, chosen on the device (only
+    /// the token ids come back, not the [rows, vocab] logits).
+    fn argmax_of_logits(&mut self, rows: usize) -> Result<Vec<u32>> {
+        let v = self.config.vocab_size;
+        let g = self.gen.as_mut().expect("allocated by the prefill");
+        self.dev.argmax_rows(&mut g.next, &self.s.logits, rows, v)?;
+        Ok(self.dev.read(&g.next, rows)?.iter().map(|&i| i as u32).collect())
     }
 
     /// A cache of at least `rows` rows per layer (grown, never shrunk).
@@ -195,6 +214,7 @@ impl<D: Device> Engine<D> {
             key_start: dev.alloc(cap)?,
             key_len: dev.alloc(cap)?,
             last: dev.alloc(cap)?,
+            next: dev.alloc(cap)?,
         });
         Ok(())
     }

@@ -280,6 +280,12 @@ impl Device for Host {
         store(dx, &dx_lora);
         Ok(())
     }
+    fn argmax_rows(&self, out: &mut Vec<i32>, logits: &Vec<f32>, rows: usize, v: usize) -> Result<()> {
+        for (o, row) in out[..rows].iter_mut().zip(logits.chunks(v)) {
+            *o = crate::generate::argmax(row) as i32;
+        }
+        Ok(())
+    }
     fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
         for (i, &r) in idx[..n].iter().enumerate() {
             out[i * d..(i + 1) * d].copy_from_slice(&x[r as usize * d..(r as usize + 1) * d]);

@@ -239,6 +239,9 @@ pub trait Device {
         rows: usize,
         d: usize,
     ) -> Result<()>;
+    /// out[i] = the first index of the largest value of logits[i] (`generate::argmax`), i < rows.
+    /// out: [rows ..] i32; logits: [rows, v] f32.
+    fn argmax_rows(&self, out: &mut Self::Buf<i32>, logits: &F32<Self>, rows: usize, v: usize) -> Result<()>;
     /// Causal GQA attention within packed sequences. out, q: [t, heads, hd]; lse: [t, heads] f32
     /// (each row's log-sum-exp of the scaled scores, for the backward); k, v: [t, kv_heads, hd];
     /// seq_start: [t], the first token of each token's sequence; max_len: the longest sequence.

@@ -190,6 +190,9 @@ impl Device for Cuda {
     ) -> Result<()> {
         Cuda::lora_bwd(self, dx, grad, g, dy, x, xa, w, at, t, r, scale)
     }
+    fn argmax_rows(&self, out: &mut CudaSlice<i32>, logits: &F32<Self>, rows: usize, v: usize) -> Result<()> {
+        Cuda::argmax_rows(self, out, logits, rows, v)
+    }
     fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &CudaSlice<i32>, n: usize, d: usize) -> Result<()> {
         Cuda::gather_rows(self, out, x, idx, n, d)
     }

@@ -187,6 +187,9 @@ impl Cuda {
         let (n, k) = (w.out_features, w.in_features);
         assert!(x.len() >= t * k && y.len() >= t * n && bias.is_none_or(|b| b.len() == n));
         assert!(w.packed.len() == (n * k).div_ceil(2) && w.absmax.len() == (n * k).div_ceil(64));
+        if t == 0 {
+            return Ok(()); // an empty grid is not a launch
+        }
         let (ti, ni, ki, null) = (t as i32, n as i32, k as i32, 0u64);
         let (kernel, grid, name) = match path {
             GemmPath::Tiled => (&self.k.nf4_gemm_fwd, gemm_tiles(t, n), "nf4_gemm_fwd"),
@@ -225,6 +228,10 @@ impl Cuda {
     ) -> Result<()> {
         let (n, k) = (w.out_features, w.in_features);
         assert!(dy.len() >= t * n && dx.len() >= t * k);
+        assert!(w.packed.len() == (n * k).div_ceil(2) && w.absmax.len() == (n * k).div_ceil(64));
+        if t == 0 {
+            return Ok(());
+        }
         let (ti, ni, ki) = (t as i32, n as i32, k as i32);
         let (kernel, grid, name) = match path {
             GemmPath::Tiled => (&self.k.nf4_gemm_bwd_input, gemm_tiles(t, k), "nf4_gemm_bwd_input"),
@@ -254,6 +261,9 @@ impl Cuda {
     /// Size the cuBLAS path's weight scratch for a weight of `numel` values now (the engine calls
     /// this as it uploads each weight), so that no GEMM allocates inside a training step.
     pub fn reserve_gemm_scratch(&self, numel: usize) -> Result<()> {
+        if !matches!(self.gemm, GemmPath::Auto | GemmPath::Cublas) {
+            return Ok(()); // a forced path that never dequantizes a whole weight
+        }
         let mut st = self.gemm_state.lock().expect("GEMM state lock");
         let GemmState { blas, scratch, .. } = &mut *st;
         if blas.is_some() && scratch.as_ref().is_none_or(|s| s.len() < numel) {

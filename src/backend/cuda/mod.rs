@@ -68,6 +68,7 @@ pub struct Kernels {
     pub head_logits: CudaFunction,
     pub head_grad: CudaFunction,
     pub ce_softmax_grad: CudaFunction,
+    pub argmax_rows: CudaFunction,
     pub add_bf16: CudaFunction,
     pub cast_f32_bf16: CudaFunction,
     pub dropout_bf16: CudaFunction,
@@ -105,6 +106,30 @@ pub struct Cuda {
     pub gemm: GemmPath,
     /// cuBLAS, its weight scratch and the tuner's choices, shared by clones.
     pub gemm_state: Arc<Mutex<GemmState>>,
+    /// Dynamic shared memory the attention kernels may use per block (4 bytes per key of the
+    /// longest sequence): the GPU's opt-in maximum less their static shared memory.
+    pub attn_smem: usize,
+}
+
+/// Let the attention kernels that keep a row of scores in dynamic shared memory use as much as the
+/// GPU allows (beyond the default 48 KB); returns the bytes each may ask for.
+fn opt_in_attention_smem(ctx: &CudaContext, kernels: &[&CudaFunction]) -> Result<usize> {
+    use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+    let optin = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .context("the GPU's shared memory per block")? as usize;
+    let mut allowed = optin;
+    for f in kernels {
+        let dynamic =
+            optin.saturating_sub(f.shared_size_bytes().context("an attention kernel's shared memory")? as usize);
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dynamic as i32,
+        )
+        .context("raising an attention kernel's shared memory limit")?;
+        allowed = allowed.min(dynamic);
+    }
+    Ok(allowed)
 }
 
 /// Grid of a tensor-core NF4 GEMM: 64 x 64 output tiles, 4 warps each.
@@ -232,11 +257,11 @@ impl Cuda {
         )?
         .try_into()
         .unwrap();
-        let [head_logits, head_grad, ce_softmax_grad]: [CudaFunction; 3] = load(
+        let [head_logits, head_grad, ce_softmax_grad, argmax_rows]: [CudaFunction; 4] = load(
             &ctx,
             "cross_entropy",
             kernels::CROSS_ENTROPY,
-            &["head_logits", "head_grad", "ce_softmax_grad"],
+            &["head_logits", "head_grad", "ce_softmax_grad", "argmax_rows"],
         )?
         .try_into()
         .unwrap();
@@ -259,7 +284,9 @@ impl Cuda {
             )?
             .try_into()
             .unwrap();
+        let attn_smem = opt_in_attention_smem(&ctx, &[&attention_fwd, &attention_bwd_dq, &attention_decode])?;
         Ok(Cuda {
+            attn_smem,
             gemm: GemmPath::from_env()?,
             gemm_state: GemmState::new(&stream),
             ctx,
@@ -292,6 +319,7 @@ impl Cuda {
                 head_logits,
                 head_grad,
                 ce_softmax_grad,
+                argmax_rows,
                 add_bf16,
                 cast_f32_bf16,
                 dropout_bf16,

@@ -346,6 +346,21 @@ impl Cuda {
         Ok(())
     }
 
+    /// out[i] = argmax of logits[i] (first index of the largest; `generate::argmax`), i < rows.
+    /// out: [rows ..] i32; logits: [rows, v] f32.
+    pub fn argmax_rows(&self, out: &mut CudaSlice<i32>, logits: &CudaSlice<f32>, rows: usize, v: usize) -> Result<()> {
+        assert!(out.len() >= rows && logits.len() >= rows * v && v > 0);
+        if rows == 0 {
+            return Ok(());
+        }
+        let (ri, vi) = (rows as i32, v as i32);
+        let mut b = self.stream.launch_builder(&self.k.argmax_rows);
+        b.arg(out).arg(logits).arg(&ri).arg(&vi);
+        // SAFETY: one block of 256 threads per row reads logits[row, ..v] and writes out[row].
+        unsafe { b.launch(block_per_row(rows)) }.context("kernel argmax_rows")?;
+        Ok(())
+    }
+
     /// dh[row0 + i] = dlogits[i] head for i < rows. dh: [>= row0 + rows, d]; dlogits: [rows, V].
     pub fn head_grad(
         &self,
@@ -418,8 +433,9 @@ impl Cuda {
         assert!(k.len() >= t * kv_heads * hd && v.len() >= t * kv_heads * hd && lse.len() >= t * heads);
         assert!(heads.is_multiple_of(kv_heads));
         anyhow::ensure!(
-            max_len * 4 <= 48 * 1024,
-            "attention_fwd: sequences of {max_len} tokens exceed shared memory"
+            max_len * 4 <= self.attn_smem,
+            "attention_fwd: sequences of {max_len} tokens exceed this GPU's shared memory (at most {})",
+            self.attn_smem / 4
         );
         anyhow::ensure!(hd <= 256, "attention_fwd: head width {hd} is over 256");
         let (hi, kvi, hdi) = (heads as i32, kv_heads as i32, hd as i32);
@@ -470,8 +486,9 @@ impl Cuda {
         assert!(lse.len() >= rows && dd.len() >= rows && heads.is_multiple_of(kv_heads));
         anyhow::ensure!(hd <= 256, "attention_bwd: head width {hd} is over 256");
         anyhow::ensure!(
-            max_len * 4 <= 48 * 1024,
-            "attention_bwd: sequences of {max_len} tokens exceed shared memory"
+            max_len * 4 <= self.attn_smem,
+            "attention_bwd: sequences of {max_len} tokens exceed this GPU's shared memory (at most {})",
+            self.attn_smem / 4
         );
         let (ti, hi, kvi, hdi, ri) = (t as i32, heads as i32, kv_heads as i32, hd as i32, rows as i32);
         let mut l = self.stream.launch_builder(&self.k.attention_bwd_rowdot);
@@ -538,8 +555,9 @@ impl Cuda {
         assert!(out.len() >= b * heads * hd && q.len() >= b * heads * hd && key_start.len() >= b && key_len.len() >= b);
         assert!(k.len() == v.len() && k.len().is_multiple_of(kv_heads * hd) && heads.is_multiple_of(kv_heads));
         anyhow::ensure!(
-            max_len * 4 <= 48 * 1024,
-            "attention_decode: {max_len} cached tokens exceed shared memory"
+            max_len * 4 <= self.attn_smem,
+            "attention_decode: {max_len} cached tokens exceed this GPU's shared memory (at most {})",
+            self.attn_smem / 4
         );
         anyhow::ensure!(hd <= 256, "attention_decode: head width {hd} is over 256");
         let (hi, kvi, hdi) = (heads as i32, kv_heads as i32, hd as i32);
