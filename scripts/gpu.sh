@@ -92,25 +92,29 @@ result)
     model=${2:?usage: scripts/gpu.sh result MODEL.gguf NAME [train options]}
     name=${3:?usage: scripts/gpu.sh result MODEL.gguf NAME [train options]}
     shift 3
-    r=.stage/result bin=.stage/bin run=/root/run-$name out=${OUT:-gpu-out}
+    # RUNS: where runs live between calls (/root survives while the GPU machine stays warm);
+    # DEVICE: cuda (cpu to try the script on a machine without a GPU).
+    r=.stage/result bin=.stage/bin run=${RUNS:-/root}/run-$name out=${OUT:-gpu-out} dev=${DEVICE:-cuda}
     mkdir -p "$run" "$out"
     score() { # predictions file, adapter (or nothing) -> eval JSON beside the predictions
         "$bin/sqlora" eval --data "$r/val.jsonl" --pred "$1" --db-root "$r/db" --json >"${1%.jsonl}.eval.json"
         cat "${1%.jsonl}.eval.json"
     }
     if [ ! -s "$run/pred-base.jsonl" ]; then
-        /usr/bin/time -v "$bin/sqlora" predict --model "$model" --data "$r/val.jsonl" --out "$run/pred-base.jsonl" \
-            --device cuda 2>"$run/predict-base.log"
+        start=$SECONDS
+        "$bin/sqlora" predict --model "$model" --data "$r/val.jsonl" --out "$run/pred-base.jsonl" \
+            --device "$dev" 2>"$run/predict-base.log"
+        echo "base predictions: $((SECONDS - start)) s" | tee -a "$run/predict-base.log"
         score "$run/pred-base.jsonl"
     fi
     if [ ! -s "$run/adapter_model.safetensors" ]; then
         timeout -s INT -k 90 "${TRAIN_SECONDS:-480}" "$bin/train" --model "$model" --data "$r/train.jsonl" \
-            --val "$r/val.jsonl" --sql-eval-samples 64 --db-root "$r/db" --out "$run" --resume --device cuda \
+            --val "$r/val.jsonl" --sql-eval-samples 64 --db-root "$r/db" --out "$run" --resume --device "$dev" \
             "$@" 2>&1 | tr '\r' '\n' | tail -n 5
     fi
     if [ -s "$run/adapter_model.safetensors" ] && [ ! -s "$run/pred-tuned.jsonl" ]; then
         "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned.jsonl" \
-            --device cuda 2>"$run/predict-tuned.log"
+            --device "$dev" 2>"$run/predict-tuned.log"
         score "$run/pred-tuned.jsonl"
     fi
     cp "$run"/*.json* "$run"/*.log "$run"/curves.svg "$out/" 2>/dev/null
