@@ -3,10 +3,11 @@
 #
 #   scripts/gpu.sh build   stripped release binaries and the CUDA test binary into .stage/bin
 #                          (ignored by git; small enough to carry: name .stage/bin in the device tool's carry)
-#   scripts/gpu.sh run     on the GPU machine, from the repository root: selftest, the CUDA tests,
-#                          `bench train` on each shape with each NF4 GEMM path, the criterion kernel
-#                          benches, and a short training
-#                          run on the GPU beside the same run on the CPU. Logs go to $OUT (or ./gpu-out).
+#   scripts/gpu.sh run [check|bench|kernels|train]
+#                          on the GPU machine, from the repository root, one phase per call: the selftest
+#                          and the CUDA tests; `bench train` on each shape with each NF4 GEMM path and
+#                          `bench generate`; the criterion kernel benches; a short training run on the
+#                          GPU beside the same run on the CPU. Logs go to $OUT (or ./gpu-out).
 #   scripts/gpu.sh stage-result   here: Spider split into training and held-out databases, and the two
 #                          GGUF models cut into chunks, under .stage/ (see the end of NOTES.md)
 #   scripts/gpu.sh result MODEL NAME [train options]
@@ -19,6 +20,14 @@
 # them if it is slow (e.g. SHAPES=llama-3.2-1b GEMMS=auto).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+# cudarc finds libcublas by name: where only a pip copy exists (the GPU machine's torch brings one),
+# put its folder on the library path.
+if [ "${1:-}" != build ] && ! ldconfig -p 2>/dev/null | grep -q "libcublas.so"; then
+    for d in $(python3 -c 'import glob, site; print(" ".join(glob.glob(site.getsitepackages()[0] + "/nvidia/cu*/lib")))' 2>/dev/null); do
+        [ -e "$d/libcublas.so.13" ] || [ -e "$d/libcublas.so" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+fi
 
 case "${1:-}" in
 build)
@@ -40,37 +49,64 @@ for l in sys.stdin:
     ls -la .stage/bin
     ;;
 run)
+    # One phase per call (a call has 10 minutes and brings back at most 8 files from $OUT):
+    #   check (default): nvidia-smi, the selftest, the CUDA tests        -> 3 logs
+    #   bench:   `bench train` per shape and NF4 GEMM path, `bench generate` -> bench.jsonl, bench.err
+    #   kernels: the criterion kernel benches, short                       -> kernel-benches.txt
+    #   train:   a short run of the tiny model on the GPU and on the CPU   -> train-cuda.log, train-cpu.log
     out=${OUT:-gpu-out}
     mkdir -p "$out"
     bin=.stage/bin
-    nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-    "$bin/sqlora" selftest 2>&1 | tee "$out/selftest.txt"
-    "$bin/sqlora" selftest --json >"$out/selftest.json" 2>&1
-    "$bin/cuda" 2>&1 | tee "$out/cuda-tests.txt"
-    for shape in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b tinyllama-1.1b qwen2.5-1.5b}; do
-        for gemm in ${GEMMS:-auto tiled mma cublas}; do
-            echo "== bench train $shape, NF4 GEMM $gemm"
-            SQLORA_NF4_GEMM=$gemm timeout 240 "$bin/sqlora" bench train --shape "$shape" --batch 8 --seq 512 \
-                --device cuda --json >>"$out/bench-train.jsonl" 2>>"$out/bench-train.err"
-            tail -n 1 "$out/bench-train.jsonl"
+    case "${2:-check}" in
+    check)
+        nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+        # Blocking launches: a kernel that faults is named by its own launch, not by a later copy.
+        CUDA_LAUNCH_BLOCKING=1 timeout 300 "$bin/sqlora" selftest >"$out/selftest.txt" 2>&1
+        echo "selftest exit $?" >>"$out/selftest.txt"
+        grep -v " ok$" "$out/selftest.txt" | tail -n 40
+        timeout 240 "$bin/cuda" >"$out/cuda-tests.txt" 2>&1
+        echo "cuda tests exit $?" | tee -a "$out/cuda-tests.txt"
+        ;;
+    bench)
+        for shape in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b tinyllama-1.1b qwen2.5-1.5b}; do
+            for gemm in ${GEMMS:-auto tiled mma cublas}; do
+                if SQLORA_NF4_GEMM=$gemm timeout 120 "$bin/sqlora" bench train --shape "$shape" --batch 8 --seq 512 \
+                    --device cuda --json >"$out/last.json" 2>>"$out/bench.err"; then
+                    cat "$out/last.json" | tee -a "$out/bench.jsonl"
+                else
+                    echo "{\"shape\":\"$shape\",\"gemm\":\"$gemm\",\"failed\":true}" | tee -a "$out/bench.jsonl"
+                fi
+            done
         done
-    done
-    # Batch-1 greedy decoding of a 1B NF4 model (issue 7's target: >= 1,500 tokens/s), and batched.
-    for b in 1 16; do
-        timeout 240 "$bin/sqlora" bench generate --shape llama-3.2-1b --batch "$b" --prompt 128 --new-tokens 128 \
-            --device cuda --json 2>&1 | tee -a "$out/bench-generate.jsonl"
-    done
-    # The kernel benches (short criterion runs; the full ones: drop the two time options).
-    for b in "$bin"/cuda_*; do
-        [ "$b" = "$bin/cuda" ] && continue
-        timeout 300 "$b" --bench --warm-up-time 1 --measurement-time 2 2>&1 | tee -a "$out/kernel-benches.txt"
-    done
-    # The same short run on both devices: the loss curves must agree to bf16 accuracy.
-    "$bin/sqlora" tiny-model --variant qwen2 --out "$out/tiny"
-    for dev in cuda cpu; do
-        timeout 240 "$bin/train" --model "$out/tiny" --out "$out/run-$dev" --device "$dev" --max-steps 20 \
-            --batch 2 --lora-r 8 --max-seq-len 4096 2>&1 | tail -n 4
-    done
+        rm -f "$out/last.json"
+        # Batch-1 greedy decoding of a 1B NF4 model (issue 7's target: >= 1,500 tokens/s), and batched.
+        for b in 1 16; do
+            timeout 120 "$bin/sqlora" bench generate --shape llama-3.2-1b --batch "$b" --prompt 128 --new-tokens 128 \
+                --device cuda --json 2>>"$out/bench.err" | tee -a "$out/bench.jsonl"
+        done
+        ;;
+    kernels)
+        # Criterion's smallest sample (10), short warm-up and measurement: a few seconds per bench.
+        for b in "$bin"/cuda_*; do
+            timeout 240 "$b" --bench --sample-size 10 --warm-up-time 1 --measurement-time 2 2>&1 \
+                | grep -v "^\(Gnuplot\|Benchmarking\|Warning\)" | tee -a "$out/kernel-benches.txt"
+        done
+        ;;
+    train)
+        # The same short run on both devices: the loss curves must agree to bf16 accuracy.
+        tmp=$(mktemp -d)
+        "$bin/sqlora" tiny-model --variant qwen2 --out "$tmp/tiny" >/dev/null
+        for dev in cuda cpu; do
+            timeout 240 "$bin/train" --model "$tmp/tiny" --out "$tmp/run-$dev" --device "$dev" --max-steps 20 \
+                --batch 2 --lora-r 8 --max-seq-len 4096 >"$out/train-$dev.log" 2>&1
+            tr '\r' '\n' <"$out/train-$dev.log" | grep -v "^$" | tail -n 3
+        done
+        ;;
+    *)
+        echo "scripts/gpu.sh run check|bench|kernels|train" >&2
+        exit 2
+        ;;
+    esac
     ;;
 stage-result)
     set -e
@@ -104,20 +140,29 @@ result)
         start=$SECONDS
         "$bin/sqlora" predict --model "$model" --data "$r/val.jsonl" --out "$run/pred-base.jsonl" \
             --device "$dev" 2>"$run/predict-base.log"
-        echo "base predictions: $((SECONDS - start)) s" | tee -a "$run/predict-base.log"
+        echo "base predictions: $((SECONDS - start)) s" | tee -a "$run/train.log"
         score "$run/pred-base.jsonl"
     fi
-    if [ ! -s "$run/adapter_model.safetensors" ]; then
-        timeout -s INT -k 90 "${TRAIN_SECONDS:-480}" "$bin/train" --model "$model" --data "$r/train.jsonl" \
+    # Train for what is left of this call (a call has 600 s; SIGINT makes train checkpoint and stop).
+    left=$(( ${CALL_SECONDS:-570} - SECONDS - 40 ))
+    if [ ! -s "$run/adapter_model.safetensors" ] && [ "$left" -gt 60 ]; then
+        secs=$(( left < ${TRAIN_SECONDS:-480} ? left : ${TRAIN_SECONDS:-480} ))
+        timeout -s INT -k 30 "$secs" "$bin/train" --model "$model" --data "$r/train.jsonl" \
             --val "$r/val.jsonl" --sql-eval-samples 64 --db-root "$r/db" --out "$run" --resume --device "$dev" \
-            "$@" 2>&1 | tr '\r' '\n' | tail -n 5
+            "$@" 2>&1 | tr '\r' '\n' | grep -v "^$" >>"$run/train.log"
+        tail -n 4 "$run/train.log"
     fi
-    if [ -s "$run/adapter_model.safetensors" ] && [ ! -s "$run/pred-tuned.jsonl" ]; then
+    if [ -s "$run/adapter_model.safetensors" ] && [ ! -s "$run/pred-tuned.jsonl" ] && [ $((SECONDS)) -lt 420 ]; then
+        start=$SECONDS
         "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned.jsonl" \
             --device "$dev" 2>"$run/predict-tuned.log"
+        echo "tuned predictions: $((SECONDS - start)) s" | tee -a "$run/train.log"
         score "$run/pred-tuned.jsonl"
     fi
-    cp "$run"/*.json* "$run"/*.log "$run"/curves.svg "$out/" 2>/dev/null
+    # At most 8 files come back from a call: the evaluations, the log and the curves.
+    for f in pred-base.eval.json pred-tuned.eval.json train.log metrics.jsonl curves.svg; do
+        [ -e "$run/$f" ] && cp "$run/$f" "$out/"
+    done
     ;;
 *)
     echo "usage: scripts/gpu.sh build|run|stage-result|result" >&2

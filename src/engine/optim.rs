@@ -130,6 +130,8 @@ impl<D: Device> Engine<D> {
                     dev.write_at(&mut o.m, range.start, m)?;
                     dev.write_at(&mut o.v, range.start, v)?;
                 }
+                // From pinned pages the copies are asynchronous: done before the host may write them.
+                dev.synchronize()?;
                 o.loaded = true;
             }
             dev.adamw_step(&mut ad.master, &mut o.m, &mut o.v, &ad.grad, 0, 0, ad.len, &h)?;

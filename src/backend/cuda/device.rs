@@ -308,7 +308,16 @@ impl Device for Cuda {
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// An allocation failure, said with what was asked and what is free.
+/// The error of a failed allocation or upload: with the memory plan's advice when the GPU is out of
+/// memory; any other driver error (e.g. an earlier kernel's fault, reported at the next call) as is.
 fn oom(gpu: &Cuda, e: cudarc::driver::DriverError, bytes: usize) -> anyhow::Error {
+    use cudarc::driver::sys::CUresult;
+    if e.0 != CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return anyhow::Error::new(e).context(format!(
+            "allocating or copying {:.1} MiB on the GPU",
+            bytes as f64 / (1 << 20) as f64
+        ));
+    }
     let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
     anyhow::anyhow!(
         "out of GPU memory: asked for {:.1} MiB with {:.2} of {:.2} GiB free ({e}); run `train --dry-run` for the \

@@ -74,6 +74,12 @@ impl GemmState {
         let blas = unsafe { cudarc::cublas::sys::is_culib_present() }
             .then(|| CudaBlas::new(stream.clone()).ok())
             .flatten();
+        if blas.is_none() {
+            eprintln!(
+                "note: cuBLAS (libcublas.so.13) was not found or did not start: the NF4 GEMMs use our kernels \
+                 only (put its folder on LD_LIBRARY_PATH to let the tuner try it)"
+            );
+        }
         Arc::new(Mutex::new(GemmState {
             blas,
             ..Default::default()
@@ -135,12 +141,24 @@ impl Cuda {
         let mut timed: Vec<(GemmPath, f64)> = Vec::new();
         let mut reference: Option<Vec<f32>> = None;
         for path in candidates {
-            gemm(self, path, out)?; // warm-up (and the scratch's first allocation)
-            self.stream.synchronize()?;
-            let started = Instant::now();
-            gemm(self, path, out)?;
-            self.stream.synchronize()?;
-            let seconds = started.elapsed().as_secs_f64();
+            // Warm-up, then the timed call. A path that fails (e.g. cuBLAS refusing a shape) drops
+            // out of the race; a kernel fault would poison the context and fail the next call anyway.
+            let mut timed_call = || -> Result<f64> {
+                gemm(self, path, out)?;
+                self.stream.synchronize()?;
+                let started = Instant::now();
+                gemm(self, path, out)?;
+                self.stream.synchronize()?;
+                Ok(started.elapsed().as_secs_f64())
+            };
+            let seconds = match timed_call() {
+                Ok(s) => s,
+                Err(e) if path != GemmPath::Tiled => {
+                    eprintln!("warning: NF4 GEMM {path:?} failed on {shape:?} ({e:#}): not used");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let got: Vec<f32> = self
                 .stream
                 .clone_dtoh(&out.slice(..out_len))?

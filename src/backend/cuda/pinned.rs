@@ -50,8 +50,9 @@ impl StatePages for PinnedPages {
 
     fn pages_mut(&mut self) -> Vec<(Range<usize>, &mut [f32], &mut [f32])> {
         let page = self.page;
-        // as_mut_slice waits for copies cudarc recorded on the page; the paged AdamW synchronizes
-        // the stream before it returns, so no copy of ours is in flight here.
+        // The pages reach cudarc as plain slices, so it records no events on them: the paged AdamW
+        // synchronizes the stream after every copy to or from them (engine/optim.rs), so none is in
+        // flight when the host holds these slices.
         (self.m.iter_mut().zip(&mut self.v).enumerate())
             .map(|(i, (m, v))| {
                 let (m, v) = (slice(m), slice(v));
