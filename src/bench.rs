@@ -70,30 +70,47 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
 }
 
 /// A model of the config's shape with random weights: NF4 projections with random codes and scales
-/// near 0.02 (so activations stay O(1)), N(0, 0.02^2) embeddings, unit-ish norm gains.
+/// near 0.02 (so activations stay O(1)), N(0, 0.02^2) embeddings, unit-ish norm gains. Layers and
+/// embedding rows are drawn in parallel, each from its own seeded generator (an 8B shape takes
+/// seconds, not minutes, of the GPU machine's time).
 pub fn random_model(c: &ModelConfig, seed: u64) -> Model {
-    let mut rng = Rng::new(seed);
+    use rayon::prelude::*;
     let (d, vocab) = (c.hidden_size, c.vocab_size);
-    let dense = |rng: &mut Rng, n: usize, k: usize| Linear::dense(n, k, rng.normal_vec(n * k, 0.02), None);
+    let rng_for = |stream: u64| Rng::new(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    // [vocab, d], 4096 rows per generator.
+    let dense = |stream: u64| {
+        let mut w = vec![0f32; vocab * d];
+        w.par_chunks_mut(4096 * d).enumerate().for_each(|(i, chunk)| {
+            let mut rng = rng_for(stream << 32 | i as u64);
+            chunk.iter_mut().for_each(|x| *x = rng.normal() * 0.02);
+        });
+        Linear::dense(vocab, d, w, None)
+    };
     let gain = |rng: &mut Rng| -> Vec<f32> { (0..d).map(|_| rng.uniform_in(0.9, 1.1)).collect() };
     let layers = (0..c.num_layers)
-        .map(|_| Layer {
-            attn_norm: gain(&mut rng),
-            mlp_norm: gain(&mut rng),
-            proj: Proj::ALL.map(|p| {
-                let [out, inp] = p.shape(c);
-                Linear {
-                    out_features: out,
-                    in_features: inp,
-                    weight: LinearWeight::Nf4(Nf4Tensor::random(&[out, inp], 1.0 / (inp as f32).sqrt(), &mut rng)),
-                    bias: p.has_bias(c).then(|| rng.normal_vec(out, 0.02)),
-                }
-            }),
+        .into_par_iter()
+        .map(|l| {
+            let mut rng = rng_for(l as u64 + 1);
+            Layer {
+                attn_norm: gain(&mut rng),
+                mlp_norm: gain(&mut rng),
+                proj: Proj::ALL.map(|p| {
+                    let [out, inp] = p.shape(c);
+                    let scale = 1.0 / (inp as f32).sqrt();
+                    Linear {
+                        out_features: out,
+                        in_features: inp,
+                        weight: LinearWeight::Nf4(Nf4Tensor::random(&[out, inp], scale, &mut rng)),
+                        bias: p.has_bias(c).then(|| rng.normal_vec(out, 0.02)),
+                    }
+                }),
+            }
         })
         .collect();
+    let mut rng = rng_for(0);
     Model {
-        embed: dense(&mut rng, vocab, d),
-        lm_head: (!c.tie_word_embeddings).then(|| dense(&mut rng, vocab, d)),
+        embed: dense(1 << 20),
+        lm_head: (!c.tie_word_embeddings).then(|| dense(2 << 20)),
         norm: gain(&mut rng),
         inv_freq: rope_inv_freq(c),
         layers,
