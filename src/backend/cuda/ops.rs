@@ -337,6 +337,9 @@ impl Cuda {
     ) -> Result<()> {
         let v = head.len() / d;
         assert!(logits.len() >= rows * v && h.len() >= (row0 + rows) * d && head.len() == v * d);
+        if rows == 0 {
+            return Ok(()); // an empty grid is not a launch
+        }
         let (r0, ri, vi, di) = (row0 as i32, rows as i32, v as i32, d as i32);
         let mut l = self.stream.launch_builder(&self.k.head_logits);
         l.arg(logits).arg(h).arg(head).arg(&r0).arg(&ri).arg(&vi).arg(&di);
@@ -373,6 +376,9 @@ impl Cuda {
     ) -> Result<()> {
         let v = head.len() / d;
         assert!(dlogits.len() >= rows * v && dh.len() >= (row0 + rows) * d && head.len() == v * d);
+        if rows == 0 {
+            return Ok(()); // an empty grid is not a launch
+        }
         let (r0, ri, vi, di) = (row0 as i32, rows as i32, v as i32, d as i32);
         let mut l = self.stream.launch_builder(&self.k.head_grad);
         l.arg(dh).arg(dlogits).arg(head).arg(&r0).arg(&ri).arg(&vi).arg(&di);
@@ -398,6 +404,9 @@ impl Cuda {
     ) -> Result<()> {
         assert!(dlogits.len() >= rows * vocab && logits.len() >= rows * vocab);
         assert!(loss.len() >= row0 + rows && targets.len() >= row0 + rows);
+        if rows == 0 {
+            return Ok(());
+        }
         let (r0, vi) = (row0 as i32, vocab as i32);
         let mut l = self.stream.launch_builder(&self.k.ce_softmax_grad);
         l.arg(dlogits)
