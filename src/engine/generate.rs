@@ -95,48 +95,86 @@ impl<D: Device> Engine<D> {
         let s = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
         let rows = self.prefill(adapted, prompts, s)?;
         let mut next = self.argmax_of_logits(rows)?;
+        // Every sequence decodes until the last one stops (a finished one's tokens are dropped), so
+        // each step has the same shape and can replay one recorded graph. Sequence b's cache rows
+        // b * s .. stay within its own: it decodes at most max_new - 1 steps past its prompt.
+        let b = prompts.len();
         let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let mut active: Vec<usize> = (0..prompts.len()).collect();
-        loop {
-            // Take each active sequence's next token; drop those that stop.
-            let mut still = Vec::with_capacity(active.len());
-            for (row, &b) in active.iter().enumerate() {
-                let token = next[row];
-                out[b].push(token);
-                if !stops.contains(&token) && out[b].len() < max_new {
-                    still.push(b);
+        let mut done = vec![false; b];
+        let start: Vec<i32> = (0..b).map(|i| (i * s) as i32).collect();
+        let g = self.gen.as_mut().expect("allocated by the prefill");
+        self.dev.write(&mut g.key_start, &start)?;
+        let mut graph: Option<D::Graph> = None;
+        let mut record = true;
+        for step in 0.. {
+            for i in 0..b {
+                if !done[i] {
+                    out[i].push(next[i]);
+                    done[i] = stops.contains(&next[i]) || out[i].len() >= max_new;
                 }
             }
-            active = still;
-            if active.is_empty() {
+            if done.iter().all(|&d| d) {
                 return Ok(());
             }
-            // One token per active sequence, at its next position, against its cache rows.
-            let ids: Vec<i32> = active
-                .iter()
-                .map(|&b| *out[b].last().expect("a token") as i32)
-                .collect();
-            let pos: Vec<i32> = active.iter().map(|&b| lens[b] as i32).collect();
-            let slot: Vec<i32> = active.iter().map(|&b| (b * s + lens[b]) as i32).collect();
-            let start: Vec<i32> = active.iter().map(|&b| (b * s) as i32).collect();
-            let keys: Vec<i32> = active.iter().map(|&b| lens[b] as i32 + 1).collect();
+            // One token per sequence, at its next position, against its cache rows.
+            let ids: Vec<i32> = (0..b).map(|i| *out[i].last().expect("a token") as i32).collect();
+            let pos: Vec<i32> = lens.iter().map(|&n| n as i32).collect();
+            let slot: Vec<i32> = (0..b).map(|i| (i * s + lens[i]) as i32).collect();
+            let keys: Vec<i32> = lens.iter().map(|&n| n as i32 + 1).collect();
             let g = self.gen.as_mut().expect("allocated by the prefill");
             self.dev.write(&mut g.slot, &slot)?;
-            self.dev.write(&mut g.key_start, &start)?;
             self.dev.write(&mut g.key_len, &keys)?;
-            self.embed(&ids, &pos)?;
-            let max_len = keys.iter().copied().max().unwrap_or(1) as usize;
-            let t = active.len();
-            for l in 0..self.config.num_layers {
-                let a = if self.checkpointing { 0 } else { l };
-                self.layer_fwd(l, a, t, Attn::Decode { max_len }, adapted, None)?;
+            self.dev.write(&mut self.s.tokens, &ids)?;
+            self.dev.write(&mut self.s.positions, &pos)?;
+            // The first step runs as is (it also lets the GEMM tuner time its shapes); the second
+            // is recorded where the device can, and from then on the recording is replayed.
+            if graph.is_none() && step >= 1 && record {
+                graph = self.record_decode_step(adapted, b, s)?;
+                record = graph.is_some();
             }
-            self.logits_of_rows(t, None)?;
-            next = self.argmax_of_logits(t)?;
-            for &b in &active {
-                lens[b] += 1;
+            match &graph {
+                Some(g) => {
+                    self.dev.replay(g)?;
+                    self.graph_replays += 1;
+                }
+                None => self.decode_step(adapted, b, s)?,
             }
+            let g = self.gen.as_ref().expect("allocated by the prefill");
+            next = self.dev.read(&g.next, b)?.iter().map(|&i| i as u32).collect();
+            lens.iter_mut().for_each(|n| *n += 1);
         }
+        unreachable!("the loop returns when every sequence is done")
+    }
+
+    /// One decoding step's launches for b sequences whose tokens, positions and cache rows are
+    /// already on the device: embedding, the layers against the cache, the final norm, the head on
+    /// every row, and the argmax into gen.next. `s`: cache rows per sequence (bounds the keys).
+    fn decode_step(&mut self, adapted: bool, b: usize, s: usize) -> Result<()> {
+        let (dev, d) = (&self.dev, self.config.hidden_size);
+        dev.embedding_fwd(&mut self.xs[0], &self.embed, &self.s.tokens, b, d)?;
+        for l in 0..self.config.num_layers {
+            let a = if self.checkpointing { 0 } else { l };
+            self.layer_fwd(l, a, b, Attn::Decode { max_len: s }, adapted, None)?;
+        }
+        let rows = self.logits_of_rows(b, None)?;
+        let v = self.config.vocab_size;
+        let g = self.gen.as_mut().expect("allocated by the prefill");
+        self.dev.argmax_rows(&mut g.next, &self.s.logits, rows, v)
+    }
+
+    /// Record [`Engine::decode_step`] as a graph (None where the device does not record, or the
+    /// recording failed: decoding then goes on step by step).
+    fn record_decode_step(&mut self, adapted: bool, b: usize, s: usize) -> Result<Option<D::Graph>> {
+        if !self.dev.begin_capture()? {
+            return Ok(None);
+        }
+        let recorded = self.decode_step(adapted, b, s);
+        let graph = self.dev.end_capture()?;
+        if let Err(e) = recorded {
+            eprintln!("note: a decoding step could not be recorded ({e:#}); running without a graph");
+            return Ok(None);
+        }
+        Ok(graph)
     }
 
     /// Run the packed prompts through the model, filling the cache (sequence b at rows b * s ..),

@@ -38,6 +38,7 @@ fn seqs(seq_start: &[i32], t: usize) -> Vec<Range<usize>> {
 impl Device for Host {
     type Buf<T: Elem> = Vec<T>;
     type Nf4 = Linear;
+    type Graph = ();
 
     fn describe(&self) -> String {
         format!("CPU, bf16 storage emulated ({} threads)", rayon::current_num_threads())
@@ -60,6 +61,15 @@ impl Device for Host {
         Ok(())
     }
     fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
+    fn end_capture(&self) -> Result<Option<()>> {
+        Ok(None)
+    }
+    fn replay(&self, _graph: &()) -> Result<()> {
         Ok(())
     }
     fn state_pages(&self, len: usize, page: usize) -> Result<Box<dyn StatePages + Send>> {

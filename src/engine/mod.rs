@@ -70,6 +70,8 @@ pub trait Device {
     type Buf<T: Elem>;
     /// A frozen linear weight in NF4.
     type Nf4;
+    /// A recorded sequence of launches, replayed as one (a CUDA graph).
+    type Graph;
 
     /// One line naming the device, for logs.
     fn describe(&self) -> String;
@@ -90,6 +92,14 @@ pub trait Device {
     fn read_into<T: Elem>(&self, src: &Self::Buf<T>, off: usize, out: &mut [T]) -> Result<()>;
     /// Wait until everything queued on the device is done.
     fn synchronize(&self) -> Result<()>;
+    /// Record the launches that follow instead of running them, until [`Device::end_capture`];
+    /// false (and nothing changes) where the device does not record.
+    fn begin_capture(&self) -> Result<bool>;
+    /// Stop recording: the graph, or None when the recording failed (the recorded work did not run
+    /// either way).
+    fn end_capture(&self) -> Result<Option<Self::Graph>>;
+    /// Run a recorded graph on the device's stream.
+    fn replay(&self, graph: &Self::Graph) -> Result<()>;
     /// Host memory for the optimizer's moments of `len` parameters in pages of `page` values:
     /// pinned on a GPU, so that pages move by DMA.
     fn state_pages(&self, len: usize, page: usize) -> Result<Box<dyn StatePages + Send>>;

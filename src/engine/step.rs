@@ -132,6 +132,8 @@ pub struct Engine<D: Device> {
     pub(super) checkpointing: bool,
     /// The KV cache of generation, allocated on first use.
     pub(super) gen: Option<super::generate::GenCache<D>>,
+    /// Decoding steps run by replaying a recorded graph (for the selftest and benchmarks).
+    pub graph_replays: usize,
 }
 
 /// Bytes the loss's logits and dlogits chunk may take (f32 + bf16 per element).
@@ -338,6 +340,7 @@ impl<D: Device> Engine<D> {
             n_labels: 0,
             checkpointing,
             gen: None,
+            graph_replays: 0,
             config: c,
             dev,
         })

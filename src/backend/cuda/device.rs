@@ -12,6 +12,7 @@ use cudarc::driver::CudaSlice;
 impl Device for Cuda {
     type Buf<T: Elem> = CudaSlice<T>;
     type Nf4 = Nf4Device;
+    type Graph = cudarc::driver::CudaGraph;
 
     fn describe(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
@@ -45,6 +46,29 @@ impl Device for Cuda {
     }
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().context("waiting for the GPU")
+    }
+    fn begin_capture(&self) -> Result<bool> {
+        if !self.graphs {
+            return Ok(false);
+        }
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .context("starting a CUDA graph capture")?;
+        Ok(true)
+    }
+    fn end_capture(&self) -> Result<Option<cudarc::driver::CudaGraph>> {
+        use cudarc::driver::sys::CUgraphInstantiate_flags;
+        match self.stream.end_capture(CUgraphInstantiate_flags(0)) {
+            Ok(graph) => Ok(graph),
+            Err(e) => {
+                eprintln!("note: recording a CUDA graph failed ({e}); running without");
+                Ok(None)
+            }
+        }
+    }
+    fn replay(&self, graph: &cudarc::driver::CudaGraph) -> Result<()> {
+        graph.launch().context("replaying a CUDA graph")
     }
     fn state_pages(&self, len: usize, page: usize) -> Result<Box<dyn StatePages + Send>> {
         Ok(Box::new(super::pinned::PinnedPages::new(&self.ctx, len, page)?))

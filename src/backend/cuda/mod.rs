@@ -106,6 +106,8 @@ pub struct Cuda {
     pub gemm: GemmPath,
     /// cuBLAS, its weight scratch and the tuner's choices, shared by clones.
     pub gemm_state: Arc<Mutex<GemmState>>,
+    /// Whether this Cuda records CUDA graphs (`Cuda::open`).
+    pub graphs: bool,
     /// Dynamic shared memory the attention kernels may use per block (4 bytes per key of the
     /// longest sequence): the GPU's opt-in maximum less their static shared memory.
     pub attn_smem: usize,
@@ -195,13 +197,27 @@ impl Cuda {
         self.ctx.mem_get_info().map_or(0, |(_, total)| total)
     }
 
-    /// Open GPU 0 and load every kernel.
+    /// Open GPU 0 and load every kernel; with `SQLORA_CUDA_GRAPHS=1`, able to record CUDA graphs
+    /// (greedy decoding then replays one per token).
     pub fn new() -> Result<Cuda> {
+        Cuda::open(std::env::var("SQLORA_CUDA_GRAPHS").is_ok_and(|v| v == "1"))
+    }
+
+    /// Open GPU 0 and load every kernel. `graphs`: work goes to a stream of its own (the legacy
+    /// default stream cannot be recorded), with cudarc's per-buffer events off (one stream needs
+    /// none, and an event recorded before a capture must not be waited on inside it).
+    pub fn open(graphs: bool) -> Result<Cuda> {
         if let Some(why) = unavailable() {
             bail!("{why}");
         }
         let ctx = CudaContext::new(0).context("opening CUDA device 0")?;
-        let stream = ctx.default_stream();
+        let stream = if graphs {
+            // SAFETY: every buffer of this Cuda is used on its one stream only.
+            unsafe { ctx.disable_event_tracking() };
+            ctx.new_stream().context("creating a CUDA stream")?
+        } else {
+            ctx.default_stream()
+        };
         let [rmsnorm_fwd, rmsnorm_bwd]: [CudaFunction; 2] =
             load(&ctx, "rmsnorm", kernels::RMSNORM, &["rmsnorm_fwd", "rmsnorm_bwd"])?
                 .try_into()
@@ -286,6 +302,7 @@ impl Cuda {
             .unwrap();
         let attn_smem = opt_in_attention_smem(&ctx, &[&attention_fwd, &attention_bwd_dq, &attention_decode])?;
         Ok(Cuda {
+            graphs,
             attn_smem,
             gemm: GemmPath::from_env()?,
             gemm_state: GemmState::new(&stream),
