@@ -260,6 +260,8 @@ pub struct GenerateReport {
     pub prefill_s: f64,
     /// Generated tokens per second over the decode steps (all sequences together).
     pub decode_tokens_per_s: f64,
+    /// Decoding steps of the timed runs that replayed a recorded CUDA graph (0: step by step).
+    pub graph_replays: usize,
     pub device_memory_bytes: Option<usize>,
 }
 
@@ -287,7 +289,9 @@ pub fn bench_generate(
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|_| (0..prompt).map(|_| rng.below(c.vocab_size as u64) as u32).collect())
         .collect();
-    engine.generate(None, &prompts, 2, &[])?; // warm-up (and the cache's allocation)
+    // Warm-up: the cache's allocation, the GEMM tuner's choices, and (with graphs) a recording.
+    engine.generate(None, &prompts, 4, &[])?;
+    let replays_before = engine.graph_replays();
     let started = Instant::now();
     engine.generate(None, &prompts, 1, &[])?;
     let prefill_s = started.elapsed().as_secs_f64();
@@ -303,6 +307,7 @@ pub fn bench_generate(
         new_tokens: new,
         prefill_s,
         decode_tokens_per_s: decoded as f64 / decode_s,
+        graph_replays: engine.graph_replays() - replays_before,
         device_memory_bytes: engine.memory_used(),
     })
 }
@@ -317,10 +322,11 @@ impl std::fmt::Display for GenerateReport {
         writeln!(f, "device: {}", self.device)?;
         write!(
             f,
-            "prefill {:.1} ms; decode {:.0} tokens/s ({:.2} ms per step)",
+            "prefill {:.1} ms; decode {:.0} tokens/s ({:.2} ms per step{})",
             self.prefill_s * 1e3,
             self.decode_tokens_per_s,
-            1e3 * self.batch as f64 / self.decode_tokens_per_s
+            1e3 * self.batch as f64 / self.decode_tokens_per_s,
+            if self.graph_replays > 0 { ", CUDA graph" } else { "" }
         )
     }
 }

@@ -655,6 +655,8 @@ pub trait StepEngine {
     ) -> Result<Vec<Vec<u32>>>;
     /// Device memory in use, where the device can tell.
     fn memory_used(&self) -> Option<usize>;
+    /// Decoding steps so far that replayed a recorded graph.
+    fn graph_replays(&self) -> usize;
 }
 
 impl<D: Device> StepEngine for Engine<D> {
@@ -702,6 +704,9 @@ impl<D: Device> StepEngine for Engine<D> {
     }
     fn memory_used(&self) -> Option<usize> {
         self.dev.memory_used()
+    }
+    fn graph_replays(&self) -> usize {
+        self.graph_replays
     }
 }
 

@@ -128,8 +128,10 @@ impl<D: Device> Engine<D> {
             self.dev.write(&mut self.s.positions, &pos)?;
             // The first step runs as is (it also lets the GEMM tuner time its shapes); the second
             // is recorded where the device can, and from then on the recording is replayed.
+            // The recording bounds the keys by s - 1, the most any step can have; a step run as is
+            // takes this step's longest (so a long max_new never asks for more than is used).
             if graph.is_none() && step >= 1 && record {
-                graph = self.record_decode_step(adapted, b, s)?;
+                graph = self.record_decode_step(adapted, b, s - 1)?;
                 record = graph.is_some();
             }
             match &graph {
@@ -137,7 +139,7 @@ impl<D: Device> Engine<D> {
                     self.dev.replay(g)?;
                     self.graph_replays += 1;
                 }
-                None => self.decode_step(adapted, b, s)?,
+                None => self.decode_step(adapted, b, lens.iter().max().map_or(1, |&n| n + 1))?,
             }
             let g = self.gen.as_ref().expect("allocated by the prefill");
             next = self.dev.read(&g.next, b)?.iter().map(|&i| i as u32).collect();
@@ -148,13 +150,13 @@ impl<D: Device> Engine<D> {
 
     /// One decoding step's launches for b sequences whose tokens, positions and cache rows are
     /// already on the device: embedding, the layers against the cache, the final norm, the head on
-    /// every row, and the argmax into gen.next. `s`: cache rows per sequence (bounds the keys).
-    fn decode_step(&mut self, adapted: bool, b: usize, s: usize) -> Result<()> {
+    /// every row, and the argmax into gen.next. `max_keys`: at least the longest key_len.
+    fn decode_step(&mut self, adapted: bool, b: usize, max_keys: usize) -> Result<()> {
         let (dev, d) = (&self.dev, self.config.hidden_size);
         dev.embedding_fwd(&mut self.xs[0], &self.embed, &self.s.tokens, b, d)?;
         for l in 0..self.config.num_layers {
             let a = if self.checkpointing { 0 } else { l };
-            self.layer_fwd(l, a, b, Attn::Decode { max_len: s }, adapted, None)?;
+            self.layer_fwd(l, a, b, Attn::Decode { max_len: max_keys }, adapted, None)?;
         }
         let rows = self.logits_of_rows(b, None)?;
         let v = self.config.vocab_size;
@@ -164,11 +166,11 @@ impl<D: Device> Engine<D> {
 
     /// Record [`Engine::decode_step`] as a graph (None where the device does not record, or the
     /// recording failed: decoding then goes on step by step).
-    fn record_decode_step(&mut self, adapted: bool, b: usize, s: usize) -> Result<Option<D::Graph>> {
+    fn record_decode_step(&mut self, adapted: bool, b: usize, max_keys: usize) -> Result<Option<D::Graph>> {
         if !self.dev.begin_capture()? {
             return Ok(None);
         }
-        let recorded = self.decode_step(adapted, b, s);
+        let recorded = self.decode_step(adapted, b, max_keys);
         let graph = self.dev.end_capture()?;
         if let Err(e) = recorded {
             eprintln!("note: a decoding step could not be recorded ({e:#}); running without a graph");

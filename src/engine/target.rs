@@ -74,7 +74,13 @@ impl Target {
     /// a device engine (which needs NF4), on the GPU when there is one (the same bytes as the CPU's).
     pub fn load_model(&self, path: &Path, nf4: bool) -> Result<Model> {
         match self.gpu() {
-            Some(g) => Model::load_with(path, Some(&|w: &[f32], s: &[usize]| g.quantize_to_host(w, s))),
+            Some(g) => {
+                let model = Model::load_with(path, Some(&|w: &[f32], s: &[usize]| g.quantize_to_host(w, s)))?;
+                // The quantizer's buffers go back to the driver's pool at a synchronize: free
+                // memory reads true afterwards (the memory plan is checked against it).
+                g.stream.synchronize().context("waiting for the GPU")?;
+                Ok(model)
+            }
             None => Model::load_as(path, nf4 || self.on_engine()),
         }
     }

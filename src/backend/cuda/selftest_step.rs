@@ -3,7 +3,7 @@
 //! the gradient of every adapter tensor must agree.
 
 use super::selftest::Check;
-use super::{Cuda, GemmPath};
+use super::Cuda;
 use crate::autograd::{forward_backward, GradOptions};
 use crate::engine::host::Host;
 use crate::engine::optim::OPTIMIZER_WINDOW;
@@ -135,21 +135,17 @@ pub fn run(gpu: &Cuda, out: &mut Vec<Check>) -> Result<()> {
         push("decode vs whole-prefix argmax (mismatches)", mismatches as f64, 1.0);
 
         // CUDA graphs: decoding that replays a recorded step writes the tokens of step-by-step
-        // decoding (one GEMM path for both, so no tuner choice can split them).
-        let mut eager = gpu.clone();
-        let mut graphs = Cuda::open(true)?;
-        (eager.gemm, graphs.gemm) = (GemmPath::Tiled, GemmPath::Tiled);
-        let want = Engine::new(eager, &model, &lora, t, false)?.generate(Some(&lora), &prompts, 12, &[])?;
-        let mut recorded = Engine::new(graphs, &model, &lora, t, false)?;
-        let got = recorded.generate(Some(&lora), &prompts, 12, &[])?;
+        // decoding. One engine (so one GEMM tuner and its choices, cuBLAS included), run with
+        // recording off, then on.
+        let mut engine = Engine::new(Cuda::open(true)?, &model, &lora, t, false)?;
+        engine.dev.graphs = false;
+        let want = engine.generate(Some(&lora), &prompts, 12, &[])?;
+        engine.dev.graphs = true;
+        let got = engine.generate(Some(&lora), &prompts, 12, &[])?;
         let differ = (want.iter().flatten().zip(got.iter().flatten()))
             .filter(|(a, b)| a != b)
             .count();
-        let unused = if recorded.graph_replays == 0 {
-            f64::INFINITY
-        } else {
-            0.0
-        };
+        let unused = if engine.graph_replays == 0 { f64::INFINITY } else { 0.0 };
         push(
             "decode with a CUDA graph (tokens differing)",
             differ as f64 + unused,
