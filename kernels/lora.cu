@@ -40,43 +40,64 @@ extern "C" __global__ void lora_g(float* g, const bf16* dy, const bf16* b, int T
     if (lane == 0) g[w] = s;
 }
 
-// The two sums over tokens (dB and dA) are long (T terms) and have few outputs (r per row or column),
-// so each block takes 32 outputs, one per lane, and its 8 warps split the tokens (t = warp, warp + 8,
-// ...); the partial sums meet in shared memory in a fixed order, so the result is deterministic.
-#define SPLIT_T_WARPS 8
+// The two sums over tokens (dB and dA) are long (T terms) with few outputs per column (r). A block
+// owns 16 consecutive columns of u (dy for dB, x for dA) and all r rank indices, and walks the tokens
+// in chunks of 32 rows staged in shared memory, so each element of u is read once, in 32-byte row
+// pieces. Each output is summed by one thread in token order: deterministic, no atomics.
+#define TS_COLS 16
+#define TS_ROWS 32
+#define TS_MAX_R 64
+#define TS_THREADS 256
+#define TS_PER_THREAD (TS_COLS * TS_MAX_R / TS_THREADS)
 
-// out[o] += scale * sum_t f(t, o) for the block's 32 outputs o, f given per t by `term`.
-template <class Term>
-__device__ __forceinline__ void split_t_sum(float* out, long n_out, int T, float scale, Term term) {
-    __shared__ float part[SPLIT_T_WARPS][32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const long o = (long)blockIdx.x * 32 + lane;
-    float s = 0.0f;
-    if (o < n_out)
-        for (int t = warp; t < T; t += SPLIT_T_WARPS) s += term(t, o);
-    part[warp][lane] = s;
-    __syncthreads();
-    if (warp == 0 && o < n_out) {
-        float total = 0.0f;
-        for (int w = 0; w < SPLIT_T_WARPS; w++) total += part[w][lane];
-        out[o] += scale * total;
+// For the block's columns col and every c < r: out[at(col, c)] += scale * sum_t u[t, col] w[t, c],
+// at(col, c) = c * U + col when rank_major, else col * r + c.
+// out: f32 (accumulated); u: [T, U] bf16; w: [T, r] f32. Blocks of TS_THREADS; r <= TS_MAX_R.
+__device__ __forceinline__ void token_sum(float* out, bool rank_major, const bf16* u, const float* w, int T, int U,
+                                          int r, float scale) {
+    __shared__ float us[TS_ROWS][TS_COLS];
+    __shared__ float ws[TS_ROWS][TS_MAX_R];
+    const int col0 = blockIdx.x * TS_COLS, n_out = TS_COLS * r;
+    float acc[TS_PER_THREAD];
+    for (int j = 0; j < TS_PER_THREAD; j++) acc[j] = 0.0f;
+    for (int t0 = 0; t0 < T; t0 += TS_ROWS) {
+        for (int i = threadIdx.x; i < TS_ROWS * TS_COLS; i += blockDim.x) {
+            const int row = i / TS_COLS, cc = i % TS_COLS, t = t0 + row, col = col0 + cc;
+            us[row][cc] = (t < T && col < U) ? to_f32(u[(long)t * U + col]) : 0.0f;
+        }
+        for (int i = threadIdx.x; i < TS_ROWS * r; i += blockDim.x) {
+            const int row = i / r, c = i % r, t = t0 + row;
+            ws[row][c] = t < T ? w[(long)t * r + c] : 0.0f;
+        }
+        __syncthreads();
+        for (int j = 0; j < TS_PER_THREAD; j++) {
+            const int o = threadIdx.x + j * TS_THREADS, cc = o % TS_COLS, c = o / TS_COLS;
+            if (o >= n_out) break;
+            float s = acc[j];
+            for (int row = 0; row < TS_ROWS; row++) s += us[row][cc] * ws[row][c];
+            acc[j] = s;
+        }
+        __syncthreads();
+    }
+    for (int j = 0; j < TS_PER_THREAD; j++) {
+        const int o = threadIdx.x + j * TS_THREADS, cc = o % TS_COLS, c = o / TS_COLS, col = col0 + cc;
+        if (o >= n_out) break;
+        if (col < U) out[rank_major ? (long)c * U + col : (long)col * r + c] += scale * acc[j];
     }
 }
 
-// dB[n, c] += scale * sum_t dy[t, n] xa[t, c]; output o = n * r + c.
+// dB[n, c] += scale * sum_t dy[t, n] xa[t, c].
 // db: [N, r] f32 (accumulated); dy: [T, N] bf16; xa: [T, r] f32.
-// Grid ceil(N * r / 32) blocks of 256 threads.
+// Grid ceil(N / 16) blocks of 256 threads; r <= 64.
 extern "C" __global__ void lora_db(float* db, const bf16* dy, const float* xa, int T, int N, int r, float scale) {
-    split_t_sum(db, (long)N * r, T, scale,
-                [=](int t, long o) { return to_f32(dy[(long)t * N + o / r]) * xa[(long)t * r + o % r]; });
+    token_sum(db, false, dy, xa, T, N, r, scale);
 }
 
-// dA[c, k] += scale * sum_t g[t, c] x[t, k]; output o = c * K + k.
+// dA[c, k] += scale * sum_t g[t, c] x[t, k].
 // da: [r, K] f32 (accumulated); g: [T, r] f32; x: [T, K] bf16.
-// Grid ceil(r * K / 32) blocks of 256 threads.
+// Grid ceil(K / 16) blocks of 256 threads; r <= 64.
 extern "C" __global__ void lora_da(float* da, const float* g, const bf16* x, int T, int K, int r, float scale) {
-    split_t_sum(da, (long)r * K, T, scale,
-                [=](int t, long o) { return g[(long)t * r + o / K] * to_f32(x[(long)t * K + o % K]); });
+    token_sum(da, true, x, g, T, K, r, scale);
 }
 
 // dx[t, k] += scale * sum_c g[t, c] A[c, k]; one thread per (t, k).

@@ -94,6 +94,14 @@ impl Target {
         cap: usize,
         checkpointing: bool,
     ) -> Result<Option<Box<dyn StepEngine>>> {
+        if self.gpu().is_some() && lora.config.r > cuda::MAX_RANK {
+            bail!(
+                "LoRA rank {} is over the {} the GPU kernels take: use --lora-r {} or less",
+                lora.config.r,
+                cuda::MAX_RANK,
+                cuda::MAX_RANK
+            );
+        }
         Ok(match self {
             Target::Cpu => None,
             Target::CpuBf16 => Some(Box::new(Engine::new(Host, model, lora, cap, checkpointing)?)),

@@ -9,6 +9,7 @@
 mod device;
 mod gemm;
 mod ops;
+pub use ops::MAX_RANK;
 mod pinned;
 mod quantize;
 pub mod selftest;

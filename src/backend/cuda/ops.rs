@@ -10,14 +10,18 @@ use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-/// Blocks of 256 threads (8 warps splitting the tokens), 32 outputs each (kernels/lora.cu).
-fn split_t(outputs: usize) -> LaunchConfig {
+/// The token sums of dA and dB (kernels/lora.cu `token_sum`): a block of 256 threads per 16
+/// columns, every rank index.
+fn token_sum_cols(columns: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (outputs.div_ceil(32).max(1) as u32, 1, 1),
+        grid_dim: (columns.div_ceil(16).max(1) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
 }
+
+/// The largest LoRA rank the GPU kernels take (kernels/lora.cu TS_MAX_R).
+pub const MAX_RANK: usize = 64;
 
 impl Cuda {
     /// y = rmsnorm(x) * w, keeping each row's inverse RMS.
@@ -299,6 +303,10 @@ impl Cuda {
             at.b == at.a + r * k && at.b + n * r <= w.len().min(grad.len()),
             "lora_bwd: adapter out of range"
         );
+        anyhow::ensure!(
+            r <= MAX_RANK,
+            "LoRA rank {r} is over the {MAX_RANK} the GPU kernels take"
+        );
         let (a, b) = (w.slice(at.a..at.b), w.slice(at.b..at.b + n * r));
         let (mut lo, mut hi) = grad.split_at_mut(at.b);
         let (mut da, mut db) = (lo.slice_mut(at.a..), hi.slice_mut(..n * r));
@@ -309,14 +317,14 @@ impl Cuda {
         unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_g")?;
         let mut l = self.stream.launch_builder(&self.k.lora[3]);
         l.arg(&mut db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
-        // SAFETY: 32 outputs of db [out, r] per block of 256 threads (bounded by out * r in the
-        // kernel); reads dy [t, out] and xa [t, r].
-        unsafe { l.launch(split_t(n * r)) }.context("kernel lora_db")?;
+        // SAFETY: a block per 16 columns of db [out, r] (r <= MAX_RANK checked; columns bounded by
+        // out in the kernel); reads dy [t, out] and xa [t, r].
+        unsafe { l.launch(token_sum_cols(n)) }.context("kernel lora_db")?;
         let mut l = self.stream.launch_builder(&self.k.lora[4]);
         l.arg(&mut da).arg(&*g).arg(x).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
-        // SAFETY: 32 outputs of da [r, in] per block of 256 threads (bounded by r * in in the
-        // kernel); reads g [t, r] and x [t, in].
-        unsafe { l.launch(split_t(r * k)) }.context("kernel lora_da")?;
+        // SAFETY: a block per 16 columns of da [r, in] (r <= MAX_RANK checked; columns bounded by
+        // in in the kernel); reads g [t, r] and x [t, in].
+        unsafe { l.launch(token_sum_cols(k)) }.context("kernel lora_da")?;
         let mut l = self.stream.launch_builder(&self.k.lora[5]);
         l.arg(dx).arg(&*g).arg(&a).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
         // SAFETY: one thread per element of dx [t, in]; reads g [t, r] and a [r, in].

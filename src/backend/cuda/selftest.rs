@@ -299,7 +299,13 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         cpu::embedding_fwd(&mut want, &table, &tokens, d);
         push("embedding_fwd", format!("{t}x{d}"), rel_err(&gpu.down(&o)?, &want), 0.0);
     }
-    for &(t, n, k, r) in &[(1usize, 3usize, 5usize, 1usize), (6, 40, 64, 4), (33, 96, 200, 16)] {
+    // Token counts past one chunk of 32 rows, column counts past one block of 16, the largest rank.
+    for &(t, n, k, r) in &[
+        (1usize, 3usize, 5usize, 1usize),
+        (6, 40, 64, 4),
+        (33, 96, 200, 16),
+        (70, 50, 33, 64),
+    ] {
         let size = format!("{t}x{n}x{k} r{r}");
         let (x, a, b) = (
             bf(&rng.normal_vec(t * k, 1.0)),
