@@ -1,19 +1,59 @@
 // The LoRA branch, forward and backward: y += s (x A^T) B^T. Twin of src/backend/cpu/lora.rs.
 // A: [r, in] and B: [out, r] are bf16 copies of the f32 master weights; x A^T and every gradient
-// are kept in f32. Straightforward kernels (r is small): correctness first.
+// are kept in f32. r is small (at most 64 here), so the sums that end in r outputs per token or per
+// column stage their long operand in shared memory once per block instead of once per rank index.
 #include "common.cuh"
 
-// xa[t, c] = sum_k x[t, k] A[c, k]; one warp per (t, c).
-// xa: [T, r] f32 (written); x: [T, K] bf16; a: [r, K] bf16.
+// The two projections onto the rank (x A^T and dy B) have r outputs per token from long rows. A
+// block owns 16 tokens and every rank index and walks the rows in chunks of 64 staged in shared
+// memory (the token rows and the matching piece of A or B), so each row is read once, not once per
+// rank index. Each output is summed by one thread in order.
+#define RP_ROWS 16
+#define RP_CHUNK 64
+#define RP_MAX_R 64
+#define RP_THREADS 256
+#define RP_PER_THREAD (RP_ROWS * RP_MAX_R / RP_THREADS)
+
+// out[t, c] = sum_j u[t, j] m(c, j) for the block's 16 tokens t and every c < r, with m(c, j) =
+// m[c * J + j] (m: [r, J], A's layout) or m[j * r + c] (jr: m is [J, r], B's layout).
+// out: [T, r] f32 (written); u: [T, J] bf16. Blocks of RP_THREADS; r <= RP_MAX_R.
+__device__ __forceinline__ void row_proj(float* out, const bf16* u, const bf16* m, bool jr, int T, int J, int r) {
+    __shared__ float us[RP_ROWS][RP_CHUNK + 1];
+    __shared__ float ms[RP_MAX_R][RP_CHUNK + 1];
+    const int t0 = blockIdx.x * RP_ROWS, n_out = RP_ROWS * r;
+    float acc[RP_PER_THREAD];
+    for (int q = 0; q < RP_PER_THREAD; q++) acc[q] = 0.0f;
+    for (int j0 = 0; j0 < J; j0 += RP_CHUNK) {
+        for (int i = threadIdx.x; i < RP_ROWS * RP_CHUNK; i += blockDim.x) {
+            const int row = i / RP_CHUNK, jj = i % RP_CHUNK, t = t0 + row, j = j0 + jj;
+            us[row][jj] = (t < T && j < J) ? to_f32(u[(long)t * J + j]) : 0.0f;
+        }
+        for (int i = threadIdx.x; i < r * RP_CHUNK; i += blockDim.x) {
+            // Consecutive threads read consecutive elements in either layout.
+            const int c = jr ? i % r : i / RP_CHUNK, jj = jr ? i / r : i % RP_CHUNK, j = j0 + jj;
+            ms[c][jj] = j < J ? to_f32(jr ? m[(long)j * r + c] : m[(long)c * J + j]) : 0.0f;
+        }
+        __syncthreads();
+        for (int q = 0; q < RP_PER_THREAD; q++) {
+            const int o = threadIdx.x + q * RP_THREADS, row = o / r, c = o % r;
+            if (o >= n_out) break;
+            float s = acc[q];
+            for (int jj = 0; jj < RP_CHUNK; jj++) s += us[row][jj] * ms[c][jj];
+            acc[q] = s;
+        }
+        __syncthreads();
+    }
+    for (int q = 0; q < RP_PER_THREAD; q++) {
+        const int o = threadIdx.x + q * RP_THREADS, row = o / r, c = o % r, t = t0 + row;
+        if (o >= n_out) break;
+        if (t < T) out[(long)t * r + c] = acc[q];
+    }
+}
+
+// xa[t, c] = sum_k x[t, k] A[c, k].
+// xa: [T, r] f32 (written); x: [T, K] bf16; a: [r, K] bf16. Grid ceil(T / 16) blocks of 256; r <= 64.
 extern "C" __global__ void lora_xa(float* xa, const bf16* x, const bf16* a, int T, int K, int r) {
-    const long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
-    if (w >= (long)T * r) return;
-    const int t = w / r, c = w % r;
-    float s = 0.0f;
-    for (int k = lane; k < K; k += 32) s += to_f32(x[(long)t * K + k]) * to_f32(a[(long)c * K + k]);
-    s = warp_sum(s);
-    if (lane == 0) xa[w] = s;
+    row_proj(xa, x, a, false, T, K, r);
 }
 
 // y[t, n] += scale * sum_c xa[t, c] B[n, c]; one thread per (t, n).
@@ -27,17 +67,10 @@ extern "C" __global__ void lora_add(bf16* y, const float* xa, const bf16* b, int
     y[i] = to_bf16(to_f32(y[i]) + scale * s);
 }
 
-// g[t, c] = sum_n dy[t, n] B[n, c]; one warp per (t, c).
-// g: [T, r] f32 (written); dy: [T, N] bf16; b: [N, r] bf16.
+// g[t, c] = sum_n dy[t, n] B[n, c].
+// g: [T, r] f32 (written); dy: [T, N] bf16; b: [N, r] bf16. Grid ceil(T / 16) blocks of 256; r <= 64.
 extern "C" __global__ void lora_g(float* g, const bf16* dy, const bf16* b, int T, int N, int r) {
-    const long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
-    if (w >= (long)T * r) return;
-    const int t = w / r, c = w % r;
-    float s = 0.0f;
-    for (int n = lane; n < N; n += 32) s += to_f32(dy[(long)t * N + n]) * to_f32(b[(long)n * r + c]);
-    s = warp_sum(s);
-    if (lane == 0) g[w] = s;
+    row_proj(g, dy, b, true, T, N, r);
 }
 
 // The two sums over tokens (dB and dA) are long (T terms) with few outputs per column (r). A block

@@ -20,7 +20,17 @@ fn token_sum_cols(columns: usize) -> LaunchConfig {
     }
 }
 
-/// The largest LoRA rank the GPU kernels take (kernels/lora.cu TS_MAX_R).
+/// The projections onto the rank (kernels/lora.cu `row_proj`): a block of 256 threads per 16
+/// tokens, every rank index.
+fn row_proj_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(16).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The largest LoRA rank the GPU kernels take (kernels/lora.cu TS_MAX_R, RP_MAX_R).
 pub const MAX_RANK: usize = 64;
 
 impl Cuda {
@@ -266,12 +276,17 @@ impl Cuda {
             at.b == at.a + r * k && at.b + n * r <= w.len(),
             "lora_fwd: adapter out of range"
         );
+        anyhow::ensure!(
+            r <= MAX_RANK,
+            "LoRA rank {r} is over the {MAX_RANK} the GPU kernels take"
+        );
         let (a, b) = (w.slice(at.a..at.b), w.slice(at.b..at.b + n * r));
         let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
         let mut l = self.stream.launch_builder(&self.k.lora[0]);
         l.arg(&mut *xa).arg(x).arg(&a).arg(&ti).arg(&ki).arg(&ri);
-        // SAFETY: one warp per (t, c) of xa [t, r], bounded in the kernel; x [t, in], a [r, in] asserted.
-        unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_xa")?;
+        // SAFETY: a block per 16 rows of xa [t, r] (r <= MAX_RANK checked; rows bounded by t in the
+        // kernel); reads x [t, in] and a [r, in] (asserted).
+        unsafe { l.launch(row_proj_rows(t)) }.context("kernel lora_xa")?;
         let mut l = self.stream.launch_builder(&self.k.lora[1]);
         l.arg(y).arg(&*xa).arg(&b).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
         // SAFETY: one thread per element of y [t, out], bounded in the kernel; xa [t, r], b [out, r].
@@ -313,8 +328,9 @@ impl Cuda {
         let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
         let mut l = self.stream.launch_builder(&self.k.lora[2]);
         l.arg(&mut *g).arg(dy).arg(&b).arg(&ti).arg(&ni).arg(&ri);
-        // SAFETY: one warp per (t, c) of g [t, r]; dy [t, out], b [out, r]; bounded in the kernel.
-        unsafe { l.launch(blocks_for(t * r * 32)) }.context("kernel lora_g")?;
+        // SAFETY: a block per 16 rows of g [t, r] (r <= MAX_RANK checked; rows bounded by t in the
+        // kernel); reads dy [t, out] and b [out, r].
+        unsafe { l.launch(row_proj_rows(t)) }.context("kernel lora_g")?;
         let mut l = self.stream.launch_builder(&self.k.lora[3]);
         l.arg(&mut db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
         // SAFETY: a block per 16 columns of db [out, r] (r <= MAX_RANK checked; columns bounded by
