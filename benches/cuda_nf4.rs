@@ -1,7 +1,7 @@
 //! The NF4 GEMM three ways (tiled f32, tensor cores, dequantize + cuBLAS; and the GEMV at decode
 //! shapes), both orientations, on
 //! Llama-3.2-1B's projection shapes: decode shapes (M <= 16: bytes/s of weight traffic) and
-//! training shapes (M = 4096: FLOP/s, shown by criterion as elements/s).
+//! training shapes (M = 4096: FLOP/s, shown by criterion as elements/s). And NF4 quantization.
 
 mod common;
 use common::*;
@@ -59,5 +59,22 @@ fn nf4_gemm(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, nf4_gemm);
+/// Quantizing a projection on the GPU (codes, scales and double quantization; the weight already on
+/// the device): bytes/s of the f32 weight read.
+fn nf4_quantize(c: &mut Criterion) {
+    let Some(gpu) = gpu() else { return };
+    let (n, k) = (8192usize, 2048usize);
+    let w = normal_f32(&gpu, n * k, 0.02, 3);
+    let mut g = c.benchmark_group(format!("nf4_quantize_{n}x{k}"));
+    g.throughput(Throughput::Bytes((4 * n * k) as u64));
+    g.bench_function("quantize", |b| {
+        b.iter(|| {
+            gpu.nf4_quantize(&w, n * k).unwrap();
+            sync(&gpu);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, nf4_gemm, nf4_quantize);
 criterion_main!(benches);
