@@ -141,8 +141,7 @@ impl<D: Device> Engine<D> {
                 }
                 None => self.decode_step(adapted, b, lens.iter().max().map_or(1, |&n| n + 1))?,
             }
-            let g = self.gen.as_ref().expect("allocated by the prefill");
-            next = self.dev.read(&g.next, b)?.iter().map(|&i| i as u32).collect();
+            next = self.next_tokens(b)?;
             lens.iter_mut().for_each(|n| *n += 1);
         }
         unreachable!("the loop returns when every sequence is done")
@@ -234,6 +233,12 @@ impl<D: Device> Engine<D> {
         let v = self.config.vocab_size;
         let g = self.gen.as_mut().expect("allocated by the prefill");
         self.dev.argmax_rows(&mut g.next, &self.s.logits, rows, v)?;
+        self.next_tokens(rows)
+    }
+
+    /// The first `rows` token ids of gen.next.
+    fn next_tokens(&self, rows: usize) -> Result<Vec<u32>> {
+        let g = self.gen.as_ref().expect("allocated by the prefill");
         Ok(self.dev.read(&g.next, rows)?.iter().map(|&i| i as u32).collect())
     }
 

@@ -52,6 +52,12 @@ pub fn optimizer_bytes(len: usize, page: usize) -> usize {
     2 * 4 * window.max(1) + 4 * SUM_PARTS
 }
 
+/// The optimizer's device side, or the error of an engine whose optimizer was never enabled.
+fn enabled<D: Device>(opt: &mut Option<DeviceOptim<D>>) -> Result<&mut DeviceOptim<D>> {
+    opt.as_mut()
+        .context("the engine's optimizer is not enabled (Engine::enable_optimizer)")
+}
+
 impl<D: Device> Engine<D> {
     /// Allocate the optimizer's device side for host state in pages of `page` values: the whole
     /// state when it fits in `max_window` values per moment, else one page.
@@ -80,17 +86,14 @@ impl<D: Device> Engine<D> {
 
     /// Take the host's moments: a resident window copies them in before the next update.
     pub fn load_optimizer(&mut self) -> Result<()> {
-        self.opt
-            .as_mut()
-            .context("the engine's optimizer is not enabled (Engine::enable_optimizer)")?
-            .loaded = false;
+        enabled(&mut self.opt)?.loaded = false;
         Ok(())
     }
 
     /// Copy the resident window's moments back into the host pages (streamed pages are always
     /// current on the host).
     pub fn save_optimizer(&mut self, opt: &mut AdamW) -> Result<()> {
-        let o = self.opt.as_mut().context("the engine's optimizer is not enabled")?;
+        let o = enabled(&mut self.opt)?;
         if o.resident && o.loaded {
             for (range, m, v) in opt.state.pages_mut() {
                 self.dev.read_into(&o.m, range.start, m)?;
@@ -103,7 +106,7 @@ impl<D: Device> Engine<D> {
 
     /// Global L2 norm of the accumulated adapter gradients (NaN or infinite if any value is).
     pub fn grad_norm(&mut self) -> Result<f32> {
-        let o = self.opt.as_mut().context("the engine's optimizer is not enabled")?;
+        let o = enabled(&mut self.opt)?;
         let ad = &self.adapters;
         self.dev.sum_squares(&mut o.parts, 0, &ad.grad, ad.len)?;
         let parts = self.dev.read(&o.parts, SUM_PARTS)?;
@@ -120,7 +123,7 @@ impl<D: Device> Engine<D> {
             opt.state.len(),
             ad.len
         );
-        let o = self.opt.as_mut().context("the engine's optimizer is not enabled")?;
+        let o = enabled(&mut self.opt)?;
         opt.step += 1;
         let h = AdamStep::new(opt.config, opt.step, lr, gscale);
         let pages = opt.state.pages_mut();

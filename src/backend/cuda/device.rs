@@ -331,7 +331,6 @@ impl Device for Cuda {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// An allocation failure, said with what was asked and what is free.
 /// The error of a failed allocation or upload: with the memory plan's advice when the GPU is out of
 /// memory; any other driver error (e.g. an earlier kernel's fault, reported at the next call) as is.
 fn oom(gpu: &Cuda, e: cudarc::driver::DriverError, bytes: usize) -> anyhow::Error {

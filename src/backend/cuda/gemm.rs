@@ -63,6 +63,16 @@ pub struct GemmState {
 }
 
 impl GemmState {
+    /// Make the weight scratch hold at least `numel` values (where cuBLAS is there to use it); a
+    /// smaller one is freed before the larger is allocated.
+    fn grow_scratch(&mut self, stream: &Arc<cudarc::driver::CudaStream>, numel: usize) -> Result<()> {
+        if self.blas.is_some() && self.scratch.as_ref().is_none_or(|s| s.len() < numel) {
+            self.scratch = None;
+            self.scratch = Some(stream.alloc_zeros(numel).context("the cuBLAS path's weight scratch")?);
+        }
+        Ok(())
+    }
+
     /// Whether the cuBLAS path is available.
     pub fn has_blas(&self) -> bool {
         self.blas.is_some()
@@ -282,17 +292,10 @@ impl Cuda {
         if !matches!(self.gemm, GemmPath::Auto | GemmPath::Cublas) {
             return Ok(()); // a forced path that never dequantizes a whole weight
         }
-        let mut st = self.gemm_state.lock().expect("GEMM state lock");
-        let GemmState { blas, scratch, .. } = &mut *st;
-        if blas.is_some() && scratch.as_ref().is_none_or(|s| s.len() < numel) {
-            *scratch = None; // free the smaller one first
-            *scratch = Some(
-                self.stream
-                    .alloc_zeros(numel)
-                    .context("the cuBLAS path's weight scratch")?,
-            );
-        }
-        Ok(())
+        self.gemm_state
+            .lock()
+            .expect("GEMM state lock")
+            .grow_scratch(&self.stream, numel)
     }
 
     /// Dequantize W [out, in] into the scratch and hand it, with cuBLAS, to `f`.
@@ -303,24 +306,13 @@ impl Cuda {
     ) -> Result<()> {
         let numel = w.out_features * w.in_features;
         let mut st = self.gemm_state.lock().expect("GEMM state lock");
+        st.grow_scratch(&self.stream, numel)?;
         let GemmState { blas, scratch, .. } = &mut *st;
         let blas = blas
             .as_ref()
             .context("cuBLAS (libcublas) is not available on this machine")?;
-        if scratch.as_ref().is_none_or(|s| s.len() < numel) {
-            *scratch = Some(
-                self.stream
-                    .alloc_zeros(numel)
-                    .context("the cuBLAS path's weight scratch")?,
-            );
-        }
-        let scratch = scratch.as_mut().expect("allocated above");
-        let mut b = self.stream.launch_builder(&self.k.nf4_dequantize);
-        let ni = numel as i64;
-        b.arg(&mut *scratch).arg(&w.packed).arg(&w.absmax).arg(&ni);
-        // SAFETY: one thread per packed byte, bounded by numel inside the kernel; the scratch holds
-        // at least numel values and the packed codes and scales are those of [out, in].
-        unsafe { b.launch(super::blocks_for(numel.div_ceil(2))) }.context("kernel nf4_dequantize")?;
+        let scratch = scratch.as_mut().expect("grown above");
+        self.nf4_dequantize(scratch, &w.packed, &w.absmax, numel)?;
         f(blas, scratch)
     }
 

@@ -10,21 +10,11 @@ use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-/// The token sums of dA and dB (kernels/lora.cu `token_sum`): a block of 256 threads per 16
-/// columns, every rank index.
-fn token_sum_cols(columns: usize) -> LaunchConfig {
+/// The LoRA kernels that give a block all r rank indices of 16 tokens (`row_proj`) or of 16
+/// columns (`token_sum`): a block of 256 threads per 16.
+fn per_16(n: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (columns.div_ceil(16).max(1) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// The projections onto the rank (kernels/lora.cu `row_proj`): a block of 256 threads per 16
-/// tokens, every rank index.
-fn row_proj_rows(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.div_ceil(16).max(1) as u32, 1, 1),
+        grid_dim: (n.div_ceil(16).max(1) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -219,15 +209,15 @@ impl Cuda {
         Ok(())
     }
 
-    /// Packed NF4 codes to bf16. out: [n]; packed: [ceil(n / 2)]; absmax: [ceil(n / 64)].
+    /// Packed NF4 codes of n values to bf16. out: [n ..]; packed: [ceil(n / 2)]; absmax: [ceil(n / 64)].
     pub fn nf4_dequantize(
         &self,
         out: &mut CudaSlice<bf16>,
         packed: &CudaSlice<u8>,
         absmax: &CudaSlice<f32>,
+        n: usize,
     ) -> Result<()> {
-        let n = out.len();
-        assert!(packed.len() == n.div_ceil(2) && absmax.len() == n.div_ceil(64));
+        assert!(out.len() >= n && packed.len() == n.div_ceil(2) && absmax.len() == n.div_ceil(64));
         let ni = n as i64;
         let mut b = self.stream.launch_builder(&self.k.nf4_dequantize);
         b.arg(out).arg(packed).arg(absmax).arg(&ni);
@@ -286,7 +276,7 @@ impl Cuda {
         l.arg(&mut *xa).arg(x).arg(&a).arg(&ti).arg(&ki).arg(&ri);
         // SAFETY: a block per 16 rows of xa [t, r] (r <= MAX_RANK checked; rows bounded by t in the
         // kernel); reads x [t, in] and a [r, in] (asserted).
-        unsafe { l.launch(row_proj_rows(t)) }.context("kernel lora_xa")?;
+        unsafe { l.launch(per_16(t)) }.context("kernel lora_xa")?;
         let mut l = self.stream.launch_builder(&self.k.lora[1]);
         l.arg(y).arg(&*xa).arg(&b).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
         // SAFETY: one thread per element of y [t, out], bounded in the kernel; xa [t, r], b [out, r].
@@ -330,17 +320,17 @@ impl Cuda {
         l.arg(&mut *g).arg(dy).arg(&b).arg(&ti).arg(&ni).arg(&ri);
         // SAFETY: a block per 16 rows of g [t, r] (r <= MAX_RANK checked; rows bounded by t in the
         // kernel); reads dy [t, out] and b [out, r].
-        unsafe { l.launch(row_proj_rows(t)) }.context("kernel lora_g")?;
+        unsafe { l.launch(per_16(t)) }.context("kernel lora_g")?;
         let mut l = self.stream.launch_builder(&self.k.lora[3]);
         l.arg(&mut db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
         // SAFETY: a block per 16 columns of db [out, r] (r <= MAX_RANK checked; columns bounded by
         // out in the kernel); reads dy [t, out] and xa [t, r].
-        unsafe { l.launch(token_sum_cols(n)) }.context("kernel lora_db")?;
+        unsafe { l.launch(per_16(n)) }.context("kernel lora_db")?;
         let mut l = self.stream.launch_builder(&self.k.lora[4]);
         l.arg(&mut da).arg(&*g).arg(x).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
         // SAFETY: a block per 16 columns of da [r, in] (r <= MAX_RANK checked; columns bounded by
         // in in the kernel); reads g [t, r] and x [t, in].
-        unsafe { l.launch(token_sum_cols(k)) }.context("kernel lora_da")?;
+        unsafe { l.launch(per_16(k)) }.context("kernel lora_da")?;
         let mut l = self.stream.launch_builder(&self.k.lora[5]);
         l.arg(dx).arg(&*g).arg(&a).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
         // SAFETY: one thread per element of dx [t, in]; reads g [t, r] and a [r, in].

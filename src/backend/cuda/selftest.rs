@@ -228,7 +228,7 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             TOL_F32,
         );
         let mut out = gpu.poisoned(n)?;
-        gpu.nf4_dequantize(&mut out, &gpu.up32(&q.packed)?, &absmax)?;
+        gpu.nf4_dequantize(&mut out, &gpu.up32(&q.packed)?, &absmax, n)?;
         push(
             "nf4_dequantize",
             n.to_string(),
