@@ -1,11 +1,13 @@
 //! Causal GQA attention over packed sequences, forward and backward: 8 sequences of 512 tokens,
 //! 32 query heads over 8 key/value heads of width 64 (Llama-3.2-1B). Throughput in FLOPs (the
-//! causal half of 4 S^2 hd per head forward, twice that backward), shown as elements/s.
+//! causal half of 4 S^2 hd per head forward, twice that backward), shown as elements/s. Both
+//! paths: the simple kernels (a block per token and head) and the tiled ones (tensor cores).
 
 mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sqlora::backend::cuda::AttentionPath;
 
 fn attention(c: &mut Criterion) {
     let Some(gpu) = gpu() else { return };
@@ -24,36 +26,36 @@ fn attention(c: &mut Criterion) {
     let (mut lse, mut dd) = (zeros(&gpu, t * h), zeros(&gpu, t * h));
     let fwd_flops = (b * h * 2 * s * s * hd) as u64; // 4 S^2 hd per head, halved by the mask
     let mut g = c.benchmark_group("attention_8x512_h32_kv8_hd64");
-    g.throughput(Throughput::Elements(fwd_flops));
-    g.bench_function("fwd", |bch| {
-        bch.iter(|| {
-            gpu.attention_fwd(&mut out, &mut lse, &q, &k, &v, &starts, t, [h, kv, hd], s)
+    for (name, path) in [("simple", AttentionPath::Simple), ("tiled", AttentionPath::Tiled)] {
+        g.throughput(Throughput::Elements(fwd_flops));
+        g.bench_function(format!("fwd {name}"), |bch| {
+            bch.iter(|| {
+                gpu.attention_fwd_via(path, &mut out, &mut lse, &q, &k, &v, &starts, t, [h, kv, hd], s)
+                    .unwrap();
+                sync(&gpu);
+            })
+        });
+        g.throughput(Throughput::Elements(2 * fwd_flops));
+        g.bench_function(format!("bwd {name}"), |bch| {
+            bch.iter(|| {
+                gpu.attention_bwd_via(
+                    path,
+                    [&mut dq, &mut dk, &mut dv],
+                    &mut dd,
+                    &dout,
+                    [&q, &k, &v],
+                    &out,
+                    &lse,
+                    &starts,
+                    t,
+                    [h, kv, hd],
+                    s,
+                )
                 .unwrap();
-            sync(&gpu);
-        })
-    });
-    g.throughput(Throughput::Elements(2 * fwd_flops));
-    g.bench_function("bwd", |bch| {
-        bch.iter(|| {
-            let qkv = [&q, &k, &v];
-            gpu.attention_bwd(
-                &mut dq,
-                &mut dk,
-                &mut dv,
-                &mut dd,
-                &dout,
-                qkv,
-                &out,
-                &lse,
-                &starts,
-                t,
-                [h, kv, hd],
-                s,
-            )
-            .unwrap();
-            sync(&gpu);
-        })
-    });
+                sync(&gpu);
+            })
+        });
+    }
     g.finish();
 }
 

@@ -4,8 +4,9 @@
 //!
 //! The typed launch wrappers are in `ops.rs`; `device.rs` makes them an [`crate::engine::Device`], so
 //! the training step of `engine` runs on the GPU. `sqlora selftest` checks each kernel against the CPU
-//! reference. Still to come: the fast kernels (tensor cores, flash-style attention).
+//! reference. Attention runs tiled on tensor cores or by the simple kernels (`attention.rs`).
 
+mod attention;
 mod device;
 mod gemm;
 mod ops;
@@ -19,8 +20,10 @@ use super::kernels;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+pub use attention::{AttentionPath, TiledAttention, TILED_HEAD_DIMS};
 pub use gemm::{GemmPath, GemmState};
 
 /// Why there is no usable GPU, in words a user can act on; `None` when one can be opened.
@@ -66,6 +69,8 @@ pub struct Kernels {
     pub attention_bwd_dq: CudaFunction,
     pub attention_bwd_dkv: CudaFunction,
     pub attention_decode: CudaFunction,
+    /// kernels/flash_attention.cu, one set per head width of [`TILED_HEAD_DIMS`].
+    pub flash: Vec<TiledAttention>,
     pub head_logits: CudaFunction,
     pub head_grad: CudaFunction,
     pub ce_softmax_grad: CudaFunction,
@@ -112,6 +117,10 @@ pub struct Cuda {
     /// Dynamic shared memory the attention kernels may use per block (4 bytes per key of the
     /// longest sequence): the GPU's opt-in maximum less their static shared memory.
     pub attn_smem: usize,
+    /// Which attention the training step uses (`SQLORA_ATTENTION=auto|tiled|simple`).
+    pub attention: AttentionPath,
+    /// `Auto`'s verdict per head width: whether the tiled kernels agreed with the simple ones.
+    pub attention_chosen: Arc<Mutex<HashMap<usize, bool>>>,
 }
 
 /// Let the attention kernels that keep a row of scores in dynamic shared memory use as much as the
@@ -133,6 +142,38 @@ fn opt_in_attention_smem(ctx: &CudaContext, kernels: &[&CudaFunction]) -> Result
         allowed = allowed.min(dynamic);
     }
     Ok(allowed)
+}
+
+/// The tiled attention kernels of every width, each dk/dv kernel allowed the shared memory it carves.
+fn load_tiled_attention(ctx: &Arc<CudaContext>) -> Result<Vec<TiledAttention>> {
+    use cudarc::driver::sys::CUfunction_attribute;
+    TILED_HEAD_DIMS
+        .iter()
+        .map(|&hd| {
+            let names = [
+                format!("flash_fwd_hd{hd}"),
+                format!("flash_bwd_dq_hd{hd}"),
+                format!("flash_bwd_dkv_hd{hd}"),
+            ];
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let [fwd, bwd_dq, bwd_dkv]: [CudaFunction; 3] =
+                load(ctx, "flash_attention", kernels::FLASH_ATTENTION, &names)?
+                    .try_into()
+                    .unwrap();
+            bwd_dkv
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    attention::dkv_smem(hd) as i32,
+                )
+                .with_context(|| format!("allowing flash_bwd_dkv_hd{hd} its shared memory"))?;
+            Ok(TiledAttention {
+                hd,
+                fwd,
+                bwd_dq,
+                bwd_dkv,
+            })
+        })
+        .collect()
 }
 
 /// Grid of a tensor-core NF4 GEMM: 64 x 64 output tiles, 4 warps each.
@@ -302,9 +343,12 @@ impl Cuda {
             .try_into()
             .unwrap();
         let attn_smem = opt_in_attention_smem(&ctx, &[&attention_fwd, &attention_bwd_dq, &attention_decode])?;
+        let flash = load_tiled_attention(&ctx)?;
         Ok(Cuda {
             graphs,
             attn_smem,
+            attention: AttentionPath::from_env()?,
+            attention_chosen: Arc::default(),
             gemm: GemmPath::from_env()?,
             gemm_state: GemmState::new(&stream),
             ctx,
@@ -334,6 +378,7 @@ impl Cuda {
                 attention_bwd_dq,
                 attention_bwd_dkv,
                 attention_decode,
+                flash,
                 head_logits,
                 head_grad,
                 ce_softmax_grad,

@@ -3,7 +3,7 @@
 //! fails. The measure is ‖gpu − cpu‖ / ‖cpu‖, with a tolerance suited to bf16 outputs. Then a whole
 //! training step of tiny models on both devices (`selftest_step.rs`).
 
-use super::{rel_err, Cuda, GemmPath};
+use super::{rel_err, AttentionPath, Cuda, GemmPath, TILED_HEAD_DIMS};
 use crate::backend::cpu;
 use crate::engine::Device;
 use crate::engine::SUM_PARTS;
@@ -421,13 +421,18 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         );
     }
     // Short and long sequences (past one pass of 128 threads over the keys), head widths that are
-    // and are not multiples of 32, up to the 256 the kernels take.
+    // and are not multiples of 32, up to the 256 the simple kernels take; at the tiled kernels' widths
+    // (32, 64, 128) both paths, with 64-token blocks that straddle sequence boundaries.
     for (lens, heads, kv_heads, hd) in [
         (vec![3usize, 5], 4usize, 2usize, 16usize),
         (vec![17], 3, 3, 8),
         (vec![40, 9], 8, 1, 64),
         (vec![300, 1, 129], 8, 2, 80),
         (vec![130], 2, 1, 256),
+        (vec![65, 63, 1], 4, 2, 64),
+        (vec![200, 1, 90], 6, 3, 32),
+        (vec![130, 7], 4, 1, 128),
+        (vec![64], 2, 2, 128),
     ] {
         let t: usize = lens.iter().sum();
         let size = format!("{lens:?}x{heads}/{kv_heads}x{hd}");
@@ -443,20 +448,7 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             starts.extend(std::iter::repeat_n(s0 as i32, n));
         }
         let max_len = *lens.iter().max().unwrap();
-        let (qd, kd, vd, sd) = (gpu.up(&q)?, gpu.up(&k)?, gpu.up(&v)?, gpu.up32(&starts)?);
-        let (mut o, mut lse) = (gpu.poisoned(t * heads * hd)?, gpu.poisoned32(t * heads)?);
-        gpu.attention_fwd(&mut o, &mut lse, &qd, &kd, &vd, &sd, t, [heads, kv_heads, hd], max_len)?;
-        let (mut dq, mut dk, mut dv, mut dd) = (
-            gpu.poisoned(q.len())?,
-            gpu.poisoned(k.len())?,
-            gpu.poisoned(v.len())?,
-            gpu.poisoned32(t * heads)?,
-        );
         let dims = [heads, kv_heads, hd];
-        let (doutd, qkv) = (gpu.up(&dout)?, [&qd, &kd, &vd]);
-        gpu.attention_bwd(
-            &mut dq, &mut dk, &mut dv, &mut dd, &doutd, qkv, &o, &lse, &sd, t, dims, max_len,
-        )?;
         // The log-sum-exp as the CPU device computes it from the same bf16 inputs.
         let (mut host_o, mut want_lse) = (vec![bf16::ZERO; q.len()], vec![0f32; t * heads]);
         let to_bf = |v: &[f32]| crate::engine::to_bf16(v);
@@ -472,12 +464,6 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             dims,
             max_len,
         )?;
-        push(
-            "attention_fwd lse",
-            size.clone(),
-            rel_err(&gpu.down32(&lse)?, &want_lse),
-            1e-5,
-        );
         let (mut wo, mut wdq, mut wdk, mut wdv) = (
             vec![0f32; q.len()],
             vec![0f32; q.len()],
@@ -513,20 +499,55 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             );
             s0 += n;
         }
-        push("attention_fwd", size.clone(), rel_err(&gpu.down(&o)?, &wo), TOL_BF16);
-        push(
-            "attention_bwd dq",
-            size.clone(),
-            rel_err(&gpu.down(&dq)?, &wdq),
-            TOL_BF16,
-        );
-        push(
-            "attention_bwd dk",
-            size.clone(),
-            rel_err(&gpu.down(&dk)?, &wdk),
-            TOL_BF16,
-        );
-        push("attention_bwd dv", size, rel_err(&gpu.down(&dv)?, &wdv), TOL_BF16);
+        let (qd, kd, vd, sd) = (gpu.up(&q)?, gpu.up(&k)?, gpu.up(&v)?, gpu.up32(&starts)?);
+        let doutd = gpu.up(&dout)?;
+        let tiled = TILED_HEAD_DIMS.contains(&hd);
+        for path in [AttentionPath::Simple, AttentionPath::Tiled] {
+            if path == AttentionPath::Tiled && !tiled {
+                continue;
+            }
+            let name = |op: &str| match path {
+                AttentionPath::Tiled => format!("{op} (tiled)"),
+                _ => op.to_string(),
+            };
+            let (mut o, mut lse) = (gpu.poisoned(t * heads * hd)?, gpu.poisoned32(t * heads)?);
+            gpu.attention_fwd_via(path, &mut o, &mut lse, &qd, &kd, &vd, &sd, t, dims, max_len)?;
+            let (mut dq, mut dk, mut dv, mut dd) = (
+                gpu.poisoned(q.len())?,
+                gpu.poisoned(k.len())?,
+                gpu.poisoned(v.len())?,
+                gpu.poisoned32(t * heads)?,
+            );
+            gpu.attention_bwd_via(
+                path,
+                [&mut dq, &mut dk, &mut dv],
+                &mut dd,
+                &doutd,
+                [&qd, &kd, &vd],
+                &o,
+                &lse,
+                &sd,
+                t,
+                dims,
+                max_len,
+            )?;
+            push(
+                &name("attention_fwd lse"),
+                size.clone(),
+                rel_err(&gpu.down32(&lse)?, &want_lse),
+                1e-5,
+            );
+            push(
+                &name("attention_fwd"),
+                size.clone(),
+                rel_err(&gpu.down(&o)?, &wo),
+                TOL_BF16,
+            );
+            for (op, got, want) in [("dq", &dq, &wdq), ("dk", &dk, &wdk), ("dv", &dv, &wdv)] {
+                let err = rel_err(&gpu.down(got)?, want);
+                push(&name(&format!("attention_bwd {op}")), size.clone(), err, TOL_BF16);
+            }
+        }
     }
 
     // Decoding: query b against cache rows key_start[b] .. + key_len[b], against the CPU device.
