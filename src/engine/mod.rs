@@ -90,8 +90,26 @@ pub trait Device {
     /// Copy src[off .. off + out.len()] into `out`. Into pinned memory the copy may still be in flight
     /// when this returns: [`Device::synchronize`] before reading `out`.
     fn read_into<T: Elem>(&self, src: &Self::Buf<T>, off: usize, out: &mut [T]) -> Result<()>;
-    /// Wait until everything queued on the device is done.
+    /// Wait until everything queued on the device is done (on both of its streams).
     fn synchronize(&self) -> Result<()>;
+    /// [`Device::write_at`] on the device's copy stream, so it may overlap launches on the compute
+    /// stream; order the two with [`Device::compute_waits_copies`] and [`Device::copies_wait_compute`].
+    /// Where the device has one stream (the CPU), the same as `write_at`.
+    fn copy_in_at<T: Elem>(&self, dst: &mut Self::Buf<T>, off: usize, host: &[T]) -> Result<()> {
+        self.write_at(dst, off, host)
+    }
+    /// [`Device::read_into`] on the copy stream (in flight until [`Device::synchronize`]).
+    fn copy_out_into<T: Elem>(&self, src: &Self::Buf<T>, off: usize, out: &mut [T]) -> Result<()> {
+        self.read_into(src, off, out)
+    }
+    /// Work queued on the compute stream from now on waits for the copies queued so far.
+    fn compute_waits_copies(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Copies queued from now on wait for the compute work queued so far.
+    fn copies_wait_compute(&self) -> Result<()> {
+        Ok(())
+    }
     /// Record the launches that follow instead of running them, until [`Device::end_capture`];
     /// false (and nothing changes) where the device does not record.
     fn begin_capture(&self) -> Result<bool>;

@@ -9,7 +9,9 @@
 //!   model 207M), the pages are copied in once, stay on the device between steps, and are copied
 //!   back only when the host needs them (for a checkpoint);
 //! - streaming: otherwise every step moves each page in, updates the adapter tensors it covers and
-//!   moves it back, so the optimizer's device memory is one page whatever the adapter size.
+//!   moves it back, so the optimizer's device memory is two pages whatever the adapter size. The
+//!   copies run on the device's copy stream, double-buffered: while page i is updated on the compute
+//!   stream, page i + 1 comes in and, once its update is done, page i goes out.
 //!
 //! One step, after the micro-batches have accumulated their gradients g on the device (every
 //! adapter tensor lies in one flat buffer of each kind, so each line is one launch, or one per page):
@@ -29,9 +31,11 @@ pub const OPTIMIZER_WINDOW: usize = 64 << 20;
 
 /// The optimizer's device side.
 pub(super) struct DeviceOptim<D: Device> {
-    m: F32<D>, // [window] moments of the page(s) in the window
-    v: F32<D>, // [window]
-    /// Every page fits: the window holds the whole state, at the parameters' own offsets.
+    /// Moments in the window: resident, one buffer [len] at the parameters' own offsets; streaming,
+    /// two slots [page] that pages alternate between.
+    m: Vec<F32<D>>,
+    v: Vec<F32<D>>,
+    /// Every page fits: the window holds the whole state.
     resident: bool,
     /// The resident window holds the host's current moments.
     loaded: bool,
@@ -41,15 +45,16 @@ pub(super) struct DeviceOptim<D: Device> {
 
 impl<D: Device> DeviceOptim<D> {
     pub(super) fn device_bytes(&self) -> usize {
-        D::bytes(&self.m) + D::bytes(&self.v) + D::bytes(&self.parts)
+        let slots: usize = self.m.iter().chain(&self.v).map(D::bytes).sum();
+        slots + D::bytes(&self.parts)
     }
 }
 
 /// Bytes of device memory the optimizer takes for `len` adapter parameters in host pages of `page`
 /// values: [`device_plan`](super::step::device_plan)'s formula.
 pub fn optimizer_bytes(len: usize, page: usize) -> usize {
-    let window = if len <= OPTIMIZER_WINDOW { len } else { page };
-    2 * 4 * window.max(1) + 4 * SUM_PARTS
+    let window = if len <= OPTIMIZER_WINDOW { len.max(1) } else { 2 * page };
+    2 * 4 * window + 4 * SUM_PARTS
 }
 
 /// The optimizer's device side, or the error of an engine whose optimizer was never enabled.
@@ -60,7 +65,7 @@ fn enabled<D: Device>(opt: &mut Option<DeviceOptim<D>>) -> Result<&mut DeviceOpt
 
 impl<D: Device> Engine<D> {
     /// Allocate the optimizer's device side for host state in pages of `page` values: the whole
-    /// state when it fits in `max_window` values per moment, else one page.
+    /// state when it fits in `max_window` values per moment, else two pages (`page <= max_window`).
     pub fn enable_optimizer(&mut self, page: usize, max_window: usize) -> Result<()> {
         let len = self.adapter_len();
         let resident = len <= max_window;
@@ -68,10 +73,12 @@ impl<D: Device> Engine<D> {
             resident || page <= max_window,
             "optimizer pages of {page} values do not fit a device window of {max_window}"
         );
-        let window = if resident { len } else { page };
+        let (slots, window) = if resident { (1, len) } else { (2, page) };
+        let alloc = || (0..slots).map(|_| self.dev.alloc(window)).collect::<Result<Vec<_>>>();
+        let (m, v) = (alloc()?, alloc()?);
         self.opt = Some(DeviceOptim {
-            m: self.dev.alloc(window)?,
-            v: self.dev.alloc(window)?,
+            m,
+            v,
             resident,
             loaded: false,
             parts: self.dev.alloc(SUM_PARTS)?,
@@ -96,8 +103,8 @@ impl<D: Device> Engine<D> {
         let o = enabled(&mut self.opt)?;
         if o.resident && o.loaded {
             for (range, m, v) in opt.state.pages_mut() {
-                self.dev.read_into(&o.m, range.start, m)?;
-                self.dev.read_into(&o.v, range.start, v)?;
+                self.dev.read_into(&o.m[0], range.start, m)?;
+                self.dev.read_into(&o.v[0], range.start, v)?;
             }
             self.dev.synchronize()?;
         }
@@ -128,32 +135,45 @@ impl<D: Device> Engine<D> {
         let h = AdamStep::new(opt.config, opt.step, lr, gscale);
         let pages = opt.state.pages_mut();
         if o.resident {
+            let (m_dev, v_dev) = (&mut o.m[0], &mut o.v[0]);
             if !o.loaded {
                 for (range, m, v) in &pages {
-                    dev.write_at(&mut o.m, range.start, m)?;
-                    dev.write_at(&mut o.v, range.start, v)?;
+                    dev.write_at(m_dev, range.start, m)?;
+                    dev.write_at(v_dev, range.start, v)?;
                 }
                 // From pinned pages the copies are asynchronous: done before the host may write them.
                 dev.synchronize()?;
                 o.loaded = true;
             }
-            dev.adamw_step(&mut ad.master, &mut o.m, &mut o.v, &ad.grad, 0, 0, ad.len, &h)?;
+            dev.adamw_step(&mut ad.master, m_dev, v_dev, &ad.grad, 0, 0, ad.len, &h)?;
         } else {
-            for (range, m, v) in pages {
-                dev.write_at(&mut o.m, 0, m)?;
-                dev.write_at(&mut o.v, 0, v)?;
-                dev.adamw_step(
-                    &mut ad.master,
-                    &mut o.m,
-                    &mut o.v,
-                    &ad.grad,
-                    range.start,
-                    0,
-                    range.len(),
-                    &h,
-                )?;
-                dev.read_into(&o.m, 0, m)?;
-                dev.read_into(&o.v, 0, v)?;
+            // Copy stream: in(0) | in(i+1), wait for update(i), out(i) | ...
+            // Compute stream:      update(i), wait for in(i+1) | update(i+1) ...
+            // Slot i % 2 is written again by in(i+2) only after out(i), queued before it on the
+            // copy stream; update(i + 1) waits for in(i + 1) alone, so it overlaps out(i).
+            let mut pages = pages;
+            dev.copies_wait_compute()?; // the gradients and masters of this step are done
+            if let Some((_, m, v)) = pages.first() {
+                dev.copy_in_at(&mut o.m[0], 0, m)?;
+                dev.copy_in_at(&mut o.v[0], 0, v)?;
+            }
+            dev.compute_waits_copies()?;
+            for i in 0..pages.len() {
+                let (slot, next) = (i % 2, (i + 1) % 2);
+                let start = pages[i].0.start;
+                let n = pages[i].0.len();
+                let [m_slot, m_next] = o.m.get_disjoint_mut([slot, next]).expect("two slots");
+                let [v_slot, v_next] = o.v.get_disjoint_mut([slot, next]).expect("two slots");
+                dev.adamw_step(&mut ad.master, m_slot, v_slot, &ad.grad, start, 0, n, &h)?;
+                if let Some((_, m, v)) = pages.get(i + 1) {
+                    dev.copy_in_at(m_next, 0, m)?;
+                    dev.copy_in_at(v_next, 0, v)?;
+                    dev.compute_waits_copies()?;
+                }
+                dev.copies_wait_compute()?;
+                let (_, m, v) = &mut pages[i];
+                dev.copy_out_into(m_slot, 0, m)?;
+                dev.copy_out_into(v_slot, 0, v)?;
             }
             // The host pages must hold the copies before anyone reads them.
             dev.synchronize()?;

@@ -45,7 +45,36 @@ impl Device for Cuda {
         self.stream.memcpy_dtoh(&src, out).context("copy from the GPU")
     }
     fn synchronize(&self) -> Result<()> {
+        if let Some(copies) = self.copies.get() {
+            copies.synchronize().context("waiting for the GPU's copy stream")?;
+        }
         self.stream.synchronize().context("waiting for the GPU")
+    }
+    fn copy_in_at<T: Elem>(&self, dst: &mut CudaSlice<T>, off: usize, host: &[T]) -> Result<()> {
+        let mut dst = dst.slice_mut(off..off + host.len());
+        self.copy_stream()?
+            .memcpy_htod(host, &mut dst)
+            .context("copy to the GPU (copy stream)")
+    }
+    fn copy_out_into<T: Elem>(&self, src: &CudaSlice<T>, off: usize, out: &mut [T]) -> Result<()> {
+        let src = src.slice(off..off + out.len());
+        self.copy_stream()?
+            .memcpy_dtoh(&src, out)
+            .context("copy from the GPU (copy stream)")
+    }
+    fn compute_waits_copies(&self) -> Result<()> {
+        match self.copies.get() {
+            Some(copies) => self
+                .stream
+                .join(copies)
+                .context("ordering the compute stream after copies"),
+            None => Ok(()),
+        }
+    }
+    fn copies_wait_compute(&self) -> Result<()> {
+        self.copy_stream()?
+            .join(&self.stream)
+            .context("ordering copies after the compute stream")
     }
     fn begin_capture(&self) -> Result<bool> {
         if !self.graphs {

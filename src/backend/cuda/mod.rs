@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub use attention::{AttentionPath, TiledAttention, TILED_HEAD_DIMS};
 pub use gemm::{GemmPath, GemmState};
@@ -107,6 +107,10 @@ fn gemm_tiles(rows: usize, cols: usize) -> LaunchConfig {
 pub struct Cuda {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// A second stream for host-device copies that overlap the compute stream's work (the streamed
+    /// pages of the optimizer), ordered against `stream` by events. Made on first use: a context
+    /// with one stream skips cudarc's per-buffer events on every launch.
+    pub copies: Arc<OnceLock<Arc<CudaStream>>>,
     pub k: Kernels,
     /// Which NF4 GEMM the training step uses (`SQLORA_NF4_GEMM=auto|tiled|mma|cublas`).
     pub gemm: GemmPath,
@@ -229,6 +233,15 @@ fn block_per_row(rows: usize) -> LaunchConfig {
 }
 
 impl Cuda {
+    /// The copy stream (made now if this is its first use).
+    pub fn copy_stream(&self) -> Result<&Arc<CudaStream>> {
+        if self.copies.get().is_none() {
+            let s = self.ctx.new_stream().context("creating a CUDA copy stream")?;
+            let _ = self.copies.set(s);
+        }
+        Ok(self.copies.get().expect("set above"))
+    }
+
     /// The GPU's name.
     pub fn name(&self) -> String {
         self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
@@ -351,6 +364,7 @@ impl Cuda {
             attention_chosen: Arc::default(),
             gemm: GemmPath::from_env()?,
             gemm_state: GemmState::new(&stream),
+            copies: Arc::default(),
             ctx,
             stream,
             k: Kernels {
