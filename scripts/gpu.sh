@@ -15,9 +15,10 @@
 #                          (resumable: at TRAIN_SECONDS, default 480, it checkpoints and stops; run it
 #                          again to go on), then the tuned model's SQL; `sqlora eval` of both, in $OUT.
 #
-# SHAPES and GEMMS override the benchmarked shapes (default: the four of the baseline table) and NF4
-# GEMM paths (auto tiled mma cublas); a device call is limited to 10 minutes, so split the run with
-# them if it is slow (e.g. SHAPES=llama-3.2-1b GEMMS=auto).
+# SHAPES, GEMMS and ATTENTIONS override the benchmarked shapes (default: the four of the baseline
+# table), NF4 GEMM paths (auto tiled mma cublas) and attention paths (auto; add simple to compare
+# with the simple kernels); a device call is limited to 10 minutes, so split the run with them if it
+# is slow (e.g. SHAPES=llama-3.2-1b GEMMS=auto ATTENTIONS="auto simple").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,12 +71,15 @@ run)
     bench)
         for shape in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b tinyllama-1.1b qwen2.5-1.5b}; do
             for gemm in ${GEMMS:-auto tiled mma cublas}; do
-                if SQLORA_NF4_GEMM=$gemm timeout 120 "$bin/sqlora" bench train --shape "$shape" --batch 8 --seq 512 \
-                    --device cuda --json >"$out/last.json" 2>>"$out/bench.err"; then
-                    cat "$out/last.json" | tee -a "$out/bench.jsonl"
-                else
-                    echo "{\"shape\":\"$shape\",\"gemm\":\"$gemm\",\"failed\":true}" | tee -a "$out/bench.jsonl"
-                fi
+                for attn in ${ATTENTIONS:-auto}; do
+                    if SQLORA_NF4_GEMM=$gemm SQLORA_ATTENTION=$attn timeout 120 "$bin/sqlora" bench train \
+                        --shape "$shape" --batch 8 --seq 512 --device cuda --json >"$out/last.json" 2>>"$out/bench.err"; then
+                        cat "$out/last.json" | tee -a "$out/bench.jsonl"
+                    else
+                        echo "{\"shape\":\"$shape\",\"gemm\":\"$gemm\",\"attention\":\"$attn\",\"failed\":true}" \
+                            | tee -a "$out/bench.jsonl"
+                    fi
+                done
             done
         done
         rm -f "$out/last.json"

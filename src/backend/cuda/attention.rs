@@ -77,6 +77,30 @@ impl Cuda {
         self.k.flash.iter().find(|f| f.hd == hd)
     }
 
+    /// Which kernels run attention and the NF4 GEMMs, for logs and bench reports: e.g. "attention
+    /// auto (tiled at width 64), NF4 GEMM Auto".
+    pub fn kernel_paths(&self) -> String {
+        let attention = match self.attention {
+            AttentionPath::Auto => {
+                let chosen = self.attention_chosen.lock().unwrap_or_else(|e| e.into_inner());
+                let mut widths: Vec<_> = chosen.iter().collect();
+                widths.sort();
+                let said: Vec<String> = widths
+                    .iter()
+                    .map(|(hd, &tiled)| format!("{} at width {hd}", if tiled { "tiled" } else { "simple" }))
+                    .collect();
+                if said.is_empty() {
+                    "auto".to_string()
+                } else {
+                    format!("auto ({})", said.join(", "))
+                }
+            }
+            AttentionPath::Tiled => "tiled".into(),
+            AttentionPath::Simple => "simple".into(),
+        };
+        format!("attention {attention}, NF4 GEMM {:?}", self.gemm)
+    }
+
     /// Whether the training step's attention at head width hd runs the tiled kernels (see the module
     /// note); decided once per width.
     pub fn attention_tiled(&self, hd: usize) -> bool {

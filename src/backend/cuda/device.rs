@@ -18,9 +18,10 @@ impl Device for Cuda {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
         format!(
-            "{name} ({:.1} of {:.1} GiB free)",
+            "{name} ({:.1} of {:.1} GiB free); {}",
             free as f64 / GIB,
-            total as f64 / GIB
+            total as f64 / GIB,
+            self.kernel_paths()
         )
     }
     fn alloc<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>> {
