@@ -388,7 +388,8 @@ impl Cuda {
         Ok(())
     }
 
-    /// The simple forward: a block per (token, head), the row's scores in shared memory.
+    /// The simple forward: a block per (token, head), the row's scores in shared memory (shapes
+    /// asserted by the caller, [`Cuda::attention_fwd_via`]).
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd_simple(
         &self,
@@ -402,9 +403,6 @@ impl Cuda {
         [heads, kv_heads, hd]: [usize; 3],
         max_len: usize,
     ) -> Result<()> {
-        assert!(out.len() >= t * heads * hd && q.len() >= t * heads * hd && seq_start.len() >= t);
-        assert!(k.len() >= t * kv_heads * hd && v.len() >= t * kv_heads * hd && lse.len() >= t * heads);
-        assert!(heads.is_multiple_of(kv_heads));
         anyhow::ensure!(
             max_len * 4 <= self.attn_smem,
             "attention_fwd: sequences of {max_len} tokens exceed this GPU's shared memory (at most {})",
@@ -434,7 +432,8 @@ impl Cuda {
         Ok(())
     }
 
-    /// The simple backward: a block per (token, head) for dq, per (key, kv head) for dk and dv.
+    /// The simple backward: a block per (token, head) for dq, per (key, kv head) for dk and dv (shapes
+    /// asserted by the caller, [`Cuda::attention_bwd_via`]).
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd_simple(
         &self,
@@ -451,10 +450,7 @@ impl Cuda {
         [heads, kv_heads, hd]: [usize; 3],
         max_len: usize,
     ) -> Result<()> {
-        let (nq, nkv, rows) = (t * heads * hd, t * kv_heads * hd, t * heads);
-        assert!(dq.len() >= nq && dout.len() >= nq && q.len() >= nq && out.len() >= nq && seq_start.len() >= t);
-        assert!(dk.len() >= nkv && dv.len() >= nkv && k.len() >= nkv && v.len() >= nkv);
-        assert!(lse.len() >= rows && dd.len() >= rows && heads.is_multiple_of(kv_heads));
+        let rows = t * heads;
         anyhow::ensure!(hd <= 256, "attention_bwd: head width {hd} is over 256");
         anyhow::ensure!(
             max_len * 4 <= self.attn_smem,
