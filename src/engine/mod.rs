@@ -102,6 +102,11 @@ pub trait Device {
     fn copy_out_into<T: Elem>(&self, src: &Self::Buf<T>, off: usize, out: &mut [T]) -> Result<()> {
         self.read_into(src, off, out)
     }
+    /// Settle how attention runs at head width `hd` before any step (the GPU's `auto` choice runs
+    /// both of its paths once on a small batch), so that no step allocates for it.
+    fn prepare_attention(&self, _hd: usize) -> Result<()> {
+        Ok(())
+    }
     /// Work queued on the compute stream from now on waits for the copies queued so far.
     fn compute_waits_copies(&self) -> Result<()> {
         Ok(())

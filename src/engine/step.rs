@@ -223,6 +223,7 @@ impl<D: Device> Engine<D> {
             device: true,
         };
         ensure_fits(&dev, &c, &input)?;
+        dev.prepare_attention(c.head_dim)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let layer = &model.layers[l];

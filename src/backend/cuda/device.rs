@@ -63,6 +63,10 @@ impl Device for Cuda {
             .memcpy_dtoh(&src, out)
             .context("copy from the GPU (copy stream)")
     }
+    fn prepare_attention(&self, hd: usize) -> Result<()> {
+        self.attention_tiled(hd);
+        Ok(())
+    }
     fn compute_waits_copies(&self) -> Result<()> {
         match self.copies.get() {
             Some(copies) => self
