@@ -189,6 +189,76 @@ fn mma_tiles(rows: usize, cols: usize) -> LaunchConfig {
     }
 }
 
+/// Every kernel [`Cuda::open`] looks up, by file: kernels/<file>.cu, its fatbin, and the names in the
+/// order `open` takes them (the tiled attention's are named per head width, `load_tiled_attention`).
+/// A test checks that each name is in its fatbin, so a misnamed kernel fails without a GPU.
+fn kernel_table() -> [(&'static str, &'static [u8], &'static [&'static str]); 10] {
+    [
+        ("rmsnorm", kernels::RMSNORM, &["rmsnorm_fwd", "rmsnorm_bwd"]),
+        ("rope", kernels::ROPE, &["rope_rotate"]),
+        ("swiglu", kernels::SWIGLU, &["swiglu_fwd", "swiglu_bwd"]),
+        ("adamw", kernels::ADAMW, &["adamw_step", "sum_squares"]),
+        (
+            "nf4",
+            kernels::NF4,
+            &[
+                "nf4_quantize",
+                "nf4_absmax_mean",
+                "nf4_double_quantize",
+                "nf4_dequantize_absmax",
+                "nf4_dequantize",
+                "nf4_gemm_fwd",
+                "nf4_gemm_bwd_input",
+                "nf4_gemm_fwd_mma",
+                "nf4_gemm_bwd_input_mma",
+                "nf4_gemv",
+            ],
+        ),
+        (
+            "lora",
+            kernels::LORA,
+            &["lora_xa", "lora_add", "lora_g", "lora_db", "lora_da", "lora_dx"],
+        ),
+        (
+            "attention",
+            kernels::ATTENTION,
+            &[
+                "attention_fwd",
+                "attention_bwd_rowdot",
+                "attention_bwd_dq",
+                "attention_bwd_dkv",
+                "attention_decode",
+            ],
+        ),
+        (
+            "cross_entropy",
+            kernels::CROSS_ENTROPY,
+            &["head_logits", "head_grad", "ce_softmax_grad", "argmax_rows"],
+        ),
+        ("embedding", kernels::EMBEDDING, &["embedding_fwd"]),
+        (
+            "elementwise",
+            kernels::ELEMENTWISE,
+            &[
+                "add_bf16",
+                "cast_f32_bf16",
+                "dropout_bf16",
+                "gather_rows",
+                "scatter_rows",
+                "add_bias_rows",
+            ],
+        ),
+    ]
+}
+
+/// The kernels of kernels/<file>.cu, in [`kernel_table`]'s order.
+fn load_file(ctx: &Arc<CudaContext>, file: &str) -> Result<Vec<CudaFunction>> {
+    let (_, fatbin, names) = (kernel_table().into_iter())
+        .find(|(f, _, _)| *f == file)
+        .with_context(|| format!("no kernel file {file} in the table"))?;
+    load(ctx, file, fatbin, names)
+}
+
 fn load(ctx: &Arc<CudaContext>, file: &str, fatbin: &[u8], names: &[&str]) -> Result<Vec<CudaFunction>> {
     let module = ctx
         .load_module(Ptx::from_binary(fatbin.to_vec()))
@@ -273,88 +343,21 @@ impl Cuda {
         } else {
             ctx.default_stream()
         };
-        let [rmsnorm_fwd, rmsnorm_bwd]: [CudaFunction; 2] =
-            load(&ctx, "rmsnorm", kernels::RMSNORM, &["rmsnorm_fwd", "rmsnorm_bwd"])?
-                .try_into()
-                .unwrap();
-        let [rope_rotate]: [CudaFunction; 1] = load(&ctx, "rope", kernels::ROPE, &["rope_rotate"])?.try_into().unwrap();
-        let [swiglu_fwd, swiglu_bwd]: [CudaFunction; 2] =
-            load(&ctx, "swiglu", kernels::SWIGLU, &["swiglu_fwd", "swiglu_bwd"])?
-                .try_into()
-                .unwrap();
-        let [adamw_step, sum_squares]: [CudaFunction; 2] =
-            load(&ctx, "adamw", kernels::ADAMW, &["adamw_step", "sum_squares"])?
-                .try_into()
-                .unwrap();
-        let [nf4_quantize, nf4_absmax_mean, nf4_double_quantize, nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma, nf4_gemv]: [CudaFunction; 10] = load(
-            &ctx,
-            "nf4",
-            kernels::NF4,
-            &[
-                "nf4_quantize",
-                "nf4_absmax_mean",
-                "nf4_double_quantize",
-                "nf4_dequantize_absmax",
-                "nf4_dequantize",
-                "nf4_gemm_fwd",
-                "nf4_gemm_bwd_input",
-                "nf4_gemm_fwd_mma",
-                "nf4_gemm_bwd_input_mma",
-                "nf4_gemv",
-            ],
-        )?
+        let [rmsnorm_fwd, rmsnorm_bwd]: [CudaFunction; 2] = load_file(&ctx, "rmsnorm")?.try_into().unwrap();
+        let [rope_rotate]: [CudaFunction; 1] = load_file(&ctx, "rope")?.try_into().unwrap();
+        let [swiglu_fwd, swiglu_bwd]: [CudaFunction; 2] = load_file(&ctx, "swiglu")?.try_into().unwrap();
+        let [adamw_step, sum_squares]: [CudaFunction; 2] = load_file(&ctx, "adamw")?.try_into().unwrap();
+        let [nf4_quantize, nf4_absmax_mean, nf4_double_quantize, nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma, nf4_gemv]: [CudaFunction; 10] = load_file(&ctx, "nf4")?
         .try_into()
         .unwrap();
-        let lora: [CudaFunction; 6] = load(
-            &ctx,
-            "lora",
-            kernels::LORA,
-            &["lora_xa", "lora_add", "lora_g", "lora_db", "lora_da", "lora_dx"],
-        )?
-        .try_into()
-        .unwrap();
+        let lora: [CudaFunction; 6] = load_file(&ctx, "lora")?.try_into().unwrap();
         let [attention_fwd, attention_bwd_rowdot, attention_bwd_dq, attention_bwd_dkv, attention_decode]: [CudaFunction;
-            5] = load(
-            &ctx,
-            "attention",
-            kernels::ATTENTION,
-            &[
-                "attention_fwd",
-                "attention_bwd_rowdot",
-                "attention_bwd_dq",
-                "attention_bwd_dkv",
-                "attention_decode",
-            ],
-        )?
-        .try_into()
-        .unwrap();
-        let [head_logits, head_grad, ce_softmax_grad, argmax_rows]: [CudaFunction; 4] = load(
-            &ctx,
-            "cross_entropy",
-            kernels::CROSS_ENTROPY,
-            &["head_logits", "head_grad", "ce_softmax_grad", "argmax_rows"],
-        )?
-        .try_into()
-        .unwrap();
-        let [embedding_fwd]: [CudaFunction; 1] = load(&ctx, "embedding", kernels::EMBEDDING, &["embedding_fwd"])?
-            .try_into()
-            .unwrap();
+            5] = load_file(&ctx, "attention")?.try_into().unwrap();
+        let [head_logits, head_grad, ce_softmax_grad, argmax_rows]: [CudaFunction; 4] =
+            load_file(&ctx, "cross_entropy")?.try_into().unwrap();
+        let [embedding_fwd]: [CudaFunction; 1] = load_file(&ctx, "embedding")?.try_into().unwrap();
         let [add_bf16, cast_f32_bf16, dropout_bf16, gather_rows, scatter_rows, add_bias_rows]: [CudaFunction; 6] =
-            load(
-                &ctx,
-                "elementwise",
-                kernels::ELEMENTWISE,
-                &[
-                    "add_bf16",
-                    "cast_f32_bf16",
-                    "dropout_bf16",
-                    "gather_rows",
-                    "scatter_rows",
-                    "add_bias_rows",
-                ],
-            )?
-            .try_into()
-            .unwrap();
+            load_file(&ctx, "elementwise")?.try_into().unwrap();
         let attn_smem = opt_in_attention_smem(&ctx, &[&attention_fwd, &attention_bwd_dq, &attention_decode])?;
         let flash = load_tiled_attention(&ctx)?;
         Ok(Cuda {
@@ -405,5 +408,47 @@ impl Cuda {
                 add_bias_rows,
             },
         })
+    }
+}
+
+/// Whether a kernel named exactly `name` is in a fatbin: its symbol or section name, ended by NUL
+/// (names are stored uncompressed; `nf4_gemm_fwd` does not match `nf4_gemm_fwd_mma`).
+#[cfg(test)]
+pub(crate) fn fatbin_has(bin: &[u8], name: &str) -> bool {
+    [b'\0', b'.'].iter().any(|&before| {
+        let mut pat = vec![before];
+        pat.extend_from_slice(name.as_bytes());
+        pat.push(0);
+        bin.windows(pat.len()).any(|w| w == pat)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel `Cuda::open` looks up is in its file's fatbin, and every kernels/*.cu file is
+    /// loaded: a misnamed or missing kernel fails here, without a GPU.
+    #[test]
+    fn every_kernel_open_looks_up_is_compiled() {
+        if !kernels::KERNELS_BUILT {
+            eprintln!("skipped: this build has no CUDA kernels (no nvcc at build time)");
+            return;
+        }
+        for (file, bin, names) in kernel_table() {
+            for name in names {
+                assert!(fatbin_has(bin, name), "{name} is not in kernels/{file}.cu's fatbin");
+            }
+        }
+        assert!(!fatbin_has(kernels::NF4, "nf4_gemm_fw"), "the match must be exact");
+        let mut files: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".cu").map(String::from))
+            .collect();
+        files.sort();
+        let mut loaded: Vec<String> = kernel_table().iter().map(|(f, _, _)| f.to_string()).collect();
+        loaded.push("flash_attention".into()); // by head width: load_tiled_attention
+        loaded.sort();
+        assert_eq!(files, loaded, "every kernels/*.cu file is loaded by Cuda::open");
     }
 }
