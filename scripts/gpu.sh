@@ -53,7 +53,8 @@ run)
     # One phase per call (a call has 10 minutes and brings back at most 8 files from $OUT):
     #   check (default): nvidia-smi, the selftest, the CUDA tests        -> 3 logs
     #   bench:   `bench train` per shape and NF4 GEMM path, `bench generate` -> bench.jsonl, bench.err
-    #   kernels: the criterion kernel benches, short                       -> kernel-benches.txt
+    #   kernels: the criterion kernel benches, short; torch's references  -> kernel-benches.txt,
+    #            (benches/compare/torch_limits.py)                            torch-limits.jsonl
     #   train:   a short run of the tiny model on the GPU and on the CPU   -> train-cuda.log, train-cpu.log
     out=${OUT:-gpu-out}
     mkdir -p "$out"
@@ -99,6 +100,8 @@ run)
             timeout 240 "$b" --bench --sample-size 10 --warm-up-time 1 --measurement-time 2 2>&1 \
                 | grep -v "^\(Gnuplot\|Benchmarking\|Warning\)" | tee -a "$out/kernel-benches.txt"
         done
+        # What the kernel targets are ratios to: PyTorch's flash SDPA, cuBLAS bf16 GEMMs, the copy.
+        timeout 180 python3 benches/compare/torch_limits.py --json 2>&1 | tee "$out/torch-limits.jsonl"
         ;;
     train)
         # The same short run on both devices: the loss curves must agree to bf16 accuracy.
