@@ -136,6 +136,118 @@ fn tiny_gguf() -> Vec<u8> {
     f
 }
 
+/// A GGUF v3 file of a llama model's header (u32, f32 and string metadata) and F32 tensors, enough
+/// for `GgufFile::hf_config`.
+fn llama_header_gguf(meta: &[(&str, MetaIn)], tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    fn s(out: &mut Vec<u8>, x: &str) {
+        out.extend((x.len() as u64).to_le_bytes());
+        out.extend(x.as_bytes());
+    }
+    let mut f = b"GGUF".to_vec();
+    f.extend(3u32.to_le_bytes());
+    f.extend((tensors.len() as u64).to_le_bytes());
+    f.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        s(&mut f, k);
+        match v {
+            MetaIn::U32(x) => {
+                f.extend(4u32.to_le_bytes());
+                f.extend(x.to_le_bytes());
+            }
+            MetaIn::F32(x) => {
+                f.extend(6u32.to_le_bytes());
+                f.extend(x.to_le_bytes());
+            }
+            MetaIn::Str(x) => {
+                f.extend(8u32.to_le_bytes());
+                s(&mut f, x);
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for (name, dims, data) in tensors {
+        s(&mut f, name);
+        f.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            f.extend((*d as u64).to_le_bytes());
+        }
+        f.extend(0u32.to_le_bytes()); // F32
+        f.extend(offset.to_le_bytes());
+        offset += (data.len() * 4).next_multiple_of(32) as u64;
+    }
+    for (_, _, data) in tensors {
+        while !f.len().is_multiple_of(32) {
+            f.push(0);
+        }
+        f.extend(data.iter().flat_map(|x| x.to_le_bytes()));
+    }
+    f
+}
+
+enum MetaIn {
+    U32(u32),
+    F32(f32),
+    Str(&'static str),
+}
+
+/// Llama-3.x GGUFs store their rope scaling as `rope_freqs.weight`: the import turns it back into
+/// HF's llama3 rope_scaling, and refuses factors that are not that scaling.
+#[test]
+fn rope_freqs_import_as_llama3_scaling() {
+    let (hd, theta, factor) = (64usize, 500_000f32, 32f32);
+    // llama.cpp's conversion of HF's llama3 scaling (factor 32, low 1, high 4, context 8192).
+    let factors: Vec<f32> = (0..hd / 2)
+        .map(|i| {
+            let wavelen = 2.0 * std::f32::consts::PI * theta.powf((2 * i) as f32 / hd as f32);
+            if wavelen < 2048.0 {
+                1.0
+            } else if wavelen > 8192.0 {
+                factor
+            } else {
+                let smooth = (8192.0 / wavelen - 1.0) / 3.0;
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect();
+    let meta = [
+        ("general.architecture", MetaIn::Str("llama")),
+        ("llama.attention.head_count", MetaIn::U32(2)),
+        ("llama.attention.head_count_kv", MetaIn::U32(1)),
+        ("llama.embedding_length", MetaIn::U32(128)),
+        ("llama.feed_forward_length", MetaIn::U32(256)),
+        ("llama.block_count", MetaIn::U32(1)),
+        ("llama.context_length", MetaIn::U32(131072)),
+        ("llama.rope.freq_base", MetaIn::F32(theta)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, factors: &[f32]| {
+        let tensors = [
+            ("token_embd.weight", vec![128, 10], vec![0.5f32; 1280]),
+            ("rope_freqs.weight", vec![hd / 2], factors.to_vec()),
+        ];
+        let path = dir.path().join(name);
+        std::fs::write(&path, llama_header_gguf(&meta, &tensors)).unwrap();
+        GgufFile::open(&path).unwrap()
+    };
+    let c = write("llama3.gguf", &factors).hf_config().unwrap();
+    assert_eq!(c["rope_scaling"]["rope_type"], "llama3");
+    assert_eq!(c["rope_scaling"]["factor"], 32.0);
+    assert_eq!(c["max_position_embeddings"], 131072);
+    let config = sqlora::config::ModelConfig::from_json(&c.to_string()).unwrap();
+    let inv = sqlora::model::rope_inv_freq(&config);
+    for i in 0..hd / 2 {
+        let want = 1.0 / theta.powf((2 * i) as f32 / hd as f32) / factors[i];
+        assert!(
+            ((inv[i] - want) / want).abs() < 1e-5,
+            "frequency {i}: {} vs {want}",
+            inv[i]
+        );
+    }
+    // Linear scaling stored as factors (every one equal) is not llama3's ramp: refused, by name.
+    let err = write("linear.gguf", &[4.0; 32]).hf_config().unwrap_err();
+    assert!(format!("{err:#}").contains("rope_freqs.weight"), "{err:#}");
+}
+
 #[test]
 fn the_reader_parses_a_valid_file() {
     let bytes = tiny_gguf();

@@ -40,9 +40,6 @@ impl GgufFile {
         let embd = self
             .tensor("token_embd.weight")
             .context("tensor token_embd.weight is missing")?;
-        if self.tensor("rope_freqs.weight").is_some() {
-            bail!("rope_freqs.weight (llama3 rope scaling stored as factors) is not supported yet");
-        }
         if let Some(t) = self
             .meta(&format!("{arch}.rope.scaling.type"))
             .and_then(MetaValue::as_str)
@@ -80,6 +77,11 @@ impl GgufFile {
             "eos_token_id": tok("eos_token_id"),
             "torch_dtype": "bfloat16",
         });
+        if self.tensor("rope_freqs.weight").is_some() {
+            let factors = self.f32("rope_freqs.weight")?;
+            c["rope_scaling"] = llama3_scaling_of(&factors, theta as f32, head_dim as usize)
+                .with_context(|| format!("rope_freqs.weight in {}", self.path.display()))?;
+        }
         if arch == "llama" {
             c["attention_bias"] = json!(self.tensor("blk.0.attn_q.bias").is_some());
         } else {
@@ -281,9 +283,106 @@ impl TensorSource for GgufTensors<'_> {
     }
 }
 
+/// Llama-3.x's rope scaling as llama.cpp stores it: one factor per rotary frequency that divides it
+/// (`rope_freqs.weight`, [head_dim / 2] f32). They come from HF's `llama3` rope_scaling; every
+/// Llama-3.x release uses low_freq_factor 1, high_freq_factor 4 and an original context of 8192,
+/// with `factor` (8 for 3.1, 32 for 3.2) the largest of them. Returns that rope_scaling after checking
+/// that it gives back every stored factor; anything else is refused, never approximated.
+pub fn llama3_scaling_of(factors: &[f32], theta: f32, head_dim: usize) -> Result<Value> {
+    if factors.len() != head_dim / 2 {
+        bail!(
+            "{} factors for head width {head_dim} (expected {})",
+            factors.len(),
+            head_dim / 2
+        );
+    }
+    let factor = factors.iter().copied().fold(f32::NAN, f32::max);
+    if !(factor.is_finite() && factor >= 1.0) {
+        bail!("the factors must be finite and at least 1 (largest: {factor})");
+    }
+    let (low, high, ctx) = (1.0f64, 4.0f64, 8192.0f64);
+    for (i, &got) in factors.iter().enumerate() {
+        // llama.cpp's conversion: the same ramp as HF's llama3 inverse frequencies, as a divisor.
+        let inv = 1.0 / (theta as f64).powf((2 * i) as f64 / head_dim as f64);
+        let wavelen = 2.0 * std::f64::consts::PI / inv;
+        let want = if wavelen < ctx / high {
+            1.0
+        } else if wavelen > ctx / low {
+            factor as f64
+        } else {
+            let smooth = (ctx / wavelen - low) / (high - low);
+            1.0 / ((1.0 - smooth) / factor as f64 + smooth)
+        };
+        if ((got as f64 - want) / want).abs() > 1e-4 {
+            bail!(
+                "factor {i} is {got}, but llama3 scaling with factor {factor}, low_freq_factor 1, \
+                 high_freq_factor 4 and original context 8192 gives {want:.6}: an unsupported rope scaling"
+            );
+        }
+    }
+    Ok(json!({
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": ctx as u64,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// llama.cpp's rope_freqs for HF's llama3 rope_scaling (its conversion script's formula, in f32).
+    fn llama_cpp_factors(theta: f32, hd: usize, factor: f32, low: f32, high: f32, ctx: f32) -> Vec<f32> {
+        (0..hd / 2)
+            .map(|i| {
+                let inv = 1.0 / theta.powf((2 * i) as f32 / hd as f32);
+                let wavelen = 2.0 * std::f32::consts::PI / inv;
+                if wavelen < ctx / high {
+                    1.0
+                } else if wavelen > ctx / low {
+                    factor
+                } else {
+                    let smooth = (ctx / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rope_freqs_become_the_llama3_scaling_they_came_from() {
+        // Llama-3.2-1B (width 64, factor 32) and Llama-3.1-8B (width 128, factor 8).
+        for (hd, factor) in [(64usize, 32.0f32), (128, 8.0)] {
+            let stored = llama_cpp_factors(500_000.0, hd, factor, 1.0, 4.0, 8192.0);
+            let scaling = llama3_scaling_of(&stored, 500_000.0, hd).unwrap();
+            assert_eq!(scaling["factor"], json!(factor));
+            assert_eq!(scaling["original_max_position_embeddings"], json!(8192));
+            // The config built from it rotates as llama.cpp would: base frequencies / stored factors.
+            let config = json!({
+                "model_type": "llama", "vocab_size": 10, "hidden_size": hd * 2, "intermediate_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": hd, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": scaling,
+            });
+            let c = crate::config::ModelConfig::from_json(&config.to_string()).unwrap();
+            let inv = crate::model::rope_inv_freq(&c);
+            for (i, (&got, &f)) in inv.iter().zip(&stored).enumerate() {
+                let want = 1.0 / 500_000f32.powf((2 * i) as f32 / hd as f32) / f;
+                assert!(
+                    ((got - want) / want).abs() < 1e-5,
+                    "width {hd}, frequency {i}: {got} vs {want}"
+                );
+            }
+            assert!(stored.iter().any(|&f| f > 1.0 && f < factor), "the ramp is exercised");
+        }
+        // Other ramps, or factors of another length, are refused.
+        let other = llama_cpp_factors(500_000.0, 64, 32.0, 2.0, 4.0, 8192.0);
+        assert!(llama3_scaling_of(&other, 500_000.0, 64).is_err());
+        let stored = llama_cpp_factors(500_000.0, 64, 32.0, 1.0, 4.0, 8192.0);
+        assert!(llama3_scaling_of(&stored[1..], 500_000.0, 64).is_err());
+        assert!(llama3_scaling_of(&[f32::NAN; 32], 500_000.0, 64).is_err());
+    }
 
     #[test]
     fn unpermute_inverts_the_conversion_permutation() {
