@@ -47,10 +47,23 @@ impl GemmPath {
 }
 
 /// One GEMM call with its inputs bound, run by the given path into the given output.
-type GemmCall<'a> = dyn FnMut(&Cuda, GemmPath, &mut CudaSlice<bf16>) -> Result<()> + 'a;
+pub(super) type GemmCall<'a, T> = dyn FnMut(&Cuda, GemmPath, &mut CudaSlice<T>) -> Result<()> + 'a;
 
-/// A GEMM shape as the tuner keys it: (forward?, out, in, tokens rounded up to a power of two).
-type Shape = (bool, usize, usize, usize);
+/// Which GEMM the tuner is choosing for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum GemmKind {
+    /// y = x W^T with W in NF4.
+    Nf4Fwd,
+    /// dx = dy W with W in NF4.
+    Nf4BwdInput,
+    /// The loss's logits = h head^T (f32 out), dense bf16 head.
+    HeadLogits,
+    /// dh = dlogits head.
+    HeadGrad,
+}
+
+/// A GEMM shape as the tuner keys it: (kind, out, in, tokens rounded up to a power of two).
+pub(super) type Shape = (GemmKind, usize, usize, usize);
 
 /// State shared by every clone of a [`Cuda`]: the cuBLAS handle, the dequantized-weight scratch, and
 /// the tuner's choices.
@@ -76,6 +89,11 @@ impl GemmState {
     /// Whether the cuBLAS path is available.
     pub fn has_blas(&self) -> bool {
         self.blas.is_some()
+    }
+
+    /// cuBLAS, when available.
+    pub(super) fn blas(&self) -> Option<&CudaBlas> {
+        self.blas.as_ref()
     }
 
     /// cuBLAS on the stream, when libcublas can be loaded.
@@ -107,7 +125,7 @@ impl Cuda {
         bias: Option<&CudaSlice<bf16>>,
         t: usize,
     ) -> Result<()> {
-        let shape = (true, w.out_features, w.in_features, t.next_power_of_two());
+        let shape = (GemmKind::Nf4Fwd, w.out_features, w.in_features, t.next_power_of_two());
         self.tuned(shape, y, t * w.out_features, &mut |gpu, path, y| {
             gpu.nf4_gemm_fwd_via(path, y, x, w, bias, t)
         })
@@ -121,7 +139,12 @@ impl Cuda {
         w: &Nf4Device,
         t: usize,
     ) -> Result<()> {
-        let shape = (false, w.out_features, w.in_features, t.next_power_of_two());
+        let shape = (
+            GemmKind::Nf4BwdInput,
+            w.out_features,
+            w.in_features,
+            t.next_power_of_two(),
+        );
         self.tuned(shape, dx, t * w.in_features, &mut |gpu, path, dx| {
             gpu.nf4_gemm_bwd_input_via(path, dx, dy, w, t)
         })
@@ -129,30 +152,45 @@ impl Cuda {
 
     /// Run `gemm` by the configured path, or by the tuner's choice for `shape` (choosing it first
     /// if this shape is new). `out` holds `out_len` meaningful values.
-    fn tuned(&self, shape: Shape, out: &mut CudaSlice<bf16>, out_len: usize, gemm: &mut GemmCall) -> Result<()> {
+    fn tuned(&self, shape: Shape, out: &mut CudaSlice<bf16>, out_len: usize, gemm: &mut GemmCall<bf16>) -> Result<()> {
         if self.gemm != GemmPath::Auto {
             return gemm(self, self.gemm, out);
         }
-        let (known, has_blas) = {
-            let st = self.gemm_state.lock().expect("GEMM state lock");
-            (st.chosen.get(&shape).copied(), st.blas.is_some())
-        };
-        if let Some(path) = known {
-            return gemm(self, path, out);
-        }
         let mut candidates = vec![GemmPath::Tiled, GemmPath::Mma];
-        if has_blas {
+        if self.gemm_state.lock().expect("GEMM state lock").blas.is_some() {
             candidates.push(GemmPath::Cublas);
         }
-        let (forward, rows) = (shape.0, shape.3);
-        if forward && rows <= GEMV_MAX_M {
+        if shape.0 == GemmKind::Nf4Fwd && shape.3 <= GEMV_MAX_M {
             candidates.push(GemmPath::Gemv);
+        }
+        let path = self.choose(shape, &candidates, out, 0..out_len, |v| v.to_f32(), gemm)?;
+        gemm(self, path, out)
+    }
+
+    /// The tuner's path for `shape`: the one chosen before, or else the fastest of `candidates` whose
+    /// output (`out[range]`) agrees with the first candidate's (the reference) within 2e-2. Each runs twice, the
+    /// second time timed; a path that fails (e.g. cuBLAS refusing a shape) drops out of the race,
+    /// except the reference, whose error is returned (a kernel fault would poison the context and fail
+    /// the next call anyway). The caller runs the chosen path once more: the race leaves `out` written
+    /// by whichever path ran last.
+    pub(super) fn choose<T: cudarc::driver::DeviceRepr>(
+        &self,
+        shape: Shape,
+        candidates: &[GemmPath],
+        out: &mut CudaSlice<T>,
+        range: std::ops::Range<usize>,
+        to_f32: fn(&T) -> f32,
+        gemm: &mut GemmCall<T>,
+    ) -> Result<GemmPath> {
+        if let [only] = candidates {
+            return Ok(*only);
+        }
+        if let Some(&path) = self.gemm_state.lock().expect("GEMM state lock").chosen.get(&shape) {
+            return Ok(path);
         }
         let mut timed: Vec<(GemmPath, f64)> = Vec::new();
         let mut reference: Option<Vec<f32>> = None;
-        for path in candidates {
-            // Warm-up, then the timed call. A path that fails (e.g. cuBLAS refusing a shape) drops
-            // out of the race; a kernel fault would poison the context and fail the next call anyway.
+        for &path in candidates {
             let mut timed_call = || -> Result<f64> {
                 gemm(self, path, out)?;
                 self.stream.synchronize()?;
@@ -163,17 +201,17 @@ impl Cuda {
             };
             let seconds = match timed_call() {
                 Ok(s) => s,
-                Err(e) if path != GemmPath::Tiled => {
-                    eprintln!("warning: NF4 GEMM {path:?} failed on {shape:?} ({e:#}): not used");
+                Err(e) if reference.is_some() => {
+                    eprintln!("warning: GEMM path {path:?} failed on {shape:?} ({e:#}): not used");
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             let got: Vec<f32> = self
                 .stream
-                .clone_dtoh(&out.slice(..out_len))?
+                .clone_dtoh(&out.slice(range.clone()))?
                 .iter()
-                .map(|v| v.to_f32())
+                .map(to_f32)
                 .collect();
             match &reference {
                 None => {
@@ -185,7 +223,10 @@ impl Cuda {
                     if err <= 2e-2 {
                         timed.push((path, seconds));
                     } else {
-                        eprintln!("warning: NF4 GEMM {path:?} disagrees with the tiled kernel ({err:.1e}) on {shape:?}: not used");
+                        eprintln!(
+                            "warning: GEMM path {path:?} disagrees with {:?} ({err:.1e}) on {shape:?}: not used",
+                            candidates[0]
+                        );
                     }
                 }
             }
@@ -193,13 +234,13 @@ impl Cuda {
         let best = timed
             .iter()
             .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or(GemmPath::Tiled, |b| b.0);
+            .map_or(candidates[0], |b| b.0);
         self.gemm_state
             .lock()
             .expect("GEMM state lock")
             .chosen
             .insert(shape, best);
-        gemm(self, best, out)
+        Ok(best)
     }
 
     /// y = x W^T (+ bias) with W in NF4 by the given path. y: [t, out]; x: [t, in]; bias: [out].

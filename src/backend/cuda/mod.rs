@@ -9,6 +9,7 @@
 mod attention;
 mod device;
 mod gemm;
+mod head;
 mod ops;
 pub use ops::MAX_RANK;
 mod pinned;

@@ -3,7 +3,7 @@
 //! so the training step can size its buffers once for the longest micro-batch), then launches.
 //! Every launch error names the kernel.
 
-use super::{block_per_row, blocks_for, mma_tiles, Cuda};
+use super::{block_per_row, blocks_for, Cuda};
 use crate::engine::{LoraAt, SUM_PARTS};
 use crate::optim::AdamStep;
 use anyhow::{Context, Result};
@@ -338,31 +338,6 @@ impl Cuda {
         Ok(())
     }
 
-    /// logits[i] = h[row0 + i] head^T for i < rows. logits: [rows, V] f32; h: [>= row0 + rows, d];
-    /// head: [V, d].
-    pub fn head_logits(
-        &self,
-        logits: &mut CudaSlice<f32>,
-        h: &CudaSlice<bf16>,
-        head: &CudaSlice<bf16>,
-        row0: usize,
-        rows: usize,
-        d: usize,
-    ) -> Result<()> {
-        let v = head.len() / d;
-        assert!(logits.len() >= rows * v && h.len() >= (row0 + rows) * d && head.len() == v * d);
-        if rows == 0 {
-            return Ok(()); // an empty grid is not a launch
-        }
-        let (r0, ri, vi, di) = (row0 as i32, rows as i32, v as i32, d as i32);
-        let mut l = self.stream.launch_builder(&self.k.head_logits);
-        l.arg(logits).arg(h).arg(head).arg(&r0).arg(&ri).arg(&vi).arg(&di);
-        // SAFETY: the GEMM reads h rows [row0, row0 + rows) and the head [V, d], writes logits
-        // [rows, V] (lengths asserted); every access is bounds-checked against rows, V, d.
-        unsafe { l.launch(mma_tiles(rows, v)) }.context("kernel head_logits")?;
-        Ok(())
-    }
-
     /// out[i] = argmax of logits[i] (first index of the largest; `generate::argmax`), i < rows.
     /// out: [rows ..] i32; logits: [rows, v] f32.
     pub fn argmax_rows(&self, out: &mut CudaSlice<i32>, logits: &CudaSlice<f32>, rows: usize, v: usize) -> Result<()> {
@@ -375,30 +350,6 @@ impl Cuda {
         b.arg(out).arg(logits).arg(&ri).arg(&vi);
         // SAFETY: one block of 256 threads per row reads logits[row, ..v] and writes out[row].
         unsafe { b.launch(block_per_row(rows)) }.context("kernel argmax_rows")?;
-        Ok(())
-    }
-
-    /// dh[row0 + i] = dlogits[i] head for i < rows. dh: [>= row0 + rows, d]; dlogits: [rows, V].
-    pub fn head_grad(
-        &self,
-        dh: &mut CudaSlice<bf16>,
-        dlogits: &CudaSlice<bf16>,
-        head: &CudaSlice<bf16>,
-        row0: usize,
-        rows: usize,
-        d: usize,
-    ) -> Result<()> {
-        let v = head.len() / d;
-        assert!(dlogits.len() >= rows * v && dh.len() >= (row0 + rows) * d && head.len() == v * d);
-        if rows == 0 {
-            return Ok(()); // an empty grid is not a launch
-        }
-        let (r0, ri, vi, di) = (row0 as i32, rows as i32, v as i32, d as i32);
-        let mut l = self.stream.launch_builder(&self.k.head_grad);
-        l.arg(dh).arg(dlogits).arg(head).arg(&r0).arg(&ri).arg(&vi).arg(&di);
-        // SAFETY: the GEMM reads dlogits [rows, V] and the head [V, d], writes dh rows
-        // [row0, row0 + rows) (lengths asserted); every access is bounds-checked.
-        unsafe { l.launch(mma_tiles(rows, d)) }.context("kernel head_grad")?;
         Ok(())
     }
 

@@ -379,23 +379,6 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         let n = labels.len();
         let inv = 1.0 / n as f32;
         let (hd, wd, labd, idd) = (gpu.up(&h)?, gpu.up(&w)?, gpu.up32(&labels)?, gpu.up32(&ids)?);
-        let mut h_lab = gpu.poisoned(n * d)?;
-        gpu.gather_rows(&mut h_lab, &hd, &labd, n, d)?;
-        let chunk = n.div_ceil(2);
-        let (mut dh_lab, mut loss) = (gpu.poisoned(n * d)?, gpu.poisoned32(n)?);
-        let mut logits_all = Vec::new();
-        for r0 in (0..n).step_by(chunk) {
-            let rows = chunk.min(n - r0);
-            let (mut logits, mut dlogits) = (gpu.poisoned32(rows * vocab)?, gpu.poisoned(rows * vocab)?);
-            gpu.head_logits(&mut logits, &h_lab, &wd, r0, rows, d)?;
-            logits_all.extend(gpu.down32(&logits)?);
-            gpu.ce_softmax_grad(&mut dlogits, &mut loss, &logits, &idd, r0, rows, vocab, inv)?;
-            gpu.head_grad(&mut dh_lab, &dlogits, &wd, r0, rows, d)?;
-        }
-        let mut dh = gpu.poisoned(t * d)?;
-        gpu.stream.memset_zeros(&mut dh)?;
-        gpu.scatter_rows(&mut dh, &dh_lab, &labd, n, d)?;
-
         let head = cpu::Linear::dense(vocab, d, w.clone(), None);
         let h_labelled: Vec<f32> = labels
             .iter()
@@ -403,22 +386,54 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
             .collect();
         let mut want_logits = vec![0f32; n * vocab];
         cpu::linear_fwd(&mut want_logits, &h_labelled, &head);
-        push("head_logits", size.clone(), rel_err(&logits_all, &want_logits), 1e-4);
         let mut want = vec![0f32; t * d];
         let want_loss = cpu::cross_entropy_fwd_bwd(Some(&mut want), &h, &head, &targets, inv);
-        push(
-            "cross_entropy dh",
-            size.clone(),
-            rel_err(&gpu.down(&dh)?, &want),
-            TOL_BF16,
-        );
-        let got_loss: f64 = gpu.down32(&loss)?.iter().map(|&l| l as f64).sum();
-        push(
-            "cross_entropy loss",
-            size,
-            ((got_loss - want_loss) / want_loss).abs(),
-            1e-4,
-        );
+        // Our tensor-core GEMMs, and cuBLAS's where it is there (the tuner races the two).
+        let mut paths = vec![GemmPath::Mma];
+        if gpu.gemm_state.lock().expect("GEMM state lock").has_blas() {
+            paths.push(GemmPath::Cublas);
+        }
+        for path in paths {
+            let name = |op: &str| match path {
+                GemmPath::Cublas => format!("{op} (cublas)"),
+                _ => op.to_string(),
+            };
+            let mut h_lab = gpu.poisoned(n * d)?;
+            gpu.gather_rows(&mut h_lab, &hd, &labd, n, d)?;
+            let chunk = n.div_ceil(2);
+            let (mut dh_lab, mut loss) = (gpu.poisoned(n * d)?, gpu.poisoned32(n)?);
+            let mut logits_all = Vec::new();
+            for r0 in (0..n).step_by(chunk) {
+                let rows = chunk.min(n - r0);
+                let (mut logits, mut dlogits) = (gpu.poisoned32(rows * vocab)?, gpu.poisoned(rows * vocab)?);
+                gpu.head_logits_via(path, &mut logits, &h_lab, &wd, r0, rows, d)?;
+                logits_all.extend(gpu.down32(&logits)?);
+                gpu.ce_softmax_grad(&mut dlogits, &mut loss, &logits, &idd, r0, rows, vocab, inv)?;
+                gpu.head_grad_via(path, &mut dh_lab, &dlogits, &wd, r0, rows, d)?;
+            }
+            let mut dh = gpu.poisoned(t * d)?;
+            gpu.stream.memset_zeros(&mut dh)?;
+            gpu.scatter_rows(&mut dh, &dh_lab, &labd, n, d)?;
+            push(
+                &name("head_logits"),
+                size.clone(),
+                rel_err(&logits_all, &want_logits),
+                1e-4,
+            );
+            push(
+                &name("cross_entropy dh"),
+                size.clone(),
+                rel_err(&gpu.down(&dh)?, &want),
+                TOL_BF16,
+            );
+            let got_loss: f64 = gpu.down32(&loss)?.iter().map(|&l| l as f64).sum();
+            push(
+                &name("cross_entropy loss"),
+                size.clone(),
+                ((got_loss - want_loss) / want_loss).abs(),
+                1e-4,
+            );
+        }
     }
     // Short and long sequences (past one pass of 128 threads over the keys), head widths that are
     // and are not multiples of 32, up to the 256 the simple kernels take; at the tiled kernels' widths
