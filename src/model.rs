@@ -15,7 +15,7 @@ use crate::config::{ModelConfig, RopeScaling};
 use crate::lora::LoraParams;
 use crate::nf4::{Nf4Tensor, Quantizer};
 use crate::weights::Weights;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::borrow::Cow;
 use std::ops::Range;
 use std::path::Path;
@@ -177,6 +177,7 @@ impl Model {
     /// [`Model::load`], with every projection quantized by `quantize` as soon as it is read (a
     /// device's kernel: `engine::Device::quantize_nf4`), or left in f32 when `None`.
     pub fn load_with(path: &Path, quantize: Option<&Quantizer>) -> Result<Model> {
+        check_model_path(path)?;
         if is_gguf(path) {
             let file = crate::gguf::GgufFile::open(path)?;
             let config = ModelConfig::from_json(&file.hf_config()?.to_string())
@@ -452,6 +453,21 @@ fn resize(v: &mut Vec<f32>, n: usize) {
 /// Whether a model path names a GGUF file (rather than an HF directory).
 pub fn is_gguf(path: &Path) -> bool {
     path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// A model path must name an HF directory or a .gguf file: anything else is an error that says so
+/// (rather than a missing config.json or tokenizer.json inside a directory that is not there).
+pub fn check_model_path(path: &Path) -> Result<()> {
+    if is_gguf(path) || path.is_dir() {
+        return Ok(());
+    }
+    if path.exists() {
+        bail!(
+            "{}: a model is an HF directory (config.json, safetensors, tokenizer.json) or a .gguf file",
+            path.display()
+        );
+    }
+    bail!("{}: no such model directory or .gguf file", path.display())
 }
 
 /// Where model tensors come from, by HF name: safetensors files, or a GGUF file read through the

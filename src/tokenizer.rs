@@ -20,6 +20,7 @@ impl Tokenizer {
 
     /// The tokenizer of a model: `tokenizer.json` in an HF directory, or the vocabulary of a GGUF file.
     pub fn load(model: &Path) -> Result<Tokenizer> {
+        crate::model::check_model_path(model)?;
         if crate::model::is_gguf(model) {
             let file = crate::gguf::GgufFile::open(model)?;
             let json = file.tokenizer_json()?.to_string();

@@ -446,14 +446,16 @@ fn train_reports_bad_inputs_by_file_and_line() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let missing = dir.path().join("no-such-model");
-    let o = train(missing.to_str().unwrap());
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("no-such-model"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    // A model path that is neither a directory nor a .gguf file says so, for either spelling.
+    for name in ["no-such-model", "no-such-model.gguf"] {
+        let o = train(dir.path().join(name).to_str().unwrap());
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("{name}: no such model directory or .gguf file")),
+            "{err}"
+        );
+    }
 }
 
 #[test]
