@@ -10,9 +10,11 @@ struct HeadRows {
     const bf16* head;
     int d;
     __device__ float operator()(int r, int c) const { return to_f32(head[(long)c * d + r]); }
-    // A whole tile with 16-byte aligned rows: 16-byte copies into Bs[c][r..r+8].
+    // A whole tile with 16-byte aligned rows (d a multiple of 8, the head 16-byte aligned): 16-byte
+    // copies into Bs[c][r..r+8].
     __device__ bool stage(TileRow* Bs, int r0, int n0, int R, int N) const {
-        if (n0 + MMA_BN > N || r0 + MMA_BR > R || d % 8 != 0) return false;
+        if (n0 + MMA_BN > N || r0 + MMA_BR > R || d % 8 != 0 || reinterpret_cast<uintptr_t>(head) % 16 != 0)
+            return false;
         for (int i = threadIdx.x; i < MMA_BN * MMA_BR / 8; i += blockDim.x) {
             const int c = i / (MMA_BR / 8), r = (i % (MMA_BR / 8)) * 8;
             *reinterpret_cast<uint4*>(&Bs[c][r]) = *reinterpret_cast<const uint4*>(head + (long)(n0 + c) * d + r0 + r);
@@ -26,9 +28,11 @@ struct HeadCols {
     const bf16* head;
     int d;
     __device__ float operator()(int r, int c) const { return to_f32(head[(long)r * d + c]); }
-    // A whole tile with 16-byte aligned rows: 16-byte loads of a row r, stored down Bs[c..c+8][r].
+    // A whole tile with 16-byte aligned rows (as above): 16-byte loads of a row r, stored down
+    // Bs[c..c+8][r].
     __device__ bool stage(TileRow* Bs, int r0, int n0, int R, int N) const {
-        if (n0 + MMA_BN > N || r0 + MMA_BR > R || d % 8 != 0) return false;
+        if (n0 + MMA_BN > N || r0 + MMA_BR > R || d % 8 != 0 || reinterpret_cast<uintptr_t>(head) % 16 != 0)
+            return false;
         for (int i = threadIdx.x; i < MMA_BR * MMA_BN / 8; i += blockDim.x) {
             const int r = i / (MMA_BN / 8), c = (i % (MMA_BN / 8)) * 8;
             const uint4 w = *reinterpret_cast<const uint4*>(head + (long)(r0 + r) * d + n0 + c);
