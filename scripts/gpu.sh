@@ -52,7 +52,8 @@ for l in sys.stdin:
 run)
     # One phase per call (a call has 10 minutes and brings back at most 8 files from $OUT):
     #   check (default): nvidia-smi, the selftest, the CUDA tests        -> 3 logs
-    #   bench:   `bench train` per shape and NF4 GEMM path, `bench generate` -> bench.jsonl, bench.err
+    #   bench:   `bench train` per shape and NF4 GEMM path, a profiled step, `bench generate`
+    #                                                          -> bench.jsonl, bench.err, profile.txt
     #   kernels: the criterion kernel benches, short; torch's references  -> kernel-benches.txt,
     #            (benches/compare/torch_limits.py)                            torch-limits.jsonl
     #   train:   a short run of the tiny model on the GPU and on the CPU   -> train-cuda.log, train-cpu.log
@@ -84,6 +85,10 @@ run)
             done
         done
         rm -f "$out/last.json"
+        # Where a step's time goes, kernel by kernel, on the first shape.
+        shape=${SHAPES:-llama-3.2-1b}
+        timeout 120 "$bin/sqlora" bench train --shape "${shape%% *}" --batch 8 --seq 512 --steps 3 --device cuda \
+            --profile 2>>"$out/bench.err" | tee "$out/profile.txt"
         # Batch-1 greedy decoding of a 1B NF4 model (issue 7's target: >= 1,500 tokens/s), and batched,
         # step by step and replaying a recorded CUDA graph per token.
         for graphs in 0 1; do

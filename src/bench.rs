@@ -7,6 +7,7 @@
 
 use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::{Linear, LinearWeight};
+use crate::backend::cuda::ProfileRow;
 use crate::config::ModelConfig;
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{rope_inv_freq, Layer, Model, Proj};
@@ -140,20 +141,41 @@ pub struct BenchReport {
     pub peak_flops: f64,
     /// Mean loss of the timed steps (random weights and tokens: about ln(vocab)).
     pub loss: f64,
+    /// With `--profile`: per step, each kernel's calls and milliseconds, largest first (empty
+    /// where the device does not time kernels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<ProfileRow>>,
 }
 
-/// Run `warmup` then `steps` timed steps of `batch` sequences of `seq` random tokens.
-#[allow(clippy::too_many_arguments)]
-pub fn bench_train(
-    shape: &str,
-    engine_for: &mut EngineFor,
-    batch: usize,
-    seq: usize,
-    warmup: usize,
-    steps: usize,
-    checkpointing: bool,
-    peak_flops: f64,
-) -> Result<BenchReport> {
+/// How `bench train` runs.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainBench {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    pub checkpointing: bool,
+    /// The rate MFU is measured against, FLOP/s.
+    pub peak_flops: f64,
+    /// After the timed steps, as many again with every kernel timed (`--profile`).
+    pub profile: bool,
+}
+
+/// Run `warmup` then `steps` timed steps of `batch` sequences of `seq` random tokens (then, with
+/// `profile`, `steps` more with per-kernel timing, which slows them: they are not in the rate).
+pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Result<BenchReport> {
+    let TrainBench {
+        batch,
+        seq,
+        warmup,
+        steps,
+        checkpointing,
+        peak_flops,
+        profile,
+    } = o;
     if batch == 0 || seq < 2 || steps == 0 {
         bail!("bench train needs --batch >= 1, --seq >= 2 and --steps >= 1");
     }
@@ -185,10 +207,7 @@ pub fn bench_train(
     let b = Batch::pack(seqs.iter().map(|(t, y)| (&t[..], &y[..])));
     let inv = 1.0 / b.label_count() as f32;
     let (mut started, mut loss) = (Instant::now(), 0.0);
-    for s in 0..warmup + steps {
-        if s == warmup {
-            started = Instant::now();
-        }
+    let step = |engine: &mut dyn StepEngine, opt: &mut AdamW, s: usize| -> Result<f64> {
         let opts = GradOptions {
             checkpointing,
             dropout_seed: s as u64,
@@ -197,13 +216,33 @@ pub fn bench_train(
         // The norm is read back to the host (as training does, to decide the clipping factor):
         // this also waits for the step, so the clock measures finished work.
         let norm = engine.grad_norm()?;
-        engine.adamw_update(&mut opt, 1e-4, clip_factor(norm, 1.0))?;
+        engine.adamw_update(opt, 1e-4, clip_factor(norm, 1.0))?;
+        Ok(l)
+    };
+    for s in 0..warmup + steps {
+        if s == warmup {
+            started = Instant::now();
+        }
+        let l = step(&mut *engine, &mut opt, s)?;
         if s >= warmup {
             loss += l / steps as f64;
         }
     }
     engine.synchronize()?;
     let seconds = started.elapsed().as_secs_f64();
+    let mut kernels = Vec::new();
+    if profile {
+        engine.set_profiling(true);
+        for s in 0..steps {
+            step(&mut *engine, &mut opt, warmup + steps + s)?;
+        }
+        kernels = engine.take_profile()?;
+        engine.set_profiling(false);
+        for k in &mut kernels {
+            k.ms /= steps as f64;
+            k.calls /= steps as u64;
+        }
+    }
     let tokens_per_s = (batch * seq * steps) as f64 / seconds;
     let useful = crate::memory::flops_per_token(&c, seq, checkpointing) * tokens_per_s;
     Ok(BenchReport {
@@ -220,6 +259,7 @@ pub fn bench_train(
         mfu: useful / peak_flops,
         peak_flops,
         loss,
+        profile: profile.then_some(kernels),
     })
 }
 
@@ -244,7 +284,25 @@ impl std::fmt::Display for BenchReport {
         } else {
             format!("{:.1} GFLOP/s", self.peak_flops / 1e9)
         };
-        write!(f, "device memory in use: {mem}; MFU {:.1}% of {peak}", self.mfu * 100.0)
+        write!(f, "device memory in use: {mem}; MFU {:.1}% of {peak}", self.mfu * 100.0)?;
+        match &self.profile {
+            None => Ok(()),
+            Some(rows) if rows.is_empty() => write!(f, "\nper-kernel times: not available on this device"),
+            Some(rows) => {
+                let total: f64 = rows.iter().map(|r| r.ms).sum();
+                write!(
+                    f,
+                    "\nper step, profiled ({:.1} ms of kernels; timing each launch slows the step):",
+                    total
+                )?;
+                write!(f, "\n  {:<28} {:>6} {:>10} {:>6}", "kernel", "calls", "ms", "share")?;
+                for r in rows {
+                    let share = 100.0 * r.ms / total.max(f64::MIN_POSITIVE);
+                    write!(f, "\n  {:<28} {:>6} {:>10.3} {:>5.1}%", r.name, r.calls, r.ms, share)?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -335,6 +393,39 @@ impl std::fmt::Display for GenerateReport {
 mod tests {
     use super::*;
     use crate::engine::step::device_plan;
+
+    #[test]
+    fn a_profiled_report_shows_each_kernel_and_its_share() {
+        let row = |name: &str, calls, ms| ProfileRow {
+            name: name.into(),
+            calls,
+            ms,
+        };
+        let mut r = BenchReport {
+            shape: "tiny".into(),
+            device: "test".into(),
+            batch: 1,
+            seq: 8,
+            warmup_steps: 0,
+            timed_steps: 1,
+            adapter_params: 10,
+            tokens_per_s: 1.0,
+            ms_per_step: 8.0,
+            device_memory_bytes: None,
+            mfu: 0.1,
+            peak_flops: 1e12,
+            loss: 1.0,
+            profile: Some(vec![row("cublas nf4_fwd", 112, 3.0), row("flash_fwd_hd64", 16, 1.0)]),
+        };
+        let text = r.to_string();
+        assert!(text.contains("(4.0 ms of kernels"), "{text}");
+        assert!(
+            text.contains("cublas nf4_fwd") && text.contains("75.0%") && text.contains("25.0%"),
+            "{text}"
+        );
+        r.profile = None;
+        assert!(!r.to_string().contains("kernel"), "{r}");
+    }
 
     const GIB: u64 = 1 << 30;
 

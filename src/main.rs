@@ -243,6 +243,10 @@ enum BenchWhat {
         /// bf16 peak of the H100 the baselines were taken on; on the CPU, this machine's measured rate).
         #[arg(long)]
         peak_tflops: Option<f64>,
+        /// After the timed steps, as many again with each kernel timed: a table of where a step's
+        /// time goes (GPU only).
+        #[arg(long)]
+        profile: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -342,6 +346,7 @@ fn run(cli: Cli) -> Result<()> {
                     device,
                     checkpointing,
                     peak_tflops,
+                    profile,
                     json,
                 },
         } => {
@@ -352,8 +357,16 @@ fn run(cli: Cli) -> Result<()> {
                 (None, false) => sqlora::memory::measure_cpu_flops(),
             };
             let mut engine_for = engine_factory(target, checkpointing);
-            let r =
-                sqlora::bench::bench_train(&shape, &mut *engine_for, batch, seq, warmup, steps, checkpointing, peak)?;
+            let options = sqlora::bench::TrainBench {
+                batch,
+                seq,
+                warmup,
+                steps,
+                checkpointing,
+                peak_flops: peak,
+                profile,
+            };
+            let r = sqlora::bench::bench_train(&shape, &mut *engine_for, options)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

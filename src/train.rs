@@ -657,6 +657,10 @@ pub trait StepEngine {
     fn memory_used(&self) -> Option<usize>;
     /// Decoding steps so far that replayed a recorded graph.
     fn graph_replays(&self) -> usize;
+    /// Per-kernel timing on or off ([`Device::set_profiling`]).
+    fn set_profiling(&self, on: bool);
+    /// The kernels' times since the last call ([`Device::take_profile`]).
+    fn take_profile(&self) -> Result<Vec<crate::backend::cuda::ProfileRow>>;
 }
 
 impl<D: Device> StepEngine for Engine<D> {
@@ -707,6 +711,12 @@ impl<D: Device> StepEngine for Engine<D> {
     }
     fn graph_replays(&self) -> usize {
         self.graph_replays
+    }
+    fn set_profiling(&self, on: bool) {
+        self.dev.set_profiling(on)
+    }
+    fn take_profile(&self) -> Result<Vec<crate::backend::cuda::ProfileRow>> {
+        self.dev.take_profile()
     }
 }
 

@@ -586,6 +586,32 @@ fn bench_train_times_steps_of_a_named_shape() {
     // Random weights and tokens: the loss is about ln(vocab) = ln(272) = 5.6.
     let loss = r["loss"].as_f64().unwrap();
     assert!((loss - 272f64.ln()).abs() < 1.0, "loss {loss}");
+    assert!(r.get("profile").is_none(), "{r}");
+    // --profile runs as many steps again with per-kernel timing: the CPU device times no kernels,
+    // and says so.
+    let out = sqlora(&[
+        "bench",
+        "train",
+        "--shape",
+        "tiny",
+        "--batch",
+        "2",
+        "--seq",
+        "24",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu-bf16",
+        "--profile",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("per-kernel times: not available on this device"),
+        "{text}"
+    );
     let bad = sqlora(&["bench", "train", "--shape", "gpt-5", "--device", "cpu-bf16"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown shape \"gpt-5\""));

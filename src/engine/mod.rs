@@ -102,6 +102,14 @@ pub trait Device {
     fn copy_out_into<T: Elem>(&self, src: &Self::Buf<T>, off: usize, out: &mut [T]) -> Result<()> {
         self.read_into(src, off, out)
     }
+    /// Time each kernel from now on (`sqlora bench train --profile`), or stop; a no-op where the
+    /// device cannot.
+    fn set_profiling(&self, _on: bool) {}
+    /// The time of each kernel recorded since the last call, summed by name (waits for the device;
+    /// empty where the device does not profile).
+    fn take_profile(&self) -> Result<Vec<crate::backend::cuda::ProfileRow>> {
+        Ok(Vec::new())
+    }
     /// Settle how attention runs at head width `hd` before any step (the GPU's `auto` choice runs
     /// both of its paths once on a small batch), so that no step allocates for it.
     fn prepare_attention(&self, _hd: usize) -> Result<()> {

@@ -292,7 +292,7 @@ impl Cuda {
         // the k, v rows from seq_start of its first token to its last (inside [0, t) for a valid
         // packing), and writes their rows of out and lse only; the kernel's width is hd; every buffer
         // is a whole (16-byte aligned) allocation of at least the asserted length.
-        unsafe { l.launch(cfg) }.with_context(|| format!("kernel flash_fwd_hd{hd}"))?;
+        unsafe { self.launch(&mut l, cfg, &format!("flash_fwd_hd{hd}")) }?;
         Ok(())
     }
 
@@ -345,7 +345,7 @@ impl Cuda {
         };
         // SAFETY: as the forward's launch: block (x, h) reads q, dout, lse, dd rows of its tokens below
         // t and k, v rows from its first token's sequence start to its last token; writes its rows of dq.
-        unsafe { l.launch(cfg) }.with_context(|| format!("kernel flash_bwd_dq_hd{hd}"))?;
+        unsafe { self.launch(&mut l, cfg, &format!("flash_bwd_dq_hd{hd}")) }?;
         let mut l = self.stream.launch_builder(&f.bwd_dkv);
         l.arg(dk)
             .arg(dv)
@@ -366,7 +366,7 @@ impl Cuda {
         // rows of the group's heads for queries from its first key while their sequence started at or
         // before its last key (checked against t); writes only its keys' rows of dk and dv. The dynamic
         // shared memory is the kernel's carving at this width (its limit raised when the GPU was opened).
-        unsafe { l.launch(cfg) }.with_context(|| format!("kernel flash_bwd_dkv_hd{hd}"))?;
+        unsafe { self.launch(&mut l, cfg, &format!("flash_bwd_dkv_hd{hd}")) }?;
         Ok(())
     }
 
@@ -384,7 +384,7 @@ impl Cuda {
         let mut l = self.stream.launch_builder(&self.k.attention_bwd_rowdot);
         l.arg(dd).arg(dout).arg(out).arg(&ri).arg(&hdi);
         // SAFETY: one warp per row r < rows of dout and out [rows, hd]; writes dd[r].
-        unsafe { l.launch(blocks_for(rows * 32)) }.context("kernel attention_bwd_rowdot")?;
+        unsafe { self.launch(&mut l, blocks_for(rows * 32), "attention_bwd_rowdot") }?;
         Ok(())
     }
 
@@ -428,7 +428,7 @@ impl Cuda {
         // SAFETY: one block per (token, head) of the first t tokens; keys are read from seq_start[i] to
         // i only, which lie in [0, t) when seq_start is a valid packing; the probability row fits the
         // max_len floats requested; lse gets one value per block.
-        unsafe { l.launch(cfg) }.context("kernel attention_fwd")?;
+        unsafe { self.launch(&mut l, cfg, "attention_fwd") }?;
         Ok(())
     }
 
@@ -477,7 +477,7 @@ impl Cuda {
         // SAFETY: one block per (token, head) of the first t tokens, reading keys and values of the
         // token's own sequence only (inside [0, t) for a valid packing); max_len floats of shared
         // memory hold its dS row; writes that row of dq.
-        unsafe { l.launch(cfg) }.context("kernel attention_bwd_dq")?;
+        unsafe { self.launch(&mut l, cfg, "attention_bwd_dq") }?;
         let mut l = self.stream.launch_builder(&self.k.attention_bwd_dkv);
         l.arg(dk)
             .arg(dv)
@@ -497,7 +497,7 @@ impl Cuda {
         // SAFETY: one block per (key, kv head) of the first t tokens; it reads queries t' >= key of the
         // same sequence (checked against t and seq_start) and writes that key's rows of dk and dv;
         // hd <= 256 fits the kernel's per-lane registers (checked above).
-        unsafe { l.launch(cfg) }.context("kernel attention_bwd_dkv")?;
+        unsafe { self.launch(&mut l, cfg, "attention_bwd_dkv") }?;
         Ok(())
     }
 
@@ -543,7 +543,7 @@ impl Cuda {
         // SAFETY: one block per (query, head) of the first b; it reads cache rows key_start[i] ..
         // key_start[i] + key_len[i], which the engine keeps inside k and v (each key_len <= max_len,
         // whose floats of shared memory are requested), and writes its row of out.
-        unsafe { l.launch(cfg) }.context("kernel attention_decode")?;
+        unsafe { self.launch(&mut l, cfg, "attention_decode") }?;
         Ok(())
     }
 }

@@ -63,6 +63,12 @@ impl Device for Cuda {
             .memcpy_dtoh(&src, out)
             .context("copy from the GPU (copy stream)")
     }
+    fn set_profiling(&self, on: bool) {
+        Cuda::set_profiling(self, on)
+    }
+    fn take_profile(&self) -> Result<Vec<super::ProfileRow>> {
+        Cuda::take_profile(self)
+    }
     fn prepare_attention(&self, hd: usize) -> Result<()> {
         self.attention_tiled(hd);
         Ok(())

@@ -282,7 +282,7 @@ impl Cuda {
         // bias [out] if given; writes y [t, out]. Each kernel bounds-checks every access against
         // t, N, K, and its grid covers [t, out] (in tiles, or one warp per output column with
         // t <= GEMV_MAX_M checked above).
-        unsafe { b.launch(grid) }.with_context(|| format!("kernel {name}"))?;
+        unsafe { self.launch(&mut b, grid, name) }?;
         Ok(())
     }
 
@@ -323,7 +323,7 @@ impl Cuda {
             .arg(&ki);
         // SAFETY: reads dy [t, out] and the NF4 weight [out, in]; writes dx [t, in]; either kernel
         // bounds-checks every access against t, N, K, and its grid covers [t, in] in its tile size.
-        unsafe { b.launch(grid) }.with_context(|| format!("kernel {name}"))?;
+        unsafe { self.launch(&mut b, grid, name) }?;
         Ok(())
     }
 
@@ -380,16 +380,18 @@ impl Cuda {
                 beta: bf16::ZERO,
                 ldc: n,
             };
-            // SAFETY: A is the [n, k] weight (lda k), B the first t rows of x (ldb k), C the first t
-            // rows of y (ldc n); the buffers hold at least that much (asserted by the caller).
-            unsafe { blas.gemm(cfg, wd, x, y) }.context("cuBLAS gemm (NF4 forward)")
+            self.timed("cublas nf4_fwd", || {
+                // SAFETY: A is the [n, k] weight (lda k), B the first t rows of x (ldb k), C the first t
+                // rows of y (ldc n); the buffers hold at least that much (asserted by the caller).
+                unsafe { blas.gemm(cfg, wd, x, y) }.context("cuBLAS gemm (NF4 forward)")
+            })
         })?;
         if let Some(bias) = bias {
             let (ti, ni) = (t as i32, n);
             let mut b = self.stream.launch_builder(&self.k.add_bias_rows);
             b.arg(&mut *y).arg(bias).arg(&ti).arg(&ni);
             // SAFETY: one thread per element of y's first t rows of n; bias holds n (asserted).
-            unsafe { b.launch(super::blocks_for(t * n as usize)) }.context("kernel add_bias_rows")?;
+            unsafe { self.launch(&mut b, super::blocks_for(t * n as usize), "add_bias_rows") }?;
         }
         Ok(())
     }
@@ -410,9 +412,11 @@ impl Cuda {
                 beta: bf16::ZERO,
                 ldc: k,
             };
-            // SAFETY: A is the weight seen column-major as [k, n] (lda k), B the first t rows of dy
-            // (ldb n), C the first t rows of dx (ldc k); the buffers hold at least that much.
-            unsafe { blas.gemm(cfg, wd, dy, dx) }.context("cuBLAS gemm (NF4 input gradient)")
+            self.timed("cublas nf4_bwd_input", || {
+                // SAFETY: A is the weight seen column-major as [k, n] (lda k), B the first t rows of dy
+                // (ldb n), C the first t rows of dx (ldc k); the buffers hold at least that much.
+                unsafe { blas.gemm(cfg, wd, dy, dx) }.context("cuBLAS gemm (NF4 input gradient)")
+            })
         })
     }
 }

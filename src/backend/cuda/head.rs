@@ -104,7 +104,7 @@ impl Cuda {
         l.arg(logits).arg(h).arg(head).arg(&r0).arg(&ri).arg(&vi).arg(&di);
         // SAFETY: the GEMM reads h rows [row0, row0 + rows) and the head [V, d], writes logits
         // [rows, V] (lengths asserted); every access is bounds-checked against rows, V, d.
-        unsafe { l.launch(mma_tiles(rows, v)) }.context("kernel head_logits")?;
+        unsafe { self.launch(&mut l, mma_tiles(rows, v), "head_logits") }?;
         Ok(())
     }
 
@@ -135,7 +135,7 @@ impl Cuda {
         l.arg(dh).arg(dlogits).arg(head).arg(&r0).arg(&ri).arg(&vi).arg(&di);
         // SAFETY: the GEMM reads dlogits [rows, V] and the head [V, d], writes dh rows
         // [row0, row0 + rows) (lengths asserted); every access is bounds-checked.
-        unsafe { l.launch(mma_tiles(rows, d)) }.context("kernel head_grad")?;
+        unsafe { self.launch(&mut l, mma_tiles(rows, d), "head_grad") }?;
         Ok(())
     }
 
@@ -160,34 +160,36 @@ impl Cuda {
         let (b, _rb) = h_rows.device_ptr(&self.stream);
         let (c, _rc) = logits.device_ptr_mut(&self.stream);
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: A is the head [V, d] (lda d, transposed), B the rows [row0, row0 + rows) of h
-        // (ldb d), C the first rows x V of logits (ldc V): all inside their buffers (asserted by the
-        // caller); alpha and beta are f32 as the f32 compute type requires; cuBLAS runs on
-        // self.stream, as the pointers' events record.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                v as i32,
-                rows as i32,
-                d as i32,
-                (&alpha) as *const f32 as *const _,
-                a as *const _,
-                cudaDataType_t::CUDA_R_16BF,
-                d as i32,
-                b as *const _,
-                cudaDataType_t::CUDA_R_16BF,
-                d as i32,
-                (&beta) as *const f32 as *const _,
-                c as *mut _,
-                cudaDataType_t::CUDA_R_32F,
-                v as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .context("cuBLAS gemm (head logits)")
+        self.timed("cublas head_logits", || {
+            // SAFETY: A is the head [V, d] (lda d, transposed), B the rows [row0, row0 + rows) of h
+            // (ldb d), C the first rows x V of logits (ldc V): all inside their buffers (asserted by the
+            // caller); alpha and beta are f32 as the f32 compute type requires; cuBLAS runs on
+            // self.stream, as the pointers' events record.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle(),
+                    cublasOperation_t::CUBLAS_OP_T,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    v as i32,
+                    rows as i32,
+                    d as i32,
+                    (&alpha) as *const f32 as *const _,
+                    a as *const _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    d as i32,
+                    b as *const _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    d as i32,
+                    (&beta) as *const f32 as *const _,
+                    c as *mut _,
+                    cudaDataType_t::CUDA_R_32F,
+                    v as i32,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .context("cuBLAS gemm (head logits)")
+        })
     }
 
     /// Row-major dh [rows, d] = dlogits [rows, V] head is column-major dh^T = head^T dlogits^T:
@@ -219,8 +221,10 @@ impl Cuda {
             beta: bf16::ZERO,
             ldc: d as i32,
         };
-        // SAFETY: A is the head seen column-major as [d, V] (lda d), B the first rows x V of dlogits
-        // (ldb V), C the rows [row0, row0 + rows) of dh (ldc d): all inside their buffers.
-        unsafe { blas.gemm(cfg, head, dlogits, &mut dh_rows) }.context("cuBLAS gemm (head gradient)")
+        self.timed("cublas head_grad", || {
+            // SAFETY: A is the head seen column-major as [d, V] (lda d), B the first rows x V of dlogits
+            // (ldb V), C the rows [row0, row0 + rows) of dh (ldc d): all inside their buffers.
+            unsafe { blas.gemm(cfg, head, dlogits, &mut dh_rows) }.context("cuBLAS gemm (head gradient)")
+        })
     }
 }

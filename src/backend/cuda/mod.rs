@@ -13,6 +13,8 @@ mod head;
 mod ops;
 pub use ops::MAX_RANK;
 mod pinned;
+mod profile;
+pub use profile::{ProfileRow, Profiler};
 mod quantize;
 pub mod selftest;
 mod selftest_step;
@@ -126,6 +128,9 @@ pub struct Cuda {
     pub attention: AttentionPath,
     /// `Auto`'s verdict per head width: whether the tiled kernels agreed with the simple ones.
     pub attention_chosen: Arc<Mutex<HashMap<usize, bool>>>,
+    /// Whether launches are timed (`profile.rs`), and what they recorded.
+    pub profiling: Arc<std::sync::atomic::AtomicBool>,
+    pub profiler: Arc<Mutex<Profiler>>,
 }
 
 /// Let the attention kernels that keep a row of scores in dynamic shared memory use as much as the
@@ -366,6 +371,8 @@ impl Cuda {
             attn_smem,
             attention: AttentionPath::from_env()?,
             attention_chosen: Arc::default(),
+            profiling: Arc::default(),
+            profiler: Arc::default(),
             gemm: GemmPath::from_env()?,
             gemm_state: GemmState::new(&stream),
             copies: Arc::default(),

@@ -6,7 +6,7 @@
 use super::{block_per_row, blocks_for, Cuda};
 use crate::engine::{LoraAt, SUM_PARTS};
 use crate::optim::AdamStep;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -42,7 +42,7 @@ impl Cuda {
         b.arg(y).arg(rstd).arg(x).arg(w).arg(&di).arg(&eps);
         // SAFETY: one block per row for t rows; the kernel reads x [t, d] and w [d] and writes y [t, d]
         // and rstd [t], all within the buffers (lengths asserted above).
-        unsafe { b.launch(block_per_row(t)) }.context("kernel rmsnorm_fwd")?;
+        unsafe { self.launch(&mut b, block_per_row(t), "rmsnorm_fwd") }?;
         Ok(())
     }
 
@@ -63,7 +63,7 @@ impl Cuda {
         b.arg(dx).arg(dy).arg(x).arg(w).arg(rstd).arg(&di);
         // SAFETY: one block per row for t rows; reads dy, x [t, d], w [d], rstd [t]; writes dx [t, d];
         // lengths asserted.
-        unsafe { b.launch(block_per_row(t)) }.context("kernel rmsnorm_bwd")?;
+        unsafe { self.launch(&mut b, block_per_row(t), "rmsnorm_bwd") }?;
         Ok(())
     }
 
@@ -86,7 +86,7 @@ impl Cuda {
         b.arg(x).arg(pos).arg(inv_freq).arg(&ti).arg(&hi).arg(&hdi).arg(&sign);
         // SAFETY: one thread per (token, head, pair), bounded by t * heads * hd / 2 inside the kernel;
         // x holds [t, heads, hd] and pos [t] (asserted), inv_freq [hd/2].
-        unsafe { b.launch(blocks_for(n)) }.context("kernel rope_rotate")?;
+        unsafe { self.launch(&mut b, blocks_for(n), "rope_rotate") }?;
         Ok(())
     }
 
@@ -103,7 +103,7 @@ impl Cuda {
         let mut b = self.stream.launch_builder(&self.k.swiglu_fwd);
         b.arg(out).arg(gate).arg(up).arg(&ni);
         // SAFETY: elementwise over n values, bounded inside the kernel; all three buffers hold n.
-        unsafe { b.launch(blocks_for(n)) }.context("kernel swiglu_fwd")?;
+        unsafe { self.launch(&mut b, blocks_for(n), "swiglu_fwd") }?;
         Ok(())
     }
 
@@ -122,7 +122,7 @@ impl Cuda {
         let mut b = self.stream.launch_builder(&self.k.swiglu_bwd);
         b.arg(dgate).arg(dup).arg(dout).arg(gate).arg(up).arg(&ni);
         // SAFETY: elementwise over n values, bounded inside the kernel; all five buffers hold n.
-        unsafe { b.launch(blocks_for(n)) }.context("kernel swiglu_bwd")?;
+        unsafe { self.launch(&mut b, blocks_for(n), "swiglu_bwd") }?;
         Ok(())
     }
 
@@ -159,7 +159,7 @@ impl Cuda {
         b.arg(&h.gscale).arg(&h.lr).arg(&h.beta1).arg(&h.beta2);
         b.arg(&h.eps).arg(&h.weight_decay).arg(&h.bc1).arg(&h.bc2_sqrt);
         // SAFETY: elementwise over n values, bounded inside the kernel; the four views hold n each.
-        unsafe { b.launch(blocks_for(n)) }.context("kernel adamw_step")?;
+        unsafe { self.launch(&mut b, blocks_for(n), "adamw_step") }?;
         Ok(())
     }
 
@@ -180,7 +180,7 @@ impl Cuda {
             shared_mem_bytes: 0,
         };
         // SAFETY: SUM_PARTS blocks write one part each into the view of SUM_PARTS; reads stop at n.
-        unsafe { b.launch(cfg) }.context("kernel sum_squares")?;
+        unsafe { self.launch(&mut b, cfg, "sum_squares") }?;
         Ok(())
     }
 
@@ -205,7 +205,7 @@ impl Cuda {
             .arg(&offset)
             .arg(&ni);
         // SAFETY: one thread per block scale, bounded inside the kernel; lengths asserted above.
-        unsafe { b.launch(blocks_for(n)) }.context("kernel nf4_dequantize_absmax")?;
+        unsafe { self.launch(&mut b, blocks_for(n), "nf4_dequantize_absmax") }?;
         Ok(())
     }
 
@@ -222,7 +222,7 @@ impl Cuda {
         let mut b = self.stream.launch_builder(&self.k.nf4_dequantize);
         b.arg(out).arg(packed).arg(absmax).arg(&ni);
         // SAFETY: one thread per packed byte, bounded by n inside the kernel; lengths asserted above.
-        unsafe { b.launch(blocks_for(n.div_ceil(2))) }.context("kernel nf4_dequantize")?;
+        unsafe { self.launch(&mut b, blocks_for(n.div_ceil(2)), "nf4_dequantize") }?;
         Ok(())
     }
 
@@ -242,7 +242,7 @@ impl Cuda {
         b.arg(out).arg(table).arg(tokens).arg(&ti).arg(&di).arg(&vi);
         // SAFETY: one thread per output value (bounded by t * d in the kernel); token ids are checked
         // against vocab before the table is read.
-        unsafe { b.launch(blocks_for(t * d)) }.context("kernel embedding_fwd")?;
+        unsafe { self.launch(&mut b, blocks_for(t * d), "embedding_fwd") }?;
         Ok(())
     }
 
@@ -276,11 +276,11 @@ impl Cuda {
         l.arg(&mut *xa).arg(x).arg(&a).arg(&ti).arg(&ki).arg(&ri);
         // SAFETY: a block per 16 rows of xa [t, r] (r <= MAX_RANK checked; rows bounded by t in the
         // kernel); reads x [t, in] and a [r, in] (asserted).
-        unsafe { l.launch(per_16(t)) }.context("kernel lora_xa")?;
+        unsafe { self.launch(&mut l, per_16(t), "lora_xa") }?;
         let mut l = self.stream.launch_builder(&self.k.lora[1]);
         l.arg(y).arg(&*xa).arg(&b).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
         // SAFETY: one thread per element of y [t, out], bounded in the kernel; xa [t, r], b [out, r].
-        unsafe { l.launch(blocks_for(t * n)) }.context("kernel lora_add")?;
+        unsafe { self.launch(&mut l, blocks_for(t * n), "lora_add") }?;
         Ok(())
     }
 
@@ -320,21 +320,21 @@ impl Cuda {
         l.arg(&mut *g).arg(dy).arg(&b).arg(&ti).arg(&ni).arg(&ri);
         // SAFETY: a block per 16 rows of g [t, r] (r <= MAX_RANK checked; rows bounded by t in the
         // kernel); reads dy [t, out] and b [out, r].
-        unsafe { l.launch(per_16(t)) }.context("kernel lora_g")?;
+        unsafe { self.launch(&mut l, per_16(t), "lora_g") }?;
         let mut l = self.stream.launch_builder(&self.k.lora[3]);
         l.arg(&mut db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
         // SAFETY: a block per 16 columns of db [out, r] (r <= MAX_RANK checked; columns bounded by
         // out in the kernel); reads dy [t, out] and xa [t, r].
-        unsafe { l.launch(per_16(n)) }.context("kernel lora_db")?;
+        unsafe { self.launch(&mut l, per_16(n), "lora_db") }?;
         let mut l = self.stream.launch_builder(&self.k.lora[4]);
         l.arg(&mut da).arg(&*g).arg(x).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
         // SAFETY: a block per 16 columns of da [r, in] (r <= MAX_RANK checked; columns bounded by
         // in in the kernel); reads g [t, r] and x [t, in].
-        unsafe { l.launch(per_16(k)) }.context("kernel lora_da")?;
+        unsafe { self.launch(&mut l, per_16(k), "lora_da") }?;
         let mut l = self.stream.launch_builder(&self.k.lora[5]);
         l.arg(dx).arg(&*g).arg(&a).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
         // SAFETY: one thread per element of dx [t, in]; reads g [t, r] and a [r, in].
-        unsafe { l.launch(blocks_for(t * k)) }.context("kernel lora_dx")?;
+        unsafe { self.launch(&mut l, blocks_for(t * k), "lora_dx") }?;
         Ok(())
     }
 
@@ -349,7 +349,7 @@ impl Cuda {
         let mut b = self.stream.launch_builder(&self.k.argmax_rows);
         b.arg(out).arg(logits).arg(&ri).arg(&vi);
         // SAFETY: one block of 256 threads per row reads logits[row, ..v] and writes out[row].
-        unsafe { b.launch(block_per_row(rows)) }.context("kernel argmax_rows")?;
+        unsafe { self.launch(&mut b, block_per_row(rows), "argmax_rows") }?;
         Ok(())
     }
 
@@ -383,7 +383,7 @@ impl Cuda {
             .arg(&inv_count);
         // SAFETY: one block per row i < rows reads logits row i [V] and targets[row0 + i], writes
         // dlogits row i and loss[row0 + i]; the lengths are asserted above.
-        unsafe { l.launch(block_per_row(rows)) }.context("kernel ce_softmax_grad")?;
+        unsafe { self.launch(&mut l, block_per_row(rows), "ce_softmax_grad") }?;
         Ok(())
     }
 
@@ -394,7 +394,7 @@ impl Cuda {
         let mut b = self.stream.launch_builder(&self.k.add_bf16);
         b.arg(x).arg(y).arg(&ni);
         // SAFETY: elementwise over n values, bounded inside the kernel; both buffers hold n.
-        unsafe { b.launch(blocks_for(n)) }.context("kernel add_bf16")?;
+        unsafe { self.launch(&mut b, blocks_for(n), "add_bf16") }?;
         Ok(())
     }
 
@@ -405,7 +405,7 @@ impl Cuda {
         let mut b = self.stream.launch_builder(&self.k.cast_f32_bf16);
         b.arg(out).arg(x).arg(&ni);
         // SAFETY: elementwise over n values, bounded inside the kernel; both buffers hold n.
-        unsafe { b.launch(blocks_for(n)) }.context("kernel cast_f32_bf16")?;
+        unsafe { self.launch(&mut b, blocks_for(n), "cast_f32_bf16") }?;
         Ok(())
     }
 
@@ -424,7 +424,7 @@ impl Cuda {
         b.arg(out).arg(x).arg(idx).arg(&ni).arg(&di);
         // SAFETY: one thread per element of out [n, d]; reads x at rows idx[i], which the caller (the
         // engine) builds from positions inside the batch, so below x.len() / d.
-        unsafe { b.launch(blocks_for(n * d)) }.context("kernel gather_rows")?;
+        unsafe { self.launch(&mut b, blocks_for(n * d), "gather_rows") }?;
         Ok(())
     }
 
@@ -443,7 +443,7 @@ impl Cuda {
         b.arg(out).arg(x).arg(idx).arg(&ni).arg(&di);
         // SAFETY: one thread per element of x [n, d]; writes out at rows idx[i], positions inside the
         // batch (so below out.len() / d), each row by exactly one thread.
-        unsafe { b.launch(blocks_for(n * d)) }.context("kernel scatter_rows")?;
+        unsafe { self.launch(&mut b, blocks_for(n * d), "scatter_rows") }?;
         Ok(())
     }
 
@@ -454,7 +454,7 @@ impl Cuda {
         let mut b = self.stream.launch_builder(&self.k.dropout_bf16);
         b.arg(out).arg(x).arg(&seed).arg(&p).arg(&keep).arg(&ni);
         // SAFETY: elementwise over n values, bounded inside the kernel; both buffers hold n.
-        unsafe { b.launch(blocks_for(n)) }.context("kernel dropout_bf16")?;
+        unsafe { self.launch(&mut b, blocks_for(n), "dropout_bf16") }?;
         Ok(())
     }
 }

@@ -44,7 +44,7 @@ impl Cuda {
         };
         // SAFETY: warp w of block g takes NF4 block 8g + w < nblocks; it writes absmax[that block]
         // and the bytes of its 64 values below ceil(n / 2); reads of x stop at n.
-        unsafe { b.launch(cfg) }.context("kernel nf4_quantize")?;
+        unsafe { self.launch(&mut b, cfg, "nf4_quantize") }?;
 
         let mut b = s.launch_builder(&self.k.nf4_absmax_mean);
         b.arg(&mut offset).arg(&absmax).arg(&nb);
@@ -54,7 +54,7 @@ impl Cuda {
             shared_mem_bytes: 0,
         };
         // SAFETY: one block reads absmax[..nblocks] and writes offset[0].
-        unsafe { b.launch(one_block) }.context("kernel nf4_absmax_mean")?;
+        unsafe { self.launch(&mut b, one_block, "nf4_absmax_mean") }?;
 
         let mut b = s.launch_builder(&self.k.nf4_double_quantize);
         b.arg(&mut qabsmax)
@@ -70,7 +70,7 @@ impl Cuda {
         };
         // SAFETY: block g covers scales 256g .. 256g + 255 (bounded by nblocks) and writes
         // absmax2[g]; the map holds 256 entries.
-        unsafe { b.launch(cfg) }.context("kernel nf4_double_quantize")?;
+        unsafe { self.launch(&mut b, cfg, "nf4_double_quantize") }?;
         Ok(DeviceNf4Parts {
             packed,
             qabsmax,
