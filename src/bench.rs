@@ -240,7 +240,7 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
         engine.set_profiling(false);
         for k in &mut kernels {
             k.ms /= steps as f64;
-            k.calls /= steps as u64;
+            k.calls = (k.calls as f64 / steps as f64).round() as u64;
         }
     }
     let tokens_per_s = (batch * seq * steps) as f64 / seconds;

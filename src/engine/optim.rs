@@ -102,11 +102,11 @@ impl<D: Device> Engine<D> {
     pub fn save_optimizer(&mut self, opt: &mut AdamW) -> Result<()> {
         let o = enabled(&mut self.opt)?;
         if o.resident && o.loaded {
-            for (range, m, v) in opt.state.pages_mut() {
+            let save = opt.state.pages_mut().into_iter().try_for_each(|(range, m, v)| {
                 self.dev.read_into(&o.m[0], range.start, m)?;
-                self.dev.read_into(&o.v[0], range.start, v)?;
-            }
-            self.dev.synchronize()?;
+                self.dev.read_into(&o.v[0], range.start, v)
+            });
+            settled(&self.dev, save)?;
         }
         Ok(())
     }
@@ -137,46 +137,19 @@ impl<D: Device> Engine<D> {
         if o.resident {
             let (m_dev, v_dev) = (&mut o.m[0], &mut o.v[0]);
             if !o.loaded {
-                for (range, m, v) in &pages {
+                let load = pages.iter().try_for_each(|(range, m, v)| {
                     dev.write_at(m_dev, range.start, m)?;
-                    dev.write_at(v_dev, range.start, v)?;
-                }
+                    dev.write_at(v_dev, range.start, v)
+                });
                 // From pinned pages the copies are asynchronous: done before the host may write them.
-                dev.synchronize()?;
+                settled(dev, load)?;
                 o.loaded = true;
             }
             dev.adamw_step(&mut ad.master, m_dev, v_dev, &ad.grad, 0, 0, ad.len, &h)?;
         } else {
-            // Copy stream: in(0) | in(i+1), wait for update(i), out(i) | ...
-            // Compute stream:      update(i), wait for in(i+1) | update(i+1) ...
-            // Slot i % 2 is written again by in(i+2) only after out(i), queued before it on the
-            // copy stream; update(i + 1) waits for in(i + 1) alone, so it overlaps out(i).
-            let mut pages = pages;
-            dev.copies_wait_compute()?; // the gradients and masters of this step are done
-            if let Some((_, m, v)) = pages.first() {
-                dev.copy_in_at(&mut o.m[0], 0, m)?;
-                dev.copy_in_at(&mut o.v[0], 0, v)?;
-            }
-            dev.compute_waits_copies()?;
-            for i in 0..pages.len() {
-                let (slot, next) = (i % 2, (i + 1) % 2);
-                let start = pages[i].0.start;
-                let n = pages[i].0.len();
-                let [m_slot, m_next] = o.m.get_disjoint_mut([slot, next]).expect("two slots");
-                let [v_slot, v_next] = o.v.get_disjoint_mut([slot, next]).expect("two slots");
-                dev.adamw_step(&mut ad.master, m_slot, v_slot, &ad.grad, start, 0, n, &h)?;
-                if let Some((_, m, v)) = pages.get(i + 1) {
-                    dev.copy_in_at(m_next, 0, m)?;
-                    dev.copy_in_at(v_next, 0, v)?;
-                    dev.compute_waits_copies()?;
-                }
-                dev.copies_wait_compute()?;
-                let (_, m, v) = &mut pages[i];
-                dev.copy_out_into(m_slot, 0, m)?;
-                dev.copy_out_into(v_slot, 0, v)?;
-            }
-            // The host pages must hold the copies before anyone reads them.
-            dev.synchronize()?;
+            // The host pages must hold the copies before anyone reads them (or frees them, after an
+            // error).
+            settled(dev, stream_pages(dev, o, &mut ad.master, &ad.grad, pages, &h))?;
         }
         dev.cast_f32_bf16(&mut ad.w, &ad.master, ad.len)?;
         self.zero_grads()
@@ -199,4 +172,49 @@ impl<D: Device> Engine<D> {
         }
         self.dev.synchronize()
     }
+}
+
+/// `r`, once everything queued on the device is done, whatever `r` is: no copy to or from the host
+/// pages may outlive the call that queued it.
+fn settled<D: Device>(dev: &D, r: Result<()>) -> Result<()> {
+    let synced = dev.synchronize();
+    r.and(synced)
+}
+
+/// The streamed update: every page of the moments in through the two window slots, updated, out.
+///   copy stream:    in(0) | in(i+1), wait for update(i), out(i) | ...
+///   compute stream:       update(i), wait for in(i+1) | update(i+1) ...
+/// Slot i % 2 is written again by in(i+2) only after out(i), queued before it on the copy stream;
+/// update(i + 1) waits for in(i + 1) alone, so it overlaps out(i). The caller synchronizes.
+fn stream_pages<D: Device>(
+    dev: &D,
+    o: &mut DeviceOptim<D>,
+    master: &mut F32<D>,
+    grad: &F32<D>,
+    mut pages: Vec<(std::ops::Range<usize>, &mut [f32], &mut [f32])>,
+    h: &AdamStep,
+) -> Result<()> {
+    dev.copies_wait_compute()?; // the gradients and masters of this step are done
+    if let Some((_, m, v)) = pages.first() {
+        dev.copy_in_at(&mut o.m[0], 0, m)?;
+        dev.copy_in_at(&mut o.v[0], 0, v)?;
+    }
+    dev.compute_waits_copies()?;
+    for i in 0..pages.len() {
+        let (slot, next) = (i % 2, (i + 1) % 2);
+        let (start, n) = (pages[i].0.start, pages[i].0.len());
+        let [m_slot, m_next] = o.m.get_disjoint_mut([slot, next]).expect("two slots");
+        let [v_slot, v_next] = o.v.get_disjoint_mut([slot, next]).expect("two slots");
+        dev.adamw_step(master, m_slot, v_slot, grad, start, 0, n, h)?;
+        if let Some((_, m, v)) = pages.get(i + 1) {
+            dev.copy_in_at(m_next, 0, m)?;
+            dev.copy_in_at(v_next, 0, v)?;
+            dev.compute_waits_copies()?;
+        }
+        dev.copies_wait_compute()?;
+        let (_, m, v) = &mut pages[i];
+        dev.copy_out_into(m_slot, 0, m)?;
+        dev.copy_out_into(v_slot, 0, v)?;
+    }
+    Ok(())
 }

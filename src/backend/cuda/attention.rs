@@ -8,7 +8,9 @@
 //! `Auto` (the default) runs the tiled kernels at a head width once they have agreed with the simple
 //! ones there: on first use of each width it runs both, forward and backward, on a small packed batch
 //! whose 64-token blocks straddle sequence boundaries, and falls back with a warning if they disagree,
-//! so a broken fast path costs speed, never correctness. `SQLORA_ATTENTION=simple|tiled` forces one.
+//! so wrong numbers from the fast path cost speed, never correctness (a kernel that faults poisons the
+//! CUDA context, as any would: `sqlora selftest` names it). `SQLORA_ATTENTION=simple|tiled` forces
+//! one; `tiled` at a width without tiled kernels runs the simple ones, with a note.
 //! Decoding (one new query per sequence) always runs the simple decode kernel.
 
 use super::{blocks_for, rel_err, Cuda};
@@ -190,7 +192,11 @@ impl Cuda {
             ])
         };
         let (want, got) = (run(AttentionPath::Simple)?, run(AttentionPath::Tiled)?);
-        Ok(got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0.0, f64::max))
+        // NaN (a non-finite reference) counts as the largest disagreement.
+        let worst =
+            (got.iter().zip(&want).map(|(g, w)| rel_err(g, w)))
+                .fold(0.0, |a: f64, e| if e.is_nan() || e > a { e } else { a });
+        Ok(worst)
     }
 
     /// Causal GQA attention over packed sequences, keeping each row's log-sum-exp, by the path
@@ -266,6 +272,9 @@ impl Cuda {
         if t == 0 {
             return Ok(());
         }
+        if path == AttentionPath::Auto {
+            return self.attention_fwd(out, lse, q, k, v, seq_start, t, [heads, kv_heads, hd], max_len);
+        }
         if path != AttentionPath::Tiled {
             return self.attention_fwd_simple(out, lse, q, k, v, seq_start, t, [heads, kv_heads, hd], max_len);
         }
@@ -318,6 +327,10 @@ impl Cuda {
         assert!(lse.len() >= rows && dd.len() >= rows && heads.is_multiple_of(kv_heads));
         if t == 0 {
             return Ok(());
+        }
+        if path == AttentionPath::Auto {
+            let dims = [heads, kv_heads, hd];
+            return self.attention_bwd(dq, dk, dv, dd, dout, [q, k, v], out, lse, seq_start, t, dims, max_len);
         }
         if path != AttentionPath::Tiled {
             let dims = [heads, kv_heads, hd];

@@ -70,7 +70,13 @@ impl Device for Cuda {
         Cuda::take_profile(self)
     }
     fn prepare_attention(&self, hd: usize) -> Result<()> {
-        self.attention_tiled(hd);
+        if !self.attention_tiled(hd) && self.attention == super::AttentionPath::Tiled {
+            eprintln!(
+                "note: SQLORA_ATTENTION=tiled, but there are tiled kernels for head widths {:?} only: \
+                 width {hd} runs the simple ones",
+                super::TILED_HEAD_DIMS
+            );
+        }
         Ok(())
     }
     fn compute_waits_copies(&self) -> Result<()> {

@@ -156,6 +156,9 @@ impl Cuda {
         if self.gemm != GemmPath::Auto {
             return gemm(self, self.gemm, out);
         }
+        if out_len == 0 {
+            return gemm(self, GemmPath::Tiled, out); // nothing to race on (and nothing to do)
+        }
         let mut candidates = vec![GemmPath::Tiled, GemmPath::Mma];
         if self.gemm_state.lock().expect("GEMM state lock").blas.is_some() {
             candidates.push(GemmPath::Cublas);

@@ -39,6 +39,9 @@ impl Cuda {
         d: usize,
     ) -> Result<()> {
         let v = head.len() / d;
+        if rows == 0 {
+            return Ok(()); // nothing to race on
+        }
         let shape: Shape = (GemmKind::HeadLogits, v, d, rows.next_power_of_two());
         let candidates = self.head_candidates();
         let path = self.choose(
@@ -63,6 +66,9 @@ impl Cuda {
         d: usize,
     ) -> Result<()> {
         let v = head.len() / d;
+        if rows == 0 {
+            return Ok(());
+        }
         let shape: Shape = (GemmKind::HeadGrad, v, d, rows.next_power_of_two());
         let candidates = self.head_candidates();
         let written = row0 * d..(row0 + rows) * d;

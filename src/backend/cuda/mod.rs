@@ -154,22 +154,20 @@ fn opt_in_attention_smem(ctx: &CudaContext, kernels: &[&CudaFunction]) -> Result
     Ok(allowed)
 }
 
-/// The tiled attention kernels of every width, each dk/dv kernel allowed the shared memory it carves.
+/// The tiled attention kernels of every width (one module), each dk/dv kernel allowed the shared
+/// memory it carves.
 fn load_tiled_attention(ctx: &Arc<CudaContext>) -> Result<Vec<TiledAttention>> {
     use cudarc::driver::sys::CUfunction_attribute;
+    let names: Vec<String> = (TILED_HEAD_DIMS.iter())
+        .flat_map(|hd| ["fwd", "bwd_dq", "bwd_dkv"].map(|k| format!("flash_{k}_hd{hd}")))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut kernels = load(ctx, "flash_attention", kernels::FLASH_ATTENTION, &names)?.into_iter();
     TILED_HEAD_DIMS
         .iter()
         .map(|&hd| {
-            let names = [
-                format!("flash_fwd_hd{hd}"),
-                format!("flash_bwd_dq_hd{hd}"),
-                format!("flash_bwd_dkv_hd{hd}"),
-            ];
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let [fwd, bwd_dq, bwd_dkv]: [CudaFunction; 3] =
-                load(ctx, "flash_attention", kernels::FLASH_ATTENTION, &names)?
-                    .try_into()
-                    .unwrap();
+            let mut next = || kernels.next().expect("three kernels per width");
+            let (fwd, bwd_dq, bwd_dkv) = (next(), next(), next());
             bwd_dkv
                 .set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -309,9 +307,14 @@ fn block_per_row(rows: usize) -> LaunchConfig {
 }
 
 impl Cuda {
-    /// The copy stream (made now if this is its first use).
+    /// The copy stream (made now if this is its first use). A second stream would turn on cudarc's
+    /// automatic synchronization (an event recorded or waited on per buffer of every launch), so
+    /// event tracking is turned off first: the only buffers used on both streams, the optimizer's
+    /// window slots and pinned pages, are ordered by explicit events and freed after a synchronize.
     pub fn copy_stream(&self) -> Result<&Arc<CudaStream>> {
         if self.copies.get().is_none() {
+            // SAFETY: see above; every other buffer stays on `self.stream`.
+            unsafe { self.ctx.disable_event_tracking() };
             let s = self.ctx.new_stream().context("creating a CUDA copy stream")?;
             let _ = self.copies.set(s);
         }

@@ -51,8 +51,8 @@ impl StatePages for PinnedPages {
     fn pages_mut(&mut self) -> Vec<(Range<usize>, &mut [f32], &mut [f32])> {
         let page = self.page;
         // The pages reach cudarc as plain slices, so it records no events on them: the paged AdamW
-        // synchronizes the stream after every copy to or from them (engine/optim.rs), so none is in
-        // flight when the host holds these slices.
+        // synchronizes the device after its copies to or from them (engine/optim.rs, also when a
+        // step fails), so none is in flight when the host holds these slices.
         (self.m.iter_mut().zip(&mut self.v).enumerate())
             .map(|(i, (m, v))| {
                 let (m, v) = (slice(m), slice(v));
