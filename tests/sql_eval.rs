@@ -68,8 +68,46 @@ fn disagreements_behave_as_specified() {
     assert!(!d.exec_match && !d.valid_sql && d.error.is_some());
     let d = judge(&db, "SELECT count(*) FROM users", "SELECT count(*) FROM nope");
     assert!(d.error.unwrap().contains("no such table"));
-    // Exact match is normalised text equality.
+    // Exact match is Spider's exact set match (tested below).
     assert!(judge(&db, "select name from users", "SELECT  name FROM users;").exact_match);
+}
+
+#[test]
+fn exact_match_is_spider_set_match() {
+    let (_d, path) = shop();
+    let db = Db::open(&path).unwrap();
+    // Columns are a set, aliases resolve, values are ignored: exact but not the same result.
+    let d = judge(
+        &db,
+        "SELECT name, city FROM users WHERE id < 5",
+        "SELECT T.city, T.name FROM users AS T WHERE T.id < 7",
+    );
+    assert!(d.exact_match && !d.exec_match, "{d:?}");
+    assert!(
+        !judge(
+            &db,
+            "SELECT name FROM users ORDER BY id",
+            "SELECT name FROM users ORDER BY id DESC"
+        )
+        .exact_match
+    );
+    assert!(!judge(&db, "SELECT name FROM users", "SELECT name FROM users LIMIT 3").exact_match);
+    // orders.user_id references users.id, so the two are one column.
+    let g = "SELECT T1.name, count(*) FROM users AS T1 JOIN orders AS T2 ON T1.id = T2.user_id GROUP BY T1.id";
+    let d = judge(&db, g, &g.replace("GROUP BY T1.id", "GROUP BY T2.user_id"));
+    assert!(d.exact_match && d.exec_match, "{d:?}");
+    // An unparseable prediction never matches; an unparseable gold query falls back to text.
+    assert!(!judge(&db, "SELECT count(*) FROM users", "SELECT count(* FROM users").exact_match);
+    assert!(judge(&db, "SELECT upper(name) FROM users", "select UPPER(name) from users").exact_match);
+    assert!(!judge(&db, "SELECT upper(name) FROM users", "SELECT lower(name) FROM users").exact_match);
+    // DISTINCT is ignored, as officially, unless kept.
+    let (a, b) = ("SELECT DISTINCT city FROM users", "SELECT city FROM users");
+    assert!(judge(&db, a, b).exact_match);
+    let keep = EvalOptions {
+        keep_distinct: true,
+        ..Default::default()
+    };
+    assert!(!evaluate_one(&db, a, b, keep).exact_match);
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! Execution accuracy, Spider test-suite style: gold and predicted SQL run on the same read-only
 //! database with a time limit, and their results are compared (see [`super::compare`]). Also
-//! normalised exact match, the valid-SQL rate, time-outs, and accuracy per hardness level.
+//! Spider's exact set match (see [`super::exact`]), the valid-SQL rate, time-outs, and accuracy per
+//! hardness level.
 
 use super::compare::{normalize, order_matters, remove_distinct, results_match};
+use super::exact::exact_match;
 use super::exec::{Db, QueryError};
 use super::hardness::{hardness, Hardness};
 use anyhow::{bail, Context, Result};
@@ -15,7 +17,8 @@ use std::time::Duration;
 pub struct EvalOptions {
     /// Time limit of each query (gold and predicted).
     pub timeout: Duration,
-    /// Keep DISTINCT (the official evaluator removes it from both queries).
+    /// Keep DISTINCT (the official evaluator removes it from both queries, for execution and for
+    /// exact set match alike).
     pub keep_distinct: bool,
 }
 
@@ -40,7 +43,9 @@ pub struct Detail {
     pub error: Option<String>,
 }
 
-/// Judge one prediction against its gold query on `db`.
+/// Judge one prediction against its gold query on `db`. Exact match is Spider's exact set match
+/// against `db`'s schema; when the gold query cannot be parsed for it (or the schema cannot be read),
+/// it falls back to normalised text equality.
 pub fn evaluate_one(db: &Db, gold: &str, pred: &str, opts: EvalOptions) -> Detail {
     let prep = |sql: &str| {
         if opts.keep_distinct {
@@ -50,7 +55,10 @@ pub fn evaluate_one(db: &Db, gold: &str, pred: &str, opts: EvalOptions) -> Detai
         }
     };
     let level = hardness(gold);
-    let exact_match = normalize(gold) == normalize(pred);
+    let exact_match = match db.catalog() {
+        Some(cat) => exact_match(cat, gold, pred, opts.keep_distinct),
+        None => normalize(gold) == normalize(pred),
+    };
     let pred_result = db.query(&prep(pred), opts.timeout);
     let (valid_sql, timeout) = match &pred_result {
         Ok(_) => (true, false),

@@ -2,10 +2,13 @@
 //! reading (no writes, no PRAGMA, no ATTACH), only one statement runs, and a progress handler stops
 //! any query that outlives its time limit. A predicted query can never modify the database.
 
+use super::exact::Catalog;
+use super::schema::Schema;
 use anyhow::{Context, Result};
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
+use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -125,6 +128,8 @@ const MAX_ROWS: usize = 2_000_000;
 pub struct Db {
     conn: Connection,
     path: PathBuf,
+    /// Its tables and columns for exact set match, read on first use.
+    catalog: OnceCell<Option<Catalog>>,
 }
 
 impl Db {
@@ -144,11 +149,24 @@ impl Db {
         Ok(Db {
             conn,
             path: path.to_path_buf(),
+            catalog: OnceCell::new(),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The database's tables, columns and foreign keys (read once, through a separate read-only
+    /// connection); `None` when they cannot be read.
+    pub fn catalog(&self) -> Option<&Catalog> {
+        self.catalog
+            .get_or_init(|| {
+                Schema::from_sqlite(&self.path, 0)
+                    .ok()
+                    .map(|s| Catalog::from_schema(&s))
+            })
+            .as_ref()
     }
 
     /// Run one query with a time limit and return its rows.

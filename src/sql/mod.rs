@@ -2,6 +2,7 @@
 
 pub mod compare;
 pub mod eval;
+pub mod exact;
 pub mod exec;
 pub mod hardness;
 pub mod lex;
