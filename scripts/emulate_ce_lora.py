@@ -33,6 +33,15 @@ from emulators import ce_lora_kernels as kernels  # noqa: E402
 from emulators.ce_lora_kernels import (LoraAt, w_argmax_rows, w_ce_softmax_grad, w_head_grad,  # noqa: E402
                                        w_head_logits, w_lora_bwd, w_lora_fwd)
 from emulators.ce_lora_machine import F32, Buf, _check_mma_layout, to_bf16  # noqa: E402
+from emulators import sources  # noqa: E402
+
+# The kernel sources this emulator transcribes (emulators/sources.py).
+SOURCES = {
+    "kernels/cross_entropy.cu": "db67b7b67353ca93",
+    "kernels/lora.cu": "b170ff3c69831095",
+    "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
+    "kernels/common.cuh": "100321985c1f6cce",
+}
 
 INJECTIONS = {
     "mma_b1": "mma_gemm: b1 fragment read from Bs[col][k+2q] instead of k+2q+8",
@@ -339,4 +348,5 @@ def main():
 
 
 if __name__ == "__main__":
+    sources.check(SOURCES)
     sys.exit(main())

@@ -13,11 +13,23 @@ Exits non-zero when a case disagrees with the float64 reference, leaves an outpu
 shared-memory access is flagged. .ci/run runs it: the kernels' logic is checked without a GPU.
 """
 import math
+import os
 import sys
 import time
 from collections import Counter, defaultdict
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: the emulators package
+sys.dont_write_bytecode = True  # no __pycache__ left in scripts/emulators
+from emulators import sources  # noqa: E402
+
+# The kernel sources this emulator transcribes (emulators/sources.py).
+SOURCES = {
+    "kernels/flash_attention.cu": "1cc029df2c63eeaf",
+    "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
+    "kernels/common.cuh": "100321985c1f6cce",
+}
 
 W, L = 4, 32
 NT = W * L
@@ -694,6 +706,7 @@ CASES = [
 QUICK = [(32, [3, 5], 4, 2), (64, [65, 63, 1], 4, 2), (128, [40, 9], 2, 1)]
 
 if __name__ == "__main__":
+    sources.check(SOURCES)
     np.seterr(all="ignore")
     args = sys.argv[1:]
     if "--inject" in args:

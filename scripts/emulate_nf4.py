@@ -48,6 +48,14 @@ from emulators.nf4_kernels import (CU_MID, CU_TABLE, DYN, GEMV_MAX_M, RS_MID, RS
                                    k_nf4_double_quantize, k_nf4_gemm_bwd_input, k_nf4_gemm_bwd_input_mma,
                                    k_nf4_gemm_fwd, k_nf4_gemm_fwd_mma, k_nf4_gemv, k_nf4_quantize, mma_tiles)
 from emulators.nf4_machine import Ctx, GBuf, bf2f, f2bf, f32, same_bits  # noqa: E402
+from emulators import sources  # noqa: E402
+
+# The kernel sources this emulator transcribes (emulators/sources.py).
+SOURCES = {
+    "kernels/nf4.cu": "762e2419cb23f0b7",
+    "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
+    "kernels/common.cuh": "100321985c1f6cce",
+}
 
 
 # ----------------------------------------------------------------------------- CPU reference (spec)
@@ -305,4 +313,5 @@ def main():
 
 
 if __name__ == "__main__":
+    sources.check(SOURCES)
     main()

@@ -62,6 +62,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: the 
 sys.dont_write_bytecode = True  # no __pycache__ left in scripts/emulators
 from emulators import simple_machine as machine  # noqa: E402
 from emulators.simple_checks import run  # noqa: E402
+from emulators import sources  # noqa: E402
+
+# The kernel sources this emulator transcribes (emulators/sources.py).
+SOURCES = {
+    "kernels/attention.cu": "bab70e166a28fbd5",
+    "kernels/rmsnorm.cu": "2dbf3cfba693f160",
+    "kernels/rope.cu": "f72523965dd4c5a3",
+    "kernels/swiglu.cu": "e868798c07ff768b",
+    "kernels/embedding.cu": "8c9ac6a993db9c4b",
+    "kernels/elementwise.cu": "65ef33c3cb94cf4e",
+    "kernels/adamw.cu": "c9ef44fc0569c15f",
+    "kernels/common.cuh": "100321985c1f6cce",
+}
 
 INJECTIONS = {
     "probs_nosync": ("attn", "attention_probs: the __syncthreads() after the score loop dropped (attention.cu:77)"),
@@ -145,4 +158,5 @@ def main():
 
 
 if __name__ == "__main__":
+    sources.check(SOURCES)
     sys.exit(main())
