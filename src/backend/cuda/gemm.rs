@@ -159,19 +159,23 @@ impl Cuda {
         if out_len == 0 {
             return gemm(self, GemmPath::Tiled, out); // nothing to race on (and nothing to do)
         }
-        let mut candidates = vec![GemmPath::Tiled, GemmPath::Mma];
-        if self.gemm_state.lock().expect("GEMM state lock").blas.is_some() {
-            candidates.push(GemmPath::Cublas);
-        }
-        if shape.0 == GemmKind::Nf4Fwd && shape.3 <= GEMV_MAX_M {
-            candidates.push(GemmPath::Gemv);
-        }
+        let candidates = |has_blas: bool| {
+            let mut c = vec![GemmPath::Tiled, GemmPath::Mma];
+            if has_blas {
+                c.push(GemmPath::Cublas);
+            }
+            if shape.0 == GemmKind::Nf4Fwd && shape.3 <= GEMV_MAX_M {
+                c.push(GemmPath::Gemv);
+            }
+            c
+        };
         let path = self.choose(shape, &candidates, out, 0..out_len, |v| v.to_f32(), gemm)?;
         gemm(self, path, out)
     }
 
-    /// The tuner's path for `shape`: the one chosen before, or else the fastest of `candidates` whose
-    /// output (`out[range]`) agrees with the first candidate's (the reference) within 2e-2. Each runs twice, the
+    /// The tuner's path for `shape`: the one chosen before, or else the fastest of `candidates(cuBLAS
+    /// is available)` whose output (`out[range]`) agrees with the first candidate's (the reference)
+    /// within 2e-2 (a single candidate is taken as it is). Each runs twice, the
     /// second time timed; a path that fails (e.g. cuBLAS refusing a shape) drops out of the race,
     /// except the reference, whose error is returned (a kernel fault would poison the context and fail
     /// the next call anyway). The caller runs the chosen path once more: the race leaves `out` written
@@ -179,21 +183,28 @@ impl Cuda {
     pub(super) fn choose<T: cudarc::driver::DeviceRepr>(
         &self,
         shape: Shape,
-        candidates: &[GemmPath],
+        candidates: &dyn Fn(bool) -> Vec<GemmPath>,
         out: &mut CudaSlice<T>,
         range: std::ops::Range<usize>,
         to_f32: fn(&T) -> f32,
         gemm: &mut GemmCall<T>,
     ) -> Result<GemmPath> {
-        if let [only] = candidates {
-            return Ok(*only);
-        }
-        if let Some(&path) = self.gemm_state.lock().expect("GEMM state lock").chosen.get(&shape) {
-            return Ok(path);
-        }
+        // One lock on the hot path: a shape seen before returns here.
+        let candidates = {
+            let mut st = self.gemm_state.lock().expect("GEMM state lock");
+            if let Some(&path) = st.chosen.get(&shape) {
+                return Ok(path);
+            }
+            let candidates = candidates(st.has_blas());
+            if let [only] = candidates[..] {
+                st.chosen.insert(shape, only);
+                return Ok(only);
+            }
+            candidates
+        };
         let mut timed: Vec<(GemmPath, f64)> = Vec::new();
         let mut reference: Option<Vec<f32>> = None;
-        for &path in candidates {
+        for &path in &candidates {
             let mut timed_call = || -> Result<f64> {
                 gemm(self, path, out)?;
                 self.stream.synchronize()?;

@@ -17,9 +17,9 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::bf16;
 
 impl Cuda {
-    /// The paths the head GEMMs may take under `self.gemm`, the reference (our kernel) first.
-    fn head_candidates(&self) -> Vec<GemmPath> {
-        let has_blas = self.gemm_state.lock().expect("GEMM state lock").has_blas();
+    /// The paths the head GEMMs may take under `self.gemm` (with cuBLAS available or not), the
+    /// reference (our kernel) first.
+    fn head_candidates(&self, has_blas: bool) -> Vec<GemmPath> {
         match self.gemm {
             GemmPath::Cublas => vec![GemmPath::Cublas],
             GemmPath::Auto if has_blas => vec![GemmPath::Mma, GemmPath::Cublas],
@@ -43,10 +43,9 @@ impl Cuda {
             return Ok(()); // nothing to race on
         }
         let shape: Shape = (GemmKind::HeadLogits, v, d, rows.next_power_of_two());
-        let candidates = self.head_candidates();
         let path = self.choose(
             shape,
-            &candidates,
+            &|has_blas| self.head_candidates(has_blas),
             logits,
             0..rows * v,
             |x| *x,
@@ -70,11 +69,10 @@ impl Cuda {
             return Ok(());
         }
         let shape: Shape = (GemmKind::HeadGrad, v, d, rows.next_power_of_two());
-        let candidates = self.head_candidates();
         let written = row0 * d..(row0 + rows) * d;
         let path = self.choose(
             shape,
-            &candidates,
+            &|has_blas| self.head_candidates(has_blas),
             dh,
             written,
             |x| x.to_f32(),
