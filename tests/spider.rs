@@ -1,25 +1,14 @@
 //! Spider import and gold-against-gold evaluation on the training split in ../shared/data.
 //! Skipped, with a message, when that directory is not beside the repository.
 
+mod common;
+use common::spider_dir;
+
 use sqlora::data::read_jsonl;
 use sqlora::data::spider::{import_spider, ImportOptions};
 use sqlora::sql::eval::{evaluate_one, summarize, EvalOptions};
 use sqlora::sql::exec::Db;
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-
-fn spider_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/spider-train");
-    if dir.join("tables.json").exists() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipped: {} not found (Spider's training split lives in ../shared)",
-            dir.display()
-        );
-        None
-    }
-}
 
 #[test]
 fn import_gives_every_example_a_snippet_and_holds_out_whole_databases() {

@@ -1,25 +1,14 @@
 //! Spider's exact set match on the training split in ../shared/data, through `evaluate_one` on real
 //! databases. Skipped, with a message, when that directory is not beside the repository (the unit
-//! tests in src/sql/exact_tests.rs run without it).
+//! tests in src/sql/exact/tests.rs run without it).
+
+mod common;
+use common::spider_dir;
 
 use sqlora::sql::eval::{evaluate_one, EvalOptions};
 use sqlora::sql::exact::parse;
 use sqlora::sql::exec::Db;
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn spider_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/spider-train");
-    if dir.join("tables.json").exists() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipped: {} not found (Spider's training split lives in ../shared)",
-            dir.display()
-        );
-        None
-    }
-}
 
 #[test]
 fn nearly_every_gold_query_parses() {

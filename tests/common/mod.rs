@@ -1,4 +1,7 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test crate uses some of them).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
 
 /// ‖a − b‖ / ‖b‖, in f64.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -6,4 +9,19 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
     (num / den).sqrt()
+}
+
+/// Spider's training split in ../shared/data, or None (saying the tests that need it are skipped)
+/// when that directory is not beside the repository.
+pub fn spider_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/spider-train");
+    if dir.join("tables.json").exists() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "skipped: {} not found (Spider's training split lives in ../shared)",
+            dir.display()
+        );
+        None
+    }
 }
