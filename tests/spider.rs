@@ -2,13 +2,12 @@
 //! Skipped, with a message, when that directory is not beside the repository.
 
 mod common;
-use common::spider_dir;
+use common::{for_each_spider_gold, spider_dir};
 
 use sqlora::data::read_jsonl;
 use sqlora::data::spider::{import_spider, ImportOptions};
 use sqlora::sql::eval::{evaluate_one, summarize, EvalOptions};
-use sqlora::sql::exec::Db;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 #[test]
 fn import_gives_every_example_a_snippet_and_holds_out_whole_databases() {
@@ -56,19 +55,10 @@ fn import_gives_every_example_a_snippet_and_holds_out_whole_databases() {
 #[test]
 fn gold_against_gold_scores_one() {
     let Some(dir) = spider_dir() else { return };
-    let questions: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("train_spider.json")).unwrap()).unwrap();
-    let mut dbs: HashMap<String, Db> = HashMap::new();
     let mut verdicts = Vec::new();
-    for q in &questions {
-        let (sql, id) = (q["query"].as_str().unwrap(), q["db_id"].as_str().unwrap());
-        let path = dir.join("database").join(id).join(format!("{id}.sqlite"));
-        if !path.exists() {
-            continue;
-        }
-        let db = dbs.entry(id.to_string()).or_insert_with(|| Db::open(&path).unwrap());
-        verdicts.push(evaluate_one(db, sql, sql, EvalOptions::default()));
-    }
+    for_each_spider_gold(&dir, |_, db, sql| {
+        verdicts.push(evaluate_one(db, sql, sql, EvalOptions::default()))
+    });
     let r = summarize(&verdicts);
     assert_eq!(r.n, 6904);
     assert_eq!(r.gold_errors, 3, "the data's README names three gold queries that fail");

@@ -3,32 +3,22 @@
 //! tests in src/sql/exact/tests.rs run without it).
 
 mod common;
-use common::spider_dir;
+use common::{for_each_spider_gold, spider_dir};
 
 use sqlora::sql::eval::{evaluate_one, EvalOptions};
 use sqlora::sql::exact::parse;
 use sqlora::sql::exec::Db;
-use std::collections::HashMap;
 
 #[test]
 fn nearly_every_gold_query_parses() {
     let Some(dir) = spider_dir() else { return };
-    let questions: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("train_spider.json")).unwrap()).unwrap();
-    let mut dbs: HashMap<String, Db> = HashMap::new();
     let (mut n, mut failed) = (0, Vec::new());
-    for q in &questions {
-        let (sql, id) = (q["query"].as_str().unwrap(), q["db_id"].as_str().unwrap());
-        let path = dir.join("database").join(id).join(format!("{id}.sqlite"));
-        if !path.exists() {
-            continue;
-        }
-        let db = dbs.entry(id.to_string()).or_insert_with(|| Db::open(&path).unwrap());
+    for_each_spider_gold(&dir, |id, db, sql| {
         n += 1;
         if let Err(e) = parse(db.catalog().unwrap(), sql, false) {
             failed.push(format!("{id}: {sql} ({e})"));
         }
-    }
+    });
     assert_eq!(n, 6904);
     // The three that fail are broken gold queries: ORDER BY count(*) >= 5 (twice), and a join on a
     // table the database does not have. They fall back to text comparison.

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests (each test crate uses some of them).
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use sqlora::sql::exec::Db;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 /// ‖a − b‖ / ‖b‖, in f64.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -23,5 +25,22 @@ pub fn spider_dir() -> Option<PathBuf> {
             dir.display()
         );
         None
+    }
+}
+
+/// f(db_id, db, gold SQL) for every question of Spider's training split (in `dir`) whose database
+/// is present, each database opened once.
+pub fn for_each_spider_gold(dir: &Path, mut f: impl FnMut(&str, &Db, &str)) {
+    let questions: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train_spider.json")).unwrap()).unwrap();
+    let mut dbs: HashMap<String, Db> = HashMap::new();
+    for q in &questions {
+        let (sql, id) = (q["query"].as_str().unwrap(), q["db_id"].as_str().unwrap());
+        let path = dir.join("database").join(id).join(format!("{id}.sqlite"));
+        if !path.exists() {
+            continue;
+        }
+        let db = dbs.entry(id.to_string()).or_insert_with(|| Db::open(&path).unwrap());
+        f(id, db, sql);
     }
 }
