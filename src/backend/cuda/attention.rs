@@ -145,10 +145,7 @@ impl Cuda {
         .flatten()
         .collect();
         let mut rng = Rng::new(0xa77e ^ hd as u64);
-        let mut up = |n: usize| -> Result<CudaSlice<bf16>> {
-            let v: Vec<bf16> = rng.normal_vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
-            Ok(self.stream.clone_htod(&v)?)
-        };
+        let mut up = |n: usize| self.up(&rng.normal_vec(n, 1.0));
         let (q, k, v, dout) = (
             up(t * heads * hd)?,
             up(t * kv_heads * hd)?,
@@ -158,13 +155,16 @@ impl Cuda {
         let seq_start = self.stream.clone_htod(&starts)?;
         let dims = [heads, kv_heads, hd];
         let run = |path: AttentionPath| -> Result<Vec<Vec<f32>>> {
-            let bf = |n: usize| self.stream.clone_htod(&vec![bf16::NAN; n]);
             let (mut o, mut lse, mut dd) = (
-                bf(q.len())?,
+                self.poisoned(q.len())?,
                 self.stream.alloc_zeros::<f32>(t * heads)?,
                 self.stream.alloc_zeros::<f32>(t * heads)?,
             );
-            let (mut dq, mut dk, mut dv) = (bf(q.len())?, bf(k.len())?, bf(v.len())?);
+            let (mut dq, mut dk, mut dv) = (
+                self.poisoned(q.len())?,
+                self.poisoned(k.len())?,
+                self.poisoned(v.len())?,
+            );
             self.attention_fwd_via(path, &mut o, &mut lse, &q, &k, &v, &seq_start, t, dims, 70)?;
             let grads = [&mut dq, &mut dk, &mut dv];
             self.attention_bwd_via(
@@ -180,15 +180,12 @@ impl Cuda {
                 dims,
                 70,
             )?;
-            let down = |s: &CudaSlice<bf16>| -> Result<Vec<f32>> {
-                Ok(self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect())
-            };
             Ok(vec![
-                down(&o)?,
-                self.stream.clone_dtoh(&lse)?,
-                down(&dq)?,
-                down(&dk)?,
-                down(&dv)?,
+                self.down(&o)?,
+                self.down32(&lse)?,
+                self.down(&dq)?,
+                self.down(&dk)?,
+                self.down(&dv)?,
             ])
         };
         let (want, got) = (run(AttentionPath::Simple)?, run(AttentionPath::Tiled)?);

@@ -23,6 +23,7 @@ use super::kernels;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
+use half::bf16;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -286,6 +287,31 @@ pub(crate) fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
     let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
+}
+
+/// Test data in and out of the GPU, for the selftest and the attention path's agreement check.
+impl Cuda {
+    /// `v` rounded to bf16, on the device.
+    pub(super) fn up(&self, v: &[f32]) -> Result<CudaSlice<bf16>> {
+        let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        Ok(self.stream.clone_htod(&h)?)
+    }
+    pub(super) fn up32<T: cudarc::driver::DeviceRepr + Clone>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        Ok(self.stream.clone_htod(v)?)
+    }
+    /// A bf16 buffer of n NaNs: an element the kernel fails to write stays NaN and fails the check.
+    pub(super) fn poisoned(&self, n: usize) -> Result<CudaSlice<bf16>> {
+        Ok(self.stream.clone_htod(&vec![bf16::NAN; n])?)
+    }
+    pub(super) fn poisoned32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.stream.clone_htod(&vec![f32::NAN; n])?)
+    }
+    pub(super) fn down(&self, s: &CudaSlice<bf16>) -> Result<Vec<f32>> {
+        Ok(self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect())
+    }
+    pub(super) fn down32(&self, s: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        Ok(self.stream.clone_dtoh(s)?)
+    }
 }
 
 /// A launch configuration of `ceil(n / 256)` blocks of 256 threads.

@@ -11,7 +11,6 @@ use crate::nf4::{dynamic_map, Nf4Tensor};
 use crate::optim::{AdamStep, AdamWConfig};
 use crate::rng::Rng;
 use anyhow::Result;
-use cudarc::driver::CudaSlice;
 use half::bf16;
 use serde::Serialize;
 
@@ -31,29 +30,6 @@ pub struct Check {
 /// Round through bf16, as the device sees the values.
 fn bf(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
-}
-
-impl Cuda {
-    fn up(&self, v: &[f32]) -> Result<CudaSlice<bf16>> {
-        let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-        Ok(self.stream.clone_htod(&h)?)
-    }
-    fn up32<T: cudarc::driver::DeviceRepr + Clone>(&self, v: &[T]) -> Result<CudaSlice<T>> {
-        Ok(self.stream.clone_htod(v)?)
-    }
-    /// A bf16 buffer of n NaNs: an element the kernel fails to write stays NaN and fails the check.
-    fn poisoned(&self, n: usize) -> Result<CudaSlice<bf16>> {
-        Ok(self.stream.clone_htod(&vec![bf16::NAN; n])?)
-    }
-    fn poisoned32(&self, n: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.stream.clone_htod(&vec![f32::NAN; n])?)
-    }
-    fn down(&self, s: &CudaSlice<bf16>) -> Result<Vec<f32>> {
-        Ok(self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect())
-    }
-    fn down32(&self, s: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        Ok(self.stream.clone_dtoh(s)?)
-    }
 }
 
 /// Run every check; the caller prints the table and fails on any `pass == false`.
