@@ -72,6 +72,14 @@ pub struct TiledAttention {
     pub fwd: CudaFunction,
     pub bwd_dq: CudaFunction,
     pub bwd_dkv: CudaFunction,
+    /// The three kernels' names, [`tiled_kernel_names`], for errors and profiles.
+    pub names: [String; 3],
+}
+
+/// The entry points of kernels/flash_attention.cu at head width `hd` (FLASH_ENTRIES): forward, dq,
+/// dk/dv.
+pub fn tiled_kernel_names(hd: usize) -> [String; 3] {
+    ["fwd", "bwd_dq", "bwd_dkv"].map(|kind| format!("flash_{kind}_hd{hd}"))
 }
 
 impl Cuda {
@@ -298,7 +306,7 @@ impl Cuda {
         // the k, v rows from seq_start of its first token to its last (inside [0, t) for a valid
         // packing), and writes their rows of out and lse only; the kernel's width is hd; every buffer
         // is a whole (16-byte aligned) allocation of at least the asserted length.
-        unsafe { self.launch(&mut l, cfg, &format!("flash_fwd_hd{hd}")) }?;
+        unsafe { self.launch(&mut l, cfg, &f.names[0]) }?;
         Ok(())
     }
 
@@ -355,7 +363,7 @@ impl Cuda {
         };
         // SAFETY: as the forward's launch: block (x, h) reads q, dout, lse, dd rows of its tokens below
         // t and k, v rows from its first token's sequence start to its last token; writes its rows of dq.
-        unsafe { self.launch(&mut l, cfg, &format!("flash_bwd_dq_hd{hd}")) }?;
+        unsafe { self.launch(&mut l, cfg, &f.names[1]) }?;
         let mut l = self.stream.launch_builder(&f.bwd_dkv);
         l.arg(dk)
             .arg(dv)
@@ -376,7 +384,7 @@ impl Cuda {
         // rows of the group's heads for queries from its first key while their sequence started at or
         // before its last key (checked against t); writes only its keys' rows of dk and dv. The dynamic
         // shared memory is the kernel's carving at this width (its limit raised when the GPU was opened).
-        unsafe { self.launch(&mut l, cfg, &format!("flash_bwd_dkv_hd{hd}")) }?;
+        unsafe { self.launch(&mut l, cfg, &f.names[2]) }?;
         Ok(())
     }
 
@@ -572,11 +580,11 @@ mod tests {
         }
         let bin = crate::backend::kernels::FLASH_ATTENTION;
         for hd in TILED_HEAD_DIMS {
-            for kind in ["fwd", "bwd_dq", "bwd_dkv"] {
-                let name = format!("flash_{kind}_hd{hd}");
+            for name in tiled_kernel_names(hd) {
                 assert!(super::super::fatbin_has(bin, &name), "{name} is not in the fatbin");
             }
         }
+        assert_eq!(tiled_kernel_names(64)[2], "flash_bwd_dkv_hd64");
     }
 
     /// The dk/dv kernel's shared memory fits every GPU the fatbin targets (99 KiB per block on

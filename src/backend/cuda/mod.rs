@@ -159,8 +159,9 @@ fn opt_in_attention_smem(ctx: &CudaContext, kernels: &[&CudaFunction]) -> Result
 /// memory it carves.
 fn load_tiled_attention(ctx: &Arc<CudaContext>) -> Result<Vec<TiledAttention>> {
     use cudarc::driver::sys::CUfunction_attribute;
-    let names: Vec<String> = (TILED_HEAD_DIMS.iter())
-        .flat_map(|hd| ["fwd", "bwd_dq", "bwd_dkv"].map(|k| format!("flash_{k}_hd{hd}")))
+    let names: Vec<String> = TILED_HEAD_DIMS
+        .iter()
+        .flat_map(|&hd| attention::tiled_kernel_names(hd))
         .collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut kernels = load(ctx, "flash_attention", kernels::FLASH_ATTENTION, &names)?.into_iter();
@@ -180,6 +181,7 @@ fn load_tiled_attention(ctx: &Arc<CudaContext>) -> Result<Vec<TiledAttention>> {
                 fwd,
                 bwd_dq,
                 bwd_dkv,
+                names: attention::tiled_kernel_names(hd),
             })
         })
         .collect()
