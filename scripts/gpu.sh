@@ -154,8 +154,9 @@ result)
     }
     if [ ! -s "$run/pred-base.jsonl" ]; then
         start=$SECONDS
+        # The untuned model is asked in its own chat format (it merely continues our template).
         "$bin/sqlora" predict --model "$model" --data "$r/val.jsonl" --out "$run/pred-base.jsonl" \
-            --device "$dev" 2>"$run/predict-base.log"
+            --prompt chat --device "$dev" 2>"$run/predict-base.log"
         echo "base predictions: $((SECONDS - start)) s" | tee -a "$run/train.log"
         score "$run/pred-base.jsonl"
     fi

@@ -36,15 +36,17 @@ pub fn tasks(examples: &[Example], tok: &Tokenizer, base: &Path, db_root: Option
         .collect()
 }
 
-/// Greedy SQL for a prompt: decoded, stopped at EOS, trimmed.
+/// Greedy SQL for a prompt: decoded, stopped at the first of `stops` (the model's EOS tokens, and a
+/// chat format's end of turn), trimmed.
 pub fn predict(
     model: &Model,
     lora: Option<&LoraParams>,
     tok: &Tokenizer,
     prompt: &[u32],
     max_new: usize,
+    stops: &[u32],
 ) -> Result<String> {
-    let out = greedy(model, lora, prompt, max_new, &model.config.eos_token_ids);
+    let out = greedy(model, lora, prompt, max_new, stops);
     Ok(tok.decode(&out)?.trim().to_string())
 }
 
@@ -57,7 +59,7 @@ pub fn exec_accuracy(
     max_new: usize,
 ) -> Result<f64> {
     let sqls = (tasks.iter())
-        .map(|t| predict(model, lora, tok, &t.prompt, max_new))
+        .map(|t| predict(model, lora, tok, &t.prompt, max_new, &model.config.eos_token_ids))
         .collect::<Result<Vec<_>>>()?;
     score(tasks, &sqls)
 }

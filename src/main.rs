@@ -129,6 +129,11 @@ enum Command {
         /// (the GPU's computation on the CPU, for checking), or `auto` (cuda when usable, else cpu).
         #[arg(long, default_value = "auto")]
         device: String,
+        /// `template`: the `### Schema ###` prompt adapters are trained on; `chat`: the model's own
+        /// chat format (ChatML or Llama 3), asking for one SQLite query, the fair way to measure an
+        /// untuned instruct model (the answer is cut to its first statement).
+        #[arg(long, value_enum, default_value_t = PromptStyle::Template)]
+        prompt: PromptStyle,
     },
     /// Score predicted SQL against gold SQL by execution (Spider test-suite semantics).
     Eval {
@@ -313,7 +318,19 @@ fn run(cli: Cli) -> Result<()> {
             max_new_tokens,
             nf4,
             device,
-        } => predict(&model, adapter.as_deref(), &data, &out, max_new_tokens, nf4, &device),
+            prompt,
+        } => predict(
+            &model,
+            adapter.as_deref(),
+            &data,
+            &out,
+            Generation {
+                max_new: max_new_tokens,
+                nf4,
+                prompt,
+            },
+            &device,
+        ),
         Command::Selftest { json, seed } => selftest(json, seed),
         Command::Bench {
             what:
@@ -431,7 +448,7 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
         None => None,
     };
     let out = if target.on_engine() {
-        engine_generate(&model, lora.as_ref(), &[ids], max_new, &target)?.remove(0)
+        engine_generate(&model, lora.as_ref(), &[ids], max_new, eos, &target)?.remove(0)
     } else {
         sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, eos)
     };
@@ -444,6 +461,7 @@ fn engine_generate(
     lora: Option<&sqlora::lora::LoraParams>,
     prompts: &[Vec<u32>],
     max_new: usize,
+    stops: &[u32],
     target: &Target,
 ) -> Result<Vec<Vec<u32>>> {
     // Without an adapter, an empty adapter layout.
@@ -457,7 +475,7 @@ fn engine_generate(
     let cap = prompts.iter().map(Vec::len).max().unwrap_or(1).max(2048);
     let mut engine = (target.engine(model, &layout, cap, false)?).context("generation needs a device engine")?;
     eprintln!("generating on {}", engine.describe());
-    engine.generate(lora, prompts, max_new, &model.config.eos_token_ids)
+    engine.generate(lora, prompts, max_new, stops)
 }
 
 /// Print the generated SQL, run it read-only with a time limit, and print its rows as a table.
@@ -640,40 +658,74 @@ fn selftest(json: bool, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// How `predict` asks: the prompt style, the longest answer, and whether the base is NF4 on the CPU.
+struct Generation {
+    max_new: usize,
+    nf4: bool,
+    prompt: PromptStyle,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PromptStyle {
+    Template,
+    Chat,
+}
+
 fn predict(
     model_path: &Path,
     adapter: Option<&Path>,
     data: &Path,
     out: &Path,
-    max_new: usize,
-    nf4: bool,
+    how: Generation,
     device: &str,
 ) -> Result<()> {
     // The device engine for cuda and cpu-bf16; `auto` is cuda when a GPU is usable, else the CPU reference.
     let target = Target::open(device, Target::Cpu)?;
     let tok = Tokenizer::load(model_path)?;
-    let model = target.load_model(model_path, nf4)?;
+    let chat = match how.prompt {
+        PromptStyle::Template => None,
+        PromptStyle::Chat => Some(sqlora::data::chat::ChatFormat::of(&tok)?),
+    };
+    let model = target.load_model(model_path, how.nf4)?;
     let lora = adapter
         .map(|a| sqlora::lora::LoraParams::load_peft(a, &model.config))
         .transpose()?;
+    let mut stops = model.config.eos_token_ids.clone();
+    if let Some(format) = chat {
+        stops.extend(tok.token_id(format.end_of_turn()));
+    }
     let examples = sqlora::data::read_jsonl(data)?;
     let prompts = (examples.iter())
-        .map(|e| tok.encode(&sqlora::data::prompt(&e.instruction, &e.input)))
+        .map(|e| match chat {
+            Some(format) => tok.encode(&format.prompt(&e.instruction, &e.input)),
+            None => tok.encode(&sqlora::data::prompt(&e.instruction, &e.input)),
+        })
         .collect::<Result<Vec<_>>>()?;
-    let sqls: Vec<String> = if target.on_engine() {
-        let outs = engine_generate(&model, lora.as_ref(), &prompts, max_new, &target)?;
+    let answers: Vec<String> = if target.on_engine() {
+        let outs = engine_generate(&model, lora.as_ref(), &prompts, how.max_new, &stops, &target)?;
         outs.iter()
             .map(|o| Ok(tok.decode(o)?.trim().to_string()))
             .collect::<Result<_>>()?
     } else {
-        let mut sqls = Vec::with_capacity(prompts.len());
+        let mut answers = Vec::with_capacity(prompts.len());
         for (i, p) in prompts.iter().enumerate() {
-            sqls.push(sqlora::evaluate::predict(&model, lora.as_ref(), &tok, p, max_new)?);
+            answers.push(sqlora::evaluate::predict(
+                &model,
+                lora.as_ref(),
+                &tok,
+                p,
+                how.max_new,
+                &stops,
+            )?);
             eprint!("\r{}/{} predicted", i + 1, prompts.len());
         }
         eprintln!();
-        sqls
+        answers
     };
+    let sqls = answers.into_iter().map(|a| match chat {
+        Some(_) => sqlora::data::chat::extract_sql(&a),
+        None => a,
+    });
     let mut text = String::new();
     for sql in sqls {
         text += &serde_json::json!({ "sql": sql }).to_string();

@@ -3,6 +3,7 @@
 mod common;
 use common::rel_err;
 
+use sqlora::data::chat::{extract_sql, ChatFormat};
 use sqlora::generate::greedy;
 use sqlora::lora::LoraParams;
 use sqlora::model::Model;
@@ -315,6 +316,67 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("CPU, bf16 storage"), "{err}");
     assert_eq!(std::fs::read_to_string(&pred).unwrap().lines().count(), 3);
+
+    // In the model's chat format: each line is the first statement of the greedy answer to the
+    // ChatML conversation, stopped at EOS or the end of the turn.
+    let out = sqlora(&[
+        "predict",
+        "--model",
+        m,
+        "--data",
+        v,
+        "--out",
+        p,
+        "--max-new-tokens",
+        "12",
+        "--prompt",
+        "chat",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (tok, tiny) = (Tokenizer::load(&model).unwrap(), Model::load(&model).unwrap());
+    let format = ChatFormat::of(&tok).unwrap();
+    assert_eq!(format, ChatFormat::ChatMl);
+    let mut stops = tiny.config.eos_token_ids.clone();
+    stops.push(tok.token_id("<|im_end|>").unwrap());
+    let examples = sqlora::data::read_jsonl(&val).unwrap();
+    let lines: Vec<serde_json::Value> = (std::fs::read_to_string(&pred).unwrap().lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (e, line) in examples.iter().zip(&lines) {
+        let ids = tok.encode(&format.prompt(&e.instruction, &e.input)).unwrap();
+        assert_eq!(
+            ids.iter().filter(|&&t| Some(t) == tok.token_id("<|im_start|>")).count(),
+            3
+        );
+        let answer = tok.decode(&greedy(&tiny, None, &ids, 12, &stops)).unwrap();
+        assert_eq!(line["sql"], extract_sql(answer.trim()), "{answer:?}");
+    }
+}
+
+#[test]
+fn predict_chat_needs_a_known_chat_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    // The tiny llama's tokenizer has only <s>, </s> and <pad>: no chat markers.
+    write_tiny_model(&model, TinyVariant::Llama).unwrap();
+    let data = dir.path().join("val.jsonl");
+    let line = r#"{"instruction":"How many singers?","input":"singer(id INT)","output":"SELECT count(*) FROM singer"}"#;
+    std::fs::write(&data, format!("{line}\n")).unwrap();
+    let out = sqlora(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        dir.path().join("pred.jsonl").to_str().unwrap(),
+        "--prompt",
+        "chat",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no chat format"), "{err}");
+    assert!(!dir.path().join("pred.jsonl").exists());
 }
 
 #[test]

@@ -334,6 +334,25 @@ fn smollm2_tokenizer_matches_transformers() {
 }
 
 #[test]
+fn smollm2_chat_prompt_uses_its_chatml_markers() {
+    let Some(path) = smollm2() else { return };
+    let tok = Tokenizer::load(&path).unwrap();
+    let format = sqlora::data::chat::ChatFormat::of(&tok).unwrap();
+    assert_eq!(format, sqlora::data::chat::ChatFormat::ChatMl);
+    let ids = tok
+        .encode(&format.prompt("How many users?", "users(id INT, name TEXT)"))
+        .unwrap();
+    // Each marker is one special token, not spelled out in pieces.
+    let (start, end) = (
+        tok.token_id("<|im_start|>").unwrap(),
+        tok.token_id("<|im_end|>").unwrap(),
+    );
+    assert_eq!(ids.iter().filter(|&&t| t == start).count(), 3);
+    assert_eq!(ids.iter().filter(|&&t| t == end).count(), 2);
+    assert!(tok.decode(&ids).unwrap().ends_with("assistant\n```sql\n"));
+}
+
+#[test]
 fn smollm2_forward_matches_transformers_and_is_a_trained_model() {
     let Some(path) = smollm2() else { return };
     let g = golden("gguf_smollm2.safetensors");

@@ -16,6 +16,7 @@
 //!
 //! and is trained only on `{output}<eos>`.
 
+pub mod chat;
 pub mod shop;
 pub mod spider;
 
