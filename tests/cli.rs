@@ -281,17 +281,21 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
     std::fs::write(&val, three.join("\n") + "\n").unwrap();
     let pred = dir.path().join("pred.jsonl");
     let (m, v, p) = (model.to_str().unwrap(), val.to_str().unwrap(), pred.to_str().unwrap());
-    let out = sqlora(&[
-        "predict",
-        "--model",
-        m,
-        "--data",
-        v,
-        "--out",
-        p,
-        "--max-new-tokens",
-        "6",
-    ]);
+    let predict = |max_new: &str, more: &[&str]| {
+        let args = [
+            "predict",
+            "--model",
+            m,
+            "--data",
+            v,
+            "--out",
+            p,
+            "--max-new-tokens",
+            max_new,
+        ];
+        sqlora(&[&args[..], more].concat())
+    };
+    let out = predict("6", &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_to_string(&pred).unwrap().lines().count(), 3);
     let out = sqlora(&["eval", "--data", v, "--pred", p, "--json"]);
@@ -300,38 +304,14 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
     assert_eq!(r["n"], 3);
     assert_eq!(r["execution_accuracy"], 0.0, "a random model answers nothing right");
     // The device path (batched generation with a KV cache; here on the CPU with bf16 storage).
-    let out = sqlora(&[
-        "predict",
-        "--model",
-        m,
-        "--data",
-        v,
-        "--out",
-        p,
-        "--max-new-tokens",
-        "6",
-        "--device",
-        "cpu-bf16",
-    ]);
+    let out = predict("6", &["--device", "cpu-bf16"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("CPU, bf16 storage"), "{err}");
     assert_eq!(std::fs::read_to_string(&pred).unwrap().lines().count(), 3);
 
     // In the model's chat format: each line is the first statement of the greedy answer to the
     // ChatML conversation, stopped at EOS or the end of the turn.
-    let out = sqlora(&[
-        "predict",
-        "--model",
-        m,
-        "--data",
-        v,
-        "--out",
-        p,
-        "--max-new-tokens",
-        "12",
-        "--prompt",
-        "chat",
-    ]);
+    let out = predict("12", &["--prompt", "chat"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (tok, tiny) = (Tokenizer::load(&model).unwrap(), Model::load(&model).unwrap());
     let format = ChatFormat::of(&tok).unwrap();
