@@ -70,7 +70,10 @@ impl Cuda {
     }
 
     /// Run `f` (work queued on the stream, e.g. a cuBLAS call) as `name`, timed while profiling.
+    /// Every cuBLAS call comes through here, so the context is made current first: cuBLAS works in
+    /// whatever context the calling thread has current, and unlike a kernel launch it does not bind one.
     pub(super) fn timed<R>(&self, name: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.ctx.bind_to_thread().context("making the CUDA context current")?;
         if !self.profiling_on() {
             return f();
         }
