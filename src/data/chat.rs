@@ -55,9 +55,12 @@ impl ChatFormat {
     /// The conversation up to the opened assistant answer. The tokenizer's post-processor adds
     /// BOS where the model has one (Llama 3's `<|begin_of_text|>`), so it is not written here.
     pub fn prompt(self, instruction: &str, schema: &str) -> String {
+        // The question first and the request last: small models otherwise take the DDL-like
+        // schema as a cue to write more DDL (measured: SmolLM2-135M answered CREATE TABLE).
         let user = format!(
-            "Database schema (one table per line, then foreign keys as child -> parent):\n{schema}\n\n\
-             Question: {instruction}"
+            "Question: {instruction}\n\n\
+             Database schema (one table per line, then foreign keys as child -> parent):\n{schema}\n\n\
+             Write one SQLite SELECT query that answers the question."
         );
         let turns = [("system", SYSTEM), ("user", user.as_str())];
         let mut text = String::new();
@@ -134,8 +137,9 @@ mod tests {
     fn prompts_open_the_answer_inside_a_sql_fence() {
         let chatml = ChatFormat::ChatMl.prompt("How many singers?", "singer(id INT, name TEXT)");
         assert!(chatml.starts_with("<|im_start|>system\nYou are an expert in SQLite."));
-        assert!(chatml.contains("<|im_start|>user\nDatabase schema"));
-        assert!(chatml.contains("singer(id INT, name TEXT)\n\nQuestion: How many singers?<|im_end|>\n"));
+        assert!(chatml.contains("<|im_start|>user\nQuestion: How many singers?\n\nDatabase schema"));
+        assert!(chatml.contains("singer(id INT, name TEXT)\n\nWrite one SQLite SELECT query"));
+        assert!(chatml.contains("answers the question.<|im_end|>\n<|im_start|>assistant\n"));
         assert!(chatml.ends_with("<|im_end|>\n<|im_start|>assistant\n```sql\n"));
         assert_eq!(chatml.matches("<|im_start|>").count(), 3);
         assert_eq!(chatml.matches("<|im_end|>").count(), 2);
