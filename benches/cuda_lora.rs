@@ -1,10 +1,12 @@
 //! The LoRA branch of Llama-3.2-1B's gate projection (in 2048, out 8192, rank 16) over 4096 tokens,
-//! forward and backward. Throughput in FLOPs (2 r T (in + out) forward, twice that backward).
+//! forward and backward, by the tiled and the simple kernels. Throughput in FLOPs (2 r T (in + out)
+//! forward, twice that backward).
 
 mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sqlora::backend::cuda::LoraPath;
 
 fn lora(c: &mut Criterion) {
     let Some(gpu) = gpu() else { return };
@@ -25,21 +27,23 @@ fn lora(c: &mut Criterion) {
     let (mut grad, mut g32) = (zeros(&gpu, r * (k + n)), zeros(&gpu, t * r));
     let flops = (2 * r * t * (k + n)) as u64;
     let mut g = c.benchmark_group("lora_4096x2048x8192_r16");
-    g.throughput(Throughput::Elements(flops));
-    g.bench_function("fwd", |b| {
-        b.iter(|| {
-            gpu.lora_fwd(&mut y, &mut xa, &x, &w, at, t, r, 2.0).unwrap();
-            sync(&gpu);
-        })
-    });
-    g.throughput(Throughput::Elements(2 * flops));
-    g.bench_function("bwd", |b| {
-        b.iter(|| {
-            gpu.lora_bwd(&mut dx, &mut grad, &mut g32, &dy, &x, &xa, &w, at, t, r, 2.0)
-                .unwrap();
-            sync(&gpu);
-        })
-    });
+    for (name, path) in [("tiled", LoraPath::Tiled), ("simple", LoraPath::Simple)] {
+        g.throughput(Throughput::Elements(flops));
+        g.bench_function(format!("fwd {name}"), |b| {
+            b.iter(|| {
+                gpu.lora_fwd_via(path, &mut y, &mut xa, &x, &w, at, t, r, 2.0).unwrap();
+                sync(&gpu);
+            })
+        });
+        g.throughput(Throughput::Elements(2 * flops));
+        g.bench_function(format!("bwd {name}"), |b| {
+            b.iter(|| {
+                gpu.lora_bwd_via(path, &mut dx, &mut grad, &mut g32, &dy, &x, &xa, &w, at, t, r, 2.0)
+                    .unwrap();
+                sync(&gpu);
+            })
+        });
+    }
     g.finish();
 }
 

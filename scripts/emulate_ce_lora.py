@@ -4,9 +4,17 @@
 Every kernel is mirrored line by line: one numpy axis for the blocks of the grid, one for the threads
 of a block (lanes and warps are tid % 32, tid / 32), optional trailing axes where one thread runs a
 loop with no shared-memory or global write inside (the loop's reads are batched, its arithmetic
-still runs in order). Launches copy the Rust wrappers of src/backend/cuda/ops.rs (grid, block, shared
-memory 0, argument values). Results are compared with float64 references written from the CPU spec
+still runs in order). Launches copy the Rust wrappers (grid, block, shared memory 0, argument values):
+src/backend/cuda/ops.rs and head.rs for the loss kernels, src/backend/cuda/lora.rs for LoRA, whose
+lora_fwd_via / lora_bwd_via take either LoraPath (w_lora_fwd / w_lora_bwd `path`: tiled, the default,
+or simple). Results are compared with float64 references written from the CPU spec
 (src/backend/cpu/{cross_entropy,lora}.rs, src/engine/host.rs, generate::argmax).
+
+LoRA runs both paths on the same inputs (the backward of each takes the simple forward's xa), each
+against the references, then the tiled kernels against the simple ones on identical inputs:
+lora_add_tiled / lora_dx_tiled bit for bit (`= simple`: elements whose bits differ), the tiled long
+sums (xa, g, dB, dA) to f32 rounding (`~ simple`: the largest |tiled - simple| over 2 n u sum|terms|,
+the bound any two f32 orders of the n terms keep to; <= 1 passes).
 
 Checked besides the values: global out-of-bounds (against the buffer, or the wrapper's slice),
 unaligned vector loads, stores of values that are not bf16 into bf16 buffers, unwritten and
@@ -18,7 +26,7 @@ Arithmetic: float32 everywhere; nvcc contracts a*b+c into FMA by default (no -fm
 build.rs), emulated as round_f32(a*b + c) in float64 (exact product); __expf = ex2.approx.ftz of
 x*log2(e); bf16 conversions round to nearest even; mma.sync m16n8k16 from the PTX fragment layout.
 
-usage: emulate_ce_lora.py [--inject NAME ...] [--list-injections]
+usage: emulate_ce_lora.py [--inject NAME ...] [--list-injections] [--validate] [--only ce|lora|argmax]
 """
 import argparse
 import os
@@ -30,15 +38,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: the emulators package
 sys.dont_write_bytecode = True  # no __pycache__ left in scripts/emulators
 from emulators import ce_lora_kernels as kernels  # noqa: E402
-from emulators.ce_lora_kernels import (LoraAt, w_argmax_rows, w_ce_softmax_grad, w_head_grad,  # noqa: E402
-                                       w_head_logits, w_lora_bwd, w_lora_fwd)
+from emulators.ce_lora_kernels import (SIMPLE, TILED, LoraAt, blocks_for, per_16, w_argmax_rows,  # noqa: E402
+                                       w_ce_softmax_grad, w_head_grad, w_head_logits, w_lora_bwd, w_lora_fwd)
 from emulators.ce_lora_machine import F32, Buf, _check_mma_layout, to_bf16  # noqa: E402
 from emulators import sources  # noqa: E402
 
 # The kernel sources this emulator transcribes (emulators/sources.py).
 SOURCES = {
     "kernels/cross_entropy.cu": "db67b7b67353ca93",
-    "kernels/lora.cu": "b170ff3c69831095",
+    "kernels/lora.cu": "3f14b694caebf324",
     "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
     "kernels/common.cuh": "100321985c1f6cce",
 }
@@ -51,6 +59,11 @@ INJECTIONS = {
     "argmax_tie": "argmax_rows: warp tie rule oi > bi (last index wins)",
     "lora_add_r": "lora_add: sum over c < r - 1",
     "stage_a_pad": "stage_a element path: skip the last column of the tile (unwritten shared read)",
+    "ss_nosync": "sum_slices: the __syncthreads() between storing the tiles and adding them dropped",
+    "ss_idle": "sum_slices: the idle threads (s >= slices) store their tiles too",
+    "lt_step": "row_proj_tiled, token_sum_tiled: the slice loop steps by slices - 1",
+    "lt_pad": "row_proj_tiled, token_sum_tiled: the c < r guard dropped when staging ranks (pad not zeroed)",
+    "re_tail": "rank_expand_tiled: the t < T guard (break) dropped",
 }
 
 
@@ -95,7 +108,23 @@ def bf_rand(rng, shape, std):
 # ----------------------------------------------------------------------------------------------
 # Tests
 # ----------------------------------------------------------------------------------------------
+def bits_differ(got, want):
+    """Elements whose f32 bit patterns differ (NaN included)."""
+    return float((np.asarray(got, F32).view(np.uint32) != np.asarray(want, F32).view(np.uint32)).sum())
+
+
+def rounding_ratio(got, want, absum, n):
+    """Largest |got - want| over the bound 2 n u sum|terms| (u = 2^-24) that two f32 summations of the
+    same n terms in any two orders (FMA or not) both keep to: <= 1 agrees to f32 rounding."""
+    d = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    if not np.isfinite(d).all():
+        return np.inf
+    return float((d / np.maximum(2.0 * n * 2.0 ** -24 * absum, 1e-300)).max(initial=0.0))
+
+
 def test_lora(rng, t, n, k, r, scale=2.0):
+    """Both paths (lora.rs LoraPath) on the same inputs against the CPU spec; then the tiled kernels
+    against the simple ones on the tiled path's own inputs."""
     case = f"T{t} out{n} in{k} r{r}"
     x, a, b = bf_rand(rng, (t, k), 1.0), bf_rand(rng, (r, k), 0.3), bf_rand(rng, (n, r), 0.3)
     y0 = bf_rand(rng, (t, n), 1.0)
@@ -103,43 +132,72 @@ def test_lora(rng, t, n, k, r, scale=2.0):
     wlen = at.b + n * r + 3
     w = bf_rand(rng, wlen, 0.3)
     w[at.a:at.b], w[at.b:at.b + n * r] = a.ravel(), b.ravel()
-    W, X = Buf("w", w, "bf16"), Buf("x", x, "bf16")
-    Y, XA = Buf("y", y0, "bf16"), Buf("xa", np.full(t * r, np.nan), "f32")
-    l1, l2 = w_lora_fwd(Y, XA, X, W, at, t, r, scale)
-    xd, ad, bd = x.astype(np.float64), a.astype(np.float64), b.astype(np.float64)
-    xa_ref = xd @ ad.T
-    record("lora_xa", case, rel(XA.data, xa_ref.ravel()), 1e-5, [l1], writes(l1, XA, np.ones(t * r, bool), "xa"))
-    y_ref = y0.astype(np.float64) + scale * xa_ref @ bd.T
-    record("lora_add", case, rel(Y.data, y_ref.ravel()), 1e-2, [l2], writes(l2, Y, np.ones(t * n, bool), "y"))
-
     dy, dx0 = bf_rand(rng, (t, n), 1.0), bf_rand(rng, (t, k), 1.0)
     grad0 = np.full(wlen, np.nan, F32)
     prior = rng.normal(0.0, 0.5, at.b + n * r - at.a).astype(F32)  # the gradients accumulate
     grad0[at.a:at.b + n * r] = prior
-    G, DX = Buf("grad", grad0, "f32"), Buf("dx", dx0, "bf16")
-    Gs, DY = Buf("g", np.full(t * r, np.nan), "f32"), Buf("dy", dy, "bf16")
-    xa_used = XA.data.astype(np.float64).reshape(t, r)  # the forward's xa, as the engine passes it
-    l3, l4, l5, l6 = w_lora_bwd(DX, G, Gs, DY, X, XA, W, at, t, r, scale)
-    dyd = dy.astype(np.float64)
-    g_ref = dyd @ bd
-    record("lora_g", case, rel(Gs.data, g_ref.ravel()), 1e-5, [l3], writes(l3, Gs, np.ones(t * r, bool), "g"))
+    xd, ad, bd, dyd = x.astype(np.float64), a.astype(np.float64), b.astype(np.float64), dy.astype(np.float64)
+    xa_ref, g_ref = xd @ ad.T, dyd @ bd
     in_db = np.zeros(wlen, bool)
     in_db[at.b:at.b + n * r] = True
     in_da = np.zeros(wlen, bool)
     in_da[at.a:at.b] = True
-    gd = G.data.astype(np.float64)
-    db_ref = scale * dyd.T @ xa_used
-    da_ref = scale * g_ref.T @ xd
     outside = ~(in_da | in_db)
-    nb = [] if np.isnan(G.data[outside]).all() else [f"grad neighbours changed: {(~np.isnan(G.data[outside])).sum()}"]
-    p_db = writes(l4, G, in_db, "dB") + nb
-    err_db = rel(gd[in_db] - prior[at.b - at.a:], db_ref.ravel())
-    record("lora_db", case, err_db, 1e-4, [l4], p_db)
-    err_da = rel(gd[in_da] - prior[:at.b - at.a], da_ref.ravel())
-    record("lora_da", case, err_da, 1e-4, [l5], writes(l5, G, in_da, "dA") + nb)
-    dx_ref = dx0.astype(np.float64) + scale * g_ref @ ad
-    record("lora_dx", case, rel(DX.data, dx_ref.ravel()), 1e-2, [l6], writes(l6, DX, np.ones(t * k, bool), "dx"))
+    xa_used = None  # the simple forward's xa, given to both backward passes (the engine gives each its own)
+    out = {}
+    for path in (SIMPLE, TILED):
+        W, X = Buf("w", w, "bf16"), Buf("x", x, "bf16")
+        Y, XA = Buf("y", y0, "bf16"), Buf("xa", np.full(t * r, np.nan), "f32")
+        l1, l2 = w_lora_fwd(Y, XA, X, W, at, t, r, scale, path)
+        record(l1.name, case, rel(XA.data, xa_ref.ravel()), 1e-5, [l1], writes(l1, XA, np.ones(t * r, bool), "xa"))
+        y_ref = y0.astype(np.float64) + scale * xa_ref @ bd.T
+        record(l2.name, case, rel(Y.data, y_ref.ravel()), 1e-2, [l2], writes(l2, Y, np.ones(t * n, bool), "y"))
+        if xa_used is None:
+            xa_used = XA.data.copy()
+        XAu = Buf("xa", xa_used, "f32")
+        G, DX = Buf("grad", grad0, "f32"), Buf("dx", dx0, "bf16")
+        Gs, DY = Buf("g", np.full(t * r, np.nan), "f32"), Buf("dy", dy, "bf16")
+        l3, l4, l5, l6 = w_lora_bwd(DX, G, Gs, DY, X, XAu, W, at, t, r, scale, path)
+        record(l3.name, case, rel(Gs.data, g_ref.ravel()), 1e-5, [l3], writes(l3, Gs, np.ones(t * r, bool), "g"))
+        gd = G.data.astype(np.float64)
+        xu = xa_used.astype(np.float64).reshape(t, r)
+        db_ref = scale * dyd.T @ xu
+        da_ref = scale * g_ref.T @ xd
+        changed = int((~np.isnan(G.data[outside])).sum())
+        nb = [f"grad neighbours changed: {changed}"] if changed else []
+        err_db = rel(gd[in_db] - prior[at.b - at.a:], db_ref.ravel())
+        record(l4.name, case, err_db, 1e-4, [l4], writes(l4, G, in_db, "dB") + nb)
+        err_da = rel(gd[in_da] - prior[:at.b - at.a], da_ref.ravel())
+        record(l5.name, case, err_da, 1e-4, [l5], writes(l5, G, in_da, "dA") + nb)
+        dx_ref = dx0.astype(np.float64) + scale * g_ref @ ad
+        record(l6.name, case, rel(DX.data, dx_ref.ravel()), 1e-2, [l6], writes(l6, DX, np.ones(t * k, bool), "dx"))
+        out[path] = dict(W=W, X=X, XA=XA, Y=Y, G=G, Gs=Gs, DX=DX)
 
+    # The tiled long sums against the simple ones (same inputs: x and a, dy and b, dy and xa_used; dA
+    # from the tiled g by the simple lora_da), to f32 rounding. Bits of lora_add_tiled and lora_dx_tiled
+    # against lora_add and lora_dx launched on the tiled path's xa and g.
+    S, Tl = out[SIMPLE], out[TILED]
+    xg = Tl["Gs"].data.astype(np.float64).reshape(t, r)
+    W = Tl["W"]
+    a_p, b_p = W.ptr(at.a, at.b), W.ptr(at.b, at.b + n * r)
+    Y2, DX2 = Buf("y", y0, "bf16"), Buf("dx", dx0, "bf16")
+    G2 = Buf("grad", grad0, "f32")
+    la = kernels.run(kernels.lora_add, blocks_for(t * n), [Y2], Y2.ptr(), Tl["XA"].ptr(), b_p, t, n, r, scale)
+    record("lora_add_tiled = simple", case, bits_differ(Tl["Y"].data, Y2.data), 0.0, [la])
+    ld = kernels.run(kernels.lora_dx, blocks_for(t * k), [DX2], DX2.ptr(), Tl["Gs"].ptr(), a_p, t, k, r, scale)
+    record("lora_dx_tiled = simple", case, bits_differ(Tl["DX"].data, DX2.data), 0.0, [ld])
+    lda = kernels.run(kernels.lora_da, per_16(k), [G2], G2.ptr(at.a, at.b), Tl["Gs"].ptr(), Tl["X"].ptr(),
+                      t, k, r, scale)
+    pa, pb = np.abs(prior[:at.b - at.a]).astype(np.float64), np.abs(prior[at.b - at.a:]).astype(np.float64)
+    ax, ag = np.abs(xd), np.abs(xg)
+    record("lora_xa_tiled ~ simple", case,
+           rounding_ratio(Tl["XA"].data, S["XA"].data, (ax @ np.abs(ad).T).ravel(), k), 1.0)
+    record("lora_g_tiled ~ simple", case,
+           rounding_ratio(Tl["Gs"].data, S["Gs"].data, (np.abs(dyd) @ np.abs(bd)).ravel(), n), 1.0)
+    record("lora_db_tiled ~ simple", case, rounding_ratio(Tl["G"].data[in_db], S["G"].data[in_db],
+           pb + scale * (np.abs(dyd).T @ np.abs(xu)).ravel(), t + 1), 1.0)
+    record("lora_da_tiled ~ simple", case, rounding_ratio(Tl["G"].data[in_da], G2.data[in_da],
+           pa + scale * (ag.T @ ax).ravel(), t + 1), 1.0, [lda])
 
 
 def test_ce(rng, t, n_lab, d, V, chunk):
@@ -257,7 +315,8 @@ def test_argmax(rng, rows, v):
 
 
 INJECT_SUBSET = {"mma_b1": "ce", "ce_target": "ce", "stage_a_pad": "ce", "argmax_tie": "argmax",
-                 "rp_nosync": "lora", "ts_tail": "lora", "lora_add_r": "lora"}
+                 "rp_nosync": "lora", "ts_tail": "lora", "lora_add_r": "lora", "ss_nosync": "lora",
+                 "ss_idle": "lora", "lt_step": "lora", "lt_pad": "lora", "re_tail": "lora"}
 
 
 def validate():
@@ -305,14 +364,19 @@ def main():
                 cases.append((t, widths[(ti + ri) % 4], widths[(ti + 2 * ri + 1) % 4], r))
         # and the selftest's odd shapes: widths under one 16-column block, past 32-token chunks
         cases += [(1, 3, 5, 1), (17, 3, 5, 1), (33, 50, 33, 16), (70, 50, 33, 64), (6, 40, 64, 4)]
+        # the rest of selftest.rs lora_cases (ranks not a multiple of 4: zero-padded rank groups; r 12:
+        # 4 idle threads), and r 33 (rg 9: 7 slices, 4 idle threads, 3 padded ranks) past 64 tokens
+        cases += [(33, 96, 200, 16), (37, 130, 150, 12), (130, 70, 20, 5), (65, 70, 130, 33)]
         for t, n, k, r in cases:
             test_lora(rng, t, n, k, r)
-        try:
-            w_lora_fwd(Buf("y", np.zeros(65), "bf16"), Buf("xa", np.zeros(65), "f32"), Buf("x", np.zeros(1), "bf16"),
-                       Buf("w", np.zeros(65 + 65), "bf16"), LoraAt(0, 65, 1, 1), 1, 65, 1.0)
-            record("lora r=65 refused", "wrapper", np.inf, 0.0, problems=["r > 64 was launched"])
-        except ValueError:
-            record("lora r=65 refused", "wrapper", 0.0, 0.0)
+        for path in (SIMPLE, TILED):
+            try:
+                w_lora_fwd(Buf("y", np.zeros(65), "bf16"), Buf("xa", np.zeros(65), "f32"),
+                           Buf("x", np.zeros(1), "bf16"), Buf("w", np.zeros(65 + 65), "bf16"), LoraAt(0, 65, 1, 1),
+                           1, 65, 1.0, path)
+                record("lora r=65 refused", path, np.inf, 0.0, problems=["r > 64 was launched"])
+            except ValueError:
+                record("lora r=65 refused", path, 0.0, 0.0)
     if "ce" in only:
         # (tokens, labelled rows, d, V, rows per chunk)
         for t, n, d, V, ch in [(1, 1, 64, 7, 1), (15, 12, 72, 1000, 8), (16, 13, 200, 7, 16),

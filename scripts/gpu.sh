@@ -52,7 +52,8 @@ for l in sys.stdin:
 run)
     # One phase per call (a call has 10 minutes and brings back at most 8 files from $OUT):
     #   check (default): nvidia-smi, the selftest, the CUDA tests        -> 3 logs
-    #   bench:   `bench train` per shape and NF4 GEMM path, a profiled step, `bench generate`
+    #   bench:   `bench train` per shape and NF4 GEMM path (ATTENTIONS, LORAS: the other paths to
+    #            compare), a profiled step per LoRA path, `bench generate`
     #                                                          -> bench.jsonl, bench.err, profile.txt
     #   kernels: the criterion kernel benches, short; torch's references  -> kernel-benches.txt,
     #            (benches/compare/torch_limits.py)                            torch-limits.jsonl
@@ -74,21 +75,27 @@ run)
         for shape in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b tinyllama-1.1b qwen2.5-1.5b}; do
             for gemm in ${GEMMS:-auto tiled mma cublas}; do
                 for attn in ${ATTENTIONS:-auto}; do
-                    if SQLORA_NF4_GEMM=$gemm SQLORA_ATTENTION=$attn timeout 120 "$bin/sqlora" bench train \
-                        --shape "$shape" --batch 8 --seq 512 --device cuda --json >"$out/last.json" 2>>"$out/bench.err"; then
-                        cat "$out/last.json" | tee -a "$out/bench.jsonl"
-                    else
-                        echo "{\"shape\":\"$shape\",\"gemm\":\"$gemm\",\"attention\":\"$attn\",\"failed\":true}" \
-                            | tee -a "$out/bench.jsonl"
-                    fi
+                    for lora in ${LORAS:-tiled}; do
+                        if SQLORA_NF4_GEMM=$gemm SQLORA_ATTENTION=$attn SQLORA_LORA=$lora timeout 120 "$bin/sqlora" \
+                            bench train --shape "$shape" --batch 8 --seq 512 --device cuda --json \
+                            >"$out/last.json" 2>>"$out/bench.err"; then
+                            cat "$out/last.json" | tee -a "$out/bench.jsonl"
+                        else
+                            echo "{\"shape\":\"$shape\",\"gemm\":\"$gemm\",\"attention\":\"$attn\",\"lora\":\"$lora\",\"failed\":true}" \
+                                | tee -a "$out/bench.jsonl"
+                        fi
+                    done
                 done
             done
         done
         rm -f "$out/last.json"
-        # Where a step's time goes, kernel by kernel, on the first shape.
+        # Where a step's time goes, kernel by kernel, on the first shape, with each LoRA path.
         shape=${SHAPES:-llama-3.2-1b}
-        timeout 120 "$bin/sqlora" bench train --shape "${shape%% *}" --batch 8 --seq 512 --steps 3 --device cuda \
-            --profile 2>>"$out/bench.err" | tee "$out/profile.txt"
+        for lora in tiled simple; do
+            echo "== SQLORA_LORA=$lora"
+            SQLORA_LORA=$lora timeout 120 "$bin/sqlora" bench train --shape "${shape%% *}" --batch 8 --seq 512 \
+                --steps 3 --device cuda --profile 2>>"$out/bench.err"
+        done | tee "$out/profile.txt"
         # Batch-1 greedy decoding of a 1B NF4 model (issue 7's target: >= 1,500 tokens/s), and batched,
         # step by step and replaying a recorded CUDA graph per token.
         for graphs in 0 1; do

@@ -1,7 +1,8 @@
 """The loss/LoRA emulator's (scripts/emulate_ce_lora.py) kernels: the mma_gemm of kernels/mma.cuh,
-kernels/cross_entropy.cu and kernels/lora.cu line by line, and the launch configurations and wrappers
-of src/backend/cuda/{mod,ops}.rs. INJECT holds the deliberately broken variants chosen with --inject,
-COVER the staging paths taken, LAUNCHES every launch emulated."""
+kernels/cross_entropy.cu and kernels/lora.cu (the simple kernels and the tiled ones) line by line, and
+the launch configurations and wrappers of src/backend/cuda/{mod,ops,head}.rs and, for LoRA, lora.rs
+(both LoraPath). INJECT holds the deliberately broken variants chosen with --inject, COVER the
+staging paths taken, LAUNCHES every launch emulated."""
 from collections import Counter
 
 import numpy as np
@@ -342,7 +343,195 @@ def lora_dx(L, dx, g, a, T, K, r, scale):
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configurations (src/backend/cuda/mod.rs, ops.rs) and the wrappers
+# kernels/lora.cu, the tiled variants (LoraPath::Tiled, the default; the kernels above: simple)
+# ----------------------------------------------------------------------------------------------
+LT_THREADS, LT_ROWS, LT_CHUNK, LT_MAX_R = 256, 16, 64, 64
+
+
+class TileSplit:
+    """rg = ceil(r / 4) rank groups, slices = 256 / (4 rg); tx, ty, s per thread ([B, T]); threads
+    with s >= slices (past slices * 4 * rg) are idle in the sums."""
+
+    def __init__(self, L, r):
+        tid = np.broadcast_to(L.tid, (L.B, L.T))
+        self.rg = (r + 3) // 4
+        self.slices = LT_THREADS // (4 * self.rg)
+        self.tx = tid % self.rg
+        self.ty = (tid // self.rg) % 4
+        self.s = tid // (4 * self.rg)
+
+
+def slice_loop(sp):
+    """for (jj = sp.s; jj < LT_CHUNK; jj += sp.slices) under if (sp.s < sp.slices): the per-thread
+    indices [B, T, it] and which iterations run."""
+    step = sp.slices - 1 if "lt_step" in INJECT else sp.slices
+    JJ = sp.s[..., None] + step * np.arange(-(-LT_CHUNK // step))
+    return JJ, (sp.s < sp.slices)[..., None] & (JJ < LT_CHUNK)
+
+
+def tile_fma(acc, a, b, act):
+    """for i, q: acc[i][q] += a[i] * b[q] (contracted), one slice-loop iteration after another."""
+    for it in range(act.shape[-1]):
+        m = act[..., it]
+        for i in range(4):
+            for q in range(4):
+                acc[i, q] = np.where(m, fma(a[i][..., it], b[q][..., it], acc[i, q]), acc[i, q])
+
+
+def sum_slices(L, part, acc, sp, r, emit):
+    assert L.T == LT_THREADS
+    rp = 4 * sp.rg
+    live = sp.s < sp.slices
+    if "ss_idle" in INJECT:
+        live = np.ones_like(live)
+    for i in range(4):
+        for q in range(4):
+            part.st((sp.s * LT_ROWS + sp.ty * 4 + i) * rp + sp.tx * 4 + q, acc[i, q], live)
+    if "ss_nosync" not in INJECT:
+        L.sync()
+    S = np.arange(sp.slices)
+    for o, act in L.strided(LT_ROWS * r):
+        row, c = o // r, o % r
+        pv = part.ld((S * LT_ROWS + row[..., None]) * rp + c[..., None], act[..., None])
+        total = np.zeros((L.B, L.T), F32)
+        for s in range(sp.slices):
+            total = (total + pv[..., s]).astype(F32)
+        emit(row, c, total, act)
+
+
+def row_proj_tiled(L, out, u, m, jr, T, J, r):
+    us = L.smem("us", (LT_CHUNK, LT_ROWS + 1))  # [j][token]
+    ms = L.smem("ms", (LT_CHUNK, LT_MAX_R + 1))  # [j][rank]
+    part = L.smem("part", (LT_THREADS * 16,))
+    sp = TileSplit(L, r)
+    t0, rp = L.bx * LT_ROWS, 4 * sp.rg
+    acc = np.zeros((4, 4, L.B, L.T), F32)
+    for j0 in range(0, J, LT_CHUNK):
+        for i, act in L.strided(LT_ROWS * LT_CHUNK):
+            row, jj = i // LT_CHUNK, i % LT_CHUNK
+            t, j = t0 + row, j0 + jj
+            inb = (t < T) & (j < J)
+            us.st(jj * (LT_ROWS + 1) + row, np.where(inb, u.ld(L, t * J + j, act & inb), F32(0)), act)
+        for i, act in L.strided(rp * LT_CHUNK):
+            c = i % rp if jr else i // LT_CHUNK
+            jj = i // rp if jr else i % LT_CHUNK
+            j = j0 + jj
+            inb = (j < J) if "lt_pad" in INJECT else (c < r) & (j < J)
+            idx = j * r + c if jr else c * J + j
+            ms.st(jj * (LT_MAX_R + 1) + c, np.where(inb, m.ld(L, idx, act & inb), F32(0)), act)
+        L.sync()
+        JJ, act = slice_loop(sp)
+        a = [us.ld(JJ * (LT_ROWS + 1) + (sp.ty * 4 + i)[..., None], act) for i in range(4)]
+        b = [ms.ld(JJ * (LT_MAX_R + 1) + (sp.tx * 4 + q)[..., None], act) for q in range(4)]
+        tile_fma(acc, a, b, act)
+        L.sync()
+
+    def emit(row, c, total, act):
+        t = t0 + row
+        out.st(L, t * r + c, total, act & (t < T))
+
+    sum_slices(L, part, acc, sp, r, emit)
+
+
+def lora_xa_tiled(L, xa, x, a, T, K, r):
+    row_proj_tiled(L, xa, x, a, False, T, K, r)
+
+
+def lora_g_tiled(L, g, dy, b, T, N, r):
+    row_proj_tiled(L, g, dy, b, True, T, N, r)
+
+
+def token_sum_tiled(L, out, rank_major, u, w, T, U, r, scale):
+    us = L.smem("us", (LT_CHUNK, LT_ROWS + 1))  # [token][column]
+    ws = L.smem("ws", (LT_CHUNK, LT_MAX_R + 1))  # [token][rank]
+    part = L.smem("part", (LT_THREADS * 16,))
+    sp = TileSplit(L, r)
+    col0, rp = L.bx * LT_ROWS, 4 * sp.rg
+    acc = np.zeros((4, 4, L.B, L.T), F32)
+    for t0 in range(0, T, LT_CHUNK):
+        for i, act in L.strided(LT_CHUNK * LT_ROWS):
+            tt, cc = i // LT_ROWS, i % LT_ROWS
+            t, col = t0 + tt, col0 + cc
+            inb = (t < T) & (col < U)
+            us.st(tt * (LT_ROWS + 1) + cc, np.where(inb, u.ld(L, t * U + col, act & inb), F32(0)), act)
+        for i, act in L.strided(LT_CHUNK * rp):
+            tt, c = i // rp, i % rp
+            t = t0 + tt
+            inb = (t < T) if "lt_pad" in INJECT else (t < T) & (c < r)
+            ws.st(tt * (LT_MAX_R + 1) + c, np.where(inb, w.ld(L, t * r + c, act & inb), F32(0)), act)
+        L.sync()
+        TT, act = slice_loop(sp)
+        a = [us.ld(TT * (LT_ROWS + 1) + (sp.ty * 4 + i)[..., None], act) for i in range(4)]
+        b = [ws.ld(TT * (LT_MAX_R + 1) + (sp.tx * 4 + q)[..., None], act) for q in range(4)]
+        tile_fma(acc, a, b, act)
+        L.sync()
+
+    def emit(row, c, total, act):
+        col = col0 + row
+        act = act & (col < U)
+        idx = c * U + col if rank_major else col * r + c
+        old = out.ld(L, idx, act)
+        out.st(L, idx, fma(F32(scale), total, old), act)
+
+    sum_slices(L, part, acc, sp, r, emit)
+
+
+def lora_db_tiled(L, db, dy, xa, T, N, r, scale):
+    token_sum_tiled(L, db, False, dy, xa, T, N, r, scale)
+
+
+def lora_da_tiled(L, da, g, x, T, K, r, scale):
+    token_sum_tiled(L, da, True, x, g, T, K, r, scale)
+
+
+def rank_expand_tiled(L, y, p, m, cn, T, N, r, scale):
+    assert L.T == LT_THREADS
+    ps = L.smem("ps", (LT_ROWS, LT_MAX_R))
+    ms = L.smem("ms", (LT_CHUNK, LT_MAX_R + 1))  # [column][rank]
+    n0, t0 = L.bx * LT_CHUNK, L.by * LT_ROWS
+    for i, act in L.strided(LT_ROWS * r):
+        tt, c = i // r, i % r
+        t = t0 + tt
+        inb = t < T
+        ps.st(tt * LT_MAX_R + c, np.where(inb, p.ld(L, t * r + c, act & inb), F32(0)), act)
+    for i, act in L.strided(LT_CHUNK * r):
+        nn = i % LT_CHUNK if cn else i // r
+        c = i // LT_CHUNK if cn else i % r
+        n = n0 + nn
+        inb = n < N
+        idx = c * N + n if cn else n * r + c
+        ms.st(nn * (LT_MAX_R + 1) + c, np.where(inb, m.ld(L, idx, act & inb), F32(0)), act)
+    L.sync()
+    tid = np.broadcast_to(L.tid, (L.B, L.T))
+    nn = tid % LT_CHUNK
+    n = n0 + nn
+    live = n < N  # if (n >= N) return;
+    C = np.arange(r)
+    for k0 in range(0, LT_ROWS, LT_THREADS // LT_CHUNK):  # tt = threadIdx.x / 64; tt < 16; tt += 4
+        tt = tid // LT_CHUNK + k0
+        t = t0 + tt
+        if "re_tail" not in INJECT:
+            live = live & (t < T)  # if (t >= T) break; (t grows with the loop)
+        pv = ps.ld(tt[..., None] * LT_MAX_R + C, live[..., None])
+        mv = ms.ld(nn[..., None] * (LT_MAX_R + 1) + C, live[..., None])
+        s = np.zeros((L.B, L.T), F32)
+        for c in range(r):
+            s = fma(pv[..., c], mv[..., c], s)
+        i = t * N + n
+        yi = y.ld(L, i, live)
+        y.st(L, i, to_bf16(fma(F32(scale), s, yi)), live)
+
+
+def lora_add_tiled(L, y, xa, b, T, N, r, scale):
+    rank_expand_tiled(L, y, xa, b, False, T, N, r, scale)
+
+
+def lora_dx_tiled(L, dx, g, a, T, K, r, scale):
+    rank_expand_tiled(L, dx, g, a, True, T, K, r, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations (src/backend/cuda/mod.rs, ops.rs, lora.rs) and the wrappers
 # ----------------------------------------------------------------------------------------------
 def blocks_for(n):
     return ((max(-(-n // 256), 1), 1, 1), 256)
@@ -358,6 +547,18 @@ def mma_tiles(rows, cols):
 
 def per_16(n):
     return ((max(-(-n // 16), 1), 1, 1), 256)
+
+
+# src/backend/cuda/lora.rs
+TILED, SIMPLE = "tiled", "simple"  # LoraPath
+LORA_KERNELS = {SIMPLE: (lora_xa, lora_add, lora_g, lora_db, lora_da, lora_dx),
+                TILED: (lora_xa_tiled, lora_add_tiled, lora_g_tiled, lora_db_tiled, lora_da_tiled, lora_dx_tiled)}
+
+
+def expand_cfg(path, t, n):
+    if path == SIMPLE:
+        return blocks_for(t * n)
+    return ((max(-(-n // 64), 1), max(-(-t // 16), 1), 1), 256)
 
 
 MAX_RANK = 64
@@ -381,31 +582,35 @@ class LoraAt:
         self.a, self.b, self.inp, self.out = a, b, inp, out
 
 
-def w_lora_fwd(y, xa, x, w, at, t, r, scale):
+def w_lora_fwd(y, xa, x, w, at, t, r, scale, path=TILED):
+    """Cuda::lora_fwd_via."""
     k, n = at.inp, at.out
     assert x.data.size >= t * k and y.data.size >= t * n and xa.data.size >= t * r
     assert at.b == at.a + r * k and at.b + n * r <= w.data.size, "lora_fwd: adapter out of range"
     if r > MAX_RANK:
         raise ValueError(f"LoRA rank {r} is over the {MAX_RANK} the GPU kernels take")
+    xa_k, add_k = LORA_KERNELS[path][0:2]
     a, b = w.ptr(at.a, at.b), w.ptr(at.b, at.b + n * r)
-    l1 = run(lora_xa, per_16(t), [xa], xa.ptr(), x.ptr(), a, t, k, r)
-    l2 = run(lora_add, blocks_for(t * n), [y], y.ptr(), xa.ptr(), b, t, n, r, scale)
+    l1 = run(xa_k, per_16(t), [xa], xa.ptr(), x.ptr(), a, t, k, r)
+    l2 = run(add_k, expand_cfg(path, t, n), [y], y.ptr(), xa.ptr(), b, t, n, r, scale)
     return l1, l2
 
 
-def w_lora_bwd(dx, grad, g, dy, x, xa, w, at, t, r, scale):
+def w_lora_bwd(dx, grad, g, dy, x, xa, w, at, t, r, scale, path=TILED):
+    """Cuda::lora_bwd_via."""
     k, n = at.inp, at.out
     assert dx.data.size >= t * k and x.data.size >= t * k and dy.data.size >= t * n
     assert xa.data.size >= t * r and g.data.size >= t * r
     assert at.b == at.a + r * k and at.b + n * r <= min(w.data.size, grad.data.size), "lora_bwd: adapter out of range"
     if r > MAX_RANK:
         raise ValueError(f"LoRA rank {r} is over the {MAX_RANK} the GPU kernels take")
+    g_k, db_k, da_k, dx_k = LORA_KERNELS[path][2:6]
     a, b = w.ptr(at.a, at.b), w.ptr(at.b, at.b + n * r)
     da, db = grad.ptr(at.a, at.b), grad.ptr(at.b, at.b + n * r)  # split_at_mut(at.b), slices
-    l1 = run(lora_g, per_16(t), [g], g.ptr(), dy.ptr(), b, t, n, r)
-    l2 = run(lora_db, per_16(n), [grad], db, dy.ptr(), xa.ptr(), t, n, r, scale)
-    l3 = run(lora_da, per_16(k), [grad], da, g.ptr(), x.ptr(), t, k, r, scale)
-    l4 = run(lora_dx, blocks_for(t * k), [dx], dx.ptr(), g.ptr(), a, t, k, r, scale)
+    l1 = run(g_k, per_16(t), [g], g.ptr(), dy.ptr(), b, t, n, r)
+    l2 = run(db_k, per_16(n), [grad], db, dy.ptr(), xa.ptr(), t, n, r, scale)
+    l3 = run(da_k, per_16(k), [grad], da, g.ptr(), x.ptr(), t, k, r, scale)
+    l4 = run(dx_k, expand_cfg(path, t, k), [dx], dx.ptr(), g.ptr(), a, t, k, r, scale)
     return l1, l2, l3, l4
 
 

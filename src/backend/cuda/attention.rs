@@ -108,7 +108,7 @@ impl Cuda {
             AttentionPath::Tiled => "tiled".into(),
             AttentionPath::Simple => "simple".into(),
         };
-        format!("attention {attention}, NF4 GEMM {:?}", self.gemm)
+        format!("attention {attention}, NF4 GEMM {:?}, LoRA {:?}", self.gemm, self.lora)
     }
 
     /// Whether the training step's attention at head width hd runs the tiled kernels (see the module

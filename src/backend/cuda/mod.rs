@@ -10,8 +10,9 @@ mod attention;
 mod device;
 mod gemm;
 mod head;
+mod lora;
 mod ops;
-pub use ops::MAX_RANK;
+pub use lora::{LoraPath, MAX_RANK};
 mod pinned;
 mod profile;
 pub use profile::{ProfileRow, Profiler};
@@ -67,7 +68,8 @@ pub struct Kernels {
     pub nf4_gemm_bwd_input_mma: CudaFunction,
     pub nf4_gemv: CudaFunction,
     pub embedding_fwd: CudaFunction,
-    pub lora: [CudaFunction; 6],
+    /// kernels/lora.cu in `lora::LORA_KERNELS`' order: the simple six, then the tiled six.
+    pub lora: [CudaFunction; 12],
     pub attention_fwd: CudaFunction,
     pub attention_bwd_rowdot: CudaFunction,
     pub attention_bwd_dq: CudaFunction,
@@ -127,6 +129,8 @@ pub struct Cuda {
     pub attn_smem: usize,
     /// Which attention the training step uses (`SQLORA_ATTENTION=auto|tiled|simple`).
     pub attention: AttentionPath,
+    /// Which LoRA kernels run (`SQLORA_LORA=tiled|simple`).
+    pub lora: LoraPath,
     /// `Auto`'s verdict per head width: whether the tiled kernels agreed with the simple ones.
     pub attention_chosen: Arc<Mutex<HashMap<usize, bool>>>,
     /// Whether launches are timed (`profile.rs`), and what they recorded.
@@ -221,11 +225,7 @@ fn kernel_table() -> [(&'static str, &'static [u8], &'static [&'static str]); 10
                 "nf4_gemv",
             ],
         ),
-        (
-            "lora",
-            kernels::LORA,
-            &["lora_xa", "lora_add", "lora_g", "lora_db", "lora_da", "lora_dx"],
-        ),
+        ("lora", kernels::LORA, &lora::LORA_KERNELS),
         (
             "attention",
             kernels::ATTENTION,
@@ -387,7 +387,7 @@ impl Cuda {
         let [nf4_quantize, nf4_absmax_mean, nf4_double_quantize, nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma, nf4_gemv]: [CudaFunction; 10] = load_file(&ctx, "nf4")?
         .try_into()
         .unwrap();
-        let lora: [CudaFunction; 6] = load_file(&ctx, "lora")?.try_into().unwrap();
+        let lora: [CudaFunction; 12] = load_file(&ctx, "lora")?.try_into().unwrap();
         let [attention_fwd, attention_bwd_rowdot, attention_bwd_dq, attention_bwd_dkv, attention_decode]: [CudaFunction;
             5] = load_file(&ctx, "attention")?.try_into().unwrap();
         let [head_logits, head_grad, ce_softmax_grad, argmax_rows]: [CudaFunction; 4] =
@@ -401,6 +401,7 @@ impl Cuda {
             graphs,
             attn_smem,
             attention: AttentionPath::from_env()?,
+            lora: LoraPath::from_env()?,
             attention_chosen: Arc::default(),
             profiling: Arc::default(),
             profiler: Arc::default(),

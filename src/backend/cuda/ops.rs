@@ -4,24 +4,11 @@
 //! Every launch error names the kernel.
 
 use super::{block_per_row, blocks_for, Cuda};
-use crate::engine::{LoraAt, SUM_PARTS};
+use crate::engine::SUM_PARTS;
 use crate::optim::AdamStep;
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
-
-/// The LoRA kernels that give a block all r rank indices of 16 tokens (`row_proj`) or of 16
-/// columns (`token_sum`): a block of 256 threads per 16.
-fn per_16(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(16).max(1) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// The largest LoRA rank the GPU kernels take (kernels/lora.cu TS_MAX_R, RP_MAX_R).
-pub const MAX_RANK: usize = 64;
 
 impl Cuda {
     /// y = rmsnorm(x) * w, keeping each row's inverse RMS.
@@ -243,98 +230,6 @@ impl Cuda {
         // SAFETY: one thread per output value (bounded by t * d in the kernel); token ids are checked
         // against vocab before the table is read.
         unsafe { self.launch(&mut b, blocks_for(t * d), "embedding_fwd") }?;
-        Ok(())
-    }
-
-    /// LoRA forward: xa = x A^T, then y += s xa B^T, with A [r, in] and B [out, r] where `at` places
-    /// them in w (the adapters' bf16 copies). y: [t, out]; xa: [t, r] f32; x: [t, in].
-    #[allow(clippy::too_many_arguments)]
-    pub fn lora_fwd(
-        &self,
-        y: &mut CudaSlice<bf16>,
-        xa: &mut CudaSlice<f32>,
-        x: &CudaSlice<bf16>,
-        w: &CudaSlice<bf16>,
-        at: LoraAt,
-        t: usize,
-        r: usize,
-        scale: f32,
-    ) -> Result<()> {
-        let (k, n) = (at.inp, at.out);
-        assert!(x.len() >= t * k && y.len() >= t * n && xa.len() >= t * r);
-        assert!(
-            at.b == at.a + r * k && at.b + n * r <= w.len(),
-            "lora_fwd: adapter out of range"
-        );
-        anyhow::ensure!(
-            r <= MAX_RANK,
-            "LoRA rank {r} is over the {MAX_RANK} the GPU kernels take"
-        );
-        let (a, b) = (w.slice(at.a..at.b), w.slice(at.b..at.b + n * r));
-        let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
-        let mut l = self.stream.launch_builder(&self.k.lora[0]);
-        l.arg(&mut *xa).arg(x).arg(&a).arg(&ti).arg(&ki).arg(&ri);
-        // SAFETY: a block per 16 rows of xa [t, r] (r <= MAX_RANK checked; rows bounded by t in the
-        // kernel); reads x [t, in] and a [r, in] (asserted).
-        unsafe { self.launch(&mut l, per_16(t), "lora_xa") }?;
-        let mut l = self.stream.launch_builder(&self.k.lora[1]);
-        l.arg(y).arg(&*xa).arg(&b).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
-        // SAFETY: one thread per element of y [t, out], bounded in the kernel; xa [t, r], b [out, r].
-        unsafe { self.launch(&mut l, blocks_for(t * n), "lora_add") }?;
-        Ok(())
-    }
-
-    /// LoRA backward: with g = dy B, dB += s dy^T xa, dA += s g^T x, dx += s g A; dA [r, in] and
-    /// dB [out, r] (f32, accumulated) where `at` places them in grad, A and B where it places them in
-    /// w. dx: [t, in] (added to); g: [t, r] f32 (scratch); dy: [t, out]; x: [t, in]; xa: [t, r] f32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn lora_bwd(
-        &self,
-        dx: &mut CudaSlice<bf16>,
-        grad: &mut CudaSlice<f32>,
-        g: &mut CudaSlice<f32>,
-        dy: &CudaSlice<bf16>,
-        x: &CudaSlice<bf16>,
-        xa: &CudaSlice<f32>,
-        w: &CudaSlice<bf16>,
-        at: LoraAt,
-        t: usize,
-        r: usize,
-        scale: f32,
-    ) -> Result<()> {
-        let (k, n) = (at.inp, at.out);
-        assert!(dx.len() >= t * k && x.len() >= t * k && dy.len() >= t * n && xa.len() >= t * r && g.len() >= t * r);
-        assert!(
-            at.b == at.a + r * k && at.b + n * r <= w.len().min(grad.len()),
-            "lora_bwd: adapter out of range"
-        );
-        anyhow::ensure!(
-            r <= MAX_RANK,
-            "LoRA rank {r} is over the {MAX_RANK} the GPU kernels take"
-        );
-        let (a, b) = (w.slice(at.a..at.b), w.slice(at.b..at.b + n * r));
-        let (mut lo, mut hi) = grad.split_at_mut(at.b);
-        let (mut da, mut db) = (lo.slice_mut(at.a..), hi.slice_mut(..n * r));
-        let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
-        let mut l = self.stream.launch_builder(&self.k.lora[2]);
-        l.arg(&mut *g).arg(dy).arg(&b).arg(&ti).arg(&ni).arg(&ri);
-        // SAFETY: a block per 16 rows of g [t, r] (r <= MAX_RANK checked; rows bounded by t in the
-        // kernel); reads dy [t, out] and b [out, r].
-        unsafe { self.launch(&mut l, per_16(t), "lora_g") }?;
-        let mut l = self.stream.launch_builder(&self.k.lora[3]);
-        l.arg(&mut db).arg(dy).arg(xa).arg(&ti).arg(&ni).arg(&ri).arg(&scale);
-        // SAFETY: a block per 16 columns of db [out, r] (r <= MAX_RANK checked; columns bounded by
-        // out in the kernel); reads dy [t, out] and xa [t, r].
-        unsafe { self.launch(&mut l, per_16(n), "lora_db") }?;
-        let mut l = self.stream.launch_builder(&self.k.lora[4]);
-        l.arg(&mut da).arg(&*g).arg(x).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
-        // SAFETY: a block per 16 columns of da [r, in] (r <= MAX_RANK checked; columns bounded by
-        // in in the kernel); reads g [t, r] and x [t, in].
-        unsafe { self.launch(&mut l, per_16(k), "lora_da") }?;
-        let mut l = self.stream.launch_builder(&self.k.lora[5]);
-        l.arg(dx).arg(&*g).arg(&a).arg(&ti).arg(&ki).arg(&ri).arg(&scale);
-        // SAFETY: one thread per element of dx [t, in]; reads g [t, r] and a [r, in].
-        unsafe { self.launch(&mut l, blocks_for(t * k), "lora_dx") }?;
         Ok(())
     }
 

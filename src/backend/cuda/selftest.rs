@@ -3,7 +3,7 @@
 //! fails. The measure is ‖gpu − cpu‖ / ‖cpu‖, with a tolerance suited to bf16 outputs. Then a whole
 //! training step of tiny models on both devices (`selftest_step.rs`).
 
-use super::{rel_err, AttentionPath, Cuda, GemmPath, TILED_HEAD_DIMS};
+use super::{rel_err, AttentionPath, Cuda, GemmPath, LoraPath, TILED_HEAD_DIMS};
 use crate::backend::cpu;
 use crate::engine::Device;
 use crate::engine::SUM_PARTS;
@@ -275,13 +275,21 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         cpu::embedding_fwd(&mut want, &table, &tokens, d);
         push("embedding_fwd", format!("{t}x{d}"), rel_err(&gpu.down(&o)?, &want), 0.0);
     }
-    // Token counts past one chunk of 32 rows, column counts past one block of 16, the largest rank.
-    for &(t, n, k, r) in &[
+    // Both paths. Token counts past one chunk of 32 (simple) or 64 (tiled) rows, column counts past
+    // one block of 16 or one tile of 64, ranks that are not a multiple of 4, the largest rank.
+    let lora_cases = [
         (1usize, 3usize, 5usize, 1usize),
         (6, 40, 64, 4),
         (33, 96, 200, 16),
         (70, 50, 33, 64),
-    ] {
+        (37, 130, 150, 12),
+        (130, 70, 20, 5),
+    ];
+    for (path, &(t, n, k, r)) in [LoraPath::Tiled, LoraPath::Simple]
+        .into_iter()
+        .flat_map(|p| lora_cases.iter().map(move |c| (p, c)))
+    {
+        let name = |op: &str| format!("{op} ({})", format!("{path:?}").to_lowercase());
         let size = format!("{t}x{n}x{k} r{r}");
         let (x, a, b) = (
             bf(&rng.normal_vec(t * k, 1.0)),
@@ -303,12 +311,17 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         w[at.b..at.b + n * r].copy_from_slice(&b);
         let (xd, wd) = (gpu.up(&x)?, gpu.up(&w)?);
         let (mut y, mut xa) = (gpu.up(&y0)?, gpu.poisoned32(t * r)?);
-        gpu.lora_fwd(&mut y, &mut xa, &xd, &wd, at, t, r, 2.0)?;
+        gpu.lora_fwd_via(path, &mut y, &mut xa, &xd, &wd, at, t, r, 2.0)?;
         let (mut want_y, mut want_xa) = (y0.clone(), vec![0f32; t * r]);
         cpu::lora_fwd(&mut want_y, &mut want_xa, &x, &a, &b, r, 2.0);
-        push("lora_fwd", size.clone(), rel_err(&gpu.down(&y)?, &want_y), TOL_BF16);
         push(
-            "lora_fwd xa",
+            &name("lora_fwd"),
+            size.clone(),
+            rel_err(&gpu.down(&y)?, &want_y),
+            TOL_BF16,
+        );
+        push(
+            &name("lora_fwd xa"),
             size.clone(),
             rel_err(&gpu.down32(&xa)?, &want_xa),
             TOL_F32,
@@ -317,7 +330,20 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         let mut grad0 = vec![f32::NAN; len];
         grad0[at.a..at.b + n * r].fill(0.0);
         let (mut dx, mut grad, mut g) = (gpu.up(&dx0)?, gpu.up32(&grad0)?, gpu.poisoned32(t * r)?);
-        gpu.lora_bwd(&mut dx, &mut grad, &mut g, &gpu.up(&dy)?, &xd, &xa, &wd, at, t, r, 2.0)?;
+        gpu.lora_bwd_via(
+            path,
+            &mut dx,
+            &mut grad,
+            &mut g,
+            &gpu.up(&dy)?,
+            &xd,
+            &xa,
+            &wd,
+            at,
+            t,
+            r,
+            2.0,
+        )?;
         let grad = gpu.down32(&grad)?;
         let outside = !grad[..at.a].iter().chain(&grad[at.b + n * r..]).all(|v| v.is_nan());
         let (da, db) = (&grad[at.a..at.b], &grad[at.b..at.b + n * r]);
@@ -325,14 +351,14 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
         cpu::lora_bwd(&mut dx_l, &mut wda, &mut wdb, &dy, &x, &want_xa, &a, &b, r, 2.0);
         let want_dx: Vec<f32> = dx0.iter().zip(&dx_l).map(|(p, q)| p + q).collect();
         push(
-            "lora_bwd dx",
+            &name("lora_bwd dx"),
             size.clone(),
             rel_err(&gpu.down(&dx)?, &want_dx),
             TOL_BF16,
         );
         let outside = if outside { f64::INFINITY } else { 0.0 };
-        push("lora_bwd dA", size.clone(), rel_err(da, &wda).max(outside), 1e-4);
-        push("lora_bwd dB", size, rel_err(db, &wdb).max(outside), 1e-4);
+        push(&name("lora_bwd dA"), size.clone(), rel_err(da, &wda).max(outside), 1e-4);
+        push(&name("lora_bwd dB"), size, rel_err(db, &wdb).max(outside), 1e-4);
     }
 
     // The loss as the engine runs it: gather the labelled rows, then per chunk of rows the head
