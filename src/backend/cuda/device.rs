@@ -242,7 +242,7 @@ impl Device for Cuda {
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        Cuda::lora_fwd(self, y, xa, x, w, at, t, r, scale)
+        self.lora_fwd_via(self.lora, y, xa, x, w, at, t, r, scale)
     }
     fn lora_bwd(
         &self,
@@ -258,7 +258,7 @@ impl Device for Cuda {
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        Cuda::lora_bwd(self, dx, grad, g, dy, x, xa, w, at, t, r, scale)
+        self.lora_bwd_via(self.lora, dx, grad, g, dy, x, xa, w, at, t, r, scale)
     }
     fn argmax_rows(&self, out: &mut CudaSlice<i32>, logits: &F32<Self>, rows: usize, v: usize) -> Result<()> {
         Cuda::argmax_rows(self, out, logits, rows, v)

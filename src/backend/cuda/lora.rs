@@ -81,24 +81,8 @@ impl Cuda {
         (&self.k.lora[i], LORA_KERNELS[i])
     }
 
-    /// LoRA forward: xa = x A^T, then y += s xa B^T, with A [r, in] and B [out, r] where `at` places
-    /// them in w (the adapters' bf16 copies). y: [t, out]; xa: [t, r] f32; x: [t, in].
-    #[allow(clippy::too_many_arguments)]
-    pub fn lora_fwd(
-        &self,
-        y: &mut CudaSlice<bf16>,
-        xa: &mut CudaSlice<f32>,
-        x: &CudaSlice<bf16>,
-        w: &CudaSlice<bf16>,
-        at: LoraAt,
-        t: usize,
-        r: usize,
-        scale: f32,
-    ) -> Result<()> {
-        self.lora_fwd_via(self.lora, y, xa, x, w, at, t, r, scale)
-    }
-
-    /// [`Cuda::lora_fwd`] by the given path.
+    /// LoRA forward by `path`: xa = x A^T, then y += s xa B^T, with A [r, in] and B [out, r] where
+    /// `at` places them in w (the adapters' bf16 copies). y: [t, out]; xa: [t, r] f32; x: [t, in].
     #[allow(clippy::too_many_arguments)]
     pub fn lora_fwd_via(
         &self,
@@ -139,28 +123,10 @@ impl Cuda {
         Ok(())
     }
 
-    /// LoRA backward: with g = dy B, dB += s dy^T xa, dA += s g^T x, dx += s g A; dA [r, in] and
-    /// dB [out, r] (f32, accumulated) where `at` places them in grad, A and B where it places them in
-    /// w. dx: [t, in] (added to); g: [t, r] f32 (scratch); dy: [t, out]; x: [t, in]; xa: [t, r] f32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn lora_bwd(
-        &self,
-        dx: &mut CudaSlice<bf16>,
-        grad: &mut CudaSlice<f32>,
-        g: &mut CudaSlice<f32>,
-        dy: &CudaSlice<bf16>,
-        x: &CudaSlice<bf16>,
-        xa: &CudaSlice<f32>,
-        w: &CudaSlice<bf16>,
-        at: LoraAt,
-        t: usize,
-        r: usize,
-        scale: f32,
-    ) -> Result<()> {
-        self.lora_bwd_via(self.lora, dx, grad, g, dy, x, xa, w, at, t, r, scale)
-    }
-
-    /// [`Cuda::lora_bwd`] by the given path.
+    /// LoRA backward by `path`: with g = dy B, dB += s dy^T xa, dA += s g^T x, dx += s g A; dA
+    /// [r, in] and dB [out, r] (f32, accumulated) where `at` places them in grad, A and B where it
+    /// places them in w. dx: [t, in] (added to); g: [t, r] f32 (scratch); dy: [t, out]; x: [t, in];
+    /// xa: [t, r] f32.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_bwd_via(
         &self,
