@@ -13,6 +13,7 @@ use crate::engine::LoraAt;
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
+use std::ops::Range;
 
 /// The largest LoRA rank the GPU kernels take (kernels/lora.cu RP_MAX_R, TS_MAX_R, LT_MAX_R).
 pub const MAX_RANK: usize = 64;
@@ -74,6 +75,21 @@ fn expand_cfg(path: LoraPath, t: usize, n: usize) -> LaunchConfig {
     }
 }
 
+/// Where A [r, in] and B [out, r] lie in an adapter buffer of `len` elements, after checking that
+/// `at` places them back to back inside it and that the kernels take rank `r`.
+fn adapter_ranges(at: LoraAt, r: usize, len: usize, dir: &str) -> Result<(Range<usize>, Range<usize>)> {
+    let (k, n) = (at.inp, at.out);
+    assert!(
+        at.b == at.a + r * k && at.b + n * r <= len,
+        "lora_{dir}: adapter out of range"
+    );
+    anyhow::ensure!(
+        r <= MAX_RANK,
+        "LoRA rank {r} is over the {MAX_RANK} the GPU kernels take"
+    );
+    Ok((at.a..at.b, at.b..at.b + n * r))
+}
+
 impl Cuda {
     /// The path's kernel `i` (0 xa, 1 add, 2 g, 3 db, 4 da, 5 dx), and its name for errors.
     fn lora_kernel(&self, path: LoraPath, i: usize) -> (&CudaFunction, &'static str) {
@@ -98,15 +114,8 @@ impl Cuda {
     ) -> Result<()> {
         let (k, n) = (at.inp, at.out);
         assert!(x.len() >= t * k && y.len() >= t * n && xa.len() >= t * r);
-        assert!(
-            at.b == at.a + r * k && at.b + n * r <= w.len(),
-            "lora_fwd: adapter out of range"
-        );
-        anyhow::ensure!(
-            r <= MAX_RANK,
-            "LoRA rank {r} is over the {MAX_RANK} the GPU kernels take"
-        );
-        let (a, b) = (w.slice(at.a..at.b), w.slice(at.b..at.b + n * r));
+        let (ar, br) = adapter_ranges(at, r, w.len(), "fwd")?;
+        let (a, b) = (w.slice(ar), w.slice(br));
         let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
         let (f, name) = self.lora_kernel(path, 0);
         let mut l = self.stream.launch_builder(f);
@@ -145,17 +154,10 @@ impl Cuda {
     ) -> Result<()> {
         let (k, n) = (at.inp, at.out);
         assert!(dx.len() >= t * k && x.len() >= t * k && dy.len() >= t * n && xa.len() >= t * r && g.len() >= t * r);
-        assert!(
-            at.b == at.a + r * k && at.b + n * r <= w.len().min(grad.len()),
-            "lora_bwd: adapter out of range"
-        );
-        anyhow::ensure!(
-            r <= MAX_RANK,
-            "LoRA rank {r} is over the {MAX_RANK} the GPU kernels take"
-        );
-        let (a, b) = (w.slice(at.a..at.b), w.slice(at.b..at.b + n * r));
-        let (mut lo, mut hi) = grad.split_at_mut(at.b);
-        let (mut da, mut db) = (lo.slice_mut(at.a..), hi.slice_mut(..n * r));
+        let (ar, br) = adapter_ranges(at, r, w.len().min(grad.len()), "bwd")?;
+        let (a, b) = (w.slice(ar.clone()), w.slice(br.clone()));
+        let (mut lo, mut hi) = grad.split_at_mut(br.start);
+        let (mut da, mut db) = (lo.slice_mut(ar.start..), hi.slice_mut(..br.len()));
         let (ti, ki, ni, ri) = (t as i32, k as i32, n as i32, r as i32);
         let (f, name) = self.lora_kernel(path, 2);
         let mut l = self.stream.launch_builder(f);
