@@ -274,11 +274,29 @@ impl Nf4Tensor {
     }
 
     /// Dequantize the flattened elements `start .. start + out.len()` into `out`.
+    /// Block by block: one scale per run of up to 64 values, two codes per byte.
     pub fn dequantize_range(&self, start: usize, out: &mut [f32]) {
         assert!(start + out.len() <= self.numel(), "NF4 dequantize: range past the end");
-        for (k, o) in out.iter_mut().enumerate() {
-            let i = start + k;
-            *o = NF4_TABLE[self.code(i) as usize] * self.absmax[i / BLOCK];
+        let mut i = start;
+        let mut rest = out;
+        while !rest.is_empty() {
+            let scale = self.absmax[i / BLOCK];
+            let run = (BLOCK - i % BLOCK).min(rest.len());
+            let (now, later) = rest.split_at_mut(run);
+            let mut o = now.iter_mut();
+            if i % 2 == 1 {
+                // An odd start takes the low nibble of its byte first.
+                *o.next().unwrap() = NF4_TABLE[(self.packed[i / 2] & 0x0f) as usize] * scale;
+            }
+            let bytes = &self.packed[i.div_ceil(2)..];
+            for (pair, &byte) in o.into_slice().chunks_mut(2).zip(bytes) {
+                pair[0] = NF4_TABLE[(byte >> 4) as usize] * scale;
+                if let Some(second) = pair.get_mut(1) {
+                    *second = NF4_TABLE[(byte & 0x0f) as usize] * scale;
+                }
+            }
+            i += run;
+            rest = later;
         }
     }
 
@@ -309,6 +327,21 @@ mod tests {
         let q = Nf4Tensor::quantize(&w, &shape);
         let rebuilt = Nf4Tensor::from_quantized(&shape, q.packed.clone(), q.scales.clone());
         assert_eq!(rebuilt, q);
+    }
+
+    #[test]
+    fn a_range_dequantizes_as_its_elements_do() {
+        // Ranges starting and ending on odd elements, inside one block and across several.
+        let w = crate::rng::Rng::new(5).normal_vec(3 * 64 + 7, 0.05);
+        let q = Nf4Tensor::quantize(&w, &[w.len()]);
+        let one = |i: usize| NF4_TABLE[q.code(i) as usize] * q.absmax[i / BLOCK];
+        for (start, len) in [(0, 1), (1, 1), (3, 60), (63, 2), (5, 130), (64, 64), (1, w.len() - 1)] {
+            let mut out = vec![f32::NAN; len];
+            q.dequantize_range(start, &mut out);
+            for (k, &v) in out.iter().enumerate() {
+                assert_eq!(v.to_bits(), one(start + k).to_bits(), "start {start} len {len} at {k}");
+            }
+        }
     }
 
     #[test]

@@ -57,10 +57,18 @@ impl Linear {
     /// Row `j` of `W` as f32: borrowed when dense, dequantized into `buf` when NF4.
     #[inline]
     pub(crate) fn row<'a>(&'a self, j: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        self.rows(j, 1, buf)
+    }
+
+    /// Rows `j .. j + count` of `W` as f32, `[count, in]`: borrowed when dense, dequantized into
+    /// `buf` (at least `count * in` long) when NF4.
+    #[inline]
+    pub(crate) fn rows<'a>(&'a self, j: usize, count: usize, buf: &'a mut [f32]) -> &'a [f32] {
         let k = self.in_features;
         match &self.weight {
-            LinearWeight::Dense(w) => &w[j * k..(j + 1) * k],
+            LinearWeight::Dense(w) => &w[j * k..(j + count) * k],
             LinearWeight::Nf4(q) => {
+                let buf = &mut buf[..count * k];
                 q.dequantize_range(j * k, buf);
                 buf
             }
@@ -87,23 +95,74 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// [`dot`] of four rows of x with one w, each summed in `dot`'s order (so equal to four calls, bit
+/// for bit), loading each value of w once for all four.
+#[inline]
+fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let whole = w.len() / 8 * 8;
+    let mut acc = [[0f32; 8]; 4];
+    let mut xs = x.map(|r| r[..whole].chunks_exact(8));
+    for wc in w[..whole].chunks_exact(8) {
+        for (a, xc) in acc.iter_mut().zip(xs.iter_mut()) {
+            let xc = xc.next().expect("rows as long as w");
+            for l in 0..8 {
+                a[l] += xc[l] * wc[l];
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for ((o, a), r) in out.iter_mut().zip(&acc).zip(x) {
+        let mut s: f32 = a.iter().sum();
+        for (xv, wv) in r[whole..].iter().zip(&w[whole..]) {
+            s += xv * wv;
+        }
+        *o = s;
+    }
+    out
+}
+
+/// Rows of W a task dequantizes (or borrows) at once, and tokens per cache tile of x: a panel of 64
+/// rows and a tile of 64 tokens stay in a core's L2 (2 x 147 KB at in = 576) while they are reused.
+const W_PANEL: usize = 64;
+const X_TILE: usize = 64;
+
 /// `y = x W^T + b`.
 /// y: [T, out] (overwritten), x: [T, in].
-/// Parallel over output features; each row of `W` is read (or dequantized) once for all T tokens.
+/// Parallel over panels of output features; each row of `W` is read (or dequantized) once for all
+/// T tokens, and each value of W loaded once for four tokens.
 pub fn linear_fwd(y: &mut [f32], x: &[f32], lin: &Linear) {
     let (n, k) = (lin.out_features, lin.in_features);
     assert_eq!(x.len() % k, 0, "linear: input width is not {k}");
     let t = x.len() / k;
     assert_eq!(y.len(), t * n, "linear: output is not [{t}, {n}]");
+    if t == 0 {
+        return;
+    }
+    let xrow = |r: usize| &x[r * k..(r + 1) * k];
     // yt: [out, T], one contiguous column per output feature so threads never share a cache line.
     let mut yt = vec![0f32; n * t];
-    yt.par_chunks_mut(t).enumerate().for_each_init(
-        || vec![0f32; k],
-        |buf, (j, col)| {
-            let w = lin.row(j, buf);
-            let b = lin.bias.as_ref().map_or(0.0, |b| b[j]);
-            for (r, out) in col.iter_mut().enumerate() {
-                *out = dot(&x[r * k..(r + 1) * k], w) + b;
+    yt.par_chunks_mut(W_PANEL * t).enumerate().for_each_init(
+        || vec![0f32; W_PANEL * k],
+        |buf, (p, cols)| {
+            let count = cols.len() / t;
+            let w = lin.rows(p * W_PANEL, count, buf); // [count, in]
+            for t0 in (0..t).step_by(X_TILE) {
+                let t1 = (t0 + X_TILE).min(t);
+                for (jr, col) in cols.chunks_mut(t).enumerate() {
+                    let wj = &w[jr * k..(jr + 1) * k];
+                    let b = lin.bias.as_ref().map_or(0.0, |b| b[p * W_PANEL + jr]);
+                    let mut r = t0;
+                    while r + 4 <= t1 {
+                        let d = dot4([xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)], wj);
+                        for (o, v) in col[r..r + 4].iter_mut().zip(d) {
+                            *o = v + b;
+                        }
+                        r += 4;
+                    }
+                    for (o, r) in col[r..t1].iter_mut().zip(r..t1) {
+                        *o = dot(xrow(r), wj) + b;
+                    }
+                }
             }
         },
     );
@@ -116,7 +175,8 @@ pub fn linear_fwd(y: &mut [f32], x: &[f32], lin: &Linear) {
 
 /// Input gradient through a frozen linear layer: `dx = dy W` (no weight gradient: W is frozen).
 /// dx: [T, in] (overwritten), dy: [T, out].
-/// Parallel over blocks of tokens; each block reads (or dequantizes) every row of `W` once.
+/// A panel of rows of `W` at a time (read or dequantized once), shared by parallel blocks of tokens;
+/// each element of dx adds its terms in order of the output feature j, four rows of W per pass.
 pub fn linear_bwd_input(dx: &mut [f32], dy: &[f32], lin: &Linear) {
     let (n, k) = (lin.out_features, lin.in_features);
     let t = dy.len() / n;
@@ -125,22 +185,37 @@ pub fn linear_bwd_input(dx: &mut [f32], dy: &[f32], lin: &Linear) {
         "linear backward: shapes do not match [{t}, {n}] -> [{t}, {k}]"
     );
     const TOKENS_PER_TASK: usize = 16;
-    dx.par_chunks_mut(TOKENS_PER_TASK * k)
-        .enumerate()
-        .for_each(|(blk, dxb)| {
-            dxb.fill(0.0);
-            let t0 = blk * TOKENS_PER_TASK;
-            let mut buf = vec![0f32; k];
-            for j in 0..n {
-                let w = lin.row(j, &mut buf);
+    dx.fill(0.0);
+    let mut buf = vec![0f32; W_PANEL * k];
+    for j0 in (0..n).step_by(W_PANEL) {
+        let count = W_PANEL.min(n - j0);
+        let w = lin.rows(j0, count, &mut buf); // [count, in]
+        dx.par_chunks_mut(TOKENS_PER_TASK * k)
+            .enumerate()
+            .for_each(|(blk, dxb)| {
                 for (r, dxr) in dxb.chunks_mut(k).enumerate() {
-                    let g = dy[(t0 + r) * n + j];
-                    if g != 0.0 {
-                        dxr.iter_mut().zip(w).for_each(|(o, &wi)| *o += g * wi);
+                    let g = &dy[(blk * TOKENS_PER_TASK + r) * n + j0..][..count]; // [count]
+                    let mut j = 0;
+                    while j + 4 <= count {
+                        let gs = [g[j], g[j + 1], g[j + 2], g[j + 3]];
+                        if gs != [0.0; 4] {
+                            let [w0, w1, w2, w3] = [0, 1, 2, 3].map(|i| &w[(j + i) * k..(j + i + 1) * k]);
+                            let ws = w0.iter().zip(w1).zip(w2).zip(w3);
+                            for (o, (((a, b), c), d)) in dxr.iter_mut().zip(ws) {
+                                *o = *o + gs[0] * a + gs[1] * b + gs[2] * c + gs[3] * d;
+                            }
+                        }
+                        j += 4;
+                    }
+                    for (jr, &gj) in g.iter().enumerate().skip(j) {
+                        if gj != 0.0 {
+                            let wj = &w[jr * k..(jr + 1) * k];
+                            dxr.iter_mut().zip(wj).for_each(|(o, &wi)| *o += gj * wi);
+                        }
                     }
                 }
-            }
-        });
+            });
+    }
 }
 
 #[cfg(test)]
@@ -151,7 +226,7 @@ mod tests {
     #[test]
     fn linear_matches_naive_triple_loop_dense_and_nf4() {
         let mut rng = Rng::new(7);
-        for &(t, n, k) in &[(1, 3, 5), (4, 17, 64), (3, 33, 100)] {
+        for &(t, n, k) in &[(1, 3, 5), (4, 17, 64), (3, 33, 100), (70, 130, 43)] {
             let x = rng.normal_vec(t * k, 1.0);
             let lin = Linear::dense(n, k, rng.normal_vec(n * k, 0.5), Some(rng.normal_vec(n, 0.1)));
             for layer in [lin.clone(), lin.to_nf4()] {
@@ -168,6 +243,36 @@ mod tests {
                         assert!(
                             (y[r * n + j] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
                             "({t},{n},{k}) [{r},{j}]"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_backward_matches_naive_triple_loop_dense_and_nf4() {
+        // Panels of W and blocks of tokens with remainders; whole rows of dy zero (skipped terms).
+        let mut rng = Rng::new(8);
+        for &(t, n, k) in &[(1, 3, 5), (17, 67, 64), (35, 130, 43)] {
+            let mut dy = rng.normal_vec(t * n, 1.0);
+            if t > 1 {
+                dy[n..2 * n].fill(0.0);
+            }
+            let lin = Linear::dense(n, k, rng.normal_vec(n * k, 0.5), None);
+            for layer in [lin.clone(), lin.to_nf4()] {
+                let w = match &layer.weight {
+                    LinearWeight::Dense(w) => w.clone(),
+                    LinearWeight::Nf4(q) => q.dequantize(),
+                };
+                let mut dx = vec![f32::NAN; t * k];
+                linear_bwd_input(&mut dx, &dy, &layer);
+                for r in 0..t {
+                    for i in 0..k {
+                        let want: f64 = (0..n).map(|j| dy[r * n + j] as f64 * w[j * k + i] as f64).sum();
+                        assert!(
+                            (dx[r * k + i] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "({t},{n},{k}) [{r},{i}]"
                         );
                     }
                 }
