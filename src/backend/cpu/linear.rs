@@ -98,7 +98,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// [`dot`] of four rows of x with one w, each summed in `dot`'s order (so equal to four calls, bit
 /// for bit), loading each value of w once for all four.
 #[inline]
-fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+pub(super) fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
     let whole = w.len() / 8 * 8;
     let mut acc = [[0f32; 8]; 4];
     let mut xs = x.map(|r| r[..whole].chunks_exact(8));
