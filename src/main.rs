@@ -437,7 +437,7 @@ fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String
 fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<String> {
     let target = Target::open(device, Target::Cpu)?;
     let tokenizer = Tokenizer::load(dir)?;
-    let model = target.load_model(dir, nf4)?;
+    let model = cpu_generation_model(target.load_model(dir, nf4)?, &target);
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -453,6 +453,16 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
         sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, eos)
     };
     tokenizer.decode(&out)
+}
+
+/// On the f32 reference, an NF4 base keeps its NF4-rounded values but stored decoded: generation
+/// then decodes no weights per token (same outputs; the device engines keep NF4).
+fn cpu_generation_model(model: Model, target: &Target) -> Model {
+    if target.on_engine() {
+        model
+    } else {
+        model.nf4_decoded()
+    }
 }
 
 /// Greedy continuations on a device engine (`cuda` or `cpu-bf16`), batched, with a KV cache.
@@ -686,7 +696,7 @@ fn predict(
         PromptStyle::Template => None,
         PromptStyle::Chat => Some(sqlora::data::chat::ChatFormat::of(&tok)?),
     };
-    let model = target.load_model(model_path, how.nf4)?;
+    let model = cpu_generation_model(target.load_model(model_path, how.nf4)?, &target);
     let lora = adapter
         .map(|a| sqlora::lora::LoraParams::load_peft(a, &model.config))
         .transpose()?;

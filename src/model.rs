@@ -241,6 +241,19 @@ impl Model {
         self
     }
 
+    /// The same model with each NF4 projection stored as its decoded f32 values: the same numbers,
+    /// so the same outputs bit for bit, in 8x the memory and with no decoding at each use. For
+    /// generating on the CPU, where every decoding step would otherwise decode every weight for
+    /// one token.
+    pub fn nf4_decoded(mut self) -> Model {
+        for layer in &mut self.layers {
+            for p in &mut layer.proj {
+                *p = p.decoded();
+            }
+        }
+        self
+    }
+
     /// Run `tokens` (positions `cache.len()..`) through the model, appending their keys and values
     /// to the cache. Returns logits `[T, vocab]` (`Logits::All`) or `[1, vocab]` (`Logits::Last`).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Vec<f32> {

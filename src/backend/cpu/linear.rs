@@ -54,6 +54,19 @@ impl Linear {
         Ok(Linear { weight, ..self.clone() })
     }
 
+    /// The same layer with an NF4 weight stored as its decoded f32 values (a dense one unchanged).
+    pub fn decoded(&self) -> Linear {
+        match &self.weight {
+            LinearWeight::Dense(_) => self.clone(),
+            LinearWeight::Nf4(q) => Linear {
+                out_features: self.out_features,
+                in_features: self.in_features,
+                weight: LinearWeight::Dense(q.dequantize()),
+                bias: self.bias.clone(),
+            },
+        }
+    }
+
     /// Row `j` of `W` as f32: borrowed when dense, dequantized into `buf` when NF4.
     #[inline]
     pub(crate) fn row<'a>(&'a self, j: usize, buf: &'a mut [f32]) -> &'a [f32] {
