@@ -232,10 +232,15 @@ impl Model {
 
     /// The same model with the seven linear projections of every layer quantized to NF4.
     /// Embeddings, norms and the output head stay dense, as in QLoRA.
-    pub fn quantize_nf4(mut self) -> Model {
+    pub fn quantize_nf4(self) -> Model {
+        self.map_projections(Linear::to_nf4)
+    }
+
+    /// The model with `f` applied to each layer's projections.
+    fn map_projections(mut self, f: impl Fn(&Linear) -> Linear) -> Model {
         for layer in &mut self.layers {
             for p in &mut layer.proj {
-                *p = p.to_nf4();
+                *p = f(p);
             }
         }
         self
@@ -245,13 +250,8 @@ impl Model {
     /// so the same outputs bit for bit, in 8x the memory and with no decoding at each use. For
     /// generating on the CPU, where every decoding step would otherwise decode every weight for
     /// one token.
-    pub fn nf4_decoded(mut self) -> Model {
-        for layer in &mut self.layers {
-            for p in &mut layer.proj {
-                *p = p.decoded();
-            }
-        }
-        self
+    pub fn nf4_decoded(self) -> Model {
+        self.map_projections(Linear::decoded)
     }
 
     /// Run `tokens` (positions `cache.len()..`) through the model, appending their keys and values

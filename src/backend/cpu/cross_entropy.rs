@@ -1,7 +1,8 @@
 //! Cross-entropy through the output head, fused: the logits of a position exist only as one `[vocab]`
 //! row inside the task that handles it, so `[T, vocab]` is never materialised.
 
-use super::{dot, Linear};
+use super::linear::dot_rows;
+use super::Linear;
 use rayon::prelude::*;
 
 /// Loss and input gradient of `loss = inv_count * sum_t -log softmax(h_t W^T)[target_t]` over the
@@ -66,17 +67,7 @@ fn block_loss(block: &[(usize, usize)], h: &[f32], head: &Linear, inv_count: f32
     let mut logits = vec![0f32; rows * vocab]; // [rows, vocab], this block only
     for v in 0..vocab {
         let w = head.row(v, &mut wbuf);
-        let mut i = 0;
-        while i + 4 <= rows {
-            let l4 = super::linear::dot4([hrow(i), hrow(i + 1), hrow(i + 2), hrow(i + 3)], w);
-            for (j, l) in l4.into_iter().enumerate() {
-                logits[(i + j) * vocab + v] = l + bias(v);
-            }
-            i += 4;
-        }
-        for i in i..rows {
-            logits[i * vocab + v] = dot(hrow(i), w) + bias(v);
-        }
+        dot_rows(hrow, 0..rows, w, |i, l| logits[i * vocab + v] = l + bias(v));
     }
     let mut losses = Vec::with_capacity(rows);
     for (i, &(_, target)) in block.iter().enumerate() {
@@ -127,10 +118,7 @@ mod tests {
         let targets: Vec<Option<u32>> = (0..t).map(|i| (i % 6 != 2).then_some((i * 7 % vocab) as u32)).collect();
         let inv = 1.0 / 11.0;
         for layer in [head.clone(), head.to_nf4()] {
-            let w = match &layer.weight {
-                crate::backend::cpu::LinearWeight::Dense(w) => w.clone(),
-                crate::backend::cpu::LinearWeight::Nf4(q) => q.dequantize(),
-            };
+            let w = layer.rows(0, vocab, &mut vec![0f32; vocab * d]).to_vec();
             let b = layer.bias.clone().unwrap();
             let mut dh = vec![f32::NAN; t * d];
             let loss = cross_entropy_fwd_bwd(Some(&mut dh), &h, &layer, &targets, inv);

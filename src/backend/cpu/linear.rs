@@ -2,6 +2,7 @@
 
 use crate::nf4::Nf4Tensor;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// The weight of a frozen linear layer `y = x W^T + b`, `W: [out, in]`.
 #[derive(Clone, Debug)]
@@ -111,7 +112,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// [`dot`] of four rows of x with one w, each summed in `dot`'s order (so equal to four calls, bit
 /// for bit), loading each value of w once for all four.
 #[inline]
-pub(super) fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
     let whole = w.len() / 8 * 8;
     let mut acc = [[0f32; 8]; 4];
     let mut xs = x.map(|r| r[..whole].chunks_exact(8));
@@ -132,6 +133,28 @@ pub(super) fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
         *o = s;
     }
     out
+}
+
+/// `put(r, dot(x(r), w))` for each r in `rows`, four rows per load of w ([`dot4`]), so each value
+/// is what [`dot`] gives.
+#[inline]
+pub(super) fn dot_rows<'a>(
+    x: impl Fn(usize) -> &'a [f32],
+    rows: Range<usize>,
+    w: &[f32],
+    mut put: impl FnMut(usize, f32),
+) {
+    let mut r = rows.start;
+    while r + 4 <= rows.end {
+        let d = dot4([x(r), x(r + 1), x(r + 2), x(r + 3)], w);
+        for (i, v) in d.into_iter().enumerate() {
+            put(r + i, v);
+        }
+        r += 4;
+    }
+    for r in r..rows.end {
+        put(r, dot(x(r), w));
+    }
 }
 
 /// Rows of W a task dequantizes (or borrows) at once, and tokens per cache tile of x: a panel of 64
@@ -164,17 +187,7 @@ pub fn linear_fwd(y: &mut [f32], x: &[f32], lin: &Linear) {
                 for (jr, col) in cols.chunks_mut(t).enumerate() {
                     let wj = &w[jr * k..(jr + 1) * k];
                     let b = lin.bias.as_ref().map_or(0.0, |b| b[p * W_PANEL + jr]);
-                    let mut r = t0;
-                    while r + 4 <= t1 {
-                        let d = dot4([xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)], wj);
-                        for (o, v) in col[r..r + 4].iter_mut().zip(d) {
-                            *o = v + b;
-                        }
-                        r += 4;
-                    }
-                    for (o, r) in col[r..t1].iter_mut().zip(r..t1) {
-                        *o = dot(xrow(r), wj) + b;
-                    }
+                    dot_rows(xrow, t0..t1, wj, |r, v| col[r] = v + b);
                 }
             }
         },
@@ -243,10 +256,7 @@ mod tests {
             let x = rng.normal_vec(t * k, 1.0);
             let lin = Linear::dense(n, k, rng.normal_vec(n * k, 0.5), Some(rng.normal_vec(n, 0.1)));
             for layer in [lin.clone(), lin.to_nf4()] {
-                let w = match &layer.weight {
-                    LinearWeight::Dense(w) => w.clone(),
-                    LinearWeight::Nf4(q) => q.dequantize(),
-                };
+                let w = layer.rows(0, n, &mut vec![0f32; n * k]).to_vec();
                 let mut y = vec![f32::NAN; t * n];
                 linear_fwd(&mut y, &x, &layer);
                 for r in 0..t {
@@ -274,10 +284,7 @@ mod tests {
             }
             let lin = Linear::dense(n, k, rng.normal_vec(n * k, 0.5), None);
             for layer in [lin.clone(), lin.to_nf4()] {
-                let w = match &layer.weight {
-                    LinearWeight::Dense(w) => w.clone(),
-                    LinearWeight::Nf4(q) => q.dequantize(),
-                };
+                let w = layer.rows(0, n, &mut vec![0f32; n * k]).to_vec();
                 let mut dx = vec![f32::NAN; t * k];
                 linear_bwd_input(&mut dx, &dy, &layer);
                 for r in 0..t {
