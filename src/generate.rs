@@ -1,7 +1,9 @@
-//! Greedy decoding with a KV cache: the prompt is run once, then one token per step.
+//! Decoding with a KV cache: greedy continuations, and several candidates per prompt (the greedy
+//! one, then sampled ones) decoded together.
 
 use crate::lora::LoraParams;
 use crate::model::{KvCache, Logits, Model};
+use crate::rng::Rng;
 
 /// Index of the largest logit; the first one on ties (as `torch.argmax`).
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -31,5 +33,107 @@ pub fn greedy(model: &Model, lora: Option<&LoraParams>, prompt: &[u32], max_new:
             return out;
         }
         logits = model.forward_adapted(&[next], &mut cache, Logits::Last, lora);
+    }
+}
+
+/// How the candidates after the first are drawn: from `softmax(logits / temperature)`, cut to the
+/// smallest set of most likely tokens whose probabilities reach `top_p` (nucleus sampling).
+/// Candidate 0 of every prompt is the greedy continuation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// The generator of candidate `j` of prompt `i`: fixed by the seed, whatever the batching.
+    pub fn rng(&self, i: usize, j: usize) -> Rng {
+        let mut mix = Rng::new(self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        Rng::new(mix.next_u64() ^ (j as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
+    }
+
+    /// One token drawn from `logits` ([vocab]).
+    pub fn draw(&self, logits: &[f32], rng: &mut Rng) -> u32 {
+        let t = self.temperature.max(1e-6);
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        // Tokens below max - 20 t have probability under e^-20 of the best one's: leaving them out
+        // changes nothing a draw could see, and keeps the sort short over a large vocabulary.
+        let floor = max - 20.0 * t;
+        let mut probs: Vec<(u32, f64)> = (logits.iter().enumerate())
+            .filter(|(_, &v)| v >= floor)
+            .map(|(i, &v)| (i as u32, (((v - max) / t) as f64).exp()))
+            .collect();
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        let mut kept = 0.0;
+        let mut n = 0;
+        while n < probs.len() && (n == 0 || kept < self.top_p as f64 * total) {
+            kept += probs[n].1;
+            n += 1;
+        }
+        let mut u = rng.uniform() * kept;
+        for &(id, p) in &probs[..n] {
+            if u < p {
+                return id;
+            }
+            u -= p;
+        }
+        probs[n - 1].0
+    }
+}
+
+/// `n` continuations of `prompt`: the greedy one first, then `n - 1` drawn with `sampling` (`i`:
+/// the prompt's index, which seeds its draws). The prompt runs once; its cache is then copied for
+/// each candidate, and the candidates decode together, one row each, until each has stopped (as
+/// [`greedy`] stops).
+#[allow(clippy::too_many_arguments)]
+pub fn candidates(
+    model: &Model,
+    lora: Option<&LoraParams>,
+    prompt: &[u32],
+    n: usize,
+    max_new: usize,
+    eos: &[u32],
+    sampling: &Sampling,
+    i: usize,
+) -> Vec<Vec<u32>> {
+    let mut outs = vec![Vec::with_capacity(max_new); n];
+    if max_new == 0 || n == 0 {
+        return outs;
+    }
+    let mut rngs: Vec<Rng> = (0..n).map(|j| sampling.rng(i, j)).collect();
+    let mut cache = KvCache::new(&model.config);
+    let logits = model.forward_adapted(prompt, &mut cache, Logits::Last, lora); // [1, vocab]
+    let v = model.config.vocab_size;
+    // The unfinished candidates, in order, with their caches and their latest logits ([vocab] each).
+    let mut live: Vec<usize> = (0..n).collect();
+    let mut caches = vec![cache; n];
+    let mut rows = logits.repeat(n); // [live, vocab]
+    loop {
+        let mut next = Vec::with_capacity(live.len());
+        for (&j, row) in live.iter().zip(rows.chunks(v)) {
+            let id = if j == 0 {
+                argmax(row)
+            } else {
+                sampling.draw(row, &mut rngs[j])
+            };
+            outs[j].push(id);
+            next.push(id);
+        }
+        // Drop the candidates that stopped, with their caches.
+        let (mut still, mut kept, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for ((j, cache), id) in live.into_iter().zip(caches).zip(next) {
+            if !eos.contains(&id) && outs[j].len() < max_new {
+                still.push(j);
+                kept.push(cache);
+                ids.push(id);
+            }
+        }
+        (live, caches) = (still, kept);
+        if live.is_empty() {
+            return outs;
+        }
+        rows = model.forward_rows(&ids, &mut caches, lora);
     }
 }

@@ -27,6 +27,7 @@ pub mod model;
 pub mod nf4;
 pub mod optim;
 pub mod plot;
+pub mod predict;
 pub mod rng;
 pub mod sql;
 pub mod tiny;

@@ -1,9 +1,11 @@
 //! `sqlora`: the toolbox around the training engine.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use sqlora::engine::target::Target;
+use sqlora::generate::Sampling;
 use sqlora::model::Model;
+use sqlora::predict::{self, Generation, PromptStyle};
 use sqlora::tiny::{write_tiny_model, TinyVariant};
 use sqlora::tokenizer::Tokenizer;
 use std::io::Write;
@@ -134,6 +136,25 @@ enum Command {
         /// untuned instruct model (the answer is cut to its first statement).
         #[arg(long, value_enum, default_value_t = PromptStyle::Template)]
         prompt: PromptStyle,
+        /// Candidates per question: the greedy answer and N-1 sampled ones, run on the question's
+        /// database (read-only); the answer is the one most runnable candidates agree with.
+        #[arg(long, default_value_t = 1)]
+        candidates: usize,
+        /// Sampling temperature of the candidates after the first.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        /// Nucleus (top-p) cut of the sampled candidates.
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Directory holding <db_id>/<db_id>.sqlite, for examples that give a db_id (needed with
+        /// --candidates).
+        #[arg(long)]
+        db_root: Option<PathBuf>,
+        /// Time limit of each candidate query, in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
     },
     /// Score predicted SQL against gold SQL by execution (Spider test-suite semantics).
     Eval {
@@ -319,18 +340,32 @@ fn run(cli: Cli) -> Result<()> {
             nf4,
             device,
             prompt,
-        } => predict(
-            &model,
-            adapter.as_deref(),
-            &data,
-            &out,
-            Generation {
+            candidates,
+            temperature,
+            top_p,
+            seed,
+            db_root,
+            timeout_ms,
+        } => {
+            let valid = candidates >= 1 && temperature > 0.0 && top_p > 0.0 && top_p <= 1.0;
+            if !valid {
+                bail!("--candidates must be at least 1, --temperature above 0, --top-p in (0, 1]");
+            }
+            let how = Generation {
                 max_new: max_new_tokens,
                 nf4,
                 prompt,
-            },
-            &device,
-        ),
+                candidates,
+                sampling: Sampling {
+                    temperature,
+                    top_p,
+                    seed,
+                },
+                db_root,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            };
+            predict::predict(&model, adapter.as_deref(), &data, &out, &how, &device)
+        }
         Command::Selftest { json, seed } => selftest(json, seed),
         Command::Bench {
             what:
@@ -437,7 +472,7 @@ fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String
 fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<String> {
     let target = Target::open(device, Target::Cpu)?;
     let tokenizer = Tokenizer::load(dir)?;
-    let model = cpu_generation_model(target.load_model(dir, nf4)?, &target);
+    let model = predict::cpu_generation_model(target.load_model(dir, nf4)?, &target);
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -448,44 +483,13 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
         None => None,
     };
     let out = if target.on_engine() {
-        engine_generate(&model, lora.as_ref(), &[ids], max_new, eos, &target)?.remove(0)
+        let prompts = [ids];
+        let mut engine = predict::engine_for(&model, lora.as_ref(), &prompts, &target)?;
+        engine.generate(lora.as_ref(), &prompts, max_new, eos)?.remove(0)
     } else {
         sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, eos)
     };
     tokenizer.decode(&out)
-}
-
-/// On the f32 reference, an NF4 base keeps its NF4-rounded values but stored decoded: generation
-/// then decodes no weights per token (same outputs; the device engines keep NF4).
-fn cpu_generation_model(model: Model, target: &Target) -> Model {
-    if target.on_engine() {
-        model
-    } else {
-        model.nf4_decoded()
-    }
-}
-
-/// Greedy continuations on a device engine (`cuda` or `cpu-bf16`), batched, with a KV cache.
-fn engine_generate(
-    model: &Model,
-    lora: Option<&sqlora::lora::LoraParams>,
-    prompts: &[Vec<u32>],
-    max_new: usize,
-    stops: &[u32],
-    target: &Target,
-) -> Result<Vec<Vec<u32>>> {
-    // Without an adapter, an empty adapter layout.
-    let layout = lora.cloned().unwrap_or_else(|| {
-        let none = sqlora::lora::LoraConfig {
-            targets: vec![],
-            ..Default::default()
-        };
-        sqlora::lora::LoraParams::zeros(&model.config, none)
-    });
-    let cap = prompts.iter().map(Vec::len).max().unwrap_or(1).max(2048);
-    let mut engine = (target.engine(model, &layout, cap, false)?).context("generation needs a device engine")?;
-    eprintln!("generating on {}", engine.describe());
-    engine.generate(lora, prompts, max_new, stops)
 }
 
 /// Print the generated SQL, run it read-only with a time limit, and print its rows as a table.
@@ -666,80 +670,4 @@ fn selftest(json: bool, seed: u64) -> Result<()> {
         bail!("{failed} of {} kernel checks failed", checks.len());
     }
     Ok(())
-}
-
-/// How `predict` asks: the prompt style, the longest answer, and whether the base is NF4 on the CPU.
-struct Generation {
-    max_new: usize,
-    nf4: bool,
-    prompt: PromptStyle,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum PromptStyle {
-    Template,
-    Chat,
-}
-
-fn predict(
-    model_path: &Path,
-    adapter: Option<&Path>,
-    data: &Path,
-    out: &Path,
-    how: Generation,
-    device: &str,
-) -> Result<()> {
-    // The device engine for cuda and cpu-bf16; `auto` is cuda when a GPU is usable, else the CPU reference.
-    let target = Target::open(device, Target::Cpu)?;
-    let tok = Tokenizer::load(model_path)?;
-    let chat = match how.prompt {
-        PromptStyle::Template => None,
-        PromptStyle::Chat => Some(sqlora::data::chat::ChatFormat::of(&tok)?),
-    };
-    let model = cpu_generation_model(target.load_model(model_path, how.nf4)?, &target);
-    let lora = adapter
-        .map(|a| sqlora::lora::LoraParams::load_peft(a, &model.config))
-        .transpose()?;
-    let mut stops = model.config.eos_token_ids.clone();
-    if let Some(format) = chat {
-        stops.extend(tok.token_id(format.end_of_turn()));
-    }
-    let examples = sqlora::data::read_jsonl(data)?;
-    let prompts = (examples.iter())
-        .map(|e| match chat {
-            Some(format) => tok.encode(&format.prompt(&e.instruction, &e.input)),
-            None => tok.encode(&sqlora::data::prompt(&e.instruction, &e.input)),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let answers: Vec<String> = if target.on_engine() {
-        let outs = engine_generate(&model, lora.as_ref(), &prompts, how.max_new, &stops, &target)?;
-        outs.iter()
-            .map(|o| Ok(tok.decode(o)?.trim().to_string()))
-            .collect::<Result<_>>()?
-    } else {
-        let mut answers = Vec::with_capacity(prompts.len());
-        for (i, p) in prompts.iter().enumerate() {
-            answers.push(sqlora::evaluate::predict(
-                &model,
-                lora.as_ref(),
-                &tok,
-                p,
-                how.max_new,
-                &stops,
-            )?);
-            eprint!("\r{}/{} predicted", i + 1, prompts.len());
-        }
-        eprintln!();
-        answers
-    };
-    let sqls = answers.into_iter().map(|a| match chat {
-        Some(_) => sqlora::data::chat::extract_sql(&a),
-        None => a,
-    });
-    let mut text = String::new();
-    for sql in sqls {
-        text += &serde_json::json!({ "sql": sql }).to_string();
-        text.push('\n');
-    }
-    sqlora::weights::write_atomic(out, text.as_bytes())
 }

@@ -109,7 +109,9 @@ pub struct Model {
     pub inv_freq: Vec<f32>,
 }
 
-/// Keys and values of every position seen so far, per layer.
+/// Keys and values of every position seen so far, per layer. Cloning one lets several
+/// continuations of the same prompt share its prefill.
+#[derive(Clone)]
 pub struct KvCache {
     /// Per layer: `[S, h_kv, hd]`.
     k: Vec<Vec<f32>>,
@@ -295,6 +297,32 @@ impl Model {
         logits
     }
 
+    /// One new token for each of several sequences: `tokens[i]` continues the sequence of
+    /// `caches[i]` (at its own position), and its keys and values are appended there. The rows share
+    /// each read of the weights, so B rows cost far less than B calls of [`Model::forward_adapted`],
+    /// whose results they equal. Returns logits `[B, vocab]`.
+    pub fn forward_rows(&self, tokens: &[u32], caches: &mut [KvCache], lora: Option<&LoraParams>) -> Vec<f32> {
+        let c = &self.config;
+        assert!(
+            !tokens.is_empty() && tokens.len() == caches.len(),
+            "one token per cache"
+        );
+        let positions: Vec<usize> = caches.iter().map(KvCache::len).collect();
+        let mut x = self.embed_tokens(tokens); // [B, d] residual stream
+        let mut acts = LayerActs::default();
+        for l in 0..c.num_layers {
+            acts.x_in = x;
+            let attn = Attention::PerRow { caches, layer: l };
+            x = self.layer_fwd(l, &mut acts, &positions, attn, lora.map(|p| (p, None)));
+        }
+        caches.iter_mut().for_each(|cache| cache.len += 1);
+        let mut normed = vec![0f32; x.len()]; // [B, d]
+        cpu::rmsnorm_fwd(&mut normed, &x, &self.norm, c.rms_norm_eps);
+        let mut logits = vec![0f32; tokens.len() * c.vocab_size]; // [B, vocab]
+        cpu::linear_fwd(&mut logits, &normed, self.head());
+        logits
+    }
+
     /// The output head: `lm_head`, or the embedding when tied. `[vocab, d]`.
     pub fn head(&self) -> &Linear {
         self.lm_head.as_ref().unwrap_or(&self.embed)
@@ -341,6 +369,15 @@ impl Model {
                 k.extend_from_slice(&a.k);
                 v.extend_from_slice(&a.v);
                 cpu::attention_fwd(&mut a.att, &a.q, k, v, h, hkv, hd);
+            }
+            Attention::PerRow { caches, layer } => {
+                for (i, cache) in caches.iter_mut().enumerate() {
+                    let (k, v) = (&mut cache.k[layer], &mut cache.v[layer]);
+                    k.extend_from_slice(&a.k[i * kvd..(i + 1) * kvd]);
+                    v.extend_from_slice(&a.v[i * kvd..(i + 1) * kvd]);
+                    let rows = i * qd..(i + 1) * qd;
+                    cpu::attention_fwd(&mut a.att[rows.clone()], &a.q[rows], k, v, h, hkv, hd);
+                }
             }
             Attention::Packed(seqs) => {
                 for s in seqs {
@@ -398,6 +435,9 @@ impl Model {
 pub enum Attention<'a> {
     /// Generation: append this call's keys/values (`[S, h_kv, hd]` each) and attend over all of them.
     Cached { k: &'a mut Vec<f32>, v: &'a mut Vec<f32> },
+    /// Generation of several sequences at once: row i is the next token of `caches[i]`; its keys
+    /// and values are appended to that cache's `layer`, and it attends over all of them.
+    PerRow { caches: &'a mut [KvCache], layer: usize },
     /// Training: the tokens are independent sequences packed end to end; each attends causally
     /// within its own range only.
     Packed(&'a [Range<usize>]),

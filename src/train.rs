@@ -653,6 +653,16 @@ pub trait StepEngine {
         max_new: usize,
         stops: &[u32],
     ) -> Result<Vec<Vec<u32>>>;
+    /// `n` continuations of each prompt, greedy first, as `generate::candidates`.
+    fn generate_candidates(
+        &mut self,
+        lora: Option<&LoraParams>,
+        prompts: &[Vec<u32>],
+        n: usize,
+        max_new: usize,
+        stops: &[u32],
+        sampling: &crate::generate::Sampling,
+    ) -> Result<Vec<Vec<Vec<u32>>>>;
     /// Device memory in use, where the device can tell.
     fn memory_used(&self) -> Option<usize>;
     /// Decoding steps so far that replayed a recorded graph.
@@ -705,6 +715,17 @@ impl<D: Device> StepEngine for Engine<D> {
         stops: &[u32],
     ) -> Result<Vec<Vec<u32>>> {
         Engine::generate(self, lora, prompts, max_new, stops)
+    }
+    fn generate_candidates(
+        &mut self,
+        lora: Option<&LoraParams>,
+        prompts: &[Vec<u32>],
+        n: usize,
+        max_new: usize,
+        stops: &[u32],
+        sampling: &crate::generate::Sampling,
+    ) -> Result<Vec<Vec<Vec<u32>>>> {
+        Engine::generate_candidates(self, lora, prompts, n, max_new, stops, sampling)
     }
     fn memory_used(&self) -> Option<usize> {
         self.dev.memory_used()

@@ -297,7 +297,13 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
     };
     let out = predict("6", &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(std::fs::read_to_string(&pred).unwrap().lines().count(), 3);
+    let read_lines = || -> Vec<serde_json::Value> {
+        (std::fs::read_to_string(&pred).unwrap().lines())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let greedy_lines = read_lines();
+    assert_eq!(greedy_lines.len(), 3);
     let out = sqlora(&["eval", "--data", v, "--pred", p, "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -308,6 +314,33 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("CPU, bf16 storage"), "{err}");
     assert_eq!(std::fs::read_to_string(&pred).unwrap().lines().count(), 3);
+
+    // Execution-guided: three candidates per question, the greedy answer first; the line's SQL is
+    // the chosen one, and eval reads the file as any other.
+    let out = predict("6", &["--candidates", "3", "--device", "cpu"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (line, g) in read_lines().iter().zip(&greedy_lines) {
+        let c = line["candidates"].as_array().unwrap();
+        assert_eq!((c.len(), &c[0]), (3, &g["sql"]), "{line}");
+        assert_eq!(line["sql"], c[line["chosen"].as_u64().unwrap() as usize]);
+        assert!(line["runnable"].as_u64().unwrap() <= 3 && line["votes"].as_u64() <= line["runnable"].as_u64());
+    }
+    let out = sqlora(&["eval", "--data", v, "--pred", p, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Candidates need each question's database: without one, the error names the line, and
+    // nothing is written.
+    let nodb = dir.path().join("nodb.jsonl");
+    let line = r#"{"instruction":"How many singers?","input":"singer(id INT)","output":"SELECT 1"}"#;
+    std::fs::write(&nodb, format!("{line}\n")).unwrap();
+    let lost = dir.path().join("lost.jsonl");
+    let (n, l) = (nodb.to_str().unwrap(), lost.to_str().unwrap());
+    let out = sqlora(&["predict", "--model", m, "--data", n, "--out", l, "--candidates", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("nodb.jsonl:1") && err.contains("database"),
+        "{err}"
+    );
+    assert!(!lost.exists());
 
     // In the model's chat format: each line is the first statement of the greedy answer to the
     // ChatML conversation, stopped at EOS or the end of the turn.

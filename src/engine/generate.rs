@@ -1,4 +1,5 @@
-//! Batched greedy generation on a device, with a KV cache: the device twin of `generate::greedy`.
+//! Batched generation on a device, with a KV cache: the device twin of `generate::greedy` and
+//! `generate::candidates`.
 //!
 //! The prompts of a chunk are packed and run once (prefill), their keys and values written into a
 //! cache that gives sequence b the rows `b * S .. (b + 1) * S` (S: the longest prompt plus the new
@@ -10,7 +11,9 @@ use super::layer::Attn;
 use super::step::Engine;
 use super::{Bf, Device};
 use crate::autograd::Batch;
+use crate::generate::{argmax, Sampling};
 use crate::lora::LoraParams;
+use crate::rng::Rng;
 use anyhow::{ensure, Result};
 
 /// The KV cache and the index buffers of generation.
@@ -30,6 +33,20 @@ pub(super) struct GenCache<D: Device> {
     next: D::Buf<i32>,
 }
 
+/// How candidates are drawn: sequence g is candidate `g % n` of prompt `g / n`, with generator
+/// `rngs[g]`.
+struct Draw {
+    sampling: Sampling,
+    n: usize,
+    rngs: Vec<Rng>,
+}
+
+/// Where a chunk of sequences sits among all of a call's: its first one's index, and the draws.
+struct Chunk<'a> {
+    first: usize,
+    draw: Option<&'a mut Draw>,
+}
+
 impl<D: Device> Engine<D> {
     /// Greedy continuations of `prompts` (with the adapters, if given): at most `max_new` tokens
     /// each, stopping after the first token in `stops` (which is kept, as `generate::greedy` does).
@@ -40,6 +57,47 @@ impl<D: Device> Engine<D> {
         prompts: &[Vec<u32>],
         max_new: usize,
         stops: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        self.generate_drawn(lora, prompts, max_new, stops, None)
+    }
+
+    /// `n` continuations of each prompt, as `generate::candidates` makes them: the greedy one first,
+    /// then `n - 1` drawn with `sampling` (each sequence's draws seeded by its prompt's index and its
+    /// own, so they do not depend on how prompts are chunked). Each prompt is run n times, as n
+    /// sequences; the logits of every step come back to choose the tokens.
+    pub fn generate_candidates(
+        &mut self,
+        lora: Option<&LoraParams>,
+        prompts: &[Vec<u32>],
+        n: usize,
+        max_new: usize,
+        stops: &[u32],
+        sampling: &Sampling,
+    ) -> Result<Vec<Vec<Vec<u32>>>> {
+        if n == 0 {
+            return Ok(vec![Vec::new(); prompts.len()]);
+        }
+        let many: Vec<Vec<u32>> = (prompts.iter())
+            .flat_map(|p| std::iter::repeat_n(p.clone(), n))
+            .collect();
+        let mut draw = Draw {
+            sampling: *sampling,
+            n,
+            rngs: (0..many.len()).map(|g| sampling.rng(g / n, g % n)).collect(),
+        };
+        let mut outs = self
+            .generate_drawn(lora, &many, max_new, stops, Some(&mut draw))?
+            .into_iter();
+        Ok((0..prompts.len()).map(|_| outs.by_ref().take(n).collect()).collect())
+    }
+
+    fn generate_drawn(
+        &mut self,
+        lora: Option<&LoraParams>,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stops: &[u32],
+        mut draw: Option<&mut Draw>,
     ) -> Result<Vec<Vec<u32>>> {
         let mut out = vec![Vec::new(); prompts.len()];
         if max_new == 0 || prompts.is_empty() {
@@ -62,7 +120,11 @@ impl<D: Device> Engine<D> {
                 prompts[i].len(),
                 self.cap
             );
-            self.generate_chunk(lora.is_some(), &prompts[i..j], max_new, stops, &mut out[i..j])?;
+            let chunk = Chunk {
+                first: i,
+                draw: draw.as_deref_mut(),
+            };
+            self.generate_chunk(lora.is_some(), &prompts[i..j], max_new, stops, &mut out[i..j], chunk)?;
             i = j;
         }
         Ok(out)
@@ -91,10 +153,14 @@ impl<D: Device> Engine<D> {
         max_new: usize,
         stops: &[u32],
         out: &mut [Vec<u32>],
+        mut chunk: Chunk,
     ) -> Result<()> {
         let s = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
         let rows = self.prefill(adapted, prompts, s)?;
-        let mut next = self.argmax_of_logits(rows)?;
+        let mut next = match chunk.draw.as_deref_mut() {
+            None => self.argmax_of_logits(rows)?,
+            Some(draw) => self.draw_from_logits(rows, chunk.first, draw)?,
+        };
         // Every sequence decodes until the last one stops (a finished one's tokens are dropped), so
         // each step has the same shape and can replay one recorded graph. Sequence b's cache rows
         // b * s .. stay within its own: it decodes at most max_new - 1 steps past its prompt.
@@ -141,7 +207,10 @@ impl<D: Device> Engine<D> {
                 }
                 None => self.decode_step(adapted, b, lens.iter().max().map_or(1, |&n| n + 1))?,
             }
-            next = self.next_tokens(b)?;
+            next = match chunk.draw.as_deref_mut() {
+                None => self.next_tokens(b)?,
+                Some(draw) => self.draw_from_logits(b, chunk.first, draw)?,
+            };
             lens.iter_mut().for_each(|n| *n += 1);
         }
         unreachable!("the loop returns when every sequence is done")
@@ -234,6 +303,21 @@ impl<D: Device> Engine<D> {
         let g = self.gen.as_mut().expect("allocated by the prefill");
         self.dev.argmax_rows(&mut g.next, &self.s.logits, rows, v)?;
         self.next_tokens(rows)
+    }
+
+    /// The token of each of the first `rows` rows of s.logits, for sequences `first..`: greedy for
+    /// the first candidate of a prompt, drawn for the others (the logits come back to the host).
+    fn draw_from_logits(&mut self, rows: usize, first: usize, draw: &mut Draw) -> Result<Vec<u32>> {
+        let v = self.config.vocab_size;
+        let logits = self.dev.read(&self.s.logits, rows * v)?; // [rows, vocab]
+        let pick = |(r, row): (usize, &[f32])| {
+            let g = first + r;
+            match g % draw.n {
+                0 => argmax(row),
+                _ => draw.sampling.draw(row, &mut draw.rngs[g]),
+            }
+        };
+        Ok(logits.chunks(v).enumerate().map(pick).collect())
     }
 
     /// The first `rows` token ids of gen.next.

@@ -1,5 +1,6 @@
 //! SQL: schemas and snippets, safe execution, and execution-accuracy evaluation.
 
+pub mod choose;
 pub mod compare;
 pub mod eval;
 pub mod exact;

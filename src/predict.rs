@@ -1,0 +1,184 @@
+//! `sqlora predict`: SQL for every example of a file, from a model and, optionally, an adapter; one
+//! JSON line per example, in order, for `sqlora eval`.
+//!
+//! With one candidate per question (the default) the answer is the greedy continuation. With n,
+//! it is chosen among the greedy one and n - 1 sampled ones by running them on the question's
+//! database ([`crate::sql::choose`]): execution-guided decoding, which uses the database but never
+//! the gold query.
+
+use crate::data::chat::{extract_sql, ChatFormat};
+use crate::data::Example;
+use crate::engine::target::Target;
+use crate::generate::{candidates, greedy, Sampling};
+use crate::lora::{LoraConfig, LoraParams};
+use crate::model::Model;
+use crate::sql::choose::{choose, Choice};
+use crate::sql::eval::resolve_db;
+use crate::sql::exec::Db;
+use crate::tokenizer::Tokenizer;
+use crate::train::StepEngine;
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// How `predict` asks.
+pub struct Generation {
+    /// The longest answer, in tokens.
+    pub max_new: usize,
+    /// Whether the base is NF4 on the CPU reference (always so on a device engine).
+    pub nf4: bool,
+    pub prompt: PromptStyle,
+    /// Candidates per question: 1 for greedy decoding alone.
+    pub candidates: usize,
+    /// How the candidates after the greedy one are drawn.
+    pub sampling: Sampling,
+    /// Where `<db_id>/<db_id>.sqlite` databases are, for choosing among candidates.
+    pub db_root: Option<PathBuf>,
+    /// Time limit of each candidate query.
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PromptStyle {
+    /// The `### Schema ###` template adapters are trained on.
+    Template,
+    /// The model's own chat format, asking for one SQLite query (the answer is cut to its first
+    /// statement).
+    Chat,
+}
+
+/// Write one `{"sql": ...}` line per example of `data` to `out` (atomically). With candidates, each
+/// line also lists them and how the choice went.
+pub fn predict(
+    model_path: &Path,
+    adapter: Option<&Path>,
+    data: &Path,
+    out: &Path,
+    how: &Generation,
+    device: &str,
+) -> Result<()> {
+    let examples = crate::data::read_jsonl(data)?;
+    // With candidates, every example's database must open before any generation starts.
+    let dbs = if how.candidates > 1 {
+        open_dbs(&examples, data, how.db_root.as_deref())?
+    } else {
+        Vec::new()
+    };
+    // The device engine for cuda and cpu-bf16; `auto` is cuda when a GPU is usable, else the CPU reference.
+    let target = Target::open(device, Target::Cpu)?;
+    let tok = Tokenizer::load(model_path)?;
+    let chat = match how.prompt {
+        PromptStyle::Template => None,
+        PromptStyle::Chat => Some(ChatFormat::of(&tok)?),
+    };
+    let model = cpu_generation_model(target.load_model(model_path, how.nf4)?, &target);
+    let lora = adapter.map(|a| LoraParams::load_peft(a, &model.config)).transpose()?;
+    let mut stops = model.config.eos_token_ids.clone();
+    if let Some(format) = chat {
+        stops.extend(tok.token_id(format.end_of_turn()));
+    }
+    let prompts = (examples.iter())
+        .map(|e| match chat {
+            Some(format) => tok.encode(&format.prompt(&e.instruction, &e.input)),
+            None => tok.encode(&crate::data::prompt(&e.instruction, &e.input)),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n = how.candidates.max(1);
+    // [examples][n] token ids.
+    let outs: Vec<Vec<Vec<u32>>> = if target.on_engine() {
+        let mut engine = engine_for(&model, lora.as_ref(), &prompts, &target)?;
+        if n == 1 {
+            let outs = engine.generate(lora.as_ref(), &prompts, how.max_new, &stops)?;
+            outs.into_iter().map(|o| vec![o]).collect()
+        } else {
+            engine.generate_candidates(lora.as_ref(), &prompts, n, how.max_new, &stops, &how.sampling)?
+        }
+    } else {
+        let mut outs = Vec::with_capacity(prompts.len());
+        for (i, p) in prompts.iter().enumerate() {
+            outs.push(match n {
+                1 => vec![greedy(&model, lora.as_ref(), p, how.max_new, &stops)],
+                _ => candidates(&model, lora.as_ref(), p, n, how.max_new, &stops, &how.sampling, i),
+            });
+            eprint!("\r{}/{} predicted", i + 1, prompts.len());
+        }
+        eprintln!();
+        outs
+    };
+    let mut text = String::new();
+    for (i, cands) in outs.iter().enumerate() {
+        let sqls = (cands.iter())
+            .map(|o| {
+                let a = tok.decode(o)?.trim().to_string();
+                Ok(if chat.is_some() { extract_sql(&a) } else { a })
+            })
+            .collect::<Result<Vec<String>>>()?;
+        let line = match dbs.get(i) {
+            None => serde_json::json!({ "sql": sqls[0] }),
+            Some(db) => {
+                let Choice { index, runnable, votes } = choose(db, &sqls, how.timeout);
+                serde_json::json!({
+                    "sql": sqls[index], "chosen": index, "runnable": runnable, "votes": votes,
+                    "candidates": sqls,
+                })
+            }
+        };
+        text += &line.to_string();
+        text.push('\n');
+    }
+    crate::weights::write_atomic(out, text.as_bytes())
+}
+
+/// Each example's database, opened read-only once per file, in the examples' order.
+fn open_dbs(examples: &[Example], data: &Path, db_root: Option<&Path>) -> Result<Vec<Rc<Db>>> {
+    let base = data.parent().unwrap_or(Path::new("."));
+    let mut open: HashMap<PathBuf, Rc<Db>> = HashMap::new();
+    (examples.iter().enumerate())
+        .map(|(i, e)| {
+            let path = resolve_db(e, base, db_root).with_context(|| {
+                format!(
+                    "{}:{}: choosing among candidates needs the database",
+                    data.display(),
+                    i + 1
+                )
+            })?;
+            if !open.contains_key(&path) {
+                open.insert(path.clone(), Rc::new(Db::open(&path)?));
+            }
+            Ok(open[&path].clone())
+        })
+        .collect()
+}
+
+/// On the f32 reference, an NF4 base keeps its NF4-rounded values but stored decoded: generation
+/// then decodes no weights per token (same outputs; the device engines keep NF4).
+pub fn cpu_generation_model(model: Model, target: &Target) -> Model {
+    if target.on_engine() {
+        model
+    } else {
+        model.nf4_decoded()
+    }
+}
+
+/// A device engine (`cuda` or `cpu-bf16`) for generating from `prompts` with `lora`'s layout.
+pub fn engine_for(
+    model: &Model,
+    lora: Option<&LoraParams>,
+    prompts: &[Vec<u32>],
+    target: &Target,
+) -> Result<Box<dyn StepEngine>> {
+    // Without an adapter, an empty adapter layout.
+    let layout = lora.cloned().unwrap_or_else(|| {
+        let none = LoraConfig {
+            targets: vec![],
+            ..Default::default()
+        };
+        LoraParams::zeros(&model.config, none)
+    });
+    let cap = prompts.iter().map(Vec::len).max().unwrap_or(1).max(2048);
+    let engine = (target.engine(model, &layout, cap, false)?).context("generation needs a device engine")?;
+    eprintln!("generating on {}", engine.describe());
+    Ok(engine)
+}
