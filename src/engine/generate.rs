@@ -15,6 +15,7 @@ use crate::generate::{argmax, Sampling};
 use crate::lora::LoraParams;
 use crate::rng::Rng;
 use anyhow::{ensure, Result};
+use rayon::prelude::*;
 
 /// The KV cache and the index buffers of generation.
 pub(super) struct GenCache<D: Device> {
@@ -310,14 +311,15 @@ impl<D: Device> Engine<D> {
     fn draw_from_logits(&mut self, rows: usize, first: usize, draw: &mut Draw) -> Result<Vec<u32>> {
         let v = self.config.vocab_size;
         let logits = self.dev.read(&self.s.logits, rows * v)?; // [rows, vocab]
-        let pick = |(r, row): (usize, &[f32])| {
-            let g = first + r;
-            match g % draw.n {
+        let (n, sampling) = (draw.n, draw.sampling);
+        let rngs = &mut draw.rngs[first..first + rows];
+        // Rows are independent (each has its own generator): drawn in parallel on the host.
+        Ok((logits.par_chunks(v).zip(rngs.par_iter_mut()).enumerate())
+            .map(|(r, (row, rng))| match (first + r) % n {
                 0 => argmax(row),
-                _ => draw.sampling.draw(row, &mut draw.rngs[g]),
-            }
-        };
-        Ok(logits.chunks(v).enumerate().map(pick).collect())
+                _ => sampling.draw(row, rng),
+            })
+            .collect())
     }
 
     /// The first `rows` token ids of gen.next.
