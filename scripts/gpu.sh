@@ -13,7 +13,8 @@
 #   scripts/gpu.sh result MODEL NAME [train options]
 #                          there: the base model's SQL on the held-out databases, QLoRA training
 #                          (resumable: at TRAIN_SECONDS, default 480, it checkpoints and stops; run it
-#                          again to go on), then the tuned model's SQL; `sqlora eval` of both, in $OUT.
+#                          again to go on), then the tuned model's SQL, greedy and with CANDIDATES
+#                          (default 8) execution-guided candidates; `sqlora eval` of each, in $OUT.
 #
 # SHAPES, GEMMS and ATTENTIONS override the benchmarked shapes (default: the four of the baseline
 # table), NF4 GEMM paths (auto tiled mma cublas) and attention paths (auto; add simple to compare
@@ -183,8 +184,17 @@ result)
         echo "tuned predictions: $((SECONDS - start)) s" | tee -a "$run/train.log"
         score "$run/pred-tuned.jsonl"
     fi
+    # Execution-guided: the greedy answer and CANDIDATES-1 sampled ones, chosen on the database.
+    k=${CANDIDATES:-8}
+    if [ -s "$run/pred-tuned.jsonl" ] && [ ! -s "$run/pred-tuned-c$k.jsonl" ] && [ $((SECONDS)) -lt 420 ]; then
+        start=$SECONDS
+        "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned-c$k.jsonl" \
+            --candidates "$k" --db-root "$r/db" --device "$dev" 2>"$run/predict-tuned-c$k.log"
+        echo "tuned predictions, $k candidates: $((SECONDS - start)) s" | tee -a "$run/train.log"
+        score "$run/pred-tuned-c$k.jsonl"
+    fi
     # At most 8 files come back from a call: the evaluations, the log and the curves.
-    for f in pred-base.eval.json pred-tuned.eval.json train.log metrics.jsonl curves.svg; do
+    for f in pred-base.eval.json pred-tuned.eval.json "pred-tuned-c$k.eval.json" train.log metrics.jsonl curves.svg; do
         [ -e "$run/$f" ] && cp "$run/$f" "$out/"
     done
     ;;
