@@ -2,7 +2,7 @@
 //! predict` writes and what training reports as execution accuracy on a validation sample.
 
 use crate::data::{prompt, Example};
-use crate::generate::greedy;
+use crate::generate::greedy_batch;
 use crate::lora::LoraParams;
 use crate::model::Model;
 use crate::sql::eval::{evaluate_one, resolve_db, EvalOptions};
@@ -36,21 +36,8 @@ pub fn tasks(examples: &[Example], tok: &Tokenizer, base: &Path, db_root: Option
         .collect()
 }
 
-/// Greedy SQL for a prompt: decoded, stopped at the first of `stops` (the model's EOS tokens, and a
-/// chat format's end of turn), trimmed.
-pub fn predict(
-    model: &Model,
-    lora: Option<&LoraParams>,
-    tok: &Tokenizer,
-    prompt: &[u32],
-    max_new: usize,
-    stops: &[u32],
-) -> Result<String> {
-    let out = greedy(model, lora, prompt, max_new, stops);
-    Ok(tok.decode(&out)?.trim().to_string())
-}
-
-/// Fraction of tasks whose generated SQL gives the gold result (databases opened once, read-only).
+/// Fraction of tasks whose greedy SQL gives the gold result (decoded eight at a time; databases
+/// opened once, read-only).
 pub fn exec_accuracy(
     model: &Model,
     lora: Option<&LoraParams>,
@@ -58,9 +45,14 @@ pub fn exec_accuracy(
     tasks: &[SqlTask],
     max_new: usize,
 ) -> Result<f64> {
-    let sqls = (tasks.iter())
-        .map(|t| predict(model, lora, tok, &t.prompt, max_new, &model.config.eos_token_ids))
-        .collect::<Result<Vec<_>>>()?;
+    let stops = &model.config.eos_token_ids;
+    let mut sqls = Vec::with_capacity(tasks.len());
+    for group in tasks.chunks(8) {
+        let prompts: Vec<Vec<u32>> = group.iter().map(|t| t.prompt.clone()).collect();
+        for out in greedy_batch(model, lora, &prompts, max_new, stops) {
+            sqls.push(tok.decode(&out)?.trim().to_string());
+        }
+    }
     score(tasks, &sqls)
 }
 

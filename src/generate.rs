@@ -83,6 +83,29 @@ impl Sampling {
     }
 }
 
+/// Greedy continuations of several prompts, decoded together: each prompt runs on its own, then
+/// every step runs one row per unfinished sequence ([`Model::forward_rows`]), so the rows share
+/// each read of the weights. The same tokens as [`greedy`] on each prompt.
+pub fn greedy_batch(
+    model: &Model,
+    lora: Option<&LoraParams>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    eos: &[u32],
+) -> Vec<Vec<u32>> {
+    if max_new == 0 {
+        return vec![Vec::new(); prompts.len()];
+    }
+    let mut caches = Vec::with_capacity(prompts.len());
+    let mut rows = Vec::with_capacity(prompts.len() * model.config.vocab_size); // [prompts, vocab]
+    for p in prompts {
+        let mut cache = KvCache::new(&model.config);
+        rows.extend(model.forward_adapted(p, &mut cache, Logits::Last, lora));
+        caches.push(cache);
+    }
+    decode_together(model, lora, caches, rows, max_new, eos, |_, row| argmax(row))
+}
+
 /// `n` continuations of `prompt`: the greedy one first, then `n - 1` drawn with `sampling` (`i`:
 /// the prompt's index, which seeds its draws). The prompt runs once; its cache is then copied for
 /// each candidate, and the candidates decode together, one row each, until each has stopped (as
@@ -98,32 +121,47 @@ pub fn candidates(
     sampling: &Sampling,
     i: usize,
 ) -> Vec<Vec<u32>> {
-    let mut outs = vec![Vec::with_capacity(max_new); n];
     if max_new == 0 || n == 0 {
-        return outs;
+        return vec![Vec::new(); n];
     }
     let mut rngs: Vec<Rng> = (0..n).map(|j| sampling.rng(i, j)).collect();
     let mut cache = KvCache::new(&model.config);
     let logits = model.forward_adapted(prompt, &mut cache, Logits::Last, lora); // [1, vocab]
+    decode_together(
+        model,
+        lora,
+        vec![cache; n],
+        logits.repeat(n),
+        max_new,
+        eos,
+        |j, row| match j {
+            0 => argmax(row),
+            _ => sampling.draw(row, &mut rngs[j]),
+        },
+    )
+}
+
+/// Decode sequences together from their caches and the logits of their last positions (`rows`,
+/// [sequences, vocab]): `pick(j, logits)` chooses sequence j's next token; a sequence stops after
+/// a token in `eos` (kept) or at `max_new` tokens, and leaves the batch with its cache.
+fn decode_together(
+    model: &Model,
+    lora: Option<&LoraParams>,
+    mut caches: Vec<KvCache>,
+    mut rows: Vec<f32>,
+    max_new: usize,
+    eos: &[u32],
+    mut pick: impl FnMut(usize, &[f32]) -> u32,
+) -> Vec<Vec<u32>> {
     let v = model.config.vocab_size;
-    // The unfinished candidates, in order, with their caches and their latest logits ([vocab] each).
-    let mut live: Vec<usize> = (0..n).collect();
-    let mut caches = vec![cache; n];
-    let mut rows = logits.repeat(n); // [live, vocab]
+    let mut outs = vec![Vec::with_capacity(max_new); caches.len()];
+    // The unfinished sequences, in order, beside their caches and their rows of logits.
+    let mut live: Vec<usize> = (0..caches.len()).collect();
     loop {
-        let mut next = Vec::with_capacity(live.len());
-        for (&j, row) in live.iter().zip(rows.chunks(v)) {
-            let id = if j == 0 {
-                argmax(row)
-            } else {
-                sampling.draw(row, &mut rngs[j])
-            };
-            outs[j].push(id);
-            next.push(id);
-        }
-        // Drop the candidates that stopped, with their caches.
         let (mut still, mut kept, mut ids) = (Vec::new(), Vec::new(), Vec::new());
-        for ((j, cache), id) in live.into_iter().zip(caches).zip(next) {
+        for ((j, cache), row) in live.into_iter().zip(caches).zip(rows.chunks(v)) {
+            let id = pick(j, row);
+            outs[j].push(id);
             if !eos.contains(&id) && outs[j].len() < max_new {
                 still.push(j);
                 kept.push(cache);

@@ -9,7 +9,7 @@
 use crate::data::chat::{extract_sql, ChatFormat};
 use crate::data::Example;
 use crate::engine::target::Target;
-use crate::generate::{candidates, greedy, Sampling};
+use crate::generate::{candidates, greedy_batch, Sampling};
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
 use crate::sql::choose::{choose, Choice};
@@ -22,6 +22,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
+
+/// Questions decoded together on the CPU reference.
+const CPU_GROUP: usize = 8;
 
 /// How `predict` asks.
 pub struct Generation {
@@ -96,13 +99,28 @@ pub fn predict(
             engine.generate_candidates(lora.as_ref(), &prompts, n, how.max_new, &stops, &how.sampling)?
         }
     } else {
-        let mut outs = Vec::with_capacity(prompts.len());
-        for (i, p) in prompts.iter().enumerate() {
-            outs.push(match n {
-                1 => vec![greedy(&model, lora.as_ref(), p, how.max_new, &stops)],
-                _ => candidates(&model, lora.as_ref(), p, n, how.max_new, &stops, &how.sampling, i),
-            });
-            eprint!("\r{}/{} predicted", i + 1, prompts.len());
+        let mut outs: Vec<Vec<Vec<u32>>> = Vec::with_capacity(prompts.len());
+        if n == 1 {
+            // A few questions at a time, decoded together (they share each read of the weights).
+            for group in prompts.chunks(CPU_GROUP) {
+                let answers = greedy_batch(&model, lora.as_ref(), group, how.max_new, &stops);
+                outs.extend(answers.into_iter().map(|a| vec![a]));
+                eprint!("\r{}/{} predicted", outs.len(), prompts.len());
+            }
+        } else {
+            for (i, p) in prompts.iter().enumerate() {
+                outs.push(candidates(
+                    &model,
+                    lora.as_ref(),
+                    p,
+                    n,
+                    how.max_new,
+                    &stops,
+                    &how.sampling,
+                    i,
+                ));
+                eprint!("\r{}/{} predicted", i + 1, prompts.len());
+            }
         }
         eprintln!();
         outs

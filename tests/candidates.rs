@@ -8,7 +8,7 @@ use common::rel_err;
 
 use sqlora::engine::host::Host;
 use sqlora::engine::step::Engine;
-use sqlora::generate::{candidates, greedy, Sampling};
+use sqlora::generate::{candidates, greedy, greedy_batch, Sampling};
 use sqlora::lora::LoraParams;
 use sqlora::model::{KvCache, Logits, Model};
 use sqlora::rng::Rng;
@@ -59,8 +59,7 @@ fn rows_of_several_caches_equal_one_sequence_at_a_time() {
             for (i, (&t, a)) in tokens.iter().zip(&mut alone).enumerate() {
                 let want = model.forward_adapted(&[t], a, Logits::Last, Some(&lora));
                 let got = &rows[i * vocab..(i + 1) * vocab];
-                let err = rel_err(got, &want);
-                assert!(err < 1e-5, "{v:?}, row {i}, step {step}: {err:e}");
+                assert_eq!(got, &want[..], "{v:?}, row {i}, step {step}: {:e}", rel_err(got, &want));
                 assert_eq!(caches[i].len(), a.len());
             }
         }
@@ -92,6 +91,21 @@ fn the_first_candidate_is_the_greedy_answer_and_draws_depend_only_on_the_seed() 
             let end = full.iter().position(|&t| t == stop).map_or(full.len(), |k| k + 1);
             assert_eq!(s[..], full[..end]);
         }
+    }
+}
+
+#[test]
+fn prompts_decoded_together_give_each_prompts_greedy_answer() {
+    for v in [TinyVariant::Llama, TinyVariant::Qwen2Tied] {
+        let (model, lora) = setup(v);
+        let ps = prompts();
+        let alone: Vec<Vec<u32>> = ps.iter().map(|p| greedy(&model, Some(&lora), p, 12, &[])).collect();
+        assert_eq!(greedy_batch(&model, Some(&lora), &ps, 12, &[]), alone, "{v:?}");
+        // Sequences that stop early leave the batch; the others go on.
+        let stop = alone[1][1];
+        let want: Vec<Vec<u32>> = ps.iter().map(|p| greedy(&model, Some(&lora), p, 12, &[stop])).collect();
+        assert_eq!(greedy_batch(&model, Some(&lora), &ps, 12, &[stop]), want, "{v:?}");
+        assert!(want[1].len() <= 2, "prompt 1 stops at its second token or before");
     }
 }
 
