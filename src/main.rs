@@ -484,7 +484,7 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
     };
     let out = if target.on_engine() {
         let prompts = [ids];
-        let mut engine = predict::engine_for(&model, lora.as_ref(), &prompts, &target)?;
+        let mut engine = predict::engine_for(&model, lora.as_ref(), &prompts, 1, &target)?;
         engine.generate(lora.as_ref(), &prompts, max_new, eos)?.remove(0)
     } else {
         sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, eos)

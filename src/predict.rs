@@ -91,7 +91,7 @@ pub fn predict(
     let n = how.candidates.max(1);
     // [examples][n] token ids.
     let outs: Vec<Vec<Vec<u32>>> = if target.on_engine() {
-        let mut engine = engine_for(&model, lora.as_ref(), &prompts, &target)?;
+        let mut engine = engine_for(&model, lora.as_ref(), &prompts, n, &target)?;
         if n == 1 {
             let outs = engine.generate(lora.as_ref(), &prompts, how.max_new, &stops)?;
             outs.into_iter().map(|o| vec![o]).collect()
@@ -180,11 +180,19 @@ pub fn cpu_generation_model(model: Model, target: &Target) -> Model {
     }
 }
 
-/// A device engine (`cuda` or `cpu-bf16`) for generating from `prompts` with `lora`'s layout.
+/// Most tokens a generation engine runs per prefill chunk: room for a dozen Spider prompts with their
+/// schemas, while the engine (forward only, one layer's activations; the KV cache comes on top)
+/// plans about 2 GiB for a 0.5B model and 12 GiB for an 8B one.
+const GENERATION_CAP: usize = 8192;
+
+/// A device engine (`cuda` or `cpu-bf16`) for generating from `prompts`, each `n` times, with
+/// `lora`'s layout. It keeps one layer's activations (generation has no backward) and holds as
+/// many prompts per chunk as fit in [`GENERATION_CAP`] tokens.
 pub fn engine_for(
     model: &Model,
     lora: Option<&LoraParams>,
     prompts: &[Vec<u32>],
+    n: usize,
     target: &Target,
 ) -> Result<Box<dyn StepEngine>> {
     // Without an adapter, an empty adapter layout.
@@ -195,8 +203,10 @@ pub fn engine_for(
         };
         LoraParams::zeros(&model.config, none)
     });
-    let cap = prompts.iter().map(Vec::len).max().unwrap_or(1).max(2048);
-    let engine = (target.engine(model, &layout, cap, false)?).context("generation needs a device engine")?;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
+    let total = prompts.iter().map(Vec::len).sum::<usize>() * n;
+    let cap = total.clamp(longest, longest.max(GENERATION_CAP));
+    let engine = (target.engine(model, &layout, cap, true)?).context("generation needs a device engine")?;
     eprintln!("generating on {}", engine.describe());
     Ok(engine)
 }
