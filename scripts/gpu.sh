@@ -177,21 +177,24 @@ result)
             "$@" 2>&1 | tr '\r' '\n' | grep -v "^$" >>"$run/train.log"
         tail -n 4 "$run/train.log"
     fi
+    # A prediction stopped at the call's end writes nothing (files are written whole), so the next
+    # call runs it again; the copies below always happen.
+    left() { echo $(( ${CALL_SECONDS:-570} - SECONDS - 15 )); }
     if [ -s "$run/adapter_model.safetensors" ] && [ ! -s "$run/pred-tuned.jsonl" ] && [ $((SECONDS)) -lt 420 ]; then
         start=$SECONDS
-        "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned.jsonl" \
+        timeout "$(left)" "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned.jsonl" \
             --device "$dev" 2>"$run/predict-tuned.log"
         echo "tuned predictions: $((SECONDS - start)) s" | tee -a "$run/train.log"
-        score "$run/pred-tuned.jsonl"
+        [ -s "$run/pred-tuned.jsonl" ] && score "$run/pred-tuned.jsonl"
     fi
     # Execution-guided: the greedy answer and CANDIDATES-1 sampled ones, chosen on the database.
     k=${CANDIDATES:-8}
     if [ -s "$run/pred-tuned.jsonl" ] && [ ! -s "$run/pred-tuned-c$k.jsonl" ] && [ $((SECONDS)) -lt 420 ]; then
         start=$SECONDS
-        "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned-c$k.jsonl" \
+        timeout "$(left)" "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned-c$k.jsonl" \
             --candidates "$k" --db-root "$r/db" --device "$dev" 2>"$run/predict-tuned-c$k.log"
         echo "tuned predictions, $k candidates: $((SECONDS - start)) s" | tee -a "$run/train.log"
-        score "$run/pred-tuned-c$k.jsonl"
+        [ -s "$run/pred-tuned-c$k.jsonl" ] && score "$run/pred-tuned-c$k.jsonl"
     fi
     # At most 8 files come back from a call: the evaluations, the log and the curves.
     for f in pred-base.eval.json pred-tuned.eval.json "pred-tuned-c$k.eval.json" train.log metrics.jsonl curves.svg; do
