@@ -2,7 +2,7 @@
 //! predict` writes and what training reports as execution accuracy on a validation sample.
 
 use crate::data::{prompt, Example};
-use crate::generate::greedy_batch;
+use crate::generate::{greedy_batch, DECODE_GROUP};
 use crate::lora::LoraParams;
 use crate::model::Model;
 use crate::sql::eval::{evaluate_one, resolve_db, EvalOptions};
@@ -36,8 +36,8 @@ pub fn tasks(examples: &[Example], tok: &Tokenizer, base: &Path, db_root: Option
         .collect()
 }
 
-/// Fraction of tasks whose greedy SQL gives the gold result (decoded eight at a time; databases
-/// opened once, read-only).
+/// Fraction of tasks whose greedy SQL gives the gold result (decoded `DECODE_GROUP` at a
+/// time; databases opened once, read-only).
 pub fn exec_accuracy(
     model: &Model,
     lora: Option<&LoraParams>,
@@ -47,7 +47,7 @@ pub fn exec_accuracy(
 ) -> Result<f64> {
     let stops = &model.config.eos_token_ids;
     let mut sqls = Vec::with_capacity(tasks.len());
-    for group in tasks.chunks(8) {
+    for group in tasks.chunks(DECODE_GROUP) {
         let prompts: Vec<Vec<u32>> = group.iter().map(|t| t.prompt.clone()).collect();
         for out in greedy_batch(model, lora, &prompts, max_new, stops) {
             sqls.push(tok.decode(&out)?.trim().to_string());

@@ -83,6 +83,10 @@ impl Sampling {
     }
 }
 
+/// Prompts that callers of [`greedy_batch`] decode together on the CPU: enough rows to share the
+/// reads of the weights, few enough caches to keep.
+pub const DECODE_GROUP: usize = 8;
+
 /// Greedy continuations of several prompts, decoded together: each prompt runs on its own, then
 /// every step runs one row per unfinished sequence ([`Model::forward_rows`]), so the rows share
 /// each read of the weights. The same tokens as [`greedy`] on each prompt.

@@ -290,9 +290,15 @@ impl Model {
             Logits::All => &x[..],
             Logits::Last => &x[(t - 1) * d..],
         };
-        let mut normed = vec![0f32; rows.len()]; // [T or 1, d]
-        cpu::rmsnorm_fwd(&mut normed, rows, &self.norm, c.rms_norm_eps);
-        let mut logits = vec![0f32; normed.len() / d * c.vocab_size]; // [T or 1, vocab]
+        self.final_logits(rows)
+    }
+
+    /// The final norm and the output head: logits `[R, vocab]` of the residual rows `x` ([R, d]).
+    fn final_logits(&self, x: &[f32]) -> Vec<f32> {
+        let c = &self.config;
+        let mut normed = vec![0f32; x.len()]; // [R, d]
+        cpu::rmsnorm_fwd(&mut normed, x, &self.norm, c.rms_norm_eps);
+        let mut logits = vec![0f32; x.len() / c.hidden_size * c.vocab_size]; // [R, vocab]
         cpu::linear_fwd(&mut logits, &normed, self.head());
         logits
     }
@@ -316,11 +322,7 @@ impl Model {
             x = self.layer_fwd(l, &mut acts, &positions, attn, lora.map(|p| (p, None)));
         }
         caches.iter_mut().for_each(|cache| cache.len += 1);
-        let mut normed = vec![0f32; x.len()]; // [B, d]
-        cpu::rmsnorm_fwd(&mut normed, &x, &self.norm, c.rms_norm_eps);
-        let mut logits = vec![0f32; tokens.len() * c.vocab_size]; // [B, vocab]
-        cpu::linear_fwd(&mut logits, &normed, self.head());
-        logits
+        self.final_logits(&x)
     }
 
     /// The output head: `lm_head`, or the embedding when tied. `[vocab, d]`.

@@ -9,7 +9,7 @@
 use crate::data::chat::{extract_sql, ChatFormat};
 use crate::data::Example;
 use crate::engine::target::Target;
-use crate::generate::{candidates, greedy_batch, Sampling};
+use crate::generate::{candidates, greedy_batch, Sampling, DECODE_GROUP};
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
 use crate::sql::choose::{choose, Choice};
@@ -22,9 +22,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
-
-/// Questions decoded together on the CPU reference.
-const CPU_GROUP: usize = 8;
 
 /// How `predict` asks.
 pub struct Generation {
@@ -102,7 +99,7 @@ pub fn predict(
         let mut outs: Vec<Vec<Vec<u32>>> = Vec::with_capacity(prompts.len());
         if n == 1 {
             // A few questions at a time, decoded together (they share each read of the weights).
-            for group in prompts.chunks(CPU_GROUP) {
+            for group in prompts.chunks(DECODE_GROUP) {
                 let answers = greedy_batch(&model, lora.as_ref(), group, how.max_new, &stops);
                 outs.extend(answers.into_iter().map(|a| vec![a]));
                 eprint!("\r{}/{} predicted", outs.len(), prompts.len());

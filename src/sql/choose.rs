@@ -29,29 +29,40 @@ pub struct Choice {
 /// then the group whose first member comes first. The answer is that first member. When nothing
 /// runs, it is candidate 0.
 pub fn choose(db: &Db, sqls: &[String], limit: Duration) -> Choice {
-    // One entry per distinct result: its rows, the first candidate giving it, its votes.
-    let mut groups: Vec<(Vec<Row>, usize, usize)> = Vec::new();
+    let mut groups: Vec<Group> = Vec::new();
     let mut runnable = 0;
-    // Each distinct text runs once (sampled candidates often repeat the greedy one).
-    let mut ran: HashMap<&str, Option<Vec<Row>>> = HashMap::new();
+    // The group of each distinct text (None: it did not run): a repeated text, and sampled
+    // candidates often repeat the greedy one, neither runs nor is compared again.
+    let mut seen: HashMap<&str, Option<usize>> = HashMap::new();
     for (i, sql) in sqls.iter().enumerate() {
-        let rows = ran.entry(sql.trim()).or_insert_with(|| run(db, sql, limit)).clone();
-        let Some(rows) = rows else { continue };
-        runnable += 1;
-        match groups.iter_mut().find(|g| results_match(&g.0, &rows, false)) {
-            Some(g) => g.2 += 1,
-            None => groups.push((rows, i, 1)),
+        let group = *seen.entry(sql.trim()).or_insert_with(|| {
+            let rows = run(db, sql, limit)?;
+            let same = groups.iter().position(|g| results_match(&g.rows, &rows, false));
+            Some(same.unwrap_or_else(|| {
+                groups.push(Group {
+                    rows,
+                    first: i,
+                    votes: 0,
+                });
+                groups.len() - 1
+            }))
+        });
+        if let Some(k) = group {
+            groups[k].votes += 1;
+            runnable += 1;
         }
     }
-    let best = (groups.iter()).max_by(|a, b| {
-        let key = |g: &(Vec<Row>, usize, usize)| (!g.0.is_empty(), g.2);
-        key(a).cmp(&key(b)).then(b.1.cmp(&a.1))
+    // Groups stand in the order of their first members, so on equal keys the earlier one wins.
+    let key = |g: &Group| (!g.rows.is_empty(), g.votes);
+    let best = (groups.iter()).fold(None, |best: Option<&Group>, g| match best {
+        Some(b) if key(b) >= key(g) => Some(b),
+        _ => Some(g),
     });
     match best {
         Some(g) => Choice {
-            index: g.1,
+            index: g.first,
             runnable,
-            votes: g.2,
+            votes: g.votes,
         },
         None => Choice {
             index: 0,
@@ -59,6 +70,14 @@ pub fn choose(db: &Db, sqls: &[String], limit: Duration) -> Choice {
             votes: 0,
         },
     }
+}
+
+/// Candidates that gave the same result.
+struct Group {
+    rows: Vec<Row>,
+    /// The first candidate that gave it.
+    first: usize,
+    votes: usize,
 }
 
 /// The rows of `sql`, or `None` when it fails or runs out of time.
