@@ -9,7 +9,7 @@ the tiled attention):
   kernels/swiglu.cu       swiglu_fwd, swiglu_bwd
   kernels/embedding.cu    embedding_fwd
   kernels/elementwise.cu  add_bf16, cast_f32_bf16, dropout_bf16, gather_rows, scatter_rows, add_bias_rows
-  kernels/adamw.cu        adamw_step, sum_squares
+  kernels/adamw.cu        adamw_step, partial_norms
   kernels/common.cuh      warp_sum, warp_max, block_sum, block_max
 
 Each kernel is mirrored line by line: blocks of the grid and threads of a block are numpy axes
@@ -18,20 +18,20 @@ the threads still in them; warp shuffles are lane permutations (a shuffle by a p
 flagged); block_sum / block_max run as written, __syncthreads included. Launches copy the Rust wrappers
 (src/backend/cuda/ops.rs, attention.rs, gemm.rs for add_bias_rows; helpers blocks_for /
 block_per_row of mod.rs): grid, block, dynamic shared memory and argument values, including the
-slices the wrappers pass (adamw p_off / s_off, sum_squares `at`).
+slices the wrappers pass (adamw p_off / s_off, partial_norms `at`).
 
 Checked besides the values:
   * global memory: reads / writes outside the buffer or the wrapper's slice; stores into a bf16 buffer
     of values that are not bf16; outputs poisoned (NaN) before each launch; unwritten and
     multiply-written elements; any write outside the expected elements (neighbours of the adamw /
-    sum_squares windows, rows scatter_rows must leave alone, the KV cache rows around the decode
+    partial_norms windows, rows scatter_rows must leave alone, the KV cache rows around the decode
     window, which are only read); in-place buffers (rope, add, add_bias_rows, adamw, aliased dropout):
     a read and a write of one element by different threads of a launch;
   * shared memory (static and dynamic, NaN-filled before each block): reads of elements not yet
     written in the block, out-of-range accesses (dynamic: past the bytes the wrapper asked for), and
     conflicting accesses (write/write, read/write by different threads) between two barriers; a
     __syncthreads reached by part of a block;
-  * sum_squares reads every x[i], i < n, exactly once (the partial sums cover the input).
+  * partial_norms reads every x[i], i < n, exactly once (the partial norms cover the input).
 
 Arithmetic: float32 everywhere (numpy float32 ops are IEEE round-to-nearest); bf16 conversion round to
 nearest even (__float2bfloat16_rn). nvcc contracts a*b+c into an FMA by default (build.rs passes no
@@ -46,7 +46,7 @@ rounded float64 results rounded to f32.
 
 References: float64 from the CPU spec (src/backend/cpu/*.rs, engine/host.rs, optim.rs), compared with
 the selftest's measure ||got - want|| / ||want|| and tolerances (1e-2 bf16 outputs, 1e-5 lse /
-sum_squares, exact for cast, dropout, embedding, gather / scatter; adamw bit-exact against the f32
+partial_norms, exact for cast, dropout, embedding, gather / scatter; adamw bit-exact against the f32
 AdamStep::apply). The script reads no repository file (constants such as SUM_PARTS = 256 are copied).
 
 usage: emulate_simple_kernels.py [--only GROUP ...] [--inject NAME ...] [--list-injections] [--validate] [-v]
@@ -72,7 +72,7 @@ SOURCES = {
     "kernels/swiglu.cu": "e868798c07ff768b",
     "kernels/embedding.cu": "8c9ac6a993db9c4b",
     "kernels/elementwise.cu": "65ef33c3cb94cf4e",
-    "kernels/adamw.cu": "c9ef44fc0569c15f",
+    "kernels/adamw.cu": "9df620e98e25f15e",
     "kernels/common.cuh": "100321985c1f6cce",
 }
 
@@ -86,7 +86,8 @@ INJECTIONS = {
     "smem_short": ("attn", "wrappers: dynamic shared memory (max_len - 1) * 4 bytes"),
     "rowdot_grid": ("attn", "attention_rowdot wrapper: blocks_for(rows * 16)"),
     "adamw_fma": ("optim", "adamw_step: m update as b1*m + (1-b1)*g with an FMA (no _rn)"),
-    "sumsq_stride": ("optim", "sum_squares: stride blockDim instead of gridDim * blockDim"),
+    "sumsq_stride": ("optim", "partial_norms: stride blockDim instead of gridDim * blockDim"),
+    "norm_f32": ("optim", "partial_norms: squares summed in f32 (overflow at |x| ~ 3e19)"),
     "dropout_ctr": ("elem", "dropout_bf16: counter i instead of i + 1"),
     "rope_pos": ("rope", "rope_rotate: t = th % heads instead of th / heads"),
     "rms_eps": ("norm", "rmsnorm_fwd: eps added after the rsqrt"),

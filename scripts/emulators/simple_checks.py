@@ -8,7 +8,7 @@ from . import simple_machine as machine
 from .simple_attention import w_attention_bwd_simple, w_attention_decode, w_attention_fwd_simple
 from .simple_kernels import (SUM_PARTS, AdamStep, splitmix64, w_adamw_step, w_add, w_add_bias_rows, w_cast,
                              w_dropout, w_embedding_fwd, w_gather, w_rmsnorm_bwd, w_rmsnorm_fwd, w_rope_rotate,
-                             w_scatter, w_sum_squares, w_swiglu_bwd, w_swiglu_fwd)
+                             w_scatter, w_partial_norms, w_swiglu_bwd, w_swiglu_fwd)
 from .simple_machine import (F32, F64, Buf, bf16_bits, check_writes, mask_of, problem, record, rel_err,
                              take_problems, to_bf16)
 
@@ -254,22 +254,23 @@ def test_adamw(rng, n):
     record("adamw_step (bits differing p,m,v)", f"{n} x3", float(nbits), 0.0, pr)
 
 
-def test_sum_squares(rng, n):
+def test_partial_norms(rng, n, scale=0.3):
     P0 = len(machine.PROBLEMS)
-    x = (rng.standard_normal(n) * 0.3).astype(F32)
+    x = (rng.standard_normal(n) * scale).astype(F32)
     at = 5
     PARTS = nanbuf("parts", at + SUM_PARTS + 2, "f32")
     X = Buf("x", np.concatenate([x, np.full(37, np.nan)]), "f32", count_reads=True)
-    w_sum_squares(PARTS.view(), at, X.view(), n)
-    check_writes("sum_squares", PARTS, mask_of(PARTS.data.size, at, at + SUM_PARTS))
-    problem("sum_squares", "x[i < n] not read exactly once", (X.reads[:n] != 1).sum())
-    problem("sum_squares", "x read past n", (X.reads[n:] != 0).sum())
-    got = PARTS.data[at:at + SUM_PARTS].astype(F64).sum()
-    want = (x.astype(F64) ** 2).sum()
+    w_partial_norms(PARTS.view(), at, X.view(), n)
+    check_writes("partial_norms", PARTS, mask_of(PARTS.data.size, at, at + SUM_PARTS))
+    problem("partial_norms", "x[i < n] not read exactly once", (X.reads[:n] != 1).sum())
+    problem("partial_norms", "x read past n", (X.reads[n:] != 0).sum())
+    got = np.sqrt((PARTS.data[at:at + SUM_PARTS].astype(F64) ** 2).sum())
+    want = np.sqrt((x.astype(F64) ** 2).sum())
     err = abs(got - want) / want if want > 0 else (0.0 if got == 0 else np.inf)
     if not np.isfinite(got):
         err = np.inf
-    record("sum_squares", str(n), err, TOL_F32, take_problems(P0))
+    label = "" if scale < 1 else f" (|x| ~ {scale:.0e})"
+    record("partial_norms" + label, str(n), err, TOL_F32, take_problems(P0))
 
 
 def attn_ref(q, k, v, dout, starts_lens, heads, kv_heads, hd):
@@ -404,7 +405,9 @@ def run(only, rng):
         for n in (1, 1000, 100003):
             test_adamw(rng, n)
         for n in (0, 1, 1000, 100003, 3 * 65536 + 17):
-            test_sum_squares(rng, n)
+            test_partial_norms(rng, n)
+        for n in (1000, 100003):  # every f32 square overflows; the norm fits f32
+            test_partial_norms(rng, n, 3e19)
     if "attn" in only:
         for lens, heads, kv_heads, hd in [([3, 5], 4, 2, 16), ([17], 3, 3, 8), ([40, 9], 8, 1, 64),
                                           ([300, 1, 129], 8, 2, 80), ([130], 2, 1, 256), ([65, 63, 1], 4, 2, 64),

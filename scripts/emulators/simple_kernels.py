@@ -6,7 +6,7 @@ import numpy as np
 
 from . import simple_machine as machine
 from .simple_machine import (F32, F64, I64, View, block_per_row, block_sum, blocks_for, cvt_bf16, expf_fast,
-                             fma32, ld, launch, rsqrtf, sincosf, st, strided)
+                             fma32, ld, launch, rsqrtf, sincosf, st, strided, warp_sum)
 
 SUM_PARTS = 256  # src/engine/mod.rs
 
@@ -238,15 +238,24 @@ def k_adamw_step(ctx, p, m, v, g, n, gscale, lr, b1, b2, eps, wd, bc1, bc2_sqrt)
     st(ctx, p, i, (ld(ctx, p, i) * decay) - step)
 
 
-def k_sum_squares(ctx, parts, x, n):
-    scratch = ctx.shared("scratch", 32)
-    acc = ctx.zeros()
+def k_partial_norms(ctx, parts, x, n):
+    lane, warp, warps = ctx.lane, ctx.warp, ctx.warps
+    scratch = ctx.shared("scratch", 32, F64)
+    acc = ctx.zeros(F64)
     stride = ctx.NT if "sumsq_stride" in machine.INJECT else ctx.grid * ctx.NT
     for i, act in strided(ctx, ctx.bid * ctx.NT + ctx.tid, stride, n):
-        xi = ld(ctx, x, i, act)
-        acc = np.where(act, fma32(xi, xi, acc), acc).astype(F32)  # fmaf(x[i], x[i], acc)
-    acc = block_sum(ctx, acc, scratch)
-    st(ctx, parts, ctx.bid, acc, ctx.tid == 0)
+        xi = ld(ctx, x, i, act).astype(F64)
+        if "norm_f32" in machine.INJECT:  # the squares in f32: they overflow for |x| > 1.8e19
+            acc = np.where(act, fma32(xi, xi, acc.astype(F32)), acc)
+        else:  # fma(v, v, acc) in f64; v * v is exact, so the same as acc + v * v
+            acc = np.where(act, acc + xi * xi, acc)
+    acc = warp_sum(ctx, acc, dtype=F64)
+    scratch.st(warp, acc, lane == 0)
+    ctx.sync()
+    first = warp == 0
+    acc = np.where(lane < warps, scratch.ld(lane, first & (lane < warps)), F64(0))
+    acc = warp_sum(ctx, acc, first, F64)
+    st(ctx, parts, ctx.bid, np.sqrt(acc).astype(F32), first & (lane == 0))
 
 
 class AdamStep:
@@ -284,8 +293,8 @@ def w_adamw_step(p, m, v, g, p_off, s_off, n, h):
            [pv, mv, vv, gv, n, h.gscale, h.lr, h.b1, h.b2, h.eps, h.wd, h.bc1, h.bc2_sqrt])
 
 
-def w_sum_squares(parts, at, x, n):
+def w_partial_norms(parts, at, x, n):
     assert at + SUM_PARTS <= parts.n and n <= x.n
     out = View(parts.buf, parts.off + at, SUM_PARTS)
-    launch("sum_squares", k_sum_squares, SUM_PARTS, 256, 0, [out, x, n])
+    launch("partial_norms", k_partial_norms, SUM_PARTS, 256, 0, [out, x, n])
 

@@ -220,11 +220,11 @@ class Shared:
     """One __shared__ array (per block of the batch), NaN-filled; tracks, per barrier interval, the
     threads that wrote / read each element."""
 
-    def __init__(self, ctx, name, size, dynamic):
+    def __init__(self, ctx, name, size, dynamic, dtype=F32):
         self.ctx, self.name, self.size, self.dynamic = ctx, name, size, dynamic
         nb = ctx.shape[0]
         n = nb * max(size, 1)
-        self.data = np.full(n, np.nan, F32)
+        self.data = np.full(n, np.nan, dtype)
         self.written = np.zeros(n, bool)
         self.wmin = np.full(n, 1 << 30, np.int32)
         self.wmax = np.full(n, -1, np.int32)
@@ -273,7 +273,7 @@ class Shared:
         np.maximum.at(self.wmax, k, t)
         race |= self.wmin[k] != self.wmax[k]
         problem(ctx.name, f"shared {self.name}: two threads write one element between barriers", race.sum())
-        self.data[k] = _bc(ctx, val)[m].astype(F32)
+        self.data[k] = _bc(ctx, val)[m].astype(self.data.dtype)
         self.written[k] = True
         self.touched.append(k)
 
@@ -302,10 +302,10 @@ class Ctx:
         self.smem = {}
         self.static_bytes = 0
 
-    def shared(self, name, size):
+    def shared(self, name, size, dtype=F32):
         if name not in self.smem:
-            self.smem[name] = Shared(self, name, size, False)
-            self.static_bytes += 4 * size
+            self.smem[name] = Shared(self, name, size, False, dtype)
+            self.static_bytes += np.dtype(dtype).itemsize * size
         return self.smem[name]
 
     def dyn(self):
@@ -382,9 +382,9 @@ def _shfl_check(ctx, act, what):
     problem(ctx.name, f"{what}: __shfl_xor_sync(0xffffffff) with part of a warp", ((per > 0) & (per < 32)).sum())
 
 
-def warp_sum(ctx, v, act=True):
+def warp_sum(ctx, v, act=True, dtype=F32):
     _shfl_check(ctx, act, "warp_sum")
-    v = np.asarray(_bc(ctx, v), F32).reshape(ctx.shape[0], ctx.warps, 32)
+    v = np.asarray(_bc(ctx, v), dtype).reshape(ctx.shape[0], ctx.warps, 32)
     for o in (16, 8, 4, 2, 1):
         v = v + v[:, :, LANES ^ o]
     return v.reshape(ctx.shape)

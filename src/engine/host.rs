@@ -465,11 +465,11 @@ impl Device for Host {
         }
         Ok(())
     }
-    fn sum_squares(&self, parts: &mut Vec<f32>, at: usize, x: &Vec<f32>, n: usize) -> Result<()> {
-        // The whole sum (in f64) in the first part.
+    fn partial_norms(&self, parts: &mut Vec<f32>, at: usize, x: &Vec<f32>, n: usize) -> Result<()> {
+        // The whole norm (summed in f64) in the first part.
         let total: f64 = x[..n].iter().map(|&v| v as f64 * v as f64).sum();
         parts[at..at + super::SUM_PARTS].fill(0.0);
-        parts[at] = total as f32;
+        parts[at] = total.sqrt() as f32;
         Ok(())
     }
     fn adamw_step(

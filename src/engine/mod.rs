@@ -32,7 +32,7 @@ impl Elem for f32 {}
 impl Elem for i32 {}
 impl Elem for u8 {}
 
-/// Partial sums written by [`Device::sum_squares`].
+/// Partial norms written by [`Device::partial_norms`].
 pub const SUM_PARTS: usize = 256;
 
 /// Where one projection's adapter lies in the flat adapter buffers (the layout of
@@ -329,9 +329,10 @@ pub trait Device {
         dims: [usize; 3],
         max_len: usize,
     ) -> Result<()>;
-    /// parts[at + b], b < [`SUM_PARTS`]: partial sums of x[i]^2 over i < n that add up to the total
-    /// (how the values are split among the parts is the device's choice; it is fixed for a given n).
-    fn sum_squares(&self, parts: &mut F32<Self>, at: usize, x: &F32<Self>, n: usize) -> Result<()>;
+    /// parts[at + b], b < [`SUM_PARTS`]: partial norms of x[..n], sqrt(sum of x[i]^2 over a share of
+    /// the i), summed in f64 so that no square overflows; the whole norm is sqrt(sum of parts^2).
+    /// How the values are split among the parts is the device's choice; it is fixed for a given n.
+    fn partial_norms(&self, parts: &mut F32<Self>, at: usize, x: &F32<Self>, n: usize) -> Result<()>;
     /// AdamW on n values (`AdamStep::apply`): p[p_off..] with gradients g[p_off..], moments m[s_off..]
     /// and v[s_off..]. p, g: [p_off + n ..]; m, v: [s_off + n ..]; all f32.
     fn adamw_step(

@@ -39,7 +39,7 @@ pub(super) struct DeviceOptim<D: Device> {
     resident: bool,
     /// The resident window holds the host's current moments.
     loaded: bool,
-    /// [tensors * SUM_PARTS] partial sums of squares of each gradient tensor.
+    /// [SUM_PARTS] partial norms of the gradients.
     parts: F32<D>,
 }
 
@@ -115,9 +115,9 @@ impl<D: Device> Engine<D> {
     pub fn grad_norm(&mut self) -> Result<f32> {
         let o = enabled(&mut self.opt)?;
         let ad = &self.adapters;
-        self.dev.sum_squares(&mut o.parts, 0, &ad.grad, ad.len)?;
+        self.dev.partial_norms(&mut o.parts, 0, &ad.grad, ad.len)?;
         let parts = self.dev.read(&o.parts, SUM_PARTS)?;
-        Ok(parts.iter().map(|&p| p as f64).sum::<f64>().sqrt() as f32)
+        Ok(parts.iter().map(|&p| p as f64 * p as f64).sum::<f64>().sqrt() as f32)
     }
 
     /// One AdamW update (number `opt.step + 1`) of the masters from the accumulated gradients times

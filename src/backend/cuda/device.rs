@@ -348,8 +348,8 @@ impl Device for Cuda {
     ) -> Result<()> {
         Cuda::attention_decode(self, out, q, k, v, key_start, key_len, b, dims, max_len)
     }
-    fn sum_squares(&self, parts: &mut F32<Self>, at: usize, x: &F32<Self>, n: usize) -> Result<()> {
-        Cuda::sum_squares(self, parts, at, x, n)
+    fn partial_norms(&self, parts: &mut F32<Self>, at: usize, x: &F32<Self>, n: usize) -> Result<()> {
+        Cuda::partial_norms(self, parts, at, x, n)
     }
     fn adamw_step(
         &self,

@@ -56,7 +56,7 @@ pub struct Kernels {
     pub swiglu_fwd: CudaFunction,
     pub swiglu_bwd: CudaFunction,
     pub adamw_step: CudaFunction,
-    pub sum_squares: CudaFunction,
+    pub partial_norms: CudaFunction,
     pub nf4_quantize: CudaFunction,
     pub nf4_absmax_mean: CudaFunction,
     pub nf4_double_quantize: CudaFunction,
@@ -208,7 +208,7 @@ fn kernel_table() -> [(&'static str, &'static [u8], &'static [&'static str]); 10
         ("rmsnorm", kernels::RMSNORM, &["rmsnorm_fwd", "rmsnorm_bwd"]),
         ("rope", kernels::ROPE, &["rope_rotate"]),
         ("swiglu", kernels::SWIGLU, &["swiglu_fwd", "swiglu_bwd"]),
-        ("adamw", kernels::ADAMW, &["adamw_step", "sum_squares"]),
+        ("adamw", kernels::ADAMW, &["adamw_step", "partial_norms"]),
         (
             "nf4",
             kernels::NF4,
@@ -383,7 +383,7 @@ impl Cuda {
         let [rmsnorm_fwd, rmsnorm_bwd]: [CudaFunction; 2] = load_file(&ctx, "rmsnorm")?.try_into().unwrap();
         let [rope_rotate]: [CudaFunction; 1] = load_file(&ctx, "rope")?.try_into().unwrap();
         let [swiglu_fwd, swiglu_bwd]: [CudaFunction; 2] = load_file(&ctx, "swiglu")?.try_into().unwrap();
-        let [adamw_step, sum_squares]: [CudaFunction; 2] = load_file(&ctx, "adamw")?.try_into().unwrap();
+        let [adamw_step, partial_norms]: [CudaFunction; 2] = load_file(&ctx, "adamw")?.try_into().unwrap();
         let [nf4_quantize, nf4_absmax_mean, nf4_double_quantize, nf4_dequantize_absmax, nf4_dequantize, nf4_gemm_fwd, nf4_gemm_bwd_input, nf4_gemm_fwd_mma, nf4_gemm_bwd_input_mma, nf4_gemv]: [CudaFunction; 10] = load_file(&ctx, "nf4")?
         .try_into()
         .unwrap();
@@ -417,7 +417,7 @@ impl Cuda {
                 swiglu_fwd,
                 swiglu_bwd,
                 adamw_step,
-                sum_squares,
+                partial_norms,
                 nf4_quantize,
                 nf4_absmax_mean,
                 nf4_double_quantize,

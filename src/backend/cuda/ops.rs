@@ -150,16 +150,17 @@ impl Cuda {
         Ok(())
     }
 
-    /// parts[at + b] for b < SUM_PARTS: partial sums of x[i]^2 over i < n, which add up to the
-    /// total. parts: [at + SUM_PARTS ..] f32; x: [n ..] f32.
-    pub fn sum_squares(&self, parts: &mut CudaSlice<f32>, at: usize, x: &CudaSlice<f32>, n: usize) -> Result<()> {
+    /// parts[at + b] for b < SUM_PARTS: partial norms of x[..n] (each the square root of an f64 sum
+    /// of squares over a share of the i); the norm is sqrt(sum of parts^2).
+    /// parts: [at + SUM_PARTS ..] f32; x: [n ..] f32.
+    pub fn partial_norms(&self, parts: &mut CudaSlice<f32>, at: usize, x: &CudaSlice<f32>, n: usize) -> Result<()> {
         assert!(
             at + SUM_PARTS <= parts.len() && n <= x.len(),
-            "sum_squares: out of range"
+            "partial_norms: out of range"
         );
         let mut out = parts.slice_mut(at..at + SUM_PARTS);
         let ni = n as i64;
-        let mut b = self.stream.launch_builder(&self.k.sum_squares);
+        let mut b = self.stream.launch_builder(&self.k.partial_norms);
         b.arg(&mut out).arg(x).arg(&ni);
         let cfg = LaunchConfig {
             grid_dim: (SUM_PARTS as u32, 1, 1),
@@ -167,7 +168,7 @@ impl Cuda {
             shared_mem_bytes: 0,
         };
         // SAFETY: SUM_PARTS blocks write one part each into the view of SUM_PARTS; reads stop at n.
-        unsafe { self.launch(&mut b, cfg, "sum_squares") }?;
+        unsafe { self.launch(&mut b, cfg, "partial_norms") }?;
         Ok(())
     }
 

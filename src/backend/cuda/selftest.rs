@@ -148,21 +148,28 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
     }
 
     for &n in &[1usize, 1000, 100_003, 1 << 20] {
-        let x = rng.normal_vec(n, 0.3);
-        let at = 5;
-        let mut parts = gpu.poisoned32(at + SUM_PARTS + 2)?;
-        gpu.sum_squares(&mut parts, at, &gpu.up32(&x)?, n)?;
-        let parts = gpu.down32(&parts)?;
-        let got: f64 = parts[at..at + SUM_PARTS].iter().map(|&p| p as f64).sum();
-        let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
-        // Only the parts' slots are written: the poison around them stays.
-        let outside = !parts[..at].iter().chain(&parts[at + SUM_PARTS..]).all(|p| p.is_nan());
-        let err = if outside {
-            f64::INFINITY
-        } else {
-            (got - want).abs() / want
-        };
-        push("sum_squares", n.to_string(), err, TOL_F32);
+        // 3e19: every f32 square overflows, but the norm fits f32 as on the CPU.
+        for (scale, label) in [(0.3f32, ""), (3e19, " (|x| ~ 3e19)")] {
+            let x = rng.normal_vec(n, scale);
+            let at = 5;
+            let mut parts = gpu.poisoned32(at + SUM_PARTS + 2)?;
+            gpu.partial_norms(&mut parts, at, &gpu.up32(&x)?, n)?;
+            let parts = gpu.down32(&parts)?;
+            let got = parts[at..at + SUM_PARTS]
+                .iter()
+                .map(|&p| p as f64 * p as f64)
+                .sum::<f64>()
+                .sqrt();
+            let want = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            // Only the parts' slots are written: the poison around them stays.
+            let outside = !parts[..at].iter().chain(&parts[at + SUM_PARTS..]).all(|p| p.is_nan());
+            let err = if outside || !got.is_finite() {
+                f64::INFINITY
+            } else {
+                (got - want).abs() / want
+            };
+            push(&format!("partial_norms{label}"), n.to_string(), err, TOL_F32);
+        }
     }
 
     // Quantization must write bitsandbytes' bytes, so it is checked for equality, not closeness:
