@@ -266,8 +266,9 @@ extern "C" __global__ void nf4_gemm_bwd_input_mma(bf16* dx, const bf16* dy, cons
 #define GEMV_MAX_M 16
 
 // y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < M <= 16. One warp per output column n reads
-// W's row n once: with K % 32 == 0, each lane takes 32 weights at a time as one 16-byte load (and
-// one scale: 32 aligned weights lie in one 64-block); otherwise element by element.
+// W's row n once: with K % 32 == 0 (and x and packed 16-byte aligned, as whole allocations are),
+// each lane takes 32 weights at a time as one 16-byte load (and one scale: 32 aligned weights lie
+// in one 64-block); otherwise element by element.
 // y: [M, N] bf16 (written); x: [M, K] bf16; W: NF4 [N, K]; bias: [N] bf16 or null.
 // Grid ceil(N * 32 / 256) blocks of 256 threads.
 extern "C" __global__ void nf4_gemv(bf16* y, const bf16* x, const uint8_t* packed, const float* absmax,
@@ -277,7 +278,7 @@ extern "C" __global__ void nf4_gemv(bf16* y, const bf16* x, const uint8_t* packe
     if (n >= N) return;
     const long row = n * K;
     float acc[GEMV_MAX_M] = {};
-    if (K % 32 == 0) {
+    if (K % 32 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(packed) % 16 == 0) {
         for (int k0 = lane * 32; k0 < K; k0 += 32 * 32) {
             const uint4 bytes = *reinterpret_cast<const uint4*>(packed + (row + k0) / 2);
             const float s = absmax[(row + k0) >> 6];

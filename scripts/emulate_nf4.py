@@ -52,7 +52,7 @@ from emulators import sources  # noqa: E402
 
 # The kernel sources this emulator transcribes (emulators/sources.py).
 SOURCES = {
-    "kernels/nf4.cu": "762e2419cb23f0b7",
+    "kernels/nf4.cu": "e97de78eb43fff80",
     "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
     "kernels/common.cuh": "100321985c1f6cce",
 }

@@ -404,7 +404,7 @@ def k_nf4_gemv(ctx, grid, block, y, x, packed, absmax, bias, M, N, K, stats):
     row = n * K
     nt = len(gt)
     acc = np.zeros((nt, GEMV_MAX_M), f32)
-    if K % 32 == 0:
+    if K % 32 == 0:  # the bases are whole allocations here: 16-byte aligned
         stats["gemv16B"] += 1
         k0 = lane.astype(np.int64) * 32
         while True:

@@ -56,6 +56,10 @@ impl Cuda {
     /// As [`LaunchArgs::launch`]: the arguments must match the kernel's parameters and the grid
     /// must keep every access inside its buffers (each call site's SAFETY line says why).
     pub(super) unsafe fn launch(&self, args: &mut LaunchArgs, cfg: LaunchConfig, kernel: &str) -> Result<()> {
+        let (x, y, z) = cfg.grid_dim;
+        if x == 0 || y == 0 || z == 0 {
+            return Ok(()); // nothing to run (CUDA would refuse an empty grid as an invalid launch)
+        }
         let profiling = self.profiling_on();
         if profiling {
             args.record_kernel_launch(CUevent_flags::CU_EVENT_DEFAULT);
