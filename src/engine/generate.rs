@@ -14,7 +14,7 @@ use crate::autograd::Batch;
 use crate::generate::{argmax, Sampling};
 use crate::lora::LoraParams;
 use crate::rng::Rng;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
 /// The KV cache and the index buffers of generation.
@@ -335,7 +335,13 @@ impl<D: Device> Engine<D> {
         }
         let (kvd, cap, dev) = (self.config.kv_dim(), self.cap, &self.dev);
         let layers = self.config.num_layers;
-        let alloc_layers = || (0..layers).map(|_| dev.alloc(rows * kvd)).collect::<Result<Vec<_>>>();
+        let alloc_layers = || {
+            let mib = (2 * layers * rows * kvd * 2) as f64 / (1 << 20) as f64;
+            let what = || format!("the generation KV cache: {layers} layers x {rows} rows x 2 ({mib:.0} MiB)");
+            (0..layers)
+                .map(|_| dev.alloc(rows * kvd).with_context(what))
+                .collect::<Result<Vec<_>>>()
+        };
         self.gen = None; // free the old cache before allocating the new one
         self.gen = Some(GenCache {
             k: alloc_layers()?,

@@ -155,10 +155,21 @@ fn dense_bf16<D: Device>(dev: &D, lin: &crate::backend::cpu::Linear, what: &str)
     }
 }
 
+/// Bytes of the CUDA device's weight scratch for the cuBLAS GEMM path: the largest projection
+/// dequantized to bf16 (`Cuda::reserve_gemm_scratch`, called as each weight is uploaded). Only a
+/// device with cuBLAS holds it; the plan counts it always.
+pub fn gemm_scratch_bytes(c: &ModelConfig) -> usize {
+    Proj::ALL
+        .iter()
+        .map(|p| 2 * p.shape(c).iter().product::<usize>())
+        .max()
+        .unwrap_or(0)
+}
+
 /// What [`Engine::new`] allocates for a model of config `c`, adapters of rank `r` on `targets`, and
 /// micro-batches of up to `cap` tokens, with the optimizer enabled as training enables it
 /// (`Engine::enable_optimizer(PAGE, OPTIMIZER_WINDOW)`), by the same formulas: the device side of
-/// `train --dry-run`.
+/// `train --dry-run`. The workspace includes [`gemm_scratch_bytes`].
 pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, checkpointing: bool) -> Plan {
     let (d, f, qd, kvd, v, l) = (
         c.hidden_size,
@@ -189,7 +200,7 @@ pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, chec
         adapter_and_optimizer: (l * adapter * (2 + 4 + 4)
             + super::optim::optimizer_bytes(l * adapter, crate::optim::PAGE)) as u64,
         activations: (cap * (n_acts * per_token_layer + (l + 1) * 2 * d)) as u64,
-        workspace: (cap * scratch_per_token + ce_rows * v * (4 + 2)) as u64,
+        workspace: (cap * scratch_per_token + ce_rows * v * (4 + 2) + gemm_scratch_bytes(c)) as u64,
         device: true,
     }
 }

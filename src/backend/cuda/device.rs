@@ -94,7 +94,8 @@ impl Device for Cuda {
             .context("ordering copies after the compute stream")
     }
     fn begin_capture(&self) -> Result<bool> {
-        if !self.graphs {
+        // Profiling records timing events per launch, which a captured graph could not report.
+        if !self.graphs || self.profiling_on() {
             return Ok(false);
         }
         use cudarc::driver::sys::CUstreamCaptureMode;
@@ -382,10 +383,11 @@ const GIB: f64 = (1u64 << 30) as f64;
 fn oom(gpu: &Cuda, e: cudarc::driver::DriverError, bytes: usize) -> anyhow::Error {
     use cudarc::driver::sys::CUresult;
     if e.0 != CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        return anyhow::Error::new(e).context(format!(
+        let what = format!(
             "allocating or copying {:.1} MiB on the GPU",
             bytes as f64 / (1 << 20) as f64
-        ));
+        );
+        return super::driver_error(e, &what);
     }
     let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
     anyhow::anyhow!(

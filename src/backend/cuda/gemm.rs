@@ -11,7 +11,7 @@
 //! the tiled kernel's, and from then on uses the fastest: the engine runs whichever measures faster
 //! per shape, and a broken fast path can only lose the race, not corrupt training.
 
-use super::{gemm_tiles, mma_tiles, Cuda, Nf4Device};
+use super::{gemm_tiles, is_out_of_memory, mma_tiles, Cuda, Nf4Device};
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, PushKernelArg};
@@ -72,6 +72,8 @@ pub struct GemmState {
     blas: Option<CudaBlas>,
     /// [out * in] bf16: the weight of the current cuBLAS call, grown to the largest seen.
     scratch: Option<CudaSlice<bf16>>,
+    /// The scratch did not fit: the NF4 GEMMs no longer race cuBLAS (the head's GEMMs still may).
+    no_scratch: bool,
     chosen: HashMap<Shape, GemmPath>,
 }
 
@@ -79,16 +81,34 @@ impl GemmState {
     /// Make the weight scratch hold at least `numel` values (where cuBLAS is there to use it); a
     /// smaller one is freed before the larger is allocated.
     fn grow_scratch(&mut self, stream: &Arc<cudarc::driver::CudaStream>, numel: usize) -> Result<()> {
-        if self.blas.is_some() && self.scratch.as_ref().is_none_or(|s| s.len() < numel) {
+        if self.blas.is_some() && !self.no_scratch && self.scratch.as_ref().is_none_or(|s| s.len() < numel) {
             self.scratch = None;
-            self.scratch = Some(stream.alloc_zeros(numel).context("the cuBLAS path's weight scratch")?);
+            let mib = (2 * numel) as f64 / (1 << 20) as f64;
+            let scratch = stream.alloc_zeros(numel);
+            self.scratch = Some(scratch.with_context(|| format!("the cuBLAS path's weight scratch ({mib:.0} MiB)"))?);
         }
         Ok(())
+    }
+
+    /// Stop using the NF4 GEMMs' cuBLAS path: free its scratch and forget the shapes it won. The
+    /// handle stays for the head's GEMMs, which need no scratch.
+    fn drop_blas_path(&mut self) {
+        self.scratch = None;
+        self.no_scratch = true;
+        self.chosen.retain(|_, path| *path != GemmPath::Cublas);
     }
 
     /// Whether the cuBLAS path is available.
     pub fn has_blas(&self) -> bool {
         self.blas.is_some()
+    }
+
+    /// Whether the cuBLAS path is available to GEMMs of `kind` (the NF4 ones need the scratch).
+    fn blas_for(&self, kind: GemmKind) -> bool {
+        match kind {
+            GemmKind::Nf4Fwd | GemmKind::Nf4BwdInput => self.has_blas() && !self.no_scratch,
+            GemmKind::HeadLogits | GemmKind::HeadGrad => self.has_blas(),
+        }
     }
 
     /// cuBLAS, when available.
@@ -195,7 +215,7 @@ impl Cuda {
             if let Some(&path) = st.chosen.get(&shape) {
                 return Ok(path);
             }
-            let candidates = candidates(st.has_blas());
+            let candidates = candidates(st.blas_for(shape.0));
             if let [only] = candidates[..] {
                 st.chosen.insert(shape, only);
                 return Ok(only);
@@ -342,15 +362,25 @@ impl Cuda {
     }
 
     /// Size the cuBLAS path's weight scratch for a weight of `numel` values now (the engine calls
-    /// this as it uploads each weight), so that no GEMM allocates inside a training step.
+    /// this as it uploads each weight), so that no GEMM allocates inside a training step. The path
+    /// is optional under `auto`: without room for the scratch, the tuner keeps to our kernels.
     pub fn reserve_gemm_scratch(&self, numel: usize) -> Result<()> {
         if !matches!(self.gemm, GemmPath::Auto | GemmPath::Cublas) {
             return Ok(()); // a forced path that never dequantizes a whole weight
         }
-        self.gemm_state
-            .lock()
-            .expect("GEMM state lock")
-            .grow_scratch(&self.stream, numel)
+        let mut st = self.gemm_state.lock().expect("GEMM state lock");
+        match st.grow_scratch(&self.stream, numel) {
+            Err(e) if self.gemm == GemmPath::Auto && is_out_of_memory(&e) => {
+                eprintln!(
+                    "note: no room on the GPU for the cuBLAS path's weight scratch ({:.0} MiB): the NF4 GEMMs \
+                     use our kernels only",
+                    (2 * numel) as f64 / (1 << 20) as f64
+                );
+                st.drop_blas_path();
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// Dequantize W [out, in] into the scratch and hand it, with cuBLAS, to `f`.
@@ -366,7 +396,9 @@ impl Cuda {
         let blas = blas
             .as_ref()
             .context("cuBLAS (libcublas) is not available on this machine")?;
-        let scratch = scratch.as_mut().expect("grown above");
+        let scratch = scratch
+            .as_mut()
+            .context("the cuBLAS path's weight scratch did not fit on the GPU")?;
         self.nf4_dequantize(scratch, &w.packed, &w.absmax, numel)?;
         f(blas, scratch)
     }

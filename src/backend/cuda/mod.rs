@@ -316,6 +316,40 @@ impl Cuda {
     }
 }
 
+/// A driver error with what was being done. Launches are asynchronous: a kernel that faults is
+/// reported by a later call, so for the errors that poison the context the message says so and how
+/// to find the kernel that faulted.
+fn driver_error(e: cudarc::driver::DriverError, doing: &str) -> anyhow::Error {
+    use cudarc::driver::sys::CUresult::*;
+    let sticky = matches!(
+        e.0,
+        CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUDA_ERROR_LAUNCH_FAILED
+            | CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUDA_ERROR_INVALID_PC
+            | CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUDA_ERROR_ASSERT
+            | CUDA_ERROR_LAUNCH_TIMEOUT
+    );
+    if sticky {
+        anyhow::Error::new(e).context(format!(
+            "{doing}: a kernel queued before this call failed (run with CUDA_LAUNCH_BLOCKING=1 to name it)"
+        ))
+    } else {
+        anyhow::Error::new(e).context(doing.to_string())
+    }
+}
+
+/// Whether `e` comes from the driver running out of device memory.
+fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<cudarc::driver::DriverError>()
+            .is_some_and(|d| d.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)
+    })
+}
+
 /// A launch configuration of `ceil(n / 256)` blocks of 256 threads.
 fn blocks_for(n: usize) -> LaunchConfig {
     LaunchConfig {

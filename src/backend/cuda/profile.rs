@@ -46,7 +46,7 @@ impl Cuda {
         self.profiling.store(on, Ordering::Relaxed);
     }
 
-    fn profiling_on(&self) -> bool {
+    pub(super) fn profiling_on(&self) -> bool {
         self.profiling.load(Ordering::Relaxed)
     }
 
@@ -65,7 +65,7 @@ impl Cuda {
             args.record_kernel_launch(CUevent_flags::CU_EVENT_DEFAULT);
         }
         // SAFETY: the caller's.
-        let events = unsafe { args.launch(cfg) }.with_context(|| format!("kernel {kernel}"))?;
+        let events = unsafe { args.launch(cfg) }.map_err(|e| super::driver_error(e, &format!("kernel {kernel}")))?;
         if let Some((start, end)) = events.filter(|_| profiling) {
             let mut p = self.profiler.lock().unwrap_or_else(|e| e.into_inner());
             p.pending.push((kernel.to_string(), start, end));

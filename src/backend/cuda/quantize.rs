@@ -3,6 +3,7 @@
 //! where the GEMMs will read them, one projection at a time as the model loads.
 
 use super::Cuda;
+use crate::engine::Device;
 use crate::nf4::{dynamic_map, DoubleQuant, Nf4Tensor, BLOCK, DQ_BLOCK};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -25,12 +26,13 @@ impl Cuda {
         );
         let nblocks = n.div_ceil(BLOCK);
         let s = &self.stream;
-        let mut packed = s.alloc_zeros::<u8>(n.div_ceil(2))?;
-        let mut absmax = s.alloc_zeros::<f32>(nblocks)?;
-        let mut qabsmax = s.alloc_zeros::<u8>(nblocks)?;
-        let mut absmax2 = s.alloc_zeros::<f32>(nblocks.div_ceil(DQ_BLOCK))?;
-        let mut offset = s.alloc_zeros::<f32>(1)?;
-        let map = s.clone_htod(&dynamic_map())?;
+        // Through Device::alloc / upload: an out-of-memory error comes with the memory plan's advice.
+        let mut packed = self.alloc::<u8>(n.div_ceil(2))?;
+        let mut absmax = self.alloc::<f32>(nblocks)?;
+        let mut qabsmax = self.alloc::<u8>(nblocks)?;
+        let mut absmax2 = self.alloc::<f32>(nblocks.div_ceil(DQ_BLOCK))?;
+        let mut offset = self.alloc::<f32>(1)?;
+        let map = self.upload(&dynamic_map())?;
         let ni = n as i64;
         let nb = nblocks as i64;
 
@@ -87,7 +89,7 @@ impl Cuda {
             "NF4 quantize: {} values do not match shape {shape:?}",
             x.len()
         );
-        let dev = self.stream.clone_htod(x).context("copying a weight to the GPU")?;
+        let dev = self.upload(x).context("copying a weight to the GPU")?;
         let q = self.nf4_quantize(&dev, x.len())?;
         let s = &self.stream;
         let scales = DoubleQuant {
