@@ -67,9 +67,10 @@ pub(super) type Shape = (GemmKind, usize, usize, usize);
 
 /// State shared by every clone of a [`Cuda`]: the cuBLAS handle, the dequantized-weight scratch, and
 /// the tuner's choices.
-#[derive(Default)]
 pub struct GemmState {
     blas: Option<CudaBlas>,
+    /// The stream cuBLAS runs on (checked before the handle is destroyed).
+    stream: Option<Arc<cudarc::driver::CudaStream>>,
     /// [out * in] bf16: the weight of the current cuBLAS call, grown to the largest seen.
     scratch: Option<CudaSlice<bf16>>,
     /// The scratch did not fit: the NF4 GEMMs no longer race cuBLAS (the head's GEMMs still may).
@@ -130,8 +131,23 @@ impl GemmState {
         }
         Arc::new(Mutex::new(GemmState {
             blas,
-            ..Default::default()
+            stream: Some(stream.clone()),
+            scratch: None,
+            no_scratch: false,
+            chosen: HashMap::new(),
         }))
+    }
+}
+
+impl Drop for GemmState {
+    /// cublasDestroy synchronizes the device, so after a kernel fault it fails, and cudarc's drop
+    /// would then panic over the error being reported. A faulted context keeps its handle.
+    fn drop(&mut self) {
+        if let Some(blas) = self.blas.take() {
+            if self.stream.as_ref().is_some_and(|s| s.synchronize().is_err()) {
+                std::mem::forget(blas);
+            }
+        }
     }
 }
 
