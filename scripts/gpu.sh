@@ -9,7 +9,8 @@
 #                          `bench generate`; the criterion kernel benches; a short training run on the
 #                          GPU beside the same run on the CPU. Logs go to $OUT (or ./gpu-out).
 #   scripts/gpu.sh stage-result   here: Spider split into training and held-out databases, and the two
-#                          GGUF models cut into chunks, under .stage/ (see the end of NOTES.md)
+#                          GGUF models cut into chunks (with their SHA-256 in .stage/result/models.sha256),
+#                          under .stage/ (see the end of NOTES.md)
 #   scripts/gpu.sh result MODEL NAME [train options]
 #                          there: the base model's SQL on the held-out databases, QLoRA training
 #                          (resumable: at TRAIN_SECONDS, default 480, it checkpoints and stops; run it
@@ -18,14 +19,16 @@
 #
 # SHAPES, GEMMS and ATTENTIONS override the benchmarked shapes (default: the four of the baseline
 # table), NF4 GEMM paths (auto tiled mma cublas) and attention paths (auto; add simple to compare
-# with the simple kernels); a device call is limited to 10 minutes, so split the run with them if it
-# is slow (e.g. SHAPES=llama-3.2-1b GEMMS=auto ATTENTIONS="auto simple").
+# with the simple kernels); PARTS (default "train profile generate") picks the parts of `run bench`.
+# A device call is limited to 10 minutes: each phase stops starting new work at PHASE_SECONDS
+# (default 450) and notes what it skipped, so split a slow run with these (e.g. SHAPES=llama-3.2-1b
+# GEMMS=auto ATTENTIONS="auto simple", then PARTS="profile generate").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # cudarc finds libcublas by name: where only a pip copy exists (the GPU machine's torch brings one),
 # put its folder on the library path.
-if [ "${1:-}" != build ] && ! ldconfig -p 2>/dev/null | grep -q "libcublas.so"; then
+if [ "${1:-}" != build ] && [[ "$(ldconfig -p 2>/dev/null)" != *libcublas.so* ]]; then
     for d in $(python3 -c 'import glob, site; print(" ".join(glob.glob(site.getsitepackages()[0] + "/nvidia/cu*/lib")))' 2>/dev/null); do
         [ -e "$d/libcublas.so.13" ] || [ -e "$d/libcublas.so" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     done
@@ -62,6 +65,12 @@ run)
     out=${OUT:-gpu-out}
     mkdir -p "$out"
     bin=.stage/bin
+    # Whether there is time to start another piece of work in this call (else say what is skipped).
+    time_for() {
+        [ "$SECONDS" -lt "${PHASE_SECONDS:-450}" ] && return 0
+        echo "{\"skipped\":\"$1\",\"at_s\":$SECONDS}" | tee -a "$out/skipped.jsonl"
+        return 1
+    }
     case "${2:-check}" in
     check)
         nvidia-smi >"$out/nvidia-smi.txt" 2>&1
@@ -73,48 +82,61 @@ run)
         echo "cuda tests exit $?" | tee -a "$out/cuda-tests.txt"
         ;;
     bench)
-        for shape in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b tinyllama-1.1b qwen2.5-1.5b}; do
-            for gemm in ${GEMMS:-auto tiled mma cublas}; do
-                for attn in ${ATTENTIONS:-auto}; do
-                    for lora in ${LORAS:-tiled}; do
-                        if SQLORA_NF4_GEMM=$gemm SQLORA_ATTENTION=$attn SQLORA_LORA=$lora timeout 120 "$bin/sqlora" \
-                            bench train --shape "$shape" --batch 8 --seq 512 --device cuda --json \
-                            >"$out/last.json" 2>>"$out/bench.err"; then
-                            cat "$out/last.json" | tee -a "$out/bench.jsonl"
-                        else
-                            echo "{\"shape\":\"$shape\",\"gemm\":\"$gemm\",\"attention\":\"$attn\",\"lora\":\"$lora\",\"failed\":true}" \
-                                | tee -a "$out/bench.jsonl"
-                        fi
+        part() { [[ " ${PARTS:-train profile generate} " == *" $1 "* ]]; }
+        if part train; then
+            for shape in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b tinyllama-1.1b qwen2.5-1.5b}; do
+                for gemm in ${GEMMS:-auto tiled mma cublas}; do
+                    for attn in ${ATTENTIONS:-auto}; do
+                        for lora in ${LORAS:-tiled}; do
+                            time_for "bench train $shape $gemm $attn $lora" || continue
+                            if SQLORA_NF4_GEMM=$gemm SQLORA_ATTENTION=$attn SQLORA_LORA=$lora timeout 120 "$bin/sqlora" \
+                                bench train --shape "$shape" --batch 8 --seq 512 --device cuda --json \
+                                >"$out/last.json" 2>>"$out/bench.err"; then
+                                cat "$out/last.json" | tee -a "$out/bench.jsonl"
+                            else
+                                echo "{\"shape\":\"$shape\",\"gemm\":\"$gemm\",\"attention\":\"$attn\",\"lora\":\"$lora\",\"failed\":true}" \
+                                    | tee -a "$out/bench.jsonl"
+                            fi
+                        done
                     done
                 done
             done
-        done
+        fi
         rm -f "$out/last.json"
         # Where a step's time goes, kernel by kernel, on the first shape, with each LoRA path.
         shape=${SHAPES:-llama-3.2-1b}
-        for lora in tiled simple; do
-            echo "== SQLORA_LORA=$lora"
-            SQLORA_LORA=$lora timeout 120 "$bin/sqlora" bench train --shape "${shape%% *}" --batch 8 --seq 512 \
-                --steps 3 --device cuda --profile 2>>"$out/bench.err"
-        done | tee "$out/profile.txt"
+        if part profile; then
+            for lora in tiled simple; do
+                time_for "profile $lora" >&2 || continue
+                echo "== SQLORA_LORA=$lora"
+                SQLORA_LORA=$lora timeout 120 "$bin/sqlora" bench train --shape "${shape%% *}" --batch 8 --seq 512 \
+                    --steps 3 --device cuda --profile 2>>"$out/bench.err"
+            done | tee "$out/profile.txt"
+        fi
         # Batch-1 greedy decoding of a 1B NF4 model (issue 7's target: >= 1,500 tokens/s), and batched,
         # step by step and replaying a recorded CUDA graph per token.
-        for graphs in 0 1; do
-            for b in 1 16; do
-                echo "{\"cuda_graphs\":$graphs}" | tee -a "$out/bench.jsonl"
-                SQLORA_CUDA_GRAPHS=$graphs timeout 120 "$bin/sqlora" bench generate --shape llama-3.2-1b --batch "$b" \
-                    --prompt 128 --new-tokens 128 --device cuda --json 2>>"$out/bench.err" | tee -a "$out/bench.jsonl"
+        if part generate; then
+            for graphs in 0 1; do
+                for b in 1 16; do
+                    time_for "bench generate graphs $graphs batch $b" || continue
+                    echo "{\"cuda_graphs\":$graphs}" | tee -a "$out/bench.jsonl"
+                    SQLORA_CUDA_GRAPHS=$graphs timeout 120 "$bin/sqlora" bench generate --shape llama-3.2-1b --batch "$b" \
+                        --prompt 128 --new-tokens 128 --device cuda --json 2>>"$out/bench.err" | tee -a "$out/bench.jsonl"
+                done
             done
-        done
+        fi
         ;;
     kernels)
+        # First what the kernel targets are ratios to: PyTorch's flash SDPA, cuBLAS bf16 GEMMs, the
+        # copy (unbuffered, so a timeout keeps the lines already measured).
+        PYTHONUNBUFFERED=1 timeout 150 python3 benches/compare/torch_limits.py --json 2>>"$out/kernel-benches.txt" \
+            | tee "$out/torch-limits.jsonl"
         # Criterion's smallest sample (10), short warm-up and measurement: a few seconds per bench.
         for b in "$bin"/cuda_*; do
-            timeout 240 "$b" --bench --sample-size 10 --warm-up-time 1 --measurement-time 2 2>&1 \
-                | grep -v "^\(Gnuplot\|Benchmarking\|Warning\)" | tee -a "$out/kernel-benches.txt"
+            time_for "$(basename "$b")" || continue
+            timeout $(( ${PHASE_SECONDS:-450} + 90 - SECONDS )) "$b" --bench --sample-size 10 --warm-up-time 1 \
+                --measurement-time 2 2>&1 | grep -v "^\(Gnuplot\|Benchmarking\|Warning\)" | tee -a "$out/kernel-benches.txt"
         done
-        # What the kernel targets are ratios to: PyTorch's flash SDPA, cuBLAS bf16 GEMMs, the copy.
-        timeout 180 python3 benches/compare/torch_limits.py --json 2>&1 | tee "$out/torch-limits.jsonl"
         ;;
     train)
         # The same short run on both devices: the loss curves must agree to bf16 accuracy.
@@ -136,7 +158,8 @@ stage-result)
     set -e
     r=.stage/result
     rm -rf "$r" && mkdir -p "$r/db"
-    cargo build --release -q --bin sqlora
+    # As `build` builds it (build.rs reruns when SQLORA_REQUIRE_KERNELS changes).
+    SQLORA_REQUIRE_KERNELS=1 cargo build --release -q --bin sqlora
     # 14 whole databases (about 7% of the questions) are held out for validation.
     target/release/sqlora prepare spider --spider-dir ../shared/data/spider-train --split train \
         --out "$r/train.jsonl" --holdout-dbs 14 --val-out "$r/val.jsonl"
@@ -147,6 +170,7 @@ print("\n".join(sorted({json.loads(l)["db_id"] for l in open(sys.argv[1])})))' "
     du -sh "$r"
     ../shared/tools/fetch-models.sh "$PWD/.models" all
     for m in .models/*.gguf; do ../shared/tools/stage-split.sh "$m" 60 .stage/models; done
+    (cd .models && sha256sum ./*.gguf) >"$r/models.sha256" # `result` checks the reassembled model
     ;;
 result)
     model=${2:?usage: scripts/gpu.sh result MODEL.gguf NAME [train options]}
@@ -156,50 +180,87 @@ result)
     # DEVICE: cuda (cpu to try the script on a machine without a GPU).
     r=.stage/result bin=.stage/bin run=${RUNS:-/root}/run-$name out=${OUT:-gpu-out} dev=${DEVICE:-cuda}
     mkdir -p "$run" "$out"
-    score() { # predictions file, adapter (or nothing) -> eval JSON beside the predictions
-        "$bin/sqlora" eval --data "$r/val.jsonl" --pred "$1" --db-root "$r/db" --json >"${1%.jsonl}.eval.json"
-        cat "${1%.jsonl}.eval.json"
+    call=${CALL_SECONDS:-570} k=${CANDIDATES:-8}
+    left() { echo $((call - SECONDS - 15)); }
+    # At most 8 files come back from a call: the evaluations, the log and the curves. Copied after
+    # every stage, so a call that the device stops still brings back what was done.
+    collect() {
+        for f in pred-base.eval.json pred-tuned.eval.json "pred-tuned-c$k.eval.json" train.log metrics.jsonl curves.svg; do
+            if [ -e "$run/$f" ]; then cp "$run/$f" "$out/"; fi
+        done
     }
-    if [ ! -s "$run/pred-base.jsonl" ]; then
-        start=$SECONDS
-        # The untuned model is asked in its own chat format (it merely continues our template).
-        "$bin/sqlora" predict --model "$model" --data "$r/val.jsonl" --out "$run/pred-base.jsonl" \
-            --prompt chat --device "$dev" 2>"$run/predict-base.log"
-        echo "base predictions: $((SECONDS - start)) s" | tee -a "$run/train.log"
-        score "$run/pred-base.jsonl"
+    # A model put together from chunks must be whole: a machine handed back between the chunk calls
+    # leaves a short file, or none.
+    if [ ! -s "$model" ]; then
+        echo "no model at $model: carry its chunks again (calls less than 30 s apart) and cat them" >&2
+        exit 1
     fi
-    # Train for what is left of this call (a call has 600 s; SIGINT makes train checkpoint and stop).
-    left=$(( ${CALL_SECONDS:-570} - SECONDS - 40 ))
-    if [ ! -s "$run/adapter_model.safetensors" ] && [ "$left" -gt 60 ]; then
-        secs=$(( left < ${TRAIN_SECONDS:-480} ? left : ${TRAIN_SECONDS:-480} ))
-        timeout -s INT -k 30 "$secs" "$bin/train" --model "$model" --data "$r/train.jsonl" \
+    want=$(grep " ./$(basename "$model")\$" "$r/models.sha256" 2>/dev/null | cut -d' ' -f1)
+    if [ -n "$want" ] && [ ! -e "$run/model-checked" ]; then
+        if [ "$(sha256sum "$model" | cut -d' ' -f1)" != "$want" ]; then
+            echo "$model does not match its SHA-256 in $r/models.sha256: cat all of its chunks again" >&2
+            exit 1
+        fi
+        touch "$run/model-checked"
+    fi
+    # score PRED.jsonl: `sqlora eval` into PRED.eval.json unless it is there (written whole, so a
+    # call stopped while scoring leaves nothing and the next call scores again).
+    score() {
+        local e=${1%.jsonl}.eval.json
+        if [ -s "$1" ] && [ ! -s "$e" ]; then
+            "$bin/sqlora" eval --data "$r/val.jsonl" --pred "$1" --db-root "$r/db" --json >"$e.tmp" && mv "$e.tmp" "$e"
+            cat "$e"
+        fi
+    }
+    # predict NAME SECONDS [predict options]: $run/NAME.jsonl unless it is there, if the call has
+    # SECONDS left (a prediction stopped at the call's end writes nothing, since files are written
+    # whole: the next call runs it again); then its score. Its time goes to NAME.secs and the end of
+    # its log to train.log.
+    predict() {
+        local what=$1 need=$2 start=$SECONDS
+        shift 2
+        if [ ! -s "$run/$what.jsonl" ]; then
+            if [ "$(left)" -lt "$need" ]; then
+                echo "$what: $(left) s left in this call, about $need s needed: next call" | tee -a "$run/train.log"
+                return 0
+            fi
+            timeout "$(left)" "$bin/sqlora" predict --model "$model" --data "$r/val.jsonl" --out "$run/$what.jsonl" \
+                --device "$dev" "$@" 2>"$run/$what.log"
+            echo "$what: exit $?, $((SECONDS - start)) s" | tee -a "$run/train.log"
+            tail -n 5 "$run/$what.log" >>"$run/train.log"
+            if [ -s "$run/$what.jsonl" ]; then echo $((SECONDS - start)) >"$run/$what.secs"; fi
+            collect
+        fi
+        score "$run/$what.jsonl"
+        collect
+    }
+    secs_of() { cat "$run/$1.secs" 2>/dev/null || echo 60; }
+    # The untuned model is asked in its own chat format (it merely continues our template).
+    predict pred-base 60 --prompt chat
+    # Train for what is left of this call. One SIGINT makes train checkpoint and stop (--foreground:
+    # to train alone; sent again to its process group it would mean "quit now", without a
+    # checkpoint); KILL 90 s later. It also checkpoints every 50 steps, so a stop during its final
+    # evaluations loses little.
+    budget=$((call - SECONDS - 100))
+    if [ ! -s "$run/adapter_model.safetensors" ] && [ "$budget" -gt 60 ]; then
+        secs=$((budget < ${TRAIN_SECONDS:-480} ? budget : ${TRAIN_SECONDS:-480}))
+        save=(--save-every 50)
+        if [[ " $* " == *" --save-every "* ]]; then save=(); fi
+        timeout --foreground -s INT -k 90 "$secs" "$bin/train" --model "$model" --data "$r/train.jsonl" \
             --val "$r/val.jsonl" --sql-eval-samples 64 --db-root "$r/db" --out "$run" --resume --device "$dev" \
-            "$@" 2>&1 | tr '\r' '\n' | grep -v "^$" >>"$run/train.log"
+            "${save[@]}" "$@" 2>&1 | tr '\r' '\n' | grep -v "^$" >>"$run/train.log"
         tail -n 4 "$run/train.log"
+        collect
     fi
-    # A prediction stopped at the call's end writes nothing (files are written whole), so the next
-    # call runs it again; the copies below always happen.
-    left() { echo $(( ${CALL_SECONDS:-570} - SECONDS - 15 )); }
-    if [ -s "$run/adapter_model.safetensors" ] && [ ! -s "$run/pred-tuned.jsonl" ] && [ $((SECONDS)) -lt 420 ]; then
-        start=$SECONDS
-        timeout "$(left)" "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned.jsonl" \
-            --device "$dev" 2>"$run/predict-tuned.log"
-        echo "tuned predictions: $((SECONDS - start)) s" | tee -a "$run/train.log"
-        [ -s "$run/pred-tuned.jsonl" ] && score "$run/pred-tuned.jsonl"
+    if [ -s "$run/adapter_model.safetensors" ]; then
+        # Greedy (about the base's time), then execution-guided: the greedy answer and CANDIDATES-1
+        # sampled ones, chosen on the database (started only with 3x the greedy time left).
+        predict pred-tuned "$(secs_of pred-base)" --adapter "$run"
+        if [ -s "$run/pred-tuned.jsonl" ]; then
+            predict "pred-tuned-c$k" $((3 * $(secs_of pred-tuned))) --adapter "$run" --candidates "$k" --db-root "$r/db"
+        fi
     fi
-    # Execution-guided: the greedy answer and CANDIDATES-1 sampled ones, chosen on the database.
-    k=${CANDIDATES:-8}
-    if [ -s "$run/pred-tuned.jsonl" ] && [ ! -s "$run/pred-tuned-c$k.jsonl" ] && [ $((SECONDS)) -lt 420 ]; then
-        start=$SECONDS
-        timeout "$(left)" "$bin/sqlora" predict --model "$model" --adapter "$run" --data "$r/val.jsonl" --out "$run/pred-tuned-c$k.jsonl" \
-            --candidates "$k" --db-root "$r/db" --device "$dev" 2>"$run/predict-tuned-c$k.log"
-        echo "tuned predictions, $k candidates: $((SECONDS - start)) s" | tee -a "$run/train.log"
-        [ -s "$run/pred-tuned-c$k.jsonl" ] && score "$run/pred-tuned-c$k.jsonl"
-    fi
-    # At most 8 files come back from a call: the evaluations, the log and the curves.
-    for f in pred-base.eval.json pred-tuned.eval.json "pred-tuned-c$k.eval.json" train.log metrics.jsonl curves.svg; do
-        [ -e "$run/$f" ] && cp "$run/$f" "$out/"
-    done
+    collect
     ;;
 *)
     echo "usage: scripts/gpu.sh build|run|stage-result|result" >&2
