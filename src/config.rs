@@ -149,6 +149,24 @@ impl ModelConfig {
             Arch::Llama => raw.attention_bias.unwrap_or(false),
         };
         let o_bias = arch == Arch::Llama && raw.attention_bias.unwrap_or(false);
+        check_sizes(&raw, head_dim)?;
+        if !(theta.is_finite() && theta > 0.0) {
+            bail!("rope_theta {theta} must be a positive number");
+        }
+        let bos_token_id = token_ids(raw.bos_token_id.as_ref(), "bos_token_id")?.first().copied();
+        let eos_token_ids = token_ids(raw.eos_token_id.as_ref(), "eos_token_id")?;
+        for (field, id) in bos_token_id
+            .iter()
+            .map(|&b| ("bos_token_id", b))
+            .chain(eos_token_ids.iter().map(|&e| ("eos_token_id", e)))
+        {
+            if id as usize >= raw.vocab_size {
+                bail!(
+                    "{field} {id} is outside the vocabulary of {} tokens (vocab_size)",
+                    raw.vocab_size
+                );
+            }
+        }
         Ok(ModelConfig {
             arch,
             vocab_size: raw.vocab_size,
@@ -166,8 +184,8 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
-            bos_token_id: token_ids(raw.bos_token_id.as_ref(), "bos_token_id")?.first().copied(),
-            eos_token_ids: token_ids(raw.eos_token_id.as_ref(), "eos_token_id")?,
+            bos_token_id,
+            eos_token_ids,
         })
     }
 
@@ -199,11 +217,38 @@ impl ModelConfig {
     }
 }
 
+/// The largest layer count and width a config may give: far beyond any model sqlora is for (0.1B
+/// to 8B; Llama-3-70B has 80 layers and width 28,672), and small enough that no size computed from
+/// them overflows.
+const MAX_LAYERS: usize = 1024;
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_VOCAB: usize = 1 << 22;
+
+/// Sizes that are zero, or so large that allocating by them would abort, are refused here.
+fn check_sizes(raw: &RawConfig, head_dim: usize) -> Result<()> {
+    for (field, n, max) in [
+        ("num_hidden_layers", raw.num_hidden_layers, MAX_LAYERS),
+        ("hidden_size", raw.hidden_size, MAX_WIDTH),
+        ("intermediate_size", raw.intermediate_size, MAX_WIDTH),
+        ("vocab_size", raw.vocab_size, MAX_VOCAB),
+        (
+            "num_attention_heads * head_dim",
+            raw.num_attention_heads.saturating_mul(head_dim),
+            MAX_WIDTH,
+        ),
+    ] {
+        if n == 0 || n > max {
+            bail!("{field} {n} is outside 1..={max}");
+        }
+    }
+    Ok(())
+}
+
 /// A token id field: absent/null, one integer, or a list of integers.
 fn token_ids(v: Option<&Value>, field: &str) -> Result<Vec<u32>> {
     let as_id = |x: &Value| {
         x.as_u64()
-            .map(|n| n as u32)
+            .and_then(|n| u32::try_from(n).ok())
             .with_context(|| format!("{field}: {x} is not a token id"))
     };
     match v {
@@ -226,12 +271,23 @@ fn parse_rope_scaling(v: &Value) -> Result<RopeScaling> {
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "llama3" => Ok(RopeScaling::Llama3 {
-            factor: num("factor")? as f32,
-            low_freq_factor: num("low_freq_factor")? as f32,
-            high_freq_factor: num("high_freq_factor")? as f32,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-        }),
+        "llama3" => {
+            let (factor, low, high) = (num("factor")?, num("low_freq_factor")?, num("high_freq_factor")?);
+            let original = num("original_max_position_embeddings")?;
+            // The scaling divides by factor and by (high - low), and the wavelengths by original.
+            if !(factor > 0.0 && low > 0.0 && high > low && original >= 1.0) {
+                bail!(
+                    "rope_scaling \"llama3\" needs factor > 0, 0 < low_freq_factor < high_freq_factor and \
+                     original_max_position_embeddings >= 1 (got {factor}, {low}, {high}, {original})"
+                );
+            }
+            Ok(RopeScaling::Llama3 {
+                factor: factor as f32,
+                low_freq_factor: low as f32,
+                high_freq_factor: high as f32,
+                original_max_position_embeddings: original as usize,
+            })
+        }
         other => bail!("unsupported rope_scaling type \"{other}\": sqlora implements \"default\" and \"llama3\""),
     }
 }
@@ -239,11 +295,47 @@ fn parse_rope_scaling(v: &Value) -> Result<RopeScaling> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const QWEN: &str = r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,
         "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"rms_norm_eps":1e-6,
         "rope_theta":1000000.0,"tie_word_embeddings":true,"bos_token_id":151643,"eos_token_id":151645,
         "hidden_act":"silu","use_sliding_window":false,"max_position_embeddings":32768}"#;
+
+    #[test]
+    fn sizes_token_ids_and_rope_values_that_would_break_a_run_are_refused() {
+        let with = |edit: &dyn Fn(&mut Value)| {
+            let mut v: Value = serde_json::from_str(QWEN).unwrap();
+            edit(&mut v);
+            ModelConfig::from_json(&v.to_string()).map_err(|e| format!("{e:#}"))
+        };
+        assert!(with(&|_| {}).is_ok());
+        let refused = [
+            (
+                with(&|v| v["eos_token_id"] = json!(151936)),
+                "eos_token_id 151936 is outside",
+            ),
+            (with(&|v| v["bos_token_id"] = json!(1u64 << 33)), "bos_token_id"),
+            (
+                with(&|v| v["num_hidden_layers"] = json!(100_000_000_000u64)),
+                "num_hidden_layers",
+            ),
+            (with(&|v| v["num_hidden_layers"] = json!(0)), "num_hidden_layers 0"),
+            (with(&|v| v["vocab_size"] = json!(1u64 << 62)), "vocab_size"),
+            (with(&|v| v["rope_theta"] = json!(0.0)), "rope_theta"),
+            (
+                with(&|v| {
+                    v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+                }),
+                "low_freq_factor < high_freq_factor",
+            ),
+        ];
+        for (got, want) in refused {
+            let err = got.expect_err(want);
+            assert!(err.contains(want), "{err}");
+        }
+    }
 
     #[test]
     fn reads_qwen2() {

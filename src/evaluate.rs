@@ -21,19 +21,28 @@ pub struct SqlTask {
     pub db: PathBuf,
 }
 
-/// Tasks for examples read from a file in `base` (relative `db_path`s resolve against it).
+/// Tasks for examples read from a file in `base` (relative `db_path`s resolve against it). Every
+/// database is opened once here, so a missing one stops a run before training rather than at its
+/// first evaluation.
 pub fn tasks(examples: &[Example], tok: &Tokenizer, base: &Path, db_root: Option<&Path>) -> Result<Vec<SqlTask>> {
-    examples
+    let tasks = examples
         .iter()
         .enumerate()
         .map(|(i, e)| {
+            let db = resolve_db(e, base, db_root)
+                .with_context(|| format!("validation example {} ({})", i + 1, e.instruction))?;
             Ok(SqlTask {
                 prompt: tok.encode(&prompt(&e.instruction, &e.input))?,
                 gold: e.output.clone(),
-                db: resolve_db(e, base, db_root).with_context(|| format!("validation example {}", i + 1))?,
+                db,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let dbs: std::collections::BTreeSet<&Path> = tasks.iter().map(|t| t.db.as_path()).collect();
+    for db in dbs {
+        Db::open(db).context("a validation database")?;
+    }
+    Ok(tasks)
 }
 
 /// Fraction of tasks whose greedy SQL gives the gold result (decoded `DECODE_GROUP` at a

@@ -53,7 +53,8 @@ impl Sampling {
         Rng::new(mix.next_u64() ^ (j as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
     }
 
-    /// One token drawn from `logits` ([vocab]).
+    /// One token drawn from `logits` ([vocab]). NaN logits are never drawn; with no finite or
+    /// infinite logit at all (a broken adapter) it answers as [`argmax`] does.
     pub fn draw(&self, logits: &[f32], rng: &mut Rng) -> u32 {
         let t = self.temperature.max(1e-6);
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -64,6 +65,9 @@ impl Sampling {
             .filter(|(_, &v)| v >= floor)
             .map(|(i, &v)| (i as u32, (((v - max) / t) as f64).exp()))
             .collect();
+        if probs.is_empty() {
+            return argmax(logits);
+        }
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let total: f64 = probs.iter().map(|p| p.1).sum();
         let mut kept = 0.0;

@@ -211,30 +211,69 @@ impl LoraParams {
             bail!("{}: peft_type is not \"LORA\"", cfg_path.display());
         }
         let targets = match field("target_modules")? {
-            serde_json::Value::Array(xs) => {
-                let names: Vec<&str> = xs.iter().filter_map(|x| x.as_str()).collect();
-                LoraConfig::parse_targets(&names.join(","))?
+            serde_json::Value::Array(xs) if !xs.is_empty() => {
+                let names = xs.iter().map(|x| x.as_str()).collect::<Option<Vec<&str>>>();
+                let names =
+                    names.with_context(|| format!("{}: a target_modules entry is not a name", cfg_path.display()))?;
+                LoraConfig::parse_targets(&names.join(",")).with_context(|| format!("in {}", cfg_path.display()))?
             }
             serde_json::Value::String(s) if s == "all-linear" => Proj::ALL.to_vec(),
             other => bail!("{}: unsupported target_modules {other}", cfg_path.display()),
         };
+        // PEFT options that would change what the tensors mean, which this reader does not implement.
+        for (key, plain) in [
+            ("use_dora", serde_json::json!(false)),
+            ("fan_in_fan_out", serde_json::json!(false)),
+            ("bias", serde_json::json!("none")),
+            ("layers_to_transform", serde_json::Value::Null),
+        ] {
+            if let Some(x) = v.get(key).filter(|x| **x != plain && !x.is_null()) {
+                bail!("{}: {key} = {x} is not supported (only {plain})", cfg_path.display());
+            }
+        }
         let num = |k: &str| {
             field(k)?
                 .as_f64()
-                .with_context(|| format!("{}: \"{k}\" is not a number", cfg_path.display()))
+                .filter(|x| x.is_finite())
+                .with_context(|| format!("{}: \"{k}\" is not a finite number", cfg_path.display()))
         };
+        let r = field("r")?
+            .as_u64()
+            .filter(|&r| r >= 1 && r as usize <= model.hidden_size);
+        let r = r.with_context(|| {
+            format!(
+                "{}: \"r\" must be a whole number from 1 to the model's width {}",
+                cfg_path.display(),
+                model.hidden_size
+            )
+        })?;
         let config = LoraConfig {
-            r: num("r")? as usize,
+            r: r as usize,
             alpha: num("lora_alpha")? as f32,
             dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32,
             use_rslora: v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
             targets,
         };
         let mut params = LoraParams::zeros(model, config);
-        let weights = Weights::open_files(&[dir.join("adapter_model.safetensors")])?;
-        for (name, shape, range) in params.named_ranges() {
-            let data = weights.f32(&name, &shape)?;
-            params.data[range].copy_from_slice(&data);
+        let file = dir.join("adapter_model.safetensors");
+        let weights = Weights::open_files(std::slice::from_ref(&file))?;
+        let ranges = params.named_ranges();
+        for (name, shape, range) in &ranges {
+            let data = weights.f32(name, shape)?;
+            if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+                bail!("{}: tensor {name} holds {} at index {i}", file.display(), data[i]);
+            }
+            params.data[range.clone()].copy_from_slice(&data);
+        }
+        // A tensor the configuration does not account for (another layer, another target) means
+        // the adapter was made for a different model or configuration.
+        let expected: std::collections::HashSet<&str> = ranges.iter().map(|(n, _, _)| n.as_str()).collect();
+        if let Some(extra) = weights.names().into_iter().find(|n| !expected.contains(n)) {
+            bail!(
+                "{}: tensor {extra} is not one this model and {} ask for (another model's adapter?)",
+                file.display(),
+                cfg_path.display()
+            );
         }
         Ok(params)
     }
@@ -264,6 +303,12 @@ impl LoraParams {
 pub fn merge_model(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let config = ModelConfig::from_file(&base.join("config.json"))?;
     let lora = LoraParams::load_peft(adapter, &config)?;
+    let tokenizer = base.join("tokenizer.json");
+    anyhow::ensure!(
+        tokenizer.exists(),
+        "{} is missing: the merged model needs it",
+        tokenizer.display()
+    );
     let weights = Weights::open_dir(base)?;
     let mut tensors = Vec::new();
     for name in weights.names() {
@@ -272,27 +317,36 @@ pub fn merge_model(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
         for l in 0..config.num_layers {
             for p in Proj::ALL {
                 if name == format!("{}.weight", p.path(l)) {
+                    anyhow::ensure!(
+                        shape == p.shape(&config),
+                        "{}: tensor {name} has shape {shape:?}, but config.json makes it {:?}",
+                        base.display(),
+                        p.shape(&config)
+                    );
                     lora.merge_into(l, p, &mut data);
                 }
             }
         }
         tensors.push((name.to_string(), shape, data));
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    save_safetensors(&out.join("model.safetensors"), &tensors, SaveDtype::BF16, None)?;
-    let cfg_text = std::fs::read_to_string(base.join("config.json"))?;
+    let cfg_path = base.join("config.json");
+    let cfg_text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
     let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text)?;
     cfg["torch_dtype"] = json!("bfloat16");
-    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
-    ] {
-        if base.join(f).exists() {
-            std::fs::copy(base.join(f), out.join(f)).with_context(|| format!("copying {f}"))?;
+    crate::weights::write_dir_atomic(out, |dir| {
+        save_safetensors(&dir.join("model.safetensors"), &tensors, SaveDtype::BF16, None)?;
+        write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+        ] {
+            let (from, to) = (base.join(f), dir.join(f));
+            if from.exists() {
+                std::fs::copy(&from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }

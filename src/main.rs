@@ -473,6 +473,7 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
     let target = Target::open(device, Target::Cpu)?;
     let tokenizer = Tokenizer::load(dir)?;
     let model = predict::cpu_generation_model(target.load_model(dir, nf4)?, &target);
+    tokenizer.check_fits(model.config.vocab_size, dir)?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");

@@ -182,9 +182,11 @@ impl Model {
         check_model_path(path)?;
         if is_gguf(path) {
             let file = crate::gguf::GgufFile::open(path)?;
-            let config = ModelConfig::from_json(&file.hf_config()?.to_string())
-                .with_context(|| format!("the architecture of {}", path.display()))?;
-            Model::from_weights_with(config, &crate::gguf::arch::GgufTensors::new(&file)?, quantize)
+            let load = || {
+                let config = ModelConfig::from_json(&file.hf_config()?.to_string())?;
+                Model::from_weights_with(config, &crate::gguf::arch::GgufTensors::new(&file)?, quantize)
+            };
+            load().with_context(|| format!("in {}", path.display()))
         } else {
             Model::load_dir_with(path, quantize)
         }

@@ -74,6 +74,7 @@ pub fn predict(
         PromptStyle::Chat => Some(ChatFormat::of(&tok)?),
     };
     let model = cpu_generation_model(target.load_model(model_path, how.nf4)?, &target);
+    tok.check_fits(model.config.vocab_size, model_path)?;
     let lora = adapter.map(|a| LoraParams::load_peft(a, &model.config)).transpose()?;
     let mut stops = model.config.eos_token_ids.clone();
     if let Some(format) = chat {

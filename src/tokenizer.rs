@@ -23,7 +23,9 @@ impl Tokenizer {
         crate::model::check_model_path(model)?;
         if crate::model::is_gguf(model) {
             let file = crate::gguf::GgufFile::open(model)?;
-            let json = file.tokenizer_json()?.to_string();
+            let json = (file.tokenizer_json())
+                .with_context(|| format!("the vocabulary of {}", model.display()))?
+                .to_string();
             let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
                 .map_err(|e| anyhow!("{e}"))
                 .with_context(|| format!("building the tokenizer of {}", model.display()))?;
@@ -58,6 +60,21 @@ impl Tokenizer {
     /// Number of tokens the tokenizer knows (the model's vocab may be padded beyond it).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// Refuse a tokenizer that can produce ids the model of `model` has no embedding for (its
+    /// `vocab_size`), before any text is encoded.
+    pub fn check_fits(&self, vocab_size: usize, model: &Path) -> Result<()> {
+        let vocab = self.inner.get_vocab(true);
+        if let Some((token, &id)) = vocab.iter().max_by_key(|(_, &id)| id) {
+            anyhow::ensure!(
+                (id as usize) < vocab_size,
+                "the tokenizer of {} has token {token:?} with id {id}, outside the model's vocabulary of \
+                 {vocab_size} (vocab_size in its config)",
+                model.display()
+            );
+        }
+        Ok(())
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {

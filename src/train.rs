@@ -184,6 +184,13 @@ impl Trainer {
         if config.micro_batch == 0 || config.grad_accum == 0 {
             bail!("micro-batch size and gradient accumulation must be at least 1");
         }
+        let (l, width) = (&config.lora, model.config.hidden_size);
+        if l.r == 0 || l.r > width || !l.alpha.is_finite() || !(0.0..1.0).contains(&l.dropout) {
+            bail!("LoRA needs 1 <= r <= {width} (the model's width), a finite alpha and 0 <= dropout < 1");
+        }
+        if !(config.lr.is_finite() && config.lr > 0.0) {
+            bail!("the learning rate must be a positive number, not {}", config.lr);
+        }
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let lora = LoraParams::init(&model.config, config.lora.clone(), config.seed);
         let opt = AdamW::new(config.adamw, Box::new(HostPages::new(lora.len(), PAGE)));
@@ -453,16 +460,15 @@ impl Trainer {
 
     /// The newest whole checkpoint in the output directory, if any.
     pub fn latest_checkpoint(&self) -> Option<PathBuf> {
-        let mut found: Vec<PathBuf> = std::fs::read_dir(&self.out)
+        // checkpoint-<step> directories, by step as a number (a stray name is not one).
+        let step_of = |p: &Path| -> Option<u64> { p.file_name()?.to_str()?.strip_prefix("checkpoint-")?.parse().ok() };
+        std::fs::read_dir(&self.out)
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
-            })
-            .collect();
-        found.sort();
-        found.pop()
+            .filter(|p| p.is_dir())
+            .filter_map(|p| Some((step_of(&p)?, p)))
+            .max_by_key(|(step, _)| *step)
+            .map(|(_, p)| p)
     }
 
     /// Continue from a checkpoint: adapter, optimizer moments and position. Refuses a checkpoint
@@ -478,6 +484,14 @@ impl Trainer {
                 dir.display()
             );
         }
+        if state.step > self.total_steps() {
+            bail!(
+                "{}: step {} is past this run's {} steps",
+                state_path.display(),
+                state.step,
+                self.total_steps()
+            );
+        }
         let lora = LoraParams::load_peft(dir, &self.model.config)?;
         if lora.config != self.lora.config {
             bail!("{}: adapter config differs from this run's", dir.display());
@@ -485,14 +499,20 @@ impl Trainer {
         let opt_path = dir.join("optimizer.safetensors");
         let w = Weights::open_files(std::slice::from_ref(&opt_path))?;
         let n = self.lora.len();
-        self.opt
-            .state
-            .import(&w.f32("exp_avg", &[n])?, &w.f32("exp_avg_sq", &[n])?)?;
+        let (m, v) = (w.f32("exp_avg", &[n])?, w.f32("exp_avg_sq", &[n])?);
+        if !m.iter().all(|x| x.is_finite()) || !v.iter().all(|x| x.is_finite() && *x >= 0.0) {
+            bail!(
+                "{}: the AdamW moments are not finite (or a second moment is negative)",
+                opt_path.display()
+            );
+        }
+        self.opt.state.import(&m, &v)?;
         self.opt.step = w
             .metadata_of("exp_avg")?
             .get("adam_step")
             .and_then(|s| s.parse().ok())
-            .with_context(|| format!("{} has no adam_step", opt_path.display()))?;
+            .filter(|&s: &u64| s <= state.step as u64)
+            .with_context(|| format!("{} has no adam_step of at most step {}", opt_path.display(), state.step))?;
         self.lora = lora;
         self.state = state;
         self.residence = Residence::Host;
@@ -576,8 +596,15 @@ impl Trainer {
         let end = until.min(self.total_steps());
         while self.state.step < end {
             let r = self.step()?;
+            self.log(&serde_json::to_value(&r)?)?;
+            // The last step is checkpointed before its evaluations: an error or a stop during them
+            // loses no training (that checkpoint's state lacks only the last evaluation's best).
+            let last = r.step == self.total_steps();
+            if last {
+                self.save_checkpoint()?;
+            }
             let c = &self.config;
-            let eval = if (c.eval_every > 0 && r.step % c.eval_every == 0) || r.step == self.total_steps() {
+            let eval = if (c.eval_every > 0 && r.step % c.eval_every == 0) || last {
                 let what = format!("validation loss on {} examples", self.val.len());
                 self.announce(&what);
                 self.eval_loss()?
@@ -588,14 +615,13 @@ impl Trainer {
                 .sql_eval
                 .as_ref()
                 .is_some_and(|se| se.every > 0 && r.step % se.every == 0);
-            let exec = if sql_due || (r.step == self.total_steps() && self.sql_eval.is_some()) {
+            let exec = if sql_due || (last && self.sql_eval.is_some()) {
                 let n = self.sql_eval.as_ref().map_or(0, |se| se.tasks.len());
                 self.announce(&format!("execution accuracy on {n} generated answers"));
                 self.eval_exec_accuracy()?
             } else {
                 None
             };
-            self.log(&serde_json::to_value(&r)?)?;
             if let Some(e) = eval {
                 self.log(&serde_json::json!({"step": r.step, "eval_loss": e}))?;
             }
@@ -611,8 +637,10 @@ impl Trainer {
                 },
             );
             let stopping = stop();
-            if (c.save_every > 0 && r.step % c.save_every == 0) || r.step == end || stopping {
+            if !last && ((c.save_every > 0 && r.step % c.save_every == 0) || r.step == end || stopping) {
                 self.save_checkpoint()?;
+            } else if last {
+                crate::plot::write_curves(&self.out)?; // with the final evaluations
             }
             if stopping {
                 break;

@@ -251,6 +251,32 @@ pub fn save_safetensors(
     write_atomic(path, &bytes)
 }
 
+/// Fill the directory `out` through `fill`, which writes into a sibling staging directory that is
+/// renamed to `out` only when everything is written: a failure leaves no partial `out` (nor the
+/// staging directory). `out` must not exist yet, or be empty.
+pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if out.exists() {
+        let mut entries = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
+        anyhow::ensure!(entries.next().is_none(), "{} exists and is not empty", out.display());
+    }
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} names no directory", out.display()))?;
+    let staging = out.with_file_name(format!("{}.partial", name.to_string_lossy()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let done = fill(&staging).and_then(|()| {
+        if out.exists() {
+            std::fs::remove_dir(out).with_context(|| format!("replacing the empty {}", out.display()))?;
+        }
+        std::fs::rename(&staging, out).with_context(|| format!("renaming {} to {}", staging.display(), out.display()))
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    done
+}
+
 /// Write a file via a temporary sibling and a rename: the target is either the old or the new file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp-write");

@@ -204,6 +204,36 @@ fn resume_refuses_a_checkpoint_from_other_settings() {
 }
 
 #[test]
+fn resume_takes_the_highest_step_and_refuses_a_corrupted_checkpoint() {
+    let s = setup();
+    let d = tempfile::tempdir().unwrap();
+    let mut t = trainer(&s, config(2, 2), d.path());
+    run(&mut t, 2);
+    let ckpt = t.latest_checkpoint().unwrap();
+    // By step as a number, not as text; names that are not checkpoint-<step> directories are no
+    // checkpoint at all.
+    let later = d.path().join("checkpoint-1000000");
+    std::fs::create_dir(&later).unwrap();
+    std::fs::create_dir(d.path().join("checkpoint-zzz")).unwrap();
+    std::fs::write(d.path().join("checkpoint-2000000"), b"a file").unwrap();
+    assert_eq!(t.latest_checkpoint().unwrap(), later);
+    std::fs::remove_dir(&later).unwrap();
+    assert_eq!(t.latest_checkpoint().unwrap(), ckpt);
+
+    let state = ckpt.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["step"] = serde_json::json!(u64::MAX);
+    std::fs::write(&state, v.to_string()).unwrap();
+    let mut u = trainer(&s, config(2, 2), d.path());
+    let err = format!("{:#}", u.resume_from(&ckpt).unwrap_err());
+    assert!(
+        err.contains("trainer_state.json") && err.contains("past this run's"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_tiny_model_memorises_a_small_dataset() {
     let s = setup();
     let d = tempfile::tempdir().unwrap();

@@ -317,6 +317,7 @@ fn run(a: Args) -> Result<()> {
     }
     let tok = Tokenizer::load(&a.model)?;
     let model = target.load_model(&a.model, !a.no_nf4)?;
+    tok.check_fits(model.config.vocab_size, &a.model)?;
     let eos = *model
         .config
         .eos_token_ids

@@ -46,6 +46,7 @@ pub struct Example {
 /// example is an error naming the file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text); // a byte-order mark some editors write
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

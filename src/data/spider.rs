@@ -56,6 +56,12 @@ impl Default for ImportOptions {
 
 /// Import a Spider directory. Writes `out` and, when databases are held out, `val_out`.
 pub fn import_spider(dir: &Path, opts: &ImportOptions, out: &Path, val_out: Option<&Path>) -> Result<ImportReport> {
+    if opts.holdout_dbs > 0 && val_out.is_none() {
+        bail!(
+            "--holdout-dbs {} needs --val-out for the held-out questions",
+            opts.holdout_dbs
+        );
+    }
     let files: &[&str] = match opts.split.as_str() {
         "train" => &["train_spider.json", "train_others.json"],
         "dev" => &["dev.json"],
@@ -146,11 +152,9 @@ pub fn import_spider(dir: &Path, opts: &ImportOptions, out: &Path, val_out: Opti
     }
     report.examples = train.len() + val.len();
     report.validation = val.len();
-    write_jsonl(out, &train)?;
     if let Some(v) = val_out {
         write_jsonl(v, &val)?;
-    } else if !val.is_empty() {
-        bail!("databases were held out but no validation file was given");
     }
+    write_jsonl(out, &train)?;
     Ok(report)
 }

@@ -232,8 +232,9 @@ impl GgufFile {
 pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
     use crate::model::{Proj, TensorSource};
     let file = GgufFile::open(gguf)?;
-    let config_json = file.hf_config()?;
-    let c = crate::config::ModelConfig::from_json(&config_json.to_string())?;
+    let in_file = || format!("in {}", gguf.display());
+    let config_json = file.hf_config().with_context(in_file)?;
+    let c = crate::config::ModelConfig::from_json(&config_json.to_string()).with_context(in_file)?;
     let src = arch::GgufTensors::new(&file)?;
     let (d, v) = (c.hidden_size, c.vocab_size);
     let mut names: Vec<(String, Vec<usize>)> = vec![
@@ -253,26 +254,23 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
             }
         }
     }
+    // Everything that can fail on the file's contents before anything is written.
+    let tokenizer = file.tokenizer_json().with_context(in_file)?.to_string();
+    tokenizers::Tokenizer::from_bytes(tokenizer.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("building the tokenizer of {}", gguf.display()))?;
     let mut tensors = Vec::with_capacity(names.len());
     for (name, shape) in names {
         let data = src.f32(&name, &shape)?;
         tensors.push((name, shape, data));
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    crate::weights::save_safetensors(
-        &out.join("model.safetensors"),
-        &tensors,
-        crate::weights::SaveDtype::BF16,
-        None,
-    )?;
-    crate::weights::write_atomic(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&config_json)?.as_bytes(),
-    )?;
-    crate::weights::write_atomic(
-        &out.join("tokenizer.json"),
-        file.tokenizer_json()?.to_string().as_bytes(),
-    )
+    crate::weights::write_dir_atomic(out, |dir| {
+        let bf16 = crate::weights::SaveDtype::BF16;
+        crate::weights::save_safetensors(&dir.join("model.safetensors"), &tensors, bf16, None)?;
+        let config = serde_json::to_string_pretty(&config_json)?;
+        crate::weights::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+        crate::weights::write_atomic(&dir.join("tokenizer.json"), tokenizer.as_bytes())
+    })
 }
 
 /// Parse everything before the tensor data; check every tensor's bytes lie inside `buf`.

@@ -140,6 +140,10 @@ impl Db {
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).with_context(|| format!("opening {}", path.display()))?;
+        // SQLite reads the file only at the first statement: make that now, so a file that is not a
+        // database is named here rather than as a failed query later.
+        conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
+            .with_context(|| format!("{} is not a SQLite database", path.display()))?;
         conn.authorizer(Some(|ctx: AuthContext<'_>| match ctx.action {
             AuthAction::Select | AuthAction::Read { .. } | AuthAction::Function { .. } | AuthAction::Recursive => {
                 Authorization::Allow

@@ -172,7 +172,7 @@ impl Schema {
             .collect();
         let mut col_ref = Vec::new(); // column index -> (table, name)
         for (i, c) in cols.iter().enumerate() {
-            let t = c[0].as_i64().with_context(err)?;
+            let t = c[0].as_i64().filter(|&t| t >= -1).with_context(err)?; // -1: the `*` column
             let name = c[1].as_str().with_context(err)?.to_string();
             col_ref.push((t, name.clone()));
             if t >= 0 {
@@ -186,17 +186,20 @@ impl Schema {
             }
         }
         let mut foreign_keys = Vec::new();
-        for fk in entry["foreign_keys"].as_array().with_context(err)? {
-            let (a, b) = (
-                fk[0].as_u64().with_context(err)? as usize,
-                fk[1].as_u64().with_context(err)? as usize,
-            );
-            let ((ta, ca), (tb, cb)) = (col_ref.get(a).with_context(err)?, col_ref.get(b).with_context(err)?);
+        for (k, fk) in entry["foreign_keys"].as_array().with_context(err)?.iter().enumerate() {
+            // Each side: a column index whose column belongs to a table (not `*`).
+            let side = |v: &serde_json::Value| -> Option<(String, String)> {
+                let (t, name) = col_ref.get(usize::try_from(v.as_u64()?).ok()?)?;
+                Some((table_names.get(usize::try_from(*t).ok()?)?.clone(), name.clone()))
+            };
+            let bad = || format!("tables.json entry {db}: foreign key {k} ({fk}) does not join two table columns");
+            let ((table, column), (ref_table, ref_column)) =
+                (side(&fk[0]).with_context(bad)?, side(&fk[1]).with_context(bad)?);
             foreign_keys.push(ForeignKey {
-                table: table_names[*ta as usize].clone(),
-                column: ca.clone(),
-                ref_table: table_names[*tb as usize].clone(),
-                ref_column: cb.clone(),
+                table,
+                column,
+                ref_table,
+                ref_column,
             });
         }
         Ok(Schema { tables, foreign_keys })
