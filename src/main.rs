@@ -650,21 +650,26 @@ fn selftest(json: bool, seed: u64) -> Result<()> {
         std::process::exit(2);
     }
     let gpu = cuda::Cuda::new()?;
-    let checks = cuda::selftest::run(&gpu, seed)?;
-    if json {
-        println!("{}", serde_json::to_string(&checks)?);
-    } else {
+    // The table is printed row by row as the checks are made: a check that stops the run with an
+    // error leaves the rows before it on the screen.
+    if !json {
         println!(
             "{:<24} {:>14} {:>12} {:>10}  result",
             "op", "size", "rel error", "tolerance"
         );
-        for c in &checks {
+    }
+    let mut print_row = |c: &cuda::selftest::Check| {
+        if !json {
             let verdict = if c.pass { "pass" } else { "FAIL" };
             println!(
                 "{:<24} {:>14} {:>12.3e} {:>10.0e}  {verdict}",
                 c.op, c.size, c.rel_err, c.tolerance
             );
         }
+    };
+    let checks = cuda::selftest::run(&gpu, seed, &mut print_row)?;
+    if json {
+        println!("{}", serde_json::to_string(&checks)?);
     }
     let failed = checks.iter().filter(|c| !c.pass).count();
     if failed > 0 {

@@ -27,15 +27,29 @@ pub struct Check {
     pub pass: bool,
 }
 
+/// The checks made so far, each also handed to `echo` as it is made (so a run that stops on an
+/// error has already shown its rows).
+pub struct Checks<'a> {
+    pub rows: Vec<Check>,
+    echo: &'a mut dyn FnMut(&Check),
+}
+
+impl Checks<'_> {
+    pub fn push(&mut self, c: Check) {
+        (self.echo)(&c);
+        self.rows.push(c);
+    }
+}
+
 /// Round through bf16, as the device sees the values.
 fn bf(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
 }
 
-/// Run every check; the caller prints the table and fails on any `pass == false`.
-pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
+/// Run every check, handing each to `echo` as it is made; the caller fails on any `pass == false`.
+pub fn run(gpu: &Cuda, seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Check>> {
     let mut rng = Rng::new(seed);
-    let mut out = Vec::new();
+    let mut out = Checks { rows: Vec::new(), echo };
     let mut push = |op: &str, size: String, err: f64, tol: f64| {
         out.push(Check {
             op: op.into(),
@@ -664,5 +678,5 @@ pub fn run(gpu: &Cuda, seed: u64) -> Result<Vec<Check>> {
     }
     gpu.stream.synchronize()?;
     super::selftest_step::run(gpu, &mut out)?;
-    Ok(out)
+    Ok(out.rows)
 }

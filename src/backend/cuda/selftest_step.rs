@@ -2,7 +2,7 @@
 //! the CPU with bf16 storage (`engine::host::Host`) and against the f32 reference autograd. Loss and
 //! the gradient of every adapter tensor must agree.
 
-use super::selftest::Check;
+use super::selftest::{Check, Checks};
 use super::Cuda;
 use crate::autograd::{forward_backward, GradOptions};
 use crate::engine::host::Host;
@@ -14,7 +14,8 @@ use crate::tiny::{tiny_adapter, tiny_batch, tiny_model, TinyVariant, TINY_VOCAB}
 use anyhow::Result;
 
 /// Loss agrees to bf16 rounding; each adapter tensor's gradient to a few percent (bf16 activations
-/// through the layers; measured 2.5-4.3% against f32 on the CPU). A wrong op gives errors of order one.
+/// through the layers; measured 3.3-5.9% against f32 on the CPU for these batches, tests/engine.rs).
+/// A wrong op gives errors of order one.
 const LOSS_TOL: f64 = 5e-3;
 const GRAD_TOL: f64 = 8e-2;
 
@@ -26,7 +27,7 @@ fn worst(lora: &crate::lora::LoraParams, got: &[f32], want: &[f32]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-pub fn run(gpu: &Cuda, out: &mut Vec<Check>) -> Result<()> {
+pub fn run(gpu: &Cuda, out: &mut Checks) -> Result<()> {
     for (v, dropout, checkpointing) in [
         (TinyVariant::Llama, 0.1, false),
         (TinyVariant::Qwen2, 0.0, true),
@@ -67,8 +68,13 @@ pub fn run(gpu: &Cuda, out: &mut Vec<Check>) -> Result<()> {
             LOSS_TOL,
         );
         push("step loss vs f32", ((loss_gpu - loss_ref) / loss_ref).abs(), LOSS_TOL);
-        push("step grads vs cpu-bf16", worst(&lora, &g_gpu, &g_host), GRAD_TOL);
-        push("step grads vs f32", worst(&lora, &g_gpu, &g_ref), GRAD_TOL);
+        // The host's own distance from f32 (bf16 storage) sets the scale: the GPU rounds in more
+        // places (bf16 weights in the tensor-core GEMMs), so it may be a few times that.
+        let host_err = worst(&lora, &g_host, &g_ref);
+        let tol = GRAD_TOL.max(2.5 * host_err);
+        push("step grads cpu-bf16 vs f32", host_err, GRAD_TOL);
+        push("step grads vs cpu-bf16", worst(&lora, &g_gpu, &g_host), tol);
+        push("step grads vs f32", worst(&lora, &g_gpu, &g_ref), tol);
 
         // The paged AdamW on the GPU (gradients accumulated there, norm, clipping, update), with the
         // moments streamed through the window in pinned pages of 37 values and resident in it,
@@ -145,12 +151,10 @@ pub fn run(gpu: &Cuda, out: &mut Vec<Check>) -> Result<()> {
         let differ = (want.iter().flatten().zip(got.iter().flatten()))
             .filter(|(a, b)| a != b)
             .count();
-        let unused = if engine.graph_replays == 0 { f64::INFINITY } else { 0.0 };
-        push(
-            "decode with a CUDA graph (tokens differing)",
-            differ as f64 + unused,
-            0.0,
-        );
+        push("decode with a CUDA graph (tokens differing)", differ as f64, 0.0);
+        // Recording can fail where the driver refuses a capture; the tokens then come from plain steps.
+        let unused = (engine.graph_replays == 0) as u8 as f64;
+        push("decode with a CUDA graph (not replayed)", unused, 0.0);
     }
     Ok(())
 }
