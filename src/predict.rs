@@ -60,6 +60,17 @@ pub fn predict(
     device: &str,
 ) -> Result<()> {
     let examples = crate::data::read_jsonl(data)?;
+    // The answers are written at the end: a place that cannot take them is an error now, not then.
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    anyhow::ensure!(
+        parent.is_dir(),
+        "{}: the directory {} does not exist",
+        out.display(),
+        parent.display()
+    );
     // With candidates, every example's database must open before any generation starts.
     let dbs = if how.candidates > 1 {
         open_dbs(&examples, data, how.db_root.as_deref())?

@@ -147,6 +147,26 @@ fn merge_and_prepare_leave_nothing_behind_when_they_fail() {
     assert_eq!(code, Some(1));
     assert!(err.contains("--val-out"), "{err}");
     assert!(!train.exists());
+
+    // Answers that could not be written are refused before any is generated.
+    let data = parent.path().join("q.jsonl");
+    std::fs::write(
+        &data,
+        "{\"instruction\": \"q\", \"input\": \"\", \"output\": \"SELECT 1\"}\n",
+    )
+    .unwrap();
+    let pred = parent.path().join("no/such/dir/pred.jsonl");
+    let (code, err) = sqlora(&[
+        "predict",
+        "--model",
+        s(base.path()),
+        "--data",
+        s(&data),
+        "--out",
+        s(&pred),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no/such/dir") && err.contains("does not exist"), "{err}");
 }
 
 #[test]
@@ -196,7 +216,8 @@ fn validation_databases_are_opened_before_training_starts() {
             ],
         );
         assert_eq!(code, Some(1), "{err}");
-        assert!(err.contains(want), "{want}: {err}");
+        let file = val.file_name().unwrap().to_str().unwrap();
+        assert!(err.contains(want) && err.contains(file), "{want}: {err}");
         let checkpoints = std::fs::read_dir(&out).map_or(0, |d| d.count());
         assert_eq!(checkpoints, 0, "refused before the first step: {err}");
     }

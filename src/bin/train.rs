@@ -383,7 +383,8 @@ fn run(a: Args) -> Result<()> {
         } else {
             let base = vp.parent().unwrap_or(Path::new("."));
             trainer.sql_eval = Some(SqlEval {
-                tasks: sqlora::evaluate::tasks(&examples, &tok, base, a.db_root.as_deref())?,
+                tasks: sqlora::evaluate::tasks(&examples, &tok, base, a.db_root.as_deref())
+                    .with_context(|| format!("in {}", vp.display()))?,
                 tokenizer: tok.clone(),
                 every: a.sql_eval_every,
                 max_new_tokens: a.sql_max_new_tokens,
