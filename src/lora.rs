@@ -333,15 +333,17 @@ pub fn merge_model(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let cfg_text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
     let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text)?;
     cfg["torch_dtype"] = json!("bfloat16");
-    crate::weights::write_dir_atomic(out, |dir| {
+    let copied = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ];
+    let ours: Vec<&str> = ["model.safetensors", "config.json"].into_iter().chain(copied).collect();
+    crate::weights::write_dir_atomic(out, &ours, |dir| {
         save_safetensors(&dir.join("model.safetensors"), &tensors, SaveDtype::BF16, None)?;
         write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "generation_config.json",
-        ] {
+        for f in copied {
             let (from, to) = (base.join(f), dir.join(f));
             if from.exists() {
                 std::fs::copy(&from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;

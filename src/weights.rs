@@ -251,13 +251,23 @@ pub fn save_safetensors(
     write_atomic(path, &bytes)
 }
 
-/// Fill the directory `out` through `fill`, which writes into a sibling staging directory that is
-/// renamed to `out` only when everything is written: a failure leaves no partial `out` (nor the
-/// staging directory). `out` must not exist yet, or be empty.
-pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// Fill the directory `out` through `fill`, which writes into a sibling staging directory that
+/// takes the place of `out` only when everything is written: a failure leaves `out` as it was (and
+/// no staging directory). An existing `out` is replaced only if it holds nothing but files named in
+/// `ours` (an earlier run's output); anything else there is refused before any work.
+pub fn write_dir_atomic(out: &Path, ours: &[&str], fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if out.exists() {
-        let mut entries = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
-        anyhow::ensure!(entries.next().is_none(), "{} exists and is not empty", out.display());
+        let entries = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
+        for e in entries {
+            let e = e.with_context(|| format!("reading {}", out.display()))?;
+            let name = e.file_name();
+            anyhow::ensure!(
+                e.path().is_file() && ours.iter().any(|o| name == *o),
+                "{} holds {}, which this command does not write: choose another --out",
+                out.display(),
+                name.to_string_lossy()
+            );
+        }
     }
     let name = out
         .file_name()
@@ -267,7 +277,7 @@ pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     let done = fill(&staging).and_then(|()| {
         if out.exists() {
-            std::fs::remove_dir(out).with_context(|| format!("replacing the empty {}", out.display()))?;
+            std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
         }
         std::fs::rename(&staging, out).with_context(|| format!("renaming {} to {}", staging.display(), out.display()))
     });

@@ -130,6 +130,31 @@ fn merge_and_prepare_leave_nothing_behind_when_they_fail() {
         "no output, no staging directory"
     );
 
+    // Another run's output is replaced; a directory holding anything else is refused and kept.
+    write_tiny_model(base.path(), TinyVariant::Llama).unwrap();
+    let merge = |out: &Path| {
+        sqlora(&[
+            "merge",
+            "--model",
+            s(base.path()),
+            "--adapter",
+            s(adapter.path()),
+            "--out",
+            s(out),
+        ])
+    };
+    for _ in 0..2 {
+        let (code, err) = merge(&out);
+        assert_eq!(code, Some(0), "{err}");
+    }
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let (code, err) = merge(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("notes.txt, which this command does not write"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+    assert!(out.join("model.safetensors").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+
     // Held-out databases without a file for them: refused before anything is read or written.
     let train = parent.path().join("train.jsonl");
     let (code, err) = sqlora(&[

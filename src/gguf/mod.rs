@@ -264,7 +264,8 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
         let data = src.f32(&name, &shape)?;
         tensors.push((name, shape, data));
     }
-    crate::weights::write_dir_atomic(out, |dir| {
+    let ours = ["model.safetensors", "config.json", "tokenizer.json"];
+    crate::weights::write_dir_atomic(out, &ours, |dir| {
         let bf16 = crate::weights::SaveDtype::BF16;
         crate::weights::save_safetensors(&dir.join("model.safetensors"), &tensors, bf16, None)?;
         let config = serde_json::to_string_pretty(&config_json)?;
