@@ -28,21 +28,14 @@ extern "C" __global__ void adamw_step(float* p, float* m, float* v, const float*
 // still finite); a part is infinite only when the whole norm exceeds f32's range, as on the CPU. The
 // caller takes sqrt(sum of parts^2) in f64, in order: one fixed summation order for a given n, so the
 // norm is the same from run to run.
-// parts: [gridDim] f32; x: [n] f32. Block: a multiple of 32 threads, at most 1024.
+// parts: [gridDim] f32; x: [n] f32.
 extern "C" __global__ void partial_norms(float* parts, const float* x, long n) {
     __shared__ double scratch[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     double acc = 0.0;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const double v = x[i];
         acc = fma(v, v, acc);  // v * v is exact in f64: the same as acc + v * v
     }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-    if (lane == 0) scratch[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        acc = lane < warps ? scratch[lane] : 0.0;
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-        if (lane == 0) parts[blockIdx.x] = (float)sqrt(acc);
-    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) parts[blockIdx.x] = (float)sqrt(acc);
 }

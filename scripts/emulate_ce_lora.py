@@ -48,7 +48,7 @@ SOURCES = {
     "kernels/cross_entropy.cu": "db67b7b67353ca93",
     "kernels/lora.cu": "3f14b694caebf324",
     "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
-    "kernels/common.cuh": "100321985c1f6cce",
+    "kernels/common.cuh": "6b281844157a8164",
 }
 
 INJECTIONS = {

@@ -28,7 +28,7 @@ from emulators import sources  # noqa: E402
 SOURCES = {
     "kernels/flash_attention.cu": "1cc029df2c63eeaf",
     "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
-    "kernels/common.cuh": "100321985c1f6cce",
+    "kernels/common.cuh": "6b281844157a8164",
 }
 
 W, L = 4, 32

@@ -54,7 +54,7 @@ from emulators import sources  # noqa: E402
 SOURCES = {
     "kernels/nf4.cu": "e97de78eb43fff80",
     "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
-    "kernels/common.cuh": "100321985c1f6cce",
+    "kernels/common.cuh": "6b281844157a8164",
 }
 
 

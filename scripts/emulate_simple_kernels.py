@@ -72,8 +72,8 @@ SOURCES = {
     "kernels/swiglu.cu": "e868798c07ff768b",
     "kernels/embedding.cu": "8c9ac6a993db9c4b",
     "kernels/elementwise.cu": "65ef33c3cb94cf4e",
-    "kernels/adamw.cu": "9df620e98e25f15e",
-    "kernels/common.cuh": "100321985c1f6cce",
+    "kernels/adamw.cu": "b3e3f59ff18a31ca",
+    "kernels/common.cuh": "6b281844157a8164",
 }
 
 INJECTIONS = {

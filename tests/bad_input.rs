@@ -113,25 +113,6 @@ fn merge_and_prepare_leave_nothing_behind_when_they_fail() {
         .unwrap();
     std::fs::remove_file(base.path().join("tokenizer.json")).unwrap();
     let out = parent.path().join("merged");
-    let (code, err) = sqlora(&[
-        "merge",
-        "--model",
-        s(base.path()),
-        "--adapter",
-        s(adapter.path()),
-        "--out",
-        s(&out),
-    ]);
-    assert_eq!(code, Some(1));
-    assert!(err.contains("tokenizer.json is missing"), "{err}");
-    assert_eq!(
-        std::fs::read_dir(parent.path()).unwrap().count(),
-        0,
-        "no output, no staging directory"
-    );
-
-    // Another run's output is replaced; a directory holding anything else is refused and kept.
-    write_tiny_model(base.path(), TinyVariant::Llama).unwrap();
     let merge = |out: &Path| {
         sqlora(&[
             "merge",
@@ -143,6 +124,17 @@ fn merge_and_prepare_leave_nothing_behind_when_they_fail() {
             s(out),
         ])
     };
+    let (code, err) = merge(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("tokenizer.json is missing"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(parent.path()).unwrap().count(),
+        0,
+        "no output, no staging directory"
+    );
+
+    // Another run's output is replaced; a directory holding anything else is refused and kept.
+    write_tiny_model(base.path(), TinyVariant::Llama).unwrap();
     for _ in 0..2 {
         let (code, err) = merge(&out);
         assert_eq!(code, Some(0), "{err}");

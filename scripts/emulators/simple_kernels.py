@@ -6,7 +6,7 @@ import numpy as np
 
 from . import simple_machine as machine
 from .simple_machine import (F32, F64, I64, View, block_per_row, block_sum, blocks_for, cvt_bf16, expf_fast,
-                             fma32, ld, launch, rsqrtf, sincosf, st, strided, warp_sum)
+                             fma32, ld, launch, rsqrtf, sincosf, st, strided)
 
 SUM_PARTS = 256  # src/engine/mod.rs
 
@@ -239,7 +239,6 @@ def k_adamw_step(ctx, p, m, v, g, n, gscale, lr, b1, b2, eps, wd, bc1, bc2_sqrt)
 
 
 def k_partial_norms(ctx, parts, x, n):
-    lane, warp, warps = ctx.lane, ctx.warp, ctx.warps
     scratch = ctx.shared("scratch", 32, F64)
     acc = ctx.zeros(F64)
     stride = ctx.NT if "sumsq_stride" in machine.INJECT else ctx.grid * ctx.NT
@@ -249,13 +248,8 @@ def k_partial_norms(ctx, parts, x, n):
             acc = np.where(act, fma32(xi, xi, acc.astype(F32)), acc)
         else:  # fma(v, v, acc) in f64; v * v is exact, so the same as acc + v * v
             acc = np.where(act, acc + xi * xi, acc)
-    acc = warp_sum(ctx, acc, dtype=F64)
-    scratch.st(warp, acc, lane == 0)
-    ctx.sync()
-    first = warp == 0
-    acc = np.where(lane < warps, scratch.ld(lane, first & (lane < warps)), F64(0))
-    acc = warp_sum(ctx, acc, first, F64)
-    st(ctx, parts, ctx.bid, np.sqrt(acc).astype(F32), first & (lane == 0))
+    acc = block_sum(ctx, acc, scratch, F64)
+    st(ctx, parts, ctx.bid, np.sqrt(acc).astype(F32), ctx.tid == 0)
 
 
 class AdamStep:

@@ -398,15 +398,16 @@ def warp_max(ctx, v, act=True):
     return v.reshape(ctx.shape)
 
 
-def block_sum(ctx, v, scratch):
+def block_sum(ctx, v, scratch, dtype=F32):
+    """block_sum<T> of common.cuh; T = dtype (the scratch holds the same type)."""
     lane, warp, warps = ctx.lane, ctx.warp, ctx.warps
-    v = warp_sum(ctx, v)
+    v = warp_sum(ctx, v, dtype=dtype)
     if "bsum_nosync" not in INJECT:
         ctx.sync()
     scratch.st(warp, v, lane == 0)
     ctx.sync()
-    v = np.where(lane < warps, scratch.ld(lane, lane < warps), F32(0)).astype(F32)
-    return warp_sum(ctx, v)
+    v = np.where(lane < warps, scratch.ld(lane, lane < warps), dtype(0)).astype(dtype)
+    return warp_sum(ctx, v, dtype=dtype)
 
 
 def block_max(ctx, v, scratch):

@@ -387,11 +387,7 @@ impl Cuda {
         let mut st = self.gemm_state.lock().expect("GEMM state lock");
         match st.grow_scratch(&self.stream, numel) {
             Err(e) if self.gemm == GemmPath::Auto && is_out_of_memory(&e) => {
-                eprintln!(
-                    "note: no room on the GPU for the cuBLAS path's weight scratch ({:.0} MiB): the NF4 GEMMs \
-                     use our kernels only",
-                    (2 * numel) as f64 / (1 << 20) as f64
-                );
+                eprintln!("note: no room on the GPU for {e:#}; the NF4 GEMMs use our kernels only");
                 st.drop_blas_path();
                 Ok(())
             }
