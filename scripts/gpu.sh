@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, in two halves: build here (the GPU machine has no Rust), run there.
 #
-#   scripts/gpu.sh build   stripped release binaries and the CUDA test binary into .stage/bin
-#                          (ignored by git; small enough to carry: name .stage/bin in the device tool's carry)
+#   scripts/gpu.sh build   stripped release binaries, the CUDA test binary, the criterion kernel benches
+#                          and examples/adapter_logits into .stage/bin (ignored by git; carry per phase
+#                          only what it runs, see "Carry lists" below)
 #   scripts/gpu.sh run [check|bench|kernels|train]
 #                          on the GPU machine, from the repository root, one phase per call: the selftest
 #                          and the CUDA tests; `bench train` on each shape with each NF4 GEMM path and
@@ -10,7 +11,7 @@
 #                          GPU beside the same run on the CPU. Logs go to $OUT (or ./gpu-out).
 #   scripts/gpu.sh stage-result   here: Spider split into training and held-out databases, and the two
 #                          GGUF models cut into chunks (with their SHA-256 in .stage/result/models.sha256),
-#                          under .stage/ (see the end of NOTES.md)
+#                          under .stage/ (see "Issue 9" below)
 #   scripts/gpu.sh result MODEL NAME [train options]
 #                          there: the base model's SQL on the held-out databases, QLoRA training
 #                          (resumable: at TRAIN_SECONDS, default 480, it checkpoints and stops; run it
@@ -23,6 +24,62 @@
 # A device call is limited to 10 minutes: each phase stops starting new work at PHASE_SECONDS
 # (default 450) and notes what it skipped, so split a slow run with these (e.g. SHAPES=llama-3.2-1b
 # GEMMS=auto ATTENTIONS="auto simple", then PARTS="profile generate").
+#
+# ---- Runbook for a session with a GPU ---------------------------------------------------------------
+#
+# Nothing in kernels/*.cu has executed yet. Every kernel compiles for sm_80/86/89/90 with nvcc 13.0
+# from pip (no spills in the mma kernels) and is emulated lane by lane in CI (scripts/emulate_*.py);
+# the launch wrappers compile against cudarc 0.19. `sqlora selftest` has never run on a GPU. What the
+# first run is predicted to show, and what it checks, is in docs/gpu-predictions.md.
+#
+# 1. Here: `scripts/gpu.sh build`, again every time (.stage/bin goes stale with each kernel change).
+#
+# 2. Carry lists. The stripped binaries are ~60 MB together (sqlora and train ~12 MB each, the test and
+#    bench binaries ~5 MB each), and a call carries at most 64 MiB including the tree, so each phase
+#    carries only what it runs:
+#      run check     .stage/bin/sqlora  .stage/bin/cuda
+#      run bench     .stage/bin/sqlora
+#      run kernels   .stage/bin/cuda_*
+#      run train     .stage/bin/sqlora  .stage/bin/train
+#      result        .stage/bin/sqlora  .stage/bin/train  .stage/result   (~38 MB)
+#
+# 3. Phases, one per call. Each stops starting new work at PHASE_SECONDS (450), lists what it skipped
+#    in skipped.jsonl, and writes at most 4 files to $OUT (a call brings back 8).
+#      run check     the selftest with blocking launches (a faulting kernel is named by its own
+#                    launch) and the CUDA tests. Fix whatever fails here before anything else.
+#      run bench     split it with SHAPES, GEMMS and PARTS; ATTENTIONS="auto simple" compares the two
+#                    attention paths; profile.txt holds one step's time per kernel. `bench train` runs
+#                    with the default and with each forced GEMM path (SQLORA_NF4_GEMM=tiled|mma|cublas);
+#                    `auto` times the paths per shape on first use and keeps the fastest one that
+#                    agrees with the tiled kernel.
+#      run kernels   torch-limits.jsonl first (the PyTorch references that issue 7's ratios are
+#                    measured against), then the criterion benches.
+#      run train     the tiny model on the GPU and on the CPU: the curves must agree to bf16 accuracy.
+#    If a note says cuBLAS was not found, the pip copy's folder was not on the library path (the
+#    script looks for it; see the block after `cd` below).
+#
+# 4. Issue 9 (Spider, after the checks above). Here: `scripts/gpu.sh stage-result` (14 whole
+#    databases held out: 6,257 training and 743 validation questions; the held-out databases, 12 MB;
+#    both GGUF models in 60 MB chunks under .stage/models, their SHA-256 in
+#    .stage/result/models.sha256). There:
+#      - carry one chunk per call into /root, calls less than 30 s apart (the machine goes back after
+#        ~30 s idle, and after 30 minutes held in any case), then `cat` the chunks together;
+#      - `scripts/gpu.sh result /root/MODEL.gguf NAME --epochs 2 --batch 16` with the carry list
+#        above, repeated (again less than 30 s apart) until it prints the tuned model's evaluations.
+#    `result` refuses a missing or mis-assembled model (SHA-256), trains for what is left of each call
+#    (SIGINT to train alone, so it checkpoints; it also checkpoints every 50 steps), starts a
+#    prediction only when the call has time for it (the base's time for the tuned greedy run, 3x the
+#    greedy time for the 8 candidates), and copies its files to $OUT after every stage.
+#    Then `sqlora convert`, .stage/bin/adapter_logits and tests/reference/check_adapter.py (torch,
+#    transformers and peft are on that machine) check the adapter against peft.
+#
+# 5. Order. A session's device time (30 minutes when this plan was made; the device tool's status
+#    gives today's figure) cannot hold all of it. In order:
+#      a. run check (~9 min at most);
+#      b. one run bench on llama-3.2-1b (SHAPES=llama-3.2-1b GEMMS=auto: issue 7's row);
+#      c. issue 9 with SmolLM2-135M (2 chunk calls, then ~3 result calls);
+#      d. Qwen2.5-Coder-0.5B (9 chunk calls) if time is left;
+#      e. the other benches.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -72,6 +72,12 @@ fn compare_on(
 /// Activations stored in bf16 (8 significant bits) through the layers put each adapter tensor's
 /// gradient within a few percent of the f32 reference (measured: 2.5-4.3%); a wrong op or a
 /// mismatched dropout mask gives errors of order one.
+///
+/// Predicted before measuring: a few 1e-3 on the loss (one rounding per stored activation) and
+/// ~1e-2 on gradients. Measured: loss 1.6e-4 to 7.8e-4; gradients 1.9-3.0% overall and 2.5-4.3%
+/// for the worst tensor, the same with dropout and checkpointing. The gradients miss the guess
+/// because each passes ~20 bf16 round trips per layer (activations, dq/dk/dv, every projection's
+/// dx) and the tiny models' adapter gradients are small and partly cancel.
 const GRAD_TOL: f64 = 8e-2;
 const LOSS_TOL: f64 = 5e-3;
 
@@ -150,6 +156,7 @@ fn the_loss_in_row_chunks_equals_the_loss_in_one() {
         (loss, g)
     };
     let (whole, chunked) = (run(None), run(Some(5)));
+    // Each row's loss is independent of the others: identical bits, not merely close.
     assert_eq!(whole.0, chunked.0);
     assert_eq!(whole.1, chunked.1);
 }
@@ -176,7 +183,8 @@ fn the_device_plan_is_what_the_engine_allocates() {
 /// The paged AdamW on the device against the host's: three steps of gradients accumulated over two
 /// micro-batches, clipped, applied; with the state resident in the window, and streamed through it
 /// in pages that do and do not line up with the adapter tensors. The f32 update is the same formula
-/// in the same order, so only the gradient sums (added in another order) may differ.
+/// in the same order, so only the gradient sums (added in another order) may differ. Measured
+/// within the bounds below: the norm to 1e-5 of `clip_grad_norm`, updates and moments to 1e-4.
 #[test]
 fn the_paged_device_adamw_matches_the_host_adamw() {
     let (model, lora0, batch) = setup(TinyVariant::Qwen2);
@@ -254,6 +262,8 @@ fn device_generation_logits_match_the_reference() {
         for (p, g) in prompts().iter().zip(&got) {
             let want = model.forward_adapted(p, &mut KvCache::new(&model.config), Logits::Last, Some(&lora));
             let err = rel_err(g, &want);
+            // Prefill through bf16 activations against the f32 KV-cache forward: measured within
+            // 2e-2 on all four tiny models.
             assert!(err < 2e-2, "{v:?}, prompt of {}: logits differ by {err:e}", p.len());
         }
     }
@@ -270,6 +280,7 @@ fn device_generation_with_the_cache_equals_recomputing_each_prefix() {
             for j in 0..o.len() {
                 let prefix: Vec<u32> = p.iter().chain(&o[..j]).copied().collect();
                 let logits = engine.last_logits(Some(&lora), &[prefix]).unwrap();
+                // Exact: on the CPU device the cached decode runs the same ops in the same order.
                 assert_eq!(sqlora::generate::argmax(&logits[0]), o[j], "{v:?}: step {j}");
             }
         }

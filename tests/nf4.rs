@@ -87,6 +87,8 @@ fn dynamic_map_is_within_one_ulp_of_torch() {
         .unwrap();
     let ours = dynamic_map();
     // torch's linspace is vectorised, and its last bit depends on the CPU's vector width.
+    // Expected bit-identity; measured on an AVX-512 CPU: 72 of the 256 entries one ulp away from
+    // the exactly rounded values, which are what sqlora uses. Hence one ulp, not zero.
     for i in 0..256 {
         let ulps = (ours[i].to_bits() as i64 - golden[i].to_bits() as i64).abs();
         assert!(ulps <= 1, "entry {i}: {} vs torch {} ({ulps} ulps)", ours[i], golden[i]);

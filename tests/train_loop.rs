@@ -470,6 +470,9 @@ fn the_device_step_trains_like_the_reference() {
     let mut reference = trainer(&s, config(2, 2), d1.path());
     let mut device = device_trainer(&s, config(2, 2), d2.path());
     let (want, got) = (run(&mut reference, 6), run(&mut device, 6));
+    // Each device step's gradients are a few percent off f32 (bf16 activations; tests/engine.rs
+    // has the figures), so over six steps: loss within 1e-2 at every step, gradient norm within
+    // 5e-2, and the adapters after six AdamW steps within 5e-2, as measured.
     for (w, g) in want.iter().zip(&got) {
         let err = (g.loss - w.loss).abs() / w.loss;
         assert!(err < 1e-2, "step {}: loss {} vs reference {}", w.step, g.loss, w.loss);
