@@ -7,17 +7,18 @@
 
 use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::{Linear, LinearWeight};
-use crate::backend::cuda::ProfileRow;
 use crate::config::ModelConfig;
+use crate::engine::ProfileRow;
+use crate::engine::StepEngine;
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{rope_inv_freq, Layer, Model, Proj};
 use crate::nf4::Nf4Tensor;
 use crate::optim::{clip_factor, AdamW, AdamWConfig};
 use crate::rng::Rng;
-use crate::train::StepEngine;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use serde_json::json;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The shapes `bench train` knows, as HF config.json fields.
@@ -120,7 +121,7 @@ pub fn random_model(c: &ModelConfig, seed: u64) -> Model {
 }
 
 /// Builds the engine a benchmark times, from the model, the adapters and the tokens per step.
-pub type EngineFor<'a> = dyn FnMut(&Model, &LoraParams, usize) -> Result<Box<dyn StepEngine>> + 'a;
+pub type EngineFor<'a> = dyn FnMut(&Arc<Model>, &LoraParams, usize) -> Result<Box<dyn StepEngine>> + 'a;
 
 /// What one benchmark measured.
 #[derive(Clone, Debug, Serialize)]
@@ -180,7 +181,7 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
         bail!("bench train needs --batch >= 1, --seq >= 2 and --steps >= 1");
     }
     let c = shape_config(shape)?;
-    let model = random_model(&c, 0xbe7c);
+    let model = Arc::new(random_model(&c, 0xbe7c));
     let lora_config = LoraConfig {
         r: 16,
         alpha: 32.0,
@@ -336,7 +337,7 @@ pub fn bench_generate(
         bail!("bench generate needs --batch >= 1, --prompt >= 1 and --new-tokens >= 2");
     }
     let c = shape_config(shape)?;
-    let model = random_model(&c, 0xbe7c);
+    let model = Arc::new(random_model(&c, 0xbe7c));
     let none = LoraConfig {
         targets: vec![],
         ..Default::default()

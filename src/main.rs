@@ -10,6 +10,7 @@ use sqlora::tiny::{write_tiny_model, TinyVariant};
 use sqlora::tokenizer::Tokenizer;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -279,23 +280,15 @@ enum BenchWhat {
     },
 }
 
-/// The device engine a benchmark runs on: `--device` resolved, `auto` falling back to the CPU with
-/// bf16 storage (a benchmark needs a device engine, so `cpu` is refused).
+/// The engine a benchmark runs on: `--device` resolved, `auto` falling back to the CPU with bf16
+/// storage.
 fn bench_target(device: &str) -> Result<Target> {
-    let target = Target::open(device, Target::CpuBf16)?;
-    if !target.on_engine() {
-        bail!("bench runs on a device engine: --device cuda, cpu-bf16 or auto");
-    }
-    Ok(target)
+    Target::open(device, Target::CpuBf16)
 }
 
-/// Builds the device engine a benchmark runs on.
+/// Builds the engine a benchmark runs on.
 fn engine_factory(target: Target, checkpointing: bool) -> Box<sqlora::bench::EngineFor<'static>> {
-    Box::new(move |m: &Model, l: &sqlora::lora::LoraParams, cap: usize| {
-        target
-            .engine(m, l, cap, checkpointing)?
-            .ok_or_else(|| anyhow::anyhow!("no device engine on the CPU reference backend"))
-    })
+    Box::new(move |m: &Arc<Model>, l: &sqlora::lora::LoraParams, cap: usize| target.engine(m, l, cap, checkpointing))
 }
 
 fn main() {
@@ -470,9 +463,9 @@ fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String
 
 /// The greedy continuation of `prompt`, decoded.
 fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<String> {
-    let target = Target::open(device, Target::Cpu)?;
+    let target = Target::open(device, Target::Reference)?;
     let tokenizer = Tokenizer::load(dir)?;
-    let model = predict::cpu_generation_model(target.load_model(dir, nf4)?, &target);
+    let model = target.load_model(dir, nf4)?;
     tokenizer.check_fits(model.config.vocab_size, dir)?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
@@ -483,13 +476,10 @@ fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Pat
         Some(a) => Some(sqlora::lora::LoraParams::load_peft(a, &model.config)?),
         None => None,
     };
-    let out = if target.on_engine() {
-        let prompts = [ids];
-        let mut engine = predict::engine_for(&model, lora.as_ref(), &prompts, 1, &target)?;
-        engine.generate(lora.as_ref(), &prompts, max_new, eos)?.remove(0)
-    } else {
-        sqlora::generate::greedy(&model, lora.as_ref(), &ids, max_new, eos)
-    };
+    let eos = eos.clone();
+    let prompts = [ids];
+    let mut engine = target.generation_engine(model, lora.as_ref(), &prompts, 1)?;
+    let out = engine.generate(lora.as_ref(), &prompts, max_new, &eos)?.remove(0);
     tokenizer.decode(&out)
 }
 

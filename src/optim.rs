@@ -209,15 +209,26 @@ pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
 /// The sum of squares is taken in f64 over fixed chunks in parallel, then over the chunks in order,
 /// so it does not depend on the thread count.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
+    let norm = grad_norm(grads);
+    let factor = clip_factor(norm, max_norm);
+    if factor < 1.0 {
+        scale(grads, factor);
+    }
+    norm
+}
+
+/// Global L2 norm of `grads`: squares summed in f64 over fixed chunks in parallel, then over the
+/// chunks in order (the same bits whatever the thread count).
+pub fn grad_norm(grads: &[f32]) -> f32 {
     let partial: Vec<f64> = (grads.par_chunks(1 << 16))
         .map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>())
         .collect();
-    let norm = partial.iter().sum::<f64>().sqrt() as f32;
-    let factor = clip_factor(norm, max_norm);
-    if factor < 1.0 {
-        grads.par_iter_mut().for_each(|g| *g *= factor);
-    }
-    norm
+    partial.iter().sum::<f64>().sqrt() as f32
+}
+
+/// Multiply every gradient by `factor` (a clipping factor).
+pub fn scale(grads: &mut [f32], factor: f32) {
+    grads.par_iter_mut().for_each(|g| *g *= factor);
 }
 
 /// How the learning rate decays after warmup.

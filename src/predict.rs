@@ -9,14 +9,12 @@
 use crate::data::chat::{extract_sql, ChatFormat};
 use crate::data::Example;
 use crate::engine::target::Target;
-use crate::generate::{candidates, greedy_batch, Sampling, DECODE_GROUP};
-use crate::lora::{LoraConfig, LoraParams};
-use crate::model::Model;
+use crate::generate::Sampling;
+use crate::lora::LoraParams;
 use crate::sql::choose::{choose, Choice};
 use crate::sql::eval::resolve_db;
 use crate::sql::exec::Db;
 use crate::tokenizer::Tokenizer;
-use crate::train::StepEngine;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -77,14 +75,14 @@ pub fn predict(
     } else {
         Vec::new()
     };
-    // The device engine for cuda and cpu-bf16; `auto` is cuda when a GPU is usable, else the CPU reference.
-    let target = Target::open(device, Target::Cpu)?;
+    // `auto` is cuda when a GPU is usable, else the CPU reference.
+    let target = Target::open(device, Target::Reference)?;
     let tok = Tokenizer::load(model_path)?;
     let chat = match how.prompt {
         PromptStyle::Template => None,
         PromptStyle::Chat => Some(ChatFormat::of(&tok)?),
     };
-    let model = cpu_generation_model(target.load_model(model_path, how.nf4)?, &target);
+    let model = target.load_model(model_path, how.nf4)?;
     tok.check_fits(model.config.vocab_size, model_path)?;
     let lora = adapter.map(|a| LoraParams::load_peft(a, &model.config)).transpose()?;
     let mut stops = model.config.eos_token_ids.clone();
@@ -98,41 +96,13 @@ pub fn predict(
         })
         .collect::<Result<Vec<_>>>()?;
     let n = how.candidates.max(1);
+    let mut engine = target.generation_engine(model, lora.as_ref(), &prompts, n)?;
     // [examples][n] token ids.
-    let outs: Vec<Vec<Vec<u32>>> = if target.on_engine() {
-        let mut engine = engine_for(&model, lora.as_ref(), &prompts, n, &target)?;
-        if n == 1 {
-            let outs = engine.generate(lora.as_ref(), &prompts, how.max_new, &stops)?;
-            outs.into_iter().map(|o| vec![o]).collect()
-        } else {
-            engine.generate_candidates(lora.as_ref(), &prompts, n, how.max_new, &stops, &how.sampling)?
-        }
+    let outs: Vec<Vec<Vec<u32>>> = if n == 1 {
+        let outs = engine.generate(lora.as_ref(), &prompts, how.max_new, &stops)?;
+        outs.into_iter().map(|o| vec![o]).collect()
     } else {
-        let mut outs: Vec<Vec<Vec<u32>>> = Vec::with_capacity(prompts.len());
-        if n == 1 {
-            // A few questions at a time, decoded together (they share each read of the weights).
-            for group in prompts.chunks(DECODE_GROUP) {
-                let answers = greedy_batch(&model, lora.as_ref(), group, how.max_new, &stops);
-                outs.extend(answers.into_iter().map(|a| vec![a]));
-                eprint!("\r{}/{} predicted", outs.len(), prompts.len());
-            }
-        } else {
-            for (i, p) in prompts.iter().enumerate() {
-                outs.push(candidates(
-                    &model,
-                    lora.as_ref(),
-                    p,
-                    n,
-                    how.max_new,
-                    &stops,
-                    &how.sampling,
-                    i,
-                ));
-                eprint!("\r{}/{} predicted", i + 1, prompts.len());
-            }
-        }
-        eprintln!();
-        outs
+        engine.generate_candidates(lora.as_ref(), &prompts, n, how.max_new, &stops, &how.sampling)?
     };
     let mut text = String::new();
     for (i, cands) in outs.iter().enumerate() {
@@ -177,45 +147,4 @@ fn open_dbs(examples: &[Example], data: &Path, db_root: Option<&Path>) -> Result
             Ok(open[&path].clone())
         })
         .collect()
-}
-
-/// On the f32 reference, an NF4 base keeps its NF4-rounded values but stored decoded: generation
-/// then decodes no weights per token (same outputs; the device engines keep NF4).
-pub fn cpu_generation_model(model: Model, target: &Target) -> Model {
-    if target.on_engine() {
-        model
-    } else {
-        model.nf4_decoded()
-    }
-}
-
-/// Most tokens a generation engine runs per prefill chunk: room for a dozen Spider prompts with their
-/// schemas, while the engine (forward only, one layer's activations; the KV cache comes on top)
-/// plans about 2 GiB for a 0.5B model and 12 GiB for an 8B one.
-const GENERATION_CAP: usize = 8192;
-
-/// A device engine (`cuda` or `cpu-bf16`) for generating from `prompts`, each `n` times, with
-/// `lora`'s layout. It keeps one layer's activations (generation has no backward) and holds as
-/// many prompts per chunk as fit in [`GENERATION_CAP`] tokens.
-pub fn engine_for(
-    model: &Model,
-    lora: Option<&LoraParams>,
-    prompts: &[Vec<u32>],
-    n: usize,
-    target: &Target,
-) -> Result<Box<dyn StepEngine>> {
-    // Without an adapter, an empty adapter layout.
-    let layout = lora.cloned().unwrap_or_else(|| {
-        let none = LoraConfig {
-            targets: vec![],
-            ..Default::default()
-        };
-        LoraParams::zeros(&model.config, none)
-    });
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
-    let total = prompts.iter().map(Vec::len).sum::<usize>() * n;
-    let cap = total.clamp(longest, longest.max(GENERATION_CAP));
-    let engine = (target.engine(model, &layout, cap, true)?).context("generation needs a device engine")?;
-    eprintln!("generating on {}", engine.describe());
-    Ok(engine)
 }

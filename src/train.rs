@@ -5,20 +5,21 @@
 //! the seed and epoch; dropout masks of the seed, step and micro-batch), so a run resumed from a
 //! checkpoint continues exactly as the uninterrupted run would have.
 
-use crate::autograd::{forward_backward, loss_sum, Batch, GradOptions};
+use crate::autograd::{Batch, GradOptions};
 use crate::data::Encoded;
-use crate::engine::optim::OPTIMIZER_WINDOW;
+use crate::engine::reference::Reference;
 use crate::engine::step::Engine;
-use crate::engine::Device;
+use crate::engine::{Device, StepEngine};
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
-use crate::optim::{clip_factor, clip_grad_norm, AdamW, AdamWConfig, Decay, HostPages, Schedule, StatePages, PAGE};
+use crate::optim::{clip_factor, AdamW, AdamWConfig, Decay, HostPages, Schedule, PAGE};
 use crate::rng::Rng;
 use crate::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Everything that shapes a run.
@@ -144,19 +145,18 @@ enum Residence {
 pub type EvalNotice = dyn FnMut(&str);
 
 pub struct Trainer {
-    pub model: Model,
-    /// Where steps and validation losses run: `None` is the f32 CPU reference (`autograd`);
-    /// otherwise a device engine (`engine::step`). Generation for the SQL evaluation stays on the CPU.
-    pub engine: Option<Box<dyn StepEngine>>,
+    pub model: Arc<Model>,
+    /// Where steps, validation losses and the SQL evaluation's generation run: the f32 reference
+    /// (`engine::reference`) until [`Trainer::use_engine`] gives another.
+    pub engine: Box<dyn StepEngine>,
     /// Optional execution-accuracy evaluation; the best adapter by it is kept in `out/best/`.
     pub sql_eval: Option<SqlEval>,
     /// Told before each evaluation starts (evaluations can take a while: the binary shows them).
     pub on_eval: Option<Box<EvalNotice>>,
-    /// The adapters. With a device engine, the device holds the current ones during training and
-    /// these are brought up to date by [`Trainer::sync_host`] (which every method that reads them
-    /// calls first).
+    /// The adapters. The engine holds the current ones during training and these are brought up
+    /// to date by [`Trainer::sync_host`] (which every method that reads them calls first).
     pub lora: LoraParams,
-    /// AdamW: its moments' pages, and the step count. With a device engine, as `lora`.
+    /// AdamW: its moments' pages, and the step count (the moments brought up to date as `lora`).
     pub opt: AdamW,
     pub config: TrainConfig,
     /// Where the adapters and moments are current: see [`Residence`].
@@ -195,9 +195,10 @@ impl Trainer {
         let lora = LoraParams::init(&model.config, config.lora.clone(), config.seed);
         let opt = AdamW::new(config.adamw, Box::new(HostPages::new(lora.len(), PAGE)));
         let fingerprint = fingerprint(&train, &config);
+        let model = Arc::new(model);
         Ok(Trainer {
+            engine: Box::new(Reference::new(model.clone(), &lora)),
             model,
-            engine: None,
             sql_eval: None,
             on_eval: None,
             lora,
@@ -243,15 +244,15 @@ impl Trainer {
         let (m, v) = self.opt.state.export();
         pages.import(&m, &v)?;
         self.opt.state = pages;
-        self.engine = Some(engine);
+        self.engine = engine;
         self.residence = Residence::Host;
         Ok(())
     }
 
     /// Bring `lora` and `opt` up to date from the device, if it has updated them.
     pub fn sync_host(&mut self) -> Result<()> {
-        if let (Residence::Device, Some(e)) = (self.residence, &mut self.engine) {
-            e.to_host(&mut self.lora, &mut self.opt)?;
+        if self.residence == Residence::Device {
+            self.engine.to_host(&mut self.lora, &mut self.opt)?;
             self.residence = Residence::Both;
         }
         Ok(())
@@ -336,28 +337,15 @@ impl Trainer {
         };
         let lr = self.schedule().lr(self.state.step);
         let mut loss = 0f64;
-        // On the host: gradients summed here, clipped, then AdamW over `lora.data`. On a device:
-        // gradients accumulate there, and the paged AdamW updates the adapters there.
-        let mut grads = Vec::new();
-        let grad_norm = match &mut self.engine {
-            None => {
-                grads = vec![0f32; self.lora.len()];
-                for (m, batch) in micro.iter().enumerate() {
-                    loss += forward_backward(&self.model, &self.lora, batch, inv, opts(m), &mut grads);
-                }
-                clip_grad_norm(&mut grads, c.max_grad_norm)
-            }
-            Some(e) => {
-                if self.residence == Residence::Host {
-                    e.to_device(&self.lora)?;
-                    self.residence = Residence::Both;
-                }
-                for (m, batch) in micro.iter().enumerate() {
-                    loss += e.accumulate(batch, inv, opts(m))?;
-                }
-                e.grad_norm()?
-            }
-        };
+        // The engine holds the adapters and accumulates the gradients; its AdamW updates them there.
+        if self.residence == Residence::Host {
+            self.engine.to_device(&self.lora)?;
+            self.residence = Residence::Both;
+        }
+        for (m, batch) in micro.iter().enumerate() {
+            loss += self.engine.accumulate(batch, inv, opts(m))?;
+        }
+        let grad_norm = self.engine.grad_norm()?;
         let loss = loss / labels as f64;
         // A non-finite loss or gradient skips the step: its data is consumed, nothing is updated.
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
@@ -374,14 +362,11 @@ impl Trainer {
         } else {
             self.state.bad_steps = 0;
         }
-        match &mut self.engine {
-            None if !skipped => self.opt.update(&mut self.lora.data, &grads, lr),
-            None => {}
-            Some(e) if !skipped => {
-                e.adamw_update(&mut self.opt, lr, clip_factor(grad_norm, c.max_grad_norm))?;
-                self.residence = Residence::Device;
-            }
-            Some(e) => e.zero_grads()?,
+        if skipped {
+            self.engine.zero_grads()?;
+        } else {
+            (self.engine).adamw_update(&mut self.opt, lr, clip_factor(grad_norm, c.max_grad_norm))?;
+            self.residence = Residence::Device;
         }
         self.state.step += 1;
         self.state.consumed += ids.len();
@@ -395,7 +380,7 @@ impl Trainer {
             tokens: micro.iter().map(|b| b.tokens.len()).sum(),
             labels,
             seconds: started.elapsed().as_secs_f64(),
-            device_memory: self.engine.as_ref().and_then(|e| e.memory_used()),
+            device_memory: self.engine.memory_used(),
         })
     }
 
@@ -408,10 +393,7 @@ impl Trainer {
         let (mut sum, mut labels) = (0f64, 0usize);
         for chunk in self.val.chunks(self.config.micro_batch) {
             let batch = Batch::pack(chunk.iter().map(|e| (&e.tokens[..], &e.targets[..])));
-            sum += match &mut self.engine {
-                Some(e) => e.loss_sum(Some(&self.lora), &batch)?,
-                None => loss_sum(&self.model, Some(&self.lora), &batch),
-            };
+            sum += self.engine.loss_sum(Some(&self.lora), &batch)?;
             labels += batch.label_count();
         }
         Ok(Some(sum / labels.max(1) as f64))
@@ -553,24 +535,13 @@ impl Trainer {
         }
         self.sync_host()?;
         let Some(se) = &self.sql_eval else { return Ok(None) };
-        let acc = match &mut self.engine {
-            Some(e) => {
-                let prompts: Vec<Vec<u32>> = se.tasks.iter().map(|t| t.prompt.clone()).collect();
-                let stops = &self.model.config.eos_token_ids;
-                let outs = e.generate(Some(&self.lora), &prompts, se.max_new_tokens, stops)?;
-                let sqls = (outs.iter())
-                    .map(|o| Ok(se.tokenizer.decode(o)?.trim().to_string()))
-                    .collect::<Result<Vec<_>>>()?;
-                crate::evaluate::score(&se.tasks, &sqls)?
-            }
-            None => crate::evaluate::exec_accuracy(
-                &self.model,
-                Some(&self.lora),
-                &se.tokenizer,
-                &se.tasks,
-                se.max_new_tokens,
-            )?,
-        };
+        let prompts: Vec<Vec<u32>> = se.tasks.iter().map(|t| t.prompt.clone()).collect();
+        let stops = &self.model.config.eos_token_ids;
+        let outs = (self.engine).generate(Some(&self.lora), &prompts, se.max_new_tokens, stops)?;
+        let sqls = (outs.iter())
+            .map(|o| Ok(se.tokenizer.decode(o)?.trim().to_string()))
+            .collect::<Result<Vec<_>>>()?;
+        let acc = crate::evaluate::score(&se.tasks, &sqls)?;
         if self.state.best_exec_accuracy.is_none_or(|(best, _)| acc > best) {
             self.state.best_exec_accuracy = Some((acc, self.state.step));
             self.lora.save_peft(&self.out.join("best"), &self.base_model)?;
@@ -647,125 +618,6 @@ impl Trainer {
             }
         }
         self.sync_host()
-    }
-}
-
-/// A training step on some device, behind one object-safe interface (see `engine::step::Engine`).
-pub trait StepEngine {
-    /// One line naming the device.
-    fn describe(&self) -> String;
-    /// As `autograd::loss_sum`.
-    fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64>;
-    /// Give the engine its paged AdamW (`PAGE`, `OPTIMIZER_WINDOW`); returns zeroed host pages of
-    /// the device's kind (pinned on a GPU) for the moments.
-    fn start_optimizer(&mut self) -> Result<Box<dyn StatePages + Send>>;
-    /// Make `lora` the device's adapters and have the optimizer take the host's moments.
-    fn to_device(&mut self, lora: &LoraParams) -> Result<()>;
-    /// The device's adapters and moments into `lora` and `opt`.
-    fn to_host(&mut self, lora: &mut LoraParams, opt: &mut AdamW) -> Result<()>;
-    /// Add one micro-batch's gradients into the device's (`Engine::accumulate`).
-    fn accumulate(&mut self, batch: &Batch, inv_count: f32, opts: GradOptions) -> Result<f64>;
-    /// Global norm of the accumulated gradients.
-    fn grad_norm(&mut self) -> Result<f32>;
-    /// The paged AdamW update on the device, gradients scaled by `gscale`; zeroes the gradients.
-    fn adamw_update(&mut self, opt: &mut AdamW, lr: f32, gscale: f32) -> Result<()>;
-    /// Drop the accumulated gradients (a skipped step).
-    fn zero_grads(&mut self) -> Result<()>;
-    /// Wait until the device has done all the work queued.
-    fn synchronize(&self) -> Result<()>;
-    /// Greedy continuations, as `generate::greedy` for each prompt.
-    fn generate(
-        &mut self,
-        lora: Option<&LoraParams>,
-        prompts: &[Vec<u32>],
-        max_new: usize,
-        stops: &[u32],
-    ) -> Result<Vec<Vec<u32>>>;
-    /// `n` continuations of each prompt, greedy first, as `generate::candidates`.
-    fn generate_candidates(
-        &mut self,
-        lora: Option<&LoraParams>,
-        prompts: &[Vec<u32>],
-        n: usize,
-        max_new: usize,
-        stops: &[u32],
-        sampling: &crate::generate::Sampling,
-    ) -> Result<Vec<Vec<Vec<u32>>>>;
-    /// Device memory in use, where the device can tell.
-    fn memory_used(&self) -> Option<usize>;
-    /// Decoding steps so far that replayed a recorded graph.
-    fn graph_replays(&self) -> usize;
-    /// Per-kernel timing on or off ([`Device::set_profiling`]).
-    fn set_profiling(&self, on: bool);
-    /// The kernels' times since the last call ([`Device::take_profile`]).
-    fn take_profile(&self) -> Result<Vec<crate::backend::cuda::ProfileRow>>;
-}
-
-impl<D: Device> StepEngine for Engine<D> {
-    fn describe(&self) -> String {
-        self.dev.describe()
-    }
-    fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64> {
-        Engine::loss_sum(self, lora, batch)
-    }
-    fn start_optimizer(&mut self) -> Result<Box<dyn StatePages + Send>> {
-        self.enable_optimizer(PAGE, OPTIMIZER_WINDOW)?;
-        self.dev.state_pages(self.adapter_len(), PAGE)
-    }
-    fn to_device(&mut self, lora: &LoraParams) -> Result<()> {
-        self.upload_adapters(lora)?;
-        self.load_optimizer()
-    }
-    fn to_host(&mut self, lora: &mut LoraParams, opt: &mut AdamW) -> Result<()> {
-        self.download_adapters(lora)?;
-        self.save_optimizer(opt)
-    }
-    fn accumulate(&mut self, batch: &Batch, inv_count: f32, opts: GradOptions) -> Result<f64> {
-        Engine::accumulate(self, batch, inv_count, opts)
-    }
-    fn grad_norm(&mut self) -> Result<f32> {
-        Engine::grad_norm(self)
-    }
-    fn adamw_update(&mut self, opt: &mut AdamW, lr: f32, gscale: f32) -> Result<()> {
-        Engine::adamw_update(self, opt, lr, gscale)
-    }
-    fn zero_grads(&mut self) -> Result<()> {
-        Engine::zero_grads(self)
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.dev.synchronize()
-    }
-    fn generate(
-        &mut self,
-        lora: Option<&LoraParams>,
-        prompts: &[Vec<u32>],
-        max_new: usize,
-        stops: &[u32],
-    ) -> Result<Vec<Vec<u32>>> {
-        Engine::generate(self, lora, prompts, max_new, stops)
-    }
-    fn generate_candidates(
-        &mut self,
-        lora: Option<&LoraParams>,
-        prompts: &[Vec<u32>],
-        n: usize,
-        max_new: usize,
-        stops: &[u32],
-        sampling: &crate::generate::Sampling,
-    ) -> Result<Vec<Vec<Vec<u32>>>> {
-        Engine::generate_candidates(self, lora, prompts, n, max_new, stops, sampling)
-    }
-    fn memory_used(&self) -> Option<usize> {
-        self.dev.memory_used()
-    }
-    fn graph_replays(&self) -> usize {
-        self.graph_replays
-    }
-    fn set_profiling(&self, on: bool) {
-        self.dev.set_profiling(on)
-    }
-    fn take_profile(&self) -> Result<Vec<crate::backend::cuda::ProfileRow>> {
-        self.dev.take_profile()
     }
 }
 

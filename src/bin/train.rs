@@ -205,7 +205,7 @@ fn dry_run(a: &Args, target: &Target) -> Result<()> {
         checkpointing: a.checkpointing,
         nf4: !a.no_nf4,
         threads: rayon::current_num_threads(),
-        device: target.on_engine(),
+        device: target.stores_bf16(),
     };
     let p = plan(&config, &input);
     let gpu = target.gpu();
@@ -296,7 +296,7 @@ fn auto_checkpointing(
         checkpointing: false,
         nf4: !a.no_nf4,
         threads: rayon::current_num_threads(),
-        device: target.on_engine(),
+        device: target.stores_bf16(),
     };
     let needed = checkpointing_needed(c, &input, budget);
     if needed {
@@ -311,7 +311,7 @@ fn auto_checkpointing(
 fn run(a: Args) -> Result<()> {
     // The GPU, when there is one, is opened first: it quantizes each projection as the model loads
     // (the same bytes as the CPU would write), and its free memory is the default budget of the plan.
-    let target = Target::open(&a.device, Target::Cpu)?;
+    let target = Target::open(&a.device, Target::Reference)?;
     if a.dry_run {
         return dry_run(&a, &target);
     }
@@ -401,12 +401,9 @@ fn run(a: Args) -> Result<()> {
         }
     }
     let cap = trainer.step_capacity();
-    if let Some(engine) = target.engine(&trainer.model, &trainer.lora, cap, checkpointing)? {
-        trainer.use_engine(engine)?;
-    }
-    if let Some(e) = &trainer.engine {
-        eprintln!("device: {}", e.describe());
-    }
+    let engine = target.engine(&trainer.model, &trainer.lora, cap, checkpointing)?;
+    trainer.use_engine(engine)?;
+    eprintln!("device: {}", trainer.engine.describe());
     let total = trainer.total_steps();
     eprintln!(
         "training {} adapter parameters ({} examples/step, {total} steps, NF4 base: {})",

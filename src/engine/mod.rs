@@ -12,16 +12,19 @@
 //! [`step::Engine`] is the step: it uploads the NF4 model once, then runs forward, the fused loss and
 //! the adapter-only backward of a packed micro-batch, as `autograd::forward_backward` does in f32.
 
+pub mod api;
 mod generate;
 pub mod host;
 mod layer;
 pub mod optim;
+pub mod reference;
 pub mod step;
 pub mod target;
 
 use crate::nf4::Nf4Tensor;
 use crate::optim::{AdamStep, StatePages};
 use anyhow::Result;
+pub use api::{ProfileRow, StepEngine};
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
@@ -107,7 +110,7 @@ pub trait Device {
     fn set_profiling(&self, _on: bool) {}
     /// The time of each kernel recorded since the last call, summed by name (waits for the device;
     /// empty where the device does not profile).
-    fn take_profile(&self) -> Result<Vec<crate::backend::cuda::ProfileRow>> {
+    fn take_profile(&self) -> Result<Vec<ProfileRow>> {
         Ok(Vec::new())
     }
     /// Settle how attention runs at head width `hd` before any step (the GPU's `auto` choice runs

@@ -1,20 +1,23 @@
 //! `--device`: where a command runs, resolved once for every binary (`train`, and `sqlora`'s `ask`,
-//! `predict` and `bench`).
+//! `predict` and `bench`). Every target gives an engine behind [`StepEngine`]; past this file no
+//! caller asks which one it has.
 
+use super::api::StepEngine;
 use super::host::Host;
+use super::reference::Reference;
 use super::step::Engine;
 use crate::backend::cuda::{self, Cuda};
-use crate::lora::LoraParams;
+use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
-use crate::train::StepEngine;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Where the work runs.
 #[derive(Clone)]
 pub enum Target {
-    /// The f32 reference on the CPU (no device engine).
-    Cpu,
+    /// The f32 reference on the CPU (`engine::reference`).
+    Reference,
     /// The device engine on the CPU, storing what the kernels store in bf16 (`engine::host::Host`).
     CpuBf16,
     /// The device engine on GPU 0, opened.
@@ -29,12 +32,18 @@ fn open_gpu() -> Result<Cuda> {
     Cuda::new()
 }
 
+/// Most tokens a generation engine runs per prefill chunk: room for a dozen Spider prompts with their
+/// schemas, while the engine (forward only, one layer's activations; the KV cache comes on top)
+/// plans about 2 GiB for a 0.5B model and 12 GiB for an 8B one.
+const GENERATION_CAP: usize = 8192;
+
 impl Target {
-    /// Resolve `--device NAME`: `cpu`, `cpu-bf16`, `cuda` (an error saying why when the GPU cannot be
-    /// used) or `auto` (the GPU when it opens, else `fallback`, with the reason on stderr).
+    /// Resolve `--device NAME`: `cpu` (the f32 reference), `cpu-bf16`, `cuda` (an error saying why
+    /// when the GPU cannot be used) or `auto` (the GPU when it opens, else `fallback`, with the
+    /// reason on stderr).
     pub fn open(name: &str, fallback: Target) -> Result<Target> {
         Ok(match name {
-            "cpu" => Target::Cpu,
+            "cpu" => Target::Reference,
             "cpu-bf16" => Target::CpuBf16,
             "cuda" => Target::Cuda(Box::new(open_gpu().context("--device cuda")?)),
             "auto" => match open_gpu() {
@@ -51,22 +60,23 @@ impl Target {
     /// What runs where, in a few words.
     pub fn describe(&self) -> &'static str {
         match self {
-            Target::Cpu => "the CPU reference backend",
+            Target::Reference => "the CPU reference backend",
             Target::CpuBf16 => "the device engine on the CPU (bf16 storage)",
             Target::Cuda(_) => "the GPU",
         }
     }
 
-    /// Whether steps and generation run on a device engine (everything but the f32 reference).
-    pub fn on_engine(&self) -> bool {
-        !matches!(self, Target::Cpu)
+    /// Whether the engine stores activations as the kernels do (bf16; everything but the f32
+    /// reference): what the memory plan counts.
+    pub fn stores_bf16(&self) -> bool {
+        !matches!(self, Target::Reference)
     }
 
     /// The GPU, if this is it.
     pub fn gpu(&self) -> Option<&Cuda> {
         match self {
             Target::Cuda(g) => Some(g.as_ref()),
-            Target::Cpu | Target::CpuBf16 => None,
+            Target::Reference | Target::CpuBf16 => None,
         }
     }
 
@@ -81,19 +91,19 @@ impl Target {
                 g.stream.synchronize().context("waiting for the GPU")?;
                 Ok(model)
             }
-            None => Model::load_as(path, nf4 || self.on_engine()),
+            None => Model::load_as(path, nf4 || self.stores_bf16()),
         }
     }
 
-    /// A device engine for `model` with the adapter layout of `lora` and room for `cap` tokens per
-    /// micro-batch; `None` for the f32 reference.
+    /// The engine for `model` with the adapter layout of `lora` and room for `cap` tokens per
+    /// micro-batch (the device engines size their buffers once, for it).
     pub fn engine(
         &self,
-        model: &Model,
+        model: &Arc<Model>,
         lora: &LoraParams,
         cap: usize,
         checkpointing: bool,
-    ) -> Result<Option<Box<dyn StepEngine>>> {
+    ) -> Result<Box<dyn StepEngine>> {
         if self.gpu().is_some() && lora.config.r > cuda::MAX_RANK {
             bail!(
                 "LoRA rank {} is over the {} the GPU kernels take: use --lora-r {} or less",
@@ -103,9 +113,40 @@ impl Target {
             );
         }
         Ok(match self {
-            Target::Cpu => None,
-            Target::CpuBf16 => Some(Box::new(Engine::new(Host, model, lora, cap, checkpointing)?)),
-            Target::Cuda(g) => Some(Box::new(Engine::new((**g).clone(), model, lora, cap, checkpointing)?)),
+            Target::Reference => Box::new(Reference::new(model.clone(), lora)),
+            Target::CpuBf16 => Box::new(Engine::new(Host, model, lora, cap, checkpointing)?),
+            Target::Cuda(g) => Box::new(Engine::new((**g).clone(), model, lora, cap, checkpointing)?),
         })
+    }
+
+    /// An engine for generating from `prompts`, each `n` times, with `lora`'s layout (an empty
+    /// layout without one). A device engine keeps one layer's activations (generation has no
+    /// backward) and holds as many prompts per chunk as fit in [`GENERATION_CAP`] tokens. On the
+    /// reference, an NF4 base keeps its NF4-rounded values but stored decoded, so generation decodes
+    /// no weights per token (the same outputs bit for bit).
+    pub fn generation_engine(
+        &self,
+        model: Model,
+        lora: Option<&LoraParams>,
+        prompts: &[Vec<u32>],
+        n: usize,
+    ) -> Result<Box<dyn StepEngine>> {
+        let model = Arc::new(match self {
+            Target::Reference => model.nf4_decoded(),
+            Target::CpuBf16 | Target::Cuda(_) => model,
+        });
+        let layout = lora.cloned().unwrap_or_else(|| {
+            let none = LoraConfig {
+                targets: vec![],
+                ..Default::default()
+            };
+            LoraParams::zeros(&model.config, none)
+        });
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
+        let total = prompts.iter().map(Vec::len).sum::<usize>() * n;
+        let cap = total.clamp(longest, longest.max(GENERATION_CAP));
+        let engine = self.engine(&model, &layout, cap, true)?;
+        eprintln!("generating on {}", engine.describe());
+        Ok(engine)
     }
 }

@@ -66,7 +66,7 @@ impl Device for Cuda {
     fn set_profiling(&self, on: bool) {
         Cuda::set_profiling(self, on)
     }
-    fn take_profile(&self) -> Result<Vec<super::ProfileRow>> {
+    fn take_profile(&self) -> Result<Vec<crate::engine::ProfileRow>> {
         Cuda::take_profile(self)
     }
     fn prepare_attention(&self, hd: usize) -> Result<()> {

@@ -15,7 +15,7 @@ mod ops;
 pub use lora::{LoraPath, MAX_RANK};
 mod pinned;
 mod profile;
-pub use profile::{ProfileRow, Profiler};
+pub use profile::Profiler;
 mod quantize;
 pub mod selftest;
 mod selftest_step;

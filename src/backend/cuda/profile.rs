@@ -4,10 +4,10 @@
 //! Off (the default), a launch costs one atomic load more.
 
 use super::Cuda;
+use crate::engine::ProfileRow;
 use anyhow::{Context, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, LaunchArgs, LaunchConfig};
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
@@ -15,14 +15,6 @@ use std::sync::atomic::Ordering;
 #[derive(Default)]
 pub struct Profiler {
     pending: Vec<(String, CudaEvent, CudaEvent)>,
-}
-
-/// One kernel's (or cuBLAS call's) share of the profiled work.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ProfileRow {
-    pub name: String,
-    pub calls: u64,
-    pub ms: f64,
 }
 
 /// Sum (name, milliseconds) samples by name, largest total first (ties by name).
