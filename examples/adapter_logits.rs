@@ -3,10 +3,9 @@
 //! tests/reference/check_adapter.py compares with transformers + peft.
 //!
 //! `cargo run --release --example adapter_logits -- MODEL_DIR ADAPTER_DIR OUT.safetensors "prompt" ...`
+use sqlora::load::weights::{save_safetensors, SaveDtype};
 use sqlora::lora::LoraParams;
 use sqlora::model::{KvCache, Logits, Model};
-use sqlora::tokenizer::Tokenizer;
-use sqlora::weights::{save_safetensors, SaveDtype};
 use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
@@ -17,7 +16,7 @@ fn main() -> anyhow::Result<()> {
     );
     let (model_dir, adapter_dir, out) = (Path::new(&args[0]), Path::new(&args[1]), Path::new(&args[2]));
     let model = Model::load(model_dir)?;
-    let tok = Tokenizer::load(model_dir)?;
+    let tok = sqlora::load::open(model_dir)?.tokenizer()?;
     let lora = LoraParams::load_peft(adapter_dir, &model.config)?;
     let mut tensors = Vec::new();
     for (i, prompt) in args[3..].iter().enumerate() {

@@ -2,7 +2,7 @@
 //! `cargo run --example tokenize -- MODEL "text" ...`
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let tok = sqlora::tokenizer::Tokenizer::load(std::path::Path::new(&args[0]))?;
+    let tok = sqlora::load::open(std::path::Path::new(&args[0]))?.tokenizer()?;
     for text in &args[1..] {
         println!("{:?}", tok.encode(text)?);
     }

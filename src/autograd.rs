@@ -7,8 +7,9 @@
 //! accumulation over micro-batches is just calling [`forward_backward`] again with the same buffer.
 
 use crate::backend::cpu;
+use crate::load::arch::Proj;
 use crate::lora::LoraParams;
-use crate::model::{Attention, Dropout, LayerActs, Model, Proj};
+use crate::model::{Attention, Dropout, LayerActs, Model};
 use std::ops::Range;
 
 /// A micro-batch: sequences packed end to end, each attending only within itself.

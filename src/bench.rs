@@ -7,11 +7,12 @@
 
 use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::{Linear, LinearWeight};
-use crate::config::ModelConfig;
 use crate::engine::ProfileRow;
 use crate::engine::StepEngine;
+use crate::load::arch::Proj;
+use crate::load::config::ModelConfig;
 use crate::lora::{LoraConfig, LoraParams};
-use crate::model::{rope_inv_freq, Layer, Model, Proj};
+use crate::model::{rope_inv_freq, Layer, Model};
 use crate::nf4::Nf4Tensor;
 use crate::optim::{clip_factor, AdamW, AdamWConfig};
 use crate::rng::Rng;

@@ -3,11 +3,11 @@
 
 use crate::data::{prompt, Example};
 use crate::generate::{greedy_batch, DECODE_GROUP};
+use crate::load::tokenizer::Tokenizer;
 use crate::lora::LoraParams;
 use crate::model::Model;
 use crate::sql::eval::{evaluate_one, resolve_db, EvalOptions};
 use crate::sql::exec::Db;
-use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -4,10 +4,10 @@
 //! On a target projection `y = x W^T + b`, the adapter adds `s (dropout(x) A^T) B^T` with
 //! A: [r, in], B: [out, r] and `s = alpha / r` (`alpha / sqrt(r)` with rsLoRA).
 
-use crate::config::ModelConfig;
-use crate::model::Proj;
+use crate::load::arch::Proj;
+use crate::load::config::ModelConfig;
+use crate::load::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
 use crate::rng::Rng;
-use crate::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::ops::Range;
@@ -340,7 +340,7 @@ pub fn merge_model(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
         "generation_config.json",
     ];
     let ours: Vec<&str> = ["model.safetensors", "config.json"].into_iter().chain(copied).collect();
-    crate::weights::write_dir_atomic(out, &ours, |dir| {
+    crate::load::weights::write_dir_atomic(out, &ours, |dir| {
         save_safetensors(&dir.join("model.safetensors"), &tensors, SaveDtype::BF16, None)?;
         write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
         for f in copied {

@@ -4,10 +4,11 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use sqlora::engine::target::Target;
 use sqlora::generate::Sampling;
+use sqlora::load::tokenizer::Tokenizer;
+use sqlora::load::ModelSource;
 use sqlora::model::Model;
 use sqlora::predict::{self, Generation, PromptStyle};
 use sqlora::tiny::{write_tiny_model, TinyVariant};
-use sqlora::tokenizer::Tokenizer;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -310,12 +311,16 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
         } => match db {
             Some(db) => {
-                let prompt = question_prompt(&model, &db, &prompt)?;
-                let sql = ask(&model, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
+                let source = sqlora::load::open(&model)?;
+                let tok = source.tokenizer()?;
+                let prompt = question_prompt(&tok, &db, &prompt)?;
+                let sql = ask(&source, tok, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
                 run_answer(&db, &sql)
             }
             None => {
-                let text = ask(&model, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
+                let source = sqlora::load::open(&model)?;
+                let tok = source.tokenizer()?;
+                let text = ask(&source, tok, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
                 let mut stdout = std::io::stdout().lock();
                 writeln!(stdout, "{text}")?;
                 Ok(())
@@ -419,7 +424,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Convert { gguf, out } => sqlora::gguf::convert(&gguf, &out),
+        Command::Convert { gguf, out } => sqlora::load::gguf::convert(&gguf, &out),
         Command::Eval {
             data,
             pred,
@@ -451,8 +456,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// The training template around a question over `db`, with the schema snippet the model expects.
-fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String> {
-    let tok = Tokenizer::load(model_dir)?;
+fn question_prompt(tok: &Tokenizer, db: &Path, question: &str) -> Result<String> {
     let schema = sqlora::sql::schema::Schema::from_sqlite(db, 3)?;
     let count = |s: &str| tok.encode_plain(s).map(|t| t.len()).unwrap_or(usize::MAX);
     Ok(sqlora::data::prompt(
@@ -462,11 +466,18 @@ fn question_prompt(model_dir: &Path, db: &Path, question: &str) -> Result<String
 }
 
 /// The greedy continuation of `prompt`, decoded.
-fn ask(dir: &Path, max_new: usize, device: &str, nf4: bool, adapter: Option<&Path>, prompt: &str) -> Result<String> {
+fn ask(
+    source: &ModelSource,
+    tokenizer: Tokenizer,
+    max_new: usize,
+    device: &str,
+    nf4: bool,
+    adapter: Option<&Path>,
+    prompt: &str,
+) -> Result<String> {
     let target = Target::open(device, Target::Reference)?;
-    let tokenizer = Tokenizer::load(dir)?;
-    let model = target.load_model(dir, nf4)?;
-    tokenizer.check_fits(model.config.vocab_size, dir)?;
+    let model = target.load_model(source, nf4)?;
+    tokenizer.check_fits(model.config.vocab_size, source.path())?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -499,14 +510,9 @@ fn run_answer(db: &Path, sql: &str) -> Result<()> {
 
 fn info(path: &Path) -> Result<()> {
     // The config alone: sizes are computed, not measured by loading and quantizing the weights.
-    let config = if sqlora::model::is_gguf(path) {
-        let f = sqlora::gguf::GgufFile::open(path)?;
-        sqlora::config::ModelConfig::from_json(&f.hf_config()?.to_string())?
-    } else {
-        sqlora::config::ModelConfig::from_file(&path.join("config.json"))?
-    };
+    let config = sqlora::load::open(path)?.config;
     let c = &config;
-    let shapes = sqlora::model::Proj::ALL.map(|p| p.shape(c).iter().product::<usize>());
+    let shapes = sqlora::load::arch::Proj::ALL.map(|p| p.shape(c).iter().product::<usize>());
     let linear: usize = shapes.iter().sum::<usize>() * c.num_layers;
     let embed = c.vocab_size * c.hidden_size;
     let head = if c.tie_word_embeddings { 0 } else { embed };
@@ -607,7 +613,7 @@ fn eval(
             text += &serde_json::to_string(v)?;
             text.push('\n');
         }
-        sqlora::weights::write_atomic(path, text.as_bytes())?;
+        sqlora::load::weights::write_atomic(path, text.as_bytes())?;
     }
     let r = sqlora::sql::eval::summarize(&verdicts);
     let mut out = std::io::stdout().lock();

@@ -4,8 +4,8 @@
 //! Sizes are for the CPU reference backend (f32 activations; f32 or NF4 base weights), or, with
 //! `PlanInput::device`, exactly what the device engine allocates (`engine::step::device_plan`).
 
-use crate::config::ModelConfig;
-use crate::model::Proj;
+use crate::load::arch::Proj;
+use crate::load::config::ModelConfig;
 use std::fmt;
 
 /// What the plan depends on.

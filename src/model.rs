@@ -11,73 +11,15 @@
 //! ```
 
 use crate::backend::cpu::{self, Linear};
-use crate::config::{ModelConfig, RopeScaling};
+use crate::load::arch::{Proj, TensorSource};
+use crate::load::config::{ModelConfig, RopeScaling};
+use crate::load::source::ModelSource;
 use crate::lora::LoraParams;
 use crate::nf4::{Nf4Tensor, Quantizer};
-use crate::weights::Weights;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::borrow::Cow;
 use std::ops::Range;
 use std::path::Path;
-
-/// The seven linear projections of a decoder layer, in HF naming.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Proj {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Proj {
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
-
-    /// The module name (`q_proj`, ..., `down_proj`), as PEFT's `target_modules` spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Proj::Q => "q_proj",
-            Proj::K => "k_proj",
-            Proj::V => "v_proj",
-            Proj::O => "o_proj",
-            Proj::Gate => "gate_proj",
-            Proj::Up => "up_proj",
-            Proj::Down => "down_proj",
-        }
-    }
-
-    /// The module path inside layer `i` (`self_attn.q_proj`, `mlp.gate_proj`, ...).
-    pub fn path(self, layer: usize) -> String {
-        let block = match self {
-            Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
-            Proj::Gate | Proj::Up | Proj::Down => "mlp",
-        };
-        format!("model.layers.{layer}.{block}.{}", self.name())
-    }
-
-    /// `[out, in]` of this projection's weight.
-    pub fn shape(self, c: &ModelConfig) -> [usize; 2] {
-        let (d, f) = (c.hidden_size, c.intermediate_size);
-        match self {
-            Proj::Q => [c.q_dim(), d],
-            Proj::K | Proj::V => [c.kv_dim(), d],
-            Proj::O => [d, c.q_dim()],
-            Proj::Gate | Proj::Up => [f, d],
-            Proj::Down => [d, f],
-        }
-    }
-
-    /// Whether the config gives this projection a bias.
-    pub fn has_bias(self, c: &ModelConfig) -> bool {
-        match self {
-            Proj::Q | Proj::K | Proj::V => c.qkv_bias,
-            Proj::O => c.o_bias,
-            Proj::Gate | Proj::Up | Proj::Down => c.mlp_bias,
-        }
-    }
-}
 
 /// One decoder layer's frozen weights.
 pub struct Layer {
@@ -153,14 +95,7 @@ impl Model {
     /// Load `config.json` (with the stop tokens of `generation_config.json`, if present) and the
     /// safetensors weights of an HF model directory (f32 compute).
     pub fn load_dir(dir: &Path) -> Result<Model> {
-        Model::load_dir_with(dir, None)
-    }
-
-    fn load_dir_with(dir: &Path, quantize: Option<&Quantizer>) -> Result<Model> {
-        let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
-        config.add_generation_stops(dir)?;
-        let weights = Weights::open_dir(dir)?;
-        Model::from_weights_with(config, &weights, quantize)
+        Model::load(dir)
     }
 
     /// Load an HF model directory or a `.gguf` file.
@@ -179,16 +114,15 @@ impl Model {
     /// [`Model::load`], with every projection quantized by `quantize` as soon as it is read (a
     /// device's kernel: `engine::Device::quantize_nf4`), or left in f32 when `None`.
     pub fn load_with(path: &Path, quantize: Option<&Quantizer>) -> Result<Model> {
-        check_model_path(path)?;
-        if is_gguf(path) {
-            let file = crate::gguf::GgufFile::open(path)?;
-            let load = || {
-                let config = ModelConfig::from_json(&file.hf_config()?.to_string())?;
-                Model::from_weights_with(config, &crate::gguf::arch::GgufTensors::new(&file)?, quantize)
-            };
-            load().with_context(|| format!("in {}", path.display()))
-        } else {
-            Model::load_dir_with(path, quantize)
+        Model::from_source(&crate::load::open(path)?, quantize)
+    }
+
+    /// The model of an opened model path, each projection quantized by `quantize` as it is read.
+    pub fn from_source(src: &ModelSource, quantize: Option<&Quantizer>) -> Result<Model> {
+        let model = Model::from_weights_with(src.config.clone(), &*src.tensors()?, quantize);
+        match src.is_gguf() {
+            true => model.with_context(|| format!("in {}", src.path().display())),
+            false => model,
         }
     }
 
@@ -505,43 +439,6 @@ impl Dropout {
 fn resize(v: &mut Vec<f32>, n: usize) {
     v.clear();
     v.resize(n, 0.0);
-}
-
-/// Whether a model path names a GGUF file (rather than an HF directory).
-pub fn is_gguf(path: &Path) -> bool {
-    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-}
-
-/// A model path must name an HF directory or a .gguf file: anything else is an error that says so
-/// (rather than a missing config.json or tokenizer.json inside a directory that is not there).
-pub fn check_model_path(path: &Path) -> Result<()> {
-    if is_gguf(path) || path.is_dir() {
-        return Ok(());
-    }
-    if path.exists() {
-        bail!(
-            "{}: a model is an HF directory (config.json, safetensors, tokenizer.json) or a .gguf file",
-            path.display()
-        );
-    }
-    bail!("{}: no such model directory or .gguf file", path.display())
-}
-
-/// Where model tensors come from, by HF name: safetensors files, or a GGUF file read through the
-/// name and layout mapping.
-pub trait TensorSource {
-    /// The tensor as f32, checked against `shape`.
-    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
-    fn contains(&self, name: &str) -> bool;
-}
-
-impl TensorSource for Weights {
-    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        Weights::f32(self, name, shape)
-    }
-    fn contains(&self, name: &str) -> bool {
-        Weights::contains(self, name)
-    }
 }
 
 fn load_linear(w: &dyn TensorSource, c: &ModelConfig, p: Proj, layer: usize) -> Result<Linear> {

@@ -240,8 +240,8 @@ fn encode_png(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
 /// Write `curves.svg` and `curves.png` into `out` from `out/metrics.jsonl`.
 pub fn write_curves(out: &Path) -> Result<()> {
     let (losses, lr) = read_metrics(&out.join("metrics.jsonl"))?;
-    crate::weights::write_atomic(&out.join("curves.svg"), svg(&losses, &lr).as_bytes())?;
-    crate::weights::write_atomic(&out.join("curves.png"), &png(&losses, &lr))
+    crate::load::weights::write_atomic(&out.join("curves.svg"), svg(&losses, &lr).as_bytes())?;
+    crate::load::weights::write_atomic(&out.join("curves.png"), &png(&losses, &lr))
 }
 
 #[cfg(test)]

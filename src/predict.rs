@@ -14,7 +14,6 @@ use crate::lora::LoraParams;
 use crate::sql::choose::{choose, Choice};
 use crate::sql::eval::resolve_db;
 use crate::sql::exec::Db;
-use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -77,12 +76,13 @@ pub fn predict(
     };
     // `auto` is cuda when a GPU is usable, else the CPU reference.
     let target = Target::open(device, Target::Reference)?;
-    let tok = Tokenizer::load(model_path)?;
+    let source = crate::load::open(model_path)?;
+    let tok = source.tokenizer()?;
     let chat = match how.prompt {
         PromptStyle::Template => None,
         PromptStyle::Chat => Some(ChatFormat::of(&tok)?),
     };
-    let model = target.load_model(model_path, how.nf4)?;
+    let model = target.load_model(&source, how.nf4)?;
     tok.check_fits(model.config.vocab_size, model_path)?;
     let lora = adapter.map(|a| LoraParams::load_peft(a, &model.config)).transpose()?;
     let mut stops = model.config.eos_token_ids.clone();
@@ -125,7 +125,7 @@ pub fn predict(
         text += &line.to_string();
         text.push('\n');
     }
-    crate::weights::write_atomic(out, text.as_bytes())
+    crate::load::weights::write_atomic(out, text.as_bytes())
 }
 
 /// Each example's database, opened read-only once per file, in the examples' order.

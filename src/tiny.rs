@@ -2,8 +2,8 @@
 //! tokenizer.json) that transformers and sqlora both load. The same variant always produces the
 //! same bytes, so golden files made from it by tests/reference/make_golden.py stay valid.
 
+use crate::load::weights::{save_safetensors, write_atomic, SaveDtype};
 use crate::rng::Rng;
-use crate::weights::{save_safetensors, write_atomic, SaveDtype};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -165,7 +165,7 @@ pub fn tiny_tokenizer(v: TinyVariant) -> Value {
 /// the input token; projections are N(0, 1/in) so activations stay O(1); norm gains are 1 + N(0, 0.1^2) so that a
 /// missing gain shows; biases are N(0, 0.1^2).
 pub fn tiny_tensors(v: TinyVariant) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let c = crate::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
+    let c = crate::load::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
     let mut rng = Rng::new(0x5179_104a ^ v as u64);
     let (d, vocab) = (c.hidden_size, c.vocab_size);
     let mut t = Vec::new();
@@ -184,7 +184,7 @@ pub fn tiny_tensors(v: TinyVariant) -> Vec<(String, Vec<usize>, Vec<f32>)> {
             &mut rng,
             format!("model.layers.{i}.post_attention_layernorm.weight"),
         ));
-        for p in crate::model::Proj::ALL {
+        for p in crate::load::arch::Proj::ALL {
             let [out, inp] = p.shape(&c);
             let w = rng.normal_vec(out * inp, 1.0 / (inp as f32).sqrt());
             t.push((format!("{}.weight", p.path(i)), vec![out, inp], w));
@@ -228,7 +228,7 @@ pub fn write_tiny_model(dir: &Path, v: TinyVariant) -> Result<()> {
 /// [`write_tiny_model`]).
 pub fn tiny_model(v: TinyVariant) -> crate::model::Model {
     struct Mem(std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>);
-    impl crate::model::TensorSource for Mem {
+    impl crate::load::arch::TensorSource for Mem {
         fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
             match self.0.get(name) {
                 Some((s, data)) if s == shape => Ok(data.clone()),
@@ -241,7 +241,7 @@ pub fn tiny_model(v: TinyVariant) -> crate::model::Model {
         }
     }
     let tensors = Mem(tiny_tensors(v).into_iter().map(|(n, s, d)| (n, (s, d))).collect());
-    let c = crate::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
+    let c = crate::load::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
     crate::model::Model::from_weights(c, &tensors).expect("tiny tensors match their config")
 }
 
@@ -274,9 +274,9 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 /// that the adapter changes the model and A receives gradient. The llama variants adapt all seven
 /// projections; qwen2 uses rsLoRA; qwen2-tied adapts only q_proj and v_proj (PEFT's classic default).
 pub fn tiny_adapter(v: TinyVariant) -> crate::lora::LoraParams {
+    use crate::load::arch::Proj;
     use crate::lora::{LoraConfig, LoraParams};
-    use crate::model::Proj;
-    let c = crate::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
+    let c = crate::load::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
     let config = LoraConfig {
         r: 4,
         alpha: if v == TinyVariant::Qwen2 { 6.0 } else { 8.0 },

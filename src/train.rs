@@ -10,11 +10,11 @@ use crate::data::Encoded;
 use crate::engine::reference::Reference;
 use crate::engine::step::Engine;
 use crate::engine::{Device, StepEngine};
+use crate::load::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
 use crate::optim::{clip_factor, AdamW, AdamWConfig, Decay, HostPages, Schedule, PAGE};
 use crate::rng::Rng;
-use crate::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -116,7 +116,7 @@ pub struct StepReport {
 /// Execution accuracy on a validation sample, every `every` steps and at the end.
 pub struct SqlEval {
     pub tasks: Vec<crate::evaluate::SqlTask>,
-    pub tokenizer: crate::tokenizer::Tokenizer,
+    pub tokenizer: crate::load::tokenizer::Tokenizer,
     pub every: usize,
     pub max_new_tokens: usize,
 }

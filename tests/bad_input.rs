@@ -2,7 +2,7 @@
 //! partial output left behind.
 
 use serde_json::{json, Value};
-use sqlora::config::ModelConfig;
+use sqlora::load::config::ModelConfig;
 use sqlora::lora::LoraParams;
 use sqlora::tiny::{tiny_adapter, write_tiny_model, TinyVariant};
 use std::path::Path;

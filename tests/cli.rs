@@ -5,11 +5,11 @@ use common::rel_err;
 
 use sqlora::data::chat::{extract_sql, ChatFormat};
 use sqlora::generate::greedy;
+use sqlora::load::tokenizer::Tokenizer;
 use sqlora::lora::LoraParams;
 use sqlora::model::Model;
 use sqlora::model::{KvCache, Logits};
 use sqlora::tiny::{tiny_adapter, write_tiny_model, TinyVariant};
-use sqlora::tokenizer::Tokenizer;
 use std::process::Command;
 
 fn sqlora(args: &[&str]) -> std::process::Output {
@@ -347,7 +347,10 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
     // ChatML conversation, stopped at EOS or the end of the turn.
     let out = predict("12", &["--prompt", "chat"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (tok, tiny) = (Tokenizer::load(&model).unwrap(), Model::load(&model).unwrap());
+    let (tok, tiny) = (
+        sqlora::load::open(&model).unwrap().tokenizer().unwrap(),
+        Model::load(&model).unwrap(),
+    );
     let format = ChatFormat::of(&tok).unwrap();
     assert_eq!(format, ChatFormat::ChatMl);
     let mut stops = tiny.config.eos_token_ids.clone();
@@ -734,7 +737,7 @@ fn a_memory_budget_that_only_checkpointing_meets_turns_it_on() {
         .unwrap();
     let input = |checkpointing| PlanInput {
         lora_r: 4,
-        lora_targets: sqlora::model::Proj::ALL.to_vec(),
+        lora_targets: sqlora::load::arch::Proj::ALL.to_vec(),
         micro_batch: 2,
         max_seq_len: longest,
         checkpointing,

@@ -5,12 +5,11 @@
 mod common;
 use common::rel_err;
 
-use sqlora::gguf::quants::{dequantize, GgmlType};
-use sqlora::gguf::{parse_header, GgufFile};
+use sqlora::load::gguf::quants::{dequantize, GgmlType};
+use sqlora::load::gguf::{parse_header, GgufFile};
+use sqlora::load::weights::Weights;
 use sqlora::model::{KvCache, Logits, Model};
 use sqlora::rng::Rng;
-use sqlora::tokenizer::Tokenizer;
-use sqlora::weights::Weights;
 use std::path::PathBuf;
 
 fn golden(name: &str) -> Weights {
@@ -233,7 +232,7 @@ fn rope_freqs_import_as_llama3_scaling() {
     assert_eq!(c["rope_scaling"]["rope_type"], "llama3");
     assert_eq!(c["rope_scaling"]["factor"], 32.0);
     assert_eq!(c["max_position_embeddings"], 131072);
-    let config = sqlora::config::ModelConfig::from_json(&c.to_string()).unwrap();
+    let config = sqlora::load::config::ModelConfig::from_json(&c.to_string()).unwrap();
     let inv = sqlora::model::rope_inv_freq(&config);
     for i in 0..hd / 2 {
         let want = 1.0 / theta.powf((2 * i) as f32 / hd as f32) / factors[i];
@@ -316,7 +315,7 @@ fn smollm2() -> Option<PathBuf> {
 fn smollm2_tokenizer_matches_transformers() {
     let Some(path) = smollm2() else { return };
     let g = golden("gguf_smollm2.safetensors");
-    let tok = Tokenizer::load(&path).unwrap();
+    let tok = sqlora::load::open(&path).unwrap().tokenizer().unwrap();
     let strings = [
         "SELECT name FROM users WHERE city = 'Oslo';",
         "How many orders were placed in 2024?",
@@ -336,7 +335,7 @@ fn smollm2_tokenizer_matches_transformers() {
 #[test]
 fn smollm2_chat_prompt_uses_its_chatml_markers() {
     let Some(path) = smollm2() else { return };
-    let tok = Tokenizer::load(&path).unwrap();
+    let tok = sqlora::load::open(&path).unwrap().tokenizer().unwrap();
     let format = sqlora::data::chat::ChatFormat::of(&tok).unwrap();
     assert_eq!(format, sqlora::data::chat::ChatFormat::ChatMl);
     let ids = tok
@@ -422,7 +421,7 @@ fn smollm2_writes_sql_that_runs_on_the_bundled_database() {
 fn smollm2_converts_to_an_hf_directory() {
     let Some(path) = smollm2() else { return };
     let out = tempfile::tempdir().unwrap();
-    sqlora::gguf::convert(&path, out.path()).unwrap();
+    sqlora::load::gguf::convert(&path, out.path()).unwrap();
     let from_gguf = Model::load(&path).unwrap();
     let from_dir = Model::load(out.path()).unwrap();
     assert_eq!(from_gguf.config, from_dir.config);
@@ -433,10 +432,15 @@ fn smollm2_converts_to_an_hf_directory() {
     // Predicted a few 1e-3, measured 3.4e-3 on the last position; 2e-2 leaves ~6x room.
     let err = rel_err(&b, &a);
     assert!(err < 2e-2, "converted model differs: {err}");
-    let tok = Tokenizer::load(out.path()).unwrap();
+    let tok = sqlora::load::open(out.path()).unwrap().tokenizer().unwrap();
     assert_eq!(
         tok.encode("SELECT 1").unwrap(),
-        Tokenizer::load(&path).unwrap().encode("SELECT 1").unwrap()
+        sqlora::load::open(&path)
+            .unwrap()
+            .tokenizer()
+            .unwrap()
+            .encode("SELECT 1")
+            .unwrap()
     );
     assert!(
         GgufFile::open(&out.path().join("model.safetensors")).is_err(),

@@ -5,9 +5,9 @@ mod common;
 use common::rel_err;
 
 use sqlora::generate::greedy;
+use sqlora::load::weights::Weights;
 use sqlora::model::{KvCache, Logits, Model};
 use sqlora::tiny::{fnv1a64, write_tiny_model, TinyVariant};
-use sqlora::weights::Weights;
 use std::path::PathBuf;
 
 struct Golden {

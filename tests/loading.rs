@@ -1,8 +1,8 @@
 //! Model loading: sharded checkpoints, dtype handling, and clear errors for bad input.
 
+use sqlora::load::weights::{save_safetensors, SaveDtype};
 use sqlora::model::{KvCache, Logits, Model};
 use sqlora::tiny::{tiny_tensors, write_tiny_model, TinyVariant};
-use sqlora::weights::{save_safetensors, SaveDtype};
 use std::path::Path;
 
 fn tiny(v: TinyVariant) -> tempfile::TempDir {

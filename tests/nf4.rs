@@ -1,8 +1,8 @@
 //! NF4: exact byte layout, error bounds derived from the code table, double quantization.
 
+use sqlora::load::weights::Weights;
 use sqlora::nf4::{dynamic_map, pack_nibbles, quantize_value, DoubleQuant, Nf4Tensor, BLOCK, DQ_BLOCK, NF4_TABLE};
 use sqlora::rng::Rng;
-use sqlora::weights::Weights;
 use std::path::PathBuf;
 
 /// Half the widest gap between neighbouring entries of an ascending table: the worst-case error of

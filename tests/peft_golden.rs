@@ -6,10 +6,10 @@ mod common;
 use common::rel_err;
 
 use sqlora::autograd::{forward_backward, Batch, GradOptions};
+use sqlora::load::weights::Weights;
 use sqlora::lora::LoraParams;
 use sqlora::model::{KvCache, Logits, Model};
 use sqlora::tiny::{fnv1a64, tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
-use sqlora::weights::Weights;
 use std::path::PathBuf;
 
 #[test]

@@ -4,11 +4,11 @@ mod common;
 use common::rel_err;
 
 use sqlora::data::{encode, read_jsonl, Encoded, Example};
+use sqlora::load::tokenizer::Tokenizer;
 use sqlora::lora::LoraConfig;
 use sqlora::model::Model;
 use sqlora::optim::Decay;
 use sqlora::tiny::{write_tiny_model, TinyVariant};
-use sqlora::tokenizer::Tokenizer;
 use sqlora::train::{StepReport, TrainConfig, Trainer};
 use std::path::Path;
 
@@ -266,7 +266,7 @@ fn non_finite_losses_skip_steps_and_k_in_a_row_stop_the_run() {
         } else {
             trainer(&s, c.clone(), d.path())
         };
-        let b = t.lora.slot(0, sqlora::model::Proj::Q).unwrap().b.start;
+        let b = t.lora.slot(0, sqlora::load::arch::Proj::Q).unwrap().b.start;
         t.lora.data[b] = f32::NAN; // poisons every forward from now on
         let before = t.lora.data.clone();
         for step in 1..=2 {
@@ -287,7 +287,7 @@ fn non_finite_losses_skip_steps_and_k_in_a_row_stop_the_run() {
 
     // One good step in between resets the count.
     let mut t = trainer(&s, config(2, 2), d.path());
-    let b = t.lora.slot(0, sqlora::model::Proj::Q).unwrap().b.start;
+    let b = t.lora.slot(0, sqlora::load::arch::Proj::Q).unwrap().b.start;
     t.lora.data[b] = f32::NAN;
     assert!(t.step().unwrap().skipped);
     t.lora.data[b] = 0.0;

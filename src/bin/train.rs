@@ -6,9 +6,9 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlora::data::{encode, read_jsonl, Encoded};
 use sqlora::engine::target::Target;
+use sqlora::load::tokenizer::Tokenizer;
 use sqlora::lora::LoraConfig;
 use sqlora::optim::{AdamWConfig, Decay};
-use sqlora::tokenizer::Tokenizer;
 use sqlora::train::{SqlEval, TrainConfig, Trainer};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -191,12 +191,7 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
 /// `--dry-run`: the plan, the estimate, and whether it fits.
 fn dry_run(a: &Args, target: &Target) -> Result<()> {
     use sqlora::memory::{available_memory, flops_per_token, measure_cpu_flops, plan, refusal, PlanInput};
-    let config = if sqlora::model::is_gguf(&a.model) {
-        let f = sqlora::gguf::GgufFile::open(&a.model)?;
-        sqlora::config::ModelConfig::from_json(&f.hf_config()?.to_string())?
-    } else {
-        sqlora::config::ModelConfig::from_file(&a.model.join("config.json"))?
-    };
+    let config = sqlora::load::open(&a.model)?.config;
     let input = PlanInput {
         lora_r: a.lora_r,
         lora_targets: LoraConfig::parse_targets(&a.targets)?,
@@ -275,7 +270,7 @@ fn load_examples(path: &Path, tok: &Tokenizer, eos: u32, max_len: usize) -> Resu
 /// Whether the memory budget calls for activation checkpointing (said on stderr when it does).
 fn auto_checkpointing(
     a: &Args,
-    c: &sqlora::config::ModelConfig,
+    c: &sqlora::load::config::ModelConfig,
     train: &[Encoded],
     val: &[Encoded],
     target: &Target,
@@ -315,8 +310,9 @@ fn run(a: Args) -> Result<()> {
     if a.dry_run {
         return dry_run(&a, &target);
     }
-    let tok = Tokenizer::load(&a.model)?;
-    let model = target.load_model(&a.model, !a.no_nf4)?;
+    let source = sqlora::load::open(&a.model)?;
+    let tok = source.tokenizer()?;
+    let model = target.load_model(&source, !a.no_nf4)?;
     tok.check_fits(model.config.vocab_size, &a.model)?;
     let eos = *model
         .config

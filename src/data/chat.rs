@@ -10,7 +10,7 @@
 //! Two chat formats cover the families sqlora loads: ChatML (Qwen2, SmolLM2) and Llama 3's header
 //! tokens. The format is recognised from the tokenizer's special tokens, never guessed from a name.
 
-use crate::tokenizer::Tokenizer;
+use crate::load::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 
 /// How a model's turns are marked.

@@ -20,7 +20,7 @@ pub mod chat;
 pub mod shop;
 pub mod spider;
 
-use crate::tokenizer::Tokenizer;
+use crate::load::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -76,7 +76,7 @@ pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
         text += &serde_json::to_string(e)?;
         text.push('\n');
     }
-    crate::weights::write_atomic(path, text.as_bytes())
+    crate::load::weights::write_atomic(path, text.as_bytes())
 }
 
 /// The prompt up to and including the SQL header: everything the model conditions on.

@@ -3,8 +3,9 @@
 
 use super::step::{DeviceLayer, Engine, ProjScratch};
 use super::{Bf, Device, LoraAt, F32};
-use crate::config::ModelConfig;
-use crate::model::{Dropout, Proj};
+use crate::load::arch::Proj;
+use crate::load::config::ModelConfig;
+use crate::model::Dropout;
 use anyhow::Result;
 
 /// How a layer's attention sees keys and values.

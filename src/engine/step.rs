@@ -13,10 +13,11 @@ use super::layer::Attn;
 use super::{to_bf16, Bf, Device, LoraAt, F32};
 use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::LinearWeight;
-use crate::config::ModelConfig;
+use crate::load::arch::Proj;
+use crate::load::config::ModelConfig;
 use crate::lora::LoraParams;
 use crate::memory::{Plan, PlanInput};
-use crate::model::{Dropout, Model, Proj};
+use crate::model::{Dropout, Model};
 use anyhow::{bail, ensure, Context, Result};
 
 /// One layer's frozen weights on the device.

@@ -7,10 +7,11 @@ use super::host::Host;
 use super::reference::Reference;
 use super::step::Engine;
 use crate::backend::cuda::{self, Cuda};
+use crate::load::ModelSource;
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
+use crate::nf4::{Nf4Tensor, Quantizer};
 use anyhow::{bail, Context, Result};
-use std::path::Path;
 use std::sync::Arc;
 
 /// Where the work runs.
@@ -82,16 +83,17 @@ impl Target {
 
     /// Load a model for this target: projections quantized to NF4 as they are read when `nf4` or on
     /// a device engine (which needs NF4), on the GPU when there is one (the same bytes as the CPU's).
-    pub fn load_model(&self, path: &Path, nf4: bool) -> Result<Model> {
+    pub fn load_model(&self, source: &ModelSource, nf4: bool) -> Result<Model> {
+        let cpu = |w: &[f32], shape: &[usize]| Ok(Nf4Tensor::quantize(w, shape));
         match self.gpu() {
             Some(g) => {
-                let model = Model::load_with(path, Some(&|w: &[f32], s: &[usize]| g.quantize_to_host(w, s)))?;
+                let model = Model::from_source(source, Some(&|w: &[f32], s: &[usize]| g.quantize_to_host(w, s)))?;
                 // The quantizer's buffers go back to the driver's pool at a synchronize: free
                 // memory reads true afterwards (the memory plan is checked against it).
                 g.stream.synchronize().context("waiting for the GPU")?;
                 Ok(model)
             }
-            None => Model::load_as(path, nf4 || self.stores_bf16()),
+            None => Model::from_source(source, (nf4 || self.stores_bf16()).then_some(&cpu as &Quantizer)),
         }
     }
 

@@ -2,7 +2,7 @@
 //! layouts, and a tokenizer.json built from the `tokenizer.ggml.*` metadata.
 
 use super::{GgufFile, MetaValue};
-use crate::model::TensorSource;
+use crate::load::arch::TensorSource;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
@@ -222,7 +222,7 @@ pub struct GgufTensors<'a> {
 
 impl<'a> GgufTensors<'a> {
     pub fn new(file: &'a GgufFile) -> Result<GgufTensors<'a>> {
-        let c = crate::config::ModelConfig::from_json(&file.hf_config()?.to_string())?;
+        let c = crate::load::config::ModelConfig::from_json(&file.hf_config()?.to_string())?;
         Ok(GgufTensors {
             file,
             heads: c.num_heads,
@@ -365,7 +365,7 @@ mod tests {
                 "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                 "head_dim": hd, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": scaling,
             });
-            let c = crate::config::ModelConfig::from_json(&config.to_string()).unwrap();
+            let c = crate::load::config::ModelConfig::from_json(&config.to_string()).unwrap();
             let inv = crate::model::rope_inv_freq(&c);
             for (i, (&got, &f)) in inv.iter().zip(&stored).enumerate() {
                 let want = 1.0 / 500_000f32.powf((2 * i) as f32 / hd as f32) / f;

@@ -230,11 +230,11 @@ impl GgufFile {
 /// Write an HF directory for a GGUF model: config.json, tokenizer.json, and model.safetensors in bf16
 /// under HF names and layouts (the rotary permutation undone), loadable by transformers.
 pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
-    use crate::model::{Proj, TensorSource};
+    use crate::load::arch::{Proj, TensorSource};
     let file = GgufFile::open(gguf)?;
     let in_file = || format!("in {}", gguf.display());
     let config_json = file.hf_config().with_context(in_file)?;
-    let c = crate::config::ModelConfig::from_json(&config_json.to_string()).with_context(in_file)?;
+    let c = crate::load::config::ModelConfig::from_json(&config_json.to_string()).with_context(in_file)?;
     let src = arch::GgufTensors::new(&file)?;
     let (d, v) = (c.hidden_size, c.vocab_size);
     let mut names: Vec<(String, Vec<usize>)> = vec![
@@ -265,12 +265,12 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
         tensors.push((name, shape, data));
     }
     let ours = ["model.safetensors", "config.json", "tokenizer.json"];
-    crate::weights::write_dir_atomic(out, &ours, |dir| {
-        let bf16 = crate::weights::SaveDtype::BF16;
-        crate::weights::save_safetensors(&dir.join("model.safetensors"), &tensors, bf16, None)?;
+    crate::load::weights::write_dir_atomic(out, &ours, |dir| {
+        let bf16 = crate::load::weights::SaveDtype::BF16;
+        crate::load::weights::save_safetensors(&dir.join("model.safetensors"), &tensors, bf16, None)?;
         let config = serde_json::to_string_pretty(&config_json)?;
-        crate::weights::write_atomic(&dir.join("config.json"), config.as_bytes())?;
-        crate::weights::write_atomic(&dir.join("tokenizer.json"), tokenizer.as_bytes())
+        crate::load::weights::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+        crate::load::weights::write_atomic(&dir.join("tokenizer.json"), tokenizer.as_bytes())
     })
 }
 

@@ -18,21 +18,10 @@ impl Tokenizer {
         Ok(Tokenizer { inner })
     }
 
-    /// The tokenizer of a model: `tokenizer.json` in an HF directory, or the vocabulary of a GGUF file.
-    pub fn load(model: &Path) -> Result<Tokenizer> {
-        crate::model::check_model_path(model)?;
-        if crate::model::is_gguf(model) {
-            let file = crate::gguf::GgufFile::open(model)?;
-            let json = (file.tokenizer_json())
-                .with_context(|| format!("the vocabulary of {}", model.display()))?
-                .to_string();
-            let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
-                .map_err(|e| anyhow!("{e}"))
-                .with_context(|| format!("building the tokenizer of {}", model.display()))?;
-            Ok(Tokenizer { inner })
-        } else {
-            Tokenizer::from_file(&model.join("tokenizer.json"))
-        }
+    /// A tokenizer from the text of a `tokenizer.json` (a GGUF file's vocabulary is rebuilt as one).
+    pub fn from_json(json: &str) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| anyhow!("{e}"))?;
+        Ok(Tokenizer { inner })
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds (e.g. BOS).

@@ -1,0 +1,12 @@
+//! Model in: a model path opened once ([`source::open`]) gives its config ([`config`]), its tensors
+//! by HF name ([`arch::TensorSource`] over memory-mapped safetensors, [`weights`], or a GGUF file,
+//! [`gguf`]) and its tokenizer ([`tokenizer`]).
+
+pub mod arch;
+pub mod config;
+pub mod gguf;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+pub use source::{is_gguf, open, ModelSource};
