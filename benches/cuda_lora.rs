@@ -12,7 +12,7 @@ fn lora(c: &mut Criterion) {
     let Some(gpu) = gpu() else { return };
     let (t, k, n, r) = (4096usize, 2048usize, 8192usize, 16usize);
     // A and B side by side in one adapter buffer, as the engine keeps them.
-    let at = sqlora::engine::LoraAt {
+    let at = sqlora::lora::LoraAt {
         a: 0,
         b: r * k,
         inp: k,

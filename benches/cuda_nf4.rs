@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use sqlora::backend::cuda::{GemmPath, Nf4Device};
 use sqlora::engine::Device;
 use sqlora::nf4::Nf4Tensor;
-use sqlora::rng::Rng;
+use sqlora::util::rng::Rng;
 
 fn nf4_gemm(c: &mut Criterion) {
     let Some(gpu) = gpu() else { return };

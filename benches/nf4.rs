@@ -4,7 +4,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sqlora::backend::cpu::{linear_fwd, Linear};
 use sqlora::nf4::Nf4Tensor;
-use sqlora::rng::Rng;
+use sqlora::util::rng::Rng;
 use std::hint::black_box;
 
 fn nf4(c: &mut Criterion) {

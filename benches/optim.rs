@@ -3,7 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sqlora::optim::{clip_grad_norm, AdamW, AdamWConfig, HostPages};
-use sqlora::rng::Rng;
+use sqlora::util::rng::Rng;
 
 fn optim(c: &mut Criterion) {
     let n = 11_272_192;

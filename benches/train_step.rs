@@ -5,8 +5,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sqlora::autograd::{forward_backward, Batch, GradOptions};
 use sqlora::lora::{LoraConfig, LoraParams};
 use sqlora::model::Model;
-use sqlora::rng::Rng;
 use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::util::rng::Rng;
 
 fn train_step(c: &mut Criterion) {
     let dir = std::env::temp_dir().join("sqlora-bench-tiny-qwen2");

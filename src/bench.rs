@@ -15,7 +15,7 @@ use crate::lora::{LoraConfig, LoraParams};
 use crate::model::{rope_inv_freq, Layer, Model};
 use crate::nf4::Nf4Tensor;
 use crate::optim::{clip_factor, AdamW, AdamWConfig};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use serde_json::json;
@@ -246,7 +246,7 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
         }
     }
     let tokens_per_s = (batch * seq * steps) as f64 / seconds;
-    let useful = crate::memory::flops_per_token(&c, seq, checkpointing) * tokens_per_s;
+    let useful = crate::engine::plan::flops_per_token(&c, seq, checkpointing) * tokens_per_s;
     Ok(BenchReport {
         shape: shape.into(),
         device: engine.describe(),
@@ -394,7 +394,7 @@ impl std::fmt::Display for GenerateReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::step::device_plan;
+    use crate::engine::plan::device_plan;
 
     #[test]
     fn a_profiled_report_shows_each_kernel_and_its_share() {

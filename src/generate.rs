@@ -3,7 +3,7 @@
 
 use crate::lora::LoraParams;
 use crate::model::{KvCache, Logits, Model};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// Index of the largest logit; the first one on ties (as `torch.argmax`).
 pub fn argmax(logits: &[f32]) -> u32 {

@@ -7,7 +7,7 @@
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
 use crate::load::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::ops::Range;
@@ -76,6 +76,28 @@ pub struct LoraSlot {
     pub b: Range<usize>,
     pub in_features: usize,
     pub out_features: usize,
+}
+
+/// Where one projection's adapter lies in the flat adapter buffers (the layout of
+/// `LoraParams::data`): A [r, inp] from offset `a`, then B [out, r] from offset `b` = a + r inp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraAt {
+    pub a: usize,
+    pub b: usize,
+    pub inp: usize,
+    pub out: usize,
+}
+
+impl LoraAt {
+    pub fn of(slot: &LoraSlot) -> LoraAt {
+        assert_eq!(slot.a.end, slot.b.start, "B follows A in the adapter layout");
+        LoraAt {
+            a: slot.a.start,
+            b: slot.b.start,
+            inp: slot.in_features,
+            out: slot.out_features,
+        }
+    }
 }
 
 /// All adapter parameters of a model in one buffer; gradients and optimizer moments use the same

@@ -404,7 +404,7 @@ fn run(cli: Cli) -> Result<()> {
             let peak = match (peak_tflops, target.gpu().is_some()) {
                 (Some(t), _) => t * 1e12,
                 (None, true) => 796e12,
-                (None, false) => sqlora::memory::measure_cpu_flops(),
+                (None, false) => sqlora::engine::plan::measure_cpu_flops(),
             };
             let mut engine_for = engine_factory(target, checkpointing);
             let options = sqlora::bench::TrainBench {

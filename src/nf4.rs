@@ -227,7 +227,7 @@ impl Nf4Tensor {
     /// A random tensor of the given shape, without quantizing one: uniformly random codes and block
     /// scales uniform in [0.5, 1.5) x `scale` (double-quantized as usual). For benchmarks, which need
     /// the bytes and the work of a real weight, never zeros.
-    pub fn random(shape: &[usize], scale: f32, rng: &mut crate::rng::Rng) -> Nf4Tensor {
+    pub fn random(shape: &[usize], scale: f32, rng: &mut crate::util::rng::Rng) -> Nf4Tensor {
         let n: usize = shape.iter().product();
         let mut packed = Vec::with_capacity(n.div_ceil(2) + 8);
         while packed.len() < n.div_ceil(2) {
@@ -322,7 +322,7 @@ mod tests {
 
     #[test]
     fn a_tensor_rebuilt_from_its_parts_is_the_same_tensor() {
-        let w = crate::rng::Rng::new(4).normal_vec(65 * 64 + 3, 0.05);
+        let w = crate::util::rng::Rng::new(4).normal_vec(65 * 64 + 3, 0.05);
         let shape = [w.len()];
         let q = Nf4Tensor::quantize(&w, &shape);
         let rebuilt = Nf4Tensor::from_quantized(&shape, q.packed.clone(), q.scales.clone());
@@ -332,7 +332,7 @@ mod tests {
     #[test]
     fn a_range_dequantizes_as_its_elements_do() {
         // Ranges starting and ending on odd elements, inside one block and across several.
-        let w = crate::rng::Rng::new(5).normal_vec(3 * 64 + 7, 0.05);
+        let w = crate::util::rng::Rng::new(5).normal_vec(3 * 64 + 7, 0.05);
         let q = Nf4Tensor::quantize(&w, &[w.len()]);
         let one = |i: usize| NF4_TABLE[q.code(i) as usize] * q.absmax[i / BLOCK];
         for (start, len) in [(0, 1), (1, 1), (3, 60), (63, 2), (5, 130), (64, 64), (1, w.len() - 1)] {

@@ -279,7 +279,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::util::rng::Rng;
 
     /// The textbook formulas in f64, one parameter at a time, for comparison.
     fn reference_adamw(p: &mut [f64], g_steps: &[Vec<f64>], lr: f64, c: AdamWConfig) {

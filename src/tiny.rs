@@ -3,7 +3,7 @@
 //! same bytes, so golden files made from it by tests/reference/make_golden.py stay valid.
 
 use crate::load::weights::{save_safetensors, write_atomic, SaveDtype};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -260,14 +260,6 @@ pub fn tiny_batch(seed: u64, lens: &[usize], vocab: usize) -> crate::autograd::B
         })
         .collect();
     crate::autograd::Batch::pack(seqs.iter().map(|(t, y)| (&t[..], &y[..])))
-}
-
-/// FNV-1a, 64-bit: a dependency-free fingerprint of a file's bytes (golden files record the one of
-/// the weights they were made from).
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// A seeded adapter for a tiny variant, PEFT-initialised and then given a random B (N(0, 0.2^2)) so

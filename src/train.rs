@@ -14,7 +14,7 @@ use crate::load::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
 use crate::lora::{LoraConfig, LoraParams};
 use crate::model::Model;
 use crate::optim::{clip_factor, AdamW, AdamWConfig, Decay, HostPages, Schedule, PAGE};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -643,5 +643,5 @@ fn fingerprint(train: &[Encoded], c: &TrainConfig) -> String {
         c.seed
     );
     bytes.extend(settings.as_bytes());
-    format!("{:016x}", crate::tiny::fnv1a64(&bytes))
+    format!("{:016x}", crate::util::fnv1a64(&bytes))
 }

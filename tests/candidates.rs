@@ -11,10 +11,10 @@ use sqlora::engine::step::Engine;
 use sqlora::generate::{candidates, greedy, greedy_batch, Sampling};
 use sqlora::lora::LoraParams;
 use sqlora::model::{KvCache, Logits, Model};
-use sqlora::rng::Rng;
 use sqlora::sql::choose::{choose, Choice};
 use sqlora::sql::exec::Db;
 use sqlora::tiny::{tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
+use sqlora::util::rng::Rng;
 use std::time::Duration;
 
 fn setup(v: TinyVariant) -> (Model, LoraParams) {

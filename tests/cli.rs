@@ -721,7 +721,7 @@ fn bench_generate_times_decoding() {
 
 #[test]
 fn a_memory_budget_that_only_checkpointing_meets_turns_it_on() {
-    use sqlora::memory::{plan, PlanInput};
+    use sqlora::engine::plan::{plan, PlanInput};
     let dir = tempfile::tempdir().unwrap();
     let (model, out) = (dir.path().join("model"), dir.path().join("run"));
     write_tiny_model(&model, TinyVariant::Llama).unwrap();

@@ -8,7 +8,7 @@ use common::rel_err;
 
 use sqlora::autograd::{forward_backward, loss_sum, Batch, GradOptions};
 use sqlora::engine::host::Host;
-use sqlora::engine::optim::OPTIMIZER_WINDOW;
+use sqlora::engine::plan::OPTIMIZER_WINDOW;
 use sqlora::engine::step::Engine;
 use sqlora::lora::LoraParams;
 use sqlora::model::Model;
@@ -163,7 +163,7 @@ fn the_loss_in_row_chunks_equals_the_loss_in_one() {
 
 #[test]
 fn the_device_plan_is_what_the_engine_allocates() {
-    use sqlora::engine::step::{device_plan, gemm_scratch_bytes};
+    use sqlora::engine::plan::{device_plan, gemm_scratch_bytes};
     for v in TinyVariant::ALL {
         let (model, lora, _) = setup(v);
         for (cap, checkpointing) in [(37, false), (300, true)] {
@@ -245,7 +245,7 @@ fn the_paged_device_adamw_matches_the_host_adamw() {
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    let mut rng = sqlora::rng::Rng::new(0x9e4);
+    let mut rng = sqlora::util::rng::Rng::new(0x9e4);
     [7usize, 19, 3]
         .iter()
         .map(|&n| (0..n).map(|_| rng.below(TINY_VOCAB as u64) as u32).collect())

@@ -9,7 +9,7 @@ use sqlora::load::gguf::quants::{dequantize, GgmlType};
 use sqlora::load::gguf::{parse_header, GgufFile};
 use sqlora::load::weights::Weights;
 use sqlora::model::{KvCache, Logits, Model};
-use sqlora::rng::Rng;
+use sqlora::util::rng::Rng;
 use std::path::PathBuf;
 
 fn golden(name: &str) -> Weights {

@@ -7,7 +7,8 @@ use common::rel_err;
 use sqlora::generate::greedy;
 use sqlora::load::weights::Weights;
 use sqlora::model::{KvCache, Logits, Model};
-use sqlora::tiny::{fnv1a64, write_tiny_model, TinyVariant};
+use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::util::fnv1a64;
 use std::path::PathBuf;
 
 struct Golden {

@@ -11,8 +11,8 @@ use sqlora::autograd::{forward_backward, loss_sum, Batch, GradOptions};
 use sqlora::backend::cpu::{self, Linear};
 use sqlora::lora::{LoraConfig, LoraParams};
 use sqlora::model::Model;
-use sqlora::rng::Rng;
 use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::util::rng::Rng;
 
 /// Central differences of `f` at `x` for the given indices (all when `None`).
 fn numeric_grad(f: &dyn Fn(&[f32]) -> f64, x: &[f32], eps: f32, idx: &[usize]) -> Vec<f32> {

@@ -2,7 +2,7 @@
 
 use sqlora::load::weights::Weights;
 use sqlora::nf4::{dynamic_map, pack_nibbles, quantize_value, DoubleQuant, Nf4Tensor, BLOCK, DQ_BLOCK, NF4_TABLE};
-use sqlora::rng::Rng;
+use sqlora::util::rng::Rng;
 use std::path::PathBuf;
 
 /// Half the widest gap between neighbouring entries of an ascending table: the worst-case error of
@@ -150,7 +150,7 @@ fn zero_blocks_and_odd_shapes_survive() {
 
 #[test]
 fn the_size_of_an_nf4_tensor_is_known_before_quantizing() {
-    let mut rng = sqlora::rng::Rng::new(5);
+    let mut rng = sqlora::util::rng::Rng::new(5);
     for n in [1usize, 64, 65, 64 * 256, 64 * 256 + 1, 300 * 577] {
         let q = sqlora::nf4::Nf4Tensor::quantize(&rng.normal_vec(n, 1.0), &[n]);
         assert_eq!(sqlora::nf4::Nf4Tensor::size_bytes_of(n), q.size_bytes(), "{n} values");

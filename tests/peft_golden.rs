@@ -9,7 +9,8 @@ use sqlora::autograd::{forward_backward, Batch, GradOptions};
 use sqlora::load::weights::Weights;
 use sqlora::lora::LoraParams;
 use sqlora::model::{KvCache, Logits, Model};
-use sqlora::tiny::{fnv1a64, tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
+use sqlora::tiny::{tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
+use sqlora::util::fnv1a64;
 use std::path::PathBuf;
 
 #[test]

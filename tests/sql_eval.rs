@@ -226,7 +226,7 @@ fn schema_snippets_prune_and_link() {
     assert!(all.starts_with("categories(id INTEGER PRIMARY KEY, name TEXT (e.g. 'Books', 'Electronics'))"));
     assert!(all.contains("order_items.product_id -> products.id"));
     // Training: the gold query's tables, plus distractors, in schema order.
-    let mut rng = sqlora::rng::Rng::new(1);
+    let mut rng = sqlora::util::rng::Rng::new(1);
     let snip = s.training_snippet("SELECT name FROM products", 1, &mut rng);
     assert_eq!(snip.lines().filter(|l| l.contains('(')).count(), 2);
     assert!(snip.contains("products("));

@@ -4,7 +4,7 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use sqlora::backend::cuda::{self, Cuda};
-use sqlora::rng::Rng;
+use sqlora::util::rng::Rng;
 
 /// The GPU, or None after printing why the CUDA benches are skipped.
 pub fn gpu() -> Option<Cuda> {

@@ -190,7 +190,7 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
 
 /// `--dry-run`: the plan, the estimate, and whether it fits.
 fn dry_run(a: &Args, target: &Target) -> Result<()> {
-    use sqlora::memory::{available_memory, flops_per_token, measure_cpu_flops, plan, refusal, PlanInput};
+    use sqlora::engine::plan::{available_memory, flops_per_token, measure_cpu_flops, plan, refusal, PlanInput};
     let config = sqlora::load::open(&a.model)?.config;
     let input = PlanInput {
         lora_r: a.lora_r,
@@ -275,8 +275,8 @@ fn auto_checkpointing(
     val: &[Encoded],
     target: &Target,
 ) -> Result<bool> {
+    use sqlora::engine::plan::{available_memory, checkpointing_needed, PlanInput};
     use sqlora::engine::Device;
-    use sqlora::memory::{available_memory, checkpointing_needed, PlanInput};
     let budget = match (a.memory_budget, target.gpu()) {
         (Some(g), _) => Some((g * (1u64 << 30) as f64) as u64),
         (None, Some(g)) => g.memory_free().map(|b| b as u64),

@@ -4,9 +4,9 @@
 //! operations. Every pair is executed and kept only if it runs and returns rows.
 
 use crate::data::Example;
-use crate::rng::Rng;
 use crate::sql::exec::Db;
 use crate::sql::schema::Schema;
+use crate::util::rng::Rng;
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection};
 use std::path::Path;

@@ -6,8 +6,8 @@
 //! A few whole databases can be held out as a validation split: no database is in both.
 
 use crate::data::{write_jsonl, Example};
-use crate::rng::Rng;
 use crate::sql::schema::Schema;
+use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

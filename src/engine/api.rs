@@ -3,7 +3,7 @@
 //! training loop, `predict`, `eval` and `bench` hold a `Box<dyn StepEngine>` and never ask which
 //! one it is.
 
-use super::optim::OPTIMIZER_WINDOW;
+use super::plan::OPTIMIZER_WINDOW;
 use super::step::Engine;
 use super::Device;
 use crate::autograd::{Batch, GradOptions};

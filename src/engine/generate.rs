@@ -13,7 +13,7 @@ use super::{Bf, Device};
 use crate::autograd::Batch;
 use crate::generate::{argmax, Sampling};
 use crate::lora::LoraParams;
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 

@@ -3,8 +3,9 @@
 //! precision exactly (so the step's bf16 round trips are exercised without a GPU), though not their
 //! order of f32 summation.
 
-use super::{to_bf16, to_f32, Bf, Device, Elem, LoraAt, F32};
+use super::{to_bf16, to_f32, Bf, Device, Elem, F32};
 use crate::backend::cpu::{self, Linear, LinearWeight};
+use crate::lora::LoraAt;
 use crate::nf4::Nf4Tensor;
 use crate::optim::{AdamStep, HostPages, StatePages};
 use anyhow::Result;

@@ -2,9 +2,10 @@
 //! adapters: the device twin of `model::Model::layer_fwd` and `autograd::layer_bwd`.
 
 use super::step::{DeviceLayer, Engine, ProjScratch};
-use super::{Bf, Device, LoraAt, F32};
+use super::{Bf, Device, F32};
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
+use crate::lora::LoraAt;
 use crate::model::Dropout;
 use anyhow::Result;
 

@@ -17,19 +17,21 @@ mod generate;
 pub mod host;
 mod layer;
 pub mod optim;
+pub mod plan;
 pub mod reference;
 pub mod step;
 pub mod target;
 
+use crate::lora::LoraAt;
 use crate::nf4::Nf4Tensor;
 use crate::optim::{AdamStep, StatePages};
 use anyhow::Result;
 pub use api::{ProfileRow, StepEngine};
-use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
-/// An element type a device buffer can hold.
-pub trait Elem: Copy + Default + Send + Sync + Unpin + DeviceRepr + ValidAsZeroBits + 'static {}
+/// An element type a device buffer can hold: plain bytes of a fixed size (a device moves them as
+/// such), one of the four the kernels take.
+pub trait Elem: bytemuck::Pod + Default + Send + Sync + Unpin + 'static {}
 impl Elem for bf16 {}
 impl Elem for f32 {}
 impl Elem for i32 {}
@@ -37,28 +39,6 @@ impl Elem for u8 {}
 
 /// Partial norms written by [`Device::partial_norms`].
 pub const SUM_PARTS: usize = 256;
-
-/// Where one projection's adapter lies in the flat adapter buffers (the layout of
-/// `LoraParams::data`): A [r, inp] from offset `a`, then B [out, r] from offset `b` = a + r inp.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LoraAt {
-    pub a: usize,
-    pub b: usize,
-    pub inp: usize,
-    pub out: usize,
-}
-
-impl LoraAt {
-    pub fn of(slot: &crate::lora::LoraSlot) -> LoraAt {
-        assert_eq!(slot.a.end, slot.b.start, "B follows A in the adapter layout");
-        LoraAt {
-            a: slot.a.start,
-            b: slot.b.start,
-            inp: slot.in_features,
-            out: slot.out_features,
-        }
-    }
-}
 
 /// Bf16 buffer of a device.
 pub type Bf<D> = <D as Device>::Buf<bf16>;

@@ -26,9 +26,6 @@ use crate::lora::LoraParams;
 use crate::optim::{AdamStep, AdamW};
 use anyhow::{ensure, Context, Result};
 
-/// Values per moment the optimizer may keep on the device (256 MiB each for m and v).
-pub const OPTIMIZER_WINDOW: usize = 64 << 20;
-
 /// The optimizer's device side.
 pub(super) struct DeviceOptim<D: Device> {
     /// Moments in the window: resident, one buffer [len] at the parameters' own offsets; streaming,
@@ -48,13 +45,6 @@ impl<D: Device> DeviceOptim<D> {
         let slots: usize = self.m.iter().chain(&self.v).map(D::bytes).sum();
         slots + D::bytes(&self.parts)
     }
-}
-
-/// Bytes of device memory the optimizer takes for `len` adapter parameters in host pages of `page`
-/// values: [`device_plan`](super::step::device_plan)'s formula.
-pub fn optimizer_bytes(len: usize, page: usize) -> usize {
-    let window = if len <= OPTIMIZER_WINDOW { len.max(1) } else { 2 * page };
-    2 * 4 * window + 4 * SUM_PARTS
 }
 
 /// The optimizer's device side, or the error of an engine whose optimizer was never enabled.

@@ -10,13 +10,14 @@
 //! the one-call form the tests and the selftest use: upload, accumulate, read the gradients back.
 
 use super::layer::Attn;
-use super::{to_bf16, Bf, Device, LoraAt, F32};
+use super::plan::{PlanInput, CE_CHUNK_BYTES};
+use super::{to_bf16, Bf, Device, F32};
 use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::LinearWeight;
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
+use crate::lora::LoraAt;
 use crate::lora::LoraParams;
-use crate::memory::{Plan, PlanInput};
 use crate::model::{Dropout, Model};
 use anyhow::{bail, ensure, Context, Result};
 
@@ -137,9 +138,6 @@ pub struct Engine<D: Device> {
     pub graph_replays: usize,
 }
 
-/// Bytes the loss's logits and dlogits chunk may take (f32 + bf16 per element).
-pub(super) const CE_CHUNK_BYTES: usize = 256 << 20;
-
 /// Projection p of layer l uploaded as NF4 (quantized on the device if the model holds it dense).
 fn upload_proj<D: Device>(dev: &D, model: &Model, l: usize, p: Proj) -> Result<D::Nf4> {
     let lin = model.layers[l].proj(p);
@@ -156,61 +154,11 @@ fn dense_bf16<D: Device>(dev: &D, lin: &crate::backend::cpu::Linear, what: &str)
     }
 }
 
-/// Bytes of the CUDA device's weight scratch for the cuBLAS GEMM path: the largest projection
-/// dequantized to bf16 (`Cuda::reserve_gemm_scratch`, called as each weight is uploaded). Only a
-/// device with cuBLAS holds it; the plan counts it always.
-pub fn gemm_scratch_bytes(c: &ModelConfig) -> usize {
-    Proj::ALL
-        .iter()
-        .map(|p| 2 * p.shape(c).iter().product::<usize>())
-        .max()
-        .unwrap_or(0)
-}
-
-/// What [`Engine::new`] allocates for a model of config `c`, adapters of rank `r` on `targets`, and
-/// micro-batches of up to `cap` tokens, with the optimizer enabled as training enables it
-/// (`Engine::enable_optimizer(PAGE, OPTIMIZER_WINDOW)`), by the same formulas: the device side of
-/// `train --dry-run`. The workspace includes [`gemm_scratch_bytes`].
-pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, checkpointing: bool) -> Plan {
-    let (d, f, qd, kvd, v, l) = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.q_dim(),
-        c.kv_dim(),
-        c.vocab_size,
-        c.num_layers,
-    );
-    let mut base_linear = 0;
-    for p in Proj::ALL {
-        let n: usize = p.shape(c).iter().product();
-        base_linear += n.div_ceil(2) + 4 * n.div_ceil(crate::nf4::BLOCK);
-        base_linear += if p.has_bias(c) { 2 * p.shape(c)[0] } else { 0 };
-    }
-    let head = if c.tie_word_embeddings { 0 } else { v * d };
-    let adapter: usize = targets.iter().map(|p| r * p.shape(c).iter().sum::<usize>()).sum();
-    let h = c.num_heads;
-    let per_token_layer = 2 * (d + 2 * qd + 2 * kvd + 2 * f) + 4 * (2 + h + 7 * r);
-    let n_acts = if checkpointing { 1 } else { l };
-    let ce_rows = (CE_CHUNK_BYTES / (6 * v)).max(64).min(cap);
-    let w = d.max(qd).max(f);
-    let scratch_per_token = 4 * 5 + 2 * (8 * d + 4 * f + 2 * qd + 2 * kvd + 4 * w) + 4 * (3 + h + r);
-    Plan {
-        base_linear: (l * base_linear) as u64,
-        base_other: (2 * (v * d + head + (2 * l + 1) * d) + 4 * (c.head_dim / 2)) as u64,
-        // bf16 copies, f32 masters and gradients; the optimizer's window.
-        adapter_and_optimizer: (l * adapter * (2 + 4 + 4)
-            + super::optim::optimizer_bytes(l * adapter, crate::optim::PAGE)) as u64,
-        activations: (cap * (n_acts * per_token_layer + (l + 1) * 2 * d)) as u64,
-        workspace: (cap * scratch_per_token + ce_rows * v * (4 + 2) + gemm_scratch_bytes(c)) as u64,
-        device: true,
-    }
-}
-
 /// Refuse a run whose device plan exceeds the device's free memory, up front, with the plan and
 /// the options that would fit, rather than fail half-way through allocating.
 pub fn ensure_fits<D: Device>(dev: &D, c: &ModelConfig, input: &PlanInput) -> Result<()> {
     if let Some(free) = dev.memory_free() {
-        if let Some(why) = crate::memory::refusal(c, input, free as u64) {
+        if let Some(why) = crate::engine::plan::refusal(c, input, free as u64) {
             bail!("out of device memory on {}: {why}", dev.describe());
         }
     }

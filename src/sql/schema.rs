@@ -10,7 +10,7 @@
 //! ```
 
 use super::lex::lex;
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use rusqlite::{Connection, OpenFlags};
 use std::collections::HashSet;

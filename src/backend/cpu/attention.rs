@@ -129,7 +129,7 @@ pub fn attention_bwd(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::util::rng::Rng;
 
     #[test]
     fn attention_single_key_returns_its_value_and_is_causal() {

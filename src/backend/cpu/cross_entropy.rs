@@ -101,7 +101,7 @@ fn block_loss(block: &[(usize, usize)], h: &[f32], head: &Linear, inv_count: f32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::util::rng::Rng;
 
     #[test]
     fn blocked_loss_and_gradient_match_one_position_at_a_time_in_f64() {

@@ -1,6 +1,6 @@
 //! Elementwise glue: residual adds and adapter dropout. Twin of kernels/elementwise.cu.
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// `x += y` (the residual connection).
 /// x, y: [T, d].

@@ -247,7 +247,7 @@ pub fn linear_bwd_input(dx: &mut [f32], dy: &[f32], lin: &Linear) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::util::rng::Rng;
 
     #[test]
     fn linear_matches_naive_triple_loop_dense_and_nf4() {

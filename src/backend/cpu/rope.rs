@@ -39,7 +39,7 @@ fn rotate(x: &mut [f32], positions: &[usize], inv_freq: &[f32], heads: usize, si
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::util::rng::Rng;
 
     #[test]
     fn rope_preserves_pair_norms_and_is_identity_at_zero() {

@@ -14,7 +14,7 @@
 //! Decoding (one new query per sequence) always runs the simple decode kernel.
 
 use super::{blocks_for, rel_err, Cuda};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;

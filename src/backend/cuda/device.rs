@@ -2,11 +2,60 @@
 //! wrapper of the same name (ops.rs), so the training step of `engine::step` runs our kernels.
 
 use super::{Cuda, Nf4Device};
-use crate::engine::{Bf, Device, Elem, LoraAt, F32};
+use crate::engine::{Bf, Device, Elem, F32};
+use crate::lora::LoraAt;
 use crate::nf4::{dynamic_map, Nf4Tensor};
 use crate::optim::{AdamStep, StatePages};
 use anyhow::{Context, Result};
 use cudarc::driver::CudaSlice;
+use half::bf16;
+use std::any::{Any, TypeId};
+
+/// Run `$body` with the type alias `$u` naming the concrete element type that the generic `$t`
+/// is. The engine's [`Elem`] does not name cudarc's traits (`DeviceRepr`, `ValidAsZeroBits`); the
+/// four types it is implemented for do have them, and this finds which one `$t` is at run time
+/// (one comparison of type ids per transfer) so the body can call cudarc with it.
+macro_rules! as_cuda_elem {
+    ($t:ty, $u:ident => $body:expr) => {{
+        let id = TypeId::of::<$t>();
+        if id == TypeId::of::<bf16>() {
+            type $u = bf16;
+            $body
+        } else if id == TypeId::of::<f32>() {
+            type $u = f32;
+            $body
+        } else if id == TypeId::of::<i32>() {
+            type $u = i32;
+            $body
+        } else if id == TypeId::of::<u8>() {
+            type $u = u8;
+            $body
+        } else {
+            unreachable!("Elem is implemented for bf16, f32, i32 and u8 only")
+        }
+    }};
+}
+
+/// `a` as the type `B` that [`as_cuda_elem`] found it to be (a checked downcast: never fails there).
+fn same<A: 'static, B: 'static>(a: A) -> B {
+    *(Box::new(a) as Box<dyn Any>)
+        .downcast::<B>()
+        .expect("as_cuda_elem matched the element type")
+}
+
+/// [`same`] for a shared reference.
+fn same_ref<A: 'static, B: 'static>(a: &A) -> &B {
+    (a as &dyn Any)
+        .downcast_ref::<B>()
+        .expect("as_cuda_elem matched the element type")
+}
+
+/// [`same`] for an exclusive reference.
+fn same_mut<A: 'static, B: 'static>(a: &mut A) -> &mut B {
+    (a as &mut dyn Any)
+        .downcast_mut::<B>()
+        .expect("as_cuda_elem matched the element type")
+}
 
 #[allow(clippy::too_many_arguments)]
 impl Device for Cuda {
@@ -25,25 +74,36 @@ impl Device for Cuda {
         )
     }
     fn alloc<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros(n.max(1))
-            .map_err(|e| oom(self, e, n * size_of::<T>()))
+        as_cuda_elem!(T, U => {
+            let buf = self.stream.alloc_zeros::<U>(n.max(1));
+            Ok(same(buf.map_err(|e| oom(self, e, n * size_of::<T>()))?))
+        })
     }
     fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream
-            .clone_htod(host)
-            .map_err(|e| oom(self, e, std::mem::size_of_val(host)))
+        as_cuda_elem!(T, U => {
+            let buf = self.stream.clone_htod(bytemuck::cast_slice::<T, U>(host));
+            Ok(same(buf.map_err(|e| oom(self, e, std::mem::size_of_val(host)))?))
+        })
     }
     fn write_at<T: Elem>(&self, dst: &mut CudaSlice<T>, off: usize, host: &[T]) -> Result<()> {
-        let mut dst = dst.slice_mut(off..off + host.len());
-        self.stream.memcpy_htod(host, &mut dst).context("copy to the GPU")
+        as_cuda_elem!(T, U => {
+            let mut dst = same_mut::<_, CudaSlice<U>>(dst).slice_mut(off..off + host.len());
+            let host = bytemuck::cast_slice::<T, U>(host);
+            self.stream.memcpy_htod(host, &mut dst).context("copy to the GPU")
+        })
     }
     fn read<T: Elem>(&self, src: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(&src.slice(..n)).context("copy from the GPU")
+        as_cuda_elem!(T, U => {
+            let src = same_ref::<_, CudaSlice<U>>(src).slice(..n);
+            Ok(same(self.stream.clone_dtoh(&src).context("copy from the GPU")?))
+        })
     }
     fn read_into<T: Elem>(&self, src: &CudaSlice<T>, off: usize, out: &mut [T]) -> Result<()> {
-        let src = src.slice(off..off + out.len());
-        self.stream.memcpy_dtoh(&src, out).context("copy from the GPU")
+        as_cuda_elem!(T, U => {
+            let src = same_ref::<_, CudaSlice<U>>(src).slice(off..off + out.len());
+            let out = bytemuck::cast_slice_mut::<T, U>(out);
+            self.stream.memcpy_dtoh(&src, out).context("copy from the GPU")
+        })
     }
     fn synchronize(&self) -> Result<()> {
         if let Some(copies) = self.copies.get() {
@@ -52,16 +112,22 @@ impl Device for Cuda {
         self.stream.synchronize().context("waiting for the GPU")
     }
     fn copy_in_at<T: Elem>(&self, dst: &mut CudaSlice<T>, off: usize, host: &[T]) -> Result<()> {
-        let mut dst = dst.slice_mut(off..off + host.len());
-        self.copy_stream()?
-            .memcpy_htod(host, &mut dst)
-            .context("copy to the GPU (copy stream)")
+        as_cuda_elem!(T, U => {
+            let mut dst = same_mut::<_, CudaSlice<U>>(dst).slice_mut(off..off + host.len());
+            let host = bytemuck::cast_slice::<T, U>(host);
+            self.copy_stream()?
+                .memcpy_htod(host, &mut dst)
+                .context("copy to the GPU (copy stream)")
+        })
     }
     fn copy_out_into<T: Elem>(&self, src: &CudaSlice<T>, off: usize, out: &mut [T]) -> Result<()> {
-        let src = src.slice(off..off + out.len());
-        self.copy_stream()?
-            .memcpy_dtoh(&src, out)
-            .context("copy from the GPU (copy stream)")
+        as_cuda_elem!(T, U => {
+            let src = same_ref::<_, CudaSlice<U>>(src).slice(off..off + out.len());
+            let out = bytemuck::cast_slice_mut::<T, U>(out);
+            self.copy_stream()?
+                .memcpy_dtoh(&src, out)
+                .context("copy from the GPU (copy stream)")
+        })
     }
     fn set_profiling(&self, on: bool) {
         Cuda::set_profiling(self, on)
@@ -121,7 +187,10 @@ impl Device for Cuda {
         Ok(Box::new(super::pinned::PinnedPages::new(&self.ctx, len, page)?))
     }
     fn zero<T: Elem>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
-        self.stream.memset_zeros(buf).context("memset on the GPU")
+        as_cuda_elem!(T, U => {
+            let buf = same_mut::<_, CudaSlice<U>>(buf);
+            self.stream.memset_zeros(buf).context("memset on the GPU")
+        })
     }
     fn quantize_nf4(&self, x: &[f32], shape: &[usize]) -> Result<Nf4Tensor> {
         self.quantize_to_host(x, shape)

@@ -9,7 +9,7 @@ use crate::engine::Device;
 use crate::engine::SUM_PARTS;
 use crate::nf4::{dynamic_map, Nf4Tensor};
 use crate::optim::{AdamStep, AdamWConfig};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use anyhow::Result;
 use half::bf16;
 use serde::Serialize;
@@ -320,7 +320,7 @@ pub fn run(gpu: &Cuda, seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Ch
         let y0 = bf(&rng.normal_vec(t * n, 1.0));
         // A and B inside flat adapter buffers, after 5 values of another adapter and before 3 more
         // (as the engine lays them out); the gradients' neighbours are NaN and must stay so.
-        let at = crate::engine::LoraAt {
+        let at = crate::lora::LoraAt {
             a: 5,
             b: 5 + r * k,
             inp: k,

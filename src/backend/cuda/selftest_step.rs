@@ -6,7 +6,7 @@ use super::selftest::{Check, Checks};
 use super::Cuda;
 use crate::autograd::{forward_backward, GradOptions};
 use crate::engine::host::Host;
-use crate::engine::optim::OPTIMIZER_WINDOW;
+use crate::engine::plan::OPTIMIZER_WINDOW;
 use crate::engine::step::Engine;
 use crate::engine::Device;
 use crate::optim::{clip_factor, clip_grad_norm, AdamW, AdamWConfig, HostPages, PAGE};

@@ -2,11 +2,75 @@
 //! `train --dry-run` prints it, with a throughput estimate, and refuses a plan that does not fit.
 //!
 //! Sizes are for the CPU reference backend (f32 activations; f32 or NF4 base weights), or, with
-//! `PlanInput::device`, exactly what the device engine allocates (`engine::step::device_plan`).
+//! `PlanInput::device`, exactly what the device engine allocates ([`device_plan`]).
 
+use super::SUM_PARTS;
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
+use crate::optim::PAGE;
 use std::fmt;
+
+/// Bytes the loss's logits and dlogits chunk may take (f32 + bf16 per element).
+pub const CE_CHUNK_BYTES: usize = 256 << 20;
+
+/// Values per moment the optimizer may keep on the device (256 MiB each for m and v).
+pub const OPTIMIZER_WINDOW: usize = 64 << 20;
+
+/// Bytes of device memory the optimizer takes for `len` adapter parameters in host pages of `page`
+/// values: [`device_plan`]'s formula.
+pub fn optimizer_bytes(len: usize, page: usize) -> usize {
+    let window = if len <= OPTIMIZER_WINDOW { len.max(1) } else { 2 * page };
+    2 * 4 * window + 4 * SUM_PARTS
+}
+
+/// Bytes of the CUDA device's weight scratch for the cuBLAS GEMM path: the largest projection
+/// dequantized to bf16 (`Cuda::reserve_gemm_scratch`, called as each weight is uploaded). Only a
+/// device with cuBLAS holds it; the plan counts it always.
+pub fn gemm_scratch_bytes(c: &ModelConfig) -> usize {
+    Proj::ALL
+        .iter()
+        .map(|p| 2 * p.shape(c).iter().product::<usize>())
+        .max()
+        .unwrap_or(0)
+}
+
+/// What [`Engine::new`] allocates for a model of config `c`, adapters of rank `r` on `targets`, and
+/// micro-batches of up to `cap` tokens, with the optimizer enabled as training enables it
+/// (`Engine::enable_optimizer(PAGE, OPTIMIZER_WINDOW)`), by the same formulas: the device side of
+/// `train --dry-run`. The workspace includes [`gemm_scratch_bytes`].
+pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, checkpointing: bool) -> Plan {
+    let (d, f, qd, kvd, v, l) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.vocab_size,
+        c.num_layers,
+    );
+    let mut base_linear = 0;
+    for p in Proj::ALL {
+        let n: usize = p.shape(c).iter().product();
+        base_linear += n.div_ceil(2) + 4 * n.div_ceil(crate::nf4::BLOCK);
+        base_linear += if p.has_bias(c) { 2 * p.shape(c)[0] } else { 0 };
+    }
+    let head = if c.tie_word_embeddings { 0 } else { v * d };
+    let adapter: usize = targets.iter().map(|p| r * p.shape(c).iter().sum::<usize>()).sum();
+    let h = c.num_heads;
+    let per_token_layer = 2 * (d + 2 * qd + 2 * kvd + 2 * f) + 4 * (2 + h + 7 * r);
+    let n_acts = if checkpointing { 1 } else { l };
+    let ce_rows = (CE_CHUNK_BYTES / (6 * v)).max(64).min(cap);
+    let w = d.max(qd).max(f);
+    let scratch_per_token = 4 * 5 + 2 * (8 * d + 4 * f + 2 * qd + 2 * kvd + 4 * w) + 4 * (3 + h + r);
+    Plan {
+        base_linear: (l * base_linear) as u64,
+        base_other: (2 * (v * d + head + (2 * l + 1) * d) + 4 * (c.head_dim / 2)) as u64,
+        // bf16 copies, f32 masters and gradients; the optimizer's window.
+        adapter_and_optimizer: (l * adapter * (2 + 4 + 4) + optimizer_bytes(l * adapter, PAGE)) as u64,
+        activations: (cap * (n_acts * per_token_layer + (l + 1) * 2 * d)) as u64,
+        workspace: (cap * scratch_per_token + ce_rows * v * (4 + 2) + gemm_scratch_bytes(c)) as u64,
+        device: true,
+    }
+}
 
 /// What the plan depends on.
 #[derive(Clone, Debug)]
@@ -72,7 +136,7 @@ impl fmt::Display for Plan {
 pub fn plan(c: &ModelConfig, p: &PlanInput) -> Plan {
     if p.device {
         let cap = p.micro_batch * p.max_seq_len;
-        return crate::engine::step::device_plan(c, p.lora_r, &p.lora_targets, cap, p.checkpointing);
+        return device_plan(c, p.lora_r, &p.lora_targets, cap, p.checkpointing);
     }
     let (d, f, v, l) = (
         c.hidden_size as u64,
@@ -141,7 +205,7 @@ pub fn flops_per_token(c: &ModelConfig, seq: usize, checkpointing: bool) -> f64 
 /// Measure this machine's f32 matmul speed (FLOP/s) with the CPU backend's own linear layer.
 pub fn measure_cpu_flops() -> f64 {
     let (t, n, k) = (64, 512, 512);
-    let mut rng = crate::rng::Rng::new(1);
+    let mut rng = crate::util::rng::Rng::new(1);
     let lin = crate::backend::cpu::Linear::dense(n, k, rng.normal_vec(n * k, 0.1), None);
     let x = rng.normal_vec(t * k, 1.0);
     let mut y = vec![0f32; t * n];
