@@ -13,10 +13,7 @@
 //! the adapter-only backward of a packed micro-batch, as `autograd::forward_backward` does in f32.
 
 pub mod api;
-mod generate;
 pub mod host;
-mod layer;
-pub mod optim;
 pub mod plan;
 pub mod reference;
 pub mod step;

@@ -1,8 +1,8 @@
 //! One decoder layer of the device step, forward and backward, and its projections with their
 //! adapters: the device twin of `model::Model::layer_fwd` and `autograd::layer_bwd`.
 
-use super::step::{DeviceLayer, Engine, ProjScratch};
-use super::{Bf, Device, F32};
+use super::{DeviceLayer, Engine, ProjScratch};
+use crate::engine::{Bf, Device, F32};
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
 use crate::lora::LoraAt;

@@ -8,9 +8,9 @@
 //! one token id per sequence comes back per step.
 
 use super::layer::Attn;
-use super::step::Engine;
-use super::{Bf, Device};
+use super::Engine;
 use crate::autograd::Batch;
+use crate::engine::{Bf, Device};
 use crate::generate::{argmax, Sampling};
 use crate::lora::LoraParams;
 use crate::util::rng::Rng;

@@ -20,8 +20,8 @@
 //!   for each page of the state:                       adamw_step(master, m, v, g, gscale = factor)
 //!   bf16 copies = bf16(masters);  g = 0
 
-use super::step::Engine;
-use super::{Device, F32, SUM_PARTS};
+use super::Engine;
+use crate::engine::{Device, F32, SUM_PARTS};
 use crate::lora::LoraParams;
 use crate::optim::{AdamStep, AdamW};
 use anyhow::{ensure, Context, Result};

@@ -5,135 +5,139 @@
 //! The adapters live on the device in three flat buffers in `LoraParams::data`'s layout: f32
 //! masters, their bf16 copies (what the LoRA kernels read) and f32 gradients. Training accumulates
 //! gradients there over a step's micro-batches ([`Engine::accumulate`]) and updates the masters with
-//! the paged AdamW of `engine::optim`; the host sees the adapters only when it asks
+//! the paged AdamW of `engine::step::optim`; the host sees the adapters only when it asks
 //! ([`Engine::download_adapters`], for checkpoints and evaluation). [`Engine::forward_backward`] is
 //! the one-call form the tests and the selftest use: upload, accumulate, read the gradients back.
 
-use super::layer::Attn;
-use super::plan::{PlanInput, CE_CHUNK_BYTES};
-use super::{to_bf16, Bf, Device, F32};
+mod generate;
+mod layer;
+pub mod optim;
+
 use crate::autograd::{Batch, GradOptions};
 use crate::backend::cpu::LinearWeight;
+use crate::engine::plan::{PlanInput, CE_CHUNK_BYTES};
+use crate::engine::{to_bf16, Bf, Device, F32};
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
 use crate::lora::LoraAt;
 use crate::lora::LoraParams;
 use crate::model::{Dropout, Model};
 use anyhow::{bail, ensure, Context, Result};
+use layer::Attn;
 
 /// One layer's frozen weights on the device.
-pub(super) struct DeviceLayer<D: Device> {
-    pub(super) attn_norm: Bf<D>, // [d]
-    pub(super) mlp_norm: Bf<D>,  // [d]
+struct DeviceLayer<D: Device> {
+    attn_norm: Bf<D>, // [d]
+    mlp_norm: Bf<D>,  // [d]
     /// In the order of [`Proj::ALL`]; each [out, in] NF4.
-    pub(super) proj: Vec<D::Nf4>,
+    proj: Vec<D::Nf4>,
     /// [out] per projection, where the config has biases.
-    pub(super) bias: Vec<Option<Bf<D>>>,
+    bias: Vec<Option<Bf<D>>>,
 }
 
 /// Every adapter A and B in one flat buffer of each kind, in `LoraParams::data`'s layout ([`LoraAt`]
 /// says where a projection's lie): one copy, one cast, one optimizer launch for all of them.
-pub(super) struct AdapterBufs<D: Device> {
-    pub(super) master: F32<D>, // [N] f32 masters, which the optimizer updates
-    pub(super) w: Bf<D>,       // [N] their bf16 copies, which the LoRA kernels read
-    pub(super) grad: F32<D>,   // [N] gradients, accumulated over a step's micro-batches
-    pub(super) len: usize,     // N
+struct AdapterBufs<D: Device> {
+    master: F32<D>, // [N] f32 masters, which the optimizer updates
+    w: Bf<D>,       // [N] their bf16 copies, which the LoRA kernels read
+    grad: F32<D>,   // [N] gradients, accumulated over a step's micro-batches
+    len: usize,     // N
 }
 
 /// What a layer's forward keeps for its backward (one set per layer, or one in all with
 /// checkpointing). Every buffer holds `cap` rows.
-pub(super) struct LayerBufs<D: Device> {
-    pub(super) rstd_attn: F32<D>, // [T] of rmsnorm(x_in)
-    pub(super) q: Bf<D>,          // [T, h, hd] after RoPE
-    pub(super) k: Bf<D>,          // [T, h_kv, hd] after RoPE
-    pub(super) v: Bf<D>,          // [T, h_kv, hd]
-    pub(super) att: Bf<D>,        // [T, h, hd]
-    pub(super) lse: F32<D>,       // [T, h] log-sum-exp of each attention row
-    pub(super) x_mid: Bf<D>,      // [T, d]
-    pub(super) rstd_mlp: F32<D>,  // [T] of rmsnorm(x_mid)
-    pub(super) gate: Bf<D>,       // [T, f]
-    pub(super) up: Bf<D>,         // [T, f]
-    pub(super) xa: Vec<F32<D>>,   // per projection [T, r]
+struct LayerBufs<D: Device> {
+    rstd_attn: F32<D>, // [T] of rmsnorm(x_in)
+    q: Bf<D>,          // [T, h, hd] after RoPE
+    k: Bf<D>,          // [T, h_kv, hd] after RoPE
+    v: Bf<D>,          // [T, h_kv, hd]
+    att: Bf<D>,        // [T, h, hd]
+    lse: F32<D>,       // [T, h] log-sum-exp of each attention row
+    x_mid: Bf<D>,      // [T, d]
+    rstd_mlp: F32<D>,  // [T] of rmsnorm(x_mid)
+    gate: Bf<D>,       // [T, f]
+    up: Bf<D>,         // [T, f]
+    xa: Vec<F32<D>>,   // per projection [T, r]
 }
 
 /// Scratch of the backward and the loss, `cap` rows each; `w` = max(d, q_dim, f).
-pub(super) struct Scratch<D: Device> {
-    pub(super) tokens: D::Buf<i32>,    // [T]
-    pub(super) positions: D::Buf<i32>, // [T]
-    pub(super) seq_start: D::Buf<i32>, // [T]
-    pub(super) labels: D::Buf<i32>,    // [L] positions with a target (L <= T)
-    pub(super) targets: D::Buf<i32>,   // [L] their targets
-    pub(super) h: Bf<D>,               // [T, d] final norm output
-    pub(super) rstd: F32<D>,           // [T]
-    pub(super) h_lab: Bf<D>,           // [L, d] h at the labelled positions
-    pub(super) dh_lab: Bf<D>,          // [L, d]
-    pub(super) logits: F32<D>,         // [ce_rows, V] one chunk of rows
-    pub(super) dlogits: Bf<D>,         // [ce_rows, V]
-    pub(super) loss: F32<D>,           // [L]
-    pub(super) dx: Bf<D>,              // [T, d] gradient of a layer's output
-    pub(super) dx_in: Bf<D>,           // [T, d] gradient of its input
-    pub(super) dx_mid: Bf<D>,          // [T, d]
-    pub(super) dh: Bf<D>,              // [T, d]
+struct Scratch<D: Device> {
+    tokens: D::Buf<i32>,    // [T]
+    positions: D::Buf<i32>, // [T]
+    seq_start: D::Buf<i32>, // [T]
+    labels: D::Buf<i32>,    // [L] positions with a target (L <= T)
+    targets: D::Buf<i32>,   // [L] their targets
+    h: Bf<D>,               // [T, d] final norm output
+    rstd: F32<D>,           // [T]
+    h_lab: Bf<D>,           // [L, d] h at the labelled positions
+    dh_lab: Bf<D>,          // [L, d]
+    logits: F32<D>,         // [ce_rows, V] one chunk of rows
+    dlogits: Bf<D>,         // [ce_rows, V]
+    loss: F32<D>,           // [L]
+    dx: Bf<D>,              // [T, d] gradient of a layer's output
+    dx_in: Bf<D>,           // [T, d] gradient of its input
+    dx_mid: Bf<D>,          // [T, d]
+    dh: Bf<D>,              // [T, d]
     /// [T, d] rmsnorm(x_in), then rmsnorm(x_mid): the projections' input, made in the forward and
     /// made again in the backward from the kept x_in, x_mid and their rstd (cheaper than keeping it
     /// per layer).
-    pub(super) h_norm: Bf<D>,
+    h_norm: Bf<D>,
     /// [T] the rstd of that recomputation (equal to the kept one).
-    pub(super) rstd_norm: F32<D>,
+    rstd_norm: F32<D>,
     /// [T, f] silu(gate) up: the down projection's input, made in the forward and made again in the
     /// backward from the kept gate and up (cheaper than keeping it per layer).
-    pub(super) act: Bf<D>,
-    pub(super) d_act: Bf<D>,  // [T, f]
-    pub(super) d_gate: Bf<D>, // [T, f]
-    pub(super) d_up: Bf<D>,   // [T, f]
-    pub(super) d_att: Bf<D>,  // [T, h, hd]
-    pub(super) dq: Bf<D>,     // [T, h, hd]
-    pub(super) dk: Bf<D>,     // [T, h_kv, hd]
-    pub(super) dv: Bf<D>,     // [T, h_kv, hd]
-    pub(super) dd: F32<D>,    // [T, h] dO . O per attention row
-    pub(super) ps: ProjScratch<D>,
+    act: Bf<D>,
+    d_act: Bf<D>,  // [T, f]
+    d_gate: Bf<D>, // [T, f]
+    d_up: Bf<D>,   // [T, f]
+    d_att: Bf<D>,  // [T, h, hd]
+    dq: Bf<D>,     // [T, h, hd]
+    dk: Bf<D>,     // [T, h_kv, hd]
+    dv: Bf<D>,     // [T, h_kv, hd]
+    dd: F32<D>,    // [T, h] dO . O per attention row
+    ps: ProjScratch<D>,
     /// [T, w] dropout(x) in the forward.
-    pub(super) xd: Bf<D>,
+    xd: Bf<D>,
 }
 
 /// Scratch of one projection's backward; `w` = max(d, q_dim, f).
-pub(super) struct ProjScratch<D: Device> {
-    pub(super) g: F32<D>,    // [T, r] dy B
-    pub(super) tmp: Bf<D>,   // [T, w] the projection's dx before it is added
-    pub(super) xd: Bf<D>,    // [T, w] dropout(x), then the masked LoRA dx
-    pub(super) dlora: Bf<D>, // [T, w] the LoRA dx before dropout
+struct ProjScratch<D: Device> {
+    g: F32<D>,    // [T, r] dy B
+    tmp: Bf<D>,   // [T, w] the projection's dx before it is added
+    xd: Bf<D>,    // [T, w] dropout(x), then the masked LoRA dx
+    dlora: Bf<D>, // [T, w] the LoRA dx before dropout
 }
 
 /// A model on a device, ready to run training steps of up to `cap` tokens.
 pub struct Engine<D: Device> {
     pub dev: D,
-    pub(super) config: ModelConfig,
-    pub(super) embed: Bf<D>,           // [vocab, d]
-    pub(super) lm_head: Option<Bf<D>>, // [vocab, d] when untied
-    pub(super) norm: Bf<D>,            // [d]
-    pub(super) inv_freq: F32<D>,       // [hd/2]
-    pub(super) layers: Vec<DeviceLayer<D>>,
+    config: ModelConfig,
+    embed: Bf<D>,           // [vocab, d]
+    lm_head: Option<Bf<D>>, // [vocab, d] when untied
+    norm: Bf<D>,            // [d]
+    inv_freq: F32<D>,       // [hd/2]
+    layers: Vec<DeviceLayer<D>>,
     /// Per layer, per projection (in [`Proj::ALL`] order): where its adapter lies, if it has one.
-    pub(super) slots: Vec<[Option<LoraAt>; 7]>,
-    pub(super) adapters: AdapterBufs<D>,
-    pub(super) rank: usize,
-    pub(super) scale: f32,
+    slots: Vec<[Option<LoraAt>; 7]>,
+    adapters: AdapterBufs<D>,
+    rank: usize,
+    scale: f32,
     /// LoRA dropout probability of the adapters.
-    pub(super) dropout: f32,
+    dropout: f32,
     /// The paged AdamW, once [`Engine::enable_optimizer`] has sized its window.
-    pub(super) opt: Option<super::optim::DeviceOptim<D>>,
+    opt: Option<optim::DeviceOptim<D>>,
     /// Residual stream: xs[l] is layer l's input, xs[L] the last layer's output. [T, d] each.
-    pub(super) xs: Vec<Bf<D>>,
-    pub(super) acts: Vec<LayerBufs<D>>,
-    pub(super) s: Scratch<D>,
-    pub(super) cap: usize,
+    xs: Vec<Bf<D>>,
+    acts: Vec<LayerBufs<D>>,
+    s: Scratch<D>,
+    cap: usize,
     /// Labelled rows per chunk of the loss (bounds the [rows, V] logits buffer).
-    pub(super) ce_rows: usize,
+    ce_rows: usize,
     /// Labelled positions of the batch in the buffers.
-    pub(super) n_labels: usize,
-    pub(super) checkpointing: bool,
+    n_labels: usize,
+    checkpointing: bool,
     /// The KV cache of generation, allocated on first use.
-    pub(super) gen: Option<super::generate::GenCache<D>>,
+    gen: Option<generate::GenCache<D>>,
     /// Decoding steps run by replaying a recorded graph (for the selftest and benchmarks).
     pub graph_replays: usize,
 }
@@ -320,7 +324,7 @@ impl<D: Device> Engine<D> {
 
     /// Bytes of device memory the engine holds, counted buffer by buffer.
     pub fn device_bytes(&self) -> usize {
-        fn sum<D: Device, T: super::Elem>(bufs: &[&D::Buf<T>]) -> usize {
+        fn sum<D: Device, T: crate::engine::Elem>(bufs: &[&D::Buf<T>]) -> usize {
             bufs.iter().map(|b| D::bytes(b)).sum()
         }
         let mut n = sum::<D, _>(&[&self.embed, &self.norm]) + D::bytes(&self.inv_freq);
@@ -467,7 +471,7 @@ impl<D: Device> Engine<D> {
 
     /// Upload a packed batch (tokens, positions, packing, labels) and embed it into xs[0]; returns
     /// its token count.
-    pub(super) fn load_tokens(&mut self, batch: &Batch) -> Result<usize> {
+    fn load_tokens(&mut self, batch: &Batch) -> Result<usize> {
         let t = batch.tokens.len();
         ensure!(t > 0, "empty micro-batch");
         ensure!(
@@ -501,7 +505,7 @@ impl<D: Device> Engine<D> {
     }
 
     /// Upload tokens and their positions and embed them into xs[0].
-    pub(super) fn embed(&mut self, ids: &[i32], positions: &[i32]) -> Result<()> {
+    fn embed(&mut self, ids: &[i32], positions: &[i32]) -> Result<()> {
         let (dev, s) = (&self.dev, &mut self.s);
         dev.write(&mut s.tokens, ids)?;
         dev.write(&mut s.positions, positions)?;
@@ -515,7 +519,7 @@ impl<D: Device> Engine<D> {
     }
 
     /// s.h = rmsnorm(last layer's output) over t rows (s.rstd kept for the backward).
-    pub(super) fn final_norm(&mut self, t: usize) -> Result<()> {
+    fn final_norm(&mut self, t: usize) -> Result<()> {
         let c = &self.config;
         let (x, s) = (&self.xs[c.num_layers], &mut self.s);
         self.dev
