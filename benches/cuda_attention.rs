@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sqlora::backend::cuda::AttentionPath;
+use sqlora::engine::cuda::AttentionPath;
 
 fn attention(c: &mut Criterion) {
     let Some(gpu) = gpu() else { return };

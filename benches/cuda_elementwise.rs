@@ -111,7 +111,7 @@ fn elementwise(c: &mut Criterion) {
         normal_f32(&gpu, n, 1e-3, 10),
     );
     g.throughput(Throughput::Bytes((7 * 4 * n) as u64));
-    let h = sqlora::optim::AdamStep::new(Default::default(), 1, 1e-4, 0.5);
+    let h = sqlora::model::optim::AdamStep::new(Default::default(), 1, 1e-4, 0.5);
     g.bench_function("adamw", |b| {
         b.iter(|| {
             gpu.adamw_step(&mut p, &mut m, &mut v, &grad, 0, 0, n, &h).unwrap();

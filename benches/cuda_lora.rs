@@ -6,13 +6,13 @@ mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sqlora::backend::cuda::LoraPath;
+use sqlora::engine::cuda::LoraPath;
 
 fn lora(c: &mut Criterion) {
     let Some(gpu) = gpu() else { return };
     let (t, k, n, r) = (4096usize, 2048usize, 8192usize, 16usize);
     // A and B side by side in one adapter buffer, as the engine keeps them.
-    let at = sqlora::lora::LoraAt {
+    let at = sqlora::model::lora::LoraAt {
         a: 0,
         b: r * k,
         inp: k,

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sqlora::backend::cuda::GemmPath;
+use sqlora::engine::cuda::GemmPath;
 
 fn loss(c: &mut Criterion) {
     let Some(gpu) = gpu() else { return };

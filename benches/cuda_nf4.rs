@@ -7,9 +7,9 @@ mod common;
 use common::*;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sqlora::backend::cuda::{GemmPath, Nf4Device};
+use sqlora::engine::cuda::{GemmPath, Nf4Device};
 use sqlora::engine::Device;
-use sqlora::nf4::Nf4Tensor;
+use sqlora::model::nf4::Nf4Tensor;
 use sqlora::util::rng::Rng;
 
 fn nf4_gemm(c: &mut Criterion) {

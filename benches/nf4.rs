@@ -2,8 +2,8 @@
 //! (The CUDA kernels get their own benches beside these when the CUDA backend lands.)
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sqlora::backend::cpu::{linear_fwd, Linear};
-use sqlora::nf4::Nf4Tensor;
+use sqlora::model::cpu::{linear_fwd, Linear};
+use sqlora::model::nf4::Nf4Tensor;
 use sqlora::util::rng::Rng;
 use std::hint::black_box;
 

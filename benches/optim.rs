@@ -2,7 +2,7 @@
 //! projections (11.3M parameters): AdamW over the paged state and global-norm clipping.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sqlora::optim::{clip_grad_norm, AdamW, AdamWConfig, HostPages};
+use sqlora::model::optim::{clip_grad_norm, AdamW, AdamWConfig, HostPages};
 use sqlora::util::rng::Rng;
 
 fn optim(c: &mut Criterion) {

@@ -2,10 +2,10 @@
 //! tiny Qwen2 model: the reference backend's end-to-end cost, in tokens per second.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sqlora::autograd::{forward_backward, Batch, GradOptions};
-use sqlora::lora::{LoraConfig, LoraParams};
-use sqlora::model::Model;
-use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::model::autograd::{forward_backward, Batch, GradOptions};
+use sqlora::model::forward::Model;
+use sqlora::model::lora::{LoraConfig, LoraParams};
+use sqlora::model::tiny::{write_tiny_model, TinyVariant};
 use sqlora::util::rng::Rng;
 
 fn train_step(c: &mut Criterion) {

@@ -4,8 +4,8 @@
 //!
 //! `cargo run --release --example adapter_logits -- MODEL_DIR ADAPTER_DIR OUT.safetensors "prompt" ...`
 use sqlora::load::weights::{save_safetensors, SaveDtype};
-use sqlora::lora::LoraParams;
-use sqlora::model::{KvCache, Logits, Model};
+use sqlora::model::forward::{KvCache, Logits, Model};
+use sqlora::model::lora::LoraParams;
 use std::path::Path;
 
 fn main() -> anyhow::Result<()> {

@@ -1,6 +1,6 @@
 //! Write the last-position logits of a token sequence (f32, little-endian) for comparison with other
 //! implementations. `cargo run --release --example last_logits -- MODEL OUT.bin id id id ...`
-use sqlora::model::{KvCache, Logits, Model};
+use sqlora::model::forward::{KvCache, Logits, Model};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -5,16 +5,16 @@
 //! A timed step is what `train` does per optimizer step: forward, loss and backward on the device,
 //! then gradient clipping and AdamW over the adapters on the host.
 
-use crate::autograd::{Batch, GradOptions};
-use crate::backend::cpu::{Linear, LinearWeight};
 use crate::engine::ProfileRow;
 use crate::engine::StepEngine;
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
-use crate::lora::{LoraConfig, LoraParams};
-use crate::model::{rope_inv_freq, Layer, Model};
-use crate::nf4::Nf4Tensor;
-use crate::optim::{clip_factor, AdamW, AdamWConfig};
+use crate::model::autograd::{Batch, GradOptions};
+use crate::model::cpu::{Linear, LinearWeight};
+use crate::model::forward::{rope_inv_freq, Layer, Model};
+use crate::model::lora::{LoraConfig, LoraParams};
+use crate::model::nf4::Nf4Tensor;
+use crate::model::optim::{clip_factor, AdamW, AdamWConfig};
 use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use serde::Serialize;

@@ -3,12 +3,12 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use sqlora::engine::target::Target;
-use sqlora::generate::Sampling;
 use sqlora::load::tokenizer::Tokenizer;
 use sqlora::load::ModelSource;
-use sqlora::model::Model;
-use sqlora::predict::{self, Generation, PromptStyle};
-use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::model::forward::Model;
+use sqlora::model::generate::Sampling;
+use sqlora::model::tiny::{write_tiny_model, TinyVariant};
+use sqlora::sql::predict::{self, Generation, PromptStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -289,7 +289,9 @@ fn bench_target(device: &str) -> Result<Target> {
 
 /// Builds the engine a benchmark runs on.
 fn engine_factory(target: Target, checkpointing: bool) -> Box<sqlora::bench::EngineFor<'static>> {
-    Box::new(move |m: &Arc<Model>, l: &sqlora::lora::LoraParams, cap: usize| target.engine(m, l, cap, checkpointing))
+    Box::new(move |m: &Arc<Model>, l: &sqlora::model::lora::LoraParams, cap: usize| {
+        target.engine(m, l, cap, checkpointing)
+    })
 }
 
 fn main() {
@@ -326,7 +328,7 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
-        Command::Merge { model, adapter, out } => sqlora::lora::merge_model(&model, &adapter, &out),
+        Command::Merge { model, adapter, out } => sqlora::model::lora::merge_model(&model, &adapter, &out),
         Command::Info { model } => info(&model),
         Command::Prepare { source } => prepare(source),
         Command::Predict {
@@ -448,7 +450,7 @@ fn run(cli: Cli) -> Result<()> {
             let v = TinyVariant::parse(&variant)?;
             write_tiny_model(&out, v)?;
             match adapter_out {
-                Some(dir) => sqlora::tiny::tiny_adapter(v).save_peft(&dir, &out.display().to_string()),
+                Some(dir) => sqlora::model::tiny::tiny_adapter(v).save_peft(&dir, &out.display().to_string()),
                 None => Ok(()),
             }
         }
@@ -459,7 +461,7 @@ fn run(cli: Cli) -> Result<()> {
 fn question_prompt(tok: &Tokenizer, db: &Path, question: &str) -> Result<String> {
     let schema = sqlora::sql::schema::Schema::from_sqlite(db, 3)?;
     let count = |s: &str| tok.encode_plain(s).map(|t| t.len()).unwrap_or(usize::MAX);
-    Ok(sqlora::data::prompt(
+    Ok(sqlora::sql::data::prompt(
         question,
         &schema.question_snippet(question, 1500, &count),
     ))
@@ -484,7 +486,7 @@ fn ask(
     }
     let eos = &model.config.eos_token_ids;
     let lora = match adapter {
-        Some(a) => Some(sqlora::lora::LoraParams::load_peft(a, &model.config)?),
+        Some(a) => Some(sqlora::model::lora::LoraParams::load_peft(a, &model.config)?),
         None => None,
     };
     let eos = eos.clone();
@@ -518,7 +520,7 @@ fn info(path: &Path) -> Result<()> {
     let head = if c.tie_word_embeddings { 0 } else { embed };
     let nf4_bytes: usize = shapes
         .iter()
-        .map(|&n| sqlora::nf4::Nf4Tensor::size_bytes_of(n))
+        .map(|&n| sqlora::model::nf4::Nf4Tensor::size_bytes_of(n))
         .sum::<usize>()
         * c.num_layers;
     println!("architecture     {:?}", c.arch);
@@ -554,14 +556,14 @@ fn prepare(source: Prepare) -> Result<()> {
             distractors,
             seed,
         } => {
-            let opts = sqlora::data::spider::ImportOptions {
+            let opts = sqlora::sql::data::spider::ImportOptions {
                 split,
                 distractors,
                 holdout_dbs,
                 seed,
                 ..Default::default()
             };
-            let r = sqlora::data::spider::import_spider(&spider_dir, &opts, &out, val_out.as_deref())?;
+            let r = sqlora::sql::data::spider::import_spider(&spider_dir, &opts, &out, val_out.as_deref())?;
             println!(
                 "{} examples from {} databases: {} snippets from SQLite files, {} from tables.json",
                 r.examples, r.databases, r.from_sqlite, r.from_tables_json
@@ -588,7 +590,7 @@ fn prepare(source: Prepare) -> Result<()> {
             per_template,
             seed,
         } => {
-            let (train, val) = sqlora::data::shop::write_shop_dataset(&out, per_template, seed)?;
+            let (train, val) = sqlora::sql::data::shop::write_shop_dataset(&out, per_template, seed)?;
             println!(
                 "{}: shop.sqlite, train.jsonl ({train} pairs), val.jsonl ({val} pairs)",
                 out.display()
@@ -640,7 +642,7 @@ fn eval(
 }
 
 fn selftest(json: bool, seed: u64) -> Result<()> {
-    use sqlora::backend::cuda;
+    use sqlora::engine::cuda;
     if let Some(why) = cuda::unavailable() {
         eprintln!("selftest needs a GPU: {why}");
         std::process::exit(2);

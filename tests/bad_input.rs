@@ -3,8 +3,8 @@
 
 use serde_json::{json, Value};
 use sqlora::load::config::ModelConfig;
-use sqlora::lora::LoraParams;
-use sqlora::tiny::{tiny_adapter, write_tiny_model, TinyVariant};
+use sqlora::model::lora::LoraParams;
+use sqlora::model::tiny::{tiny_adapter, write_tiny_model, TinyVariant};
 use std::path::Path;
 use std::process::Command;
 
@@ -255,7 +255,7 @@ fn malformed_schemas_and_logits_are_errors_or_fallbacks_not_panics() {
         assert!(err.contains("tables.json entry shop: foreign key 0"), "{err}");
     }
     // Sampling from logits that are all NaN (a broken adapter) answers as argmax does.
-    let sampling = sqlora::generate::Sampling {
+    let sampling = sqlora::model::generate::Sampling {
         temperature: 0.7,
         top_p: 0.95,
         seed: 1,
@@ -263,7 +263,7 @@ fn malformed_schemas_and_logits_are_errors_or_fallbacks_not_panics() {
     let nan = vec![f32::NAN; 5];
     assert_eq!(
         sampling.draw(&nan, &mut sampling.rng(0, 1)),
-        sqlora::generate::argmax(&nan)
+        sqlora::model::generate::argmax(&nan)
     );
     // A byte-order mark before the first line of a JSONL file is not an error.
     let d = tempfile::tempdir().unwrap();
@@ -273,5 +273,5 @@ fn malformed_schemas_and_logits_are_errors_or_fallbacks_not_panics() {
         "\u{feff}{\"instruction\": \"q\", \"input\": \"\", \"output\": \"SELECT 1\"}\n",
     )
     .unwrap();
-    assert_eq!(sqlora::data::read_jsonl(&p).unwrap().len(), 1);
+    assert_eq!(sqlora::sql::data::read_jsonl(&p).unwrap().len(), 1);
 }

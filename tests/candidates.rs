@@ -8,12 +8,12 @@ use common::rel_err;
 
 use sqlora::engine::host::Host;
 use sqlora::engine::step::Engine;
-use sqlora::generate::{candidates, greedy, greedy_batch, Sampling};
-use sqlora::lora::LoraParams;
-use sqlora::model::{KvCache, Logits, Model};
+use sqlora::model::forward::{KvCache, Logits, Model};
+use sqlora::model::generate::{candidates, greedy, greedy_batch, Sampling};
+use sqlora::model::lora::LoraParams;
+use sqlora::model::tiny::{tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
 use sqlora::sql::choose::{choose, Choice};
 use sqlora::sql::exec::Db;
-use sqlora::tiny::{tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
 use sqlora::util::rng::Rng;
 use std::time::Duration;
 

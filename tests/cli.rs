@@ -3,13 +3,13 @@
 mod common;
 use common::rel_err;
 
-use sqlora::data::chat::{extract_sql, ChatFormat};
-use sqlora::generate::greedy;
 use sqlora::load::tokenizer::Tokenizer;
-use sqlora::lora::LoraParams;
-use sqlora::model::Model;
-use sqlora::model::{KvCache, Logits};
-use sqlora::tiny::{tiny_adapter, write_tiny_model, TinyVariant};
+use sqlora::model::forward::Model;
+use sqlora::model::forward::{KvCache, Logits};
+use sqlora::model::generate::greedy;
+use sqlora::model::lora::LoraParams;
+use sqlora::model::tiny::{tiny_adapter, write_tiny_model, TinyVariant};
+use sqlora::sql::data::chat::{extract_sql, ChatFormat};
 use std::process::Command;
 
 fn sqlora(args: &[&str]) -> std::process::Output {
@@ -188,10 +188,10 @@ fn ask_db_wraps_the_question_in_the_template() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), TinyVariant::Qwen2).unwrap();
     let db = dir.path().join("shop.sqlite");
-    sqlora::data::shop::write_shop_db(&db).unwrap();
+    sqlora::sql::data::shop::write_shop_db(&db).unwrap();
     let question = "How many users are there?";
     let snippet = sqlora::sql::schema::Schema::from_sqlite(&db, 3).unwrap().render_all();
-    let prompt = sqlora::data::prompt(question, &snippet);
+    let prompt = sqlora::sql::data::prompt(question, &snippet);
     let model = Model::load_dir(dir.path()).unwrap();
     let tok = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
     let want = tok
@@ -355,7 +355,7 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
     assert_eq!(format, ChatFormat::ChatMl);
     let mut stops = tiny.config.eos_token_ids.clone();
     stops.push(tok.token_id("<|im_end|>").unwrap());
-    let examples = sqlora::data::read_jsonl(&val).unwrap();
+    let examples = sqlora::sql::data::read_jsonl(&val).unwrap();
     let lines: Vec<serde_json::Value> = (std::fs::read_to_string(&pred).unwrap().lines())
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -644,7 +644,7 @@ fn train_device_choices() {
     let o = train("tpu");
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown device \"tpu\""));
-    if let Some(why) = sqlora::backend::cuda::unavailable() {
+    if let Some(why) = sqlora::engine::cuda::unavailable() {
         let o = train("cuda");
         assert_eq!(o.status.code(), Some(1));
         let err = String::from_utf8_lossy(&o.stderr);
@@ -730,9 +730,9 @@ fn a_memory_budget_that_only_checkpointing_meets_turns_it_on() {
     let tok = Tokenizer::from_file(&model.join("tokenizer.json")).unwrap();
     let m = Model::load_dir(&model).unwrap();
     let eos = m.config.eos_token_ids[0];
-    let examples = sqlora::data::read_jsonl(std::path::Path::new(data)).unwrap();
+    let examples = sqlora::sql::data::read_jsonl(std::path::Path::new(data)).unwrap();
     let longest = (examples.iter())
-        .map(|e| sqlora::data::encode(&tok, e, eos).unwrap().tokens.len())
+        .map(|e| sqlora::sql::data::encode(&tok, e, eos).unwrap().tokens.len())
         .max()
         .unwrap();
     let input = |checkpointing| PlanInput {

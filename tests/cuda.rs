@@ -1,7 +1,7 @@
 //! The CUDA kernels against the CPU reference (`sqlora selftest` in-process). Skipped, with the
 //! reason, on machines without a GPU or without compiled kernels.
 
-use sqlora::backend::cuda;
+use sqlora::engine::cuda;
 
 #[test]
 fn every_kernel_matches_the_cpu_reference() {

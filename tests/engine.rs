@@ -6,14 +6,14 @@
 mod common;
 use common::rel_err;
 
-use sqlora::autograd::{forward_backward, loss_sum, Batch, GradOptions};
 use sqlora::engine::host::Host;
 use sqlora::engine::plan::OPTIMIZER_WINDOW;
 use sqlora::engine::step::Engine;
-use sqlora::lora::LoraParams;
-use sqlora::model::Model;
-use sqlora::optim::{clip_factor, clip_grad_norm, AdamW, AdamWConfig, HostPages, PAGE};
-use sqlora::tiny::{tiny_adapter, tiny_batch, tiny_model, write_tiny_model, TinyVariant, TINY_VOCAB};
+use sqlora::model::autograd::{forward_backward, loss_sum, Batch, GradOptions};
+use sqlora::model::forward::Model;
+use sqlora::model::lora::LoraParams;
+use sqlora::model::optim::{clip_factor, clip_grad_norm, AdamW, AdamWConfig, HostPages, PAGE};
+use sqlora::model::tiny::{tiny_adapter, tiny_batch, tiny_model, write_tiny_model, TinyVariant, TINY_VOCAB};
 
 fn setup(v: TinyVariant) -> (Model, LoraParams, Batch) {
     let dir = tempfile::tempdir().unwrap();
@@ -254,7 +254,7 @@ fn prompts() -> Vec<Vec<u32>> {
 
 #[test]
 fn device_generation_logits_match_the_reference() {
-    use sqlora::model::{KvCache, Logits};
+    use sqlora::model::forward::{KvCache, Logits};
     for v in TinyVariant::ALL {
         let (model, lora, _) = setup(v);
         let mut engine = Engine::new(Host, &model, &lora, 64, false).unwrap();
@@ -281,7 +281,7 @@ fn device_generation_with_the_cache_equals_recomputing_each_prefix() {
                 let prefix: Vec<u32> = p.iter().chain(&o[..j]).copied().collect();
                 let logits = engine.last_logits(Some(&lora), &[prefix]).unwrap();
                 // Exact: on the CPU device the cached decode runs the same ops in the same order.
-                assert_eq!(sqlora::generate::argmax(&logits[0]), o[j], "{v:?}: step {j}");
+                assert_eq!(sqlora::model::generate::argmax(&logits[0]), o[j], "{v:?}: step {j}");
             }
         }
         // In chunks (an engine for 20 tokens takes the prompts one or two at a time): the same.

@@ -4,9 +4,9 @@
 mod common;
 use common::rel_err;
 
-use sqlora::backend::cpu::LinearWeight;
-use sqlora::model::{KvCache, Logits, Model};
-use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::model::cpu::LinearWeight;
+use sqlora::model::forward::{KvCache, Logits, Model};
+use sqlora::model::tiny::{write_tiny_model, TinyVariant};
 
 fn run(model: &Model, tokens: &[u32]) -> Vec<f32> {
     let mut cache = KvCache::new(&model.config);

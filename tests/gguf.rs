@@ -8,7 +8,7 @@ use common::rel_err;
 use sqlora::load::gguf::quants::{dequantize, GgmlType};
 use sqlora::load::gguf::{parse_header, GgufFile};
 use sqlora::load::weights::Weights;
-use sqlora::model::{KvCache, Logits, Model};
+use sqlora::model::forward::{KvCache, Logits, Model};
 use sqlora::util::rng::Rng;
 use std::path::PathBuf;
 
@@ -233,7 +233,7 @@ fn rope_freqs_import_as_llama3_scaling() {
     assert_eq!(c["rope_scaling"]["factor"], 32.0);
     assert_eq!(c["max_position_embeddings"], 131072);
     let config = sqlora::load::config::ModelConfig::from_json(&c.to_string()).unwrap();
-    let inv = sqlora::model::rope_inv_freq(&config);
+    let inv = sqlora::model::forward::rope_inv_freq(&config);
     for i in 0..hd / 2 {
         let want = 1.0 / theta.powf((2 * i) as f32 / hd as f32) / factors[i];
         assert!(
@@ -336,8 +336,8 @@ fn smollm2_tokenizer_matches_transformers() {
 fn smollm2_chat_prompt_uses_its_chatml_markers() {
     let Some(path) = smollm2() else { return };
     let tok = sqlora::load::open(&path).unwrap().tokenizer().unwrap();
-    let format = sqlora::data::chat::ChatFormat::of(&tok).unwrap();
-    assert_eq!(format, sqlora::data::chat::ChatFormat::ChatMl);
+    let format = sqlora::sql::data::chat::ChatFormat::of(&tok).unwrap();
+    assert_eq!(format, sqlora::sql::data::chat::ChatFormat::ChatMl);
     let ids = tok
         .encode(&format.prompt("How many users?", "users(id INT, name TEXT)"))
         .unwrap();
@@ -388,7 +388,7 @@ fn smollm2_writes_sql_that_runs_on_the_bundled_database() {
     let Some(path) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("shop.sqlite");
-    sqlora::data::shop::write_shop_db(&db).unwrap();
+    sqlora::sql::data::shop::write_shop_db(&db).unwrap();
     let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
         <|im_start|>user\nGiven the SQLite table users(id INTEGER PRIMARY KEY, name TEXT, city TEXT) and \
         products(id INTEGER PRIMARY KEY, name TEXT, price REAL), write one SQL query: How many users are there? \

@@ -4,10 +4,10 @@
 mod common;
 use common::rel_err;
 
-use sqlora::generate::greedy;
 use sqlora::load::weights::Weights;
-use sqlora::model::{KvCache, Logits, Model};
-use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::model::forward::{KvCache, Logits, Model};
+use sqlora::model::generate::greedy;
+use sqlora::model::tiny::{write_tiny_model, TinyVariant};
 use sqlora::util::fnv1a64;
 use std::path::PathBuf;
 
@@ -31,7 +31,9 @@ fn golden(v: TinyVariant) -> Golden {
             .collect::<Vec<u32>>()
     };
     let input_ids = ids("input_ids");
-    let logits = w.f32("logits", &[input_ids.len(), sqlora::tiny::TINY_VOCAB]).unwrap();
+    let logits = w
+        .f32("logits", &[input_ids.len(), sqlora::model::tiny::TINY_VOCAB])
+        .unwrap();
     Golden {
         logits,
         prompt: ids("prompt"),

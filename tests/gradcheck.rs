@@ -7,11 +7,11 @@
 mod common;
 use common::rel_err;
 
-use sqlora::autograd::{forward_backward, loss_sum, Batch, GradOptions};
-use sqlora::backend::cpu::{self, Linear};
-use sqlora::lora::{LoraConfig, LoraParams};
-use sqlora::model::Model;
-use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::model::autograd::{forward_backward, loss_sum, Batch, GradOptions};
+use sqlora::model::cpu::{self, Linear};
+use sqlora::model::forward::Model;
+use sqlora::model::lora::{LoraConfig, LoraParams};
+use sqlora::model::tiny::{write_tiny_model, TinyVariant};
 use sqlora::util::rng::Rng;
 
 /// Central differences of `f` at `x` for the given indices (all when `None`).

@@ -1,8 +1,8 @@
 //! Model loading: sharded checkpoints, dtype handling, and clear errors for bad input.
 
 use sqlora::load::weights::{save_safetensors, SaveDtype};
-use sqlora::model::{KvCache, Logits, Model};
-use sqlora::tiny::{tiny_tensors, write_tiny_model, TinyVariant};
+use sqlora::model::forward::{KvCache, Logits, Model};
+use sqlora::model::tiny::{tiny_tensors, write_tiny_model, TinyVariant};
 use std::path::Path;
 
 fn tiny(v: TinyVariant) -> tempfile::TempDir {
@@ -152,7 +152,7 @@ fn empty_directory_says_what_is_missing() {
 
 #[test]
 fn quantizing_while_loading_gives_the_same_nf4_model() {
-    use sqlora::backend::cpu::LinearWeight;
+    use sqlora::model::cpu::LinearWeight;
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), TinyVariant::Qwen2).unwrap();
     let after = Model::load(dir.path()).unwrap().quantize_nf4();
@@ -171,8 +171,8 @@ fn quantizing_while_loading_gives_the_same_nf4_model() {
 
 #[test]
 fn a_device_quantizer_loads_the_same_model_and_its_failure_names_the_tensor() {
-    use sqlora::backend::cpu::LinearWeight;
     use sqlora::engine::{host::Host, Device};
+    use sqlora::model::cpu::LinearWeight;
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), TinyVariant::Llama).unwrap();
     let on_cpu = Model::load_as(dir.path(), true).unwrap();
@@ -191,8 +191,9 @@ fn a_device_quantizer_loads_the_same_model_and_its_failure_names_the_tensor() {
             assert_eq!(qa, qb);
         }
     }
-    let failing =
-        |_: &[f32], _: &[usize]| -> anyhow::Result<sqlora::nf4::Nf4Tensor> { anyhow::bail!("out of device memory") };
+    let failing = |_: &[f32], _: &[usize]| -> anyhow::Result<sqlora::model::nf4::Nf4Tensor> {
+        anyhow::bail!("out of device memory")
+    };
     let Err(err) = Model::load_with(dir.path(), Some(&failing)) else {
         panic!("a failing quantizer fails the load");
     };

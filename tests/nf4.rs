@@ -1,7 +1,9 @@
 //! NF4: exact byte layout, error bounds derived from the code table, double quantization.
 
 use sqlora::load::weights::Weights;
-use sqlora::nf4::{dynamic_map, pack_nibbles, quantize_value, DoubleQuant, Nf4Tensor, BLOCK, DQ_BLOCK, NF4_TABLE};
+use sqlora::model::nf4::{
+    dynamic_map, pack_nibbles, quantize_value, DoubleQuant, Nf4Tensor, BLOCK, DQ_BLOCK, NF4_TABLE,
+};
 use sqlora::util::rng::Rng;
 use std::path::PathBuf;
 
@@ -152,7 +154,11 @@ fn zero_blocks_and_odd_shapes_survive() {
 fn the_size_of_an_nf4_tensor_is_known_before_quantizing() {
     let mut rng = sqlora::util::rng::Rng::new(5);
     for n in [1usize, 64, 65, 64 * 256, 64 * 256 + 1, 300 * 577] {
-        let q = sqlora::nf4::Nf4Tensor::quantize(&rng.normal_vec(n, 1.0), &[n]);
-        assert_eq!(sqlora::nf4::Nf4Tensor::size_bytes_of(n), q.size_bytes(), "{n} values");
+        let q = sqlora::model::nf4::Nf4Tensor::quantize(&rng.normal_vec(n, 1.0), &[n]);
+        assert_eq!(
+            sqlora::model::nf4::Nf4Tensor::size_bytes_of(n),
+            q.size_bytes(),
+            "{n} values"
+        );
     }
 }

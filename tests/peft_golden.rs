@@ -5,11 +5,11 @@
 mod common;
 use common::rel_err;
 
-use sqlora::autograd::{forward_backward, Batch, GradOptions};
 use sqlora::load::weights::Weights;
-use sqlora::lora::LoraParams;
-use sqlora::model::{KvCache, Logits, Model};
-use sqlora::tiny::{tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
+use sqlora::model::autograd::{forward_backward, Batch, GradOptions};
+use sqlora::model::forward::{KvCache, Logits, Model};
+use sqlora::model::lora::LoraParams;
+use sqlora::model::tiny::{tiny_adapter, write_tiny_model, TinyVariant, TINY_VOCAB};
 use sqlora::util::fnv1a64;
 use std::path::PathBuf;
 

@@ -4,8 +4,8 @@
 mod common;
 use common::{for_each_spider_gold, spider_dir};
 
-use sqlora::data::read_jsonl;
-use sqlora::data::spider::{import_spider, ImportOptions};
+use sqlora::sql::data::read_jsonl;
+use sqlora::sql::data::spider::{import_spider, ImportOptions};
 use sqlora::sql::eval::{evaluate_one, summarize, EvalOptions};
 use std::collections::HashSet;
 

@@ -1,7 +1,7 @@
 //! Execution-accuracy evaluation: semantics, safety, time limits, the `eval` contract, and the
 //! bundled shop dataset. Runs without ../shared (tests/spider.rs covers the Spider files).
 
-use sqlora::data::shop::{generate_pairs, write_shop_dataset, write_shop_db};
+use sqlora::sql::data::shop::{generate_pairs, write_shop_dataset, write_shop_db};
 use sqlora::sql::eval::{evaluate_one, EvalOptions};
 use sqlora::sql::exec::{Db, QueryError};
 use sqlora::sql::hardness::Hardness;
@@ -259,7 +259,7 @@ fn eval_command_contract() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let gold = dir.path().join("train.jsonl");
-    let examples = sqlora::data::read_jsonl(&gold).unwrap();
+    let examples = sqlora::sql::data::read_jsonl(&gold).unwrap();
     // Predictions: gold for even lines, a wrong query for odd lines, one broken one.
     let preds: Vec<String> = examples
         .iter()
@@ -325,8 +325,8 @@ fn shop_dataset_files() {
     let (train, val) = write_shop_dataset(dir.path(), 10, 42).unwrap();
     // Templates without slots give one pair each: 117 + 12 at 10 per template.
     assert!(train >= 100 && val >= 10, "{train} / {val}");
-    let t = sqlora::data::read_jsonl(&dir.path().join("train.jsonl")).unwrap();
-    let v = sqlora::data::read_jsonl(&dir.path().join("val.jsonl")).unwrap();
+    let t = sqlora::sql::data::read_jsonl(&dir.path().join("train.jsonl")).unwrap();
+    let v = sqlora::sql::data::read_jsonl(&dir.path().join("val.jsonl")).unwrap();
     assert_eq!((t.len(), v.len()), (train, val));
     let tq: std::collections::HashSet<_> = t.iter().map(|e| &e.output).collect();
     assert!(v.iter().all(|e| e.db_path.as_deref() == Some("shop.sqlite")));

@@ -3,12 +3,12 @@
 mod common;
 use common::rel_err;
 
-use sqlora::data::{encode, read_jsonl, Encoded, Example};
 use sqlora::load::tokenizer::Tokenizer;
-use sqlora::lora::LoraConfig;
-use sqlora::model::Model;
-use sqlora::optim::Decay;
-use sqlora::tiny::{write_tiny_model, TinyVariant};
+use sqlora::model::forward::Model;
+use sqlora::model::lora::LoraConfig;
+use sqlora::model::optim::Decay;
+use sqlora::model::tiny::{write_tiny_model, TinyVariant};
+use sqlora::sql::data::{encode, read_jsonl, Encoded, Example};
 use sqlora::train::{StepReport, TrainConfig, Trainer};
 use std::path::Path;
 
@@ -424,7 +424,7 @@ fn memorise_and_evaluate(device: bool) {
             e
         })
         .collect();
-    let tasks = sqlora::evaluate::tasks(&exs, &tok, d.path(), None).unwrap();
+    let tasks = sqlora::sql::evaluate::tasks(&exs, &tok, d.path(), None).unwrap();
     let c = memorising_config();
     let out = d.path().join("run");
     let mut t = if device {
@@ -432,7 +432,7 @@ fn memorise_and_evaluate(device: bool) {
     } else {
         trainer(&s, c, &out)
     };
-    let before = sqlora::evaluate::exec_accuracy(&t.model, Some(&t.lora), &tok, &tasks, 40).unwrap();
+    let before = sqlora::sql::evaluate::exec_accuracy(&t.model, Some(&t.lora), &tok, &tasks, 40).unwrap();
     t.sql_eval = Some(sqlora::train::SqlEval {
         tasks,
         tokenizer: tok,

@@ -3,7 +3,7 @@
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use sqlora::backend::cuda::{self, Cuda};
+use sqlora::engine::cuda::{self, Cuda};
 use sqlora::util::rng::Rng;
 
 /// The GPU, or None after printing why the CUDA benches are skipped.

@@ -4,11 +4,11 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use sqlora::data::{encode, read_jsonl, Encoded};
 use sqlora::engine::target::Target;
 use sqlora::load::tokenizer::Tokenizer;
-use sqlora::lora::LoraConfig;
-use sqlora::optim::{AdamWConfig, Decay};
+use sqlora::model::lora::LoraConfig;
+use sqlora::model::optim::{AdamWConfig, Decay};
+use sqlora::sql::data::{encode, read_jsonl, Encoded};
 use sqlora::train::{SqlEval, TrainConfig, Trainer};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -323,7 +323,7 @@ fn run(a: Args) -> Result<()> {
         Some(d) => (d.clone(), a.val.clone()),
         None => {
             let dir = a.out.join("data");
-            let (n_train, n_val) = sqlora::data::shop::write_shop_dataset(&dir, 25, a.seed)?;
+            let (n_train, n_val) = sqlora::sql::data::shop::write_shop_dataset(&dir, 25, a.seed)?;
             eprintln!(
                 "no --data: using the bundled shop dataset ({n_train} training, {n_val} validation pairs) in {}",
                 dir.display()
@@ -379,7 +379,7 @@ fn run(a: Args) -> Result<()> {
         } else {
             let base = vp.parent().unwrap_or(Path::new("."));
             trainer.sql_eval = Some(SqlEval {
-                tasks: sqlora::evaluate::tasks(&examples, &tok, base, a.db_root.as_deref())
+                tasks: sqlora::sql::evaluate::tasks(&examples, &tok, base, a.db_root.as_deref())
                     .with_context(|| format!("in {}", vp.display()))?,
                 tokenizer: tok.clone(),
                 every: a.sql_eval_every,

@@ -6,10 +6,10 @@
 use super::plan::OPTIMIZER_WINDOW;
 use super::step::Engine;
 use super::Device;
-use crate::autograd::{Batch, GradOptions};
-use crate::generate::Sampling;
-use crate::lora::LoraParams;
-use crate::optim::{AdamW, StatePages, PAGE};
+use crate::model::autograd::{Batch, GradOptions};
+use crate::model::generate::Sampling;
+use crate::model::lora::LoraParams;
+use crate::model::optim::{AdamW, StatePages, PAGE};
 use anyhow::Result;
 use serde::Serialize;
 

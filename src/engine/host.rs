@@ -4,10 +4,10 @@
 //! order of f32 summation.
 
 use super::{to_bf16, to_f32, Bf, Device, Elem, F32};
-use crate::backend::cpu::{self, Linear, LinearWeight};
-use crate::lora::LoraAt;
-use crate::nf4::Nf4Tensor;
-use crate::optim::{AdamStep, HostPages, StatePages};
+use crate::model::cpu::{self, Linear, LinearWeight};
+use crate::model::lora::LoraAt;
+use crate::model::nf4::Nf4Tensor;
+use crate::model::optim::{AdamStep, HostPages, StatePages};
 use anyhow::Result;
 use half::bf16;
 use std::ops::Range;
@@ -293,7 +293,7 @@ impl Device for Host {
     }
     fn argmax_rows(&self, out: &mut Vec<i32>, logits: &Vec<f32>, rows: usize, v: usize) -> Result<()> {
         for (o, row) in out[..rows].iter_mut().zip(logits.chunks(v)) {
-            *o = crate::generate::argmax(row) as i32;
+            *o = crate::model::generate::argmax(row) as i32;
         }
         Ok(())
     }

@@ -1,27 +1,29 @@
-//! The training step written once for any device with our kernels.
+//! Engines: where a training step, a validation loss and generation run, behind one interface
+//! ([`StepEngine`], in [`api`]). [`target`] resolves `--device` to one of them:
+//! - [`reference::Reference`]: the f32 model of `crate::model` as it is (the specification);
+//! - [`step::Engine`] over a [`Device`], the training step written once for any device with our
+//!   kernels, with the CUDA kernels' exact semantics: bf16 activations, f32 statistics and
+//!   gradients, explicit row counts `t` (a buffer may be longer than a call uses, so the step sizes
+//!   every buffer once, for the longest micro-batch, and never allocates inside a step). Two
+//!   devices implement [`Device`]:
+//!   - [`cuda::Cuda`]: the hand-written kernels of `kernels/` on the GPU;
+//!   - [`host::Host`]: the same contract on the CPU, each op computed by the f32 reference
+//!     (`model::cpu`) and rounded to bf16 where the kernel stores bf16. It is how the step itself is
+//!     tested without a GPU, and the CPU side of the GPU step check in `sqlora selftest`.
 //!
-//! [`Device`] is the set of kernels the step needs, with the CUDA kernels' exact semantics: bf16
-//! activations, f32 statistics and gradients, explicit row counts `t` (a buffer may be longer than a
-//! call uses, so the step sizes every buffer once, for the longest micro-batch, and never allocates
-//! inside a step). Two devices implement it:
-//! - [`crate::backend::cuda::Cuda`]: the hand-written kernels;
-//! - [`host::Host`]: the same contract on the CPU, each op computed by the f32 reference
-//!   (`backend::cpu`) and rounded to bf16 where the kernel stores bf16. It is how the step itself is
-//!   tested without a GPU, and the CPU side of the GPU step check in `sqlora selftest`.
-//!
-//! [`step::Engine`] is the step: it uploads the NF4 model once, then runs forward, the fused loss and
-//! the adapter-only backward of a packed micro-batch, as `autograd::forward_backward` does in f32.
+//! [`plan`] is what each engine will allocate, computed before it does.
 
 pub mod api;
+pub mod cuda;
 pub mod host;
 pub mod plan;
 pub mod reference;
 pub mod step;
 pub mod target;
 
-use crate::lora::LoraAt;
-use crate::nf4::Nf4Tensor;
-use crate::optim::{AdamStep, StatePages};
+use crate::model::lora::LoraAt;
+use crate::model::nf4::Nf4Tensor;
+use crate::model::optim::{AdamStep, StatePages};
 use anyhow::Result;
 pub use api::{ProfileRow, StepEngine};
 use half::bf16;
@@ -117,7 +119,7 @@ pub trait Device {
     /// Set every element to zero.
     fn zero<T: Elem>(&self, buf: &mut Self::Buf<T>) -> Result<()>;
     /// Quantize x (row-major, of `shape`) to NF4 on the device and return it: the same bytes as
-    /// `Nf4Tensor::quantize(x, shape)` (the model loader's [`crate::nf4::Quantizer`]).
+    /// `Nf4Tensor::quantize(x, shape)` (the model loader's [`crate::model::nf4::Quantizer`]).
     fn quantize_nf4(&self, x: &[f32], shape: &[usize]) -> Result<Nf4Tensor>;
     /// Upload an NF4 weight of shape [out, in].
     fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Self::Nf4>;

@@ -7,7 +7,7 @@
 use super::SUM_PARTS;
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
-use crate::optim::PAGE;
+use crate::model::optim::PAGE;
 use std::fmt;
 
 /// Bytes the loss's logits and dlogits chunk may take (f32 + bf16 per element).
@@ -50,7 +50,7 @@ pub fn device_plan(c: &ModelConfig, r: usize, targets: &[Proj], cap: usize, chec
     let mut base_linear = 0;
     for p in Proj::ALL {
         let n: usize = p.shape(c).iter().product();
-        base_linear += n.div_ceil(2) + 4 * n.div_ceil(crate::nf4::BLOCK);
+        base_linear += n.div_ceil(2) + 4 * n.div_ceil(crate::model::nf4::BLOCK);
         base_linear += if p.has_bias(c) { 2 * p.shape(c)[0] } else { 0 };
     }
     let head = if c.tie_word_embeddings { 0 } else { v * d };
@@ -206,14 +206,14 @@ pub fn flops_per_token(c: &ModelConfig, seq: usize, checkpointing: bool) -> f64 
 pub fn measure_cpu_flops() -> f64 {
     let (t, n, k) = (64, 512, 512);
     let mut rng = crate::util::rng::Rng::new(1);
-    let lin = crate::backend::cpu::Linear::dense(n, k, rng.normal_vec(n * k, 0.1), None);
+    let lin = crate::model::cpu::Linear::dense(n, k, rng.normal_vec(n * k, 0.1), None);
     let x = rng.normal_vec(t * k, 1.0);
     let mut y = vec![0f32; t * n];
-    crate::backend::cpu::linear_fwd(&mut y, &x, &lin); // warm-up
+    crate::model::cpu::linear_fwd(&mut y, &x, &lin); // warm-up
     let start = std::time::Instant::now();
     let reps = 5;
     for _ in 0..reps {
-        crate::backend::cpu::linear_fwd(&mut y, &x, &lin);
+        crate::model::cpu::linear_fwd(&mut y, &x, &lin);
     }
     (2 * t * n * k * reps) as f64 / start.elapsed().as_secs_f64()
 }

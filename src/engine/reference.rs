@@ -1,14 +1,14 @@
-//! The f32 reference as an engine: [`crate::model::Model`]'s forward pass, [`crate::autograd`]'s
-//! adapter-only backward, the host [`AdamW`] and [`crate::generate`]'s decoding, behind the same
+//! The f32 reference as an engine: [`crate::model::forward::Model`]'s forward pass, [`crate::model::autograd`]'s
+//! adapter-only backward, the host [`AdamW`] and [`crate::model::generate`]'s decoding, behind the same
 //! [`StepEngine`] as the device engines. What it computes is the specification the others are
 //! checked against; here it is only put behind the interface, not changed.
 
 use super::api::{ProfileRow, StepEngine};
-use crate::autograd::{forward_backward, loss_sum, Batch, GradOptions};
-use crate::generate::{candidates, greedy, greedy_batch, Sampling, DECODE_GROUP};
-use crate::lora::LoraParams;
-use crate::model::Model;
-use crate::optim::{grad_norm, scale, AdamW, HostPages, StatePages, PAGE};
+use crate::model::autograd::{forward_backward, loss_sum, Batch, GradOptions};
+use crate::model::forward::Model;
+use crate::model::generate::{candidates, greedy, greedy_batch, Sampling, DECODE_GROUP};
+use crate::model::lora::LoraParams;
+use crate::model::optim::{grad_norm, scale, AdamW, HostPages, StatePages, PAGE};
 use anyhow::{ensure, Result};
 use std::sync::Arc;
 

@@ -6,11 +6,11 @@ use super::api::StepEngine;
 use super::host::Host;
 use super::reference::Reference;
 use super::step::Engine;
-use crate::backend::cuda::{self, Cuda};
+use crate::engine::cuda::{self, Cuda};
 use crate::load::ModelSource;
-use crate::lora::{LoraConfig, LoraParams};
-use crate::model::Model;
-use crate::nf4::{Nf4Tensor, Quantizer};
+use crate::model::forward::Model;
+use crate::model::lora::{LoraConfig, LoraParams};
+use crate::model::nf4::{Nf4Tensor, Quantizer};
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 

@@ -164,7 +164,7 @@ pub fn read_predictions(path: &Path) -> Result<Vec<String>> {
 /// from each example's `db_path` (relative paths resolve against the gold file's directory) or its
 /// `db_id` under `db_root`; each is opened once, read-only.
 pub fn evaluate_files(data: &Path, pred: &Path, db_root: Option<&Path>, opts: EvalOptions) -> Result<Vec<Detail>> {
-    let gold = crate::data::read_jsonl(data)?;
+    let gold = crate::sql::data::read_jsonl(data)?;
     let preds = read_predictions(pred)?;
     if gold.len() != preds.len() {
         bail!(
@@ -191,7 +191,7 @@ pub fn evaluate_files(data: &Path, pred: &Path, db_root: Option<&Path>, opts: Ev
 
 /// The database of an example: its `db_path` (a relative path resolves against `base`, the directory
 /// of the file it came from, unless it exists as given), or `db_root/<db_id>/<db_id>.sqlite`.
-pub fn resolve_db(e: &crate::data::Example, base: &Path, db_root: Option<&Path>) -> Result<PathBuf> {
+pub fn resolve_db(e: &crate::sql::data::Example, base: &Path, db_root: Option<&Path>) -> Result<PathBuf> {
     match (&e.db_path, &e.db_id, db_root) {
         (Some(p), _, _) => {
             let p = PathBuf::from(p);

@@ -1,10 +1,20 @@
-//! SQL: schemas and snippets, safe execution, and execution-accuracy evaluation.
+//! Text-to-SQL: the data a model learns from and the SQL it writes, judged by running it.
+//!
+//! Read in this order: [`data`] (JSONL examples, the `### Schema ###` prompt, chat formats, Spider
+//! import, the bundled shop database, packing), [`schema`] (schema snippets from SQLite files),
+//! [`exec`] (read-only, time-limited execution), [`compare`] and [`eval`] (execution accuracy as
+//! Spider's test-suite evaluator computes it, with [`exact`] set match and [`hardness`]),
+//! [`choose`] (execution-guided choice among candidates), [`evaluate`] (generate and score a
+//! validation sample) and [`predict`] (`sqlora predict`).
 
 pub mod choose;
 pub mod compare;
+pub mod data;
 pub mod eval;
+pub mod evaluate;
 pub mod exact;
 pub mod exec;
 pub mod hardness;
 pub mod lex;
+pub mod predict;
 pub mod schema;

@@ -9,10 +9,10 @@
 
 use super::layer::Attn;
 use super::Engine;
-use crate::autograd::Batch;
 use crate::engine::{Bf, Device};
-use crate::generate::{argmax, Sampling};
-use crate::lora::LoraParams;
+use crate::model::autograd::Batch;
+use crate::model::generate::{argmax, Sampling};
+use crate::model::lora::LoraParams;
 use crate::util::rng::Rng;
 use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;

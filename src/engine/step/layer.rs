@@ -5,8 +5,8 @@ use super::{DeviceLayer, Engine, ProjScratch};
 use crate::engine::{Bf, Device, F32};
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
-use crate::lora::LoraAt;
-use crate::model::Dropout;
+use crate::model::forward::Dropout;
+use crate::model::lora::LoraAt;
 use anyhow::Result;
 
 /// How a layer's attention sees keys and values.

@@ -13,15 +13,15 @@ mod generate;
 mod layer;
 pub mod optim;
 
-use crate::autograd::{Batch, GradOptions};
-use crate::backend::cpu::LinearWeight;
 use crate::engine::plan::{PlanInput, CE_CHUNK_BYTES};
 use crate::engine::{to_bf16, Bf, Device, F32};
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
-use crate::lora::LoraAt;
-use crate::lora::LoraParams;
-use crate::model::{Dropout, Model};
+use crate::model::autograd::{Batch, GradOptions};
+use crate::model::cpu::LinearWeight;
+use crate::model::forward::{Dropout, Model};
+use crate::model::lora::LoraAt;
+use crate::model::lora::LoraParams;
 use anyhow::{bail, ensure, Context, Result};
 use layer::Attn;
 
@@ -151,7 +151,7 @@ fn upload_proj<D: Device>(dev: &D, model: &Model, l: usize, p: Proj) -> Result<D
     }
 }
 
-fn dense_bf16<D: Device>(dev: &D, lin: &crate::backend::cpu::Linear, what: &str) -> Result<Bf<D>> {
+fn dense_bf16<D: Device>(dev: &D, lin: &crate::model::cpu::Linear, what: &str) -> Result<Bf<D>> {
     match &lin.weight {
         LinearWeight::Dense(w) => dev.upload(&to_bf16(w)),
         LinearWeight::Nf4(_) => bail!("{what} must be dense"),

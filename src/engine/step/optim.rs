@@ -22,8 +22,8 @@
 
 use super::Engine;
 use crate::engine::{Device, F32, SUM_PARTS};
-use crate::lora::LoraParams;
-use crate::optim::{AdamStep, AdamW};
+use crate::model::lora::LoraParams;
+use crate::model::optim::{AdamStep, AdamW};
 use anyhow::{ensure, Context, Result};
 
 /// The optimizer's device side.

@@ -366,7 +366,7 @@ mod tests {
                 "head_dim": hd, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": scaling,
             });
             let c = crate::load::config::ModelConfig::from_json(&config.to_string()).unwrap();
-            let inv = crate::model::rope_inv_freq(&c);
+            let inv = crate::model::forward::rope_inv_freq(&c);
             for (i, (&got, &f)) in inv.iter().zip(&stored).enumerate() {
                 let want = 1.0 / 500_000f32.powf((2 * i) as f32 / hd as f32) / f;
                 assert!(

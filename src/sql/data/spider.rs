@@ -5,7 +5,7 @@
 //! dev snippets list every table (pruned by the lexical linker when over the token budget).
 //! A few whole databases can be held out as a validation split: no database is in both.
 
-use crate::data::{write_jsonl, Example};
+use crate::sql::data::{write_jsonl, Example};
 use crate::sql::schema::Schema;
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};

@@ -1,7 +1,7 @@
 //! The optimizer's moments in page-locked host memory, so that the paged AdamW (engine/optim.rs)
 //! moves them to and from its device window by DMA. Same layout as `optim::HostPages`.
 
-use crate::optim::StatePages;
+use crate::model::optim::StatePages;
 use anyhow::{Context, Result};
 use cudarc::driver::{CudaContext, PinnedHostSlice};
 use std::ops::Range;

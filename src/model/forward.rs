@@ -10,12 +10,12 @@
 //! logits = rmsnorm(x) W_lm^T                           [T, vocab]
 //! ```
 
-use crate::backend::cpu::{self, Linear};
 use crate::load::arch::{Proj, TensorSource};
 use crate::load::config::{ModelConfig, RopeScaling};
 use crate::load::source::ModelSource;
-use crate::lora::LoraParams;
-use crate::nf4::{Nf4Tensor, Quantizer};
+use crate::model::cpu::{self, Linear};
+use crate::model::lora::LoraParams;
+use crate::model::nf4::{Nf4Tensor, Quantizer};
 use anyhow::{Context, Result};
 use std::borrow::Cow;
 use std::ops::Range;

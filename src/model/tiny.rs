@@ -226,7 +226,7 @@ pub fn write_tiny_model(dir: &Path, v: TinyVariant) -> Result<()> {
 
 /// A variant's model built in memory from [`tiny_tensors`] (f32, without the dtype round trip of
 /// [`write_tiny_model`]).
-pub fn tiny_model(v: TinyVariant) -> crate::model::Model {
+pub fn tiny_model(v: TinyVariant) -> crate::model::forward::Model {
     struct Mem(std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>);
     impl crate::load::arch::TensorSource for Mem {
         fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -242,12 +242,12 @@ pub fn tiny_model(v: TinyVariant) -> crate::model::Model {
     }
     let tensors = Mem(tiny_tensors(v).into_iter().map(|(n, s, d)| (n, (s, d))).collect());
     let c = crate::load::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
-    crate::model::Model::from_weights(c, &tensors).expect("tiny tensors match their config")
+    crate::model::forward::Model::from_weights(c, &tensors).expect("tiny tensors match their config")
 }
 
 /// A packed batch of random tokens below `vocab`: one sequence per length, labelled on its second
 /// half (as a prompt / answer split would be).
-pub fn tiny_batch(seed: u64, lens: &[usize], vocab: usize) -> crate::autograd::Batch {
+pub fn tiny_batch(seed: u64, lens: &[usize], vocab: usize) -> crate::model::autograd::Batch {
     let mut rng = Rng::new(seed);
     let seqs: Vec<(Vec<u32>, Vec<Option<u32>>)> = lens
         .iter()
@@ -259,15 +259,15 @@ pub fn tiny_batch(seed: u64, lens: &[usize], vocab: usize) -> crate::autograd::B
             (tokens, targets)
         })
         .collect();
-    crate::autograd::Batch::pack(seqs.iter().map(|(t, y)| (&t[..], &y[..])))
+    crate::model::autograd::Batch::pack(seqs.iter().map(|(t, y)| (&t[..], &y[..])))
 }
 
 /// A seeded adapter for a tiny variant, PEFT-initialised and then given a random B (N(0, 0.2^2)) so
 /// that the adapter changes the model and A receives gradient. The llama variants adapt all seven
 /// projections; qwen2 uses rsLoRA; qwen2-tied adapts only q_proj and v_proj (PEFT's classic default).
-pub fn tiny_adapter(v: TinyVariant) -> crate::lora::LoraParams {
+pub fn tiny_adapter(v: TinyVariant) -> crate::model::lora::LoraParams {
     use crate::load::arch::Proj;
-    use crate::lora::{LoraConfig, LoraParams};
+    use crate::model::lora::{LoraConfig, LoraParams};
     let c = crate::load::config::ModelConfig::from_json(&tiny_config(v).to_string()).expect("tiny config is valid");
     let config = LoraConfig {
         r: 4,

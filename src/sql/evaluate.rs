@@ -1,11 +1,11 @@
 //! Generate SQL for examples with a model (and adapter), and score it by execution: what `sqlora
 //! predict` writes and what training reports as execution accuracy on a validation sample.
 
-use crate::data::{prompt, Example};
-use crate::generate::{greedy_batch, DECODE_GROUP};
 use crate::load::tokenizer::Tokenizer;
-use crate::lora::LoraParams;
-use crate::model::Model;
+use crate::model::forward::Model;
+use crate::model::generate::{greedy_batch, DECODE_GROUP};
+use crate::model::lora::LoraParams;
+use crate::sql::data::{prompt, Example};
 use crate::sql::eval::{evaluate_one, resolve_db, EvalOptions};
 use crate::sql::exec::Db;
 use anyhow::{Context, Result};

@@ -3,7 +3,7 @@
 //! filters, joins, aggregation, GROUP BY/HAVING, date ranges, ORDER BY/LIMIT, nesting and set
 //! operations. Every pair is executed and kept only if it runs and returns rows.
 
-use crate::data::Example;
+use crate::sql::data::Example;
 use crate::sql::exec::Db;
 use crate::sql::schema::Schema;
 use crate::util::rng::Rng;
@@ -300,7 +300,7 @@ pub fn write_shop_dataset(dir: &Path, per_template: usize, seed: u64) -> Result<
     }
     let n_val = pairs.len() / 10;
     let (val, train) = pairs.split_at(n_val);
-    crate::data::write_jsonl(&dir.join("train.jsonl"), train)?;
-    crate::data::write_jsonl(&dir.join("val.jsonl"), val)?;
+    crate::sql::data::write_jsonl(&dir.join("train.jsonl"), train)?;
+    crate::sql::data::write_jsonl(&dir.join("val.jsonl"), val)?;
     Ok((train.len(), val.len()))
 }

@@ -4,11 +4,11 @@
 //! training step of tiny models on both devices (`selftest_step.rs`).
 
 use super::{rel_err, AttentionPath, Cuda, GemmPath, LoraPath, TILED_HEAD_DIMS};
-use crate::backend::cpu;
 use crate::engine::Device;
 use crate::engine::SUM_PARTS;
-use crate::nf4::{dynamic_map, Nf4Tensor};
-use crate::optim::{AdamStep, AdamWConfig};
+use crate::model::cpu;
+use crate::model::nf4::{dynamic_map, Nf4Tensor};
+use crate::model::optim::{AdamStep, AdamWConfig};
 use crate::util::rng::Rng;
 use anyhow::Result;
 use half::bf16;
@@ -320,7 +320,7 @@ pub fn run(gpu: &Cuda, seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Ch
         let y0 = bf(&rng.normal_vec(t * n, 1.0));
         // A and B inside flat adapter buffers, after 5 values of another adapter and before 3 more
         // (as the engine lays them out); the gradients' neighbours are NaN and must stay so.
-        let at = crate::lora::LoraAt {
+        let at = crate::model::lora::LoraAt {
             a: 5,
             b: 5 + r * k,
             inp: k,
@@ -645,7 +645,7 @@ pub fn run(gpu: &Cuda, seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Ch
         gpu.argmax_rows(&mut out, &gpu.up32(&logits)?, rows, v)?;
         let got = gpu.stream.clone_dtoh(&out)?;
         let wrong = (got.iter().zip(logits.chunks(v)))
-            .filter(|(g, row)| **g != crate::generate::argmax(row) as i32)
+            .filter(|(g, row)| **g != crate::model::generate::argmax(row) as i32)
             .count();
         push("argmax_rows (rows differing)", format!("{rows}x{v}"), wrong as f64, 0.0);
     }

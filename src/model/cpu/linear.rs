@@ -1,6 +1,6 @@
 //! Frozen linear layers `y = x W^T + b` over dense or NF4 weights.
 
-use crate::nf4::Nf4Tensor;
+use crate::model::nf4::Nf4Tensor;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -47,7 +47,7 @@ impl Linear {
 
     /// [`Linear::to_nf4`] with the quantization done by `quantize` (the CPU's, or a GPU's kernel that
     /// writes the same bytes).
-    pub fn to_nf4_with(&self, quantize: &crate::nf4::Quantizer) -> anyhow::Result<Linear> {
+    pub fn to_nf4_with(&self, quantize: &crate::model::nf4::Quantizer) -> anyhow::Result<Linear> {
         let weight = match &self.weight {
             LinearWeight::Dense(w) => LinearWeight::Nf4(quantize(w, &[self.out_features, self.in_features])?),
             LinearWeight::Nf4(q) => LinearWeight::Nf4(q.clone()),

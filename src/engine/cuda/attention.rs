@@ -574,11 +574,11 @@ mod tests {
     /// a misnamed entry point fails here, without a GPU.
     #[test]
     fn every_tiled_kernel_is_in_the_fatbin() {
-        if !crate::backend::kernels::KERNELS_BUILT {
+        if !crate::engine::cuda::kernels::KERNELS_BUILT {
             eprintln!("skipped: this build has no CUDA kernels");
             return;
         }
-        let bin = crate::backend::kernels::FLASH_ATTENTION;
+        let bin = crate::engine::cuda::kernels::FLASH_ATTENTION;
         for hd in TILED_HEAD_DIMS {
             for name in tiled_kernel_names(hd) {
                 assert!(super::super::fatbin_has(bin, &name), "{name} is not in the fatbin");

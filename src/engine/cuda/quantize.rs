@@ -4,7 +4,7 @@
 
 use super::Cuda;
 use crate::engine::Device;
-use crate::nf4::{dynamic_map, DoubleQuant, Nf4Tensor, BLOCK, DQ_BLOCK};
+use crate::model::nf4::{dynamic_map, DoubleQuant, Nf4Tensor, BLOCK, DQ_BLOCK};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 

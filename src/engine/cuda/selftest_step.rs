@@ -4,13 +4,13 @@
 
 use super::selftest::{Check, Checks};
 use super::Cuda;
-use crate::autograd::{forward_backward, GradOptions};
 use crate::engine::host::Host;
 use crate::engine::plan::OPTIMIZER_WINDOW;
 use crate::engine::step::Engine;
 use crate::engine::Device;
-use crate::optim::{clip_factor, clip_grad_norm, AdamW, AdamWConfig, HostPages, PAGE};
-use crate::tiny::{tiny_adapter, tiny_batch, tiny_model, TinyVariant, TINY_VOCAB};
+use crate::model::autograd::{forward_backward, GradOptions};
+use crate::model::optim::{clip_factor, clip_grad_norm, AdamW, AdamWConfig, HostPages, PAGE};
+use crate::model::tiny::{tiny_adapter, tiny_batch, tiny_model, TinyVariant, TINY_VOCAB};
 use anyhow::Result;
 
 /// Loss agrees to bf16 rounding; each adapter tensor's gradient to a few percent (bf16 activations
@@ -20,7 +20,7 @@ const LOSS_TOL: f64 = 5e-3;
 const GRAD_TOL: f64 = 8e-2;
 
 /// Worst relative error over the adapter tensors.
-fn worst(lora: &crate::lora::LoraParams, got: &[f32], want: &[f32]) -> f64 {
+fn worst(lora: &crate::model::lora::LoraParams, got: &[f32], want: &[f32]) -> f64 {
     lora.named_ranges()
         .into_iter()
         .map(|(_, _, r)| super::rel_err(&got[r.clone()], &want[r]))
@@ -136,7 +136,7 @@ pub fn run(gpu: &Cuda, out: &mut Checks) -> Result<()> {
         let mismatches = two
             .iter()
             .zip(&whole)
-            .filter(|(o, l)| o[1] != crate::generate::argmax(l))
+            .filter(|(o, l)| o[1] != crate::model::generate::argmax(l))
             .count();
         push("decode vs whole-prefix argmax (mismatches)", mismatches as f64, 1.0);
 

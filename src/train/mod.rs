@@ -5,15 +5,17 @@
 //! the seed and epoch; dropout masks of the seed, step and micro-batch), so a run resumed from a
 //! checkpoint continues exactly as the uninterrupted run would have.
 
-use crate::autograd::{Batch, GradOptions};
-use crate::data::Encoded;
+pub mod plot;
+
 use crate::engine::reference::Reference;
 use crate::engine::step::Engine;
 use crate::engine::{Device, StepEngine};
 use crate::load::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
-use crate::lora::{LoraConfig, LoraParams};
-use crate::model::Model;
-use crate::optim::{clip_factor, AdamW, AdamWConfig, Decay, HostPages, Schedule, PAGE};
+use crate::model::autograd::{Batch, GradOptions};
+use crate::model::forward::Model;
+use crate::model::lora::{LoraConfig, LoraParams};
+use crate::model::optim::{clip_factor, AdamW, AdamWConfig, Decay, HostPages, Schedule, PAGE};
+use crate::sql::data::Encoded;
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -115,7 +117,7 @@ pub struct StepReport {
 
 /// Execution accuracy on a validation sample, every `every` steps and at the end.
 pub struct SqlEval {
-    pub tasks: Vec<crate::evaluate::SqlTask>,
+    pub tasks: Vec<crate::sql::evaluate::SqlTask>,
     pub tokenizer: crate::load::tokenizer::Tokenizer,
     pub every: usize,
     pub max_new_tokens: usize,
@@ -435,7 +437,7 @@ impl Trainer {
         }
         std::fs::rename(&tmp, &dir).with_context(|| format!("moving checkpoint into {}", dir.display()))?;
         if self.out.join("metrics.jsonl").exists() {
-            crate::plot::write_curves(&self.out)?;
+            crate::train::plot::write_curves(&self.out)?;
         }
         Ok(dir)
     }
@@ -541,7 +543,7 @@ impl Trainer {
         let sqls = (outs.iter())
             .map(|o| Ok(se.tokenizer.decode(o)?.trim().to_string()))
             .collect::<Result<Vec<_>>>()?;
-        let acc = crate::evaluate::score(&se.tasks, &sqls)?;
+        let acc = crate::sql::evaluate::score(&se.tasks, &sqls)?;
         if self.state.best_exec_accuracy.is_none_or(|(best, _)| acc > best) {
             self.state.best_exec_accuracy = Some((acc, self.state.step));
             self.lora.save_peft(&self.out.join("best"), &self.base_model)?;
@@ -611,7 +613,7 @@ impl Trainer {
             if !last && ((c.save_every > 0 && r.step % c.save_every == 0) || r.step == end || stopping) {
                 self.save_checkpoint()?;
             } else if last {
-                crate::plot::write_curves(&self.out)?; // with the final evaluations
+                crate::train::plot::write_curves(&self.out)?; // with the final evaluations
             }
             if stopping {
                 break;

@@ -6,6 +6,11 @@
 //! the training step of `engine` runs on the GPU. `sqlora selftest` checks each kernel against the CPU
 //! reference. Attention runs tiled on tensor cores or by the simple kernels (`attention.rs`).
 
+/// The CUDA kernels compiled by build.rs (empty when the build had no nvcc).
+pub mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
 mod attention;
 mod device;
 mod gemm;
@@ -20,7 +25,6 @@ mod quantize;
 pub mod selftest;
 mod selftest_step;
 
-use super::kernels;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;

@@ -1,8 +1,8 @@
 //! Decoding with a KV cache: greedy continuations, and several candidates per prompt (the greedy
 //! one, then sampled ones) decoded together.
 
-use crate::lora::LoraParams;
-use crate::model::{KvCache, Logits, Model};
+use crate::model::forward::{KvCache, Logits, Model};
+use crate::model::lora::LoraParams;
 use crate::util::rng::Rng;
 
 /// Index of the largest logit; the first one on ties (as `torch.argmax`).

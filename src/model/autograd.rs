@@ -6,10 +6,10 @@
 //! Activation gradients are assigned; parameter gradients accumulate (`+=`), so gradient
 //! accumulation over micro-batches is just calling [`forward_backward`] again with the same buffer.
 
-use crate::backend::cpu;
 use crate::load::arch::Proj;
-use crate::lora::LoraParams;
-use crate::model::{Attention, Dropout, LayerActs, Model};
+use crate::model::cpu;
+use crate::model::forward::{Attention, Dropout, LayerActs, Model};
+use crate::model::lora::LoraParams;
 use std::ops::Range;
 
 /// A micro-batch: sequences packed end to end, each attending only within itself.

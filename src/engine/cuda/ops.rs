@@ -5,7 +5,7 @@
 
 use super::{block_per_row, blocks_for, Cuda};
 use crate::engine::SUM_PARTS;
-use crate::optim::AdamStep;
+use crate::model::optim::AdamStep;
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;

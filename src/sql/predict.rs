@@ -6,12 +6,12 @@
 //! database ([`crate::sql::choose`]): execution-guided decoding, which uses the database but never
 //! the gold query.
 
-use crate::data::chat::{extract_sql, ChatFormat};
-use crate::data::Example;
 use crate::engine::target::Target;
-use crate::generate::Sampling;
-use crate::lora::LoraParams;
+use crate::model::generate::Sampling;
+use crate::model::lora::LoraParams;
 use crate::sql::choose::{choose, Choice};
+use crate::sql::data::chat::{extract_sql, ChatFormat};
+use crate::sql::data::Example;
 use crate::sql::eval::resolve_db;
 use crate::sql::exec::Db;
 use anyhow::{Context, Result};
@@ -56,7 +56,7 @@ pub fn predict(
     how: &Generation,
     device: &str,
 ) -> Result<()> {
-    let examples = crate::data::read_jsonl(data)?;
+    let examples = crate::sql::data::read_jsonl(data)?;
     // The answers are written at the end: a place that cannot take them is an error now, not then.
     let parent = out
         .parent()
@@ -92,7 +92,7 @@ pub fn predict(
     let prompts = (examples.iter())
         .map(|e| match chat {
             Some(format) => tok.encode(&format.prompt(&e.instruction, &e.input)),
-            None => tok.encode(&crate::data::prompt(&e.instruction, &e.input)),
+            None => tok.encode(&crate::sql::data::prompt(&e.instruction, &e.input)),
         })
         .collect::<Result<Vec<_>>>()?;
     let n = how.candidates.max(1);

@@ -9,7 +9,7 @@
 //! so the two agree to rounding (`sqlora selftest` checks each against the CPU).
 
 use super::Cuda;
-use crate::lora::LoraAt;
+use crate::model::lora::LoraAt;
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;

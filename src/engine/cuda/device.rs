@@ -3,9 +3,9 @@
 
 use super::{Cuda, Nf4Device};
 use crate::engine::{Bf, Device, Elem, F32};
-use crate::lora::LoraAt;
-use crate::nf4::{dynamic_map, Nf4Tensor};
-use crate::optim::{AdamStep, StatePages};
+use crate::model::lora::LoraAt;
+use crate::model::nf4::{dynamic_map, Nf4Tensor};
+use crate::model::optim::{AdamStep, StatePages};
 use anyhow::{Context, Result};
 use cudarc::driver::CudaSlice;
 use half::bf16;

@@ -1,0 +1,16 @@
+//! The model, in f32 on the CPU: the specification every engine is checked against.
+//!
+//! Read in this order: [`nf4`] (the 4-bit format, byte-compatible with bitsandbytes), [`cpu`] (every
+//! op as plain loops, forward and backward side by side: the CUDA kernels' twins), [`forward`] (the
+//! decoder, top to bottom, with a KV cache), [`lora`] (adapters, PEFT files, merging), [`autograd`]
+//! (the adapter-only backward), [`optim`] (AdamW, its paged state, schedules, clipping),
+//! [`generate`] (greedy and sampled decoding), and [`tiny`] (seeded tiny models for tests).
+
+pub mod autograd;
+pub mod cpu;
+pub mod forward;
+pub mod generate;
+pub mod lora;
+pub mod nf4;
+pub mod optim;
+pub mod tiny;
