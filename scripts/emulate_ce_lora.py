@@ -40,7 +40,8 @@ sys.dont_write_bytecode = True  # no __pycache__ left in scripts/emulators
 from emulators import ce_lora_kernels as kernels  # noqa: E402
 from emulators.ce_lora_kernels import (SIMPLE, TILED, LoraAt, blocks_for, per_16, w_argmax_rows,  # noqa: E402
                                        w_ce_softmax_grad, w_head_grad, w_head_logits, w_lora_bwd, w_lora_fwd)
-from emulators.ce_lora_machine import F32, Buf, _check_mma_layout, to_bf16  # noqa: E402
+from emulators.ce_lora_machine import F32, Buf  # noqa: E402
+from emulators.gpu import check_mma_layout, round_bf16  # noqa: E402
 from emulators import sources  # noqa: E402
 
 # The kernel sources this emulator transcribes (emulators/sources.py).
@@ -102,7 +103,7 @@ def record(kernel, case, err, tol, launches=(), problems=()):
 
 
 def bf_rand(rng, shape, std):
-    return to_bf16(rng.normal(0.0, std, shape).astype(F32))
+    return round_bf16(rng.normal(0.0, std, shape).astype(F32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,7 +352,9 @@ def main():
     only = set(args.only or ["ce", "lora", "argmax"])
     t_start = time.time()
     rng = np.random.default_rng(1234)
-    _check_mma_layout(rng)
+    # mma_bf16 against A @ B + C (fragments packed lane by lane from the PTX ISA listing)
+    A, Bm = round_bf16(rng.normal(size=(16, 16)).astype(F32)), round_bf16(rng.normal(size=(16, 8)).astype(F32))
+    check_mma_layout(A[None], Bm[None], rng.normal(size=(1, 16, 8)).astype(F32))
     if "argmax" in only:
         for rows, v in [(1, 7), (5, 1000), (5, 5003), (3, 49152), (2, 128256)]:
             test_argmax(rng, rows, v)

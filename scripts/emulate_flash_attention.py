@@ -2,11 +2,11 @@
 """Lane-level numpy emulator of kernels/flash_attention.cu (flash_fwd, flash_bwd_dq, flash_bwd_dkv).
 
 Threads of a block are a (4 warps, 32 lanes) numpy axis; code between two __syncthreads runs for all
-threads before the next phase. Shared memory is a byte buffer (filled with 0xFF: bf16/f32 NaN) with a
-shadow per byte: epoch and thread of the last write and of the reads in the current epoch, so that
-uninitialised reads, read-after-write / write-after-read / write-after-write races between threads
-inside one barrier interval, misaligned and out-of-bounds accesses are reported.
-mma.sync m16n8k16 is emulated from the PTX ISA fragment layout (not from the file's comment).
+threads before the next phase. Shared memory is a byte buffer (filled with 0xFF: bf16/f32 NaN) run by
+emulators/gpu.py's Shared, one location per byte, so that uninitialised reads, read-after-write /
+write-after-read / write-after-write races between threads inside one barrier interval, misaligned and
+out-of-bounds accesses are reported. mma.sync m16n8k16 is gpu.py's, from the PTX ISA fragment layout
+(not from the file's comment), accumulated in float64.
 
 usage: python3 scripts/emulate_flash_attention.py [--quick] [--inject BUG]
 Exits non-zero when a case disagrees with the float64 reference, leaves an output unwritten, or a
@@ -16,13 +16,14 @@ import math
 import os
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: the emulators package
 sys.dont_write_bytecode = True  # no __pycache__ left in scripts/emulators
-from emulators import sources  # noqa: E402
+from emulators import gpu, sources  # noqa: E402
+from emulators.gpu import bf16_bits, bf16_to_f32, round_bf16  # noqa: E402
 
 # The kernel sources this emulator transcribes (emulators/sources.py).
 SOURCES = {
@@ -40,32 +41,13 @@ G = LANE // 4
 C = LANE % 4
 INT_MAX = 2**31 - 1
 f32 = np.float32
-LOG2E = f32(1.4426950408889634)
+LOG2E = gpu.LOG2E
 LN2 = f32(0.6931471805599453)
 FA_ROWS = 64
 FA_KEYS = 64
 FA_PAD = 8
 TRUE = np.ones((W, L), bool)
 INJECT = None  # name of a deliberately injected bug (emulator self-test)
-
-# ----------------------------------------------------------------------------------------------------
-# bf16
-def bf16_bits(x):
-    """float32 -> bf16 bits, round to nearest even (as __float2bfloat16_rn / __floats2bfloat162_rn)."""
-    x = np.asarray(x, np.float32)
-    b = x.view(np.uint32).astype(np.uint64)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint32)
-    r = np.where(np.isnan(x), np.uint32(0x7FFF), r)
-    return r.astype(np.uint16)
-
-
-def bf16_to_f32(bits):
-    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
-
-
-def round_bf16(x):
-    return bf16_to_f32(bf16_bits(np.asarray(x, np.float32)))
-
 
 # ----------------------------------------------------------------------------------------------------
 # diagnostics
@@ -85,78 +67,24 @@ DIAG = Diag()
 
 
 # ----------------------------------------------------------------------------------------------------
-# shared memory with race / init shadow
-class Smem:
-    def __init__(self, nbytes, name):
-        self.n = nbytes
-        self.name = name
-        self.buf = np.full(nbytes, 0xFF, np.uint8)  # 0xFFFF.. is NaN as bf16 and as f32
-        self.wr_ep = np.full(nbytes, -1, np.int64)
-        self.wr_tid = np.full(nbytes, -1, np.int64)
-        self.rd_ep = np.full(nbytes, -1, np.int64)
-        self.rd_tid = np.full(nbytes, -1, np.int64)  # -2: several threads read it this epoch
-        self.epoch = 0
+# shared memory: gpu.Shared over bytes; each problem counted in DIAG by kind and by the access's tag
+SMEM_DIAG = {
+    "range": "out-of-bounds shared access ({name})",
+    "align": "misaligned shared access",
+    "unwritten": "read of unwritten shared memory (NaN) [{name}]",
+    "raw": "RACE read-after-write without barrier [{name}]",
+    "war": "RACE write-after-read without barrier [{name}]",
+    "waw": "RACE write-after-write without barrier [{name}]",
+}
 
-    def sync(self):
-        self.epoch += 1
 
-    def _addr(self, off, nb, mask, where, view):
-        sel = np.broadcast_to(mask, (W, L))
-        o = np.broadcast_to(off, (W, L))[sel].astype(np.int64)
-        t = TID[sel]
-        bad = o % nb != 0
-        DIAG.add("misaligned shared access", where, bad.sum(), (o[bad][:3].tolist(),))
-        lo, hi = view if view is not None else (0, self.n)
-        oob = (o < lo) | (o + nb > hi)
-        DIAG.add("out-of-bounds shared access (%s)" % self.name, where, oob.sum(), (o[oob][:3].tolist(),))
-        o = np.clip(o, 0, self.n - nb)
-        addr = (o[:, None] + np.arange(nb)).reshape(-1)
-        tids = np.repeat(t, nb)
-        return sel, addr, tids
+def Smem(nbytes, name):
+    """The shared memory of one block: nbytes bytes, 0xFF-filled (NaN as bf16 and as f32)."""
 
-    def _multi(self, addr, tids):
-        ua, inv = np.unique(addr, return_inverse=True)
-        mn = np.full(len(ua), 1 << 30, np.int64)
-        mx = np.full(len(ua), -1, np.int64)
-        np.minimum.at(mn, inv, tids)
-        np.maximum.at(mx, inv, tids)
-        return ua, mn, mx
+    def report(event, op, locs, width, where):
+        DIAG.add(SMEM_DIAG[event].format(name=name), where, locs.size, (locs[:3].tolist(),))
 
-    def read(self, off, nb, mask, where, view=None):
-        sel, addr, tids = self._addr(off, nb, mask, where, view)
-        out = np.zeros((W, L, nb), np.uint8)
-        if len(addr) == 0:
-            return out
-        ep = self.epoch
-        un = self.wr_ep[addr] < 0
-        DIAG.add("read of unwritten shared memory (NaN) [%s]" % self.name, where, un.sum(), (addr[un][:3].tolist(),))
-        raw = (self.wr_ep[addr] == ep) & (self.wr_tid[addr] != tids)
-        DIAG.add("RACE read-after-write without barrier [%s]" % self.name, where, raw.sum(), (addr[raw][:3].tolist(),))
-        ua, mn, mx = self._multi(addr, tids)
-        prev = self.rd_ep[ua] == ep
-        ptid = self.rd_tid[ua]
-        single = mn == mx
-        newtid = np.where(prev, np.where(single & (ptid == mn), ptid, -2), np.where(single, mn, -2))
-        self.rd_tid[ua] = newtid
-        self.rd_ep[ua] = ep
-        out[sel] = self.buf[addr].reshape(-1, nb)
-        return out
-
-    def write(self, off, data, mask, where, view=None):
-        nb = data.shape[-1]
-        sel, addr, tids = self._addr(off, nb, mask, where, view)
-        if len(addr) == 0:
-            return
-        ep = self.epoch
-        war = (self.rd_ep[addr] == ep) & (self.rd_tid[addr] != -1) & (self.rd_tid[addr] != tids)
-        DIAG.add("RACE write-after-read without barrier [%s]" % self.name, where, war.sum(), (addr[war][:3].tolist(),))
-        waw = (self.wr_ep[addr] == ep) & (self.wr_tid[addr] != tids)
-        ua, mn, mx = self._multi(addr, tids)
-        waw2 = (mn != mx).sum()
-        DIAG.add("RACE write-after-write without barrier [%s]" % self.name, where, waw.sum() + waw2, (addr[waw][:3].tolist(),))
-        self.buf[addr] = np.asarray(data, np.uint8)[sel].reshape(-1)
-        self.wr_ep[addr] = ep
-        self.wr_tid[addr] = tids
+    return gpu.Shared(name, nbytes, np.uint8, 0xFF, TID, report=report)
 
 
 class SArr:
@@ -173,10 +101,10 @@ class SArr:
         return self.off + np.asarray(r, np.int64) * self.rowb + np.asarray(col, np.int64) * self.isz
 
     def rd(self, byteaddr, nb, mask, where):
-        return self.sm.read(byteaddr, nb, mask, where, self.view)
+        return self.sm.ld(byteaddr, mask, nb, self.view, where)
 
     def wr(self, byteaddr, data, mask, where):
-        self.sm.write(byteaddr, data, mask, where, self.view)
+        self.sm.st(byteaddr, data, mask, data.shape[-1], self.view, where)
 
     # typed helpers ----------------------------------------------------------------------------------
     def ld_pair(self, r, col, where, mask=TRUE):  # uint32 of two bf16, low half = lower address
@@ -218,9 +146,9 @@ class GMem:
         out = np.zeros((W, L, n), self.a.dtype)
         i = idx[sel]
         if n > 1:
-            bad = i % n != 0
+            bad = gpu.misaligned(i, n)
             DIAG.add("misaligned global access (%s)" % self.name, where, bad.sum())
-        oob = (i < 0) | (i + n > self.a.size)
+        oob = gpu.out_of_range(i, 0, self.a.size, n)
         DIAG.add("out-of-bounds global read (%s)" % self.name, where, oob.sum(), (i[oob][:3].tolist(),))
         i = np.clip(i, 0, self.a.size - n)
         out[sel] = self.a[(i[:, None] + np.arange(n))]
@@ -232,7 +160,7 @@ class GMem:
         vals = np.asarray(vals)
         n = vals.shape[-1]
         i = idx[sel]
-        oob = (i < 0) | (i + n > self.a.size)
+        oob = gpu.out_of_range(i, 0, self.a.size, n)
         DIAG.add("out-of-bounds global write (%s)" % self.name, where, oob.sum(), (i[oob][:3].tolist(),))
         keep = ~oob
         i = i[keep]
@@ -241,8 +169,8 @@ class GMem:
         np.add.at(self.writes, ii, 1)
 
     def ld_pair(self, idx, mask, where):  # two bf16 (uint16) -> uint32
-        v = self.rd(idx, 2, mask, where).astype(np.uint32)
-        return v[..., 0] | (v[..., 1] << 16)
+        v = self.rd(idx, 2, mask, where)
+        return gpu.pack_pair(v[..., 0], v[..., 1])
 
     def scalar(self, i, where):  # a block-uniform read
         if not (0 <= i < self.a.size):
@@ -253,48 +181,23 @@ class GMem:
 
 # ----------------------------------------------------------------------------------------------------
 # warp-level primitives
-def shfl_xor(x, o):
-    return x[:, np.arange(32) ^ o]
-
-
-_GA = G  # (W, L)
-_CA = C
+def shfl_xor(x, o):  # (W, L): lanes on axis 1
+    return gpu.shfl_xor(x, o, axis=1)
 
 
 def mma_bf16(c, a, b):
-    """c (W, L, 4) f32 in place += A(16x16) B(16x8); a (W, L, 4) uint32; b (W, L, 2) uint32 (PTX layout)."""
-    a = np.asarray(a, np.uint32)
-    b = np.asarray(b, np.uint32)
-    lo = lambda r: bf16_to_f32((r & 0xFFFF).astype(np.uint16))
-    hi = lambda r: bf16_to_f32((r >> 16).astype(np.uint16))
-    A = np.full((W, 16, 16), np.nan, np.float32)
-    B = np.full((W, 16, 8), np.nan, np.float32)
-    wi = np.arange(W)[:, None]
-    g, cc = _GA, _CA
-    A[wi, g, 2 * cc] = lo(a[..., 0]); A[wi, g, 2 * cc + 1] = hi(a[..., 0])
-    A[wi, g + 8, 2 * cc] = lo(a[..., 1]); A[wi, g + 8, 2 * cc + 1] = hi(a[..., 1])
-    A[wi, g, 2 * cc + 8] = lo(a[..., 2]); A[wi, g, 2 * cc + 9] = hi(a[..., 2])
-    A[wi, g + 8, 2 * cc + 8] = lo(a[..., 3]); A[wi, g + 8, 2 * cc + 9] = hi(a[..., 3])
-    B[wi, 2 * cc, g] = lo(b[..., 0]); B[wi, 2 * cc + 1, g] = hi(b[..., 0])
-    B[wi, 2 * cc + 8, g] = lo(b[..., 1]); B[wi, 2 * cc + 9, g] = hi(b[..., 1])
-    Cm = np.empty((W, 16, 8), np.float32)
-    Cm[wi, g, 2 * cc] = c[..., 0]; Cm[wi, g, 2 * cc + 1] = c[..., 1]
-    Cm[wi, g + 8, 2 * cc] = c[..., 2]; Cm[wi, g + 8, 2 * cc + 1] = c[..., 3]
-    D = (np.matmul(A.astype(np.float64), B.astype(np.float64)) + Cm).astype(np.float32)
-    c[..., 0] = D[wi, g, 2 * cc]; c[..., 1] = D[wi, g, 2 * cc + 1]
-    c[..., 2] = D[wi, g + 8, 2 * cc]; c[..., 3] = D[wi, g + 8, 2 * cc + 1]
+    """c (W, L, 4) f32 += A(16x16) B(16x8) in place; a (W, L, 4), b (W, L, 2) uint32; float64 sums."""
+    c[...] = gpu.mma_bf16(c, a, b, f64=True)
 
 
 def fa_pack(lo, hi):
-    return bf16_bits(lo).astype(np.uint32) | (bf16_bits(hi).astype(np.uint32) << 16)
+    return gpu.pack_pair(bf16_bits(lo), bf16_bits(hi))
 
 
 def fa_col_pair(Bs, r, col, stride, where):
     """p = &Bs[r][col]: p[0] | p[stride] << 16 (pointer arithmetic in bf16 elements)."""
     p = Bs.addr(r, col)
-    lo = Bs.ld_u16_at(p, where).astype(np.uint32)
-    hi = Bs.ld_u16_at(p + stride * 2, where).astype(np.uint32)
-    return lo | (hi << 16)
+    return gpu.pack_pair(Bs.ld_u16_at(p, where), Bs.ld_u16_at(p + stride * 2, where))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,7 +283,7 @@ def flash_fwd_block(HD, bx, by, out, lse, q, k, v, seq_start, T, heads, kv_heads
         k_last = min(k0 + FA_KEYS - 1, q_last)
         fa_stage(HD, Ks, FA_KEYS, k, k0, k_last, kv_heads, kvh, "fwd:127 stage Ks")
         fa_stage(HD, Vs, FA_KEYS, v, k0, k_last, kv_heads, kvh, "fwd:128 stage Vs")
-        sm.sync()  # 129
+        sm.barrier()  # 129
         s = np.zeros((FA_KEYS // 8, W, L, 4), np.float32)
         fa_mma_nt(HD, FA_KEYS, s, qf, Ks, "fwd:131 nt Ks")
         mx = [m[0].copy(), m[1].copy()]
@@ -408,7 +311,7 @@ def flash_fwd_block(HD, bx, by, out, lse, q, k, v, seq_start, T, heads, kv_heads
                 l[e // 2] = l[e // 2] + s[j][..., e]
         fa_mma_pv(HD, FA_KEYS, o, s, Vs, "fwd:163 pv Vs")
         if INJECT != "fwd_no_end_barrier":
-            sm.sync()  # 164
+            sm.barrier()  # 164
         k0 += FA_KEYS
     for i in range(2):
         l[i] = l[i] + shfl_xor(l[i], 1)
@@ -453,7 +356,7 @@ def flash_bwd_dq_block(HD, bx, by, dq, dout, q, k, v, lse, dd, seq_start, T, hea
         k_last = min(k0 + FA_KEYS - 1, q_last)
         fa_stage(HD, Ks, FA_KEYS, k, k0, k_last, kv_heads, kvh, "dq:213 stage Ks")
         fa_stage(HD, Vs, FA_KEYS, v, k0, k_last, kv_heads, kvh, "dq:214 stage Vs")
-        sm.sync()  # 215
+        sm.barrier()  # 215
         s = np.zeros((FA_KEYS // 8, W, L, 4), np.float32)
         dp = np.zeros((FA_KEYS // 8, W, L, 4), np.float32)
         fa_mma_nt(HD, FA_KEYS, s, qf, Ks, "dq:217 nt Ks")
@@ -466,7 +369,7 @@ def flash_bwd_dq_block(HD, bx, by, dq, dout, q, k, v, lse, dd, seq_start, T, hea
                 p = np.where(ok, np.exp2((s[j][..., e] * scale2 - lse2[i]).astype(np.float32)), f32(0)).astype(np.float32)
                 s[j][..., e] = (p * (dp[j][..., e] - d[i]) * scale).astype(np.float32)
         fa_mma_pv(HD, FA_KEYS, acc, s, Ks, "dq:227 pv Ks")
-        sm.sync()  # 228
+        sm.barrier()  # 228
         k0 += FA_KEYS
     for i in range(2):
         live = row[i] < T
@@ -514,7 +417,7 @@ def flash_bwd_dkv_block(HD, QT, bx, by, dk, dv, dout, q, k, v, lse, dd, seq_star
             ntiles += 1
             q_last = min(q0 + QT, T) - 1
             if INJECT != "dkv_no_top_barrier":
-                sm.sync()  # 270
+                sm.barrier()  # 270
             fa_stage(HD, Qs, QT, q, q0, q_last, heads, h, "dkv:271 stage Qs")
             fa_stage(HD, Os, QT, dout, q0, q_last, heads, h, "dkv:272 stage Os")
             # for (int i = threadIdx.x; i < QT; i += blockDim.x)
@@ -527,7 +430,7 @@ def flash_bwd_dkv_block(HD, QT, bx, by, dk, dv, dout, q, k, v, lse, dd, seq_star
             lse_s.st_f32(i, lv, act, "dkv:275 lse_s")
             d_s.st_f32(i, dv_, act, "dkv:276 d_s")
             start_s.st_i32(i, sv, act, "dkv:277 start_s")
-            sm.sync()  # 279
+            sm.barrier()  # 279
             st = np.zeros((QT // 8, W, L, 4), np.float32)
             dpt = np.zeros((QT // 8, W, L, 4), np.float32)
             for kk in range(HD // 16):
@@ -657,28 +560,9 @@ def self_test_mma():
     rng = np.random.default_rng(1)
     A = round_bf16(rng.standard_normal((W, 16, 16)).astype(np.float32))
     B = round_bf16(rng.standard_normal((W, 16, 8)).astype(np.float32))
-    Ab, Bb = bf16_bits(A).astype(np.uint32), bf16_bits(B).astype(np.uint32)
-    a = np.zeros((W, L, 4), np.uint32)
-    b = np.zeros((W, L, 2), np.uint32)
-    for w in range(W):
-        for ln in range(32):
-            gg, cc = ln // 4, ln % 4
-            a[w, ln, 0] = Ab[w, gg, 2 * cc] | Ab[w, gg, 2 * cc + 1] << 16
-            a[w, ln, 1] = Ab[w, gg + 8, 2 * cc] | Ab[w, gg + 8, 2 * cc + 1] << 16
-            a[w, ln, 2] = Ab[w, gg, 2 * cc + 8] | Ab[w, gg, 2 * cc + 9] << 16
-            a[w, ln, 3] = Ab[w, gg + 8, 2 * cc + 8] | Ab[w, gg + 8, 2 * cc + 9] << 16
-            b[w, ln, 0] = Bb[w, 2 * cc, gg] | Bb[w, 2 * cc + 1, gg] << 16
-            b[w, ln, 1] = Bb[w, 2 * cc + 8, gg] | Bb[w, 2 * cc + 9, gg] << 16
-    c = np.zeros((W, L, 4), np.float32)
-    mma_bf16(c, a, b)
-    D = A.astype(np.float64) @ B
-    for w in range(W):
-        for ln in range(32):
-            gg, cc = ln // 4, ln % 4
-            exp = [D[w, gg, 2 * cc], D[w, gg, 2 * cc + 1], D[w, gg + 8, 2 * cc], D[w, gg + 8, 2 * cc + 1]]
-            assert np.allclose(c[w, ln], exp, rtol=1e-5, atol=1e-5)
+    gpu.check_mma_layout(A, B, np.zeros((W, 16, 8), np.float32), f64=True)
     x = np.array([1.0, 1.00390625, 1.01171875, -3.3e38, 1e-40], np.float32)  # RNE ties
-    assert list(bf16_to_f32(bf16_bits(x))[:3]) == [1.0, 1.0, 1.015625]
+    assert list(round_bf16(x)[:3]) == [1.0, 1.0, 1.015625]
     print("mma / bf16 self-test ok")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Lane-level numpy emulator of every kernel in kernels/nf4.cu (+ mma.cuh, common.cuh),
 launched as src/backend/cuda/{quantize,ops,gemm,mod}.rs launch them, checked against the CPU spec
-(src/nf4.rs, src/backend/cpu/linear.rs).
+(src/model/nf4.rs, src/backend/cpu/linear.rs).
 
   python3 scripts/emulate_nf4.py                  # all checks; exit 1 on any failure
   python3 scripts/emulate_nf4.py --inject swapA   # deliberately broken variants (must fail):
@@ -14,7 +14,7 @@ launched as src/backend/cuda/{quantize,ops,gemm,mod}.rs launch them, checked aga
         under   mma store: m < M - 1 instead of m < M      (mma.cuh:102)  -> unwritten outputs
         uninit  Nf4Rows::stage: i < MMA_BN*2 - 1          (nf4.cu:212)   -> uninitialised smem read
 
-Model:
+Model (the pieces shared with the other emulators are emulators/gpu.py's):
  * threads of a block (or of the whole grid for kernels without shared memory) are a numpy axis;
    warps are groups of 32 consecutive thread ids; shuffles are lane permutations.
  * f32 arithmetic in np.float32.  `acc += a * b` in a plain (non-__fmul_rn) expression is emulated
@@ -47,7 +47,8 @@ from emulators.nf4_kernels import (CU_MID, CU_TABLE, DYN, GEMV_MAX_M, RS_MID, RS
                                    gemm_tiles, k_nf4_absmax_mean, k_nf4_dequantize, k_nf4_dequantize_absmax,
                                    k_nf4_double_quantize, k_nf4_gemm_bwd_input, k_nf4_gemm_bwd_input_mma,
                                    k_nf4_gemm_fwd, k_nf4_gemm_fwd_mma, k_nf4_gemv, k_nf4_quantize, mma_tiles)
-from emulators.nf4_machine import Ctx, GBuf, bf2f, f2bf, f32, same_bits  # noqa: E402
+from emulators.gpu import bf16_bits, bf16_to_f32  # noqa: E402
+from emulators.nf4_machine import Ctx, GBuf, f32, same_bits  # noqa: E402
 from emulators import sources  # noqa: E402
 
 # The kernel sources this emulator transcribes (emulators/sources.py).
@@ -174,7 +175,7 @@ def gpu_quantize_chain(xs, n, case, quiet=False):
     grid, block = blocks_for(-(-n // 2))
     k_nf4_dequantize(ctx, grid, block, out, GBuf(ctx, "packed", packed.a), GBuf(ctx, "absmax", dabs.a), n)
     out.check_written()
-    ok, d = same_bits(out.a, f2bf(ref["deq"]))
+    ok, d = same_bits(out.a, bf16_bits(ref["deq"]))
     report("nf4_dequantize", case, f"grid {grid[0]}x256", f"bf16 diff {d}", ok, ctx, quiet=quiet)
     return packed.a, dabs.a, ref
 
@@ -208,18 +209,18 @@ def gemm_case(rng, M, N, K, with_bias):
     w = rng.normal(0, 0.05, N * K).astype(f32)
     packed, absmax_dev, ref = gpu_quantize_chain(w, N * K, f"W[{N},{K}]", quiet=True)  # the device path quantizes the weight
     Wd = ref["deq"].astype(np.float64).reshape(N, K)  # CPU spec's dequantized weight (f32)
-    x = f2bf(rng.normal(0, 1, M * K).astype(f32))
-    dy = f2bf(rng.normal(0, 1, M * N).astype(f32))
-    bias = f2bf(rng.normal(0, 0.1, N).astype(f32)) if with_bias else None
-    X = bf2f(x).astype(np.float64).reshape(M, K)
-    DY = bf2f(dy).astype(np.float64).reshape(M, N)
+    x = bf16_bits(rng.normal(0, 1, M * K).astype(f32))
+    dy = bf16_bits(rng.normal(0, 1, M * N).astype(f32))
+    bias = bf16_bits(rng.normal(0, 0.1, N).astype(f32)) if with_bias else None
+    X = bf16_to_f32(x).astype(np.float64).reshape(M, K)
+    DY = bf16_to_f32(dy).astype(np.float64).reshape(M, N)
     # linear_fwd: y = x W^T + b; linear_bwd_input: dx = dy W  (float64)
-    Yref = X @ Wd.T + (bf2f(bias).astype(np.float64) if with_bias else 0.0)
+    Yref = X @ Wd.T + (bf16_to_f32(bias).astype(np.float64) if with_bias else 0.0)
     DXref = DY @ Wd
     case = f"M={M} N={N} K={K}{' +bias' if with_bias else ''}"
 
     def relerr(got, want):
-        g = bf2f(got).astype(np.float64).reshape(want.shape)
+        g = bf16_to_f32(got).astype(np.float64).reshape(want.shape)
         if not np.isfinite(g).all():
             return np.inf
         return float(np.linalg.norm(g - want) / max(np.linalg.norm(want), 1e-30))

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 
 from . import ce_lora_machine as machine
-from .ce_lora_machine import (F32, Launch, block_max, block_sum, expf_fast, fma, ld_pair, logf, mma_bf16,
-                              shfl_xor, to_bf16)
+from .ce_lora_machine import F32, Launch, block_max, block_sum, ld_pair, mma_bf16
+from .gpu import expf_fast, fma, logf, round_bf16, shfl_xor
 
 INJECT = set()
 COVER = Counter()  # which staging paths ran (blocks x slices)
@@ -86,7 +86,7 @@ class StoreF32:
 
 class StoreBf16(StoreF32):
     def __call__(self, L, m, n, v, mask):
-        self.out.st(L, m * self.N + n, to_bf16(v), mask)
+        self.out.st(L, m * self.N + n, round_bf16(v), mask)
 
 
 def mma_gemm(L, N_FAST, a, load_b, store, M, N, R):
@@ -108,7 +108,7 @@ def mma_gemm(L, N_FAST, a, load_b, store, M, N, R):
             r = i // BN if N_FAST else i % BR
             inb = (n0 + n < N) & (r0 + r < R)
             v = np.where(inb, load_b(L, r0 + r, n0 + n, act & inb), F32(0))
-            Bs.st(n * ROW + r, to_bf16(v), act)
+            Bs.st(n * ROW + r, round_bf16(v), act)
         L.sync()
         for k in range(0, BR, 16):
             af = np.zeros((2, 4, L.B, L.T), np.uint32)
@@ -166,7 +166,7 @@ def ce_softmax_grad(L, dlogits, loss, logits, targets, row0, V, inv_count):
         z = logits.ld(L, i * V + v, act)
         p = expf_fast((z - lse).astype(F32))
         val = (inv_count * (p - np.where(v == target, F32(1), F32(0))).astype(F32)).astype(F32)
-        dlogits.st(L, i * V + v, to_bf16(val), act)
+        dlogits.st(L, i * V + v, round_bf16(val), act)
     t0 = L.full(L.tid == 0)
     valid = (target >= 0) & (target < V)
     zt = logits.ld(L, i * V + target, t0 & valid)
@@ -185,7 +185,7 @@ def argmax_rows(L, out, logits, rows, V):
         take = act & ((v > bv) | ((v == bv) & (i < bi)))
         bv, bi = np.where(take, v, bv).astype(F32), np.where(take, i, bi)
     for o in (16, 8, 4, 2, 1):
-        ov, oi = shfl_xor(bv, o), shfl_xor(bi, o)
+        ov, oi = shfl_xor(bv, o, axis=1), shfl_xor(bi, o, axis=1)
         if "argmax_tie" in INJECT:
             take = (ov > bv) | ((ov == bv) & (oi > bi))
         else:
@@ -271,7 +271,7 @@ def lora_add(L, y, xa, b, T, N, r, scale):
     for c in range(rr):
         s = fma(xv[..., c], bv[..., c], s)
     yi = y.ld(L, i, act)
-    y.st(L, i, to_bf16(fma(F32(scale), s, yi)), act)
+    y.st(L, i, round_bf16(fma(F32(scale), s, yi)), act)
 
 
 def lora_g(L, g, dy, b, T, N, r):
@@ -339,7 +339,7 @@ def lora_dx(L, dx, g, a, T, K, r, scale):
     for c in range(r):
         s = fma(gv[..., c], av[..., c], s)
     di = dx.ld(L, i, act)
-    dx.st(L, i, to_bf16(fma(F32(scale), s, di)), act)
+    dx.st(L, i, round_bf16(fma(F32(scale), s, di)), act)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,7 +519,7 @@ def rank_expand_tiled(L, y, p, m, cn, T, N, r, scale):
             s = fma(pv[..., c], mv[..., c], s)
         i = t * N + n
         yi = y.ld(L, i, live)
-        y.st(L, i, to_bf16(fma(F32(scale), s, yi)), live)
+        y.st(L, i, round_bf16(fma(F32(scale), s, yi)), live)
 
 
 def lora_add_tiled(L, y, xa, b, T, N, r, scale):

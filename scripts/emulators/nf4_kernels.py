@@ -1,15 +1,15 @@
 """The NF4 emulator's (scripts/emulate_nf4.py) view of kernels/nf4.cu and mma.cuh: the NF4 constant
-tables (parsed from nf4.cu and from the CPU spec src/nf4.rs), the device helpers, every kernel lane by
-lane, and the launch configurations of the Rust wrappers. INJECT holds the deliberately broken variants
-chosen with --inject."""
+tables (parsed from nf4.cu and from the CPU spec src/model/nf4.rs), the device helpers, every kernel
+lane by lane, and the launch configurations of the Rust wrappers. INJECT holds the deliberately broken
+variants chosen with --inject."""
 import os
 import re
 from fractions import Fraction
 
 import numpy as np
 
-from .nf4_machine import (bf2f, block_max, f2bf, f32, fma, ld_pair, mma_bf16, pack8_store, shfl_xor, Smem,
-                          strided, warp_max, warp_sum)
+from .gpu import bf16_bits, bf16_to_f32, fma, mma_bf16, strided
+from .nf4_machine import block_max, f32, ld_pair, pack8_store, Smem, warp_max, warp_sum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 INJECT = set()
@@ -39,12 +39,12 @@ def parse_array(path, pattern):
 
 CU_TABLE = parse_array(f"{ROOT}/kernels/nf4.cu", r"NF4_TABLE\[16\]\s*=\s*\{(.*?)\}")
 CU_MID = parse_array(f"{ROOT}/kernels/nf4.cu", r"NF4_MID\[15\]\s*=\s*\{(.*?)\}")
-RS_TABLE = parse_array(f"{ROOT}/src/nf4.rs", r"NF4_TABLE: \[f32; 16\] = \[(.*?)\];")
-RS_MID = parse_array(f"{ROOT}/src/nf4.rs", r"NF4_MIDPOINTS: \[f32; 15\] = \[(.*?)\];")
+RS_TABLE = parse_array(f"{ROOT}/src/model/nf4.rs", r"NF4_TABLE: \[f32; 16\] = \[(.*?)\];")
+RS_MID = parse_array(f"{ROOT}/src/model/nf4.rs", r"NF4_MIDPOINTS: \[f32; 15\] = \[(.*?)\];")
 
 
 def dynamic_map():
-    """src/nf4.rs dynamic_map(): each entry in f64, rounded once to f32, sorted."""
+    """src/model/nf4.rs dynamic_map(): each entry in f64, rounded once to f32, sorted."""
     data = []
     for e in range(7):
         n = 1 << e
@@ -95,8 +95,8 @@ def nf4_decode16(packed, absmax, e, mask):  # nf4.cu:193; returns [..., 16] bf16
     out = np.zeros(e.shape + (16,), np.uint16)
     for j in range(8):
         b = byts[..., j].astype(np.uint32)  # ((j<4 ? x : y) >> 8*(j%4)) & 0xff: byte j, little-endian
-        out[..., 2 * j] = f2bf(TABLE[b >> 4] * s)
-        out[..., 2 * j + 1] = f2bf(TABLE[b & 15] * s)
+        out[..., 2 * j] = bf16_bits(TABLE[b >> 4] * s)
+        out[..., 2 * j + 1] = bf16_bits(TABLE[b & 15] * s)
     return out
 
 
@@ -125,18 +125,17 @@ def k_nf4_absmax_mean(ctx, grid, block, offset, absmax, nblocks):
     assert grid[0] == 1
     B = block[0]
     tid = np.arange(B)
-    part = Smem(ctx, "part", 32, np.float64)
+    part = Smem(ctx, "part", 32, np.float64, tid)
     s = np.zeros(B, np.float64)
-    for i, act in strided(tid, nblocks, B):
+    for i, act in strided(tid, B, nblocks):
         s = np.where(act, s + absmax.read(i, act).astype(np.float64), s)
-    for o in (16, 8, 4, 2, 1):
-        s = s + shfl_xor(ctx, s, o)
-    part.write(tid // 32, tid, s, tid % 32 == 0)
-    part.sync()
+    s = warp_sum(ctx, s)  # in double
+    part.st(tid // 32, s, tid % 32 == 0)
+    part.barrier()
     t0 = tid == 0
     total = 0.0
     for w in range(B // 32):
-        total += part.read(np.array([w]), np.array([0]))[0]
+        total += part.ld(np.full(B, w), t0)[0]  # thread 0 reads part[w]
     offset.write(np.array([0]), np.array([f32(total / nblocks) if nblocks > 0 else f32(0)]), t0[:1])
 
 
@@ -144,7 +143,7 @@ def k_nf4_double_quantize(ctx, grid, block, qabsmax, absmax2, absmax, offset, dy
     B = block[0]
     tid = np.arange(B)
     for bx in range(grid[0]):
-        scratch = Smem(ctx, "scratch", 32, f32)
+        scratch = Smem(ctx, "scratch", 32, f32, tid)
         b = bx * 256 + tid
         c = np.where(b < nblocks, (absmax.read(b, b < nblocks) - offset.read(np.zeros(B, np.int64), b < nblocks)).astype(f32), f32(0))
         m = block_max(ctx, np.fmax(f32(0), np.abs(c)).astype(f32), scratch, tid, B)
@@ -182,9 +181,9 @@ def k_nf4_dequantize(ctx, grid, block, out, packed, absmax, n):
     j = np.repeat(np.arange(G, dtype=np.int64), B) * B + np.tile(np.arange(B), G)
     live = ~(2 * j >= n)
     byte = packed.read(j, live)
-    out.write(2 * j, f2bf(TABLE[byte >> 4] * absmax.read((2 * j) // 64, live)), live)
+    out.write(2 * j, bf16_bits(TABLE[byte >> 4] * absmax.read((2 * j) // 64, live)), live)
     m2 = live & (2 * j + 1 < n)
-    out.write(2 * j + 1, f2bf(TABLE[byte & 15] * absmax.read((2 * j + 1) // 64, m2)), m2)
+    out.write(2 * j + 1, bf16_bits(TABLE[byte & 15] * absmax.read((2 * j + 1) // 64, m2)), m2)
 
 
 TT, TN, TK = 16, 64, 32
@@ -196,34 +195,34 @@ def k_nf4_gemm_fwd(ctx, grid, block, y, x, packed, absmax, bias, T, N, K):
     tx, ty = tid % 64, tid // 64
     for by in range(grid[1]):
         for bx in range(grid[0]):
-            xs = Smem(ctx, "xs", TT * (TK + 1), f32)
-            ws = Smem(ctx, "ws", TN * (TK + 1), f32)
+            xs = Smem(ctx, "xs", TT * (TK + 1), f32, tid)
+            ws = Smem(ctx, "ws", TN * (TK + 1), f32, tid)
             n, t0 = bx * TN + tx, by * TT
             acc = np.zeros((256, 4), f32)
             for k0 in range(0, K, TK):
-                for i, act in strided(tid, TT * TK, 256):
+                for i, act in strided(tid, 256, TT * TK):
                     r, c = i // TK, i % TK
                     t, k = t0 + r, k0 + c
                     ok = act & (t < T) & (k < K)
-                    xs.write(r * (TK + 1) + c, tid, np.where(ok, bf2f(x.read(t.astype(np.int64) * K + k, ok)), f32(0)), act)
-                for i, act in strided(tid, TN * TK, 256):
+                    xs.st(r * (TK + 1) + c, np.where(ok, bf16_to_f32(x.read(t.astype(np.int64) * K + k, ok)), f32(0)), act)
+                for i, act in strided(tid, 256, TN * TK):
                     r, c = i // TK, i % TK
                     nn, k = bx * TN + r, k0 + c
                     ok = act & (nn < N) & (k < K)
-                    ws.write(r * (TK + 1) + c, tid, np.where(ok, nf4_at(packed, absmax, nn.astype(np.int64) * K + k, ok), f32(0)), act)
-                xs.sync(); ws.sync()
+                    ws.st(r * (TK + 1) + c, np.where(ok, nf4_at(packed, absmax, nn.astype(np.int64) * K + k, ok), f32(0)), act)
+                xs.barrier(); ws.barrier()
                 for c in range(TK):
-                    w = ws.read(tx * (TK + 1) + c, tid)
+                    w = ws.ld(tx * (TK + 1) + c)
                     for j in range(4):
-                        acc[:, j] = fma(xs.read((ty + 4 * j) * (TK + 1) + c, tid), w, acc[:, j])
+                        acc[:, j] = fma(xs.ld((ty + 4 * j) * (TK + 1) + c), w, acc[:, j])
                 if "nosync" not in INJECT:
-                    xs.sync(); ws.sync()
+                    xs.barrier(); ws.barrier()
             live = ~(n >= N)
-            b = bf2f(bias.read(n, live)) if bias is not None else np.zeros(256, f32)
+            b = bf16_to_f32(bias.read(n, live)) if bias is not None else np.zeros(256, f32)
             for j in range(4):
                 t = t0 + ty + 4 * j
                 tok = (t <= T) if "bound" in INJECT else (t < T)
-                y.write(t.astype(np.int64) * N + n, f2bf(acc[:, j] + b), live & tok)
+                y.write(t.astype(np.int64) * N + n, bf16_bits(acc[:, j] + b), live & tok)
 
 
 def k_nf4_gemm_bwd_input(ctx, grid, block, dx, dy, packed, absmax, T, N, K):
@@ -232,31 +231,31 @@ def k_nf4_gemm_bwd_input(ctx, grid, block, dx, dy, packed, absmax, T, N, K):
     tx, ty = tid % 64, tid // 64
     for by in range(grid[1]):
         for bx in range(grid[0]):
-            ds = Smem(ctx, "ds", TT * (TK + 1), f32)
-            ws = Smem(ctx, "ws", TK * (TN + 1), f32)
+            ds = Smem(ctx, "ds", TT * (TK + 1), f32, tid)
+            ws = Smem(ctx, "ws", TK * (TN + 1), f32, tid)
             k, t0 = bx * TN + tx, by * TT
             acc = np.zeros((256, 4), f32)
             for n0 in range(0, N, TK):
-                for i, act in strided(tid, TT * TK, 256):
+                for i, act in strided(tid, 256, TT * TK):
                     r, c = i // TK, i % TK
                     t, nn = t0 + r, n0 + c
                     ok = act & (t < T) & (nn < N)
-                    ds.write(r * (TK + 1) + c, tid, np.where(ok, bf2f(dy.read(t.astype(np.int64) * N + nn, ok)), f32(0)), act)
-                for i, act in strided(tid, TK * TN, 256):
+                    ds.st(r * (TK + 1) + c, np.where(ok, bf16_to_f32(dy.read(t.astype(np.int64) * N + nn, ok)), f32(0)), act)
+                for i, act in strided(tid, 256, TK * TN):
                     r, c = i // TN, i % TN
                     nn, kk = n0 + r, bx * TN + c
                     ok = act & (nn < N) & (kk < K)
-                    ws.write(r * (TN + 1) + c, tid, np.where(ok, nf4_at(packed, absmax, nn.astype(np.int64) * K + kk, ok), f32(0)), act)
-                ds.sync(); ws.sync()
+                    ws.st(r * (TN + 1) + c, np.where(ok, nf4_at(packed, absmax, nn.astype(np.int64) * K + kk, ok), f32(0)), act)
+                ds.barrier(); ws.barrier()
                 for c in range(TK):
-                    w = ws.read(c * (TN + 1) + tx, tid)
+                    w = ws.ld(c * (TN + 1) + tx)
                     for j in range(4):
-                        acc[:, j] = fma(ds.read((ty + 4 * j) * (TK + 1) + c, tid), w, acc[:, j])
-                ds.sync(); ws.sync()
+                        acc[:, j] = fma(ds.ld((ty + 4 * j) * (TK + 1) + c), w, acc[:, j])
+                ds.barrier(); ws.barrier()
             live = ~(k >= K)
             for j in range(4):
                 t = t0 + ty + 4 * j
-                dx.write(t.astype(np.int64) * K + k, f2bf(acc[:, j]), live & (t < T))
+                dx.write(t.astype(np.int64) * K + k, bf16_bits(acc[:, j]), live & (t < T))
 
 
 # ---- mma.cuh
@@ -268,16 +267,16 @@ def stage_a(ctx, As, a, m0, r0, M, R, tid, nthreads, stats):  # mma.cuh:44
     a_aligned = True  # cudaMalloc base; a is always a whole CudaSlice here
     if m0 + BM <= M and r0 + BR <= R and R % 8 == 0 and a_aligned:
         stats["A16"] += 1
-        for i, act in strided(tid, BM * BR // 8, nthreads):
+        for i, act in strided(tid, nthreads, BM * BR // 8):
             m, c = i // (BR // 8), (i % (BR // 8)) * 8
             v = a.vread((m0 + m).astype(np.int64) * R + r0 + c, 8, act)
-            pack8_store(As, m * ROW + c, tid, v, act)
+            pack8_store(As, m * ROW + c, v, act)
         return
     stats["Aelem"] += 1
-    for i, act in strided(tid, BM * BR, nthreads):
+    for i, act in strided(tid, nthreads, BM * BR):
         m, r = i // BR, i % BR
         ok = act & (m0 + m < M) & (r0 + r < R)
-        As.write(m * ROW + r, tid, np.where(ok, a.read((m0 + m).astype(np.int64) * R + r0 + r, ok), f2bf(f32(0))), act)
+        As.st(m * ROW + r, np.where(ok, a.read((m0 + m).astype(np.int64) * R + r0 + r, ok), bf16_bits(f32(0))), act)
 
 
 class Nf4Rows:  # nf4.cu:204 -- B[r, c] = W[c, r], W [C, R]
@@ -290,11 +289,11 @@ class Nf4Rows:  # nf4.cu:204 -- B[r, c] = W[c, r], W [C, R]
     def stage(self, Bs, r0, n0, R_, N, tid, nthreads):
         if n0 + BN > N or r0 + BR > R_ or R_ % 32 != 0:
             return False
-        for i, act in strided(tid, BN * 2 - (1 if "uninit" in INJECT else 0), nthreads):
+        for i, act in strided(tid, nthreads, BN * 2 - (1 if "uninit" in INJECT else 0)):
             n, h = i // 2, (i % 2) * 16
             v = nf4_decode16(self.packed, self.absmax, (n0 + n).astype(np.int64) * R_ + r0 + h, act)
-            pack8_store(Bs, n * ROW + h, tid, v[:, 0:8], act)
-            pack8_store(Bs, n * ROW + h + 8, tid, v[:, 8:16], act)
+            pack8_store(Bs, n * ROW + h, v[:, 0:8], act)
+            pack8_store(Bs, n * ROW + h + 8, v[:, 8:16], act)
         return True
 
 
@@ -308,11 +307,11 @@ class Nf4Cols:  # nf4.cu:224 -- B[r, c] = W[r, c], W [R, C]
     def stage(self, Bs, r0, n0, R, C_, tid, nthreads):
         if n0 + BN > C_ or r0 + BR > R or C_ % 16 != 0:
             return False
-        for i, act in strided(tid, BR * 4, nthreads):
+        for i, act in strided(tid, nthreads, BR * 4):
             r, c = i // 4, (i % 4) * 16
             v = nf4_decode16(self.packed, self.absmax, (r0 + r).astype(np.int64) * C_ + n0 + c, act)
             for j in range(16):
-                Bs.write((c + j) * ROW + r, tid, v[:, j], act)
+                Bs.st((c + j) * ROW + r, v[:, j], act)
         return True
 
 
@@ -321,8 +320,8 @@ class StoreBias:  # nf4.cu:243
         self.out, self.bias, self.C = out, bias, C
 
     def __call__(self, m, c, v, mask):
-        b = bf2f(self.bias.read(c, mask)) if self.bias is not None else f32(0)
-        self.out.write(m.astype(np.int64) * self.C + c, f2bf((v + b).astype(f32)), mask)
+        b = bf16_to_f32(self.bias.read(c, mask)) if self.bias is not None else f32(0)
+        self.out.write(m.astype(np.int64) * self.C + c, bf16_bits((v + b).astype(f32)), mask)
 
 
 def mma_gemm(ctx, grid, block, N_FAST, a, load_b, store, M, N, R, stats):  # mma.cuh:63
@@ -335,38 +334,38 @@ def mma_gemm(ctx, grid, block, N_FAST, a, load_b, store, M, N, R, stats):  # mma
     W = nthreads // 32
     for by in range(grid[1]):
         for bx in range(grid[0]):
-            As = Smem(ctx, "As", BM * ROW, np.uint16)
-            Bs = Smem(ctx, "Bs", BN * ROW, np.uint16)
+            As = Smem(ctx, "As", BM * ROW, np.uint16, tid)
+            Bs = Smem(ctx, "Bs", BN * ROW, np.uint16, tid)
             m0, n0 = by * BM, bx * BN
             acc = np.zeros((nthreads, 2, 4, 4), f32)
             for r0 in range(0, R, BR):
                 stage_a(ctx, As, a, m0, r0, M, R, tid, nthreads, stats)
                 if not load_b.stage(Bs, r0, n0, R, N, tid, nthreads):
                     stats["Belem"] += 1
-                    for i, act in strided(tid, BN * BR, nthreads):
+                    for i, act in strided(tid, nthreads, BN * BR):
                         n = i % BN if N_FAST else i // BR
                         r = i // BN if N_FAST else i % BR
                         ok = act & (n0 + n < N) & (r0 + r < R)
                         val = np.where(ok, load_b(r0 + r, n0 + n, ok), f32(0))
-                        Bs.write(n * ROW + r, tid, f2bf(val), act)
+                        Bs.st(n * ROW + r, bf16_bits(val), act)
                 else:
                     stats["Bstage"] += 1
-                As.sync(); Bs.sync()
+                As.barrier(); Bs.barrier()
                 for k in range(0, BR, 16):
                     af = np.zeros((nthreads, 2, 4), np.uint32)
                     bfr = np.zeros((nthreads, 4, 2), np.uint32)
                     for mi in range(2):
                         row = wm + mi * 16 + g
-                        af[:, mi, 0] = ld_pair(As, row * ROW + k + 2 * q, tid)
-                        af[:, mi, 1] = ld_pair(As, (row + 8) * ROW + k + 2 * q, tid)
-                        af[:, mi, 2] = ld_pair(As, row * ROW + k + 2 * q + 8, tid)
-                        af[:, mi, 3] = ld_pair(As, (row + 8) * ROW + k + 2 * q + 8, tid)
+                        af[:, mi, 0] = ld_pair(As, row * ROW + k + 2 * q)
+                        af[:, mi, 1] = ld_pair(As, (row + 8) * ROW + k + 2 * q)
+                        af[:, mi, 2] = ld_pair(As, row * ROW + k + 2 * q + 8)
+                        af[:, mi, 3] = ld_pair(As, (row + 8) * ROW + k + 2 * q + 8)
                         if "swapA" in INJECT:
                             af[:, mi, [1, 2]] = af[:, mi, [2, 1]]
                     for ni in range(4):
                         col = wn + ni * 8 + g
-                        bfr[:, ni, 0] = ld_pair(Bs, col * ROW + k + 2 * q, tid)
-                        bfr[:, ni, 1] = ld_pair(Bs, col * ROW + k + 2 * q + 8, tid)
+                        bfr[:, ni, 0] = ld_pair(Bs, col * ROW + k + 2 * q)
+                        bfr[:, ni, 1] = ld_pair(Bs, col * ROW + k + 2 * q + 8)
                         if "swapB" in INJECT:
                             bfr[:, ni, [0, 1]] = bfr[:, ni, [1, 0]]
                     for mi in range(2):
@@ -374,7 +373,7 @@ def mma_gemm(ctx, grid, block, N_FAST, a, load_b, store, M, N, R, stats):  # mma
                             c = acc[:, mi, ni, :].reshape(W, 32, 4)
                             d = mma_bf16(c, af[:, mi, :].reshape(W, 32, 4), bfr[:, ni, :].reshape(W, 32, 2))
                             acc[:, mi, ni, :] = d.reshape(nthreads, 4)
-                As.sync(); Bs.sync()
+                As.barrier(); Bs.barrier()
             for mi in range(2):
                 for ni in range(4):
                     for h in range(4):
@@ -427,7 +426,7 @@ def k_nf4_gemv(ctx, grid, block, y, x, packed, absmax, bias, M, N, K, stats):
                     for qq in range(4):
                         v = x.vread(m * K + k0 + 8 * qq, 8, act)  # xv[q]: uint4 of 8 bf16
                         for j in range(8):
-                            ssum = fma(w[:, 8 * qq + j], bf2f(v[:, j]), ssum)
+                            ssum = fma(w[:, 8 * qq + j], bf16_to_f32(v[:, j]), ssum)
                     acc[:, m] = np.where(act, (acc[:, m] + ssum).astype(f32), acc[:, m])
             k0 = k0 + 32 * 32
     else:
@@ -440,13 +439,13 @@ def k_nf4_gemv(ctx, grid, block, y, x, packed, absmax, bias, M, N, K, stats):
             w = nf4_at(packed, absmax, row + k, act)
             for m in range(GEMV_MAX_M):
                 if m < M:
-                    acc[:, m] = np.where(act, fma(w, bf2f(x.read(m * K + k, act)), acc[:, m]), acc[:, m])
+                    acc[:, m] = np.where(act, fma(w, bf16_to_f32(x.read(m * K + k, act)), acc[:, m]), acc[:, m])
             k = k + 32
-    b = bf2f(bias.read(n, live)) if bias is not None else np.zeros(nt, f32)
+    b = bf16_to_f32(bias.read(n, live)) if bias is not None else np.zeros(nt, f32)
     for m in range(GEMV_MAX_M):
         if m < M:
             v = warp_sum(ctx, acc[:, m].copy(), live)
-            y.write(m * N + n, f2bf((v + b).astype(f32)), live & (lane == 0))
+            y.write(m * N + n, bf16_bits((v + b).astype(f32)), live & (lane == 0))
 
 
 # ----------------------------------------------------------------------------- launch configs (Rust)

@@ -5,8 +5,8 @@ attention_bwd_dkv with attention_probs / attention_mix / warp_dot, lane by lane,
 import numpy as np
 
 from . import simple_machine as machine
-from .simple_machine import (F32, I64, _bc, block_max, block_sum, blocks_for, cvt_bf16, expf_fast, fma32, ld,
-                             launch, logf, rsqrtf, st, strided, warp_sum)
+from .gpu import expf_fast, fma, logf, round_bf16, rsqrtf
+from .simple_machine import F32, I64, _bc, block_max, block_sum, blocks_for, ld, launch, st, strided, warp_sum
 
 # H100 opt-in shared memory per block (227 KiB) less the largest static shared memory of the three
 # kernels that take dynamic shared memory (attention_fwd / decode: part 4 KiB + scratch 128 B).
@@ -52,13 +52,13 @@ def attention_probs(ctx, p, q, qbase, k, start, n, kvh, kv_heads, hd, scratch):
     mx = block_max(ctx, m, scratch)
     sm = ctx.zeros()
     for j, act in strided(ctx, ctx.tid, ctx.NT, n):
-        p.st(j, expf_fast(p.ld(j, act) - mx), act)
+        p.st(j, expf_fast(p.ld(j, act) - mx, wide=True), act)
         sm = np.where(act, sm + p.ld(j, act), sm).astype(F32)
     sm = block_sum(ctx, sm, scratch)
     for j, act in strided(ctx, ctx.tid, ctx.NT, n):
         p.st(j, p.ld(j, act) / sm, act)
     ctx.sync()
-    return (mx + logf(sm)).astype(F32)
+    return (mx + logf(sm, wide=True)).astype(F32)
 
 
 def attention_mix(ctx, out, obase, w, m, start, n, kvh, kv_heads, hd):
@@ -72,7 +72,7 @@ def attention_mix(ctx, out, obase, w, m, start, n, kvh, kv_heads, hd):
         for c in C:
             mm = act & (lane + 32 * c < hd)
             r = ld(ctx, m, row + lane + 32 * c, mm)
-            acc[c] = np.where(mm, fma32(wj, r, acc[c]), acc[c]).astype(F32)
+            acc[c] = np.where(mm, fma(wj, r, acc[c], exact=True), acc[c]).astype(F32)
     for c in C:
         part.st(warp * MIX_MAX_HD + lane + 32 * c, acc[c], lane + 32 * c < hd)
     if "mix_nosync" not in machine.INJECT:
@@ -81,7 +81,7 @@ def attention_mix(ctx, out, obase, w, m, start, n, kvh, kv_heads, hd):
         s = ctx.zeros()
         for kk in range(warps):
             s = (s + part.ld(kk * MIX_MAX_HD + i, act)).astype(F32)
-        st(ctx, out, obase + i, cvt_bf16(s), act)
+        st(ctx, out, obase + i, round_bf16(s), act)
 
 
 def k_attention_fwd(ctx, out, lse, q, k, v, seq_start, heads, kv_heads, hd):
@@ -134,7 +134,7 @@ def k_attention_bwd_dq(ctx, dq, dout, q, k, v, lse, dd, seq_start, heads, kv_hea
         s = warp_dot(ctx, q, b * hd, k, kv_at, hd, act)
         dp = warp_dot(ctx, dout, b * hd, v, kv_at, hd, act)
         # __expf(s * scale - row_lse): contracted to fma(s, scale, -row_lse)
-        val = (expf_fast(fma32(s, scale, -row_lse)) * (dp - row_d)).astype(F32) * scale
+        val = (expf_fast(fma(s, scale, -row_lse, exact=True), wide=True) * (dp - row_d)).astype(F32) * scale
         ds.st(j, val, act & (lane == 0))
     ctx.sync()
     attention_mix(ctx, dq, b * hd, ds, k, start, n, kvh, kv_heads, hd)
@@ -172,13 +172,15 @@ def k_attention_bwd_dkv(ctx, dk, dv, dout, q, k, v, lse, dd, seq_start, T, heads
             dp = np.where(act, dp + ld(ctx, dout, row * hd + i, act) * ld(ctx, v, kvb + i, act), dp).astype(F32)
         sc = warp_sum(ctx, sc, alive)
         dp = warp_sum(ctx, dp, alive)
-        p = expf_fast(fma32(sc, scale, -ld(ctx, lse, row, alive)))  # fma(sc, scale, -lse[row])
+        p = expf_fast(fma(sc, scale, -ld(ctx, lse, row, alive), exact=True), wide=True)  # fma(sc, scale, -lse[row])
         dsv = (p * (dp - ld(ctx, dd, row, alive))).astype(F32) * scale
         for c in C:
             i = lane + 32 * c
             mm = alive & (i < hd)
-            dk_acc[c] = np.where(mm, fma32(dsv, ld(ctx, q, row * hd + i, mm), dk_acc[c]), dk_acc[c]).astype(F32)
-            dv_acc[c] = np.where(mm, fma32(p, ld(ctx, dout, row * hd + i, mm), dv_acc[c]), dv_acc[c]).astype(F32)
+            dk_new = fma(dsv, ld(ctx, q, row * hd + i, mm), dk_acc[c], exact=True)
+            dv_new = fma(p, ld(ctx, dout, row * hd + i, mm), dv_acc[c], exact=True)
+            dk_acc[c] = np.where(mm, dk_new, dk_acc[c]).astype(F32)
+            dv_acc[c] = np.where(mm, dv_new, dv_acc[c]).astype(F32)
         pair = pair + BWD_KV_WARPS
     W = MAX_HD_PER_LANE * 32
     for c in C:
@@ -191,8 +193,8 @@ def k_attention_bwd_dkv(ctx, dk, dv, dout, q, k, v, lse, dd, seq_start, T, heads
         for w in range(BWD_KV_WARPS):
             a = (a + part.ld((w * 2 + 0) * W + i, act)).astype(F32)
             bsum = (bsum + part.ld((w * 2 + 1) * W + i, act)).astype(F32)
-        st(ctx, dk, b * hd + i, cvt_bf16(a), act)
-        st(ctx, dv, b * hd + i, cvt_bf16(bsum), act)
+        st(ctx, dk, b * hd + i, round_bf16(a), act)
+        st(ctx, dv, b * hd + i, round_bf16(bsum), act)
 
 
 # Wrappers (src/backend/cuda/attention.rs). Blocks run in batches, longest rows first (blocks are

@@ -5,8 +5,8 @@ whose hyper-parameters the adamw wrapper passes."""
 import numpy as np
 
 from . import simple_machine as machine
-from .simple_machine import (F32, F64, I64, View, block_per_row, block_sum, blocks_for, cvt_bf16, expf_fast,
-                             fma32, ld, launch, rsqrtf, sincosf, st, strided)
+from .gpu import expf_fast, fma, round_bf16, rsqrtf, sincosf
+from .simple_machine import F32, F64, I64, View, block_per_row, block_sum, blocks_for, ld, launch, st, strided
 
 SUM_PARTS = 256  # src/engine/mod.rs
 
@@ -29,7 +29,7 @@ def k_rmsnorm_fwd(ctx, y, rstd, x, w, d, eps):
     st(ctx, rstd, row, r, ctx.tid == 0)
     for i, act in strided(ctx, ctx.tid, ctx.NT, d):
         val = ld(ctx, x, row * d + i, act) * r * ld(ctx, w, i, act)
-        st(ctx, y, row * d + i, cvt_bf16(val), act)
+        st(ctx, y, row * d + i, round_bf16(val), act)
 
 
 def k_rmsnorm_bwd(ctx, dx, dy, x, w, rstd, d):
@@ -39,15 +39,15 @@ def k_rmsnorm_bwd(ctx, dx, dy, x, w, rstd, d):
     for i, act in strided(ctx, ctx.tid, ctx.NT, d):
         a = ld(ctx, dy, row * d + i, act) * ld(ctx, w, i, act)  # exact (bf16 x bf16)
         # fma(dy*w, x, dot): (16-bit) x (8-bit) significands: exact in f32 as well
-        dot = np.where(act, fma32(a, ld(ctx, x, row * d + i, act), dot), dot).astype(F32)
+        dot = np.where(act, fma(a, ld(ctx, x, row * d + i, act), dot, exact=True), dot).astype(F32)
     dot = block_sum(ctx, dot, scratch)
     r = ld(ctx, rstd, row)
     c = (r * r * r / F32(d) * dot).astype(F32)
     for i, act in strided(ctx, ctx.tid, ctx.NT, d):
         rw = r * ld(ctx, w, i, act)
         # r*w*dy - c*x: (fsub (fmul rw dy) (fmul c x)) -> fma(rw, dy, -(c*x)) (first DAG-combiner choice)
-        val = fma32(rw, ld(ctx, dy, row * d + i, act), -(c * ld(ctx, x, row * d + i, act)))
-        st(ctx, dx, row * d + i, cvt_bf16(val), act)
+        val = fma(rw, ld(ctx, dy, row * d + i, act), -(c * ld(ctx, x, row * d + i, act)), exact=True)
+        st(ctx, dx, row * d + i, round_bf16(val), act)
 
 
 def w_rmsnorm_fwd(y, rstd, x, w, t, eps):
@@ -74,8 +74,8 @@ def k_rope_rotate(ctx, x, pos, inv_freq, T, heads, hd, sign):
     s = s * sign
     hb = th * hd
     a, b = ld(ctx, x, hb + i), ld(ctx, x, hb + i + half)
-    st(ctx, x, hb + i, cvt_bf16(fma32(a, c, -(b * s))))  # a*c - b*s -> fma(a, c, -(b*s))
-    st(ctx, x, hb + i + half, cvt_bf16(fma32(b, c, a * s)))  # b*c + a*s -> fma(b, c, a*s)
+    st(ctx, x, hb + i, round_bf16(fma(a, c, -(b * s), exact=True)))  # a*c - b*s -> fma(a, c, -(b*s))
+    st(ctx, x, hb + i + half, round_bf16(fma(b, c, a * s, exact=True)))  # b*c + a*s -> fma(b, c, a*s)
 
 
 def w_rope_rotate(x, pos, inv_freq, t, heads, sign):
@@ -89,19 +89,19 @@ def k_swiglu_fwd(ctx, out, gate, up, n):
     i = ctx.bid * ctx.NT + ctx.tid
     ctx.exit(i >= n)
     g = ld(ctx, gate, i)
-    val = (g / (F32(1) + expf_fast(-g))).astype(F32) * ld(ctx, up, i)
-    st(ctx, out, i, cvt_bf16(val))
+    val = (g / (F32(1) + expf_fast(-g, wide=True))).astype(F32) * ld(ctx, up, i)
+    st(ctx, out, i, round_bf16(val))
 
 
 def k_swiglu_bwd(ctx, dgate, dup, dout, gate, up, n):
     i = ctx.bid * ctx.NT + ctx.tid
     ctx.exit(i >= n)
     g, u, d = ld(ctx, gate, i), ld(ctx, up, i), ld(ctx, dout, i)
-    s = (F32(1) / (F32(1) + expf_fast(-g))).astype(F32)
+    s = (F32(1) / (F32(1) + expf_fast(-g, wide=True))).astype(F32)
     # 1 + g * (1 - s) -> fma(g, 1 - s, 1)
-    val = (d * u * s).astype(F32) * fma32(g, (F32(1) - s), F32(1))
-    st(ctx, dgate, i, cvt_bf16(val))
-    st(ctx, dup, i, cvt_bf16(d * g * s))
+    val = (d * u * s).astype(F32) * fma(g, (F32(1) - s), F32(1), exact=True)
+    st(ctx, dgate, i, round_bf16(val))
+    st(ctx, dup, i, round_bf16(d * g * s))
 
 
 def w_swiglu_fwd(out, gate, up, n):
@@ -114,7 +114,7 @@ def w_swiglu_bwd(dgate, dup, dout, gate, up, n):
     launch("swiglu_bwd", k_swiglu_bwd, *blocks_for(n), 0, [dgate, dup, dout, gate, up, n])
 
 
-QNAN_BF16 = cvt_bf16(np.array([np.uint32(0x7FC00000)]).view(F32))[0]
+QNAN_BF16 = round_bf16(np.array([np.uint32(0x7FC00000)]).view(F32))[0]
 
 
 def k_embedding_fwd(ctx, out, table, tokens, T, d, vocab):
@@ -139,13 +139,13 @@ def w_embedding_fwd(out, table, tokens, t, d):
 def k_add_bf16(ctx, x, y, n):
     i = ctx.bid * ctx.NT + ctx.tid
     ctx.exit(i >= n)
-    st(ctx, x, i, cvt_bf16(ld(ctx, x, i) + ld(ctx, y, i)))
+    st(ctx, x, i, round_bf16(ld(ctx, x, i) + ld(ctx, y, i)))
 
 
 def k_cast_f32_bf16(ctx, out, x, n):
     i = ctx.bid * ctx.NT + ctx.tid
     ctx.exit(i >= n)
-    st(ctx, out, i, cvt_bf16(ld(ctx, x, i)))
+    st(ctx, out, i, round_bf16(ld(ctx, x, i)))
 
 
 def splitmix64(z):
@@ -164,7 +164,7 @@ def k_dropout_bf16(ctx, out, x, seed, p, keep, n):
     u = (z >> np.uint64(11)).astype(F64) * (1.0 / 9007199254740992.0)
     keepit = u.astype(F32) >= p
     xv = ld(ctx, x, i)
-    st(ctx, out, i, np.where(keepit, cvt_bf16(xv * keep), cvt_bf16(F32(0))))
+    st(ctx, out, i, np.where(keepit, round_bf16(xv * keep), round_bf16(F32(0))))
 
 
 def k_gather_rows(ctx, out, x, idx, n, d):
@@ -184,7 +184,7 @@ def k_scatter_rows(ctx, out, x, idx, n, d):
 def k_add_bias_rows(ctx, y, bias, T, N):
     i = ctx.bid * ctx.NT + ctx.tid
     ctx.exit(i >= T * N)
-    st(ctx, y, i, cvt_bf16(ld(ctx, y, i) + ld(ctx, bias, i % N)))
+    st(ctx, y, i, round_bf16(ld(ctx, y, i) + ld(ctx, bias, i % N)))
 
 
 def w_add(x, y, n):
@@ -227,7 +227,7 @@ def k_adamw_step(ctx, p, m, v, g, n, gscale, lr, b1, b2, eps, wd, bc1, bc2_sqrt)
     one = F32(1)
     gi = ld(ctx, g, i) * gscale  # __fmul_rn
     if "adamw_fma" in machine.INJECT:
-        mi = fma32(b1, ld(ctx, m, i), (one - b1) * gi)
+        mi = fma(b1, ld(ctx, m, i), (one - b1) * gi, exact=True)
     else:
         mi = (b1 * ld(ctx, m, i)) + ((one - b1) * gi)  # __fadd_rn(__fmul_rn, __fmul_rn)
     vi = (b2 * ld(ctx, v, i)) + (((one - b2) * gi) * gi)
@@ -245,7 +245,7 @@ def k_partial_norms(ctx, parts, x, n):
     for i, act in strided(ctx, ctx.bid * ctx.NT + ctx.tid, stride, n):
         xi = ld(ctx, x, i, act).astype(F64)
         if "norm_f32" in machine.INJECT:  # the squares in f32: they overflow for |x| > 1.8e19
-            acc = np.where(act, fma32(xi, xi, acc.astype(F32)), acc)
+            acc = np.where(act, fma(xi, xi, acc.astype(F32), exact=True), acc)
         else:  # fma(v, v, acc) in f64; v * v is exact, so the same as acc + v * v
             acc = np.where(act, acc + xi * xi, acc)
     acc = block_sum(ctx, acc, scratch, F64)

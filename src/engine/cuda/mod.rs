@@ -23,7 +23,6 @@ mod profile;
 pub use profile::Profiler;
 mod quantize;
 pub mod selftest;
-mod selftest_step;
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};

@@ -2,8 +2,8 @@
 //! the CPU with bf16 storage (`engine::host::Host`) and against the f32 reference autograd. Loss and
 //! the gradient of every adapter tensor must agree.
 
-use super::selftest::{Check, Checks};
-use super::Cuda;
+use super::{Check, Checks};
+use crate::engine::cuda::{rel_err, Cuda};
 use crate::engine::host::Host;
 use crate::engine::plan::OPTIMIZER_WINDOW;
 use crate::engine::step::Engine;
@@ -23,7 +23,7 @@ const GRAD_TOL: f64 = 8e-2;
 fn worst(lora: &crate::model::lora::LoraParams, got: &[f32], want: &[f32]) -> f64 {
     lora.named_ranges()
         .into_iter()
-        .map(|(_, _, r)| super::rel_err(&got[r.clone()], &want[r]))
+        .map(|(_, _, r)| rel_err(&got[r.clone()], &want[r]))
         .fold(0.0, f64::max)
 }
 
@@ -106,7 +106,7 @@ pub fn run(gpu: &Cuda, out: &mut Checks) -> Result<()> {
             );
             push(
                 &format!("paged adamw update ({what})"),
-                super::rel_err(&delta(&got.data), &delta(&want.data)),
+                rel_err(&delta(&got.data), &delta(&want.data)),
                 1e-4,
             );
         }
@@ -121,7 +121,7 @@ pub fn run(gpu: &Cuda, out: &mut Checks) -> Result<()> {
             gpu_engine.last_logits(Some(&lora), &prompts)?,
             host_engine.last_logits(Some(&lora), &prompts)?,
         );
-        let err = a.iter().zip(&b).map(|(x, y)| super::rel_err(x, y)).fold(0.0, f64::max);
+        let err = a.iter().zip(&b).map(|(x, y)| rel_err(x, y)).fold(0.0, f64::max);
         push("generation logits vs cpu-bf16", err, 2e-2);
         // The second token comes from the KV-cache decode path; it must be the argmax of the same
         // prefix run whole. (Counted: cuBLAS may sum differently for other row counts, which could

@@ -3,6 +3,8 @@
 //! fails. The measure is ‖gpu − cpu‖ / ‖cpu‖, with a tolerance suited to bf16 outputs. Then a whole
 //! training step of tiny models on both devices (`selftest_step.rs`).
 
+mod step;
+
 use super::{rel_err, AttentionPath, Cuda, GemmPath, LoraPath, TILED_HEAD_DIMS};
 use crate::engine::Device;
 use crate::engine::SUM_PARTS;
@@ -677,6 +679,6 @@ pub fn run(gpu: &Cuda, seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Ch
         push("dropout", n.to_string(), rel_err(&got, &bf(&want)), 0.0);
     }
     gpu.stream.synchronize()?;
-    super::selftest_step::run(gpu, &mut out)?;
+    step::run(gpu, &mut out)?;
     Ok(out.rows)
 }
