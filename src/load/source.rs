@@ -48,6 +48,17 @@ pub fn open(path: &Path) -> Result<ModelSource> {
     };
     let config = match &format {
         Format::Dir => {
+            let missing: Vec<&str> = (["config.json", "tokenizer.json"].into_iter())
+                .filter(|f| !path.join(f).exists())
+                .collect();
+            if missing.contains(&"config.json") {
+                bail!(
+                    "{}: an HF model directory holds config.json, tokenizer.json and safetensors weights; \
+                     this one has no {}",
+                    path.display(),
+                    missing.join(" and no ")
+                );
+            }
             let mut config = ModelConfig::from_file(&path.join("config.json"))?;
             config.add_generation_stops(path)?;
             config
