@@ -4,6 +4,7 @@
 
 mod common;
 use common::*;
+use sqlora::engine::prelude::*;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;

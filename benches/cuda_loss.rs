@@ -7,6 +7,7 @@ use common::*;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sqlora::engine::cuda::GemmPath;
+use sqlora::engine::prelude::*;
 
 fn loss(c: &mut Criterion) {
     let Some(gpu) = gpu() else { return };

@@ -8,7 +8,7 @@ use common::*;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sqlora::engine::cuda::{GemmPath, Nf4Device};
-use sqlora::engine::Device;
+use sqlora::engine::prelude::*;
 use sqlora::model::nf4::Nf4Tensor;
 use sqlora::util::rng::Rng;
 

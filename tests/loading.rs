@@ -171,7 +171,7 @@ fn quantizing_while_loading_gives_the_same_nf4_model() {
 
 #[test]
 fn a_device_quantizer_loads_the_same_model_and_its_failure_names_the_tensor() {
-    use sqlora::engine::{host::Host, Device};
+    use sqlora::engine::{host::Host, prelude::*};
     use sqlora::model::cpu::LinearWeight;
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), TinyVariant::Llama).unwrap();

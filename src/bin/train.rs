@@ -276,7 +276,7 @@ fn auto_checkpointing(
     target: &Target,
 ) -> Result<bool> {
     use sqlora::engine::plan::{available_memory, checkpointing_needed, PlanInput};
-    use sqlora::engine::Device;
+    use sqlora::engine::DeviceBase;
     let budget = match (a.memory_budget, target.gpu()) {
         (Some(g), _) => Some((g * (1u64 << 30) as f64) as u64),
         (None, Some(g)) => g.memory_free().map(|b| b as u64),

@@ -3,7 +3,9 @@
 //! precision exactly (so the step's bf16 round trips are exercised without a GPU), though not their
 //! order of f32 summation.
 
-use super::{to_bf16, to_f32, Bf, Device, Elem, F32};
+use super::{
+    to_bf16, to_f32, AttentionOps, Bf, DeviceBase, Elem, Elementwise, LoraOps, LossOps, Nf4Gemm, OptimOps, F32,
+};
 use crate::model::cpu::{self, Linear, LinearWeight};
 use crate::model::lora::LoraAt;
 use crate::model::nf4::Nf4Tensor;
@@ -36,7 +38,7 @@ fn seqs(seq_start: &[i32], t: usize) -> Vec<Range<usize>> {
     out
 }
 
-impl Device for Host {
+impl DeviceBase for Host {
     type Buf<T: Elem> = Vec<T>;
     type Nf4 = Linear;
     type Graph = ();
@@ -110,7 +112,10 @@ impl Device for Host {
     fn memory_free(&self) -> Option<usize> {
         None
     }
+}
 
+#[allow(clippy::too_many_arguments)]
+impl Elementwise for Host {
     fn rmsnorm_fwd(
         &self,
         y: &mut Bf<Self>,
@@ -207,6 +212,39 @@ impl Device for Host {
         }
         Ok(())
     }
+    fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
+        for (i, &r) in idx[..n].iter().enumerate() {
+            out[i * d..(i + 1) * d].copy_from_slice(&x[r as usize * d..(r as usize + 1) * d]);
+        }
+        Ok(())
+    }
+    fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
+        for (i, &r) in idx[..n].iter().enumerate() {
+            out[r as usize * d..(r as usize + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
+        }
+        Ok(())
+    }
+    fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
+        x[..n]
+            .iter_mut()
+            .zip(&y[..n])
+            .for_each(|(a, b)| *a = bf16::from_f32(a.to_f32() + b.to_f32()));
+        Ok(())
+    }
+    fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()> {
+        out[..n].copy_from_slice(&to_bf16(&x[..n]));
+        Ok(())
+    }
+    fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()> {
+        let mut o = vec![0f32; n];
+        cpu::dropout(&mut o, &to_f32(&x[..n]), seed, p);
+        store(out, &o);
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl Nf4Gemm for Host {
     fn nf4_gemm_fwd(
         &self,
         y: &mut Bf<Self>,
@@ -232,6 +270,10 @@ impl Device for Host {
         store(dx, &out);
         Ok(())
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl LoraOps for Host {
     fn lora_fwd(
         &self,
         y: &mut Bf<Self>,
@@ -291,24 +333,10 @@ impl Device for Host {
         store(dx, &dx_lora);
         Ok(())
     }
-    fn argmax_rows(&self, out: &mut Vec<i32>, logits: &Vec<f32>, rows: usize, v: usize) -> Result<()> {
-        for (o, row) in out[..rows].iter_mut().zip(logits.chunks(v)) {
-            *o = crate::model::generate::argmax(row) as i32;
-        }
-        Ok(())
-    }
-    fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
-        for (i, &r) in idx[..n].iter().enumerate() {
-            out[i * d..(i + 1) * d].copy_from_slice(&x[r as usize * d..(r as usize + 1) * d]);
-        }
-        Ok(())
-    }
-    fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
-        for (i, &r) in idx[..n].iter().enumerate() {
-            out[r as usize * d..(r as usize + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
-        }
-        Ok(())
-    }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl LossOps for Host {
     fn head_logits(
         &self,
         logits: &mut F32<Self>,
@@ -363,6 +391,16 @@ impl Device for Host {
         store(&mut dh[row0 * d..], &out);
         Ok(())
     }
+    fn argmax_rows(&self, out: &mut Vec<i32>, logits: &Vec<f32>, rows: usize, v: usize) -> Result<()> {
+        for (o, row) in out[..rows].iter_mut().zip(logits.chunks(v)) {
+            *o = crate::model::generate::argmax(row) as i32;
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl AttentionOps for Host {
     fn attention_fwd(
         &self,
         out: &mut Bf<Self>,
@@ -466,6 +504,10 @@ impl Device for Host {
         }
         Ok(())
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl OptimOps for Host {
     fn partial_norms(&self, parts: &mut Vec<f32>, at: usize, x: &Vec<f32>, n: usize) -> Result<()> {
         // The whole norm (summed in f64) in the first part.
         let total: f64 = x[..n].iter().map(|&v| v as f64 * v as f64).sum();
@@ -486,23 +528,6 @@ impl Device for Host {
     ) -> Result<()> {
         let (ps, ss) = (p_off..p_off + n, s_off..s_off + n);
         h.apply(&mut p[ps.clone()], &mut m[ss.clone()], &mut v[ss], &g[ps]);
-        Ok(())
-    }
-    fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
-        x[..n]
-            .iter_mut()
-            .zip(&y[..n])
-            .for_each(|(a, b)| *a = bf16::from_f32(a.to_f32() + b.to_f32()));
-        Ok(())
-    }
-    fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()> {
-        out[..n].copy_from_slice(&to_bf16(&x[..n]));
-        Ok(())
-    }
-    fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()> {
-        let mut o = vec![0f32; n];
-        cpu::dropout(&mut o, &to_f32(&x[..n]), seed, p);
-        store(out, &o);
         Ok(())
     }
 }

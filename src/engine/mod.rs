@@ -26,6 +26,12 @@ use crate::model::nf4::Nf4Tensor;
 use crate::model::optim::{AdamStep, StatePages};
 use anyhow::Result;
 pub use api::{ProfileRow, StepEngine};
+
+/// Every device trait, for code that calls a device's methods on a concrete device type.
+pub mod prelude {
+    pub use super::{AttentionOps, Device, DeviceBase, Elementwise, LoraOps, LossOps, Nf4Gemm, OptimOps};
+}
+
 use half::bf16;
 
 /// An element type a device buffer can hold: plain bytes of a fixed size (a device moves them as
@@ -40,14 +46,14 @@ impl Elem for u8 {}
 pub const SUM_PARTS: usize = 256;
 
 /// Bf16 buffer of a device.
-pub type Bf<D> = <D as Device>::Buf<bf16>;
+pub type Bf<D> = <D as DeviceBase>::Buf<bf16>;
 /// F32 buffer of a device.
-pub type F32<D> = <D as Device>::Buf<f32>;
+pub type F32<D> = <D as DeviceBase>::Buf<f32>;
 
-/// The kernels of a training step. Shapes are given per argument; `t` is the number of rows (tokens)
-/// the call covers. Every method is one kernel launch (or a few, for LoRA) on the device's stream.
-#[allow(clippy::too_many_arguments)]
-pub trait Device {
+/// What every device provides besides its kernels: buffers and copies, streams, recorded
+/// graphs, profiling, NF4 weights, memory figures. Shapes are given per argument; `t` is the
+/// number of rows (tokens) a call covers.
+pub trait DeviceBase {
     /// A buffer of `T` in device memory.
     type Buf<T: Elem>;
     /// A frozen linear weight in NF4.
@@ -92,11 +98,6 @@ pub trait Device {
     fn take_profile(&self) -> Result<Vec<ProfileRow>> {
         Ok(Vec::new())
     }
-    /// Settle how attention runs at head width `hd` before any step (the GPU's `auto` choice runs
-    /// both of its paths once on a small batch), so that no step allocates for it.
-    fn prepare_attention(&self, _hd: usize) -> Result<()> {
-        Ok(())
-    }
     /// Work queued on the compute stream from now on waits for the copies queued so far.
     fn compute_waits_copies(&self) -> Result<()> {
         Ok(())
@@ -131,7 +132,11 @@ pub trait Device {
     fn memory_used(&self) -> Option<usize>;
     /// Bytes of device memory free now, if the device can tell.
     fn memory_free(&self) -> Option<usize>;
+}
 
+/// The kernels of the elementwise and row kernels (rmsnorm.cu, rope.cu, swiglu.cu, embedding.cu, elementwise.cu). Each method is one kernel launch (or a few) on the device's stream.
+#[allow(clippy::too_many_arguments)]
+pub trait Elementwise: DeviceBase {
     /// y = rmsnorm(x) w; rstd = 1 / sqrt(mean(x^2) + eps). y, x: [t, d]; w: [d]; rstd: [t] f32.
     fn rmsnorm_fwd(
         &self,
@@ -183,6 +188,21 @@ pub trait Device {
         t: usize,
         d: usize,
     ) -> Result<()>;
+    /// out[i] = x[idx[i]], rows of d, for i < n. out: [n, d]; x: [T, d]; idx: [n].
+    fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Self::Buf<i32>, n: usize, d: usize) -> Result<()>;
+    /// out[idx[i]] = x[i], rows of d, for i < n; other rows unchanged. out: [T, d]; x: [n, d].
+    fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Self::Buf<i32>, n: usize, d: usize) -> Result<()>;
+    /// x += y over n values.
+    fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()>;
+    /// out = bf16(x) over n values.
+    fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()>;
+    /// out = dropout(x) with the counter-based mask of `seed` (`backend::cpu::dropout`), n values.
+    fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()>;
+}
+
+/// The kernels of the fused NF4 GEMM in both orientations (nf4.cu). Each method is one kernel launch (or a few) on the device's stream.
+#[allow(clippy::too_many_arguments)]
+pub trait Nf4Gemm: DeviceBase {
     /// y = x W^T (+ bias). y: [t, out]; x: [t, in]; bias: [out].
     fn nf4_gemm_fwd(
         &self,
@@ -194,6 +214,11 @@ pub trait Device {
     ) -> Result<()>;
     /// dx = dy W. dx: [t, in]; dy: [t, out].
     fn nf4_gemm_bwd_input(&self, dx: &mut Bf<Self>, dy: &Bf<Self>, w: &Self::Nf4, t: usize) -> Result<()>;
+}
+
+/// The kernels of the LoRA branch of a projection, forward and backward (lora.cu). Each method is one kernel launch (or a few) on the device's stream.
+#[allow(clippy::too_many_arguments)]
+pub trait LoraOps: DeviceBase {
     /// xa = x A^T; y += s xa B^T, with A [r, in] and B [out, r] where `at` places them in `w`, the
     /// adapters' bf16 copies. y: [t, out]; xa: [t, r] f32; x: [t, in].
     fn lora_fwd(
@@ -224,10 +249,11 @@ pub trait Device {
         r: usize,
         scale: f32,
     ) -> Result<()>;
-    /// out[i] = x[idx[i]], rows of d, for i < n. out: [n, d]; x: [T, d]; idx: [n].
-    fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Self::Buf<i32>, n: usize, d: usize) -> Result<()>;
-    /// out[idx[i]] = x[i], rows of d, for i < n; other rows unchanged. out: [T, d]; x: [n, d].
-    fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Self::Buf<i32>, n: usize, d: usize) -> Result<()>;
+}
+
+/// The kernels of the output head and the loss over labelled rows (cross_entropy.cu). Each method is one kernel launch (or a few) on the device's stream.
+#[allow(clippy::too_many_arguments)]
+pub trait LossOps: DeviceBase {
     /// logits[i] = h[row0 + i] head^T, i < rows. logits: [rows, V] f32; h: [.., d]; head: [V, d].
     fn head_logits(
         &self,
@@ -265,6 +291,16 @@ pub trait Device {
     /// out[i] = the first index of the largest value of logits[i] (`generate::argmax`), i < rows.
     /// out: [rows ..] i32; logits: [rows, v] f32.
     fn argmax_rows(&self, out: &mut Self::Buf<i32>, logits: &F32<Self>, rows: usize, v: usize) -> Result<()>;
+}
+
+/// The kernels of causal GQA attention over packed sequences, and decoding against a KV cache (attention.cu, flash_attention.cu). Each method is one kernel launch (or a few) on the device's stream.
+#[allow(clippy::too_many_arguments)]
+pub trait AttentionOps: DeviceBase {
+    /// Settle how attention runs at head width `hd` before any step (the GPU's `auto` choice runs
+    /// both of its paths once on a small batch), so that no step allocates for it.
+    fn prepare_attention(&self, _hd: usize) -> Result<()> {
+        Ok(())
+    }
     /// Causal GQA attention within packed sequences. out, q: [t, heads, hd]; lse: [t, heads] f32
     /// (each row's log-sum-exp of the scaled scores, for the backward); k, v: [t, kv_heads, hd];
     /// seq_start: [t], the first token of each token's sequence; max_len: the longest sequence.
@@ -311,6 +347,11 @@ pub trait Device {
         dims: [usize; 3],
         max_len: usize,
     ) -> Result<()>;
+}
+
+/// The kernels of the gradient norm and AdamW over the flat adapter buffers (adamw.cu). Each method is one kernel launch (or a few) on the device's stream.
+#[allow(clippy::too_many_arguments)]
+pub trait OptimOps: DeviceBase {
     /// parts[at + b], b < [`SUM_PARTS`]: partial norms of x[..n], sqrt(sum of x[i]^2 over a share of
     /// the i), summed in f64 so that no square overflows; the whole norm is sqrt(sum of parts^2).
     /// How the values are split among the parts is the device's choice; it is fixed for a given n.
@@ -328,13 +369,13 @@ pub trait Device {
         n: usize,
         h: &AdamStep,
     ) -> Result<()>;
-    /// x += y over n values.
-    fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()>;
-    /// out = bf16(x) over n values.
-    fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()>;
-    /// out = dropout(x) with the counter-based mask of `seed` (`backend::cpu::dropout`), n values.
-    fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()>;
 }
+
+/// The kernels of a training step on one device: everything [`step::Engine`] calls. Implemented by
+/// every type that implements the families above.
+pub trait Device: DeviceBase + Elementwise + Nf4Gemm + LoraOps + LossOps + AttentionOps + OptimOps {}
+
+impl<D: DeviceBase + Elementwise + Nf4Gemm + LoraOps + LossOps + AttentionOps + OptimOps> Device for D {}
 
 /// f32 values rounded to bf16.
 pub fn to_bf16(v: &[f32]) -> Vec<bf16> {

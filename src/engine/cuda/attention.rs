@@ -14,6 +14,7 @@
 //! Decoding (one new query per sequence) always runs the simple decode kernel.
 
 use super::{blocks_for, rel_err, Cuda};
+use crate::engine::AttentionOps;
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
@@ -202,50 +203,6 @@ impl Cuda {
             (got.iter().zip(&want).map(|(g, w)| rel_err(g, w)))
                 .fold(0.0, |a: f64, e| if e.is_nan() || e > a { e } else { a });
         Ok(worst)
-    }
-
-    /// Causal GQA attention over packed sequences, keeping each row's log-sum-exp, by the path
-    /// [`Cuda::attention_tiled`] picks. out, q: [t, heads, hd]; lse: [t, heads] f32; k, v: [t,
-    /// kv_heads, hd]; seq_start: [t] (index of the first token of each token's sequence); max_len:
-    /// the longest sequence.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_fwd(
-        &self,
-        out: &mut CudaSlice<bf16>,
-        lse: &mut CudaSlice<f32>,
-        q: &CudaSlice<bf16>,
-        k: &CudaSlice<bf16>,
-        v: &CudaSlice<bf16>,
-        seq_start: &CudaSlice<i32>,
-        t: usize,
-        dims: [usize; 3],
-        max_len: usize,
-    ) -> Result<()> {
-        let path = self.path_for(dims[2]);
-        self.attention_fwd_via(path, out, lse, q, k, v, seq_start, t, dims, max_len)
-    }
-
-    /// Attention backward from the forward's output and log-sum-exp: dq, dk, dv: written (dk, dv:
-    /// [t, kv_heads, hd]); dd: [t, heads] f32 scratch; the rest as in [`Cuda::attention_fwd`], plus
-    /// dout: [t, heads, hd]. Deterministic: no atomics.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_bwd(
-        &self,
-        dq: &mut CudaSlice<bf16>,
-        dk: &mut CudaSlice<bf16>,
-        dv: &mut CudaSlice<bf16>,
-        dd: &mut CudaSlice<f32>,
-        dout: &CudaSlice<bf16>,
-        qkv: [&CudaSlice<bf16>; 3],
-        out: &CudaSlice<bf16>,
-        lse: &CudaSlice<f32>,
-        seq_start: &CudaSlice<i32>,
-        t: usize,
-        dims: [usize; 3],
-        max_len: usize,
-    ) -> Result<()> {
-        let path = self.path_for(dims[2]);
-        self.attention_bwd_via(path, [dq, dk, dv], dd, dout, qkv, out, lse, seq_start, t, dims, max_len)
     }
 
     fn path_for(&self, hd: usize) -> AttentionPath {
@@ -518,16 +475,73 @@ impl Cuda {
         unsafe { self.launch(&mut l, cfg, "attention_bwd_dkv") }?;
         Ok(())
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl AttentionOps for Cuda {
+    fn prepare_attention(&self, hd: usize) -> Result<()> {
+        if !self.attention_tiled(hd) && self.attention == super::AttentionPath::Tiled {
+            eprintln!(
+                "note: SQLORA_ATTENTION=tiled, but there are tiled kernels for head widths {:?} only: \
+                 width {hd} runs the simple ones",
+                super::TILED_HEAD_DIMS
+            );
+        }
+        Ok(())
+    }
+
+    /// Causal GQA attention over packed sequences, keeping each row's log-sum-exp, by the path
+    /// [`Cuda::attention_tiled`] picks. out, q: [t, heads, hd]; lse: [t, heads] f32; k, v: [t,
+    /// kv_heads, hd]; seq_start: [t] (index of the first token of each token's sequence); max_len:
+    /// the longest sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd(
+        &self,
+        out: &mut CudaSlice<bf16>,
+        lse: &mut CudaSlice<f32>,
+        q: &CudaSlice<bf16>,
+        k: &CudaSlice<bf16>,
+        v: &CudaSlice<bf16>,
+        seq_start: &CudaSlice<i32>,
+        t: usize,
+        dims: [usize; 3],
+        max_len: usize,
+    ) -> Result<()> {
+        let path = self.path_for(dims[2]);
+        self.attention_fwd_via(path, out, lse, q, k, v, seq_start, t, dims, max_len)
+    }
+
+    /// Attention backward from the forward's output and log-sum-exp: dq, dk, dv: written (dk, dv:
+    /// [t, kv_heads, hd]); dd: [t, heads] f32 scratch; the rest as in [`Cuda::attention_fwd`], plus
+    /// dout: [t, heads, hd]. Deterministic: no atomics.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dq: &mut CudaSlice<bf16>,
+        dk: &mut CudaSlice<bf16>,
+        dv: &mut CudaSlice<bf16>,
+        dd: &mut CudaSlice<f32>,
+        dout: &CudaSlice<bf16>,
+        qkv: [&CudaSlice<bf16>; 3],
+        out: &CudaSlice<bf16>,
+        lse: &CudaSlice<f32>,
+        seq_start: &CudaSlice<i32>,
+        t: usize,
+        dims: [usize; 3],
+        max_len: usize,
+    ) -> Result<()> {
+        let path = self.path_for(dims[2]);
+        self.attention_bwd_via(path, [dq, dk, dv], dd, dout, qkv, out, lse, seq_start, t, dims, max_len)
+    }
 
     /// Generation: query i < b (one new token) against its cached keys key_start[i] ..
     /// key_start[i] + key_len[i]. out, q: [b, heads, hd]; k, v: [rows, kv_heads, hd] (the cache).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_decode(
+    fn attention_decode(
         &self,
         out: &mut CudaSlice<bf16>,
         q: &CudaSlice<bf16>,
-        k: &CudaSlice<bf16>,
-        v: &CudaSlice<bf16>,
+        [k, v]: [&CudaSlice<bf16>; 2],
         key_start: &CudaSlice<i32>,
         key_len: &CudaSlice<i32>,
         b: usize,

@@ -1,11 +1,12 @@
-//! The GPU as an [`engine::Device`](crate::engine::Device): each method forwards to the typed launch
-//! wrapper of the same name (ops.rs), so the training step of `engine::step` runs our kernels.
+//! The GPU's [`DeviceBase`]: buffers and copies on its two streams, CUDA graphs, pinned pages for
+//! the optimizer, NF4 weights. Each kernel family of [`crate::engine::Device`] is implemented
+//! where its launches are: `ops.rs` (elementwise and rows, AdamW), `gemm.rs` (NF4 GEMM), `lora.rs`,
+//! `head.rs` (output head and loss), `attention.rs`.
 
 use super::{Cuda, Nf4Device};
-use crate::engine::{Bf, Device, Elem, F32};
-use crate::model::lora::LoraAt;
+use crate::engine::{DeviceBase, Elem};
 use crate::model::nf4::{dynamic_map, Nf4Tensor};
-use crate::model::optim::{AdamStep, StatePages};
+use crate::model::optim::StatePages;
 use anyhow::{Context, Result};
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -57,8 +58,7 @@ fn same_mut<A: 'static, B: 'static>(a: &mut A) -> &mut B {
         .expect("as_cuda_elem matched the element type")
 }
 
-#[allow(clippy::too_many_arguments)]
-impl Device for Cuda {
+impl DeviceBase for Cuda {
     type Buf<T: Elem> = CudaSlice<T>;
     type Nf4 = Nf4Device;
     type Graph = cudarc::driver::CudaGraph;
@@ -134,16 +134,6 @@ impl Device for Cuda {
     }
     fn take_profile(&self) -> Result<Vec<crate::engine::ProfileRow>> {
         Cuda::take_profile(self)
-    }
-    fn prepare_attention(&self, hd: usize) -> Result<()> {
-        if !self.attention_tiled(hd) && self.attention == super::AttentionPath::Tiled {
-            eprintln!(
-                "note: SQLORA_ATTENTION=tiled, but there are tiled kernels for head widths {:?} only: \
-                 width {hd} runs the simple ones",
-                super::TILED_HEAD_DIMS
-            );
-        }
-        Ok(())
     }
     fn compute_waits_copies(&self) -> Result<()> {
         match self.copies.get() {
@@ -229,219 +219,6 @@ impl Device for Cuda {
     }
     fn memory_used(&self) -> Option<usize> {
         self.ctx.mem_get_info().ok().map(|(free, total)| total - free)
-    }
-
-    fn rmsnorm_fwd(
-        &self,
-        y: &mut Bf<Self>,
-        rstd: &mut F32<Self>,
-        x: &Bf<Self>,
-        w: &Bf<Self>,
-        t: usize,
-        eps: f32,
-    ) -> Result<()> {
-        Cuda::rmsnorm_fwd(self, y, rstd, x, w, t, eps)
-    }
-    fn rmsnorm_bwd(
-        &self,
-        dx: &mut Bf<Self>,
-        dy: &Bf<Self>,
-        x: &Bf<Self>,
-        w: &Bf<Self>,
-        rstd: &F32<Self>,
-        t: usize,
-    ) -> Result<()> {
-        Cuda::rmsnorm_bwd(self, dx, dy, x, w, rstd, t)
-    }
-    fn rope_rotate(
-        &self,
-        x: &mut Bf<Self>,
-        pos: &CudaSlice<i32>,
-        inv_freq: &F32<Self>,
-        t: usize,
-        heads: usize,
-        sign: f32,
-    ) -> Result<()> {
-        Cuda::rope_rotate(self, x, pos, inv_freq, t, heads, sign)
-    }
-    fn swiglu_fwd(&self, out: &mut Bf<Self>, gate: &Bf<Self>, up: &Bf<Self>, n: usize) -> Result<()> {
-        Cuda::swiglu_fwd(self, out, gate, up, n)
-    }
-    fn swiglu_bwd(
-        &self,
-        dgate: &mut Bf<Self>,
-        dup: &mut Bf<Self>,
-        dout: &Bf<Self>,
-        gate: &Bf<Self>,
-        up: &Bf<Self>,
-        n: usize,
-    ) -> Result<()> {
-        Cuda::swiglu_bwd(self, dgate, dup, dout, gate, up, n)
-    }
-    fn embedding_fwd(
-        &self,
-        out: &mut Bf<Self>,
-        table: &Bf<Self>,
-        tokens: &CudaSlice<i32>,
-        t: usize,
-        d: usize,
-    ) -> Result<()> {
-        Cuda::embedding_fwd(self, out, table, tokens, t, d)
-    }
-    fn nf4_gemm_fwd(
-        &self,
-        y: &mut Bf<Self>,
-        x: &Bf<Self>,
-        w: &Nf4Device,
-        bias: Option<&Bf<Self>>,
-        t: usize,
-    ) -> Result<()> {
-        Cuda::nf4_gemm_fwd(self, y, x, w, bias, t)
-    }
-    fn nf4_gemm_bwd_input(&self, dx: &mut Bf<Self>, dy: &Bf<Self>, w: &Nf4Device, t: usize) -> Result<()> {
-        Cuda::nf4_gemm_bwd_input(self, dx, dy, w, t)
-    }
-    fn lora_fwd(
-        &self,
-        y: &mut Bf<Self>,
-        xa: &mut F32<Self>,
-        x: &Bf<Self>,
-        w: &Bf<Self>,
-        at: LoraAt,
-        t: usize,
-        r: usize,
-        scale: f32,
-    ) -> Result<()> {
-        self.lora_fwd_via(self.lora, y, xa, x, w, at, t, r, scale)
-    }
-    fn lora_bwd(
-        &self,
-        dx: &mut Bf<Self>,
-        grad: &mut F32<Self>,
-        g: &mut F32<Self>,
-        dy: &Bf<Self>,
-        x: &Bf<Self>,
-        xa: &F32<Self>,
-        w: &Bf<Self>,
-        at: LoraAt,
-        t: usize,
-        r: usize,
-        scale: f32,
-    ) -> Result<()> {
-        self.lora_bwd_via(self.lora, dx, grad, g, dy, x, xa, w, at, t, r, scale)
-    }
-    fn argmax_rows(&self, out: &mut CudaSlice<i32>, logits: &F32<Self>, rows: usize, v: usize) -> Result<()> {
-        Cuda::argmax_rows(self, out, logits, rows, v)
-    }
-    fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &CudaSlice<i32>, n: usize, d: usize) -> Result<()> {
-        Cuda::gather_rows(self, out, x, idx, n, d)
-    }
-    fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &CudaSlice<i32>, n: usize, d: usize) -> Result<()> {
-        Cuda::scatter_rows(self, out, x, idx, n, d)
-    }
-    fn head_logits(
-        &self,
-        logits: &mut F32<Self>,
-        h: &Bf<Self>,
-        head: &Bf<Self>,
-        row0: usize,
-        rows: usize,
-        d: usize,
-    ) -> Result<()> {
-        Cuda::head_logits(self, logits, h, head, row0, rows, d)
-    }
-    fn ce_softmax_grad(
-        &self,
-        dlogits: &mut Bf<Self>,
-        loss: &mut F32<Self>,
-        logits: &F32<Self>,
-        targets: &CudaSlice<i32>,
-        row0: usize,
-        rows: usize,
-        vocab: usize,
-        inv_count: f32,
-    ) -> Result<()> {
-        Cuda::ce_softmax_grad(self, dlogits, loss, logits, targets, row0, rows, vocab, inv_count)
-    }
-    fn head_grad(
-        &self,
-        dh: &mut Bf<Self>,
-        dlogits: &Bf<Self>,
-        head: &Bf<Self>,
-        row0: usize,
-        rows: usize,
-        d: usize,
-    ) -> Result<()> {
-        Cuda::head_grad(self, dh, dlogits, head, row0, rows, d)
-    }
-    fn attention_fwd(
-        &self,
-        out: &mut Bf<Self>,
-        lse: &mut F32<Self>,
-        q: &Bf<Self>,
-        k: &Bf<Self>,
-        v: &Bf<Self>,
-        seq_start: &CudaSlice<i32>,
-        t: usize,
-        dims: [usize; 3],
-        max_len: usize,
-    ) -> Result<()> {
-        Cuda::attention_fwd(self, out, lse, q, k, v, seq_start, t, dims, max_len)
-    }
-    fn attention_bwd(
-        &self,
-        dq: &mut Bf<Self>,
-        dk: &mut Bf<Self>,
-        dv: &mut Bf<Self>,
-        dd: &mut F32<Self>,
-        dout: &Bf<Self>,
-        qkv: [&Bf<Self>; 3],
-        out: &Bf<Self>,
-        lse: &F32<Self>,
-        seq_start: &CudaSlice<i32>,
-        t: usize,
-        dims: [usize; 3],
-        max_len: usize,
-    ) -> Result<()> {
-        Cuda::attention_bwd(self, dq, dk, dv, dd, dout, qkv, out, lse, seq_start, t, dims, max_len)
-    }
-    fn attention_decode(
-        &self,
-        out: &mut Bf<Self>,
-        q: &Bf<Self>,
-        [k, v]: [&Bf<Self>; 2],
-        key_start: &CudaSlice<i32>,
-        key_len: &CudaSlice<i32>,
-        b: usize,
-        dims: [usize; 3],
-        max_len: usize,
-    ) -> Result<()> {
-        Cuda::attention_decode(self, out, q, k, v, key_start, key_len, b, dims, max_len)
-    }
-    fn partial_norms(&self, parts: &mut F32<Self>, at: usize, x: &F32<Self>, n: usize) -> Result<()> {
-        Cuda::partial_norms(self, parts, at, x, n)
-    }
-    fn adamw_step(
-        &self,
-        p: &mut F32<Self>,
-        m: &mut F32<Self>,
-        v: &mut F32<Self>,
-        g: &F32<Self>,
-        p_off: usize,
-        s_off: usize,
-        n: usize,
-        h: &AdamStep,
-    ) -> Result<()> {
-        Cuda::adamw_step(self, p, m, v, g, p_off, s_off, n, h)
-    }
-    fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
-        Cuda::add(self, x, y, n)
-    }
-    fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()> {
-        Cuda::cast_f32_bf16(self, out, x, n)
-    }
-    fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()> {
-        Cuda::dropout(self, out, x, seed, p, n)
     }
 }
 

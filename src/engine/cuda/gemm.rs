@@ -12,6 +12,7 @@
 //! per shape, and a broken fast path can only lose the race, not corrupt training.
 
 use super::{gemm_tiles, is_out_of_memory, mma_tiles, Cuda, Nf4Device};
+use crate::engine::Nf4Gemm;
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, PushKernelArg};
@@ -152,40 +153,6 @@ impl Drop for GemmState {
 }
 
 impl Cuda {
-    /// y = x W^T (+ bias) with W in NF4, by `self.gemm`'s path. y: [t, out]; x: [t, in]; bias: [out].
-    pub fn nf4_gemm_fwd(
-        &self,
-        y: &mut CudaSlice<bf16>,
-        x: &CudaSlice<bf16>,
-        w: &Nf4Device,
-        bias: Option<&CudaSlice<bf16>>,
-        t: usize,
-    ) -> Result<()> {
-        let shape = (GemmKind::Nf4Fwd, w.out_features, w.in_features, t.next_power_of_two());
-        self.tuned(shape, y, t * w.out_features, &mut |gpu, path, y| {
-            gpu.nf4_gemm_fwd_via(path, y, x, w, bias, t)
-        })
-    }
-
-    /// dx = dy W with W in NF4, by `self.gemm`'s path. dx: [t, in]; dy: [t, out].
-    pub fn nf4_gemm_bwd_input(
-        &self,
-        dx: &mut CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
-        w: &Nf4Device,
-        t: usize,
-    ) -> Result<()> {
-        let shape = (
-            GemmKind::Nf4BwdInput,
-            w.out_features,
-            w.in_features,
-            t.next_power_of_two(),
-        );
-        self.tuned(shape, dx, t * w.in_features, &mut |gpu, path, dx| {
-            gpu.nf4_gemm_bwd_input_via(path, dx, dy, w, t)
-        })
-    }
-
     /// Run `gemm` by the configured path, or by the tuner's choice for `shape` (choosing it first
     /// if this shape is new). `out` holds `out_len` meaningful values.
     fn tuned(&self, shape: Shape, out: &mut CudaSlice<bf16>, out_len: usize, gemm: &mut GemmCall<bf16>) -> Result<()> {
@@ -475,6 +442,43 @@ impl Cuda {
                 // (ldb n), C the first t rows of dx (ldc k); the buffers hold at least that much.
                 unsafe { blas.gemm(cfg, wd, dy, dx) }.context("cuBLAS gemm (NF4 input gradient)")
             })
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl Nf4Gemm for Cuda {
+    /// y = x W^T (+ bias) with W in NF4, by `self.gemm`'s path. y: [t, out]; x: [t, in]; bias: [out].
+    fn nf4_gemm_fwd(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        bias: Option<&CudaSlice<bf16>>,
+        t: usize,
+    ) -> Result<()> {
+        let shape = (GemmKind::Nf4Fwd, w.out_features, w.in_features, t.next_power_of_two());
+        self.tuned(shape, y, t * w.out_features, &mut |gpu, path, y| {
+            gpu.nf4_gemm_fwd_via(path, y, x, w, bias, t)
+        })
+    }
+
+    /// dx = dy W with W in NF4, by `self.gemm`'s path. dx: [t, in]; dy: [t, out].
+    fn nf4_gemm_bwd_input(
+        &self,
+        dx: &mut CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        w: &Nf4Device,
+        t: usize,
+    ) -> Result<()> {
+        let shape = (
+            GemmKind::Nf4BwdInput,
+            w.out_features,
+            w.in_features,
+            t.next_power_of_two(),
+        );
+        self.tuned(shape, dx, t * w.in_features, &mut |gpu, path, dx| {
+            gpu.nf4_gemm_bwd_input_via(path, dx, dy, w, t)
         })
     }
 }

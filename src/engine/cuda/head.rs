@@ -8,8 +8,10 @@
 //! cuBLAS result that agrees with ours, and from then on uses the faster (the NF4 GEMMs' tuner,
 //! gemm.rs); `tiled` or `mma` forces our kernels, `cublas` cuBLAS.
 
+use super::block_per_row;
 use super::gemm::{GemmKind, GemmPath, Shape};
 use super::{mma_tiles, Cuda};
+use crate::engine::LossOps;
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::{Gemm, GemmConfig};
@@ -25,60 +27,6 @@ impl Cuda {
             GemmPath::Auto if has_blas => vec![GemmPath::Mma, GemmPath::Cublas],
             _ => vec![GemmPath::Mma],
         }
-    }
-
-    /// logits[i] = h[row0 + i] head^T for i < rows. logits: [rows, V] f32; h: [>= row0 + rows, d];
-    /// head: [V, d].
-    pub fn head_logits(
-        &self,
-        logits: &mut CudaSlice<f32>,
-        h: &CudaSlice<bf16>,
-        head: &CudaSlice<bf16>,
-        row0: usize,
-        rows: usize,
-        d: usize,
-    ) -> Result<()> {
-        let v = head.len() / d;
-        if rows == 0 {
-            return Ok(()); // nothing to race on
-        }
-        let shape: Shape = (GemmKind::HeadLogits, v, d, rows.next_power_of_two());
-        let path = self.choose(
-            shape,
-            &|has_blas| self.head_candidates(has_blas),
-            logits,
-            0..rows * v,
-            |x| *x,
-            &mut |gpu, path, out| gpu.head_logits_via(path, out, h, head, row0, rows, d),
-        )?;
-        self.head_logits_via(path, logits, h, head, row0, rows, d)
-    }
-
-    /// dh[row0 + i] = dlogits[i] head for i < rows. dh: [>= row0 + rows, d]; dlogits: [rows, V].
-    pub fn head_grad(
-        &self,
-        dh: &mut CudaSlice<bf16>,
-        dlogits: &CudaSlice<bf16>,
-        head: &CudaSlice<bf16>,
-        row0: usize,
-        rows: usize,
-        d: usize,
-    ) -> Result<()> {
-        let v = head.len() / d;
-        if rows == 0 {
-            return Ok(());
-        }
-        let shape: Shape = (GemmKind::HeadGrad, v, d, rows.next_power_of_two());
-        let written = row0 * d..(row0 + rows) * d;
-        let path = self.choose(
-            shape,
-            &|has_blas| self.head_candidates(has_blas),
-            dh,
-            written,
-            |x| x.to_f32(),
-            &mut |gpu, path, out| gpu.head_grad_via(path, out, dlogits, head, row0, rows, d),
-        )?;
-        self.head_grad_via(path, dh, dlogits, head, row0, rows, d)
     }
 
     /// [`Cuda::head_logits`] by the given path (`Mma` or `Cublas`; the selftest checks both).
@@ -230,5 +178,111 @@ impl Cuda {
             // (ldb V), C the rows [row0, row0 + rows) of dh (ldc d): all inside their buffers.
             unsafe { blas.gemm(cfg, head, dlogits, &mut dh_rows) }.context("cuBLAS gemm (head gradient)")
         })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl LossOps for Cuda {
+    /// logits[i] = h[row0 + i] head^T for i < rows. logits: [rows, V] f32; h: [>= row0 + rows, d];
+    /// head: [V, d].
+    fn head_logits(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        h: &CudaSlice<bf16>,
+        head: &CudaSlice<bf16>,
+        row0: usize,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        let v = head.len() / d;
+        if rows == 0 {
+            return Ok(()); // nothing to race on
+        }
+        let shape: Shape = (GemmKind::HeadLogits, v, d, rows.next_power_of_two());
+        let path = self.choose(
+            shape,
+            &|has_blas| self.head_candidates(has_blas),
+            logits,
+            0..rows * v,
+            |x| *x,
+            &mut |gpu, path, out| gpu.head_logits_via(path, out, h, head, row0, rows, d),
+        )?;
+        self.head_logits_via(path, logits, h, head, row0, rows, d)
+    }
+
+    /// Per row i < rows: loss[row0 + i] = lse - z[target], dlogits[i] = inv_count (softmax(z) - onehot).
+    /// dlogits: [rows, V]; loss, targets: [>= row0 + rows]; logits: [rows, V] f32.
+    #[allow(clippy::too_many_arguments)]
+    fn ce_softmax_grad(
+        &self,
+        dlogits: &mut CudaSlice<bf16>,
+        loss: &mut CudaSlice<f32>,
+        logits: &CudaSlice<f32>,
+        targets: &CudaSlice<i32>,
+        row0: usize,
+        rows: usize,
+        vocab: usize,
+        inv_count: f32,
+    ) -> Result<()> {
+        assert!(dlogits.len() >= rows * vocab && logits.len() >= rows * vocab);
+        assert!(loss.len() >= row0 + rows && targets.len() >= row0 + rows);
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r0, vi) = (row0 as i32, vocab as i32);
+        let mut l = self.stream.launch_builder(&self.k.ce_softmax_grad);
+        l.arg(dlogits)
+            .arg(loss)
+            .arg(logits)
+            .arg(targets)
+            .arg(&r0)
+            .arg(&vi)
+            .arg(&inv_count);
+        // SAFETY: one block per row i < rows reads logits row i [V] and targets[row0 + i], writes
+        // dlogits row i and loss[row0 + i]; the lengths are asserted above.
+        unsafe { self.launch(&mut l, block_per_row(rows), "ce_softmax_grad") }?;
+        Ok(())
+    }
+
+    /// dh[row0 + i] = dlogits[i] head for i < rows. dh: [>= row0 + rows, d]; dlogits: [rows, V].
+    fn head_grad(
+        &self,
+        dh: &mut CudaSlice<bf16>,
+        dlogits: &CudaSlice<bf16>,
+        head: &CudaSlice<bf16>,
+        row0: usize,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        let v = head.len() / d;
+        if rows == 0 {
+            return Ok(());
+        }
+        let shape: Shape = (GemmKind::HeadGrad, v, d, rows.next_power_of_two());
+        let written = row0 * d..(row0 + rows) * d;
+        let path = self.choose(
+            shape,
+            &|has_blas| self.head_candidates(has_blas),
+            dh,
+            written,
+            |x| x.to_f32(),
+            &mut |gpu, path, out| gpu.head_grad_via(path, out, dlogits, head, row0, rows, d),
+        )?;
+        self.head_grad_via(path, dh, dlogits, head, row0, rows, d)
+    }
+
+    /// out[i] = argmax of logits[i] (first index of the largest; `generate::argmax`), i < rows.
+    /// out: [rows ..] i32; logits: [rows, v] f32.
+    fn argmax_rows(&self, out: &mut CudaSlice<i32>, logits: &CudaSlice<f32>, rows: usize, v: usize) -> Result<()> {
+        assert!(out.len() >= rows && logits.len() >= rows * v && v > 0);
+        if rows == 0 {
+            return Ok(());
+        }
+        let (ri, vi) = (rows as i32, v as i32);
+        let mut b = self.stream.launch_builder(&self.k.argmax_rows);
+        b.arg(out).arg(logits).arg(&ri).arg(&vi);
+        // SAFETY: one block of 256 threads per row reads logits[row, ..v] and writes out[row].
+        unsafe { self.launch(&mut b, block_per_row(rows), "argmax_rows") }?;
+        Ok(())
     }
 }

@@ -9,6 +9,7 @@
 //! so the two agree to rounding (`sqlora selftest` checks each against the CPU).
 
 use super::Cuda;
+use crate::engine::{Bf, LoraOps, F32};
 use crate::model::lora::LoraAt;
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
@@ -184,5 +185,38 @@ impl Cuda {
         // and in in the kernel; reads g [t, r] and a [r, in].
         unsafe { self.launch(&mut l, expand_cfg(path, t, k), name) }?;
         Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl LoraOps for Cuda {
+    fn lora_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        xa: &mut F32<Self>,
+        x: &Bf<Self>,
+        w: &Bf<Self>,
+        at: LoraAt,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        self.lora_fwd_via(self.lora, y, xa, x, w, at, t, r, scale)
+    }
+    fn lora_bwd(
+        &self,
+        dx: &mut Bf<Self>,
+        grad: &mut F32<Self>,
+        g: &mut F32<Self>,
+        dy: &Bf<Self>,
+        x: &Bf<Self>,
+        xa: &F32<Self>,
+        w: &Bf<Self>,
+        at: LoraAt,
+        t: usize,
+        r: usize,
+        scale: f32,
+    ) -> Result<()> {
+        self.lora_bwd_via(self.lora, dx, grad, g, dy, x, xa, w, at, t, r, scale)
     }
 }

@@ -3,7 +3,7 @@
 //! where the GEMMs will read them, one projection at a time as the model loads.
 
 use super::Cuda;
-use crate::engine::Device;
+use crate::engine::prelude::*;
 use crate::model::nf4::{dynamic_map, DoubleQuant, Nf4Tensor, BLOCK, DQ_BLOCK};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};

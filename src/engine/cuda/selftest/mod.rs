@@ -6,7 +6,7 @@
 mod step;
 
 use super::{rel_err, AttentionPath, Cuda, GemmPath, LoraPath, TILED_HEAD_DIMS};
-use crate::engine::Device;
+use crate::engine::prelude::*;
 use crate::engine::SUM_PARTS;
 use crate::model::cpu;
 use crate::model::nf4::{dynamic_map, Nf4Tensor};
@@ -612,7 +612,7 @@ pub fn run(gpu: &Cuda, seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Ch
         let mut o = gpu.poisoned(b * heads * hd)?;
         let (kd, vd) = (gpu.up(&k)?, gpu.up(&v)?);
         let (sd, ld) = (gpu.up32(&starts)?, gpu.up32(&lens)?);
-        gpu.attention_decode(&mut o, &gpu.up(&q)?, &kd, &vd, &sd, &ld, b, dims, max_len)?;
+        gpu.attention_decode(&mut o, &gpu.up(&q)?, [&kd, &vd], &sd, &ld, b, dims, max_len)?;
         let to_bf = |v: &[f32]| crate::engine::to_bf16(v);
         let mut want = vec![bf16::ZERO; q.len()];
         let (kh, vh) = (to_bf(&k), to_bf(&v));
