@@ -305,7 +305,10 @@ fn smollm2() -> Option<PathBuf> {
     match path {
         Some(p) if p.exists() => Some(p),
         _ => {
-            eprintln!("skipped: set SQLORA_TEST_MODELS to a folder holding smollm2-135m-instruct.Q4_1.gguf (../shared/tools/fetch-models.sh)");
+            common::missing(
+                "set SQLORA_TEST_MODELS to a folder holding smollm2-135m-instruct.Q4_1.gguf \
+                 (../shared/tools/fetch-models.sh)",
+            );
             None
         }
     }

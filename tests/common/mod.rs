@@ -5,6 +5,23 @@ use sqlora::sql::exec::Db;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// Whether this is a CI run (`CI` is `true` or `1`, as CI services set it, or `SQLORA_CI=1`, which
+/// `.ci/run` sets): there every prerequisite of a test must be present.
+pub fn in_ci() -> bool {
+    let on = |v: &str| std::env::var(v).is_ok_and(|x| x == "1" || x.eq_ignore_ascii_case("true"));
+    on("CI") || on("SQLORA_CI")
+}
+
+/// A test's prerequisite is missing: outside CI the test is skipped with `why` on stderr; under
+/// CI ([`in_ci`]) the test fails, so that nothing counts as passed for lack of its input.
+pub fn missing(why: &str) {
+    assert!(
+        !in_ci(),
+        "{why}; CI provides it (.ci/run), so its absence is a failure, not a skip"
+    );
+    eprintln!("skipped: {why}");
+}
+
 /// ‖a − b‖ / ‖b‖, in f64.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "comparing tensors of different sizes");
@@ -20,10 +37,10 @@ pub fn spider_dir() -> Option<PathBuf> {
     if dir.join("tables.json").exists() {
         Some(dir)
     } else {
-        eprintln!(
-            "skipped: {} not found (Spider's training split lives in ../shared)",
+        missing(&format!(
+            "{} not found (Spider's training split lives in ../shared)",
             dir.display()
-        );
+        ));
         None
     }
 }
