@@ -1,5 +1,5 @@
 //! The [`Device`] contract on the CPU: each op widens its bf16 inputs to f32, runs the reference op
-//! of `backend::cpu`, and rounds what the kernel stores as bf16. It follows the kernels' storage
+//! of `model::cpu`, and rounds what the kernel stores as bf16. It follows the kernels' storage
 //! precision exactly (so the step's bf16 round trips are exercised without a GPU), though not their
 //! order of f32 summation.
 

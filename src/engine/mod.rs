@@ -196,7 +196,7 @@ pub trait Elementwise: DeviceBase {
     fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()>;
     /// out = bf16(x) over n values.
     fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()>;
-    /// out = dropout(x) with the counter-based mask of `seed` (`backend::cpu::dropout`), n values.
+    /// out = dropout(x) with the counter-based mask of `seed` (`model::cpu::dropout`), n values.
     fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()>;
 }
 

@@ -2,9 +2,11 @@
 //! Every kernel is looked up once, when the device is opened, so a missing kernel is an error at
 //! start-up that names it, never a failed lookup in the middle of a run.
 //!
-//! The typed launch wrappers are in `ops.rs`; `device.rs` makes them an [`crate::engine::Device`], so
-//! the training step of `engine` runs on the GPU. `sqlora selftest` checks each kernel against the CPU
-//! reference. Attention runs tiled on tensor cores or by the simple kernels (`attention.rs`).
+//! Each kernel family of [`crate::engine::Device`] is implemented in the file that launches it
+//! (`ops.rs`, `gemm.rs`, `lora.rs`, `head.rs`, `attention.rs`); `device.rs` holds the rest of the
+//! contract (buffers, streams, graphs), so the training step of `engine::step` runs on the GPU.
+//! `sqlora selftest` checks each kernel against the CPU reference. Attention runs tiled on tensor
+//! cores or by the simple kernels (`attention.rs`).
 
 /// The CUDA kernels compiled by build.rs (empty when the build had no nvcc).
 pub mod kernels {

@@ -1,4 +1,4 @@
-//! The optimizer's moments in page-locked host memory, so that the paged AdamW (engine/optim.rs)
+//! The optimizer's moments in page-locked host memory, so that the paged AdamW (engine/step/optim.rs)
 //! moves them to and from its device window by DMA. Same layout as `optim::HostPages`.
 
 use crate::model::optim::StatePages;
@@ -51,7 +51,7 @@ impl StatePages for PinnedPages {
     fn pages_mut(&mut self) -> Vec<(Range<usize>, &mut [f32], &mut [f32])> {
         let page = self.page;
         // The pages reach cudarc as plain slices, so it records no events on them: the paged AdamW
-        // synchronizes the device after its copies to or from them (engine/optim.rs, also when a
+        // synchronizes the device after its copies to or from them (engine/step/optim.rs, also when a
         // step fails), so none is in flight when the host holds these slices.
         (self.m.iter_mut().zip(&mut self.v).enumerate())
             .map(|(i, (m, v))| {
