@@ -132,12 +132,15 @@ pub struct Evals {
     pub exec_accuracy: Option<f64>,
 }
 
-/// Where a device run's current adapters and optimizer moments are.
+/// Where the current adapters and optimizer moments are. Until the engine updates them, the host's
+/// copy (`Trainer::lora`, `Trainer::opt`) is the one that counts: the engine takes it before each
+/// step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Residence {
-    /// Only the host has them (a fresh run, a resume, or no device): upload before the next step.
+    /// Only the host has them (a fresh run, a resume, a new engine): upload before the next step.
     Host,
-    /// Host and device agree.
+    /// Host and engine agree (after a sync or a skipped step); the host's copy is given to the
+    /// engine again before the next step, so a change made to it there is not lost.
     Both,
     /// The device has updated them since the host last looked.
     Device,
@@ -340,7 +343,7 @@ impl Trainer {
         let lr = self.schedule().lr(self.state.step);
         let mut loss = 0f64;
         // The engine holds the adapters and accumulates the gradients; its AdamW updates them there.
-        if self.residence == Residence::Host {
+        if self.residence != Residence::Device {
             self.engine.to_device(&self.lora)?;
             self.residence = Residence::Both;
         }
