@@ -1,4 +1,4 @@
-// AdamW on f32 parameters and the gradient norm it clips by. Twin of src/optim.rs (AdamW::update,
+// AdamW on f32 parameters and the gradient norm it clips by. Twin of src/model/optim.rs (AdamW::update,
 // clip_grad_norm) and of the host device in src/engine/host.rs.
 #include "common.cuh"
 

@@ -1,5 +1,5 @@
 // Causal grouped-query attention over packed sequences, forward and backward.
-// Twin of src/backend/cpu/attention.rs. The forward keeps each row's log-sum-exp, so the backward
+// Twin of src/model/cpu/attention.rs. The forward keeps each row's log-sum-exp, so the backward
 // recomputes probabilities instead of storing them, and splits into a pass per query (dq) and a pass
 // per key (dk, dv): every output is written by one block, with no atomics, so it is deterministic.
 // Correctness first: one block per (token, head) or (key, kv head); the flash-style tensor-core

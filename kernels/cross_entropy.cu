@@ -1,7 +1,7 @@
 // Cross-entropy through the output head, on the labelled rows only, in row chunks: for each chunk of
 // rows, the logits [rows, V] come from one tensor-core GEMM, a block per row turns them into the
 // loss and dlogits = inv_count (softmax - onehot), and a second GEMM gives dh = dlogits head. The
-// full [T, V] logits never exist. Twin of src/backend/cpu/cross_entropy.rs.
+// full [T, V] logits never exist. Twin of src/model/cpu/cross_entropy.rs.
 #include "common.cuh"
 #include "mma.cuh"
 

@@ -1,6 +1,6 @@
 // Elementwise glue of the training step: residual adds, f32 -> bf16 casts, adapter dropout, and
 // gathering / scattering the labelled rows.
-// Twin of src/backend/cpu/elementwise.rs. One thread per value.
+// Twin of src/model/cpu/elementwise.rs. One thread per value.
 #include "common.cuh"
 
 // x += y (a residual connection, or summing the input gradients of q, k and v).
@@ -18,7 +18,7 @@ extern "C" __global__ void cast_f32_bf16(bf16* out, const float* x, long n) {
     out[i] = to_bf16(x[i]);
 }
 
-// The SplitMix64 output function (src/rng.rs): element i of the stream seeded with `seed` is
+// The SplitMix64 output function (src/util/rng.rs): element i of the stream seeded with `seed` is
 // mix(seed + (i + 1) * golden), so any element can be drawn without the ones before it.
 __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;

@@ -1,4 +1,4 @@
-// Token embedding lookup. Twin of embedding_fwd in src/backend/cpu/mod.rs. (The embedding is frozen:
+// Token embedding lookup. Twin of embedding_fwd in src/model/cpu/mod.rs. (The embedding is frozen:
 // no backward is needed.)
 #include "common.cuh"
 

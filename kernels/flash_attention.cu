@@ -1,5 +1,5 @@
 // Causal grouped-query attention over packed sequences, tiled on tensor cores (flash-style): forward
-// and backward. Same contract and CPU twin as attention.cu (src/backend/cpu/attention.rs): the forward
+// and backward. Same contract and CPU twin as attention.cu (src/model/cpu/attention.rs): the forward
 // writes out and each row's log-sum-exp; the backward takes D = rowsum(dO * O) from
 // attention_bwd_rowdot and writes dq, then dk and dv, each output owned by one block: no atomics, so
 // results are deterministic. The simple kernels in attention.cu stay as the check and the fallback
@@ -243,7 +243,7 @@ __device__ void flash_bwd_dq(bf16* dq, const bf16* dout, const bf16* q, const bf
 //   S^T = K Q^T, dP^T = V dO^T (16 keys x QT queries per warp), P^T from lse, dS^T,
 //   dv += P^T dO, dk += dS^T Q.
 // dk, dv: [T, kv_heads, HD] bf16 (written); the rest as in flash_bwd_dq. Grid (ceil(T / 64),
-// kv_heads), block 128; dynamic shared memory: dkv_smem(hd) bytes (src/backend/cuda/attention.rs).
+// kv_heads), block 128; dynamic shared memory: dkv_smem(hd) bytes (src/engine/cuda/attention.rs).
 template <int HD, int QT>
 __device__ void flash_bwd_dkv(bf16* dk, bf16* dv, const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                               const float* lse, const float* dd, const int* seq_start, int T, int heads, int kv_heads) {

@@ -1,4 +1,4 @@
-// The LoRA branch, forward and backward: y += s (x A^T) B^T. Twin of src/backend/cpu/lora.rs.
+// The LoRA branch, forward and backward: y += s (x A^T) B^T. Twin of src/model/cpu/lora.rs.
 // A: [r, in] and B: [out, r] are bf16 copies of the f32 master weights; x A^T and every gradient
 // are kept in f32. r is small (at most 64 here), so the sums that end in r outputs per token or per
 // column stage their long operand in shared memory once per block instead of once per rank index.

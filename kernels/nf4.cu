@@ -1,6 +1,6 @@
 // NF4: dequantization of the double-quantized scales and of the packed weights, and the fused NF4
 // GEMM in both orientations (Y = X W^T and dX = dY W) from the same packed bytes.
-// Twin of src/nf4.rs and of linear_fwd / linear_bwd_input in src/backend/cpu/linear.rs.
+// Twin of src/model/nf4.rs and of linear_fwd / linear_bwd_input in src/model/cpu/linear.rs.
 //
 // Each GEMM comes twice: shared-memory tiles with f32 FMA (the first, plainest version), and on
 // tensor cores through mma.cuh; SQLORA_NF4_GEMM picks one.
@@ -13,7 +13,7 @@ __constant__ float NF4_TABLE[16] = {
     0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
     0.7229568362236023f, 1.0f};
 
-// Decision thresholds between neighbouring codes (src/nf4.rs NF4_MIDPOINTS, the same f32 values): a
+// Decision thresholds between neighbouring codes (src/model/nf4.rs NF4_MIDPOINTS, the same f32 values): a
 // normalised value strictly above NF4_MID[i] takes code i + 1 or above; NaN takes code 0.
 __constant__ float NF4_MID[15] = {
     -8.480963707e-1f, -6.106328964e-1f, -4.599952698e-1f, -3.396794200e-1f, -2.346074134e-1f,
@@ -26,7 +26,7 @@ __device__ __forceinline__ uint8_t nf4_code(float v) {
     return c;
 }
 
-// Quantization, byte for byte as Nf4Tensor::quantize (src/nf4.rs). The products x * (1 / absmax) use
+// Quantization, byte for byte as Nf4Tensor::quantize (src/model/nf4.rs). The products x * (1 / absmax) use
 // __fmul_rn so the compiler cannot fuse them into a following subtraction: every rounding is the CPU's.
 //
 // absmax[b] = max(0, max |x| over block b of 64);  code(i) = #{ m in NF4_MID : m < x[i] * (1 / absmax[b]) }

@@ -1,4 +1,4 @@
-// RMSNorm, forward and backward. Twin of src/backend/cpu/rmsnorm.rs.
+// RMSNorm, forward and backward. Twin of src/model/cpu/rmsnorm.rs.
 // One block per row; the row's inverse RMS is kept for the backward.
 #include "common.cuh"
 

@@ -1,5 +1,5 @@
 // Rotary position embedding ("rotate half" layout), forward and backward, in place.
-// Twin of src/backend/cpu/rope.rs. One thread per (token, head, pair).
+// Twin of src/model/cpu/rope.rs. One thread per (token, head, pair).
 #include "common.cuh"
 
 // Pair (i, i + hd/2) of each head is rotated by sign * pos[t] * inv_freq[i].

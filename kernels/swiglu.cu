@@ -1,4 +1,4 @@
-// SwiGLU, forward and backward. Twin of src/backend/cpu/swiglu.rs. One thread per element.
+// SwiGLU, forward and backward. Twin of src/model/cpu/swiglu.rs. One thread per element.
 #include "common.cuh"
 
 // out = silu(g) * u, silu(g) = g / (1 + exp(-g))

@@ -5,10 +5,10 @@ Every kernel is mirrored line by line: one numpy axis for the blocks of the grid
 of a block (lanes and warps are tid % 32, tid / 32), optional trailing axes where one thread runs a
 loop with no shared-memory or global write inside (the loop's reads are batched, its arithmetic
 still runs in order). Launches copy the Rust wrappers (grid, block, shared memory 0, argument values):
-src/backend/cuda/ops.rs and head.rs for the loss kernels, src/backend/cuda/lora.rs for LoRA, whose
+src/engine/cuda/ops.rs and head.rs for the loss kernels, src/engine/cuda/lora.rs for LoRA, whose
 lora_fwd_via / lora_bwd_via take either LoraPath (w_lora_fwd / w_lora_bwd `path`: tiled, the default,
 or simple). Results are compared with float64 references written from the CPU spec
-(src/backend/cpu/{cross_entropy,lora}.rs, src/engine/host.rs, generate::argmax).
+(src/model/cpu/{cross_entropy,lora}.rs, src/engine/host.rs, generate::argmax).
 
 LoRA runs both paths on the same inputs (the backward of each takes the simple forward's xa), each
 against the references, then the tiled kernels against the simple ones on identical inputs:
@@ -45,12 +45,7 @@ from emulators.gpu import check_mma_layout, round_bf16  # noqa: E402
 from emulators import sources  # noqa: E402
 
 # The kernel sources this emulator transcribes (emulators/sources.py).
-SOURCES = {
-    "kernels/cross_entropy.cu": "db67b7b67353ca93",
-    "kernels/lora.cu": "3f14b694caebf324",
-    "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
-    "kernels/common.cuh": "6b281844157a8164",
-}
+SOURCES = {'kernels/cross_entropy.cu': 'aa5d3399cd8f4200', 'kernels/lora.cu': '3c096324e8ca8ea2', 'kernels/mma.cuh': '26d0cdc5b3e1f3f4', 'kernels/common.cuh': '6b281844157a8164'}
 
 INJECTIONS = {
     "mma_b1": "mma_gemm: b1 fragment read from Bs[col][k+2q] instead of k+2q+8",
@@ -202,7 +197,7 @@ def test_lora(rng, t, n, k, r, scale=2.0):
 
 
 def test_ce(rng, t, n_lab, d, V, chunk):
-    """loss_and_dh (src/engine/step.rs) on n_lab labelled rows of t tokens, in chunks of `chunk`."""
+    """loss_and_dh (src/engine/step/mod.rs) on n_lab labelled rows of t tokens, in chunks of `chunk`."""
     case = f"T{t} n{n_lab} d{d} V{V} ch{chunk}"
     h = bf_rand(rng, (t, d), 1.0)
     head = bf_rand(rng, (V, d), 0.1)

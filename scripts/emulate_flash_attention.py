@@ -26,11 +26,7 @@ from emulators import gpu, sources  # noqa: E402
 from emulators.gpu import bf16_bits, bf16_to_f32, round_bf16  # noqa: E402
 
 # The kernel sources this emulator transcribes (emulators/sources.py).
-SOURCES = {
-    "kernels/flash_attention.cu": "1cc029df2c63eeaf",
-    "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
-    "kernels/common.cuh": "6b281844157a8164",
-}
+SOURCES = {'kernels/flash_attention.cu': 'a54d2ca6462f2b01', 'kernels/mma.cuh': '26d0cdc5b3e1f3f4', 'kernels/common.cuh': '6b281844157a8164'}
 
 W, L = 4, 32
 NT = W * L
@@ -381,7 +377,7 @@ def flash_bwd_dq_block(HD, bx, by, dq, dout, q, k, v, lse, dd, seq_start, T, hea
 
 # ----------------------------------------------------------------------------------------------------
 # flash_bwd_dkv<HD, QT>, one block
-def dkv_smem(hd):  # src/backend/cuda/attention.rs
+def dkv_smem(hd):  # src/engine/cuda/attention.rs
     qt = 32 if hd == 128 else 64
     return (2 * 64 + 2 * qt) * (hd + 8) * 2 + 3 * qt * 4
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Lane-level numpy emulator of every kernel in kernels/nf4.cu (+ mma.cuh, common.cuh),
-launched as src/backend/cuda/{quantize,ops,gemm,mod}.rs launch them, checked against the CPU spec
-(src/model/nf4.rs, src/backend/cpu/linear.rs).
+launched as src/engine/cuda/{quantize,ops,gemm,mod}.rs launch them, checked against the CPU spec
+(src/model/nf4.rs, src/model/cpu/linear.rs).
 
   python3 scripts/emulate_nf4.py                  # all checks; exit 1 on any failure
   python3 scripts/emulate_nf4.py --inject swapA   # deliberately broken variants (must fail):
@@ -52,11 +52,7 @@ from emulators.nf4_machine import Ctx, GBuf, f32, same_bits  # noqa: E402
 from emulators import sources  # noqa: E402
 
 # The kernel sources this emulator transcribes (emulators/sources.py).
-SOURCES = {
-    "kernels/nf4.cu": "e97de78eb43fff80",
-    "kernels/mma.cuh": "26d0cdc5b3e1f3f4",
-    "kernels/common.cuh": "6b281844157a8164",
-}
+SOURCES = {'kernels/nf4.cu': '9b8805e0902a0889', 'kernels/mma.cuh': '26d0cdc5b3e1f3f4', 'kernels/common.cuh': '6b281844157a8164'}
 
 
 # ----------------------------------------------------------------------------- CPU reference (spec)

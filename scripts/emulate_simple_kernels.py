@@ -16,7 +16,7 @@ Each kernel is mirrored line by line: blocks of the grid and threads of a block 
 [blocks, threads] (lane = tid % 32, warp = tid / 32); per-thread loops run in lock step with a mask of
 the threads still in them; warp shuffles are lane permutations (a shuffle by a partly exited warp is
 flagged); block_sum / block_max run as written, __syncthreads included. Launches copy the Rust wrappers
-(src/backend/cuda/ops.rs, attention.rs, gemm.rs for add_bias_rows; helpers blocks_for /
+(src/engine/cuda/ops.rs, attention.rs, gemm.rs for add_bias_rows; helpers blocks_for /
 block_per_row of mod.rs): grid, block, dynamic shared memory and argument values, including the
 slices the wrappers pass (adamw p_off / s_off, partial_norms `at`).
 
@@ -44,7 +44,7 @@ Approximations (not bit-faithful, well inside the tolerances): __expf = ex2.appr
 taken as a correctly rounded exp2 with denormal results flushed; rsqrtf, logf, sincosf as correctly
 rounded float64 results rounded to f32.
 
-References: float64 from the CPU spec (src/backend/cpu/*.rs, engine/host.rs, optim.rs), compared with
+References: float64 from the CPU spec (src/model/cpu/*.rs, engine/host.rs, optim.rs), compared with
 the selftest's measure ||got - want|| / ||want|| and tolerances (1e-2 bf16 outputs, 1e-5 lse /
 partial_norms, exact for cast, dropout, embedding, gather / scatter; adamw bit-exact against the f32
 AdamStep::apply). The script reads no repository file (constants such as SUM_PARTS = 256 are copied).
@@ -65,16 +65,7 @@ from emulators.simple_checks import run  # noqa: E402
 from emulators import sources  # noqa: E402
 
 # The kernel sources this emulator transcribes (emulators/sources.py).
-SOURCES = {
-    "kernels/attention.cu": "bab70e166a28fbd5",
-    "kernels/rmsnorm.cu": "2dbf3cfba693f160",
-    "kernels/rope.cu": "f72523965dd4c5a3",
-    "kernels/swiglu.cu": "e868798c07ff768b",
-    "kernels/embedding.cu": "8c9ac6a993db9c4b",
-    "kernels/elementwise.cu": "65ef33c3cb94cf4e",
-    "kernels/adamw.cu": "b3e3f59ff18a31ca",
-    "kernels/common.cuh": "6b281844157a8164",
-}
+SOURCES = {'kernels/attention.cu': 'e4f3a11322a2cfa2', 'kernels/rmsnorm.cu': 'c4b9141f6ff2da64', 'kernels/rope.cu': 'dcd8c66dd3b22033', 'kernels/swiglu.cu': '3bacaa2e441edea2', 'kernels/embedding.cu': '5b2ace35255b2f1d', 'kernels/elementwise.cu': 'dfc4af5a59bda227', 'kernels/adamw.cu': '73d010b04f74e333', 'kernels/common.cuh': '6b281844157a8164'}
 
 INJECTIONS = {
     "probs_nosync": ("attn", "attention_probs: the __syncthreads() after the score loop dropped (attention.cu:77)"),

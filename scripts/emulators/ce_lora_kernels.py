@@ -1,6 +1,6 @@
 """The loss/LoRA emulator's (scripts/emulate_ce_lora.py) kernels: the mma_gemm of kernels/mma.cuh,
 kernels/cross_entropy.cu and kernels/lora.cu (the simple kernels and the tiled ones) line by line, and
-the launch configurations and wrappers of src/backend/cuda/{mod,ops,head}.rs and, for LoRA, lora.rs
+the launch configurations and wrappers of src/engine/cuda/{mod,ops,head}.rs and, for LoRA, lora.rs
 (both LoraPath). INJECT holds the deliberately broken variants chosen with --inject, COVER the
 staging paths taken, LAUNCHES every launch emulated."""
 from collections import Counter
@@ -531,7 +531,7 @@ def lora_dx_tiled(L, dx, g, a, T, K, r, scale):
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configurations (src/backend/cuda/mod.rs, ops.rs, lora.rs) and the wrappers
+# Launch configurations (src/engine/cuda/mod.rs, ops.rs, lora.rs) and the wrappers
 # ----------------------------------------------------------------------------------------------
 def blocks_for(n):
     return ((max(-(-n // 256), 1), 1, 1), 256)
@@ -549,7 +549,7 @@ def per_16(n):
     return ((max(-(-n // 16), 1), 1, 1), 256)
 
 
-# src/backend/cuda/lora.rs
+# src/engine/cuda/lora.rs
 TILED, SIMPLE = "tiled", "simple"  # LoraPath
 LORA_KERNELS = {SIMPLE: (lora_xa, lora_add, lora_g, lora_db, lora_da, lora_dx),
                 TILED: (lora_xa_tiled, lora_add_tiled, lora_g_tiled, lora_db_tiled, lora_da_tiled, lora_dx_tiled)}

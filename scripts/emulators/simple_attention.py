@@ -1,7 +1,7 @@
 """The simple-kernels emulator's (scripts/emulate_simple_kernels.py) kernels/attention.cu, the simple
 (non-tiled) attention: attention_fwd, attention_decode, attention_bwd_rowdot, attention_bwd_dq and
 attention_bwd_dkv with attention_probs / attention_mix / warp_dot, lane by lane, and their wrappers
-(src/backend/cuda/attention.rs)."""
+(src/engine/cuda/attention.rs)."""
 import numpy as np
 
 from . import simple_machine as machine
@@ -197,7 +197,7 @@ def k_attention_bwd_dkv(ctx, dk, dv, dout, q, k, v, lse, dd, seq_start, T, heads
         st(ctx, dv, b * hd + i, round_bf16(bsum), act)
 
 
-# Wrappers (src/backend/cuda/attention.rs). Blocks run in batches, longest rows first (blocks are
+# Wrappers (src/engine/cuda/attention.rs). Blocks run in batches, longest rows first (blocks are
 # independent; batching only bounds numpy memory and the lock-step loop lengths).
 def _order_by(nrow):
     return np.argsort(-np.asarray(nrow), kind="stable")

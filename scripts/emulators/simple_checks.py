@@ -1,5 +1,5 @@
 """The simple-kernels emulator's (scripts/emulate_simple_kernels.py) checks: float64 references from
-the CPU spec (src/backend/cpu/*.rs, engine/host.rs, optim.rs, model.rs rope_inv_freq), one test per
+the CPU spec (src/model/cpu/*.rs, engine/host.rs, optim.rs, model.rs rope_inv_freq), one test per
 kernel family launching the emulated kernels through their wrappers on poisoned buffers, and run(),
 the cases per --only group."""
 import numpy as np
@@ -12,7 +12,7 @@ from .simple_kernels import (SUM_PARTS, AdamStep, splitmix64, w_adamw_step, w_ad
 from .gpu import bf16_bits, round_bf16
 from .simple_machine import F32, F64, Buf, check_writes, mask_of, problem, record, rel_err, take_problems
 
-TOL_BF16, TOL_F32 = 1e-2, 1e-5  # src/backend/cuda/selftest.rs
+TOL_BF16, TOL_F32 = 1e-2, 1e-5  # src/engine/cuda/selftest/mod.rs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def test_rmsnorm(rng, t, d):
 
 
 def rope_inv_freq(hd, theta, llama3=None):
-    """src/model.rs rope_inv_freq in f32."""
+    """src/model/forward.rs rope_inv_freq in f32."""
     i = np.arange(hd // 2)
     base = (F32(1) / np.power(F64(F32(theta)), (F32(2) * i.astype(F32) / F32(hd)).astype(F64)).astype(F32))
     base = base.astype(F32)

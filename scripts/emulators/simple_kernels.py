@@ -1,6 +1,6 @@
 """The simple-kernels emulator's (scripts/emulate_simple_kernels.py) kernels/rmsnorm.cu, rope.cu,
 swiglu.cu, embedding.cu, elementwise.cu and adamw.cu lane by lane, with the launch configurations of
-their Rust wrappers (src/backend/cuda/ops.rs, gemm.rs for add_bias_rows) and AdamStep (src/optim.rs),
+their Rust wrappers (src/engine/cuda/ops.rs, gemm.rs for add_bias_rows) and AdamStep (src/model/optim.rs),
 whose hyper-parameters the adamw wrapper passes."""
 import numpy as np
 
@@ -253,7 +253,7 @@ def k_partial_norms(ctx, parts, x, n):
 
 
 class AdamStep:
-    """src/optim.rs AdamStep::new (f32)."""
+    """src/model/optim.rs AdamStep::new (f32)."""
 
     def __init__(self, step, lr, gscale, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
         self.lr, self.gscale = F32(lr), F32(gscale)

@@ -18,7 +18,7 @@ INJECT = set()
 # Problems, results
 # ----------------------------------------------------------------------------------------------
 def rel_err(got, want):
-    """src/backend/cuda/mod.rs rel_err: inf on a non-finite value or a length mismatch."""
+    """src/engine/cuda/mod.rs rel_err: inf on a non-finite value or a length mismatch."""
     got, want = np.asarray(got, F64).ravel(), np.asarray(want, F64).ravel()
     if got.size != want.size or not np.isfinite(got).all():
         return np.inf
