@@ -77,8 +77,8 @@ enum Command {
         /// Stop after this many new tokens (or at EOS).
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
-        /// `cpu` (the f32 reference), `cuda` (our kernels; NF4 base), or `cpu-bf16` (the GPU's
-        /// computation on the CPU).
+        /// `cpu` (the f32 reference), `cuda` (our kernels; NF4 base), `cpu-bf16` (the GPU's
+        /// computation on the CPU), or `cpu-simd` (that with the SIMD kernels written so far).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Run the base model quantized to NF4 (as QLoRA trains it) instead of f32 as stored.
@@ -130,7 +130,8 @@ enum Command {
         #[arg(long)]
         nf4: bool,
         /// `cpu` (the f32 reference, one example at a time), `cuda` (batched on the GPU), `cpu-bf16`
-        /// (the GPU's computation on the CPU, for checking), or `auto` (cuda when usable, else cpu).
+        /// (the GPU's computation on the CPU, for checking), `cpu-simd` (that with the SIMD kernels
+        /// written so far), or `auto` (cuda when usable, else cpu).
         #[arg(long, default_value = "auto")]
         device: String,
         /// `template`: the `### Schema ###` prompt adapters are trained on; `chat`: the model's own
@@ -238,7 +239,7 @@ enum BenchWhat {
         /// New tokens per sequence.
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
-        /// `cuda`, `cpu-bf16`, or `auto`.
+        /// `cuda`, `cpu-bf16`, `cpu-simd`, `cpu` (the f32 reference), or `auto`.
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]

@@ -6,9 +6,11 @@
 mod common;
 use common::rel_err;
 
+use sqlora::engine::cpu::{isa::Isa, Cpu};
 use sqlora::engine::host::Host;
 use sqlora::engine::plan::OPTIMIZER_WINDOW;
 use sqlora::engine::step::Engine;
+use sqlora::engine::Device;
 use sqlora::model::autograd::{forward_backward, loss_sum, Batch, GradOptions};
 use sqlora::model::forward::Model;
 use sqlora::model::lora::LoraParams;
@@ -30,8 +32,23 @@ fn compare(v: TinyVariant, dropout: f32, checkpointing: bool, spare: usize) -> (
     compare_on(&model, lora, &batch, dropout, 77, checkpointing, spare)
 }
 
-/// [`compare`] on a given model and batch.
+/// [`compare`] on a given model and batch, on the host device.
 fn compare_on(
+    model: &Model,
+    lora: LoraParams,
+    batch: &Batch,
+    dropout: f32,
+    dropout_seed: u64,
+    checkpointing: bool,
+    spare: usize,
+) -> (f64, f64) {
+    compare_with(Host, model, lora, batch, dropout, dropout_seed, checkpointing, spare)
+}
+
+/// [`compare_on`] on the device `dev`.
+#[allow(clippy::too_many_arguments)]
+fn compare_with<D: Device>(
+    dev: D,
     model: &Model,
     mut lora: LoraParams,
     batch: &Batch,
@@ -51,7 +68,7 @@ fn compare_on(
     let want_loss = forward_backward(model, &lora, batch, inv, opts, &mut want);
 
     let cap = batch.tokens.len() + spare;
-    let mut engine = Engine::new(Host, model, &lora, cap, checkpointing).unwrap();
+    let mut engine = Engine::new(dev, model, &lora, cap, checkpointing).unwrap();
     // Gradients accumulate into what is there: start from a known non-zero buffer.
     let base: Vec<f32> = (0..lora.len()).map(|i| (i % 7) as f32 * 1e-3).collect();
     let mut got = base.clone();
@@ -106,6 +123,23 @@ fn the_selftest_step_setup_on_the_host() {
         let (loss_err, grad_err) = compare_on(&model, tiny_adapter(v), &batch, dropout, 11, checkpointing, 0);
         assert!(loss_err < LOSS_TOL, "{v:?}: loss relative error {loss_err:e}");
         assert!(grad_err < GRAD_TOL, "{v:?}: gradient relative error {grad_err:e}");
+    }
+}
+
+/// The fast CPU engine (its SIMD NF4 GEMM on every instruction-set path this CPU has; the other
+/// kernels the host device's) trains like the reference, within the host device's bounds: its
+/// GEMM sums in another order but rounds the same outputs to bf16.
+#[test]
+fn the_cpu_engine_step_matches_the_reference_on_every_path() {
+    for isa in Isa::available() {
+        for (v, dropout, checkpointing) in [(TinyVariant::Llama, 0.1, false), (TinyVariant::Qwen2, 0.0, true)] {
+            let model = tiny_model(v).quantize_nf4();
+            let batch = tiny_batch(0x57e9 ^ v as u64, &[37, 5, 90], TINY_VOCAB);
+            let lora = tiny_adapter(v);
+            let (loss_err, grad_err) = compare_with(Cpu { isa }, &model, lora, &batch, dropout, 11, checkpointing, 3);
+            assert!(loss_err < LOSS_TOL, "{isa} {v:?}: loss relative error {loss_err:e}");
+            assert!(grad_err < GRAD_TOL, "{isa} {v:?}: gradient relative error {grad_err:e}");
+        }
     }
 }
 

@@ -42,8 +42,9 @@ struct Args {
     #[arg(long)]
     out: PathBuf,
     /// Compute device: `cuda` (our kernels on GPU 0), `cpu` (the f32 reference), `cpu-bf16` (the
-    /// device step on the CPU, bf16 storage as on the GPU: slow, for checking), or `auto` (`cuda`
-    /// when a GPU and kernels are present, else `cpu`).
+    /// device step on the CPU, bf16 storage as on the GPU: slow, for checking), `cpu-simd` (that
+    /// step with the SIMD kernels written so far: the NF4 GEMM), or `auto` (`cuda` when a GPU and
+    /// kernels are present, else `cpu`).
     #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long, default_value_t = 1)]

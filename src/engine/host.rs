@@ -18,6 +18,20 @@ use std::ops::Range;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Host;
 
+/// A device whose buffers are host memory (`Vec`s) and whose kernels are, unless it implements a
+/// family itself, this file's: the reference ops widened from and rounded to bf16. [`Host`] is one;
+/// the fast CPU engine (`engine::cpu`) is another, with its own NF4 GEMM.
+pub trait OnHost: Clone + Send + Sync {
+    /// One line naming the device, for logs.
+    fn describe(&self) -> String;
+}
+
+impl OnHost for Host {
+    fn describe(&self) -> String {
+        format!("CPU, bf16 storage emulated ({} threads)", rayon::current_num_threads())
+    }
+}
+
 /// Store f32 results into the start of a bf16 buffer.
 fn store(dst: &mut [bf16], v: &[f32]) {
     dst[..v.len()]
@@ -38,13 +52,13 @@ fn seqs(seq_start: &[i32], t: usize) -> Vec<Range<usize>> {
     out
 }
 
-impl DeviceBase for Host {
+impl<H: OnHost> DeviceBase for H {
     type Buf<T: Elem> = Vec<T>;
     type Nf4 = Linear;
     type Graph = ();
 
     fn describe(&self) -> String {
-        format!("CPU, bf16 storage emulated ({} threads)", rayon::current_num_threads())
+        OnHost::describe(self)
     }
     fn alloc<T: Elem>(&self, n: usize) -> Result<Vec<T>> {
         Ok(vec![T::default(); n])
@@ -115,7 +129,7 @@ impl DeviceBase for Host {
 }
 
 #[allow(clippy::too_many_arguments)]
-impl Elementwise for Host {
+impl<H: OnHost> Elementwise for H {
     fn rmsnorm_fwd(
         &self,
         y: &mut Bf<Self>,
@@ -273,7 +287,7 @@ impl Nf4Gemm for Host {
 }
 
 #[allow(clippy::too_many_arguments)]
-impl LoraOps for Host {
+impl<H: OnHost> LoraOps for H {
     fn lora_fwd(
         &self,
         y: &mut Bf<Self>,
@@ -400,7 +414,7 @@ impl LossOps for Host {
 }
 
 #[allow(clippy::too_many_arguments)]
-impl AttentionOps for Host {
+impl<H: OnHost> AttentionOps for H {
     fn attention_fwd(
         &self,
         out: &mut Bf<Self>,
@@ -507,7 +521,7 @@ impl AttentionOps for Host {
 }
 
 #[allow(clippy::too_many_arguments)]
-impl OptimOps for Host {
+impl<H: OnHost> OptimOps for H {
     fn partial_norms(&self, parts: &mut Vec<f32>, at: usize, x: &Vec<f32>, n: usize) -> Result<()> {
         // The whole norm (summed in f64) in the first part.
         let total: f64 = x[..n].iter().map(|&v| v as f64 * v as f64).sum();

@@ -14,6 +14,7 @@
 //! [`plan`] is what each engine will allocate, computed before it does.
 
 pub mod api;
+pub mod cpu;
 pub mod cuda;
 pub mod host;
 pub mod plan;

@@ -3,6 +3,7 @@
 //! caller asks which one it has.
 
 use super::api::StepEngine;
+use super::cpu::Cpu;
 use super::host::Host;
 use super::reference::Reference;
 use super::step::Engine;
@@ -21,6 +22,9 @@ pub enum Target {
     Reference,
     /// The device engine on the CPU, storing what the kernels store in bf16 (`engine::host::Host`).
     CpuBf16,
+    /// The device engine on the CPU with the SIMD kernels written so far (`engine::cpu`), the others
+    /// the host device's.
+    CpuSimd(Cpu),
     /// The device engine on GPU 0, opened.
     Cuda(Box<Cuda>),
 }
@@ -46,6 +50,7 @@ impl Target {
         Ok(match name {
             "cpu" => Target::Reference,
             "cpu-bf16" => Target::CpuBf16,
+            "cpu-simd" => Target::CpuSimd(Cpu::new().context("--device cpu-simd")?),
             "cuda" => Target::Cuda(Box::new(open_gpu().context("--device cuda")?)),
             "auto" => match open_gpu() {
                 Ok(gpu) => Target::Cuda(Box::new(gpu)),
@@ -54,7 +59,7 @@ impl Target {
                     fallback
                 }
             },
-            other => bail!("unknown device \"{other}\": one of auto, cuda, cpu, cpu-bf16"),
+            other => bail!("unknown device \"{other}\": one of auto, cuda, cpu, cpu-bf16, cpu-simd"),
         })
     }
 
@@ -63,6 +68,7 @@ impl Target {
         match self {
             Target::Reference => "the CPU reference backend",
             Target::CpuBf16 => "the device engine on the CPU (bf16 storage)",
+            Target::CpuSimd(_) => "the device engine on the CPU with SIMD kernels",
             Target::Cuda(_) => "the GPU",
         }
     }
@@ -77,7 +83,7 @@ impl Target {
     pub fn gpu(&self) -> Option<&Cuda> {
         match self {
             Target::Cuda(g) => Some(g.as_ref()),
-            Target::Reference | Target::CpuBf16 => None,
+            Target::Reference | Target::CpuBf16 | Target::CpuSimd(_) => None,
         }
     }
 
@@ -117,6 +123,7 @@ impl Target {
         Ok(match self {
             Target::Reference => Box::new(Reference::new(model.clone(), lora)),
             Target::CpuBf16 => Box::new(Engine::new(Host, model, lora, cap, checkpointing)?),
+            Target::CpuSimd(cpu) => Box::new(Engine::new(*cpu, model, lora, cap, checkpointing)?),
             Target::Cuda(g) => Box::new(Engine::new((**g).clone(), model, lora, cap, checkpointing)?),
         })
     }
@@ -135,7 +142,7 @@ impl Target {
     ) -> Result<Box<dyn StepEngine>> {
         let model = Arc::new(match self {
             Target::Reference => model.nf4_decoded(),
-            Target::CpuBf16 | Target::Cuda(_) => model,
+            Target::CpuBf16 | Target::CpuSimd(_) | Target::Cuda(_) => model,
         });
         let layout = lora.cloned().unwrap_or_else(|| {
             let none = LoraConfig {

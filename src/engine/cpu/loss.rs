@@ -1,0 +1,169 @@
+//! The output head and the loss on the CPU engine: the head's two GEMMs through [`super::gemm`]
+//! (the head is dense bf16 [V, d]), the softmax and its gradient row by row in parallel. Reference
+//! twin: `model::cpu::cross_entropy`, as `engine::host` runs it (the same per-row arithmetic here,
+//! in the same order, so `ce_softmax_grad` gives the host device's bits).
+
+use super::gemm::{gemm, straight_panel, transposed_panel};
+use super::Cpu;
+use crate::engine::{Bf, LossOps, F32};
+use anyhow::Result;
+use half::bf16;
+use rayon::prelude::*;
+
+/// Row j of a bf16 [rows, d] matrix as f32, from column c0 on (out.len() values).
+fn widen(m: &[bf16], d: usize, j: usize, c0: usize, out: &mut [f32]) {
+    let src = &m[j * d + c0..j * d + c0 + out.len()];
+    out.iter_mut().zip(src).for_each(|(o, v)| *o = v.to_f32());
+}
+
+#[allow(clippy::too_many_arguments)]
+impl LossOps for Cpu {
+    /// logits[i] = h[row0 + i] head^T. logits: [rows, V] f32; h: [.., d]; head: [V, d].
+    fn head_logits(
+        &self,
+        logits: &mut F32<Self>,
+        h: &Bf<Self>,
+        head: &Bf<Self>,
+        row0: usize,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        let v = head.len() / d;
+        let panel = transposed_panel(v, d, |j, row| widen(head, d, j, 0, row));
+        gemm(
+            self.isa,
+            &h[row0 * d..(row0 + rows) * d],
+            rows,
+            d,
+            v,
+            &*panel,
+            None,
+            &mut logits[..rows * v],
+        );
+        Ok(())
+    }
+
+    /// Per row: lse = logsumexp(logits[i]); loss[row0 + i] = lse - logits[i, y];
+    /// dlogits[i] = inv_count (softmax(logits[i]) - onehot(y)), y = targets[row0 + i].
+    fn ce_softmax_grad(
+        &self,
+        dlogits: &mut Bf<Self>,
+        loss: &mut F32<Self>,
+        logits: &F32<Self>,
+        targets: &Vec<i32>,
+        row0: usize,
+        rows: usize,
+        vocab: usize,
+        inv_count: f32,
+    ) -> Result<()> {
+        let losses: Vec<f32> = (dlogits[..rows * vocab].par_chunks_mut(vocab))
+            .zip(logits[..rows * vocab].par_chunks(vocab))
+            .enumerate()
+            .map(|(i, (dz, z))| {
+                let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let lse = m + z.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
+                let y = usize::try_from(targets[row0 + i]).ok().filter(|&y| y < vocab);
+                for (v, o) in dz.iter_mut().enumerate() {
+                    let onehot = if Some(v) == y { 1.0 } else { 0.0 };
+                    *o = bf16::from_f32(inv_count * ((z[v] - lse).exp() - onehot));
+                }
+                y.map_or(f32::NAN, |y| lse - z[y])
+            })
+            .collect();
+        loss[row0..row0 + rows].copy_from_slice(&losses);
+        Ok(())
+    }
+
+    /// dh[row0 + i] = dlogits[i] head. dh: [.., d]; dlogits: [rows, V]; head: [V, d].
+    fn head_grad(
+        &self,
+        dh: &mut Bf<Self>,
+        dlogits: &Bf<Self>,
+        head: &Bf<Self>,
+        row0: usize,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        let v = head.len() / d;
+        let panel = straight_panel(v, d, |j, c0, out| widen(head, d, j, c0, out));
+        gemm(
+            self.isa,
+            &dlogits[..rows * v],
+            rows,
+            v,
+            d,
+            &*panel,
+            None,
+            &mut dh[row0 * d..(row0 + rows) * d],
+        );
+        Ok(())
+    }
+
+    fn argmax_rows(&self, out: &mut Vec<i32>, logits: &Vec<f32>, rows: usize, v: usize) -> Result<()> {
+        (out[..rows].par_iter_mut())
+            .zip(logits.par_chunks(v))
+            .for_each(|(o, row)| *o = crate::model::generate::argmax(row) as i32);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::isa::Isa;
+    use crate::engine::host::Host;
+    use crate::engine::{to_bf16, to_f32};
+    use crate::util::rng::Rng;
+
+    fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+        let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum();
+        let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    /// Each path against the host device (the f32 reference on the same bf16 values), outputs
+    /// poisoned first, at a row offset and with odd sizes. Logits are f32, so only the order of the
+    /// sums differs (1e-5); dh is rounded to bf16 once (4e-3); the softmax gradient and the losses,
+    /// computed by the same arithmetic from the same logits, are the same bits.
+    #[test]
+    fn every_path_matches_the_host_device() {
+        let mut rng = Rng::new(11);
+        for isa in Isa::available() {
+            let cpu = Cpu { isa };
+            for (rows, v, d, row0) in [(1, 7, 16, 0), (5, 33, 24, 2), (9, 100, 40, 3)] {
+                let all = row0 + rows;
+                let h = to_bf16(&rng.normal_vec(all * d, 1.0));
+                let head = to_bf16(&rng.normal_vec(v * d, 0.3));
+                let mut want = vec![0f32; rows * v];
+                Host.head_logits(&mut want, &h, &head, row0, rows, d).unwrap();
+                let mut got = vec![f32::NAN; rows * v];
+                cpu.head_logits(&mut got, &h, &head, row0, rows, d).unwrap();
+                assert!(rel_err(&got, &want) < 1e-5, "{isa} logits {rows}x{v}x{d}");
+
+                let targets: Vec<i32> = (0..all as i32)
+                    .map(|i| if i % 4 == 1 { -100 } else { i % v as i32 })
+                    .collect();
+                let (mut dz_want, mut loss_want) = (vec![bf16::ZERO; rows * v], vec![0f32; all]);
+                Host.ce_softmax_grad(&mut dz_want, &mut loss_want, &want, &targets, row0, rows, v, 0.25)
+                    .unwrap();
+                let (mut dz, mut loss) = (vec![bf16::NAN; rows * v], vec![0f32; all]);
+                cpu.ce_softmax_grad(&mut dz, &mut loss, &want, &targets, row0, rows, v, 0.25)
+                    .unwrap();
+                assert_eq!(to_f32(&dz), to_f32(&dz_want), "{isa} dlogits");
+                let same = |a: f32, b: f32| a == b || (a.is_nan() && b.is_nan());
+                assert!(loss.iter().zip(&loss_want).all(|(&a, &b)| same(a, b)), "{isa} losses");
+
+                let mut dh_want = vec![bf16::ZERO; all * d];
+                Host.head_grad(&mut dh_want, &dz, &head, row0, rows, d).unwrap();
+                let mut dh = vec![bf16::NAN; all * d];
+                cpu.head_grad(&mut dh, &dz, &head, row0, rows, d).unwrap();
+                let err = rel_err(&to_f32(&dh[row0 * d..]), &to_f32(&dh_want[row0 * d..]));
+                assert!(err < 4e-3, "{isa} dh: {err}");
+                assert!(
+                    dh[..row0 * d].iter().all(|x| x.is_nan()),
+                    "{isa}: dh rows before row0 untouched"
+                );
+            }
+        }
+    }
+}
