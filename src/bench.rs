@@ -141,6 +141,8 @@ pub struct BenchReport {
     /// Useful FLOP/s over `peak_flops`.
     pub mfu: f64,
     pub peak_flops: f64,
+    /// Where `peak_flops` comes from.
+    pub peak_source: String,
     /// Mean loss of the timed steps (random weights and tokens: about ln(vocab)).
     pub loss: f64,
     /// With `--profile`: per step, each kernel's calls and milliseconds, largest first (empty
@@ -151,7 +153,7 @@ pub struct BenchReport {
 
 /// How `bench train` runs.
 #[derive(Clone, Copy, Debug)]
-pub struct TrainBench {
+pub struct TrainBench<'a> {
     /// Sequences per step.
     pub batch: usize,
     /// Tokens per sequence.
@@ -160,8 +162,9 @@ pub struct TrainBench {
     /// Timed steps.
     pub steps: usize,
     pub checkpointing: bool,
-    /// The rate MFU is measured against, FLOP/s.
+    /// The rate MFU is measured against, FLOP/s, and where it comes from.
     pub peak_flops: f64,
+    pub peak_source: &'a str,
     /// After the timed steps, as many again with every kernel timed (`--profile`).
     pub profile: bool,
 }
@@ -176,6 +179,7 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
         steps,
         checkpointing,
         peak_flops,
+        peak_source,
         profile,
     } = o;
     if batch == 0 || seq < 2 || steps == 0 {
@@ -260,6 +264,7 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
         device_memory_bytes: engine.memory_used(),
         mfu: useful / peak_flops,
         peak_flops,
+        peak_source: peak_source.to_string(),
         loss,
         profile: profile.then_some(kernels),
     })
@@ -286,7 +291,12 @@ impl std::fmt::Display for BenchReport {
         } else {
             format!("{:.1} GFLOP/s", self.peak_flops / 1e9)
         };
-        write!(f, "device memory in use: {mem}; MFU {:.1}% of {peak}", self.mfu * 100.0)?;
+        write!(
+            f,
+            "device memory in use: {mem}; MFU {:.1}% of {peak} ({})",
+            self.mfu * 100.0,
+            self.peak_source
+        )?;
         match &self.profile {
             None => Ok(()),
             Some(rows) if rows.is_empty() => write!(f, "\nper-kernel times: not available on this device"),
@@ -416,6 +426,7 @@ mod tests {
             device_memory_bytes: None,
             mfu: 0.1,
             peak_flops: 1e12,
+            peak_source: "test".into(),
             loss: 1.0,
             profile: Some(vec![row("cublas nf4_fwd", 112, 3.0), row("flash_fwd_hd64", 16, 1.0)]),
         };

@@ -262,14 +262,16 @@ enum BenchWhat {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// `cuda`, `cpu-bf16` (the same step on the CPU), or `auto` (cuda when a GPU is usable).
+        /// `cuda`, `cpu-bf16` (the same step on the CPU), `cpu-simd` (with the SIMD kernels
+        /// written so far), `cpu` (the f32 reference), or `auto` (cuda when a GPU is usable).
         #[arg(long, default_value = "auto")]
         device: String,
         /// Recompute each layer in the backward instead of keeping its activations.
         #[arg(long)]
         checkpointing: bool,
         /// The peak rate MFU is measured against, in TFLOP/s (default: 796, the measured cuBLAS
-        /// bf16 peak of the H100 the baselines were taken on; on the CPU, this machine's measured rate).
+        /// bf16 peak of the H100 the baselines were taken on; on the CPU, an FMA loop on every
+        /// thread with the widest vectors the CPU has, measured before the steps).
         #[arg(long)]
         peak_tflops: Option<f64>,
         /// After the timed steps, as many again with each kernel timed: a table of where a step's
@@ -404,10 +406,16 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => {
             let target = bench_target(&device)?;
-            let peak = match (peak_tflops, target.gpu().is_some()) {
-                (Some(t), _) => t * 1e12,
-                (None, true) => 796e12,
-                (None, false) => sqlora::engine::plan::measure_cpu_flops(),
+            let (peak, peak_source) = match (peak_tflops, target.gpu().is_some()) {
+                (Some(t), _) => (t * 1e12, "--peak-tflops".to_string()),
+                (None, true) => (
+                    796e12,
+                    "cuBLAS bf16 at 8192^3 on the H100 of the baselines, not measured on this GPU".into(),
+                ),
+                (None, false) => {
+                    let isa = sqlora::engine::cpu::isa::Isa::from_env()?;
+                    sqlora::engine::cpu::peak::measured_peak(isa)
+                }
             };
             let mut engine_for = engine_factory(target, checkpointing);
             let options = sqlora::bench::TrainBench {
@@ -417,6 +425,7 @@ fn run(cli: Cli) -> Result<()> {
                 steps,
                 checkpointing,
                 peak_flops: peak,
+                peak_source: &peak_source,
                 profile,
             };
             let r = sqlora::bench::bench_train(&shape, &mut *engine_for, options)?;

@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod isa;
 pub mod loss;
 pub mod nf4_gemm;
+pub mod peak;
 
 use super::host::OnHost;
 use super::{Bf, Nf4Gemm};
