@@ -129,7 +129,7 @@ impl<H: OnHost> DeviceBase for H {
 }
 
 #[allow(clippy::too_many_arguments)]
-impl<H: OnHost> Elementwise for H {
+impl Elementwise for Host {
     fn rmsnorm_fwd(
         &self,
         y: &mut Bf<Self>,

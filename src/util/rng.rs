@@ -11,6 +11,12 @@ impl Rng {
         Rng(seed)
     }
 
+    /// The generator as it is after `n` more draws (the stream is counter-based: draw i is a
+    /// function of the seed and i alone), so that a stream can be split among threads.
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

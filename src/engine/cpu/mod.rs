@@ -3,10 +3,12 @@
 //! ([`isa::Isa`]: AVX-512, AVX2 with FMA, or portable; `SQLORA_CPU_ISA` forces a lower one).
 //!
 //! Kernels written so far: a register-blocked GEMM over panels decoded into cache ([`gemm`]), the
-//! NF4 GEMM in both orientations on it ([`nf4_gemm`]), and the output head and loss ([`loss`]).
-//! Every other kernel family is still the host device's (the f32 reference widened from and rounded
+//! NF4 GEMM in both orientations on it ([`nf4_gemm`]), the output head and loss ([`loss`]), and
+//! the elementwise and row kernels split among threads ([`elementwise`]; the host device's
+//! arithmetic, not yet vectorised by hand). Every other kernel family is still the host device's (the f32 reference widened from and rounded
 //! to bf16, `engine::host`), which [`Cpu`] shares through [`super::host::OnHost`].
 
+pub mod elementwise;
 pub mod gemm;
 pub mod isa;
 pub mod loss;
@@ -35,7 +37,7 @@ impl Cpu {
 impl OnHost for Cpu {
     fn describe(&self) -> String {
         format!(
-            "CPU, {} SIMD GEMMs (NF4 and the head), other kernels the bf16 host device's ({} threads)",
+            "CPU, {} SIMD GEMMs (NF4 and the head), attention and LoRA the bf16 host device's ({} threads)",
             self.isa,
             rayon::current_num_threads()
         )

@@ -1,0 +1,274 @@
+//! The elementwise and row kernels on the CPU engine: the host device's arithmetic (the reference
+//! of `model::cpu`, widened from and rounded to bf16), element for element in the same order, but
+//! split among threads in chunks of rows or values and converted in place instead of through whole
+//! f32 copies. Each output is the host device's bit for bit (tested), so these need no tolerance.
+//! Not yet vectorised by hand: that is the next step for these memory-bound loops.
+
+use super::Cpu;
+use crate::engine::{Bf, Elementwise, F32};
+use crate::model::cpu;
+use crate::util::rng::Rng;
+use anyhow::Result;
+use half::bf16;
+use rayon::prelude::*;
+
+/// Values per parallel chunk of the flat kernels.
+const CHUNK: usize = 1 << 14;
+
+fn widen(x: &[bf16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+fn round_into(dst: &mut [bf16], v: &[f32]) {
+    dst.iter_mut().zip(v).for_each(|(o, &x)| *o = bf16::from_f32(x));
+}
+
+#[allow(clippy::too_many_arguments)]
+impl Elementwise for Cpu {
+    fn rmsnorm_fwd(
+        &self,
+        y: &mut Bf<Self>,
+        rstd: &mut F32<Self>,
+        x: &Bf<Self>,
+        w: &Bf<Self>,
+        t: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let d = w.len();
+        let wf = widen(w);
+        (y[..t * d].par_chunks_mut(d))
+            .zip(x[..t * d].par_chunks(d))
+            .zip(rstd[..t].par_iter_mut())
+            .for_each(|((yr, xr), r)| {
+                let xf = widen(xr);
+                let ms = xf.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let inv = 1.0 / (ms + eps).sqrt();
+                yr.iter_mut()
+                    .zip(&xf)
+                    .zip(&wf)
+                    .for_each(|((o, &v), &g)| *o = bf16::from_f32(v * inv * g));
+                *r = inv;
+            });
+        Ok(())
+    }
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut Bf<Self>,
+        dy: &Bf<Self>,
+        x: &Bf<Self>,
+        w: &Bf<Self>,
+        rstd: &F32<Self>,
+        t: usize,
+    ) -> Result<()> {
+        // dx = r w dy - (r^3 / d) x sum(dy w x), with the forward's r.
+        let d = w.len();
+        let wf = widen(w);
+        (dx[..t * d].par_chunks_mut(d))
+            .zip(dy[..t * d].par_chunks(d).zip(x[..t * d].par_chunks(d)))
+            .zip(rstd[..t].par_iter())
+            .for_each(|((o, (dyr, xr)), &r)| {
+                let (dyf, xf) = (widen(dyr), widen(xr));
+                let dot: f32 = (0..d).map(|j| dyf[j] * wf[j] * xf[j]).sum();
+                let c = r * r * r / d as f32 * dot;
+                (0..d).for_each(|j| o[j] = bf16::from_f32(r * wf[j] * dyf[j] - c * xf[j]));
+            });
+        Ok(())
+    }
+    fn rope_rotate(
+        &self,
+        x: &mut Bf<Self>,
+        pos: &Vec<i32>,
+        inv_freq: &F32<Self>,
+        t: usize,
+        heads: usize,
+        sign: f32,
+    ) -> Result<()> {
+        let row = heads * 2 * inv_freq.len();
+        (x[..t * row].par_chunks_mut(row))
+            .zip(pos[..t].par_iter())
+            .for_each(|(xr, &p)| {
+                let mut xf = widen(xr);
+                let at = [p as usize];
+                if sign > 0.0 {
+                    cpu::rope_fwd(&mut xf, &at, inv_freq, heads);
+                } else {
+                    cpu::rope_bwd(&mut xf, &at, inv_freq, heads);
+                }
+                round_into(xr, &xf);
+            });
+        Ok(())
+    }
+    fn swiglu_fwd(&self, out: &mut Bf<Self>, gate: &Bf<Self>, up: &Bf<Self>, n: usize) -> Result<()> {
+        (out[..n].par_chunks_mut(CHUNK))
+            .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
+            .for_each(|(o, (g, u))| {
+                let mut of = vec![0f32; o.len()];
+                cpu::swiglu_fwd(&mut of, &widen(g), &widen(u));
+                round_into(o, &of);
+            });
+        Ok(())
+    }
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut Bf<Self>,
+        dup: &mut Bf<Self>,
+        dout: &Bf<Self>,
+        gate: &Bf<Self>,
+        up: &Bf<Self>,
+        n: usize,
+    ) -> Result<()> {
+        (dgate[..n].par_chunks_mut(CHUNK).zip(dup[..n].par_chunks_mut(CHUNK)))
+            .zip(dout[..n].par_chunks(CHUNK))
+            .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
+            .for_each(|(((dg, du), d), (g, u))| {
+                let (mut dgf, mut duf) = (vec![0f32; dg.len()], vec![0f32; du.len()]);
+                cpu::swiglu_bwd(&mut dgf, &mut duf, &widen(d), &widen(g), &widen(u));
+                round_into(dg, &dgf);
+                round_into(du, &duf);
+            });
+        Ok(())
+    }
+    fn embedding_fwd(&self, out: &mut Bf<Self>, table: &Bf<Self>, tokens: &Vec<i32>, t: usize, d: usize) -> Result<()> {
+        if let Some(&bad) =
+            (tokens[..t].iter()).find(|&&tok| usize::try_from(tok).map_or(true, |v| (v + 1) * d > table.len()))
+        {
+            anyhow::bail!("token id {bad} is outside the embedding table");
+        }
+        (out[..t * d].par_chunks_mut(d))
+            .zip(tokens[..t].par_iter())
+            .for_each(|(o, &tok)| o.copy_from_slice(&table[tok as usize * d..(tok as usize + 1) * d]));
+        Ok(())
+    }
+    fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
+        (out[..n * d].par_chunks_mut(d))
+            .zip(idx[..n].par_iter())
+            .for_each(|(o, &r)| o.copy_from_slice(&x[r as usize * d..(r as usize + 1) * d]));
+        Ok(())
+    }
+    fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
+        for (i, &r) in idx[..n].iter().enumerate() {
+            out[r as usize * d..(r as usize + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
+        }
+        Ok(())
+    }
+    fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
+        (x[..n].par_chunks_mut(CHUNK))
+            .zip(y[..n].par_chunks(CHUNK))
+            .for_each(|(a, b)| {
+                a.iter_mut()
+                    .zip(b)
+                    .for_each(|(a, b)| *a = bf16::from_f32(a.to_f32() + b.to_f32()))
+            });
+        Ok(())
+    }
+    fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()> {
+        (out[..n].par_chunks_mut(CHUNK))
+            .zip(x[..n].par_chunks(CHUNK))
+            .for_each(|(o, v)| round_into(o, v));
+        Ok(())
+    }
+    /// `model::cpu::dropout`'s counter-based mask, each chunk starting its stream where the chunk
+    /// starts.
+    fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()> {
+        let keep = 1.0 / (1.0 - p);
+        (out[..n].par_chunks_mut(CHUNK))
+            .zip(x[..n].par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (o, v))| {
+                let mut rng = Rng::new(seed);
+                rng.skip((c * CHUNK) as u64);
+                o.iter_mut().zip(v).for_each(|(o, v)| {
+                    let kept = rng.uniform() as f32 >= p;
+                    *o = bf16::from_f32(if kept { v.to_f32() * keep } else { 0.0 });
+                });
+            });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::isa::Isa;
+    use crate::engine::host::Host;
+    use crate::engine::to_bf16;
+
+    fn bits(v: &[bf16]) -> Vec<u16> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Every kernel gives the host device's bits, over more values than one chunk (so the chunks'
+    /// seams, the dropout streams' above all, are crossed), outputs poisoned first.
+    #[test]
+    fn every_kernel_gives_the_host_devices_bits() {
+        let cpu = Cpu { isa: Isa::best() };
+        let mut rng = Rng::new(21);
+        let (t, heads, hd) = (37, 3, 16);
+        let d = heads * hd;
+        let n = CHUNK * 2 + 999;
+        let bf = |rng: &mut Rng, n: usize| to_bf16(&rng.normal_vec(n, 1.0));
+        let (x, w, dy) = (bf(&mut rng, t * d), bf(&mut rng, d), bf(&mut rng, t * d));
+        let nan = |n: usize| vec![bf16::NAN; n];
+
+        let (mut y0, mut r0, mut y1, mut r1) = (nan(t * d), vec![0f32; t], nan(t * d), vec![f32::NAN; t]);
+        Host.rmsnorm_fwd(&mut y0, &mut r0, &x, &w, t, 1e-5).unwrap();
+        cpu.rmsnorm_fwd(&mut y1, &mut r1, &x, &w, t, 1e-5).unwrap();
+        assert_eq!((bits(&y0), &r0), (bits(&y1), &r1), "rmsnorm_fwd");
+        let (mut d0, mut d1) = (nan(t * d), nan(t * d));
+        Host.rmsnorm_bwd(&mut d0, &dy, &x, &w, &r0, t).unwrap();
+        cpu.rmsnorm_bwd(&mut d1, &dy, &x, &w, &r0, t).unwrap();
+        assert_eq!(bits(&d0), bits(&d1), "rmsnorm_bwd");
+
+        let pos: Vec<i32> = (0..t as i32).map(|i| i * 7 % 50).collect();
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        for sign in [1.0, -1.0] {
+            let (mut a, mut b) = (x.clone(), x.clone());
+            Host.rope_rotate(&mut a, &pos, &inv, t, heads, sign).unwrap();
+            cpu.rope_rotate(&mut b, &pos, &inv, t, heads, sign).unwrap();
+            assert_eq!(bits(&a), bits(&b), "rope {sign}");
+        }
+
+        let (g, u, dout) = (bf(&mut rng, n), bf(&mut rng, n), bf(&mut rng, n));
+        let (mut o0, mut o1) = (nan(n), nan(n));
+        Host.swiglu_fwd(&mut o0, &g, &u, n).unwrap();
+        cpu.swiglu_fwd(&mut o1, &g, &u, n).unwrap();
+        assert_eq!(bits(&o0), bits(&o1), "swiglu_fwd");
+        let (mut dg0, mut du0, mut dg1, mut du1) = (nan(n), nan(n), nan(n), nan(n));
+        Host.swiglu_bwd(&mut dg0, &mut du0, &dout, &g, &u, n).unwrap();
+        cpu.swiglu_bwd(&mut dg1, &mut du1, &dout, &g, &u, n).unwrap();
+        assert_eq!((bits(&dg0), bits(&du0)), (bits(&dg1), bits(&du1)), "swiglu_bwd");
+
+        let (mut a0, mut a1) = (g.clone(), g.clone());
+        Host.add(&mut a0, &u, n).unwrap();
+        cpu.add(&mut a1, &u, n).unwrap();
+        assert_eq!(bits(&a0), bits(&a1), "add");
+        let f = rng.normal_vec(n, 3.0);
+        let (mut c0, mut c1) = (nan(n), nan(n));
+        Host.cast_f32_bf16(&mut c0, &f, n).unwrap();
+        cpu.cast_f32_bf16(&mut c1, &f, n).unwrap();
+        assert_eq!(bits(&c0), bits(&c1), "cast");
+        let (mut p0, mut p1) = (nan(n), nan(n));
+        Host.dropout(&mut p0, &g, 99, 0.1, n).unwrap();
+        cpu.dropout(&mut p1, &g, 99, 0.1, n).unwrap();
+        assert_eq!(bits(&p0), bits(&p1), "dropout");
+        assert!(p1.iter().any(|v| v.to_f32() == 0.0) && p1.iter().any(|v| v.to_f32() != 0.0));
+
+        let table = bf(&mut rng, 50 * d);
+        let toks: Vec<i32> = (0..t as i32).map(|i| i * 13 % 50).collect();
+        let (mut e0, mut e1) = (nan(t * d), nan(t * d));
+        Host.embedding_fwd(&mut e0, &table, &toks, t, d).unwrap();
+        cpu.embedding_fwd(&mut e1, &table, &toks, t, d).unwrap();
+        assert_eq!(bits(&e0), bits(&e1), "embedding");
+        assert!(
+            cpu.embedding_fwd(&mut e1, &table, &vec![50; t], t, d).is_err(),
+            "an id past the table"
+        );
+        let idx: Vec<i32> = (0..10).map(|i| (i * 3 + 1) % t as i32).collect();
+        let (mut g0, mut g1) = (nan(10 * d), nan(10 * d));
+        Host.gather_rows(&mut g0, &x, &idx, 10, d).unwrap();
+        cpu.gather_rows(&mut g1, &x, &idx, 10, d).unwrap();
+        assert_eq!(bits(&g0), bits(&g1), "gather");
+    }
+}
