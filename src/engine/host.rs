@@ -40,6 +40,28 @@ fn store(dst: &mut [bf16], v: &[f32]) {
         .for_each(|(o, &x)| *o = bf16::from_f32(x));
 }
 
+/// One row of the RMSNorm backward with the forward's `r` (the kernel's formula):
+/// dx = r w dy - (r^3 / d) x sum(dy w x). o, dy, x, w: [d].
+pub(crate) fn rmsnorm_bwd_row(o: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], r: f32) {
+    let d = w.len();
+    let dot: f32 = (0..d).map(|j| dy[j] * w[j] * x[j]).sum();
+    let c = r * r * r / d as f32 * dot;
+    (0..d).for_each(|j| o[j] = r * w[j] * dy[j] - c * x[j]);
+}
+
+/// One row of the loss: with lse = logsumexp(z) and target y (None: unlabelled),
+/// dz = bf16(inv_count (softmax(z) - onehot(y))); returns lse - z[y] (NaN when unlabelled).
+/// z, dz: [vocab].
+pub(crate) fn ce_row(dz: &mut [bf16], z: &[f32], y: Option<usize>, inv_count: f32) -> f32 {
+    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let lse = m + z.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
+    for (v, o) in dz.iter_mut().enumerate() {
+        let onehot = if Some(v) == y { 1.0 } else { 0.0 };
+        *o = bf16::from_f32(inv_count * ((z[v] - lse).exp() - onehot));
+    }
+    y.map_or(f32::NAN, |y| lse - z[y])
+}
+
 /// The sequences of a packing, from each token's sequence start.
 fn seqs(seq_start: &[i32], t: usize) -> Vec<Range<usize>> {
     let mut out: Vec<Range<usize>> = Vec::new();
@@ -163,10 +185,7 @@ impl Elementwise for Host {
         let (dyf, xf, wf) = (to_f32(&dy[..t * d]), to_f32(&x[..t * d]), to_f32(w));
         let mut out = vec![0f32; t * d];
         for (i, o) in out.chunks_mut(d).enumerate() {
-            let (dyr, xr, r) = (&dyf[i * d..(i + 1) * d], &xf[i * d..(i + 1) * d], rstd[i]);
-            let dot: f32 = (0..d).map(|j| dyr[j] * wf[j] * xr[j]).sum();
-            let c = r * r * r / d as f32 * dot;
-            (0..d).for_each(|j| o[j] = r * wf[j] * dyr[j] - c * xr[j]);
+            rmsnorm_bwd_row(o, &dyf[i * d..(i + 1) * d], &xf[i * d..(i + 1) * d], &wf, rstd[i]);
         }
         store(dx, &out);
         Ok(())
@@ -378,14 +397,8 @@ impl LossOps for Host {
     ) -> Result<()> {
         for i in 0..rows {
             let z = &logits[i * vocab..(i + 1) * vocab];
-            let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let lse = m + z.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
             let y = usize::try_from(targets[row0 + i]).ok().filter(|&y| y < vocab);
-            for (v, o) in dlogits[i * vocab..(i + 1) * vocab].iter_mut().enumerate() {
-                let onehot = if Some(v) == y { 1.0 } else { 0.0 };
-                *o = bf16::from_f32(inv_count * ((z[v] - lse).exp() - onehot));
-            }
-            loss[row0 + i] = y.map_or(f32::NAN, |y| lse - z[y]);
+            loss[row0 + i] = ce_row(&mut dlogits[i * vocab..(i + 1) * vocab], z, y, inv_count);
         }
         Ok(())
     }

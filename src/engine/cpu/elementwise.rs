@@ -5,6 +5,7 @@
 //! Not yet vectorised by hand: that is the next step for these memory-bound loops.
 
 use super::Cpu;
+use crate::engine::host::rmsnorm_bwd_row;
 use crate::engine::{Bf, Elementwise, F32};
 use crate::model::cpu;
 use crate::util::rng::Rng;
@@ -67,10 +68,9 @@ impl Elementwise for Cpu {
             .zip(dy[..t * d].par_chunks(d).zip(x[..t * d].par_chunks(d)))
             .zip(rstd[..t].par_iter())
             .for_each(|((o, (dyr, xr)), &r)| {
-                let (dyf, xf) = (widen(dyr), widen(xr));
-                let dot: f32 = (0..d).map(|j| dyf[j] * wf[j] * xf[j]).sum();
-                let c = r * r * r / d as f32 * dot;
-                (0..d).for_each(|j| o[j] = bf16::from_f32(r * wf[j] * dyf[j] - c * xf[j]));
+                let mut of = vec![0f32; d];
+                rmsnorm_bwd_row(&mut of, &widen(dyr), &widen(xr), &wf, r);
+                round_into(o, &of);
             });
         Ok(())
     }

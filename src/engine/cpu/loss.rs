@@ -5,6 +5,7 @@
 
 use super::gemm::{gemm, straight_panel, transposed_panel};
 use super::Cpu;
+use crate::engine::host::ce_row;
 use crate::engine::{Bf, LossOps, F32};
 use anyhow::Result;
 use half::bf16;
@@ -43,8 +44,8 @@ impl LossOps for Cpu {
         Ok(())
     }
 
-    /// Per row: lse = logsumexp(logits[i]); loss[row0 + i] = lse - logits[i, y];
-    /// dlogits[i] = inv_count (softmax(logits[i]) - onehot(y)), y = targets[row0 + i].
+    /// Per row, the host device's `ce_row`, rows split among threads: lse = logsumexp(logits[i]);
+    /// loss[row0 + i] = lse - logits[i, y]; dlogits[i] = inv_count (softmax(logits[i]) - onehot(y)).
     fn ce_softmax_grad(
         &self,
         dlogits: &mut Bf<Self>,
@@ -60,14 +61,8 @@ impl LossOps for Cpu {
             .zip(logits[..rows * vocab].par_chunks(vocab))
             .enumerate()
             .map(|(i, (dz, z))| {
-                let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let lse = m + z.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
                 let y = usize::try_from(targets[row0 + i]).ok().filter(|&y| y < vocab);
-                for (v, o) in dz.iter_mut().enumerate() {
-                    let onehot = if Some(v) == y { 1.0 } else { 0.0 };
-                    *o = bf16::from_f32(inv_count * ((z[v] - lse).exp() - onehot));
-                }
-                y.map_or(f32::NAN, |y| lse - z[y])
+                ce_row(dz, z, y, inv_count)
             })
             .collect();
         loss[row0..row0 + rows].copy_from_slice(&losses);
