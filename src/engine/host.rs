@@ -33,7 +33,7 @@ impl OnHost for Host {
 }
 
 /// Store f32 results into the start of a bf16 buffer.
-fn store(dst: &mut [bf16], v: &[f32]) {
+pub(crate) fn store(dst: &mut [bf16], v: &[f32]) {
     dst[..v.len()]
         .iter_mut()
         .zip(v)
@@ -164,11 +164,10 @@ impl Elementwise for Host {
         let d = w.len();
         let (xf, wf) = (to_f32(&x[..t * d]), to_f32(w));
         let mut yf = vec![0f32; t * d];
-        cpu::rmsnorm_fwd(&mut yf, &xf, &wf, eps);
-        store(y, &yf);
-        for (r, row) in rstd.iter_mut().zip(xf.chunks(d)) {
-            *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+        for ((yr, xr), r) in yf.chunks_mut(d).zip(xf.chunks(d)).zip(rstd.iter_mut()) {
+            *r = cpu::rmsnorm_fwd_row(yr, xr, &wf, eps);
         }
+        store(y, &yf);
         Ok(())
     }
     fn rmsnorm_bwd(

@@ -6,7 +6,7 @@
 use super::api::{ProfileRow, StepEngine};
 use crate::model::autograd::{forward_backward, loss_sum, Batch, GradOptions};
 use crate::model::forward::Model;
-use crate::model::generate::{candidates, greedy, greedy_batch, Sampling, DECODE_GROUP};
+use crate::model::generate::{candidates, greedy_batch, Sampling, DECODE_GROUP};
 use crate::model::lora::LoraParams;
 use crate::model::optim::{grad_norm, scale, AdamW, HostPages, StatePages, PAGE};
 use anyhow::{ensure, Result};
@@ -90,9 +90,6 @@ impl StepEngine for Reference {
         max_new: usize,
         stops: &[u32],
     ) -> Result<Vec<Vec<u32>>> {
-        if let [prompt] = prompts {
-            return Ok(vec![greedy(&self.model, lora, prompt, max_new, stops)]);
-        }
         // A few prompts at a time, decoded together (they share each read of the weights).
         let mut outs = Vec::with_capacity(prompts.len());
         for group in prompts.chunks(DECODE_GROUP) {

@@ -5,24 +5,15 @@
 //! Not yet vectorised by hand: that is the next step for these memory-bound loops.
 
 use super::Cpu;
-use crate::engine::host::rmsnorm_bwd_row;
-use crate::engine::{Bf, Elementwise, F32};
+use crate::engine::host::{rmsnorm_bwd_row, store};
+use crate::engine::{to_f32, Bf, Elementwise, F32};
 use crate::model::cpu;
-use crate::util::rng::Rng;
 use anyhow::Result;
 use half::bf16;
 use rayon::prelude::*;
 
 /// Values per parallel chunk of the flat kernels.
 const CHUNK: usize = 1 << 14;
-
-fn widen(x: &[bf16]) -> Vec<f32> {
-    x.iter().map(|v| v.to_f32()).collect()
-}
-
-fn round_into(dst: &mut [bf16], v: &[f32]) {
-    dst.iter_mut().zip(v).for_each(|(o, &x)| *o = bf16::from_f32(x));
-}
 
 #[allow(clippy::too_many_arguments)]
 impl Elementwise for Cpu {
@@ -36,19 +27,14 @@ impl Elementwise for Cpu {
         eps: f32,
     ) -> Result<()> {
         let d = w.len();
-        let wf = widen(w);
+        let wf = to_f32(w);
         (y[..t * d].par_chunks_mut(d))
             .zip(x[..t * d].par_chunks(d))
             .zip(rstd[..t].par_iter_mut())
             .for_each(|((yr, xr), r)| {
-                let xf = widen(xr);
-                let ms = xf.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                let inv = 1.0 / (ms + eps).sqrt();
-                yr.iter_mut()
-                    .zip(&xf)
-                    .zip(&wf)
-                    .for_each(|((o, &v), &g)| *o = bf16::from_f32(v * inv * g));
-                *r = inv;
+                let mut yf = vec![0f32; d];
+                *r = cpu::rmsnorm_fwd_row(&mut yf, &to_f32(xr), &wf, eps);
+                store(yr, &yf);
             });
         Ok(())
     }
@@ -63,14 +49,14 @@ impl Elementwise for Cpu {
     ) -> Result<()> {
         // dx = r w dy - (r^3 / d) x sum(dy w x), with the forward's r.
         let d = w.len();
-        let wf = widen(w);
+        let wf = to_f32(w);
         (dx[..t * d].par_chunks_mut(d))
             .zip(dy[..t * d].par_chunks(d).zip(x[..t * d].par_chunks(d)))
             .zip(rstd[..t].par_iter())
             .for_each(|((o, (dyr, xr)), &r)| {
                 let mut of = vec![0f32; d];
-                rmsnorm_bwd_row(&mut of, &widen(dyr), &widen(xr), &wf, r);
-                round_into(o, &of);
+                rmsnorm_bwd_row(&mut of, &to_f32(dyr), &to_f32(xr), &wf, r);
+                store(o, &of);
             });
         Ok(())
     }
@@ -87,14 +73,14 @@ impl Elementwise for Cpu {
         (x[..t * row].par_chunks_mut(row))
             .zip(pos[..t].par_iter())
             .for_each(|(xr, &p)| {
-                let mut xf = widen(xr);
+                let mut xf = to_f32(xr);
                 let at = [p as usize];
                 if sign > 0.0 {
                     cpu::rope_fwd(&mut xf, &at, inv_freq, heads);
                 } else {
                     cpu::rope_bwd(&mut xf, &at, inv_freq, heads);
                 }
-                round_into(xr, &xf);
+                store(xr, &xf);
             });
         Ok(())
     }
@@ -103,8 +89,8 @@ impl Elementwise for Cpu {
             .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
                 let mut of = vec![0f32; o.len()];
-                cpu::swiglu_fwd(&mut of, &widen(g), &widen(u));
-                round_into(o, &of);
+                cpu::swiglu_fwd(&mut of, &to_f32(g), &to_f32(u));
+                store(o, &of);
             });
         Ok(())
     }
@@ -122,9 +108,9 @@ impl Elementwise for Cpu {
             .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
             .for_each(|(((dg, du), d), (g, u))| {
                 let (mut dgf, mut duf) = (vec![0f32; dg.len()], vec![0f32; du.len()]);
-                cpu::swiglu_bwd(&mut dgf, &mut duf, &widen(d), &widen(g), &widen(u));
-                round_into(dg, &dgf);
-                round_into(du, &duf);
+                cpu::swiglu_bwd(&mut dgf, &mut duf, &to_f32(d), &to_f32(g), &to_f32(u));
+                store(dg, &dgf);
+                store(du, &duf);
             });
         Ok(())
     }
@@ -164,23 +150,18 @@ impl Elementwise for Cpu {
     fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()> {
         (out[..n].par_chunks_mut(CHUNK))
             .zip(x[..n].par_chunks(CHUNK))
-            .for_each(|(o, v)| round_into(o, v));
+            .for_each(|(o, v)| store(o, v));
         Ok(())
     }
-    /// `model::cpu::dropout`'s counter-based mask, each chunk starting its stream where the chunk
-    /// starts.
+    /// `model::cpu::dropout`'s counter-based mask, each chunk drawing from where it starts.
     fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()> {
-        let keep = 1.0 / (1.0 - p);
         (out[..n].par_chunks_mut(CHUNK))
             .zip(x[..n].par_chunks(CHUNK))
             .enumerate()
             .for_each(|(c, (o, v))| {
-                let mut rng = Rng::new(seed);
-                rng.skip((c * CHUNK) as u64);
-                o.iter_mut().zip(v).for_each(|(o, v)| {
-                    let kept = rng.uniform() as f32 >= p;
-                    *o = bf16::from_f32(if kept { v.to_f32() * keep } else { 0.0 });
-                });
+                let mut of = vec![0f32; o.len()];
+                cpu::dropout_from(&mut of, &to_f32(v), seed, (c * CHUNK) as u64, p);
+                store(o, &of);
             });
         Ok(())
     }
@@ -192,6 +173,7 @@ mod tests {
     use crate::engine::cpu::isa::Isa;
     use crate::engine::host::Host;
     use crate::engine::to_bf16;
+    use crate::util::rng::Rng;
 
     fn bits(v: &[bf16]) -> Vec<u16> {
         v.iter().map(|x| x.to_bits()).collect()

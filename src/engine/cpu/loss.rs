@@ -106,15 +106,10 @@ impl LossOps for Cpu {
 mod tests {
     use super::*;
     use crate::engine::cpu::isa::Isa;
+    use crate::engine::cuda::rel_err;
     use crate::engine::host::Host;
     use crate::engine::{to_bf16, to_f32};
     use crate::util::rng::Rng;
-
-    fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-        let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum();
-        let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
-        (num / den).sqrt()
-    }
 
     /// Each path against the host device (the f32 reference on the same bf16 values), outputs
     /// poisoned first, at a row offset and with odd sizes. Logits are f32, so only the order of the

@@ -48,15 +48,10 @@ fn decode(w: &Linear, start: usize, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::cuda::rel_err;
     use crate::engine::{to_bf16, to_f32};
     use crate::model::cpu::{linear_bwd_input, linear_fwd};
     use crate::util::rng::Rng;
-
-    fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-        let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum();
-        let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
-        (num / den).sqrt()
-    }
 
     /// Every path against the f32 reference on the same bf16 inputs, at sizes that leave partial
     /// register tiles and panels (odd t, n and k) and whole ones, outputs poisoned first. The one

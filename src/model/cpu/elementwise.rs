@@ -15,8 +15,15 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
 /// regenerates it instead of storing it: the gradient of dropout is this same call on the gradient.
 /// out, x: [n].
 pub fn dropout(out: &mut [f32], x: &[f32], seed: u64, p: f32) {
+    dropout_from(out, x, seed, 0, p);
+}
+
+/// [`dropout`] of the elements `start .. start + x.len()` of a longer stream: their draws are
+/// those of positions `start ..`, so pieces of a tensor can be masked apart (in parallel).
+pub fn dropout_from(out: &mut [f32], x: &[f32], seed: u64, start: u64, p: f32) {
     assert_eq!(out.len(), x.len());
     let mut rng = Rng::new(seed);
+    rng.skip(start);
     let keep = 1.0 / (1.0 - p);
     for (o, &v) in out.iter_mut().zip(x) {
         *o = if rng.uniform() as f32 >= p { v * keep } else { 0.0 };

@@ -8,12 +8,19 @@ pub fn rmsnorm_fwd(y: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     let d = w.len();
     assert_eq!(x.len(), y.len());
     y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-            *o = v * inv * g;
-        }
+        rmsnorm_fwd_row(yr, xr, w, eps);
     });
+}
+
+/// One row of [`rmsnorm_fwd`]; returns its `r = 1 / sqrt(mean(x^2) + eps)` (what the device
+/// kernel saves for the backward). y, x, w: [d].
+pub fn rmsnorm_fwd_row(y: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, &v), &g) in y.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+    inv
 }
 
 /// RMSNorm backward (the gain is frozen, so only the input gets a gradient).
