@@ -275,7 +275,7 @@ enum BenchWhat {
         #[arg(long)]
         peak_tflops: Option<f64>,
         /// After the timed steps, as many again with each kernel timed: a table of where a step's
-        /// time goes (GPU only).
+        /// time goes (the GPU and `cpu-simd`).
         #[arg(long)]
         profile: bool,
         /// Print the report as JSON.

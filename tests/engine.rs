@@ -136,7 +136,8 @@ fn the_cpu_engine_step_matches_the_reference_on_every_path() {
             let model = tiny_model(v).quantize_nf4();
             let batch = tiny_batch(0x57e9 ^ v as u64, &[37, 5, 90], TINY_VOCAB);
             let lora = tiny_adapter(v);
-            let (loss_err, grad_err) = compare_with(Cpu { isa }, &model, lora, &batch, dropout, 11, checkpointing, 3);
+            let (loss_err, grad_err) =
+                compare_with(Cpu::with_isa(isa), &model, lora, &batch, dropout, 11, checkpointing, 3);
             assert!(loss_err < LOSS_TOL, "{isa} {v:?}: loss relative error {loss_err:e}");
             assert!(grad_err < GRAD_TOL, "{isa} {v:?}: gradient relative error {grad_err:e}");
         }

@@ -4,7 +4,8 @@
 //! order of f32 summation.
 
 use super::{
-    to_bf16, to_f32, AttentionOps, Bf, DeviceBase, Elem, Elementwise, LoraOps, LossOps, Nf4Gemm, OptimOps, F32,
+    to_bf16, to_f32, AttentionOps, Bf, DeviceBase, Elem, Elementwise, LoraOps, LossOps, Nf4Gemm, OptimOps, ProfileRow,
+    F32,
 };
 use crate::model::cpu::{self, Linear, LinearWeight};
 use crate::model::lora::LoraAt;
@@ -24,6 +25,16 @@ pub struct Host;
 pub trait OnHost: Clone + Send + Sync {
     /// One line naming the device, for logs.
     fn describe(&self) -> String;
+    /// Run one kernel, `f`, timing it under `name` where the device profiles.
+    fn timed<R>(&self, _name: &'static str, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+    /// Time each kernel from now on, or stop (a no-op where the device does not profile).
+    fn set_profiling(&self, _on: bool) {}
+    /// The kernels' times since the last call, largest first.
+    fn take_profile(&self) -> Vec<ProfileRow> {
+        Vec::new()
+    }
 }
 
 impl OnHost for Host {
@@ -81,6 +92,12 @@ impl<H: OnHost> DeviceBase for H {
 
     fn describe(&self) -> String {
         OnHost::describe(self)
+    }
+    fn set_profiling(&self, on: bool) {
+        OnHost::set_profiling(self, on)
+    }
+    fn take_profile(&self) -> Result<Vec<ProfileRow>> {
+        Ok(OnHost::take_profile(self))
     }
     fn alloc<T: Elem>(&self, n: usize) -> Result<Vec<T>> {
         Ok(vec![T::default(); n])
@@ -305,7 +322,7 @@ impl Nf4Gemm for Host {
 }
 
 #[allow(clippy::too_many_arguments)]
-impl<H: OnHost> LoraOps for H {
+impl LoraOps for Host {
     fn lora_fwd(
         &self,
         y: &mut Bf<Self>,
@@ -317,19 +334,21 @@ impl<H: OnHost> LoraOps for H {
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        let (k, n) = (at.inp, at.out);
-        let mut yf = to_f32(&y[..t * n]);
-        cpu::lora_fwd(
-            &mut yf,
-            &mut xa[..t * r],
-            &to_f32(&x[..t * k]),
-            &to_f32(&w[at.a..at.a + r * k]),
-            &to_f32(&w[at.b..at.b + n * r]),
-            r,
-            scale,
-        );
-        store(y, &yf);
-        Ok(())
+        self.timed("lora_fwd", || {
+            let (k, n) = (at.inp, at.out);
+            let mut yf = to_f32(&y[..t * n]);
+            cpu::lora_fwd(
+                &mut yf,
+                &mut xa[..t * r],
+                &to_f32(&x[..t * k]),
+                &to_f32(&w[at.a..at.a + r * k]),
+                &to_f32(&w[at.b..at.b + n * r]),
+                r,
+                scale,
+            );
+            store(y, &yf);
+            Ok(())
+        })
     }
     fn lora_bwd(
         &self,
@@ -345,25 +364,27 @@ impl<H: OnHost> LoraOps for H {
         r: usize,
         scale: f32,
     ) -> Result<()> {
-        let (k, n) = (at.inp, at.out);
-        let mut dx_lora = vec![0f32; t * k];
-        let (dyf, xf) = (to_f32(&dy[..t * n]), to_f32(&x[..t * k]));
-        let (da, db) = grad[at.a..at.b + n * r].split_at_mut(r * k);
-        cpu::lora_bwd(
-            &mut dx_lora,
-            da,
-            db,
-            &dyf,
-            &xf,
-            &xa[..t * r],
-            &to_f32(&w[at.a..at.a + r * k]),
-            &to_f32(&w[at.b..at.b + n * r]),
-            r,
-            scale,
-        );
-        cpu::add_inplace(&mut dx_lora, &to_f32(&dx[..t * k]));
-        store(dx, &dx_lora);
-        Ok(())
+        self.timed("lora_bwd", || {
+            let (k, n) = (at.inp, at.out);
+            let mut dx_lora = vec![0f32; t * k];
+            let (dyf, xf) = (to_f32(&dy[..t * n]), to_f32(&x[..t * k]));
+            let (da, db) = grad[at.a..at.b + n * r].split_at_mut(r * k);
+            cpu::lora_bwd(
+                &mut dx_lora,
+                da,
+                db,
+                &dyf,
+                &xf,
+                &xa[..t * r],
+                &to_f32(&w[at.a..at.a + r * k]),
+                &to_f32(&w[at.b..at.b + n * r]),
+                r,
+                scale,
+            );
+            cpu::add_inplace(&mut dx_lora, &to_f32(&dx[..t * k]));
+            store(dx, &dx_lora);
+            Ok(())
+        })
     }
 }
 
@@ -426,7 +447,7 @@ impl LossOps for Host {
 }
 
 #[allow(clippy::too_many_arguments)]
-impl<H: OnHost> AttentionOps for H {
+impl AttentionOps for Host {
     fn attention_fwd(
         &self,
         out: &mut Bf<Self>,
@@ -439,35 +460,37 @@ impl<H: OnHost> AttentionOps for H {
         [heads, kv_heads, hd]: [usize; 3],
         _max_len: usize,
     ) -> Result<()> {
-        let (qd, kvd) = (heads * hd, kv_heads * hd);
-        let (qf, kf, vf) = (to_f32(&q[..t * qd]), to_f32(&k[..t * kvd]), to_f32(&v[..t * kvd]));
-        let mut o = vec![0f32; t * qd];
-        for s in seqs(seq_start, t) {
-            let (qr, kr) = (s.start * qd..s.end * qd, s.start * kvd..s.end * kvd);
-            cpu::attention_fwd(
-                &mut o[qr.clone()],
-                &qf[qr],
-                &kf[kr.clone()],
-                &vf[kr],
-                heads,
-                kv_heads,
-                hd,
-            );
-            // Each row's log-sum-exp, as the kernel keeps it (the CPU backward does not need it).
-            let scale = 1.0 / (hd as f32).sqrt();
-            for i in s.clone() {
-                for h in 0..heads {
-                    let (qv, kvh) = (&qf[(i * heads + h) * hd..][..hd], h / (heads / kv_heads));
-                    let scores: Vec<f32> = (s.start..=i)
-                        .map(|j| cpu::dot(qv, &kf[(j * kv_heads + kvh) * hd..][..hd]) * scale)
-                        .collect();
-                    let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    lse[i * heads + h] = m + scores.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
+        self.timed("attention_fwd", || {
+            let (qd, kvd) = (heads * hd, kv_heads * hd);
+            let (qf, kf, vf) = (to_f32(&q[..t * qd]), to_f32(&k[..t * kvd]), to_f32(&v[..t * kvd]));
+            let mut o = vec![0f32; t * qd];
+            for s in seqs(seq_start, t) {
+                let (qr, kr) = (s.start * qd..s.end * qd, s.start * kvd..s.end * kvd);
+                cpu::attention_fwd(
+                    &mut o[qr.clone()],
+                    &qf[qr],
+                    &kf[kr.clone()],
+                    &vf[kr],
+                    heads,
+                    kv_heads,
+                    hd,
+                );
+                // Each row's log-sum-exp, as the kernel keeps it (the CPU backward does not need it).
+                let scale = 1.0 / (hd as f32).sqrt();
+                for i in s.clone() {
+                    for h in 0..heads {
+                        let (qv, kvh) = (&qf[(i * heads + h) * hd..][..hd], h / (heads / kv_heads));
+                        let scores: Vec<f32> = (s.start..=i)
+                            .map(|j| cpu::dot(qv, &kf[(j * kv_heads + kvh) * hd..][..hd]) * scale)
+                            .collect();
+                        let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                        lse[i * heads + h] = m + scores.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
+                    }
                 }
             }
-        }
-        store(out, &o);
-        Ok(())
+            store(out, &o);
+            Ok(())
+        })
     }
     fn attention_bwd(
         &self,
@@ -484,29 +507,31 @@ impl<H: OnHost> AttentionOps for H {
         [heads, kv_heads, hd]: [usize; 3],
         _max_len: usize,
     ) -> Result<()> {
-        let (qd, kvd) = (heads * hd, kv_heads * hd);
-        let (qf, kf, vf) = (to_f32(&q[..t * qd]), to_f32(&k[..t * kvd]), to_f32(&v[..t * kvd]));
-        let dof = to_f32(&dout[..t * qd]);
-        let (mut dqf, mut dkf, mut dvf) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
-        for s in seqs(seq_start, t) {
-            let (qr, kr) = (s.start * qd..s.end * qd, s.start * kvd..s.end * kvd);
-            cpu::attention_bwd(
-                &mut dqf[qr.clone()],
-                &mut dkf[kr.clone()],
-                &mut dvf[kr.clone()],
-                &dof[qr.clone()],
-                &qf[qr],
-                &kf[kr.clone()],
-                &vf[kr],
-                heads,
-                kv_heads,
-                hd,
-            );
-        }
-        store(dq, &dqf);
-        store(dk, &dkf);
-        store(dv, &dvf);
-        Ok(())
+        self.timed("attention_bwd", || {
+            let (qd, kvd) = (heads * hd, kv_heads * hd);
+            let (qf, kf, vf) = (to_f32(&q[..t * qd]), to_f32(&k[..t * kvd]), to_f32(&v[..t * kvd]));
+            let dof = to_f32(&dout[..t * qd]);
+            let (mut dqf, mut dkf, mut dvf) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
+            for s in seqs(seq_start, t) {
+                let (qr, kr) = (s.start * qd..s.end * qd, s.start * kvd..s.end * kvd);
+                cpu::attention_bwd(
+                    &mut dqf[qr.clone()],
+                    &mut dkf[kr.clone()],
+                    &mut dvf[kr.clone()],
+                    &dof[qr.clone()],
+                    &qf[qr],
+                    &kf[kr.clone()],
+                    &vf[kr],
+                    heads,
+                    kv_heads,
+                    hd,
+                );
+            }
+            store(dq, &dqf);
+            store(dk, &dkf);
+            store(dv, &dvf);
+            Ok(())
+        })
     }
     fn attention_decode(
         &self,
@@ -519,27 +544,31 @@ impl<H: OnHost> AttentionOps for H {
         [heads, kv_heads, hd]: [usize; 3],
         _max_len: usize,
     ) -> Result<()> {
-        let (qd, kvd) = (heads * hd, kv_heads * hd);
-        for i in 0..b {
-            let (s, n) = (key_start[i] as usize, key_len[i] as usize);
-            let (kf, vf) = (to_f32(&k[s * kvd..(s + n) * kvd]), to_f32(&v[s * kvd..(s + n) * kvd]));
-            // One query at the end of its keys: the reference's KV-cache attention.
-            let mut o = vec![0f32; qd];
-            cpu::attention_fwd(&mut o, &to_f32(&q[i * qd..(i + 1) * qd]), &kf, &vf, heads, kv_heads, hd);
-            store(&mut out[i * qd..], &o);
-        }
-        Ok(())
+        self.timed("attention_decode", || {
+            let (qd, kvd) = (heads * hd, kv_heads * hd);
+            for i in 0..b {
+                let (s, n) = (key_start[i] as usize, key_len[i] as usize);
+                let (kf, vf) = (to_f32(&k[s * kvd..(s + n) * kvd]), to_f32(&v[s * kvd..(s + n) * kvd]));
+                // One query at the end of its keys: the reference's KV-cache attention.
+                let mut o = vec![0f32; qd];
+                cpu::attention_fwd(&mut o, &to_f32(&q[i * qd..(i + 1) * qd]), &kf, &vf, heads, kv_heads, hd);
+                store(&mut out[i * qd..], &o);
+            }
+            Ok(())
+        })
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 impl<H: OnHost> OptimOps for H {
     fn partial_norms(&self, parts: &mut Vec<f32>, at: usize, x: &Vec<f32>, n: usize) -> Result<()> {
-        // The whole norm (summed in f64) in the first part.
-        let total: f64 = x[..n].iter().map(|&v| v as f64 * v as f64).sum();
-        parts[at..at + super::SUM_PARTS].fill(0.0);
-        parts[at] = total.sqrt() as f32;
-        Ok(())
+        self.timed("partial_norms", || {
+            // The whole norm (summed in f64) in the first part.
+            let total: f64 = x[..n].iter().map(|&v| v as f64 * v as f64).sum();
+            parts[at..at + super::SUM_PARTS].fill(0.0);
+            parts[at] = total.sqrt() as f32;
+            Ok(())
+        })
     }
     fn adamw_step(
         &self,
@@ -552,8 +581,10 @@ impl<H: OnHost> OptimOps for H {
         n: usize,
         h: &AdamStep,
     ) -> Result<()> {
-        let (ps, ss) = (p_off..p_off + n, s_off..s_off + n);
-        h.apply(&mut p[ps.clone()], &mut m[ss.clone()], &mut v[ss], &g[ps]);
-        Ok(())
+        self.timed("adamw_step", || {
+            let (ps, ss) = (p_off..p_off + n, s_off..s_off + n);
+            h.apply(&mut p[ps.clone()], &mut m[ss.clone()], &mut v[ss], &g[ps]);
+            Ok(())
+        })
     }
 }

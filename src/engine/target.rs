@@ -123,7 +123,7 @@ impl Target {
         Ok(match self {
             Target::Reference => Box::new(Reference::new(model.clone(), lora)),
             Target::CpuBf16 => Box::new(Engine::new(Host, model, lora, cap, checkpointing)?),
-            Target::CpuSimd(cpu) => Box::new(Engine::new(*cpu, model, lora, cap, checkpointing)?),
+            Target::CpuSimd(cpu) => Box::new(Engine::new(cpu.clone(), model, lora, cap, checkpointing)?),
             Target::Cuda(g) => Box::new(Engine::new((**g).clone(), model, lora, cap, checkpointing)?),
         })
     }

@@ -2,6 +2,18 @@
 //! crate's so that the tiny models, and the golden files made from them, never change with a
 //! dependency upgrade.
 
+/// SplitMix64's increment: the state after draw i is seed + (i + 1) GOLDEN.
+pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function: the draw of a state.
+#[inline(always)]
+pub fn mix(state: u64) -> u64 {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// SplitMix64: 64-bit state, full period, passes BigCrush; more than enough for initialisation.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
@@ -14,15 +26,12 @@ impl Rng {
     /// The generator as it is after `n` more draws (the stream is counter-based: draw i is a
     /// function of the seed and i alone), so that a stream can be split among threads.
     pub fn skip(&mut self, n: u64) {
-        self.0 = self.0.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        self.0 = self.0.wrapping_add(n.wrapping_mul(GOLDEN));
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(GOLDEN);
+        mix(self.0)
     }
 
     /// Uniform in [0, 1), 53 random bits.

@@ -4,10 +4,12 @@
 //! f32 copies. Each output is the host device's bit for bit (tested), so these need no tolerance.
 //! Not yet vectorised by hand: that is the next step for these memory-bound loops.
 
+use super::isa::Isa;
 use super::Cpu;
 use crate::engine::host::{rmsnorm_bwd_row, store};
 use crate::engine::{to_f32, Bf, Elementwise, F32};
 use crate::model::cpu;
+use crate::util::rng::{mix, GOLDEN};
 use anyhow::Result;
 use half::bf16;
 use rayon::prelude::*;
@@ -26,17 +28,19 @@ impl Elementwise for Cpu {
         t: usize,
         eps: f32,
     ) -> Result<()> {
-        let d = w.len();
-        let wf = to_f32(w);
-        (y[..t * d].par_chunks_mut(d))
-            .zip(x[..t * d].par_chunks(d))
-            .zip(rstd[..t].par_iter_mut())
-            .for_each(|((yr, xr), r)| {
-                let mut yf = vec![0f32; d];
-                *r = cpu::rmsnorm_fwd_row(&mut yf, &to_f32(xr), &wf, eps);
-                store(yr, &yf);
-            });
-        Ok(())
+        self.profile.time("rmsnorm_fwd", || {
+            let d = w.len();
+            let wf = to_f32(w);
+            (y[..t * d].par_chunks_mut(d))
+                .zip(x[..t * d].par_chunks(d))
+                .zip(rstd[..t].par_iter_mut())
+                .for_each(|((yr, xr), r)| {
+                    let mut yf = vec![0f32; d];
+                    *r = cpu::rmsnorm_fwd_row(&mut yf, &to_f32(xr), &wf, eps);
+                    store(yr, &yf);
+                });
+            Ok(())
+        })
     }
     fn rmsnorm_bwd(
         &self,
@@ -47,18 +51,20 @@ impl Elementwise for Cpu {
         rstd: &F32<Self>,
         t: usize,
     ) -> Result<()> {
-        // dx = r w dy - (r^3 / d) x sum(dy w x), with the forward's r.
-        let d = w.len();
-        let wf = to_f32(w);
-        (dx[..t * d].par_chunks_mut(d))
-            .zip(dy[..t * d].par_chunks(d).zip(x[..t * d].par_chunks(d)))
-            .zip(rstd[..t].par_iter())
-            .for_each(|((o, (dyr, xr)), &r)| {
-                let mut of = vec![0f32; d];
-                rmsnorm_bwd_row(&mut of, &to_f32(dyr), &to_f32(xr), &wf, r);
-                store(o, &of);
-            });
-        Ok(())
+        self.profile.time("rmsnorm_bwd", || {
+            // dx = r w dy - (r^3 / d) x sum(dy w x), with the forward's r.
+            let d = w.len();
+            let wf = to_f32(w);
+            (dx[..t * d].par_chunks_mut(d))
+                .zip(dy[..t * d].par_chunks(d).zip(x[..t * d].par_chunks(d)))
+                .zip(rstd[..t].par_iter())
+                .for_each(|((o, (dyr, xr)), &r)| {
+                    let mut of = vec![0f32; d];
+                    rmsnorm_bwd_row(&mut of, &to_f32(dyr), &to_f32(xr), &wf, r);
+                    store(o, &of);
+                });
+            Ok(())
+        })
     }
     fn rope_rotate(
         &self,
@@ -69,30 +75,34 @@ impl Elementwise for Cpu {
         heads: usize,
         sign: f32,
     ) -> Result<()> {
-        let row = heads * 2 * inv_freq.len();
-        (x[..t * row].par_chunks_mut(row))
-            .zip(pos[..t].par_iter())
-            .for_each(|(xr, &p)| {
-                let mut xf = to_f32(xr);
-                let at = [p as usize];
-                if sign > 0.0 {
-                    cpu::rope_fwd(&mut xf, &at, inv_freq, heads);
-                } else {
-                    cpu::rope_bwd(&mut xf, &at, inv_freq, heads);
-                }
-                store(xr, &xf);
-            });
-        Ok(())
+        self.profile.time("rope_rotate", || {
+            let row = heads * 2 * inv_freq.len();
+            (x[..t * row].par_chunks_mut(row))
+                .zip(pos[..t].par_iter())
+                .for_each(|(xr, &p)| {
+                    let mut xf = to_f32(xr);
+                    let at = [p as usize];
+                    if sign > 0.0 {
+                        cpu::rope_fwd(&mut xf, &at, inv_freq, heads);
+                    } else {
+                        cpu::rope_bwd(&mut xf, &at, inv_freq, heads);
+                    }
+                    store(xr, &xf);
+                });
+            Ok(())
+        })
     }
     fn swiglu_fwd(&self, out: &mut Bf<Self>, gate: &Bf<Self>, up: &Bf<Self>, n: usize) -> Result<()> {
-        (out[..n].par_chunks_mut(CHUNK))
-            .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| {
-                let mut of = vec![0f32; o.len()];
-                cpu::swiglu_fwd(&mut of, &to_f32(g), &to_f32(u));
-                store(o, &of);
-            });
-        Ok(())
+        self.profile.time("swiglu_fwd", || {
+            (out[..n].par_chunks_mut(CHUNK))
+                .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
+                .for_each(|(o, (g, u))| {
+                    let mut of = vec![0f32; o.len()];
+                    cpu::swiglu_fwd(&mut of, &to_f32(g), &to_f32(u));
+                    store(o, &of);
+                });
+            Ok(())
+        })
     }
     fn swiglu_bwd(
         &self,
@@ -103,68 +113,138 @@ impl Elementwise for Cpu {
         up: &Bf<Self>,
         n: usize,
     ) -> Result<()> {
-        (dgate[..n].par_chunks_mut(CHUNK).zip(dup[..n].par_chunks_mut(CHUNK)))
-            .zip(dout[..n].par_chunks(CHUNK))
-            .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
-            .for_each(|(((dg, du), d), (g, u))| {
-                let (mut dgf, mut duf) = (vec![0f32; dg.len()], vec![0f32; du.len()]);
-                cpu::swiglu_bwd(&mut dgf, &mut duf, &to_f32(d), &to_f32(g), &to_f32(u));
-                store(dg, &dgf);
-                store(du, &duf);
-            });
-        Ok(())
+        self.profile.time("swiglu_bwd", || {
+            (dgate[..n].par_chunks_mut(CHUNK).zip(dup[..n].par_chunks_mut(CHUNK)))
+                .zip(dout[..n].par_chunks(CHUNK))
+                .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
+                .for_each(|(((dg, du), d), (g, u))| {
+                    let (mut dgf, mut duf) = (vec![0f32; dg.len()], vec![0f32; du.len()]);
+                    cpu::swiglu_bwd(&mut dgf, &mut duf, &to_f32(d), &to_f32(g), &to_f32(u));
+                    store(dg, &dgf);
+                    store(du, &duf);
+                });
+            Ok(())
+        })
     }
     fn embedding_fwd(&self, out: &mut Bf<Self>, table: &Bf<Self>, tokens: &Vec<i32>, t: usize, d: usize) -> Result<()> {
-        if let Some(&bad) =
-            (tokens[..t].iter()).find(|&&tok| usize::try_from(tok).map_or(true, |v| (v + 1) * d > table.len()))
-        {
-            anyhow::bail!("token id {bad} is outside the embedding table");
-        }
-        (out[..t * d].par_chunks_mut(d))
-            .zip(tokens[..t].par_iter())
-            .for_each(|(o, &tok)| o.copy_from_slice(&table[tok as usize * d..(tok as usize + 1) * d]));
-        Ok(())
+        self.profile.time("embedding_fwd", || {
+            if let Some(&bad) =
+                (tokens[..t].iter()).find(|&&tok| usize::try_from(tok).map_or(true, |v| (v + 1) * d > table.len()))
+            {
+                anyhow::bail!("token id {bad} is outside the embedding table");
+            }
+            (out[..t * d].par_chunks_mut(d))
+                .zip(tokens[..t].par_iter())
+                .for_each(|(o, &tok)| o.copy_from_slice(&table[tok as usize * d..(tok as usize + 1) * d]));
+            Ok(())
+        })
     }
     fn gather_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
-        (out[..n * d].par_chunks_mut(d))
-            .zip(idx[..n].par_iter())
-            .for_each(|(o, &r)| o.copy_from_slice(&x[r as usize * d..(r as usize + 1) * d]));
-        Ok(())
+        self.profile.time("gather_rows", || {
+            (out[..n * d].par_chunks_mut(d))
+                .zip(idx[..n].par_iter())
+                .for_each(|(o, &r)| o.copy_from_slice(&x[r as usize * d..(r as usize + 1) * d]));
+            Ok(())
+        })
     }
     fn scatter_rows(&self, out: &mut Bf<Self>, x: &Bf<Self>, idx: &Vec<i32>, n: usize, d: usize) -> Result<()> {
-        for (i, &r) in idx[..n].iter().enumerate() {
-            out[r as usize * d..(r as usize + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
-        }
-        Ok(())
+        self.profile.time("scatter_rows", || {
+            for (i, &r) in idx[..n].iter().enumerate() {
+                out[r as usize * d..(r as usize + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
+            }
+            Ok(())
+        })
     }
     fn add(&self, x: &mut Bf<Self>, y: &Bf<Self>, n: usize) -> Result<()> {
-        (x[..n].par_chunks_mut(CHUNK))
-            .zip(y[..n].par_chunks(CHUNK))
-            .for_each(|(a, b)| {
-                a.iter_mut()
-                    .zip(b)
-                    .for_each(|(a, b)| *a = bf16::from_f32(a.to_f32() + b.to_f32()))
-            });
-        Ok(())
+        self.profile.time("add", || {
+            (x[..n].par_chunks_mut(CHUNK))
+                .zip(y[..n].par_chunks(CHUNK))
+                .for_each(|(a, b)| {
+                    a.iter_mut()
+                        .zip(b)
+                        .for_each(|(a, b)| *a = bf16::from_f32(a.to_f32() + b.to_f32()))
+                });
+            Ok(())
+        })
     }
     fn cast_f32_bf16(&self, out: &mut Bf<Self>, x: &F32<Self>, n: usize) -> Result<()> {
-        (out[..n].par_chunks_mut(CHUNK))
-            .zip(x[..n].par_chunks(CHUNK))
-            .for_each(|(o, v)| store(o, v));
-        Ok(())
+        self.profile.time("cast_f32_bf16", || {
+            (out[..n].par_chunks_mut(CHUNK))
+                .zip(x[..n].par_chunks(CHUNK))
+                .for_each(|(o, v)| store(o, v));
+            Ok(())
+        })
     }
-    /// `model::cpu::dropout`'s counter-based mask, each chunk drawing from where it starts.
+    /// `model::cpu::dropout`'s counter-based mask, each chunk drawing from where it starts, decided
+    /// by an integer threshold on the 53-bit draw (the same decisions, [`keep_threshold`]).
     fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()> {
-        (out[..n].par_chunks_mut(CHUNK))
-            .zip(x[..n].par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (o, v))| {
-                let mut of = vec![0f32; o.len()];
-                cpu::dropout_from(&mut of, &to_f32(v), seed, (c * CHUNK) as u64, p);
-                store(o, &of);
-            });
-        Ok(())
+        self.profile.time("dropout", || {
+            let (thr, keep) = (keep_threshold(p), 1.0 / (1.0 - p));
+            let wide = self.isa == Isa::Avx512 && avx512dq();
+            (out[..n].par_chunks_mut(CHUNK))
+                .zip(x[..n].par_chunks(CHUNK))
+                .enumerate()
+                .for_each(|(c, (o, v))| {
+                    let start = (c * CHUNK) as u64;
+                    #[cfg(target_arch = "x86_64")]
+                    if wide {
+                        // SAFETY: the CPU has AVX-512F and DQ (checked above).
+                        return unsafe { dropout_avx512(o, v, seed, start, thr, keep) };
+                    }
+                    dropout_run(o, v, seed, start, thr, keep)
+                });
+            Ok(())
+        })
     }
+}
+
+/// Whether the CPU has AVX-512DQ (64-bit multiplies in vectors), for the dropout's hash.
+fn avx512dq() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx512dq");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The smallest 53-bit draw u that `model::cpu::dropout` keeps: it keeps an element when
+/// `f32(u 2^-53) >= p`, and rounding to f32 never decreases, so the kept draws are exactly u >= this.
+pub fn keep_threshold(p: f32) -> u64 {
+    let kept = |u: u64| (u as f64 * (1.0 / (1u64 << 53) as f64)) as f32 >= p;
+    let (mut lo, mut hi) = (0u64, 1u64 << 53);
+    // Invariant: every u < lo is dropped, every u >= hi kept (hi = 2^53: none is).
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if kept(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo
+}
+
+/// out[i] = bf16(x[i] keep) if draw start + i of `seed`'s stream is kept, else 0. out, x: [len].
+#[inline(always)]
+fn dropout_run(out: &mut [bf16], x: &[bf16], seed: u64, start: u64, thr: u64, keep: f32) {
+    let base = seed.wrapping_add(start.wrapping_mul(GOLDEN));
+    for (i, (o, v)) in out.iter_mut().zip(x).enumerate() {
+        let z = mix(base.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN)));
+        *o = if z >> 11 >= thr {
+            bf16::from_f32(v.to_f32() * keep)
+        } else {
+            bf16::ZERO
+        };
+    }
+}
+
+/// [`dropout_run`] compiled for AVX-512 (the compiler vectorises the hash eight lanes at a time).
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512DQ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+unsafe fn dropout_avx512(out: &mut [bf16], x: &[bf16], seed: u64, start: u64, thr: u64, keep: f32) {
+    dropout_run(out, x, seed, start, thr, keep)
 }
 
 #[cfg(test)]
@@ -181,9 +261,33 @@ mod tests {
 
     /// Every kernel gives the host device's bits, over more values than one chunk (so the chunks'
     /// seams, the dropout streams' above all, are crossed), outputs poisoned first.
+    /// The dropout's integer threshold makes the reference's decisions on every path, at rates
+    /// from none to nearly all, over chunk seams; and it is the exact edge of the reference's rule.
+    #[test]
+    fn dropout_gives_the_host_devices_bits_on_every_path() {
+        let mut rng = Rng::new(5);
+        let n = CHUNK * 2 + 77;
+        let x = to_bf16(&rng.normal_vec(n, 1.0));
+        for isa in Isa::available() {
+            let cpu = Cpu::with_isa(isa);
+            for p in [0.0, 0.05, 0.1, 0.5, 0.999] {
+                let (mut want, mut got) = (vec![bf16::NAN; n], vec![bf16::NAN; n]);
+                Host.dropout(&mut want, &x, 1234, p, n).unwrap();
+                cpu.dropout(&mut got, &x, 1234, p, n).unwrap();
+                assert_eq!(bits(&want), bits(&got), "{isa} p {p}");
+            }
+        }
+        for p in [0.05f32, 0.1, 1.0 / 3.0, 0.7] {
+            let u = keep_threshold(p);
+            let f = |u: u64| (u as f64 / (1u64 << 53) as f64) as f32;
+            assert!(f(u) >= p && f(u - 1) < p, "p {p}: threshold {u}");
+        }
+        assert_eq!(keep_threshold(0.0), 0);
+    }
+
     #[test]
     fn every_kernel_gives_the_host_devices_bits() {
-        let cpu = Cpu { isa: Isa::best() };
+        let cpu = Cpu::with_isa(Isa::best());
         let mut rng = Rng::new(21);
         let (t, heads, hd) = (37, 3, 16);
         let d = heads * hd;

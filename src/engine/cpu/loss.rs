@@ -3,7 +3,7 @@
 //! twin: `model::cpu::cross_entropy`, as `engine::host` runs it (the same per-row arithmetic here,
 //! in the same order, so `ce_softmax_grad` gives the host device's bits).
 
-use super::gemm::{gemm, straight_panel, transposed_panel};
+use super::gemm::{gemm, straight_panel, transposed_panel, Epilogue, Lhs};
 use super::Cpu;
 use crate::engine::host::ce_row;
 use crate::engine::{Bf, LossOps, F32};
@@ -29,19 +29,21 @@ impl LossOps for Cpu {
         rows: usize,
         d: usize,
     ) -> Result<()> {
-        let v = head.len() / d;
-        let panel = transposed_panel(v, d, |j, row| widen(head, d, j, 0, row));
-        gemm(
-            self.isa,
-            &h[row0 * d..(row0 + rows) * d],
-            rows,
-            d,
-            v,
-            &*panel,
-            None,
-            &mut logits[..rows * v],
-        );
-        Ok(())
+        self.profile.time("head_logits", || {
+            let v = head.len() / d;
+            let panel = transposed_panel(v, |j, l0, out| widen(head, d, j, l0, out));
+            gemm(
+                self.isa,
+                Lhs::Rows(&h[row0 * d..(row0 + rows) * d]),
+                rows,
+                d,
+                v,
+                &*panel,
+                Epilogue::ASSIGN,
+                &mut logits[..rows * v],
+            );
+            Ok(())
+        })
     }
 
     /// Per row, the host device's `ce_row`, rows split among threads: lse = logsumexp(logits[i]);
@@ -57,16 +59,18 @@ impl LossOps for Cpu {
         vocab: usize,
         inv_count: f32,
     ) -> Result<()> {
-        let losses: Vec<f32> = (dlogits[..rows * vocab].par_chunks_mut(vocab))
-            .zip(logits[..rows * vocab].par_chunks(vocab))
-            .enumerate()
-            .map(|(i, (dz, z))| {
-                let y = usize::try_from(targets[row0 + i]).ok().filter(|&y| y < vocab);
-                ce_row(dz, z, y, inv_count)
-            })
-            .collect();
-        loss[row0..row0 + rows].copy_from_slice(&losses);
-        Ok(())
+        self.profile.time("ce_softmax_grad", || {
+            let losses: Vec<f32> = (dlogits[..rows * vocab].par_chunks_mut(vocab))
+                .zip(logits[..rows * vocab].par_chunks(vocab))
+                .enumerate()
+                .map(|(i, (dz, z))| {
+                    let y = usize::try_from(targets[row0 + i]).ok().filter(|&y| y < vocab);
+                    ce_row(dz, z, y, inv_count)
+                })
+                .collect();
+            loss[row0..row0 + rows].copy_from_slice(&losses);
+            Ok(())
+        })
     }
 
     /// dh[row0 + i] = dlogits[i] head. dh: [.., d]; dlogits: [rows, V]; head: [V, d].
@@ -79,26 +83,30 @@ impl LossOps for Cpu {
         rows: usize,
         d: usize,
     ) -> Result<()> {
-        let v = head.len() / d;
-        let panel = straight_panel(v, d, |j, c0, out| widen(head, d, j, c0, out));
-        gemm(
-            self.isa,
-            &dlogits[..rows * v],
-            rows,
-            v,
-            d,
-            &*panel,
-            None,
-            &mut dh[row0 * d..(row0 + rows) * d],
-        );
-        Ok(())
+        self.profile.time("head_grad", || {
+            let v = head.len() / d;
+            let panel = straight_panel(d, |j, c0, out| widen(head, d, j, c0, out));
+            gemm(
+                self.isa,
+                Lhs::Rows(&dlogits[..rows * v]),
+                rows,
+                v,
+                d,
+                &*panel,
+                Epilogue::ASSIGN,
+                &mut dh[row0 * d..(row0 + rows) * d],
+            );
+            Ok(())
+        })
     }
 
     fn argmax_rows(&self, out: &mut Vec<i32>, logits: &Vec<f32>, rows: usize, v: usize) -> Result<()> {
-        (out[..rows].par_iter_mut())
-            .zip(logits.par_chunks(v))
-            .for_each(|(o, row)| *o = crate::model::generate::argmax(row) as i32);
-        Ok(())
+        self.profile.time("argmax_rows", || {
+            (out[..rows].par_iter_mut())
+                .zip(logits.par_chunks(v))
+                .for_each(|(o, row)| *o = crate::model::generate::argmax(row) as i32);
+            Ok(())
+        })
     }
 }
 
@@ -119,7 +127,7 @@ mod tests {
     fn every_path_matches_the_host_device() {
         let mut rng = Rng::new(11);
         for isa in Isa::available() {
-            let cpu = Cpu { isa };
+            let cpu = Cpu::with_isa(isa);
             for (rows, v, d, row0) in [(1, 7, 16, 0), (5, 33, 24, 2), (9, 100, 40, 3)] {
                 let all = row0 + rows;
                 let h = to_bf16(&rng.normal_vec(all * d, 1.0));

@@ -8,29 +8,43 @@
 //! arithmetic, not yet vectorised by hand). Every other kernel family is still the host device's (the f32 reference widened from and rounded
 //! to bf16, `engine::host`), which [`Cpu`] shares through [`super::host::OnHost`].
 
+pub mod attention;
 pub mod elementwise;
 pub mod gemm;
 pub mod isa;
+pub mod lora;
 pub mod loss;
 pub mod nf4_gemm;
 pub mod peak;
+pub mod profile;
 
 use super::host::OnHost;
 use super::{Bf, Nf4Gemm};
 use crate::model::cpu::Linear;
 use anyhow::Result;
 use isa::Isa;
+use std::sync::Arc;
 
 /// The CPU with the kernels of one instruction-set path.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Cpu {
     pub isa: Isa,
+    /// Per-kernel times while profiling (shared by the clones of one device).
+    profile: Arc<profile::Recorder>,
 }
 
 impl Cpu {
     /// The best path this CPU runs, or the one `SQLORA_CPU_ISA` names.
     pub fn new() -> Result<Cpu> {
-        Ok(Cpu { isa: Isa::from_env()? })
+        Ok(Cpu::with_isa(Isa::from_env()?))
+    }
+
+    /// The kernels of `isa` (which this CPU must run).
+    pub fn with_isa(isa: Isa) -> Cpu {
+        Cpu {
+            isa,
+            profile: Arc::default(),
+        }
     }
 }
 
@@ -41,6 +55,15 @@ impl OnHost for Cpu {
             self.isa,
             rayon::current_num_threads()
         )
+    }
+    fn timed<R>(&self, name: &'static str, f: impl FnOnce() -> R) -> R {
+        self.profile.time(name, f)
+    }
+    fn set_profiling(&self, on: bool) {
+        self.profile.set(on)
+    }
+    fn take_profile(&self) -> Vec<crate::engine::ProfileRow> {
+        self.profile.take()
     }
 }
 
@@ -53,11 +76,15 @@ impl Nf4Gemm for Cpu {
         bias: Option<&Bf<Self>>,
         t: usize,
     ) -> Result<()> {
-        nf4_gemm::nf4_gemm_fwd(self.isa, y, x, w, bias.map(|b| &b[..]), t);
+        self.timed("nf4_gemm_fwd", || {
+            nf4_gemm::nf4_gemm_fwd(self.isa, y, x, w, bias.map(|b| &b[..]), t)
+        });
         Ok(())
     }
     fn nf4_gemm_bwd_input(&self, dx: &mut Bf<Self>, dy: &Bf<Self>, w: &Linear, t: usize) -> Result<()> {
-        nf4_gemm::nf4_gemm_bwd_input(self.isa, dx, dy, w, t);
+        self.timed("nf4_gemm_bwd_input", || {
+            nf4_gemm::nf4_gemm_bwd_input(self.isa, dx, dy, w, t)
+        });
         Ok(())
     }
 }

@@ -9,7 +9,7 @@
 //! Forward: A = X, L = k, P = W^T, each panel's NR rows of W decoded from NF4 and transposed.
 //! Backward: A = dY, L = n, P = W, each panel NR columns of every row of W.
 
-use super::gemm::{gemm, straight_panel, transposed_panel};
+use super::gemm::{gemm, straight_panel, transposed_panel, Epilogue, Lhs};
 use super::isa::Isa;
 use crate::model::cpu::{Linear, LinearWeight};
 use half::bf16;
@@ -22,8 +22,12 @@ pub fn nf4_gemm_fwd(isa: Isa, y: &mut [bf16], x: &[bf16], w: &Linear, bias: Opti
         "nf4_gemm_fwd: buffers shorter than [t, in], [t, out]"
     );
     let bias: Option<Vec<f32>> = bias.map(|b| b[..n].iter().map(|v| v.to_f32()).collect());
-    let panel = transposed_panel(n, k, |j, row| decode(w, j * k, row));
-    gemm(isa, &x[..t * k], t, k, n, &*panel, bias.as_deref(), y);
+    let panel = transposed_panel(n, |j, l0, out| decode(w, j * k + l0, out));
+    let ep = Epilogue {
+        bias: bias.as_deref(),
+        ..Epilogue::ASSIGN
+    };
+    gemm(isa, Lhs::Rows(&x[..t * k]), t, k, n, &*panel, ep, y);
 }
 
 /// dX = dY W. dx: [t, k] (the first t k values written); dy: [t, n].
@@ -33,8 +37,8 @@ pub fn nf4_gemm_bwd_input(isa: Isa, dx: &mut [bf16], dy: &[bf16], w: &Linear, t:
         dy.len() >= t * n && dx.len() >= t * k,
         "nf4_gemm_bwd_input: buffers shorter than [t, out], [t, in]"
     );
-    let panel = straight_panel(n, k, |j, c0, out| decode(w, j * k + c0, out));
-    gemm(isa, &dy[..t * n], t, n, k, &*panel, None, dx);
+    let panel = straight_panel(k, |j, c0, out| decode(w, j * k + c0, out));
+    gemm(isa, Lhs::Rows(&dy[..t * n]), t, n, k, &*panel, Epilogue::ASSIGN, dx);
 }
 
 /// The flattened weights `start .. start + out.len()` of `w` as f32.
