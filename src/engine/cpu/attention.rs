@@ -18,7 +18,7 @@
 //! (the softmax's Jacobian gives dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik), and sum_k P_ik dP_ik =
 //! dO_i . (sum_k P_ik V_k) = dO_i . O_i = D_i.)
 
-use super::gemm::{micro_tile, tile};
+use super::gemm::{micro_tile, tile, ATile};
 use super::isa::Isa;
 use super::Cpu;
 use crate::engine::{AttentionOps, Bf, F32};
@@ -88,19 +88,28 @@ fn mm(
     load: bool,
 ) {
     let (mr, nr) = tile(isa);
-    debug_assert!(m.is_multiple_of(mr) && k <= b.rows_pad && blocks <= b.blocks);
+    assert!(m.is_multiple_of(mr) && k <= b.rows_pad && blocks <= b.blocks);
+    assert!(
+        blocks * nr <= ldc && c.len() >= m * ldc,
+        "mm: C is smaller than [m, blocks NR]"
+    );
     for cb in 0..blocks {
         for r0 in (0..m).step_by(mr) {
-            micro_tile(
-                isa,
-                &a[r0 * lda..],
-                lda,
-                k,
-                b.block(cb),
-                &mut c[r0 * ldc + cb * nr..],
-                ldc,
-                load,
-            );
+            let at = r0 * ldc + cb * nr;
+            // SAFETY: the callers checked the path (`forward`, `backward`, `decode`); rows r0 .. r0 + MR
+            // and columns cb NR .. + NR of c are in bounds (asserted), and c is borrowed mutably here.
+            unsafe {
+                micro_tile(
+                    isa,
+                    &a[r0 * lda..],
+                    ATile::Rows(lda),
+                    k,
+                    b.block(cb),
+                    c.as_mut_ptr().add(at),
+                    ldc,
+                    load,
+                )
+            };
         }
     }
 }

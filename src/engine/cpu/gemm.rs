@@ -1,17 +1,19 @@
 //! The CPU engine's GEMM: C[t, N] = alpha A[t, L] P[L, N] (+ bias[N]) (+ C, when accumulating), A
 //! bf16 or f32 (stored by rows, or by columns: A = M^T), C bf16 or f32, P decoded panel by panel by
 //! the caller (from NF4 bytes, bf16 or f32) into f32. Used by the NF4 GEMM in both orientations
-//! (`nf4_gemm.rs`), the LoRA branch (`lora.rs`) and the output head (`loss.rs`). Reference twin:
-//! `model::cpu::linear`.
+//! (`nf4_gemm.rs`), the LoRA branch (`lora.rs`), the output head (`loss.rs`) and attention's
+//! products (`attention.rs`, through [`micro_tile`]). Reference twin: `model::cpu::linear`.
 //!
-//! A is widened to f32 once ([t, L], rows padded with zeros to a whole number of register tiles).
-//! P is decoded one panel of NR columns at a time, KC rows of L at a time, into an f32 tile
-//! `[KC][NR]` that stays in the L1/L2 cache while a register-blocked micro-kernel sweeps every block
-//! of MR rows of A over it: MR x NR accumulators held in vector registers, one FMA per (row,
-//! vector) per step of L, carried in an f32 [t, NR] buffer from one block of KC to the next. Threads
-//! take whole panels, or for narrow outputs (few panels) groups of rows of a panel; never a share
-//! of the sum over L, so a result does not depend on the thread count: each element's sum runs over
-//! L in order, in f32.
+//! The loops are the classic blocked ones (Goto's): N in chunks of NC columns, L in blocks of KC.
+//! For each (chunk, block): P's piece is decoded once into f32 panels `[KC][NR]` (each fits the L1
+//! cache), A's block is widened once into f32 `[t][KC]`, and then units of work, each a block of MC
+//! rows by a group of panels, run a register-blocked micro-kernel over every MR x NR tile: MR x NR
+//! sums held in vector registers, one FMA per (row, vector) per step of L, while the A rows (MC x KC,
+//! in L2) meet panel after panel. Sums carry in an f32 [t, NC] buffer from one block of L to the
+//! next; the epilogue rounds them once. Units never split the sum over L, so a result does not
+//! depend on the thread count: each element's sum runs over L in order, in f32. Every loop of a call
+//! is compiled for the chosen path (`target_feature`), so the widening, decoding and epilogue
+//! vectorise with it.
 
 use super::isa::Isa;
 use half::bf16;
@@ -28,13 +30,16 @@ pub(crate) fn tile(isa: Isa) -> (usize, usize) {
     }
 }
 
-/// Rows of L per decoded block of a panel: KC x NR f32 (64 KB at NR = 32) stays in L2 beside the
-/// rows of A it meets.
-const KC: usize = 512;
+/// Columns of N per chunk: the chunk's sums, [t, NC] f32, and its decoded panels, [KC, NC] f32.
+const NC: usize = 1024;
+/// Rows of A per unit of work: an [MC, KC] block of A (up to 256 KB) stays in L2.
+const MC: usize = 128;
 
-/// A decoder of panels: `(first column, NR, first row of L, [KC'][NR] out, scratch)`, writing rows
-/// `l0 .. l0 + out.len() / NR` of L.
-pub type Panel<'a> = dyn Fn(usize, usize, usize, &mut [f32], &mut Vec<f32>) + Sync + 'a;
+/// Rows of L per block: as even as blocks of at most 512 allow, a multiple of 8.
+fn kc_of(l: usize) -> usize {
+    let blocks = l.div_ceil(256).max(1);
+    l.div_ceil(blocks).div_ceil(8) * 8
+}
 
 /// What A holds: bf16 or f32 values.
 pub trait Widen: Copy + Send + Sync {
@@ -42,14 +47,16 @@ pub trait Widen: Copy + Send + Sync {
 }
 
 impl Widen for f32 {
+    #[inline(always)]
     fn widen(self) -> f32 {
         self
     }
 }
 
 impl Widen for bf16 {
+    #[inline(always)]
     fn widen(self) -> f32 {
-        self.to_f32()
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
 }
 
@@ -59,15 +66,27 @@ pub trait Store: Widen {
 }
 
 impl Store for f32 {
+    #[inline(always)]
     fn from_f32(v: f32) -> f32 {
         v
     }
 }
 
 impl Store for bf16 {
+    #[inline(always)]
     fn from_f32(v: f32) -> bf16 {
-        bf16::from_f32(v)
+        round_bf16(v)
     }
+}
+
+/// `bf16::from_f32` (round to nearest even, NaN kept quiet) written without branches, so that loops
+/// over it vectorise; the same bits (tested).
+#[inline(always)]
+pub fn round_bf16(v: f32) -> bf16 {
+    let x = v.to_bits();
+    let rounded = (x + 0x7fff + ((x >> 16) & 1)) >> 16;
+    let nan = ((x >> 16) | 0x40) & 0xffff;
+    bf16::from_bits(if x & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded } as u16)
 }
 
 /// The left operand: [t, L] stored by rows, or stored by columns (the transpose of an [L, t] matrix).
@@ -102,204 +121,341 @@ impl Epilogue<'_> {
     }
 }
 
-/// The output, written by many threads at once, each to its own elements.
-struct Out<O>(*mut O);
-// SAFETY: threads write through it only to disjoint elements (each unit of work owns its columns
-// and rows), and the buffer outlives the parallel loop that uses it.
-unsafe impl<O> Sync for Out<O> {}
-impl<O> Out<O> {
+/// A buffer written by many threads at once, each to its own elements.
+struct Shared<O>(*mut O);
+// SAFETY: threads write through it only to disjoint elements (each unit of work owns its rows and
+// columns), and the buffer outlives the parallel loop that uses it.
+unsafe impl<O> Sync for Shared<O> {}
+impl<O> Shared<O> {
     fn at(&self, i: usize) -> *mut O {
         self.0.wrapping_add(i)
     }
 }
 
-/// C[t, N] = alpha A[t, L] P[L, N] (+ bias) (+ C) into `out` ([t, N], row-major), with P decoded
-/// panel by panel by `panel`.
+/// C[t, N] = alpha A[t, L] P[L, N] (+ bias) (+ C) into `out` ([t, N], row-major). `panel(j0, NR, l0,
+/// p)` writes P[l0 + i][j0 + c] into p[i NR + c] for i < p.len() / NR, zero past N.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm<A: Widen, O: Store>(
+pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     isa: Isa,
     a: Lhs<A>,
     t: usize,
     l: usize,
     n: usize,
-    panel: &Panel,
+    panel: P,
     ep: Epilogue,
     out: &mut [O],
 ) {
     assert!(isa.supported(), "the {isa} kernels need instructions this CPU lacks");
     assert!(out.len() >= t * n, "gemm: the output is shorter than [t, N]");
+    match &a {
+        Lhs::Rows(a) => assert!(a.len() >= t * l, "gemm: the left operand is shorter than [t, L]"),
+        Lhs::Cols(a) => assert!(a.len() >= t * l, "gemm: the left operand is shorter than [L, t]"),
+    }
+    if let Some(b) = ep.bias {
+        assert!(b.len() >= n, "gemm: the bias is shorter than N");
+    }
     if t == 0 || n == 0 {
         return;
     }
-    let (mr, nr) = tile(isa);
-    let af = widen_lhs(a, t, l, mr);
-    let dst = Out(out.as_mut_ptr());
-    // Units of work: (panel, group of row tiles). Rows are split only when there are too few
-    // panels to keep every thread busy; each group decodes its panel itself.
-    let panels = n.div_ceil(nr);
-    let row_tiles = t.div_ceil(mr);
-    let want = 4 * rayon::current_num_threads();
-    let groups = if panels >= want {
-        1
-    } else {
-        want.div_ceil(panels).min(row_tiles)
-    };
-    let per_group = row_tiles.div_ceil(groups);
-    let scratch = || (vec![0f32; KC.min(l.max(1)) * nr], Vec::new(), Vec::new());
-    (0..panels * groups)
-        .into_par_iter()
-        .for_each_init(scratch, |(p, buf, c), unit| {
-            let (pi, g) = (unit / groups, unit % groups);
-            let (j0, cols) = (pi * nr, nr.min(n - pi * nr));
-            let rows = g * per_group * mr..((g + 1) * per_group * mr).min(t);
-            if rows.is_empty() {
-                return;
-            }
-            // [rows, NR] f32 sums, carried across the blocks of L.
-            c.clear();
-            c.resize(rows.len().div_ceil(mr) * mr * nr, 0.0);
-            for l0 in (0..l).step_by(KC) {
-                let kc = KC.min(l - l0);
-                panel(j0, nr, l0, &mut p[..kc * nr], buf);
-                for (ti, r0) in rows.clone().step_by(mr).enumerate() {
-                    let c = &mut c[ti * mr * nr..(ti + 1) * mr * nr];
-                    micro_tile(isa, &af[r0 * l + l0..], l, kc, &p[..kc * nr], c, nr, l0 > 0);
-                }
-            }
-            for (ti, r0) in rows.clone().step_by(mr).enumerate() {
-                for r in 0..mr.min(t - r0) {
-                    for cc in 0..cols {
-                        let s = c[(ti * mr + r) * nr + cc];
-                        let i = (r0 + r) * n + j0 + cc;
-                        // SAFETY: i < t n <= out.len(); row r0 + r and column j0 + cc belong to this
-                        // unit alone, so no other thread touches element i.
-                        unsafe {
-                            let o = dst.at(i);
-                            let mut v = ep.alpha * s + ep.bias.map_or(0.0, |b| b[j0 + cc]);
-                            if ep.accumulate {
-                                v += (*o).widen();
-                            }
-                            *o = O::from_f32(v);
-                        }
-                    }
-                }
-            }
-        });
-}
-
-/// A as f32 [t_pad, L], t_pad a whole number of MR-row tiles, zero rows past t (every register
-/// tile reads whole rows).
-fn widen_lhs<A: Widen>(a: Lhs<A>, t: usize, l: usize, mr: usize) -> Vec<f32> {
-    let t_pad = t.div_ceil(mr) * mr;
-    let mut af = vec![0f32; t_pad * l];
-    let rows = af[..t * l].par_chunks_mut(l.max(1));
-    match a {
-        Lhs::Rows(a) => rows
-            .zip(a[..t * l].par_chunks(l.max(1)))
-            .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, v)| *o = v.widen())),
-        Lhs::Cols(a) => {
-            assert!(a.len() >= t * l, "gemm: the left operand is shorter than [L, t]");
-            rows.enumerate()
-                .for_each(|(i, o)| o.iter_mut().enumerate().for_each(|(j, o)| *o = a[j * t + i].widen()))
-        }
-    }
-    af
-}
-
-/// c[r ldc + j] (+)= sum over i < kc of a[r lda + i] p[i][j], for the MR x NR tile of the path,
-/// adding to c when `load` (else overwriting it). a: [MR, lda] from the block's first column;
-/// p: [kc, NR]; c: [MR, ldc] from the tile's first column. The caller has checked that the CPU runs
-/// `isa` (`Isa::supported`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn micro_tile(isa: Isa, a: &[f32], lda: usize, kc: usize, p: &[f32], c: &mut [f32], ldc: usize, load: bool) {
-    let (mr, nr) = tile(isa);
-    assert!(kc <= lda && a.len() >= (mr - 1) * lda + kc && p.len() >= kc * nr);
-    assert!(nr <= ldc && c.len() >= (mr - 1) * ldc + nr);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller checked that the CPU has AVX-512F; the slices are as long as asserted.
-        Isa::Avx512 => unsafe { x86::tile_avx512(a, lda, kc, p, c, ldc, load) },
+        // SAFETY: the CPU has AVX-512F (asserted above).
+        Isa::Avx512 => unsafe { x86::gemm_avx512(a, t, l, n, &panel, ep, out) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller checked that the CPU has AVX2 and FMA; the slices are as long as asserted.
-        Isa::Avx2 => unsafe { x86::tile_avx2(a, lda, kc, p, c, ldc, load) },
-        _ => tile_portable(a, lda, kc, p, c, ldc, load),
+        // SAFETY: the CPU has AVX2 and FMA (asserted above).
+        Isa::Avx2 => unsafe { x86::gemm_avx2(a, t, l, n, &panel, ep, out) },
+        _ => gemm_body(Isa::Portable, a, t, l, n, &panel, ep, out),
+    }
+}
+
+/// [`gemm`] on one path, inlined into each path's compiled copy.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
+    isa: Isa,
+    a: Lhs<A>,
+    t: usize,
+    l: usize,
+    n: usize,
+    panel: &P,
+    ep: Epilogue,
+    out: &mut [O],
+) {
+    let (mr, nr) = tile(isa);
+    let t_pad = t.div_ceil(mr) * mr;
+    let kc_max = kc_of(l);
+    let ldc = NC.min(n.div_ceil(nr) * nr);
+    // [t_pad, ldc] sums of one chunk; [t_pad, KC] block of A; [NC / NR][KC][NR] panels.
+    let mut c = vec![0f32; t_pad * ldc];
+    let mut ab = vec![0f32; t_pad * kc_max.min(l.max(1))];
+    let mut pb = vec![0f32; kc_max * ldc];
+    let row_blocks = t.div_ceil(MC);
+    let dst = Shared(out.as_mut_ptr());
+    let mut widened = None;
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        let panels = nc.div_ceil(nr);
+        // Units: (block of MC rows, group of panels), enough to keep every thread busy.
+        let want = 4 * rayon::current_num_threads();
+        let groups = want.div_ceil(row_blocks).min(panels).max(1);
+        let per_group = panels.div_ceil(groups);
+        for l0 in (0..l).step_by(kc_max) {
+            let kc = kc_max.min(l - l0);
+            // A's block [t_pad, kc] (once per call when L is one block).
+            if widened != Some(l0) {
+                widen_block(a, t, l, l0, kc, mr, &mut ab[..t_pad * kc]);
+                widened = Some(l0);
+            }
+            pb[..panels * kc * nr]
+                .par_chunks_mut(kc * nr)
+                .enumerate()
+                .for_each(|(pi, p)| panel(jc + pi * nr, nr, l0, p));
+            let cs = Shared(c.as_mut_ptr());
+            (0..row_blocks * groups).into_par_iter().for_each(|u| {
+                let (rb, g) = (u / groups, u % groups);
+                let rows = rb * MC..((rb + 1) * MC).min(t);
+                for pi in g * per_group..((g + 1) * per_group).min(panels) {
+                    let p = &pb[pi * kc * nr..(pi + 1) * kc * nr];
+                    for r0 in rows.clone().step_by(mr) {
+                        let at = r0 * ldc + pi * nr;
+                        // SAFETY: the path was checked by `gemm`; rows r0 .. r0 + MR (<= t_pad) and
+                        // columns pi NR .. + NR (<= ldc) of c, [t_pad, ldc], belong to this unit alone.
+                        unsafe { micro_tile(isa, &ab[r0 * kc..], ATile::Packed, kc, p, cs.at(at), ldc, l0 > 0) };
+                    }
+                }
+            });
+        }
+        // The epilogue, rows in parallel: out[r, jc ..] = alpha c + bias (+ out).
+        c[..t * ldc].par_chunks(ldc).enumerate().for_each(|(r, cr)| {
+            // SAFETY: row r's columns jc .. jc + nc of out belong to this iteration alone.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n + jc), nc) };
+            let bias = ep.bias.map(|b| &b[jc..jc + nc]);
+            for (cc, (o, &s)) in o.iter_mut().zip(&cr[..nc]).enumerate() {
+                let mut v = ep.alpha * s;
+                if let Some(b) = bias {
+                    v += b[cc];
+                }
+                if ep.accumulate {
+                    v += o.widen();
+                }
+                *o = O::from_f32(v);
+            }
+        });
+    }
+}
+
+/// A[.., l0 .. l0 + kc] as f32, packed tile by tile: ab[(r0 + r) kc + c MR + r] = A[r0 + r][l0 + c]
+/// for each tile of MR rows from r0 ([`ATile::Packed`]); rows past t stay zero, so every register
+/// tile reads whole rows. ab: [t_pad, kc].
+#[inline(always)]
+fn widen_block<A: Widen>(a: Lhs<A>, t: usize, l: usize, l0: usize, kc: usize, mr: usize, ab: &mut [f32]) {
+    ab.par_chunks_mut(mr * kc).enumerate().for_each(|(ti, o)| {
+        for r in 0..mr.min(t.saturating_sub(ti * mr)) {
+            let i = ti * mr + r;
+            match a {
+                Lhs::Rows(a) => {
+                    let src = &a[i * l + l0..i * l + l0 + kc];
+                    src.iter().enumerate().for_each(|(c, v)| o[c * mr + r] = v.widen());
+                }
+                Lhs::Cols(a) => (0..kc).for_each(|c| o[c * mr + r] = a[(l0 + c) * t + i].widen()),
+            }
+        }
+    });
+}
+
+/// How a micro-kernel finds A's MR x kc tile.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ATile {
+    /// Rows of stride lda: a[r lda + i].
+    Rows(usize),
+    /// Packed by step of L: a[i MR + r], so that one step's MR values are adjacent.
+    Packed,
+}
+
+/// c[r ldc + j] (+)= sum over i < kc of A[r][i] p[i][j], for the MR x NR tile of the path, adding to
+/// c when `load` (else overwriting it). a: A's tile laid out as `at` says; p: [kc, NR].
+///
+/// # Safety
+/// The CPU runs `isa` (`Isa::supported`); c points to MR rows of stride ldc (>= NR), the first NR
+/// values of each valid for reads and writes and touched by no one else during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn micro_tile(
+    isa: Isa,
+    a: &[f32],
+    at: ATile,
+    kc: usize,
+    p: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
+    let (mr, nr) = tile(isa);
+    match at {
+        ATile::Rows(lda) => assert!(kc <= lda && a.len() >= (mr - 1) * lda + kc),
+        ATile::Packed => assert!(a.len() >= kc * mr),
+    }
+    assert!(p.len() >= kc * nr && nr <= ldc);
+    match (isa, at) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as the caller promises; the slices are as long as asserted.
+        (Isa::Avx512, ATile::Rows(lda)) => unsafe { x86::tile_avx512::<false>(a, lda, kc, p, c, ldc, load) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as the caller promises; the slices are as long as asserted.
+        (Isa::Avx512, ATile::Packed) => unsafe { x86::tile_avx512::<true>(a, 0, kc, p, c, ldc, load) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as the caller promises; the slices are as long as asserted.
+        (Isa::Avx2, ATile::Rows(lda)) => unsafe { x86::tile_avx2::<false>(a, lda, kc, p, c, ldc, load) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as the caller promises; the slices are as long as asserted.
+        (Isa::Avx2, ATile::Packed) => unsafe { x86::tile_avx2::<true>(a, 0, kc, p, c, ldc, load) },
+        // SAFETY: as the caller promises.
+        (_, ATile::Rows(lda)) => unsafe { tile_portable::<false>(a, lda, kc, p, c, ldc, load) },
+        // SAFETY: as the caller promises.
+        (_, ATile::Packed) => unsafe { tile_portable::<true>(a, 0, kc, p, c, ldc, load) },
     }
 }
 
 /// The panel of W^T, for C = A W^T with W [n, k] given by pieces of rows: P[i][c] = W[j0 + c][l0 + i],
 /// columns past n zero. `piece(j, l0, out)` writes W[j][l0 .. l0 + out.len()].
-pub fn transposed_panel<'a>(n: usize, piece: impl Fn(usize, usize, &mut [f32]) + Sync + 'a) -> Box<Panel<'a>> {
-    Box::new(
-        move |j0: usize, nr: usize, l0: usize, p: &mut [f32], buf: &mut Vec<f32>| {
-            let kc = p.len() / nr;
-            buf.resize(kc, 0.0);
-            for c in 0..nr {
-                if j0 + c < n {
-                    piece(j0 + c, l0, buf);
-                    for (i, &v) in buf.iter().enumerate() {
-                        p[i * nr + c] = v;
-                    }
-                } else {
-                    (0..kc).for_each(|i| p[i * nr + c] = 0.0);
+#[inline(always)]
+pub fn transposed_panel(
+    n: usize,
+    piece: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> impl Fn(usize, usize, usize, &mut [f32]) + Sync {
+    move |j0: usize, nr: usize, l0: usize, p: &mut [f32]| {
+        let kc = p.len() / nr;
+        let mut buf = vec![0f32; kc];
+        for c in 0..nr {
+            if j0 + c < n {
+                piece(j0 + c, l0, &mut buf);
+                for (i, &v) in buf.iter().enumerate() {
+                    p[i * nr + c] = v;
                 }
+            } else {
+                (0..kc).for_each(|i| p[i * nr + c] = 0.0);
             }
-        },
-    )
+        }
+    }
 }
 
 /// The panel of W, for C = A W with W [n, k] given by pieces of rows: P[i][c] = W[l0 + i][c0 + c],
 /// columns past k zero. `piece(j, c0, out)` writes W[j][c0 .. c0 + out.len()].
-pub fn straight_panel<'a>(k: usize, piece: impl Fn(usize, usize, &mut [f32]) + Sync + 'a) -> Box<Panel<'a>> {
-    Box::new(
-        move |c0: usize, nr: usize, l0: usize, p: &mut [f32], _buf: &mut Vec<f32>| {
-            let cols = nr.min(k - c0);
-            for (i, dst) in p.chunks_mut(nr).enumerate() {
-                piece(l0 + i, c0, &mut dst[..cols]);
-                dst[cols..].fill(0.0);
-            }
-        },
-    )
+#[inline(always)]
+pub fn straight_panel(
+    k: usize,
+    piece: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> impl Fn(usize, usize, usize, &mut [f32]) + Sync {
+    move |c0: usize, nr: usize, l0: usize, p: &mut [f32]| {
+        let cols = nr.min(k.saturating_sub(c0));
+        for (i, dst) in p.chunks_mut(nr).enumerate() {
+            piece(l0 + i, c0, &mut dst[..cols]);
+            dst[cols..].fill(0.0);
+        }
+    }
 }
 
 /// The portable tile, 4 x 16: plain loops the compiler vectorises with the target's baseline.
-fn tile_portable(a: &[f32], lda: usize, kc: usize, p: &[f32], c: &mut [f32], ldc: usize, load: bool) {
+///
+/// # Safety
+/// c: 4 rows of stride ldc, the first 16 values of each valid and not aliased; a: [4, lda] (the
+/// last row kc long), or [kc, 4] when PACKED; p: [kc, 16].
+unsafe fn tile_portable<const PACKED: bool>(
+    a: &[f32],
+    lda: usize,
+    kc: usize,
+    p: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
+    let (rs, ks) = if PACKED { (1, 4) } else { (lda, 1) };
     let mut acc = [[0f32; 16]; 4];
-    if load {
-        acc.iter_mut()
-            .enumerate()
-            .for_each(|(r, acc)| acc.copy_from_slice(&c[r * ldc..r * ldc + 16]));
+    for (r, acc) in acc.iter_mut().enumerate() {
+        // SAFETY: row r of c, 16 values, as the caller promises.
+        let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), 16) };
+        if load {
+            acc.copy_from_slice(row);
+        }
     }
     for i in 0..kc {
         let w = &p[i * 16..i * 16 + 16];
         for (r, acc) in acc.iter_mut().enumerate() {
-            let x = a[r * lda + i];
+            let x = a[r * rs + i * ks];
             for (o, &wv) in acc.iter_mut().zip(w) {
                 *o += x * wv;
             }
         }
     }
     for (r, acc) in acc.iter().enumerate() {
-        c[r * ldc..r * ldc + 16].copy_from_slice(acc);
+        // SAFETY: row r of c, 16 values, as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), 16) }.copy_from_slice(acc);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::{gemm_body, Epilogue, Isa, Lhs, Store, Widen};
     use std::arch::x86_64::*;
+
+    /// [`gemm_body`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_avx512<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
+        a: Lhs<A>,
+        t: usize,
+        l: usize,
+        n: usize,
+        panel: &P,
+        ep: Epilogue,
+        out: &mut [O],
+    ) {
+        gemm_body(Isa::Avx512, a, t, l, n, panel, ep, out)
+    }
+
+    /// [`gemm_body`] compiled for AVX2 and FMA.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_avx2<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
+        a: Lhs<A>,
+        t: usize,
+        l: usize,
+        n: usize,
+        panel: &P,
+        ep: Epilogue,
+        out: &mut [O],
+    ) {
+        gemm_body(Isa::Avx2, a, t, l, n, panel, ep, out)
+    }
 
     /// The AVX-512 tile, 8 x 32: per step of kc, two 16-wide loads of the panel row and one
     /// broadcast per row of a feed 16 FMAs.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; a: [8, lda] (the last row kc long), p: [kc, 32], c: [8, ldc] (the last row
-    /// 32 long) at least.
+    /// The CPU has AVX-512F; a: [8, lda] (the last row kc long), or [kc, 8] when PACKED; p: [kc, 32];
+    /// c: 8 rows of stride ldc,
+    /// the first 32 values of each valid and not aliased.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile_avx512(a: &[f32], lda: usize, kc: usize, p: &[f32], c: &mut [f32], ldc: usize, load: bool) {
-        let (ap, pp, cp) = (a.as_ptr(), p.as_ptr(), c.as_mut_ptr());
+    pub unsafe fn tile_avx512<const PACKED: bool>(
+        a: &[f32],
+        lda: usize,
+        kc: usize,
+        p: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+    ) {
+        let (rs, ks) = if PACKED { (1, 8) } else { (lda, 1) };
+        let (ap, pp, cp) = (a.as_ptr(), p.as_ptr(), c);
         let mut acc = [_mm512_setzero_ps(); 16];
         if load {
             for r in 0..8 {
-                // SAFETY: c holds [8, ldc], ldc >= 32.
+                // SAFETY: row r of c, as the caller promises.
                 unsafe {
                     acc[2 * r] = _mm512_loadu_ps(cp.add(r * ldc));
                     acc[2 * r + 1] = _mm512_loadu_ps(cp.add(r * ldc + 16));
@@ -307,19 +463,19 @@ mod x86 {
             }
         }
         for i in 0..kc {
-            // SAFETY: i < kc, so p[i 32 .. i 32 + 32] and a[r lda + i] (r < 8) are in bounds.
+            // SAFETY: i < kc, so p[i 32 .. i 32 + 32] and A[r][i] (r < 8) are in bounds.
             unsafe {
                 let w0 = _mm512_loadu_ps(pp.add(i * 32));
                 let w1 = _mm512_loadu_ps(pp.add(i * 32 + 16));
                 for r in 0..8 {
-                    let x = _mm512_set1_ps(*ap.add(r * lda + i));
+                    let x = _mm512_set1_ps(*ap.add(r * rs + i * ks));
                     acc[2 * r] = _mm512_fmadd_ps(x, w0, acc[2 * r]);
                     acc[2 * r + 1] = _mm512_fmadd_ps(x, w1, acc[2 * r + 1]);
                 }
             }
         }
         for r in 0..8 {
-            // SAFETY: c holds [8, ldc], ldc >= 32.
+            // SAFETY: row r of c, as the caller promises.
             unsafe {
                 _mm512_storeu_ps(cp.add(r * ldc), acc[2 * r]);
                 _mm512_storeu_ps(cp.add(r * ldc + 16), acc[2 * r + 1]);
@@ -331,15 +487,25 @@ mod x86 {
     /// feed 8 FMAs per step of kc.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; a: [4, lda] (the last row kc long), p: [kc, 16], c: [4, ldc] (the
-    /// last row 16 long) at least.
+    /// The CPU has AVX2 and FMA; a: [4, lda] (the last row kc long), or [kc, 4] when PACKED;
+    /// p: [kc, 16]; c: 4 rows of stride
+    /// ldc, the first 16 values of each valid and not aliased.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_avx2(a: &[f32], lda: usize, kc: usize, p: &[f32], c: &mut [f32], ldc: usize, load: bool) {
-        let (ap, pp, cp) = (a.as_ptr(), p.as_ptr(), c.as_mut_ptr());
+    pub unsafe fn tile_avx2<const PACKED: bool>(
+        a: &[f32],
+        lda: usize,
+        kc: usize,
+        p: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+    ) {
+        let (rs, ks) = if PACKED { (1, 4) } else { (lda, 1) };
+        let (ap, pp, cp) = (a.as_ptr(), p.as_ptr(), c);
         let mut acc = [_mm256_setzero_ps(); 8];
         if load {
             for r in 0..4 {
-                // SAFETY: c holds [4, ldc], ldc >= 16.
+                // SAFETY: row r of c, as the caller promises.
                 unsafe {
                     acc[2 * r] = _mm256_loadu_ps(cp.add(r * ldc));
                     acc[2 * r + 1] = _mm256_loadu_ps(cp.add(r * ldc + 8));
@@ -347,22 +513,99 @@ mod x86 {
             }
         }
         for i in 0..kc {
-            // SAFETY: i < kc, so p[i 16 .. i 16 + 16] and a[r lda + i] (r < 4) are in bounds.
+            // SAFETY: i < kc, so p[i 16 .. i 16 + 16] and A[r][i] (r < 4) are in bounds.
             unsafe {
                 let w0 = _mm256_loadu_ps(pp.add(i * 16));
                 let w1 = _mm256_loadu_ps(pp.add(i * 16 + 8));
                 for r in 0..4 {
-                    let x = _mm256_set1_ps(*ap.add(r * lda + i));
+                    let x = _mm256_set1_ps(*ap.add(r * rs + i * ks));
                     acc[2 * r] = _mm256_fmadd_ps(x, w0, acc[2 * r]);
                     acc[2 * r + 1] = _mm256_fmadd_ps(x, w1, acc[2 * r + 1]);
                 }
             }
         }
         for r in 0..4 {
-            // SAFETY: c holds [4, ldc], ldc >= 16.
+            // SAFETY: row r of c, as the caller promises.
             unsafe {
                 _mm256_storeu_ps(cp.add(r * ldc), acc[2 * r]);
                 _mm256_storeu_ps(cp.add(r * ldc + 8), acc[2 * r + 1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cuda::rel_err;
+    use crate::util::rng::Rng;
+
+    /// The branch-free rounding gives `half`'s bits: ties, carries into the exponent, infinities,
+    /// NaNs and subnormals included.
+    #[test]
+    fn round_bf16_is_halfs_rounding() {
+        let mut rng = Rng::new(1);
+        let mut xs: Vec<u32> = (0..200_000).map(|_| rng.next_u64() as u32).collect();
+        xs.extend([
+            0,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0x3f80_8000,
+            0x3f81_8000,
+        ]);
+        xs.extend([0x7f7f_ffff, 0x0000_0001, 0x8000_8000, 0x3fff_ffff]);
+        for x in xs {
+            let v = f32::from_bits(x);
+            assert_eq!(round_bf16(v).to_bits(), bf16::from_f32(v).to_bits(), "{x:#x}");
+        }
+    }
+
+    /// Every path against f64 sums, at shapes that cross the blocks of L (KC), the chunks of N (NC)
+    /// and the blocks of rows (MC), with each kind of operand and epilogue; outputs poisoned where
+    /// overwritten.
+    #[test]
+    fn every_path_matches_f64_sums_across_blocks() {
+        let mut rng = Rng::new(9);
+        for isa in Isa::available() {
+            for (t, l, n) in [(3, 5, 7), (130, 1100, 40), (9, 70, 1100), (200, 33, 1030)] {
+                let a = rng.normal_vec(t * l, 1.0);
+                let w = rng.normal_vec(l * n, 1.0);
+                let bias = rng.normal_vec(n, 1.0);
+                let want = |trans: bool, alpha: f64, add: Option<&[f32]>| -> Vec<f32> {
+                    (0..t * n)
+                        .map(|e| {
+                            let (i, j) = (e / n, e % n);
+                            let s: f64 = (0..l)
+                                .map(|q| {
+                                    let av = if trans { a[q * t + i] } else { a[i * l + q] };
+                                    av as f64 * w[q * n + j] as f64
+                                })
+                                .sum();
+                            (alpha * s + add.map_or(bias[j] as f64, |o| o[e] as f64)) as f32
+                        })
+                        .collect()
+                };
+                let panel = straight_panel(n, |q, c0, out: &mut [f32]| {
+                    out.copy_from_slice(&w[q * n + c0..q * n + c0 + out.len()])
+                });
+                // Rows, bias, f32 out.
+                let mut out = vec![f32::NAN; t * n];
+                let ep = Epilogue {
+                    bias: Some(&bias),
+                    ..Epilogue::ASSIGN
+                };
+                gemm(isa, Lhs::Rows(&a), t, l, n, &panel, ep, &mut out);
+                let err = rel_err(&out, &want(false, 1.0, None));
+                assert!(err < 1e-5, "{isa} rows {t}x{l}x{n}: {err}");
+                // Columns (A stored as [l, t]), alpha, accumulate.
+                let base = rng.normal_vec(t * n, 1.0);
+                let mut out = base.clone();
+                gemm(isa, Lhs::Cols(&a), t, l, n, &panel, Epilogue::add(0.5), &mut out);
+                let err = rel_err(&out, &want(true, 0.5, Some(&base)));
+                assert!(err < 1e-5, "{isa} cols {t}x{l}x{n}: {err}");
             }
         }
     }

@@ -43,7 +43,7 @@ impl LoraOps for Cpu {
             let (a, b) = (&w[at.a..at.a + r * k], &w[at.b..at.b + n * r]);
             let xa = &mut xa[..t * r];
             let pa = transposed_panel(r, |j, l0, out| piece(a, k, j, l0, out));
-            gemm(self.isa, Lhs::Rows(&x[..t * k]), t, k, r, &*pa, Epilogue::ASSIGN, xa);
+            gemm(self.isa, Lhs::Rows(&x[..t * k]), t, k, r, pa, Epilogue::ASSIGN, xa);
             let pb = transposed_panel(n, |j, l0, out| piece(b, r, j, l0, out));
             gemm(
                 self.isa,
@@ -51,7 +51,7 @@ impl LoraOps for Cpu {
                 t,
                 r,
                 n,
-                &*pb,
+                pb,
                 Epilogue::add(scale),
                 &mut y[..t * n],
             );
@@ -82,7 +82,7 @@ impl LoraOps for Cpu {
             let g = &mut g[..t * r];
             // g[t, r] = dy[t, n] B[n, r]
             let pb = straight_panel(r, |j, c0, out| piece(b, r, j, c0, out));
-            gemm(self.isa, Lhs::Rows(dy), t, n, r, &*pb, Epilogue::ASSIGN, g);
+            gemm(self.isa, Lhs::Rows(dy), t, n, r, pb, Epilogue::ASSIGN, g);
             let (da, db) = grad[at.a..at.b + n * r].split_at_mut(r * k);
             // dB[n, r] += s dy^T[n, t] xa[t, r]
             let pxa = straight_panel(r, |j, c0, out| piece(xa, r, j, c0, out));
@@ -92,7 +92,7 @@ impl LoraOps for Cpu {
                 n,
                 t,
                 r,
-                &*pxa,
+                pxa,
                 Epilogue::add(scale),
                 &mut db[..n * r],
             );
@@ -104,7 +104,7 @@ impl LoraOps for Cpu {
                 r,
                 t,
                 k,
-                &*px,
+                px,
                 Epilogue::add(scale),
                 &mut da[..r * k],
             );
@@ -116,7 +116,7 @@ impl LoraOps for Cpu {
                 t,
                 r,
                 k,
-                &*pa,
+                pa,
                 Epilogue::add(scale),
                 &mut dx[..t * k],
             );

@@ -38,7 +38,7 @@ impl LossOps for Cpu {
                 rows,
                 d,
                 v,
-                &*panel,
+                panel,
                 Epilogue::ASSIGN,
                 &mut logits[..rows * v],
             );
@@ -92,7 +92,7 @@ impl LossOps for Cpu {
                 rows,
                 v,
                 d,
-                &*panel,
+                panel,
                 Epilogue::ASSIGN,
                 &mut dh[row0 * d..(row0 + rows) * d],
             );

@@ -11,6 +11,7 @@
 
 use super::gemm::{gemm, straight_panel, transposed_panel, Epilogue, Lhs};
 use super::isa::Isa;
+use super::nf4_decode;
 use crate::model::cpu::{Linear, LinearWeight};
 use half::bf16;
 
@@ -22,12 +23,12 @@ pub fn nf4_gemm_fwd(isa: Isa, y: &mut [bf16], x: &[bf16], w: &Linear, bias: Opti
         "nf4_gemm_fwd: buffers shorter than [t, in], [t, out]"
     );
     let bias: Option<Vec<f32>> = bias.map(|b| b[..n].iter().map(|v| v.to_f32()).collect());
-    let panel = transposed_panel(n, |j, l0, out| decode(w, j * k + l0, out));
+    let panel = transposed_panel(n, |j, l0, out| decode(isa, w, j * k + l0, out));
     let ep = Epilogue {
         bias: bias.as_deref(),
         ..Epilogue::ASSIGN
     };
-    gemm(isa, Lhs::Rows(&x[..t * k]), t, k, n, &*panel, ep, y);
+    gemm(isa, Lhs::Rows(&x[..t * k]), t, k, n, panel, ep, y);
 }
 
 /// dX = dY W. dx: [t, k] (the first t k values written); dy: [t, n].
@@ -37,14 +38,15 @@ pub fn nf4_gemm_bwd_input(isa: Isa, dx: &mut [bf16], dy: &[bf16], w: &Linear, t:
         dy.len() >= t * n && dx.len() >= t * k,
         "nf4_gemm_bwd_input: buffers shorter than [t, out], [t, in]"
     );
-    let panel = straight_panel(k, |j, c0, out| decode(w, j * k + c0, out));
-    gemm(isa, Lhs::Rows(&dy[..t * n]), t, n, k, &*panel, Epilogue::ASSIGN, dx);
+    let panel = straight_panel(k, |j, c0, out| decode(isa, w, j * k + c0, out));
+    gemm(isa, Lhs::Rows(&dy[..t * n]), t, n, k, panel, Epilogue::ASSIGN, dx);
 }
 
 /// The flattened weights `start .. start + out.len()` of `w` as f32.
-fn decode(w: &Linear, start: usize, out: &mut [f32]) {
+#[inline(always)]
+fn decode(isa: Isa, w: &Linear, start: usize, out: &mut [f32]) {
     match &w.weight {
-        LinearWeight::Nf4(q) => q.dequantize_range(start, out),
+        LinearWeight::Nf4(q) => nf4_decode::decode(isa, q, start, out),
         LinearWeight::Dense(v) => out.copy_from_slice(&v[start..start + out.len()]),
     }
 }
