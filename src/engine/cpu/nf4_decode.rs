@@ -31,7 +31,7 @@ pub fn decode(isa: Isa, q: &Nf4Tensor, start: usize, out: &mut [f32]) {
         {
             let bytes = &packed[(i + done) / 2..];
             let (step, avail) = (isa.decode_width(), run - done);
-            let groups = if step > 0 { avail / step } else { 0 };
+            let groups = avail.checked_div(step).unwrap_or(0);
             for g in 0..groups {
                 let (o, b) = (&mut now[done + g * step..done + (g + 1) * step], &bytes[g * step / 2..]);
                 match isa {
@@ -48,7 +48,7 @@ pub fn decode(isa: Isa, q: &Nf4Tensor, start: usize, out: &mut [f32]) {
         for (e, o) in now.iter_mut().enumerate().skip(done) {
             let at = i + e;
             let byte = packed[at / 2];
-            let code = if at % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+            let code = if at.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
             *o = NF4_TABLE[code as usize] * scale;
         }
         i += run;
