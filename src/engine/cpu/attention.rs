@@ -20,6 +20,7 @@
 
 use super::gemm::{micro_tile, tile, ATile};
 use super::isa::Isa;
+use super::math::exp;
 use super::Cpu;
 use crate::engine::{AttentionOps, Bf, F32};
 use anyhow::Result;
@@ -111,26 +112,6 @@ fn mm(
                 )
             };
         }
-    }
-}
-
-/// e^x for x <= 88 (0 below -87): 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, and e^r by
-/// its Taylor polynomial to r^6 (relative error under 2e-7). Written so that loops over it vectorise.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 2^23: adding and subtracting it rounds to an integer
-    let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
-    if x < -87.0 {
-        0.0
-    } else {
-        p * two_n
     }
 }
 
@@ -773,17 +754,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    /// The exp of the softmax against the library's, over the range the scores take.
-    #[test]
-    fn exp_is_within_a_few_ulp() {
-        for i in -2000..=2000 {
-            let x = i as f32 * 0.043;
-            let (got, want) = (exp(x), x.exp());
-            assert!(((got - want) / want).abs() < 4e-7, "exp({x}) = {got}, not {want}");
-        }
-        assert_eq!(exp(-200.0), 0.0);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
     }
 }

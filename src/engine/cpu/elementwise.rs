@@ -1,14 +1,17 @@
-//! The elementwise and row kernels on the CPU engine: the host device's arithmetic (the reference
-//! of `model::cpu`, widened from and rounded to bf16), element for element in the same order, but
-//! split among threads in chunks of rows or values and converted in place instead of through whole
-//! f32 copies. Each output is the host device's bit for bit (tested), so these need no tolerance.
-//! Not yet vectorised by hand: that is the next step for these memory-bound loops.
+//! The elementwise and row kernels on the CPU engine. Reference twins: `model::cpu` (`rmsnorm`,
+//! `rope`, `swiglu`, `elementwise`), which `engine::host` runs widened from and rounded to bf16.
+//!
+//! Each kernel splits its rows or values among threads, and each piece runs compiled for the chosen
+//! path ([`on_path`]), widening and rounding bf16 in registers (`math`). Where the arithmetic is the
+//! host device's, in its order, the result is its bits: embedding, gathers, add, cast, dropout (by
+//! an integer threshold on the draw, [`keep_threshold`]) and RoPE (whose angles come from a table
+//! per call, computed as the host computes each). RMSNorm's sums run in vector lanes and SwiGLU
+//! uses `math::exp`, so those two are within a few bf16 roundings of the host (tested).
 
-use super::isa::Isa;
+use super::isa::on_path;
+use super::math::{exp, round_bf16, widen};
 use super::Cpu;
-use crate::engine::host::{rmsnorm_bwd_row, store};
-use crate::engine::{to_f32, Bf, Elementwise, F32};
-use crate::model::cpu;
+use crate::engine::{Bf, Elementwise, F32};
 use crate::util::rng::{mix, GOLDEN};
 use anyhow::Result;
 use half::bf16;
@@ -16,6 +19,26 @@ use rayon::prelude::*;
 
 /// Values per parallel chunk of the flat kernels.
 const CHUNK: usize = 1 << 14;
+
+/// sum of a[i] b[i] c[i] (c: None for 1) in 16 lanes, then the lanes: a vectorisable order.
+#[inline(always)]
+fn dot3(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f32 {
+    let mut lanes = [0f32; 16];
+    let n = a.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        for l in 0..16 {
+            lanes[l] += a[i + l] * b[i + l] * c.map_or(1.0, |c| c[i + l]);
+        }
+    }
+    let tail: f32 = (n..a.len()).map(|i| a[i] * b[i] * c.map_or(1.0, |c| c[i])).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// row as f32 into `out`.
+#[inline(always)]
+fn widen_into(out: &mut [f32], row: &[bf16]) {
+    out.iter_mut().zip(row).for_each(|(o, &v)| *o = widen(v));
+}
 
 #[allow(clippy::too_many_arguments)]
 impl Elementwise for Cpu {
@@ -29,16 +52,26 @@ impl Elementwise for Cpu {
         eps: f32,
     ) -> Result<()> {
         self.profile.time("rmsnorm_fwd", || {
+            // y = x r w with r = 1 / sqrt(mean(x^2) + eps).
             let d = w.len();
-            let wf = to_f32(w);
+            let mut wf = vec![0f32; d];
+            widen_into(&mut wf, w);
             (y[..t * d].par_chunks_mut(d))
                 .zip(x[..t * d].par_chunks(d))
                 .zip(rstd[..t].par_iter_mut())
-                .for_each(|((yr, xr), r)| {
-                    let mut yf = vec![0f32; d];
-                    *r = cpu::rmsnorm_fwd_row(&mut yf, &to_f32(xr), &wf, eps);
-                    store(yr, &yf);
-                });
+                .for_each_init(
+                    || vec![0f32; d],
+                    |xf, ((yr, xr), r)| {
+                        on_path(self.isa, || {
+                            widen_into(xf, xr);
+                            let inv = 1.0 / (dot3(xf, xf, None) / d as f32 + eps).sqrt();
+                            *r = inv;
+                            yr.iter_mut()
+                                .zip(xf.iter().zip(&wf))
+                                .for_each(|(o, (&v, &g))| *o = round_bf16(v * inv * g));
+                        })
+                    },
+                );
             Ok(())
         })
     }
@@ -54,15 +87,24 @@ impl Elementwise for Cpu {
         self.profile.time("rmsnorm_bwd", || {
             // dx = r w dy - (r^3 / d) x sum(dy w x), with the forward's r.
             let d = w.len();
-            let wf = to_f32(w);
+            let mut wf = vec![0f32; d];
+            widen_into(&mut wf, w);
             (dx[..t * d].par_chunks_mut(d))
                 .zip(dy[..t * d].par_chunks(d).zip(x[..t * d].par_chunks(d)))
                 .zip(rstd[..t].par_iter())
-                .for_each(|((o, (dyr, xr)), &r)| {
-                    let mut of = vec![0f32; d];
-                    rmsnorm_bwd_row(&mut of, &to_f32(dyr), &to_f32(xr), &wf, r);
-                    store(o, &of);
-                });
+                .for_each_init(
+                    || (vec![0f32; d], vec![0f32; d]),
+                    |(dyf, xf), ((o, (dyr, xr)), &r)| {
+                        on_path(self.isa, || {
+                            widen_into(dyf, dyr);
+                            widen_into(xf, xr);
+                            let c = r * r * r / d as f32 * dot3(dyf, &wf, Some(xf));
+                            for (j, o) in o.iter_mut().enumerate() {
+                                *o = round_bf16(r * wf[j] * dyf[j] - c * xf[j]);
+                            }
+                        })
+                    },
+                );
             Ok(())
         })
     }
@@ -76,30 +118,50 @@ impl Elementwise for Cpu {
         sign: f32,
     ) -> Result<()> {
         self.profile.time("rope_rotate", || {
-            let row = heads * 2 * inv_freq.len();
+            // Each pair (x_i, x_{i + hd/2}) rotated by sign pos inv_freq[i]: the angles' cos and sin
+            // once per position of the call (as the host computes them: an f32 angle, f64 cos/sin).
+            let half = inv_freq.len();
+            let (hd, row) = (2 * half, heads * 2 * half);
+            let top = pos[..t].iter().map(|&p| p as usize).max().unwrap_or(0);
+            let table: Vec<(f32, f32)> = (0..=top)
+                .into_par_iter()
+                .flat_map_iter(|p| {
+                    inv_freq.iter().map(move |&f| {
+                        let angle = (p as f32 * f) as f64;
+                        (angle.cos() as f32, sign * angle.sin() as f32)
+                    })
+                })
+                .collect();
             (x[..t * row].par_chunks_mut(row))
                 .zip(pos[..t].par_iter())
                 .for_each(|(xr, &p)| {
-                    let mut xf = to_f32(xr);
-                    let at = [p as usize];
-                    if sign > 0.0 {
-                        cpu::rope_fwd(&mut xf, &at, inv_freq, heads);
-                    } else {
-                        cpu::rope_bwd(&mut xf, &at, inv_freq, heads);
-                    }
-                    store(xr, &xf);
+                    let cs = &table[p as usize * half..(p as usize + 1) * half];
+                    on_path(self.isa, || {
+                        for head in xr.chunks_mut(hd) {
+                            let (lo, hi) = head.split_at_mut(half);
+                            for ((a, b), &(cos, sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(cs) {
+                                let (x0, x1) = (widen(*a), widen(*b));
+                                *a = round_bf16(x0 * cos - x1 * sin);
+                                *b = round_bf16(x1 * cos + x0 * sin);
+                            }
+                        }
+                    })
                 });
             Ok(())
         })
     }
     fn swiglu_fwd(&self, out: &mut Bf<Self>, gate: &Bf<Self>, up: &Bf<Self>, n: usize) -> Result<()> {
         self.profile.time("swiglu_fwd", || {
+            // out = silu(g) u, silu(g) = g / (1 + e^-g).
             (out[..n].par_chunks_mut(CHUNK))
                 .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
                 .for_each(|(o, (g, u))| {
-                    let mut of = vec![0f32; o.len()];
-                    cpu::swiglu_fwd(&mut of, &to_f32(g), &to_f32(u));
-                    store(o, &of);
+                    on_path(self.isa, || {
+                        for (o, (&g, &u)) in o.iter_mut().zip(g.iter().zip(u)) {
+                            let g = widen(g);
+                            *o = round_bf16(g / (1.0 + exp(-g)) * widen(u));
+                        }
+                    })
                 });
             Ok(())
         })
@@ -114,14 +176,19 @@ impl Elementwise for Cpu {
         n: usize,
     ) -> Result<()> {
         self.profile.time("swiglu_bwd", || {
+            // With s = sigmoid(g): dg = dout u s (1 + g (1 - s)), du = dout g s.
             (dgate[..n].par_chunks_mut(CHUNK).zip(dup[..n].par_chunks_mut(CHUNK)))
                 .zip(dout[..n].par_chunks(CHUNK))
                 .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
                 .for_each(|(((dg, du), d), (g, u))| {
-                    let (mut dgf, mut duf) = (vec![0f32; dg.len()], vec![0f32; du.len()]);
-                    cpu::swiglu_bwd(&mut dgf, &mut duf, &to_f32(d), &to_f32(g), &to_f32(u));
-                    store(dg, &dgf);
-                    store(du, &duf);
+                    on_path(self.isa, || {
+                        for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+                            let (g, u, d) = (widen(g[i]), widen(u[i]), widen(d[i]));
+                            let s = 1.0 / (1.0 + exp(-g));
+                            *dg = round_bf16(d * u * s * (1.0 + g * (1.0 - s)));
+                            *du = round_bf16(d * g * s);
+                        }
+                    })
                 });
             Ok(())
         })
@@ -160,9 +227,11 @@ impl Elementwise for Cpu {
             (x[..n].par_chunks_mut(CHUNK))
                 .zip(y[..n].par_chunks(CHUNK))
                 .for_each(|(a, b)| {
-                    a.iter_mut()
-                        .zip(b)
-                        .for_each(|(a, b)| *a = bf16::from_f32(a.to_f32() + b.to_f32()))
+                    on_path(self.isa, || {
+                        a.iter_mut()
+                            .zip(b)
+                            .for_each(|(a, &b)| *a = round_bf16(widen(*a) + widen(b)))
+                    })
                 });
             Ok(())
         })
@@ -171,7 +240,7 @@ impl Elementwise for Cpu {
         self.profile.time("cast_f32_bf16", || {
             (out[..n].par_chunks_mut(CHUNK))
                 .zip(x[..n].par_chunks(CHUNK))
-                .for_each(|(o, v)| store(o, v));
+                .for_each(|(o, v)| on_path(self.isa, || o.iter_mut().zip(v).for_each(|(o, &v)| *o = round_bf16(v))));
             Ok(())
         })
     }
@@ -180,30 +249,13 @@ impl Elementwise for Cpu {
     fn dropout(&self, out: &mut Bf<Self>, x: &Bf<Self>, seed: u64, p: f32, n: usize) -> Result<()> {
         self.profile.time("dropout", || {
             let (thr, keep) = (keep_threshold(p), 1.0 / (1.0 - p));
-            let wide = self.isa == Isa::Avx512 && avx512dq();
             (out[..n].par_chunks_mut(CHUNK))
                 .zip(x[..n].par_chunks(CHUNK))
                 .enumerate()
-                .for_each(|(c, (o, v))| {
-                    let start = (c * CHUNK) as u64;
-                    #[cfg(target_arch = "x86_64")]
-                    if wide {
-                        // SAFETY: the CPU has AVX-512F and DQ (checked above).
-                        return unsafe { dropout_avx512(o, v, seed, start, thr, keep) };
-                    }
-                    dropout_run(o, v, seed, start, thr, keep)
-                });
+                .for_each(|(c, (o, v))| on_path(self.isa, || dropout_run(o, v, seed, (c * CHUNK) as u64, thr, keep)));
             Ok(())
         })
     }
-}
-
-/// Whether the CPU has AVX-512DQ (64-bit multiplies in vectors), for the dropout's hash.
-fn avx512dq() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return is_x86_feature_detected!("avx512dq");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// The smallest 53-bit draw u that `model::cpu::dropout` keeps: it keeps an element when
@@ -237,22 +289,13 @@ fn dropout_run(out: &mut [bf16], x: &[bf16], seed: u64, start: u64, thr: u64, ke
     }
 }
 
-/// [`dropout_run`] compiled for AVX-512 (the compiler vectorises the hash eight lanes at a time).
-///
-/// # Safety
-/// The CPU has AVX-512F and AVX-512DQ.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
-unsafe fn dropout_avx512(out: &mut [bf16], x: &[bf16], seed: u64, start: u64, thr: u64, keep: f32) {
-    dropout_run(out, x, seed, start, thr, keep)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::cpu::isa::Isa;
+    use crate::engine::cuda::rel_err;
     use crate::engine::host::Host;
-    use crate::engine::to_bf16;
+    use crate::engine::{to_bf16, to_f32};
     use crate::util::rng::Rng;
 
     fn bits(v: &[bf16]) -> Vec<u16> {
@@ -286,8 +329,17 @@ mod tests {
     }
 
     #[test]
-    fn every_kernel_gives_the_host_devices_bits() {
-        let cpu = Cpu::with_isa(Isa::best());
+    fn every_kernel_matches_the_host_device_on_every_path() {
+        for isa in Isa::available() {
+            every_kernel_matches_the_host_device(Cpu::with_isa(isa));
+        }
+    }
+
+    /// The kernels of one path against the host device: the same bits where the arithmetic is the
+    /// same; RMSNorm and SwiGLU within a bf16 rounding of some elements (4e-3 overall, the rstd
+    /// 1e-6). Odd sizes, a flat length over several chunks, outputs poisoned first.
+    fn every_kernel_matches_the_host_device(cpu: Cpu) {
+        let isa = cpu.isa;
         let mut rng = Rng::new(21);
         let (t, heads, hd) = (37, 3, 16);
         let d = heads * hd;
@@ -299,11 +351,12 @@ mod tests {
         let (mut y0, mut r0, mut y1, mut r1) = (nan(t * d), vec![0f32; t], nan(t * d), vec![f32::NAN; t]);
         Host.rmsnorm_fwd(&mut y0, &mut r0, &x, &w, t, 1e-5).unwrap();
         cpu.rmsnorm_fwd(&mut y1, &mut r1, &x, &w, t, 1e-5).unwrap();
-        assert_eq!((bits(&y0), &r0), (bits(&y1), &r1), "rmsnorm_fwd");
+        assert!(rel_err(&to_f32(&y1), &to_f32(&y0)) < 4e-3, "{isa} rmsnorm_fwd");
+        assert!(rel_err(&r1, &r0) < 1e-6, "{isa} rmsnorm_fwd rstd");
         let (mut d0, mut d1) = (nan(t * d), nan(t * d));
         Host.rmsnorm_bwd(&mut d0, &dy, &x, &w, &r0, t).unwrap();
         cpu.rmsnorm_bwd(&mut d1, &dy, &x, &w, &r0, t).unwrap();
-        assert_eq!(bits(&d0), bits(&d1), "rmsnorm_bwd");
+        assert!(rel_err(&to_f32(&d1), &to_f32(&d0)) < 4e-3, "{isa} rmsnorm_bwd");
 
         let pos: Vec<i32> = (0..t as i32).map(|i| i * 7 % 50).collect();
         let inv: Vec<f32> = (0..hd / 2)
@@ -313,18 +366,19 @@ mod tests {
             let (mut a, mut b) = (x.clone(), x.clone());
             Host.rope_rotate(&mut a, &pos, &inv, t, heads, sign).unwrap();
             cpu.rope_rotate(&mut b, &pos, &inv, t, heads, sign).unwrap();
-            assert_eq!(bits(&a), bits(&b), "rope {sign}");
+            assert_eq!(bits(&a), bits(&b), "{isa} rope {sign}");
         }
 
         let (g, u, dout) = (bf(&mut rng, n), bf(&mut rng, n), bf(&mut rng, n));
         let (mut o0, mut o1) = (nan(n), nan(n));
         Host.swiglu_fwd(&mut o0, &g, &u, n).unwrap();
         cpu.swiglu_fwd(&mut o1, &g, &u, n).unwrap();
-        assert_eq!(bits(&o0), bits(&o1), "swiglu_fwd");
+        assert!(rel_err(&to_f32(&o1), &to_f32(&o0)) < 4e-3, "{isa} swiglu_fwd");
         let (mut dg0, mut du0, mut dg1, mut du1) = (nan(n), nan(n), nan(n), nan(n));
         Host.swiglu_bwd(&mut dg0, &mut du0, &dout, &g, &u, n).unwrap();
         cpu.swiglu_bwd(&mut dg1, &mut du1, &dout, &g, &u, n).unwrap();
-        assert_eq!((bits(&dg0), bits(&du0)), (bits(&dg1), bits(&du1)), "swiglu_bwd");
+        assert!(rel_err(&to_f32(&dg1), &to_f32(&dg0)) < 4e-3, "{isa} swiglu_bwd dg");
+        assert!(rel_err(&to_f32(&du1), &to_f32(&du0)) < 4e-3, "{isa} swiglu_bwd du");
 
         let (mut a0, mut a1) = (g.clone(), g.clone());
         Host.add(&mut a0, &u, n).unwrap();

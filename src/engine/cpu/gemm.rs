@@ -15,7 +15,7 @@
 //! is compiled for the chosen path (`target_feature`), so the widening, decoding and epilogue
 //! vectorise with it.
 
-use super::isa::Isa;
+use super::isa::{on_path, Isa};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -56,7 +56,7 @@ impl Widen for f32 {
 impl Widen for bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
+        super::math::widen(self)
     }
 }
 
@@ -75,18 +75,8 @@ impl Store for f32 {
 impl Store for bf16 {
     #[inline(always)]
     fn from_f32(v: f32) -> bf16 {
-        round_bf16(v)
+        super::math::round_bf16(v)
     }
-}
-
-/// `bf16::from_f32` (round to nearest even, NaN kept quiet) written without branches, so that loops
-/// over it vectorise; the same bits (tested).
-#[inline(always)]
-pub fn round_bf16(v: f32) -> bf16 {
-    let x = v.to_bits();
-    let rounded = (x + 0x7fff + ((x >> 16) & 1)) >> 16;
-    let nan = ((x >> 16) | 0x40) & 0xffff;
-    bf16::from_bits(if x & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded } as u16)
 }
 
 /// The left operand: [t, L] stored by rows, or stored by columns (the transpose of an [L, t] matrix).
@@ -157,19 +147,10 @@ pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     if t == 0 || n == 0 {
         return;
     }
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX-512F (asserted above).
-        Isa::Avx512 => unsafe { x86::gemm_avx512(a, t, l, n, &panel, ep, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 and FMA (asserted above).
-        Isa::Avx2 => unsafe { x86::gemm_avx2(a, t, l, n, &panel, ep, out) },
-        _ => gemm_body(Isa::Portable, a, t, l, n, &panel, ep, out),
-    }
+    gemm_body(isa, a, t, l, n, &panel, ep, out)
 }
 
-/// [`gemm`] on one path, inlined into each path's compiled copy.
-#[inline(always)]
+/// [`gemm`] on a path the CPU runs: each piece of parallel work runs compiled for it ([`on_path`]).
 #[allow(clippy::too_many_arguments)]
 fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     isa: Isa,
@@ -203,15 +184,16 @@ fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
             let kc = kc_max.min(l - l0);
             // A's block [t_pad, kc] (once per call when L is one block).
             if widened != Some(l0) {
-                widen_block(a, t, l, l0, kc, mr, &mut ab[..t_pad * kc]);
+                widen_block(isa, a, t, l, l0, kc, mr, &mut ab[..t_pad * kc]);
                 widened = Some(l0);
             }
             pb[..panels * kc * nr]
                 .par_chunks_mut(kc * nr)
                 .enumerate()
-                .for_each(|(pi, p)| panel(jc + pi * nr, nr, l0, p));
+                .for_each(|(pi, p)| on_path(isa, || panel(jc + pi * nr, nr, l0, p)));
             let cs = Shared(c.as_mut_ptr());
             (0..row_blocks * groups).into_par_iter().for_each(|u| {
+                // (micro_tile runs the path's intrinsics itself.)
                 let (rb, g) = (u / groups, u % groups);
                 let rows = rb * MC..((rb + 1) * MC).min(t);
                 for pi in g * per_group..((g + 1) * per_group).min(panels) {
@@ -229,18 +211,23 @@ fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
         c[..t * ldc].par_chunks(ldc).enumerate().for_each(|(r, cr)| {
             // SAFETY: row r's columns jc .. jc + nc of out belong to this iteration alone.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n + jc), nc) };
-            let bias = ep.bias.map(|b| &b[jc..jc + nc]);
-            for (cc, (o, &s)) in o.iter_mut().zip(&cr[..nc]).enumerate() {
-                let mut v = ep.alpha * s;
-                if let Some(b) = bias {
-                    v += b[cc];
-                }
-                if ep.accumulate {
-                    v += o.widen();
-                }
-                *o = O::from_f32(v);
-            }
+            epilogue_row_on(isa, o, &cr[..nc], ep.bias.map(|b| &b[jc..jc + nc]), ep)
         });
+    }
+}
+
+/// out = alpha s + bias (+ out), rounded to the output's type. out, s: [nc]; bias: [nc].
+#[inline(always)]
+fn epilogue_row<O: Store>(out: &mut [O], s: &[f32], bias: Option<&[f32]>, ep: Epilogue) {
+    for (cc, (o, &s)) in out.iter_mut().zip(s).enumerate() {
+        let mut v = ep.alpha * s;
+        if let Some(b) = bias {
+            v += b[cc];
+        }
+        if ep.accumulate {
+            v += o.widen();
+        }
+        *o = O::from_f32(v);
     }
 }
 
@@ -248,19 +235,42 @@ fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
 /// for each tile of MR rows from r0 ([`ATile::Packed`]); rows past t stay zero, so every register
 /// tile reads whole rows. ab: [t_pad, kc].
 #[inline(always)]
-fn widen_block<A: Widen>(a: Lhs<A>, t: usize, l: usize, l0: usize, kc: usize, mr: usize, ab: &mut [f32]) {
-    ab.par_chunks_mut(mr * kc).enumerate().for_each(|(ti, o)| {
-        for r in 0..mr.min(t.saturating_sub(ti * mr)) {
-            let i = ti * mr + r;
-            match a {
-                Lhs::Rows(a) => {
-                    let src = &a[i * l + l0..i * l + l0 + kc];
-                    src.iter().enumerate().for_each(|(c, v)| o[c * mr + r] = v.widen());
-                }
-                Lhs::Cols(a) => (0..kc).for_each(|c| o[c * mr + r] = a[(l0 + c) * t + i].widen()),
+#[allow(clippy::too_many_arguments)]
+fn widen_block<A: Widen>(isa: Isa, a: Lhs<A>, t: usize, l: usize, l0: usize, kc: usize, mr: usize, ab: &mut [f32]) {
+    ab.par_chunks_mut(mr * kc)
+        .enumerate()
+        .for_each(|(ti, o)| widen_tile_on(isa, a, t, l, l0, ti * mr, mr, o));
+}
+
+crate::multiversion! {
+    /// [`widen_tile`] on a path.
+    fn widen_tile_on<A: Widen>(a: Lhs<A>, t: usize, l: usize, l0: usize, r0: usize, mr: usize, o: &mut [f32]) => widen_tile
+}
+
+crate::multiversion! {
+    /// [`epilogue_row`] on a path.
+    fn epilogue_row_on<O: Store>(out: &mut [O], s: &[f32], bias: Option<&[f32]>, ep: Epilogue) => epilogue_row
+}
+
+/// One tile of [`widen_block`]: rows r0 .. r0 + MR. o: [kc, MR].
+#[inline(always)]
+fn widen_tile<A: Widen>(a: Lhs<A>, t: usize, l: usize, l0: usize, r0: usize, mr: usize, o: &mut [f32]) {
+    let rows = mr.min(t.saturating_sub(r0));
+    match a {
+        Lhs::Rows(a) => {
+            for r in 0..rows {
+                let src = &a[(r0 + r) * l + l0..(r0 + r) * l + l0 + o.len() / mr];
+                src.iter().enumerate().for_each(|(c, v)| o[c * mr + r] = v.widen());
             }
         }
-    });
+        // A step of L's MR values are adjacent in the source: copy them as runs.
+        Lhs::Cols(a) => {
+            for (c, dst) in o.chunks_mut(mr).enumerate() {
+                let src = &a[(l0 + c) * t + r0..(l0 + c) * t + r0 + rows];
+                dst.iter_mut().zip(src).for_each(|(d, v)| *d = v.widen());
+            }
+        }
+    }
 }
 
 /// How a micro-kernel finds A's MR x kc tile.
@@ -394,44 +404,7 @@ unsafe fn tile_portable<const PACKED: bool>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{gemm_body, Epilogue, Isa, Lhs, Store, Widen};
     use std::arch::x86_64::*;
-
-    /// [`gemm_body`] compiled for AVX-512.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemm_avx512<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
-        a: Lhs<A>,
-        t: usize,
-        l: usize,
-        n: usize,
-        panel: &P,
-        ep: Epilogue,
-        out: &mut [O],
-    ) {
-        gemm_body(Isa::Avx512, a, t, l, n, panel, ep, out)
-    }
-
-    /// [`gemm_body`] compiled for AVX2 and FMA.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemm_avx2<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
-        a: Lhs<A>,
-        t: usize,
-        l: usize,
-        n: usize,
-        panel: &P,
-        ep: Epilogue,
-        out: &mut [O],
-    ) {
-        gemm_body(Isa::Avx2, a, t, l, n, panel, ep, out)
-    }
 
     /// The AVX-512 tile, 8 x 32: per step of kc, two 16-wide loads of the panel row and one
     /// broadcast per row of a feed 16 FMAs.
@@ -539,29 +512,6 @@ mod tests {
     use super::*;
     use crate::engine::cuda::rel_err;
     use crate::util::rng::Rng;
-
-    /// The branch-free rounding gives `half`'s bits: ties, carries into the exponent, infinities,
-    /// NaNs and subnormals included.
-    #[test]
-    fn round_bf16_is_halfs_rounding() {
-        let mut rng = Rng::new(1);
-        let mut xs: Vec<u32> = (0..200_000).map(|_| rng.next_u64() as u32).collect();
-        xs.extend([
-            0,
-            0x8000_0000,
-            0x7f80_0000,
-            0xff80_0000,
-            0x7fc0_0000,
-            0x7f80_0001,
-            0x3f80_8000,
-            0x3f81_8000,
-        ]);
-        xs.extend([0x7f7f_ffff, 0x0000_0001, 0x8000_8000, 0x3fff_ffff]);
-        for x in xs {
-            let v = f32::from_bits(x);
-            assert_eq!(round_bf16(v).to_bits(), bf16::from_f32(v).to_bits(), "{x:#x}");
-        }
-    }
 
     /// Every path against f64 sums, at shapes that cross the blocks of L (KC), the chunks of N (NC)
     /// and the blocks of rows (MC), with each kind of operand and epilogue; outputs poisoned where

@@ -14,6 +14,7 @@ pub mod gemm;
 pub mod isa;
 pub mod lora;
 pub mod loss;
+pub mod math;
 pub mod nf4_decode;
 pub mod nf4_gemm;
 pub mod peak;
