@@ -2,13 +2,12 @@
 //! `rope`, `swiglu`, `elementwise`), which `engine::host` runs widened from and rounded to bf16.
 //!
 //! Each kernel splits its rows or values among threads, and each piece runs compiled for the chosen
-//! path ([`on_path`]), widening and rounding bf16 in registers (`math`). Where the arithmetic is the
+//! path (`multiversion!`), widening and rounding bf16 in registers (`math`). Where the arithmetic is the
 //! host device's, in its order, the result is its bits: embedding, gathers, add, cast, dropout (by
 //! an integer threshold on the draw, [`keep_threshold`]) and RoPE (whose angles come from a table
 //! per call, computed as the host computes each). RMSNorm's sums run in vector lanes and SwiGLU
 //! uses `math::exp`, so those two are within a few bf16 roundings of the host (tested).
 
-use super::isa::on_path;
 use super::math::{exp, round_bf16, widen};
 use super::Cpu;
 use crate::engine::{Bf, Elementwise, F32};
@@ -62,14 +61,7 @@ impl Elementwise for Cpu {
                 .for_each_init(
                     || vec![0f32; d],
                     |xf, ((yr, xr), r)| {
-                        on_path(self.isa, || {
-                            widen_into(xf, xr);
-                            let inv = 1.0 / (dot3(xf, xf, None) / d as f32 + eps).sqrt();
-                            *r = inv;
-                            yr.iter_mut()
-                                .zip(xf.iter().zip(&wf))
-                                .for_each(|(o, (&v, &g))| *o = round_bf16(v * inv * g));
-                        })
+                        *r = rmsnorm_fwd_on(self.isa, yr, xr, &wf, eps, xf);
                     },
                 );
             Ok(())
@@ -95,14 +87,7 @@ impl Elementwise for Cpu {
                 .for_each_init(
                     || (vec![0f32; d], vec![0f32; d]),
                     |(dyf, xf), ((o, (dyr, xr)), &r)| {
-                        on_path(self.isa, || {
-                            widen_into(dyf, dyr);
-                            widen_into(xf, xr);
-                            let c = r * r * r / d as f32 * dot3(dyf, &wf, Some(xf));
-                            for (j, o) in o.iter_mut().enumerate() {
-                                *o = round_bf16(r * wf[j] * dyf[j] - c * xf[j]);
-                            }
-                        })
+                        rmsnorm_bwd_on(self.isa, o, dyr, xr, &wf, r, dyf, xf);
                     },
                 );
             Ok(())
@@ -136,16 +121,7 @@ impl Elementwise for Cpu {
                 .zip(pos[..t].par_iter())
                 .for_each(|(xr, &p)| {
                     let cs = &table[p as usize * half..(p as usize + 1) * half];
-                    on_path(self.isa, || {
-                        for head in xr.chunks_mut(hd) {
-                            let (lo, hi) = head.split_at_mut(half);
-                            for ((a, b), &(cos, sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(cs) {
-                                let (x0, x1) = (widen(*a), widen(*b));
-                                *a = round_bf16(x0 * cos - x1 * sin);
-                                *b = round_bf16(x1 * cos + x0 * sin);
-                            }
-                        }
-                    })
+                    rope_row_on(self.isa, xr, cs, hd);
                 });
             Ok(())
         })
@@ -156,12 +132,7 @@ impl Elementwise for Cpu {
             (out[..n].par_chunks_mut(CHUNK))
                 .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
                 .for_each(|(o, (g, u))| {
-                    on_path(self.isa, || {
-                        for (o, (&g, &u)) in o.iter_mut().zip(g.iter().zip(u)) {
-                            let g = widen(g);
-                            *o = round_bf16(g / (1.0 + exp(-g)) * widen(u));
-                        }
-                    })
+                    swiglu_fwd_on(self.isa, o, g, u);
                 });
             Ok(())
         })
@@ -181,14 +152,7 @@ impl Elementwise for Cpu {
                 .zip(dout[..n].par_chunks(CHUNK))
                 .zip(gate[..n].par_chunks(CHUNK).zip(up[..n].par_chunks(CHUNK)))
                 .for_each(|(((dg, du), d), (g, u))| {
-                    on_path(self.isa, || {
-                        for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
-                            let (g, u, d) = (widen(g[i]), widen(u[i]), widen(d[i]));
-                            let s = 1.0 / (1.0 + exp(-g));
-                            *dg = round_bf16(d * u * s * (1.0 + g * (1.0 - s)));
-                            *du = round_bf16(d * g * s);
-                        }
-                    })
+                    swiglu_bwd_on(self.isa, dg, du, d, g, u);
                 });
             Ok(())
         })
@@ -227,11 +191,7 @@ impl Elementwise for Cpu {
             (x[..n].par_chunks_mut(CHUNK))
                 .zip(y[..n].par_chunks(CHUNK))
                 .for_each(|(a, b)| {
-                    on_path(self.isa, || {
-                        a.iter_mut()
-                            .zip(b)
-                            .for_each(|(a, &b)| *a = round_bf16(widen(*a) + widen(b)))
-                    })
+                    add_on(self.isa, a, b);
                 });
             Ok(())
         })
@@ -240,7 +200,7 @@ impl Elementwise for Cpu {
         self.profile.time("cast_f32_bf16", || {
             (out[..n].par_chunks_mut(CHUNK))
                 .zip(x[..n].par_chunks(CHUNK))
-                .for_each(|(o, v)| on_path(self.isa, || o.iter_mut().zip(v).for_each(|(o, &v)| *o = round_bf16(v))));
+                .for_each(|(o, v)| cast_on(self.isa, o, v));
             Ok(())
         })
     }
@@ -252,11 +212,90 @@ impl Elementwise for Cpu {
             (out[..n].par_chunks_mut(CHUNK))
                 .zip(x[..n].par_chunks(CHUNK))
                 .enumerate()
-                .for_each(|(c, (o, v))| on_path(self.isa, || dropout_run(o, v, seed, (c * CHUNK) as u64, thr, keep)));
+                .for_each(|(c, (o, v))| dropout_on(self.isa, o, v, seed, (c * CHUNK) as u64, thr, keep));
             Ok(())
         })
     }
 }
+
+/// One row of RMSNorm: y = x r w, r = 1 / sqrt(mean(x^2) + eps), returned. xf: [d] scratch.
+#[inline(always)]
+fn rmsnorm_fwd_row(y: &mut [bf16], x: &[bf16], w: &[f32], eps: f32, xf: &mut [f32]) -> f32 {
+    widen_into(xf, x);
+    let r = 1.0 / (dot3(xf, xf, None) / w.len() as f32 + eps).sqrt();
+    y.iter_mut()
+        .zip(xf.iter().zip(w))
+        .for_each(|(o, (&v, &g))| *o = round_bf16(v * r * g));
+    r
+}
+
+/// One row of RMSNorm's backward: dx = r w dy - (r^3 / d) x sum(dy w x). dyf, xf: [d] scratch.
+#[inline(always)]
+fn rmsnorm_bwd_row(dx: &mut [bf16], dy: &[bf16], x: &[bf16], w: &[f32], r: f32, dyf: &mut [f32], xf: &mut [f32]) {
+    widen_into(dyf, dy);
+    widen_into(xf, x);
+    let c = r * r * r / w.len() as f32 * dot3(dyf, w, Some(xf));
+    for (j, o) in dx.iter_mut().enumerate() {
+        *o = round_bf16(r * w[j] * dyf[j] - c * xf[j]);
+    }
+}
+
+/// One token's heads rotated: each pair (x_i, x_{i + hd/2}) by the angle whose (cos, sin) is cs[i].
+#[inline(always)]
+fn rope_row(x: &mut [bf16], cs: &[(f32, f32)], hd: usize) {
+    let half = hd / 2;
+    for head in x.chunks_mut(hd) {
+        let (lo, hi) = head.split_at_mut(half);
+        for ((a, b), &(cos, sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(cs) {
+            let (x0, x1) = (widen(*a), widen(*b));
+            *a = round_bf16(x0 * cos - x1 * sin);
+            *b = round_bf16(x1 * cos + x0 * sin);
+        }
+    }
+}
+
+/// out = silu(g) u, silu(g) = g / (1 + e^-g).
+#[inline(always)]
+fn swiglu_fwd_run(out: &mut [bf16], gate: &[bf16], up: &[bf16]) {
+    for (o, (&g, &u)) in out.iter_mut().zip(gate.iter().zip(up)) {
+        let g = widen(g);
+        *o = round_bf16(g / (1.0 + exp(-g)) * widen(u));
+    }
+}
+
+/// With s = sigmoid(g): dg = dout u s (1 + g (1 - s)), du = dout g s.
+#[inline(always)]
+fn swiglu_bwd_run(dgate: &mut [bf16], dup: &mut [bf16], dout: &[bf16], gate: &[bf16], up: &[bf16]) {
+    for (i, (dg, du)) in dgate.iter_mut().zip(dup.iter_mut()).enumerate() {
+        let (g, u, d) = (widen(gate[i]), widen(up[i]), widen(dout[i]));
+        let s = 1.0 / (1.0 + exp(-g));
+        *dg = round_bf16(d * u * s * (1.0 + g * (1.0 - s)));
+        *du = round_bf16(d * g * s);
+    }
+}
+
+/// x += y.
+#[inline(always)]
+fn add_run(x: &mut [bf16], y: &[bf16]) {
+    x.iter_mut()
+        .zip(y)
+        .for_each(|(a, &b)| *a = round_bf16(widen(*a) + widen(b)));
+}
+
+/// out = bf16(x).
+#[inline(always)]
+fn cast_run(out: &mut [bf16], x: &[f32]) {
+    out.iter_mut().zip(x).for_each(|(o, &v)| *o = round_bf16(v));
+}
+
+crate::multiversion! { fn rmsnorm_fwd_on(y: &mut [bf16], x: &[bf16], w: &[f32], eps: f32, xf: &mut [f32]) -> f32 => rmsnorm_fwd_row }
+crate::multiversion! { fn rmsnorm_bwd_on(dx: &mut [bf16], dy: &[bf16], x: &[bf16], w: &[f32], r: f32, dyf: &mut [f32], xf: &mut [f32]) => rmsnorm_bwd_row }
+crate::multiversion! { fn rope_row_on(x: &mut [bf16], cs: &[(f32, f32)], hd: usize) => rope_row }
+crate::multiversion! { fn swiglu_fwd_on(out: &mut [bf16], gate: &[bf16], up: &[bf16]) => swiglu_fwd_run }
+crate::multiversion! { fn swiglu_bwd_on(dgate: &mut [bf16], dup: &mut [bf16], dout: &[bf16], gate: &[bf16], up: &[bf16]) => swiglu_bwd_run }
+crate::multiversion! { fn add_on(x: &mut [bf16], y: &[bf16]) => add_run }
+crate::multiversion! { fn cast_on(out: &mut [bf16], x: &[f32]) => cast_run }
+crate::multiversion! { fn dropout_on(out: &mut [bf16], x: &[bf16], seed: u64, start: u64, thr: u64, keep: f32) => dropout_run }
 
 /// The smallest 53-bit draw u that `model::cpu::dropout` keeps: it keeps an element when
 /// `f32(u 2^-53) >= p`, and rounding to f32 never decreases, so the kept draws are exactly u >= this.

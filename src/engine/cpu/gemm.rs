@@ -15,7 +15,7 @@
 //! is compiled for the chosen path (`target_feature`), so the widening, decoding and epilogue
 //! vectorise with it.
 
-use super::isa::{on_path, Isa};
+use super::isa::Isa;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -150,7 +150,8 @@ pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     gemm_body(isa, a, t, l, n, &panel, ep, out)
 }
 
-/// [`gemm`] on a path the CPU runs: each piece of parallel work runs compiled for it ([`on_path`]).
+/// [`gemm`] on a path the CPU runs: each piece of parallel work runs compiled for it
+/// (`multiversion!`).
 #[allow(clippy::too_many_arguments)]
 fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     isa: Isa,
@@ -190,7 +191,7 @@ fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
             pb[..panels * kc * nr]
                 .par_chunks_mut(kc * nr)
                 .enumerate()
-                .for_each(|(pi, p)| on_path(isa, || panel(jc + pi * nr, nr, l0, p)));
+                .for_each(|(pi, p)| panel_on(isa, panel, jc + pi * nr, nr, l0, p));
             let cs = Shared(c.as_mut_ptr());
             (0..row_blocks * groups).into_par_iter().for_each(|u| {
                 // (micro_tile runs the path's intrinsics itself.)
@@ -240,6 +241,21 @@ fn widen_block<A: Widen>(isa: Isa, a: Lhs<A>, t: usize, l: usize, l0: usize, kc:
     ab.par_chunks_mut(mr * kc)
         .enumerate()
         .for_each(|(ti, o)| widen_tile_on(isa, a, t, l, l0, ti * mr, mr, o));
+}
+
+/// A decoder of panels (see [`gemm`]).
+pub trait PanelFn: Fn(usize, usize, usize, &mut [f32]) + Sync {}
+impl<P: Fn(usize, usize, usize, &mut [f32]) + Sync> PanelFn for P {}
+
+/// Decode one panel.
+#[inline(always)]
+fn run_panel<P: PanelFn>(panel: &P, j0: usize, nr: usize, l0: usize, p: &mut [f32]) {
+    panel(j0, nr, l0, p)
+}
+
+crate::multiversion! {
+    /// [`run_panel`] on a path.
+    fn panel_on<P: PanelFn>(panel: &P, j0: usize, nr: usize, l0: usize, p: &mut [f32]) => run_panel
 }
 
 crate::multiversion! {

@@ -84,40 +84,6 @@ impl Isa {
     }
 }
 
-/// Run `f` compiled for `isa`'s instructions, so that its loops vectorise with them: `f` is inlined
-/// into a function with that path's `target_feature`s. Rayon's closures are not, so a parallel
-/// kernel calls this inside each piece of work.
-#[inline(always)]
-pub fn on_path<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
-    assert!(isa.supported(), "the {isa} kernels need instructions this CPU lacks");
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has the path's instructions (asserted above).
-        Isa::Avx512 => unsafe { x86::avx512(f) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::avx2(f) },
-        _ => f(),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    /// # Safety
-    /// The CPU has AVX-512 F, BW, DQ and VL.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    pub unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-        f()
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-        f()
-    }
-}
-
 /// `multiversion! { fn name<G: Bound>(arg: Type, ...) => body_fn }` defines `name(isa, args...)`,
 /// which runs `body_fn(args...)` (an `#[inline(always)]` function) compiled for `isa`: one copy per
 /// x86 path with its `target_feature`s, so the body's loops vectorise with that path's registers,
@@ -125,20 +91,20 @@ mod x86 {
 /// function is not reliably inlined into it; a named `#[inline(always)]` function is.)
 #[macro_export]
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident$(<$($g:ident: $bound:path),*>)?($($arg:ident: $ty:ty),* $(,)?) => $body:path) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident$(<$($g:ident: $bound:path),*>)?($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
         $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
-        $vis fn $name$(<$($g: $bound),*>)?(isa: $crate::engine::cpu::isa::Isa, $($arg: $ty),*) {
+        $vis fn $name$(<$($g: $bound),*>)?(isa: $crate::engine::cpu::isa::Isa, $($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512$(<$($g: $bound),*>)?($($arg: $ty),*) {
+            unsafe fn avx512$(<$($g: $bound),*>)?($($arg: $ty),*) $(-> $ret)? {
                 $body($($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2$(<$($g: $bound),*>)?($($arg: $ty),*) {
+            unsafe fn avx2$(<$($g: $bound),*>)?($($arg: $ty),*) $(-> $ret)? {
                 $body($($arg),*)
             }
             match isa {

@@ -4,7 +4,6 @@
 //! sums in vector lanes and a vectorisable exp, so within a bf16 rounding of the host's).
 
 use super::gemm::{gemm, straight_panel, transposed_panel, Epilogue, Lhs};
-use super::isa::on_path;
 use super::math::{exp, round_bf16};
 use super::Cpu;
 use crate::engine::{Bf, LossOps, F32};
@@ -46,6 +45,8 @@ fn ce_row(dz: &mut [bf16], z: &[f32], y: Option<usize>, inv_count: f32) -> f32 {
         None => f32::NAN,
     }
 }
+
+crate::multiversion! { fn ce_row_on(dz: &mut [bf16], z: &[f32], y: Option<usize>, inv_count: f32) -> f32 => ce_row }
 
 #[allow(clippy::too_many_arguments)]
 impl LossOps for Cpu {
@@ -95,7 +96,7 @@ impl LossOps for Cpu {
                 .enumerate()
                 .map(|(i, (dz, z))| {
                     let y = usize::try_from(targets[row0 + i]).ok().filter(|&y| y < vocab);
-                    on_path(self.isa, || ce_row(dz, z, y, inv_count))
+                    ce_row_on(self.isa, dz, z, y, inv_count)
                 })
                 .collect();
             loss[row0..row0 + rows].copy_from_slice(&losses);
