@@ -4,6 +4,7 @@
 //! sums in vector lanes and a vectorisable exp, so within a bf16 rounding of the host's).
 
 use super::gemm::{gemm, straight_panel, transposed_panel, Epilogue, Lhs};
+use super::gemv::{gemv, Weights, GEMV_MAX_T};
 use super::math::{exp, round_bf16};
 use super::Cpu;
 use crate::engine::{Bf, LossOps, F32};
@@ -62,6 +63,20 @@ impl LossOps for Cpu {
     ) -> Result<()> {
         self.profile.time("head_logits", || {
             let v = head.len() / d;
+            if (1..=GEMV_MAX_T).contains(&rows) {
+                let h = &h[row0 * d..(row0 + rows) * d];
+                gemv(
+                    self.isa,
+                    &mut logits[..rows * v],
+                    h,
+                    Weights::Bf16(head),
+                    None,
+                    rows,
+                    v,
+                    d,
+                );
+                return Ok(());
+            }
             let panel = transposed_panel(v, |j, l0, out| widen(head, d, j, l0, out));
             gemm(
                 self.isa,

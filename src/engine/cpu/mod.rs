@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod gemm;
+pub mod gemv;
 pub mod isa;
 pub mod lora;
 pub mod loss;

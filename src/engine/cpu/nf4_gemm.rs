@@ -6,10 +6,12 @@
 //! backward  dX[t, k] = dY[t, n] W[n, k]              dY, dX bf16
 //! ```
 //!
-//! Forward: A = X, L = k, P = W^T, each panel's NR rows of W decoded from NF4 and transposed.
+//! Forward: A = X, L = k, P = W^T, each panel's NR rows of W decoded from NF4 and transposed; for
+//! up to `GEMV_MAX_T` rows (decoding), the GEMV of `gemv.rs` instead.
 //! Backward: A = dY, L = n, P = W, each panel NR columns of every row of W.
 
 use super::gemm::{gemm, straight_panel, transposed_panel, Epilogue, Lhs};
+use super::gemv::{gemv, Weights, GEMV_MAX_T};
 use super::isa::Isa;
 use super::nf4_decode;
 use crate::model::cpu::{Linear, LinearWeight};
@@ -23,6 +25,9 @@ pub fn nf4_gemm_fwd(isa: Isa, y: &mut [bf16], x: &[bf16], w: &Linear, bias: Opti
         "nf4_gemm_fwd: buffers shorter than [t, in], [t, out]"
     );
     let bias: Option<Vec<f32>> = bias.map(|b| b[..n].iter().map(|v| v.to_f32()).collect());
+    if let (LinearWeight::Nf4(q), 1..=GEMV_MAX_T) = (&w.weight, t) {
+        return gemv(isa, y, x, Weights::Nf4(q), bias.as_deref(), t, n, k);
+    }
     let panel = transposed_panel(n, |j, l0, out| decode(isa, w, j * k + l0, out));
     let ep = Epilogue {
         bias: bias.as_deref(),

@@ -1,0 +1,229 @@
+//! The matrix-vector products of decoding on the CPU engine: Y[t, n] = X[t, k] W[n, k]^T for a few
+//! rows (t <= [`GEMV_MAX_T`]: one new token per sequence), W read once, row by row, from its stored
+//! form (NF4 bytes or bf16), decoded into a row of f32 that stays in L1 while every row of X meets
+//! it. Decoding is memory-bound: the GEMM's panels would write and read W again as f32 (8x the NF4
+//! bytes); here each weight byte is read once. Threads take blocks of W's rows. On AVX-512 an NF4
+//! weight whose rows are whole blocks skips the f32 row: codes are looked up in registers and meet
+//! X's even and odd columns apart (`x86::nf4_rows`). Reference twin: `model::cpu::linear_fwd`.
+
+use super::isa::Isa;
+use super::math::{round_bf16, widen};
+use super::nf4_decode;
+use crate::model::nf4::{Nf4Tensor, BLOCK};
+use half::bf16;
+use rayon::prelude::*;
+
+/// The most rows of X the GEMV takes; more go to the GEMM.
+pub const GEMV_MAX_T: usize = 8;
+
+/// Rows of W per piece of work.
+const ROWS: usize = 32;
+
+/// Where W's rows come from.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    Nf4(&'a Nf4Tensor),
+    Bf16(&'a [bf16]),
+}
+
+/// What the product is stored as.
+pub trait Out: Copy + Send + Sync {
+    fn put(v: f32) -> Self;
+}
+
+impl Out for f32 {
+    fn put(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Out for bf16 {
+    fn put(v: f32) -> bf16 {
+        round_bf16(v)
+    }
+}
+
+/// Y[t, n] = X[t, k] W^T (+ bias[n]). y: [t, n]; x: [t, k] bf16; W: [n, k].
+#[allow(clippy::too_many_arguments)]
+pub fn gemv<O: Out>(isa: Isa, y: &mut [O], x: &[bf16], w: Weights, bias: Option<&[f32]>, t: usize, n: usize, k: usize) {
+    assert!(isa.supported(), "the {isa} kernels need instructions this CPU lacks");
+    assert!(
+        (1..=GEMV_MAX_T).contains(&t),
+        "gemv takes 1 to {GEMV_MAX_T} rows, not {t}"
+    );
+    assert!(
+        x.len() >= t * k && y.len() >= t * n,
+        "gemv: buffers shorter than [t, k], [t, n]"
+    );
+    match w {
+        Weights::Nf4(q) => assert_eq!(q.numel(), n * k, "gemv: the NF4 weight is not [n, k]"),
+        Weights::Bf16(b) => assert!(b.len() >= n * k, "gemv: the weight is shorter than [n, k]"),
+    }
+    let xf: Vec<f32> = x[..t * k].iter().map(|&v| widen(v)).collect();
+    // [n, t] sums, by blocks of W's rows; then transposed into y.
+    let mut sums = vec![0f32; n * t];
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512, Weights::Nf4(q)) = (isa, w) {
+        if k.is_multiple_of(BLOCK) {
+            // X's even and odd columns apart: [t, k/2] each, matching a byte's two codes.
+            let (xe, xo): (Vec<f32>, Vec<f32>) = xf.chunks(2).map(|p| (p[0], p[1])).unzip();
+            sums.par_chunks_mut(ROWS * t).enumerate().for_each(|(b, s)| {
+                // SAFETY: the CPU has AVX-512 (`isa.supported()`, asserted above); k is a whole
+                // number of blocks, so each row's codes and scales are whole.
+                unsafe { x86::nf4_rows(q, &xe, &xo, t, k, b * ROWS, s) }
+            });
+            return finish(y, &sums, bias, t, n);
+        }
+    }
+    sums.par_chunks_mut(ROWS * t).enumerate().for_each_init(
+        || vec![0f32; k],
+        |row, (b, s)| rows_on(isa, isa, w, &xf, t, k, b * ROWS, s, row),
+    );
+    finish(y, &sums, bias, t, n)
+}
+
+/// y[i][j] = sums[j][i] + bias[j]. y: [t, n]; sums: [n, t].
+fn finish<O: Out>(y: &mut [O], sums: &[f32], bias: Option<&[f32]>, t: usize, n: usize) {
+    for i in 0..t {
+        for j in 0..n {
+            y[i * n + j] = O::put(sums[j * t + i] + bias.map_or(0.0, |b| b[j]));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::GEMV_MAX_T;
+    use crate::model::nf4::{Nf4Tensor, BLOCK, NF4_TABLE};
+    use std::arch::x86_64::*;
+
+    /// s[jj t + i] = X[i] . W[j0 + jj] for the rows of one piece, straight from the NF4 bytes: per
+    /// 16 bytes, the high nibbles (even columns) and the low nibbles (odd columns) are looked up in
+    /// the table apart (`vpermps`) and multiplied with X's even and odd columns, so no code is
+    /// moved into element order; each block's sum is scaled once, by its absmax.
+    /// xe, xo: [t, k/2], X's even and odd columns.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; k is a multiple of 64; t <= GEMV_MAX_T; q holds rows j0 .. j0 + s.len() / t.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn nf4_rows(q: &Nf4Tensor, xe: &[f32], xo: &[f32], t: usize, k: usize, j0: usize, s: &mut [f32]) {
+        let (packed, absmax) = (&q.packed[..], q.absmax());
+        let half = k / 2;
+        assert!(t <= GEMV_MAX_T && xe.len() >= t * half && xo.len() >= t * half);
+        assert!((j0 + s.len() / t) * k <= q.numel());
+        let table = _mm512_loadu_ps(NF4_TABLE.as_ptr());
+        let nib = _mm512_set1_epi32(0x0f);
+        for (jj, sj) in s.chunks_mut(t).enumerate() {
+            let j = j0 + jj;
+            let mut tot = [_mm512_setzero_ps(); GEMV_MAX_T];
+            for b in 0..k / BLOCK {
+                let scale = _mm512_set1_ps(absmax[(j * k) / BLOCK + b]);
+                let mut acc = [_mm512_setzero_ps(); GEMV_MAX_T];
+                for h in 0..2 {
+                    // Bytes m .. m + 16 of the row: columns 2m .. 2m + 32.
+                    let m = b * BLOCK / 2 + h * 16;
+                    // SAFETY: byte (j k) / 2 + m + 15 lies in row j (asserted above); X's halves hold
+                    // [t, k/2] (asserted above).
+                    unsafe {
+                        let bytes = _mm_loadu_si128(packed.as_ptr().add(j * half + m) as *const __m128i);
+                        let codes = _mm512_cvtepu8_epi32(bytes);
+                        let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
+                        let lo = _mm512_permutexvar_ps(_mm512_and_si512(codes, nib), table);
+                        for i in 0..t {
+                            let e = _mm512_loadu_ps(xe.as_ptr().add(i * half + m));
+                            let o = _mm512_loadu_ps(xo.as_ptr().add(i * half + m));
+                            acc[i] = _mm512_fmadd_ps(hi, e, acc[i]);
+                            acc[i] = _mm512_fmadd_ps(lo, o, acc[i]);
+                        }
+                    }
+                }
+                for i in 0..t {
+                    tot[i] = _mm512_fmadd_ps(acc[i], scale, tot[i]);
+                }
+            }
+            for (i, o) in sj.iter_mut().enumerate() {
+                *o = _mm512_reduce_add_ps(tot[i]);
+            }
+        }
+    }
+}
+
+/// s[jj t + i] = X[i] . W[j0 + jj] for the rows of this block. row: [k] scratch.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows(isa: Isa, w: Weights, xf: &[f32], t: usize, k: usize, j0: usize, s: &mut [f32], row: &mut [f32]) {
+    for (jj, sj) in s.chunks_mut(t).enumerate() {
+        let j = j0 + jj;
+        match w {
+            Weights::Nf4(q) => nf4_decode::decode(isa, q, j * k, row),
+            Weights::Bf16(b) => row
+                .iter_mut()
+                .zip(&b[j * k..(j + 1) * k])
+                .for_each(|(o, &v)| *o = widen(v)),
+        }
+        for (i, o) in sj.iter_mut().enumerate() {
+            *o = dot(&xf[i * k..(i + 1) * k], row);
+        }
+    }
+}
+
+crate::multiversion! {
+    /// [`rows`] compiled for a path (`path`, the same, goes on to the decoder).
+    fn rows_on(path: Isa, w: Weights, xf: &[f32], t: usize, k: usize, j0: usize, s: &mut [f32], row: &mut [f32]) => rows
+}
+
+/// a . b in 16 lanes, then the lanes (a vectorisable order).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let whole = a.len() / 16 * 16;
+    for (ca, cb) in a[..whole].chunks_exact(16).zip(b[..whole].chunks_exact(16)) {
+        for l in 0..16 {
+            lanes[l] += ca[l] * cb[l];
+        }
+    }
+    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cuda::rel_err;
+    use crate::engine::{to_bf16, to_f32};
+    use crate::model::cpu::{linear_fwd, Linear, LinearWeight};
+    use crate::util::rng::Rng;
+
+    /// Every path against the f32 reference at 1 to 8 rows, odd n and k, NF4 and bf16 weights,
+    /// outputs poisoned first: one bf16 rounding (4e-3), or f32 sums in another order (1e-5).
+    #[test]
+    fn every_path_matches_the_reference() {
+        let mut rng = Rng::new(41);
+        for isa in Isa::available() {
+            for (t, n, k) in [(1, 1, 64), (1, 67, 200), (3, 40, 77), (8, 100, 576)] {
+                let lin = Linear::dense(n, k, rng.normal_vec(n * k, 0.5), None).to_nf4();
+                let LinearWeight::Nf4(q) = &lin.weight else {
+                    unreachable!()
+                };
+                let x = to_bf16(&rng.normal_vec(t * k, 1.0));
+                let bias = rng.normal_vec(n, 0.1);
+                let mut want = vec![0f32; t * n];
+                linear_fwd(&mut want, &to_f32(&x), &lin);
+                want.chunks_mut(n)
+                    .for_each(|r| r.iter_mut().zip(&bias).for_each(|(o, b)| *o += b));
+                let mut y = vec![bf16::NAN; t * n];
+                gemv(isa, &mut y, &x, Weights::Nf4(q), Some(&bias), t, n, k);
+                let err = rel_err(&to_f32(&y), &want);
+                assert!(err < 4e-3, "{isa} nf4 t {t} n {n} k {k}: {err}");
+
+                let wb = to_bf16(&rng.normal_vec(n * k, 0.5));
+                let dense = Linear::dense(n, k, to_f32(&wb), None);
+                let mut want = vec![0f32; t * n];
+                linear_fwd(&mut want, &to_f32(&x), &dense);
+                let mut y = vec![f32::NAN; t * n];
+                gemv(isa, &mut y, &x, Weights::Bf16(&wb), None, t, n, k);
+                assert!(rel_err(&y, &want) < 1e-5, "{isa} bf16 t {t} n {n} k {k}");
+            }
+        }
+    }
+}
