@@ -27,22 +27,6 @@ use std::sync::Arc;
                   options on the command line override it."
 )]
 struct Args {
-    /// Output directory: the adapter, checkpoints, metrics.jsonl, curves.png.
-    #[arg(long, help_heading = "Output and checkpoints")]
-    out: PathBuf,
-    /// TOML file of options (keys are the option names, with _ or -); the command line overrides it.
-    #[arg(long, help_heading = "Output and checkpoints")]
-    config: Option<PathBuf>,
-    /// Write a checkpoint (adapter, optimizer moments, position) every N steps (0: only at the end).
-    #[arg(long, default_value_t = 0, help_heading = "Output and checkpoints")]
-    save_every: usize,
-    /// Keep the newest N checkpoints (and best/), deleting older ones once a new one is written (0: keep all).
-    #[arg(long, default_value_t = 3, help_heading = "Output and checkpoints")]
-    save_total_limit: usize,
-    /// Continue from the newest checkpoint in --out.
-    #[arg(long, help_heading = "Output and checkpoints")]
-    resume: bool,
-
     /// Training examples, JSONL: {"instruction", "input", "output"} per line [default: the bundled
     /// shop database and its generated questions, written to OUT/data].
     #[arg(long, help_heading = "Data")]
@@ -73,6 +57,7 @@ struct Args {
     /// Adapter scale numerator: the update is scaled by alpha / r.
     #[arg(long, default_value_t = 32.0, help_heading = "LoRA")]
     lora_alpha: f32,
+    /// Dropout on the adapters' input during training.
     #[arg(long, default_value_t = 0.05, help_heading = "LoRA")]
     lora_dropout: f32,
     /// Scale the adapter by alpha/sqrt(r) instead of alpha/r.
@@ -132,6 +117,22 @@ struct Args {
     /// Directory holding <db_id>/<db_id>.sqlite, for examples that name a db_id.
     #[arg(long, help_heading = "Evaluation")]
     db_root: Option<PathBuf>,
+
+    /// Output directory: the adapter, checkpoints, metrics.jsonl, curves.png.
+    #[arg(long, help_heading = "Output and checkpoints")]
+    out: PathBuf,
+    /// TOML file of options (keys are the option names, with _ or -); the command line overrides it.
+    #[arg(long, help_heading = "Output and checkpoints")]
+    config: Option<PathBuf>,
+    /// Write a checkpoint (adapter, optimizer moments, position) every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0, help_heading = "Output and checkpoints")]
+    save_every: usize,
+    /// Keep the newest N checkpoints (and best/), deleting older ones once a new one is written (0: keep all).
+    #[arg(long, default_value_t = 3, help_heading = "Output and checkpoints")]
+    save_total_limit: usize,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long, help_heading = "Output and checkpoints")]
+    resume: bool,
 
     /// Compute device: `cuda` (our kernels on GPU 0), `cpu` (the f32 reference), `cpu-bf16` (the
     /// device step on the CPU, bf16 storage as on the GPU: slow, for checking), `cpu-simd` (that

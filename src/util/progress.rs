@@ -25,8 +25,8 @@ pub fn eta_seconds(spent: f64, done: usize, remaining: usize) -> Option<f64> {
 }
 
 /// Counts units of a job of known size on stderr: an indicatif bar when stderr is a terminal,
-/// otherwise a line at most every `every` (and at the end), so a log shows how far it got and
-/// how long is left.
+/// otherwise a line at most every `every` (10 s) and one at the end, so a log shows how far it
+/// got and how long is left.
 pub struct Progress {
     what: String,
     total: u64,
@@ -98,11 +98,13 @@ impl Progress {
         }
     }
 
-    /// The job is over: the bar is closed, or the last line printed.
+    /// The job is over: the bar is closed, or, in a log, a last line printed (for a job that took
+    /// a couple of seconds or more).
     pub fn finish(self) {
         match &self.bar {
             Some(bar) => bar.finish(),
-            None => eprintln!("{}", self.line()),
+            None if self.started.elapsed() >= Duration::from_secs(2) => eprintln!("{}", self.line()),
+            None => {}
         }
     }
 
