@@ -396,6 +396,7 @@ impl Trainer {
         }
         self.state.step += 1;
         self.state.consumed += ids.len();
+        let seconds = started.elapsed().as_secs_f64();
         let (elapsed_s, eta_s) = self.tick(started);
         Ok(StepReport {
             skipped,
@@ -406,7 +407,7 @@ impl Trainer {
             grad_norm,
             tokens: micro.iter().map(|b| b.tokens.len()).sum(),
             labels,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
             elapsed_s,
             eta_s,
             device_memory: self.engine.memory_used(),
