@@ -120,7 +120,8 @@ pub fn tick_label(v: f64) -> String {
     }
 }
 
-/// One panel: its series as lines (points marked when there are few), axes with labels, a legend.
+/// One panel: its series as lines (points marked when there are few), axes with labels, and a
+/// legend when there are several series (the caption names a single one).
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     caption: &str,
@@ -139,9 +140,13 @@ fn panel<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc("step")
         .y_desc(y_desc)
-        .x_labels(10)
+        .x_labels((x1 as usize + 1).min(11))
         .y_labels(6)
-        .x_label_formatter(&|v| tick_label(*v))
+        // Steps are whole numbers: a tick between two (a short run) gets no label.
+        .x_label_formatter(&|v| match v.fract() == 0.0 {
+            true => tick_label(*v),
+            false => String::new(),
+        })
         .y_label_formatter(&|v| tick_label(*v))
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 15))
@@ -165,7 +170,7 @@ fn panel<DB: DrawingBackend>(
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
     }
-    if any {
+    if any && series.len() > 1 {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
