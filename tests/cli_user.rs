@@ -49,7 +49,10 @@ fn each_step_line_shows_the_time_run_and_the_time_left() {
     assert_eq!(steps.len(), 5, "{err}");
     for (k, line) in steps.iter().enumerate() {
         let elapsed = line.split("  ").find(|f| f.ends_with(" elapsed"));
-        assert!(elapsed.is_some_and(|e| e.trim_end_matches(" elapsed").ends_with('s')), "{line}");
+        assert!(
+            elapsed.is_some_and(|e| e.trim_end_matches(" elapsed").ends_with('s')),
+            "{line}"
+        );
         // Every step but the last says how long is left.
         assert_eq!(line.contains("  ETA "), k < 4, "{line}");
     }
@@ -77,7 +80,10 @@ fn each_step_line_shows_the_time_run_and_the_time_left() {
 fn help_groups_the_options_and_shows_the_defaults() {
     let o = train(&["--help"], &[]);
     let help = String::from_utf8_lossy(&o.stdout);
-    let headings: Vec<&str> = help.lines().filter(|l| l.ends_with(':') && !l.starts_with(' ')).collect();
+    let headings: Vec<&str> = help
+        .lines()
+        .filter(|l| l.ends_with(':') && !l.starts_with(' '))
+        .collect();
     assert_eq!(
         headings,
         [
@@ -92,14 +98,28 @@ fn help_groups_the_options_and_shows_the_defaults() {
         ],
         "{help}"
     );
-    let section = |name: &str| help.split(name).nth(1).unwrap().split("\n\n").next().unwrap().to_string();
+    let section = |name: &str| {
+        help.split(name)
+            .nth(1)
+            .unwrap()
+            .split("\n\n")
+            .next()
+            .unwrap()
+            .to_string()
+    };
     assert!(section("LoRA:").contains("--lora-r") && section("LoRA:").contains("[default: 16]"));
     assert!(section("Schedule:").contains("--lr") && section("Schedule:").contains("[default: 0.0002]"));
     assert!(section("Model:").contains("[default: smollm2"), "{help}");
     let out = section("Output and checkpoints:");
-    assert!(out.contains("--save-total-limit") && out.contains("[default: 3]"), "{out}");
+    assert!(
+        out.contains("--save-total-limit") && out.contains("[default: 3]"),
+        "{out}"
+    );
     // The toolbox groups its longest command's options too.
-    let o = Command::new(env!("CARGO_BIN_EXE_sqlora")).args(["predict", "--help"]).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sqlora"))
+        .args(["predict", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&o.stdout);
     for h in ["Data:", "Model:", "Decoding:", "Device:"] {
         assert!(help.contains(&format!("\n{h}\n")), "{h}: {help}");
@@ -139,7 +159,10 @@ fn train_without_a_model_uses_smollm2_from_the_cache() {
     let cache = tempfile::tempdir().unwrap();
     std::fs::copy(models.join(file), cache.path().join(file)).unwrap();
     let out = cache.path().join("run");
-    let o = train(&["--out", out.to_str().unwrap(), "--dry-run"], &[("SQLORA_CACHE", cache.path())]);
+    let o = train(
+        &["--out", out.to_str().unwrap(), "--dry-run"],
+        &[("SQLORA_CACHE", cache.path())],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("no --model: using SmolLM2-135M-Instruct"), "{err}");

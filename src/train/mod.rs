@@ -515,7 +515,8 @@ impl Trainer {
         let all = self.checkpoints();
         for old in &all[..all.len().saturating_sub(limit)] {
             if old != kept {
-                std::fs::remove_dir_all(old).with_context(|| format!("deleting the old checkpoint {}", old.display()))?;
+                std::fs::remove_dir_all(old)
+                    .with_context(|| format!("deleting the old checkpoint {}", old.display()))?;
             }
         }
         Ok(())

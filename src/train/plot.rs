@@ -75,7 +75,12 @@ fn register_font() -> Result<()> {
 /// The y range of a panel: the finite values with 6% of their span above and below (a flat series
 /// gets a band around its value); never below zero when `non_negative` (losses, learning rates).
 pub fn y_range(series: &[&Series], non_negative: bool) -> (f64, f64) {
-    let ys = || series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|y| y.is_finite());
+    let ys = || {
+        series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .filter(|y| y.is_finite())
+    };
     let (lo, hi) = ys().fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
     if lo > hi {
         return (0.0, 1.0);
@@ -200,7 +205,12 @@ fn draw<DB: DrawingBackend>(
         )),
     ))?;
     let (upper, lower) = body.split_vertically((SIZE.1 - TITLE_H) * 3 / 5);
-    panel(&upper, "loss per labelled token", "loss", &losses.iter().collect::<Vec<_>>())?;
+    panel(
+        &upper,
+        "loss per labelled token",
+        "loss",
+        &losses.iter().collect::<Vec<_>>(),
+    )?;
     panel(&lower, "learning rate", "lr", &[lr])?;
     root.present()
 }
@@ -244,7 +254,10 @@ pub fn svg(title: &str, losses: &[Series], lr: &Series) -> Result<String> {
 /// Write `curves.svg` and `curves.png` into `out` from `out/metrics.jsonl`.
 pub fn write_curves(out: &Path) -> Result<()> {
     let (losses, lr) = read_metrics(&out.join("metrics.jsonl"))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let title = format!("training curves: {name}");
     crate::load::weights::write_atomic(&out.join("curves.svg"), svg(&title, &losses, &lr)?.as_bytes())?;
     crate::load::weights::write_atomic(&out.join("curves.png"), &png(&title, &losses, &lr)?)
@@ -274,7 +287,10 @@ mod tests {
         let (lo, hi) = y_range(&[&s], true);
         assert_eq!(lo, 0.0);
         assert!(hi > 6.46 && hi < 7.0, "{hi}");
-        let flat = Series { points: vec![(1.0, 2.0)], ..s };
+        let flat = Series {
+            points: vec![(1.0, 2.0)],
+            ..s
+        };
         let (lo, hi) = y_range(&[&flat], true);
         assert!(lo < 2.0 && hi > 2.0 && lo > 0.0, "{lo} {hi}");
     }
