@@ -688,6 +688,10 @@ fn eval(
 fn selftest(json: bool, seed: u64) -> Result<()> {
     use sqlora::engine::cuda;
     if let Some(why) = cuda::unavailable() {
+        let why = match cuda::kernels::KERNELS_BUILT {
+            false => sqlora::sql::device::kernels_hint(),
+            true => why,
+        };
         eprintln!("selftest needs a GPU: {why}");
         std::process::exit(2);
     }
