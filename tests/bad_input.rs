@@ -259,6 +259,7 @@ fn malformed_schemas_and_logits_are_errors_or_fallbacks_not_panics() {
         temperature: 0.7,
         top_p: 0.95,
         seed: 1,
+        first: 0,
     };
     let nan = vec![f32::NAN; 5];
     assert_eq!(

@@ -35,6 +35,7 @@ const SAMPLING: Sampling = Sampling {
     temperature: 1.0,
     top_p: 1.0,
     seed: 7,
+    first: 0,
 };
 
 #[test]
@@ -84,6 +85,13 @@ fn the_first_candidate_is_the_greedy_answer_and_draws_depend_only_on_the_seed() 
         assert_eq!(candidates(&model, Some(&lora), p, 5, 10, &[], &SAMPLING, i), c);
         let other = Sampling { seed: 8, ..SAMPLING };
         assert_ne!(candidates(&model, Some(&lora), p, 5, 10, &[], &other, i)[1..], c[1..]);
+        // A call whose prompts start at prompt 2 of the set draws for its prompt i what prompt
+        // i + 2 gets (a file cut into calls gives the same candidates).
+        let later = Sampling { first: 2, ..SAMPLING };
+        assert_eq!(
+            candidates(&model, Some(&lora), p, 5, 10, &[], &later, i),
+            candidates(&model, Some(&lora), p, 5, 10, &[], &SAMPLING, i + 2)
+        );
         // A stop token ends each candidate where it first appears, and is kept.
         let stop = c[2][3];
         let stopped = candidates(&model, Some(&lora), p, 5, 10, &[stop], &SAMPLING, i);

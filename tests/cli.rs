@@ -648,6 +648,11 @@ fn train_device_choices() {
         let o = train("cuda");
         assert_eq!(o.status.code(), Some(1));
         let err = String::from_utf8_lossy(&o.stderr);
+        // A build without kernels says what to install; otherwise the driver's reason.
+        let why = match sqlora::engine::cuda::kernels::KERNELS_BUILT {
+            false => sqlora::sql::device::kernels_hint(),
+            true => why,
+        };
         assert!(err.contains("--device cuda") && err.contains(&why), "{err}");
     }
 }

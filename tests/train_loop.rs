@@ -244,11 +244,18 @@ fn a_tiny_model_memorises_a_small_dataset() {
     assert!(last < first / 10.0, "loss went from {first} to {last}");
     t.save_final().unwrap();
     assert!(d.path().join("adapter_model.safetensors").exists());
-    // Curves were drawn at the final checkpoint: an SVG with the loss, validation loss and lr lines,
-    // and a PNG.
+    // Curves were drawn at the final checkpoint: an SVG with the loss, validation loss and lr lines
+    // (and their legend's samples), and a PNG.
     let svg = std::fs::read_to_string(d.path().join("curves.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 3, "{svg}");
-    assert!(svg.contains("training loss") && svg.contains("learning rate"));
+    let lines: Vec<&str> = svg.split("<polyline").skip(1).collect();
+    for (name, colour) in [
+        ("training loss", "#1F77B4"),
+        ("validation loss", "#D62728"),
+        ("learning rate", "#2CA02C"),
+    ] {
+        assert!(svg.contains(&format!("\n{name}\n</text>")), "{name}: {svg}");
+        assert!(lines.iter().any(|l| l.contains(colour)), "no {name} line: {svg}");
+    }
     let png = std::fs::read(d.path().join("curves.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
@@ -510,4 +517,111 @@ fn resume_on_the_device_reproduces_the_uninterrupted_run_exactly() {
     losses.extend(run(&mut second, 4).iter().map(|r| r.loss));
     assert_eq!(losses, straight);
     assert_eq!(second.lora.data, whole.lora.data);
+}
+
+#[test]
+fn only_the_newest_checkpoints_are_kept_and_resume_takes_the_newest() {
+    let s = setup();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let checkpoints = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("checkpoint-") || n.contains("partial"))
+            .collect();
+        names.sort();
+        names
+    };
+    let mut c = config(2, 2);
+    c.save_every = 1;
+    // 0 keeps every checkpoint.
+    c.save_total_limit = 0;
+    let mut whole = trainer(&s, c.clone(), d1.path());
+    run(&mut whole, 6);
+    assert_eq!(checkpoints(d1.path()).len(), 6);
+
+    c.save_total_limit = 2;
+    let mut first = trainer(&s, c.clone(), d2.path());
+    std::fs::create_dir(d2.path().join("best")).unwrap();
+    let seen = std::cell::RefCell::new(Vec::new());
+    first
+        .run(4, &|| false, &mut |r, _| {
+            // Before step r's checkpoint: never more than the limit on disk.
+            seen.borrow_mut().push((r.step, checkpoints(d2.path()).len()));
+        })
+        .unwrap();
+    assert_eq!(*seen.borrow(), [(1, 0), (2, 1), (3, 2), (4, 2)]);
+    assert_eq!(checkpoints(d2.path()), ["checkpoint-000003", "checkpoint-000004"]);
+    drop(first); // the process dies after its checkpoint at step 4
+    let mut second = trainer(&s, c, d2.path());
+    let newest = second.latest_checkpoint().unwrap();
+    assert!(newest.ends_with("checkpoint-000004"), "{}", newest.display());
+    second.resume_from(&newest).unwrap();
+    run(&mut second, 6);
+    assert_eq!(checkpoints(d2.path()), ["checkpoint-000005", "checkpoint-000006"]);
+    assert!(d2.path().join("best").is_dir(), "best/ is never deleted");
+    assert_eq!(second.lora.data, whole.lora.data, "pruning changes nothing in the run");
+}
+
+#[test]
+fn each_step_reports_the_time_run_and_an_estimate_of_the_time_left() {
+    let s = setup();
+    let d = tempfile::tempdir().unwrap();
+    let mut t = trainer(&s, config(2, 2), d.path());
+    let r = run(&mut t, 4);
+    for (k, w) in r.windows(2).enumerate() {
+        assert!(w[1].elapsed_s >= w[0].elapsed_s + w[1].seconds, "step {}", k + 2);
+    }
+    assert!(r[0].elapsed_s >= r[0].seconds);
+    // After the first step, the estimate is the mean time of the steps since it, times those left:
+    // at least their compute time's share, at most the whole time run's.
+    for (k, x) in r.iter().enumerate().skip(1) {
+        let left = (6 - x.step) as f64;
+        let computed: f64 = r[1..=k].iter().map(|y| y.seconds).sum();
+        let per_step = (computed / k as f64, x.elapsed_s / k as f64);
+        assert!(
+            x.eta_s >= per_step.0 * left && x.eta_s <= per_step.1 * left,
+            "step {}: ETA {} not in [{}, {}]",
+            x.step,
+            x.eta_s,
+            per_step.0 * left,
+            per_step.1 * left
+        );
+    }
+    // The log has both; a resumed run counts from the time run before its checkpoint.
+    let log = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["elapsed_s"].as_f64(), Some(r[3].elapsed_s));
+    assert_eq!(last["eta_s"].as_f64(), Some(r[3].eta_s));
+    drop(t);
+    let mut again = trainer(&s, config(2, 2), d.path());
+    again.resume_from(&again.latest_checkpoint().unwrap()).unwrap();
+    let rest = run(&mut again, 6);
+    assert!(rest[0].elapsed_s >= r[3].elapsed_s + rest[0].seconds);
+    assert_eq!(rest.last().unwrap().eta_s, 0.0, "nothing is left after the last step");
+}
+
+#[test]
+fn without_validation_examples_no_evaluation_is_announced_or_logged() {
+    let s = setup();
+    for with_val in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = config(2, 1);
+        c.eval_every = 2;
+        let model = Model::load_dir(&s.model_dir).unwrap().quantize_nf4();
+        let val = if with_val { s.data[..2].to_vec() } else { vec![] };
+        let mut t = Trainer::new(model, s.data.clone(), val, c, d.path(), "tiny").unwrap();
+        let said = std::rc::Rc::new(std::cell::RefCell::new(Vec::<String>::new()));
+        let to = said.clone();
+        t.on_eval = Some(Box::new(move |what: &str| to.borrow_mut().push(what.to_string())));
+        run(&mut t, 6);
+        let log = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
+        if with_val {
+            assert_eq!(*said.borrow(), vec!["validation loss on 2 examples"; 3]);
+            assert_eq!(log.matches("eval_loss").count(), 3);
+        } else {
+            assert!(said.borrow().is_empty(), "{:?}", said.borrow());
+            assert!(!log.contains("eval_loss"));
+        }
+    }
 }

@@ -10,6 +10,7 @@ use sqlora::model::lora::LoraConfig;
 use sqlora::model::optim::{AdamWConfig, Decay};
 use sqlora::sql::data::{encode, read_jsonl, Encoded};
 use sqlora::train::{SqlEval, TrainConfig, Trainer};
+use sqlora::util::progress::human_duration;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,113 +20,137 @@ use std::sync::Arc;
 #[command(
     name = "train",
     version,
-    about = "QLoRA fine-tuning for text-to-SQL",
+    about = "QLoRA fine-tuning for text-to-SQL. With no option but --out, SmolLM2-135M-Instruct (fetched \
+             once into the cache) learns the bundled shop database's questions.",
     args_override_self = true,
     after_help = "A TOML file given with --config sets any option by its name (lora_r = 16, schedule = \"cosine\"); \
                   options on the command line override it."
 )]
 struct Args {
-    /// TOML file of options (keys are the option names, with _ or -); the command line overrides it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// HF model directory (config.json, model.safetensors[.index.json], tokenizer.json) or a .gguf file.
-    #[arg(long)]
-    model: PathBuf,
-    /// Training examples, JSONL: {"instruction", "input", "output"} per line. Without it, the
-    /// bundled shop database and its generated questions are written to OUT/data and used.
-    #[arg(long)]
+    /// Training examples, JSONL: {"instruction", "input", "output"} per line [default: the bundled
+    /// shop database and its generated questions, written to OUT/data].
+    #[arg(long, help_heading = "Data")]
     data: Option<PathBuf>,
-    /// Validation examples (same format); its loss is reported every --eval-every steps.
-    #[arg(long)]
+    /// Validation examples (same format): loss every --eval-every steps, execution accuracy when
+    /// they name a database [default: the shop questions held out, without --data].
+    #[arg(long, help_heading = "Data")]
     val: Option<PathBuf>,
-    /// Output directory: adapter files, checkpoints, metrics.jsonl.
-    #[arg(long)]
-    out: PathBuf,
-    /// Compute device: `cuda` (our kernels on GPU 0), `cpu` (the f32 reference), `cpu-bf16` (the
-    /// device step on the CPU, bf16 storage as on the GPU: slow, for checking), `cpu-simd` (that
-    /// step with the SIMD kernels written so far: the NF4 GEMM), or `auto` (`cuda` when a GPU and
-    /// kernels are present, else `cpu`).
-    #[arg(long, default_value = "auto")]
-    device: String,
-    #[arg(long, default_value_t = 1)]
-    epochs: usize,
-    /// Stop after this many optimizer steps (the schedule then spans exactly these).
-    #[arg(long)]
-    max_steps: Option<usize>,
-    /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    #[arg(long, default_value_t = 2e-4)]
-    lr: f32,
-    #[arg(long, default_value_t = 10)]
-    warmup: usize,
-    /// constant, linear or cosine.
-    #[arg(long, default_value = "cosine")]
-    schedule: String,
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f32,
-    /// Clip the global gradient norm to this (0: off).
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f32,
-    #[arg(long, default_value_t = 16)]
+    /// Drop examples longer than this many tokens.
+    #[arg(long, default_value_t = 1024, help_heading = "Data")]
+    max_seq_len: usize,
+    /// Put examples of similar length in the same micro-batch (within shuffled groups).
+    #[arg(long, help_heading = "Data")]
+    group_by_length: bool,
+
+    /// HF model directory (config.json, model.safetensors, tokenizer.json), a .gguf file, or the
+    /// name of a model `sqlora fetch-model` knows (smollm2, qwen05) [default: smollm2,
+    /// SmolLM2-135M-Instruct, fetched into the cache on first use].
+    #[arg(long, help_heading = "Model")]
+    model: Option<PathBuf>,
+    /// Keep the frozen base in f32 instead of NF4 (plain LoRA rather than QLoRA).
+    #[arg(long, help_heading = "Model")]
+    no_nf4: bool,
+
+    /// Adapter rank.
+    #[arg(long, default_value_t = 16, help_heading = "LoRA")]
     lora_r: usize,
-    #[arg(long, default_value_t = 32.0)]
+    /// Adapter scale numerator: the update is scaled by alpha / r.
+    #[arg(long, default_value_t = 32.0, help_heading = "LoRA")]
     lora_alpha: f32,
-    #[arg(long, default_value_t = 0.05)]
+    /// Dropout on the adapters' input during training.
+    #[arg(long, default_value_t = 0.05, help_heading = "LoRA")]
     lora_dropout: f32,
     /// Scale the adapter by alpha/sqrt(r) instead of alpha/r.
-    #[arg(long)]
+    #[arg(long, help_heading = "LoRA")]
     rslora: bool,
     /// Projections to adapt: `all` or a list like `q_proj,v_proj`.
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value = "all", help_heading = "LoRA")]
     targets: String,
-    /// Recompute each layer's activations in the backward instead of keeping them.
-    #[arg(long)]
-    checkpointing: bool,
-    /// Keep the frozen base in f32 instead of NF4 (plain LoRA rather than QLoRA).
-    #[arg(long)]
-    no_nf4: bool,
-    /// Put examples of similar length in the same micro-batch (within shuffled groups).
-    #[arg(long)]
-    group_by_length: bool,
-    /// Drop examples longer than this many tokens.
-    #[arg(long, default_value_t = 1024)]
-    max_seq_len: usize,
-    #[arg(long, default_value_t = 42)]
+
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 1, help_heading = "Schedule")]
+    epochs: usize,
+    /// Stop after this many optimizer steps (the schedule then spans exactly these).
+    #[arg(long, help_heading = "Schedule")]
+    max_steps: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4, help_heading = "Schedule")]
+    batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1, help_heading = "Schedule")]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4, help_heading = "Schedule")]
+    lr: f32,
+    /// Steps of linear warmup to the peak.
+    #[arg(long, default_value_t = 10, help_heading = "Schedule")]
+    warmup: usize,
+    /// Decay after the warmup: constant, linear or cosine.
+    #[arg(long, default_value = "cosine", help_heading = "Schedule")]
+    schedule: String,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0, help_heading = "Schedule")]
+    weight_decay: f32,
+    /// Clip the global gradient norm to this (0: off).
+    #[arg(long, default_value_t = 1.0, help_heading = "Schedule")]
+    max_grad_norm: f32,
+    /// Seed of the adapters' initialisation, the data order and dropout.
+    #[arg(long, default_value_t = 42, help_heading = "Schedule")]
     seed: u64,
-    #[arg(long, default_value_t = 0)]
-    eval_every: usize,
-    #[arg(long, default_value_t = 0)]
-    save_every: usize,
     /// Skip steps whose loss or gradient is not finite; stop after this many in a row.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, help_heading = "Schedule")]
     max_bad_steps: usize,
+
+    /// Validation loss every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0, help_heading = "Evaluation")]
+    eval_every: usize,
     /// Execution accuracy on this many validation questions (those naming a database), at the end
     /// and every --sql-eval-every steps; the best adapter is kept in OUT/best. 0 turns it off.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, help_heading = "Evaluation")]
     sql_eval_samples: usize,
-    #[arg(long, default_value_t = 0)]
+    /// Execution accuracy every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0, help_heading = "Evaluation")]
     sql_eval_every: usize,
     /// Longest SQL generated during evaluation, in tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, help_heading = "Evaluation")]
     sql_max_new_tokens: usize,
     /// Directory holding <db_id>/<db_id>.sqlite, for examples that name a db_id.
-    #[arg(long)]
+    #[arg(long, help_heading = "Evaluation")]
     db_root: Option<PathBuf>,
-    /// Print the memory plan and a throughput estimate, then exit (non-zero if it does not fit).
-    #[arg(long)]
-    dry_run: bool,
-    /// Memory the run may use, in GiB (default: the GPU's free memory, or the machine's available
-    /// memory on the CPU). When the plan exceeds it and checkpointing would make it fit,
-    /// checkpointing is turned on.
-    #[arg(long)]
-    memory_budget: Option<f64>,
+
+    /// Output directory: the adapter, checkpoints, metrics.jsonl, curves.png.
+    #[arg(long, help_heading = "Output and checkpoints")]
+    out: PathBuf,
+    /// TOML file of options (keys are the option names, with _ or -); the command line overrides it.
+    #[arg(long, help_heading = "Output and checkpoints")]
+    config: Option<PathBuf>,
+    /// Write a checkpoint (adapter, optimizer moments, position) every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0, help_heading = "Output and checkpoints")]
+    save_every: usize,
+    /// Keep the newest N checkpoints (and best/), deleting older ones once a new one is written (0: keep all).
+    #[arg(long, default_value_t = 3, help_heading = "Output and checkpoints")]
+    save_total_limit: usize,
     /// Continue from the newest checkpoint in --out.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output and checkpoints")]
     resume: bool,
+
+    /// Compute device: `cuda` (our kernels on GPU 0), `cpu` (the f32 reference), `cpu-bf16` (the
+    /// device step on the CPU, bf16 storage as on the GPU: slow, for checking), `cpu-simd` (that
+    /// step with the SIMD kernels written so far), or `auto` (`cuda` when a GPU and kernels are
+    /// present, else `cpu`).
+    #[arg(long, default_value = "auto", help_heading = "Device and memory")]
+    device: String,
+    /// Recompute each layer's activations in the backward instead of keeping them.
+    #[arg(long, help_heading = "Device and memory")]
+    checkpointing: bool,
+    /// Memory the run may use, in GiB [default: the GPU's free memory, or the machine's available
+    /// memory on the CPU]. When the plan exceeds it and checkpointing would make it fit,
+    /// checkpointing is turned on.
+    #[arg(long, help_heading = "Device and memory")]
+    memory_budget: Option<f64>,
+    /// Print the memory plan and a throughput estimate, then exit (non-zero if it does not fit).
+    #[arg(long, help_heading = "Device and memory")]
+    dry_run: bool,
 }
 
 fn main() {
@@ -190,9 +215,9 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
 }
 
 /// `--dry-run`: the plan, the estimate, and whether it fits.
-fn dry_run(a: &Args, target: &Target) -> Result<()> {
+fn dry_run(a: &Args, model: &Path, target: &Target) -> Result<()> {
     use sqlora::engine::plan::{available_memory, flops_per_token, measure_cpu_flops, plan, refusal, PlanInput};
-    let config = sqlora::load::open(&a.model)?.config;
+    let config = sqlora::load::open(model)?.config;
     let input = PlanInput {
         lora_r: a.lora_r,
         lora_targets: LoraConfig::parse_targets(&a.targets)?,
@@ -307,14 +332,15 @@ fn auto_checkpointing(
 fn run(a: Args) -> Result<()> {
     // The GPU, when there is one, is opened first: it quantizes each projection as the model loads
     // (the same bytes as the CPU would write), and its free memory is the default budget of the plan.
-    let target = Target::open(&a.device, Target::Reference)?;
+    let target = sqlora::sql::device::open(&a.device, Target::Reference)?;
+    let model_path = sqlora::load::fetch::resolve(a.model.as_deref())?;
     if a.dry_run {
-        return dry_run(&a, &target);
+        return dry_run(&a, &model_path, &target);
     }
-    let source = sqlora::load::open(&a.model)?;
+    let source = sqlora::load::open(&model_path)?;
     let tok = source.tokenizer()?;
     let model = target.load_model(&source, !a.no_nf4)?;
-    tok.check_fits(model.config.vocab_size, &a.model)?;
+    tok.check_fits(model.config.vocab_size, &model_path)?;
     let eos = *model
         .config
         .eos_token_ids
@@ -363,9 +389,10 @@ fn run(a: Args) -> Result<()> {
         seed: a.seed,
         eval_every: a.eval_every,
         save_every: a.save_every,
+        save_total_limit: a.save_total_limit,
         max_bad_steps: a.max_bad_steps,
     };
-    let mut trainer = Trainer::new(model, train, val, config, &a.out, &a.model.display().to_string())?;
+    let mut trainer = Trainer::new(model, train, val, config, &a.out, &model_path.display().to_string())?;
     if let (Some(vp), true) = (&val_path, a.sql_eval_samples > 0) {
         let examples: Vec<_> = read_jsonl(vp)?
             .into_iter()
@@ -423,7 +450,7 @@ fn run(a: Args) -> Result<()> {
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
-            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
                 .expect("a valid template")
                 .progress_chars("=> "),
         );
@@ -443,13 +470,19 @@ fn run(a: Args) -> Result<()> {
             .device_memory
             .map(|b| format!("  mem {:.2} GiB", b as f64 / (1u64 << 30) as f64))
             .unwrap_or_default();
+        let eta = if r.step < total {
+            format!("  ETA {}", human_duration(r.eta_s))
+        } else {
+            String::new()
+        };
         let line = format!(
-            "epoch {:.2}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{memory}{skipped}",
+            "epoch {:.2}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s  {} elapsed{eta}{memory}{skipped}",
             r.epoch,
             r.loss,
             r.lr,
             r.grad_norm,
-            r.tokens as f64 / r.seconds
+            r.tokens as f64 / r.seconds,
+            human_duration(r.elapsed_s),
         );
         let mut evals_line = evals.loss.map(|e| format!("  eval loss {e:.4}")).unwrap_or_default();
         if let Some(a) = evals.exec_accuracy {

@@ -44,12 +44,17 @@ pub struct Sampling {
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
+    /// Where the call's prompts start in the whole set (a file cut into calls): the draws of
+    /// prompt `i` of a call are those of prompt `first + i` of the set, so the cut changes nothing.
+    pub first: usize,
 }
 
 impl Sampling {
-    /// The generator of candidate `j` of prompt `i`: fixed by the seed, whatever the batching.
+    /// The generator of candidate `j` of prompt `i` (counted from [`Sampling::first`]): fixed by the
+    /// seed, whatever the batching.
     pub fn rng(&self, i: usize, j: usize) -> Rng {
-        let mut mix = Rng::new(self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let i = (self.first + i) as u64;
+        let mut mix = Rng::new(self.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         Rng::new(mix.next_u64() ^ (j as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
     }
 

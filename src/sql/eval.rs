@@ -178,6 +178,7 @@ pub fn evaluate_files(data: &Path, pred: &Path, db_root: Option<&Path>, opts: Ev
     let base = data.parent().unwrap_or(Path::new("."));
     let mut dbs: HashMap<PathBuf, Db> = HashMap::new();
     let mut verdicts = Vec::with_capacity(gold.len());
+    let mut progress = crate::util::progress::Progress::new("eval", gold.len() as u64);
     for (i, (g, p)) in gold.iter().zip(&preds).enumerate() {
         let path = resolve_db(g, base, db_root).with_context(|| format!("{}:{}", data.display(), i + 1))?;
         if !dbs.contains_key(&path) {
@@ -185,7 +186,9 @@ pub fn evaluate_files(data: &Path, pred: &Path, db_root: Option<&Path>, opts: Ev
             dbs.insert(path.clone(), db);
         }
         verdicts.push(evaluate_one(&dbs[&path], &g.output, p, opts));
+        progress.add(1);
     }
+    progress.finish();
     Ok(verdicts)
 }
 

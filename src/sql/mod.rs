@@ -5,11 +5,13 @@
 //! [`exec`] (read-only, time-limited execution), [`compare`] and [`eval`] (execution accuracy as
 //! Spider's test-suite evaluator computes it, with [`exact`] set match and [`hardness`]),
 //! [`choose`] (execution-guided choice among candidates), [`evaluate`] (generate and score a
-//! validation sample) and [`predict`] (`sqlora predict`).
+//! validation sample) and [`predict`] (`sqlora predict`). [`device`] resolves the commands'
+//! `--device`, with what a user is told about the GPU.
 
 pub mod choose;
 pub mod compare;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod evaluate;
 pub mod exact;

@@ -14,11 +14,16 @@ use crate::sql::data::chat::{extract_sql, ChatFormat};
 use crate::sql::data::Example;
 use crate::sql::eval::resolve_db;
 use crate::sql::exec::Db;
+use crate::util::progress::Progress;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
+
+/// Sequences generated together per call (a chunk of questions times their candidates): large
+/// enough to fill a GPU's batch, small enough that the progress moves.
+const CHUNK_SEQUENCES: usize = 32;
 
 /// How `predict` asks.
 pub struct Generation {
@@ -75,7 +80,7 @@ pub fn predict(
         Vec::new()
     };
     // `auto` is cuda when a GPU is usable, else the CPU reference.
-    let target = Target::open(device, Target::Reference)?;
+    let target = crate::sql::device::open(device, Target::Reference)?;
     let source = crate::load::open(model_path)?;
     let tok = source.tokenizer()?;
     let chat = match how.prompt {
@@ -97,13 +102,24 @@ pub fn predict(
         .collect::<Result<Vec<_>>>()?;
     let n = how.candidates.max(1);
     let mut engine = target.generation_engine(model, lora.as_ref(), &prompts, n)?;
-    // [examples][n] token ids.
-    let outs: Vec<Vec<Vec<u32>>> = if n == 1 {
-        let outs = engine.generate(lora.as_ref(), &prompts, how.max_new, &stops)?;
-        outs.into_iter().map(|o| vec![o]).collect()
-    } else {
-        engine.generate_candidates(lora.as_ref(), &prompts, n, how.max_new, &stops, &how.sampling)?
-    };
+    // [examples][n] token ids, generated a chunk of questions at a time so that the progress shows.
+    let mut outs: Vec<Vec<Vec<u32>>> = Vec::with_capacity(prompts.len());
+    let mut progress = Progress::new("predict", prompts.len() as u64);
+    for chunk in prompts.chunks(CHUNK_SEQUENCES.div_ceil(n)) {
+        if n == 1 {
+            let got = engine.generate(lora.as_ref(), chunk, how.max_new, &stops)?;
+            outs.extend(got.into_iter().map(|o| vec![o]));
+        } else {
+            // The draws of each question are seeded by its place in the file, not in the chunk.
+            let sampling = Sampling {
+                first: outs.len(),
+                ..how.sampling
+            };
+            outs.extend(engine.generate_candidates(lora.as_ref(), chunk, n, how.max_new, &stops, &sampling)?);
+        }
+        progress.add(chunk.len() as u64);
+    }
+    progress.finish();
     let mut text = String::new();
     for (i, cands) in outs.iter().enumerate() {
         let sqls = (cands.iter())

@@ -50,6 +50,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Checkpoint every N steps (0: only at the end).
     pub save_every: usize,
+    /// Keep only the newest N `checkpoint-NNNNNN/` directories (0: keep them all); `best/` is
+    /// always kept. Older ones are deleted once the new one is whole on disk.
+    pub save_total_limit: usize,
     /// Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).
     pub max_bad_steps: usize,
 }
@@ -72,6 +75,7 @@ impl Default for TrainConfig {
             seed: 42,
             eval_every: 0,
             save_every: 0,
+            save_total_limit: 3,
             max_bad_steps: 5,
         }
     }
@@ -110,6 +114,12 @@ pub struct StepReport {
     pub tokens: usize,
     pub labels: usize,
     pub seconds: f64,
+    /// Seconds since the run started, evaluations and checkpoints included (a resumed run counts
+    /// the time it had run before its checkpoint).
+    pub elapsed_s: f64,
+    /// Estimated seconds to the run's last step: the mean time per step in this process (after its
+    /// first step, which is slower, once there are others) times the steps left.
+    pub eta_s: f64,
     /// Bytes of device memory in use after the step (GPU runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_memory: Option<usize>,
@@ -171,6 +181,16 @@ pub struct Trainer {
     val: Vec<Encoded>,
     out: PathBuf,
     base_model: String,
+    clock: Clock,
+}
+
+/// The run's wall clock, for the elapsed time and the estimate of the time left.
+#[derive(Clone, Copy, Debug, Default)]
+struct Clock {
+    /// Seconds run before this process (read back from the log on resume).
+    before: f64,
+    /// When this process's first step started, and ended, and the step count then.
+    first: Option<(Instant, Instant, usize)>,
 }
 
 impl Trainer {
@@ -218,6 +238,7 @@ impl Trainer {
             val,
             out: out.to_path_buf(),
             base_model: base_model.to_string(),
+            clock: Clock::default(),
         })
     }
 
@@ -375,6 +396,8 @@ impl Trainer {
         }
         self.state.step += 1;
         self.state.consumed += ids.len();
+        let seconds = started.elapsed().as_secs_f64();
+        let (elapsed_s, eta_s) = self.tick(started);
         Ok(StepReport {
             skipped,
             step: self.state.step,
@@ -384,9 +407,24 @@ impl Trainer {
             grad_norm,
             tokens: micro.iter().map(|b| b.tokens.len()).sum(),
             labels,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
+            elapsed_s,
+            eta_s,
             device_memory: self.engine.memory_used(),
         })
+    }
+
+    /// After a step that started at `started`: seconds run so far, and the estimate of the seconds
+    /// left to the last step.
+    fn tick(&mut self, started: Instant) -> (f64, f64) {
+        let now = Instant::now();
+        let (t0, t1, s1) = *self.clock.first.get_or_insert((started, now, self.state.step));
+        let left = self.total_steps().saturating_sub(self.state.step);
+        let per_step = match self.state.step - s1 {
+            0 => (now - t0).as_secs_f64(),
+            after => (now - t1).as_secs_f64() / after as f64,
+        };
+        (self.clock.before + (now - t0).as_secs_f64(), per_step * left as f64)
     }
 
     /// Mean loss per labelled token over the validation examples, without dropout.
@@ -439,23 +477,49 @@ impl Trainer {
             std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;
         }
         std::fs::rename(&tmp, &dir).with_context(|| format!("moving checkpoint into {}", dir.display()))?;
+        self.prune_checkpoints(&dir)?;
         if self.out.join("metrics.jsonl").exists() {
             crate::train::plot::write_curves(&self.out)?;
         }
         Ok(dir)
     }
 
-    /// The newest whole checkpoint in the output directory, if any.
-    pub fn latest_checkpoint(&self) -> Option<PathBuf> {
-        // checkpoint-<step> directories, by step as a number (a stray name is not one).
+    /// The `checkpoint-<step>` directories of the output directory, by step as a number (a stray
+    /// name is not one), oldest first.
+    pub fn checkpoints(&self) -> Vec<PathBuf> {
         let step_of = |p: &Path| -> Option<u64> { p.file_name()?.to_str()?.strip_prefix("checkpoint-")?.parse().ok() };
-        std::fs::read_dir(&self.out)
-            .ok()?
+        let Ok(entries) = std::fs::read_dir(&self.out) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(u64, PathBuf)> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_dir())
             .filter_map(|p| Some((step_of(&p)?, p)))
-            .max_by_key(|(step, _)| *step)
-            .map(|(_, p)| p)
+            .collect();
+        found.sort();
+        found.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// The newest whole checkpoint in the output directory, if any.
+    pub fn latest_checkpoint(&self) -> Option<PathBuf> {
+        self.checkpoints().pop()
+    }
+
+    /// Delete all but the newest `save_total_limit` checkpoints, never `kept` (the one just
+    /// written, already whole on disk) nor `best/`.
+    fn prune_checkpoints(&self, kept: &Path) -> Result<()> {
+        let limit = self.config.save_total_limit;
+        if limit == 0 {
+            return Ok(());
+        }
+        let all = self.checkpoints();
+        for old in &all[..all.len().saturating_sub(limit)] {
+            if old != kept {
+                std::fs::remove_dir_all(old)
+                    .with_context(|| format!("deleting the old checkpoint {}", old.display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Continue from a checkpoint: adapter, optimizer moments and position. Refuses a checkpoint
@@ -506,7 +570,7 @@ impl Trainer {
         self.truncate_log()
     }
 
-    fn truncate_log(&self) -> Result<()> {
+    fn truncate_log(&mut self) -> Result<()> {
         let path = self.out.join("metrics.jsonl");
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(());
@@ -520,6 +584,13 @@ impl Trainer {
                 step.is_some_and(|s| s as usize <= self.state.step)
             })
             .collect();
+        // The time run before the checkpoint: the last kept step's.
+        self.clock = Clock {
+            before: (keep.iter().rev())
+                .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["elapsed_s"].as_f64())
+                .unwrap_or(0.0),
+            first: None,
+        };
         write_atomic(
             &path,
             (keep.join("\n") + if keep.is_empty() { "" } else { "\n" }).as_bytes(),
@@ -580,7 +651,8 @@ impl Trainer {
                 self.save_checkpoint()?;
             }
             let c = &self.config;
-            let eval = if (c.eval_every > 0 && r.step % c.eval_every == 0) || last {
+            let due = (c.eval_every > 0 && r.step % c.eval_every == 0) || last;
+            let eval = if due && !self.val.is_empty() {
                 let what = format!("validation loss on {} examples", self.val.len());
                 self.announce(&what);
                 self.eval_loss()?

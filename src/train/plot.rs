@@ -1,9 +1,13 @@
-//! Training curves, drawn from OUT/metrics.jsonl: `curves.svg` (loss, validation loss, learning rate,
-//! with axes and labels) and `curves.png` (the same lines on a plain grid, no text). Both are written
-//! by hand: SVG is text, and the PNG encoder below stores uncompressed deflate blocks.
+//! Training curves, drawn from OUT/metrics.jsonl with plotters: `curves.png` and `curves.svg`, the
+//! same figure in both. A title; above, the training loss and the validation loss; below, the
+//! learning rate; each panel with labelled axes, round tick values and a legend. The text is drawn
+//! with DejaVu Sans, bundled in assets/fonts (no system font is looked up).
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
 use std::path::Path;
+use std::sync::Once;
 
 /// One named series of (step, value) points.
 pub struct Series {
@@ -53,195 +57,210 @@ pub fn read_metrics(path: &Path) -> Result<(Vec<Series>, Series)> {
     ))
 }
 
-const W: usize = 720;
-const PANEL_H: usize = 240;
-const H: usize = 2 * PANEL_H + 40;
-const LEFT: f64 = 70.0;
-const RIGHT: f64 = 20.0;
+/// Width and height of the figure, in pixels.
+pub const SIZE: (u32, u32) = (900, 640);
+/// Height of the title band at the top of the figure.
+pub const TITLE_H: u32 = 44;
+const FONT: &str = "sans-serif";
+static DEJAVU: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
-/// Bounds of all points, padded so a flat series still has height.
-fn bounds(series: &[&Series]) -> Option<(f64, f64, f64, f64)> {
-    let pts: Vec<(f64, f64)> = series
-        .iter()
-        .flat_map(|s| s.points.iter().copied())
-        .filter(|p| p.1.is_finite())
-        .collect();
-    if pts.is_empty() {
-        return None;
-    }
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for (x, y) in pts {
-        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
-    }
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
-    }
-    let pad = ((y1 - y0) * 0.05).max(y1.abs() * 1e-3).max(1e-12);
-    Some((x0, x1, y0 - pad, y1 + pad))
+fn register_font() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut ok = true;
+    ONCE.call_once(|| ok = plotters::style::register_font(FONT, FontStyle::Normal, DEJAVU).is_ok());
+    ok.then_some(())
+        .ok_or_else(|| anyhow!("assets/fonts/DejaVuSans.ttf is not a font plotters can read"))
 }
 
-/// Pixel coordinates of the series of one panel whose top is at `top`.
-fn project(series: &[&Series], top: f64) -> Vec<Vec<(f64, f64)>> {
-    let Some((x0, x1, y0, y1)) = bounds(series) else {
-        return vec![vec![]; series.len()];
+/// The y range of a panel: the finite values with 6% of their span above and below (a flat series
+/// gets a band around its value); never below zero when `non_negative` (losses, learning rates).
+pub fn y_range(series: &[&Series], non_negative: bool) -> (f64, f64) {
+    let ys = || {
+        series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .filter(|y| y.is_finite())
     };
-    let (pw, ph) = (W as f64 - LEFT - RIGHT, PANEL_H as f64 - 50.0);
-    series
-        .iter()
-        .map(|s| {
-            s.points
-                .iter()
-                .filter(|p| p.1.is_finite())
-                .map(|&(x, y)| {
-                    (
-                        LEFT + (x - x0) / (x1 - x0) * pw,
-                        top + 20.0 + (1.0 - (y - y0) / (y1 - y0)) * ph,
-                    )
-                })
-                .collect()
+    let (lo, hi) = ys().fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
+    if lo > hi {
+        return (0.0, 1.0);
+    }
+    let pad = if hi > lo {
+        0.06 * (hi - lo)
+    } else {
+        (0.1 * hi.abs()).max(1e-6)
+    };
+    let lo = if non_negative { (lo - pad).max(0.0) } else { lo - pad };
+    (lo, hi + pad)
+}
+
+/// The x range: step 0 to the last step.
+fn x_range(series: &[&Series]) -> (f64, f64) {
+    let last = (series.iter())
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .fold(0f64, f64::max);
+    (0.0, last.max(1.0))
+}
+
+/// A tick value as short as it can be written: `0`, `25`, `2.5`, `0.004`, `2.5e-4`.
+pub fn tick_label(v: f64) -> String {
+    let a = v.abs();
+    if a < 1e-12 {
+        return "0".into();
+    }
+    let trim = |s: String| -> String {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    };
+    if (1e-3..1e5).contains(&a) {
+        let decimals = (3 - a.log10().floor() as i32).clamp(0, 7) as usize;
+        trim(format!("{v:.decimals$}"))
+    } else {
+        let s = format!("{v:.2e}");
+        let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
+        format!("{}e{exp}", trim(mantissa.to_string()))
+    }
+}
+
+/// One panel: its series as lines (points marked when there are few), axes with labels, and a
+/// legend when there are several series (the caption names a single one).
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    y_desc: &str,
+    series: &[&Series],
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let (x0, x1) = x_range(series);
+    let (y0, y1) = y_range(series, true);
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, (FONT, 18))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(72)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_desc)
+        .x_labels((x1 as usize + 1).min(11))
+        .y_labels(6)
+        // Steps are whole numbers: a tick between two (a short run) gets no label.
+        .x_label_formatter(&|v| match v.fract() == 0.0 {
+            true => tick_label(*v),
+            false => String::new(),
         })
-        .collect()
+        .y_label_formatter(&|v| tick_label(*v))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .light_line_style(RGBColor(238, 238, 238))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .draw()?;
+    let mut any = false;
+    for s in series {
+        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| p.1.is_finite()).collect();
+        if pts.is_empty() {
+            continue;
+        }
+        any = true;
+        let (r, g, b) = s.color;
+        let color = RGBColor(r, g, b);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(s.name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2)));
+        if pts.len() <= 40 {
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
+    }
+    if any && series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(180, 180, 180))
+            .draw()?;
+    }
+    Ok(())
 }
 
-/// `curves.svg`: losses above, learning rate below, with axis ranges and a legend.
-pub fn svg(losses: &[Series], lr: &Series) -> String {
-    let mut out = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
-    let panels: [(Vec<&Series>, f64); 2] = [(losses.iter().collect(), 10.0), (vec![lr], PANEL_H as f64 + 30.0)];
-    for (series, top) in panels {
-        let ph = PANEL_H as f64 - 50.0;
-        out += &format!(
-            "<rect x=\"{LEFT}\" y=\"{}\" width=\"{}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>\n",
-            top + 20.0,
-            W as f64 - LEFT - RIGHT
-        );
-        if let Some((x0, x1, y0, y1)) = bounds(&series) {
-            out += &format!("<text x=\"4\" y=\"{}\">{y1:.3e}</text>\n", top + 30.0);
-            out += &format!("<text x=\"4\" y=\"{}\">{y0:.3e}</text>\n", top + 20.0 + ph);
-            out += &format!("<text x=\"{LEFT}\" y=\"{}\">step {x0}</text>\n", top + ph + 36.0);
-            out += &format!(
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">step {x1}</text>\n",
-                W as f64 - RIGHT,
-                top + ph + 36.0
-            );
-        }
-        let mut legend_x = LEFT;
-        for (s, pts) in series.iter().zip(project(&series, top)) {
-            let (r, g, b) = s.color;
-            if !pts.is_empty() {
-                let path: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-                out += &format!(
-                    "<polyline fill=\"none\" stroke=\"rgb({r},{g},{b})\" stroke-width=\"1.5\" points=\"{}\"/>\n",
-                    path.join(" ")
-                );
-            }
-            out += &format!(
-                "<text x=\"{legend_x}\" y=\"{}\" fill=\"rgb({r},{g},{b})\">{}</text>\n",
-                top + 14.0,
-                s.name
-            );
-            legend_x += 140.0;
-        }
-    }
-    out + "</svg>\n"
+/// The figure on any plotters backend: title, the loss panel, the learning-rate panel.
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    losses: &[Series],
+    lr: &Series,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    root.fill(&WHITE)?;
+    let (top, body) = root.split_vertically(TITLE_H);
+    top.draw(&Text::new(
+        title.to_string(),
+        (SIZE.0 as i32 / 2, TITLE_H as i32 / 2),
+        TextStyle::from((FONT, 24).into_font()).pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Center,
+            plotters::style::text_anchor::VPos::Center,
+        )),
+    ))?;
+    let (upper, lower) = body.split_vertically((SIZE.1 - TITLE_H) * 3 / 5);
+    panel(
+        &upper,
+        "loss per labelled token",
+        "loss",
+        &losses.iter().collect::<Vec<_>>(),
+    )?;
+    panel(&lower, "learning rate", "lr", &[lr])?;
+    root.present()
 }
 
-/// `curves.png`: the same panels and lines as RGB pixels on a light grid (no text).
-pub fn png(losses: &[Series], lr: &Series) -> Vec<u8> {
-    let mut px = vec![255u8; W * H * 3];
-    let mut set = |x: i64, y: i64, c: (u8, u8, u8)| {
-        if (0..W as i64).contains(&x) && (0..H as i64).contains(&y) {
-            let i = (y as usize * W + x as usize) * 3;
-            px[i..i + 3].copy_from_slice(&[c.0, c.1, c.2]);
-        }
-    };
-    let panels: [(Vec<&Series>, f64); 2] = [(losses.iter().collect(), 10.0), (vec![lr], PANEL_H as f64 + 30.0)];
-    for (series, top) in panels {
-        let (y_top, y_bot) = ((top + 20.0) as i64, (top + PANEL_H as f64 - 30.0) as i64);
-        for k in 0..=4 {
-            let y = y_top + (y_bot - y_top) * k / 4;
-            for x in LEFT as i64..(W as f64 - RIGHT) as i64 {
-                set(x, y, (220, 220, 220));
-            }
-        }
-        for y in y_top..=y_bot {
-            set(LEFT as i64, y, (150, 150, 150));
-        }
-        for (s, pts) in series.iter().zip(project(&series, top)) {
-            for w in pts.windows(2) {
-                // Step along the longer axis, one pixel at a time (2 px thick).
-                let (dx, dy) = (w[1].0 - w[0].0, w[1].1 - w[0].1);
-                let n = dx.abs().max(dy.abs()).ceil().max(1.0) as usize;
-                for k in 0..=n {
-                    let t = k as f64 / n as f64;
-                    let (x, y) = ((w[0].0 + t * dx) as i64, (w[0].1 + t * dy) as i64);
-                    set(x, y, s.color);
-                    set(x, y + 1, s.color);
-                }
-            }
-        }
+/// The figure as RGB pixels (`SIZE`, row-major, 3 bytes a pixel).
+pub fn rgb(title: &str, losses: &[Series], lr: &Series) -> Result<Vec<u8>> {
+    register_font()?;
+    let mut px = vec![255u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut px, SIZE).into_drawing_area();
+        draw(root, title, losses, lr).map_err(|e| anyhow!("drawing the curves: {e}"))?;
     }
-    encode_png(&px, W, H)
+    Ok(px)
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
+/// `curves.png`: the figure as an RGB PNG.
+pub fn png(title: &str, losses: &[Series], lr: &Series) -> Result<Vec<u8>> {
+    let px = rgb(title, losses, lr)?;
+    let mut out = Vec::new();
+    {
+        let mut enc = ::png::Encoder::new(&mut out, SIZE.0, SIZE.1);
+        enc.set_color(::png::ColorType::Rgb);
+        enc.set_depth(::png::BitDepth::Eight);
+        let mut w = enc.write_header().context("encoding the curves as PNG")?;
+        w.write_image_data(&px).context("encoding the curves as PNG")?;
     }
-    !crc
+    Ok(out)
 }
 
-/// A PNG of 8-bit RGB pixels: IHDR, one IDAT holding a zlib stream of stored (uncompressed) deflate
-/// blocks, IEND.
-fn encode_png(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
-    let mut raw = Vec::with_capacity((w * 3 + 1) * h);
-    for row in rgb.chunks(w * 3) {
-        raw.push(0); // filter: none
-        raw.extend_from_slice(row);
+/// `curves.svg`: the same figure as SVG (its text as `<text>` elements).
+pub fn svg(title: &str, losses: &[Series], lr: &Series) -> Result<String> {
+    register_font()?; // text is measured with it to lay out the axes
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
+        draw(root, title, losses, lr).map_err(|e| anyhow!("drawing the curves: {e}"))?;
     }
-    let mut z = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
-    for (i, b) in blocks.iter().enumerate() {
-        z.push((i + 1 == blocks.len()) as u8);
-        z.extend((b.len() as u16).to_le_bytes());
-        z.extend((!(b.len() as u16)).to_le_bytes());
-        z.extend_from_slice(b);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in &raw {
-        a = (a + x as u32) % 65_521;
-        b = (b + a) % 65_521;
-    }
-    z.extend(((b << 16) | a).to_be_bytes());
-    let chunk = |out: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
-        out.extend((data.len() as u32).to_be_bytes());
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        out.extend_from_slice(&body);
-        out.extend(crc32(&body).to_be_bytes());
-    };
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = (w as u32).to_be_bytes().to_vec();
-    ihdr.extend((h as u32).to_be_bytes());
-    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit, RGB, deflate, no filter method, no interlace
-    chunk(&mut out, b"IHDR", &ihdr);
-    chunk(&mut out, b"IDAT", &z);
-    chunk(&mut out, b"IEND", &[]);
-    out
+    Ok(out)
 }
 
 /// Write `curves.svg` and `curves.png` into `out` from `out/metrics.jsonl`.
 pub fn write_curves(out: &Path) -> Result<()> {
     let (losses, lr) = read_metrics(&out.join("metrics.jsonl"))?;
-    crate::load::weights::write_atomic(&out.join("curves.svg"), svg(&losses, &lr).as_bytes())?;
-    crate::load::weights::write_atomic(&out.join("curves.png"), &png(&losses, &lr))
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let title = format!("training curves: {name}");
+    crate::load::weights::write_atomic(&out.join("curves.svg"), svg(&title, &losses, &lr)?.as_bytes())?;
+    crate::load::weights::write_atomic(&out.join("curves.png"), &png(&title, &losses, &lr)?)
 }
 
 #[cfg(test)]
@@ -249,14 +268,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn crc_and_png_structure() {
-        assert_eq!(
-            crc32(b"IEND"),
-            0xAE42_6082,
-            "the CRC of an empty IEND chunk, as in every PNG"
-        );
-        let p = encode_png(&[255, 0, 0, 0, 255, 0], 2, 1);
-        assert_eq!(&p[..8], b"\x89PNG\r\n\x1a\n");
-        assert_eq!(&p[p.len() - 8..p.len() - 4], b"IEND");
+    fn ticks_are_written_short() {
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(25.0), "25");
+        assert_eq!(tick_label(2.5), "2.5");
+        assert_eq!(tick_label(0.004000000000000001), "0.004");
+        assert_eq!(tick_label(0.00025), "2.5e-4");
+        assert_eq!(tick_label(0.0001), "1e-4");
+    }
+
+    #[test]
+    fn the_loss_axis_never_goes_below_zero() {
+        let s = Series {
+            name: "training loss",
+            color: (0, 0, 0),
+            points: vec![(1.0, 6.46), (2.0, 0.01)],
+        };
+        let (lo, hi) = y_range(&[&s], true);
+        assert_eq!(lo, 0.0);
+        assert!(hi > 6.46 && hi < 7.0, "{hi}");
+        let flat = Series {
+            points: vec![(1.0, 2.0)],
+            ..s
+        };
+        let (lo, hi) = y_range(&[&flat], true);
+        assert!(lo < 2.0 && hi > 2.0 && lo > 0.0, "{lo} {hi}");
     }
 }

@@ -1,5 +1,7 @@
-//! The toolbox every layer may use: seeded random numbers ([`rng`]) and a byte fingerprint.
+//! The toolbox every layer may use: seeded random numbers ([`rng`]), a byte fingerprint, and the
+//! progress of long jobs ([`progress`]: bars, elapsed time, ETA).
 
+pub mod progress;
 pub mod rng;
 
 /// FNV-1a, 64-bit: a dependency-free fingerprint of bytes (golden files record the one of the
