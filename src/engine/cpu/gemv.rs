@@ -106,6 +106,7 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX-512F; k is a multiple of 64; t <= GEMV_MAX_T; q holds rows j0 .. j0 + s.len() / t.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // acc, tot and X's rows share the index i
     pub unsafe fn nf4_rows(q: &Nf4Tensor, xe: &[f32], xo: &[f32], t: usize, k: usize, j0: usize, s: &mut [f32]) {
         let (packed, absmax) = (&q.packed[..], q.absmax());
         let half = k / 2;
