@@ -107,9 +107,10 @@ enum Command {
         /// Stop after this many new tokens (or at EOS).
         #[arg(long, default_value_t = 64, help_heading = "Decoding")]
         max_new_tokens: usize,
-        /// `cpu` (the f32 reference), `cuda` (our kernels; NF4 base), `cpu-bf16` (the GPU's
-        /// computation on the CPU), or `cpu-simd` (that with the SIMD kernels written so far).
-        #[arg(long, default_value = "cpu", help_heading = "Device")]
+        /// `auto` (the GPU when usable, else the CPU engine), `cpu` (the CPU engine: SIMD kernels,
+        /// NF4 base, bf16 activations), `cuda` (our kernels on GPU 0), `reference` (the f32
+        /// reference, for checks) or `cpu-bf16` (the device step with the reference's arithmetic).
+        #[arg(long, default_value = "auto", help_heading = "Device")]
         device: String,
         /// The prompt, tokenized as is.
         prompt: String,
@@ -159,9 +160,9 @@ enum Command {
         /// Time limit of each candidate query, in milliseconds.
         #[arg(long, default_value_t = 10_000, help_heading = "Decoding")]
         timeout_ms: u64,
-        /// `cpu` (the f32 reference, one example at a time), `cuda` (batched on the GPU), `cpu-bf16`
-        /// (the GPU's computation on the CPU, for checking), `cpu-simd` (that with the SIMD kernels
-        /// written so far), or `auto` (cuda when usable, else cpu).
+        /// `auto` (cuda when usable, else cpu), `cpu` (the CPU engine, batched), `cuda` (batched on
+        /// the GPU), `reference` (the f32 reference, one example at a time, for checks) or
+        /// `cpu-bf16` (the device step with the reference's arithmetic).
         #[arg(long, default_value = "auto", help_heading = "Device")]
         device: String,
     },
@@ -257,7 +258,8 @@ enum BenchWhat {
         /// New tokens per sequence.
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
-        /// `cuda`, `cpu-bf16`, `cpu-simd`, `cpu` (the f32 reference), or `auto`.
+        /// `auto` (cuda when usable, else cpu), `cpu` (the CPU engine), `cuda`, `cpu-bf16` or
+        /// `reference` (the f32 reference).
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]
@@ -280,8 +282,8 @@ enum BenchWhat {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// `cuda`, `cpu-bf16` (the same step on the CPU), `cpu-simd` (with the SIMD kernels
-        /// written so far), `cpu` (the f32 reference), or `auto` (cuda when a GPU is usable).
+        /// `auto` (cuda when a GPU is usable, else cpu), `cpu` (the CPU engine), `cuda`, `cpu-bf16`
+        /// (the same step with the reference's arithmetic) or `reference` (the f32 reference).
         #[arg(long, default_value = "auto")]
         device: String,
         /// Recompute each layer in the backward instead of keeping its activations.
@@ -293,7 +295,7 @@ enum BenchWhat {
         #[arg(long)]
         peak_tflops: Option<f64>,
         /// After the timed steps, as many again with each kernel timed: a table of where a step's
-        /// time goes (the GPU and `cpu-simd`).
+        /// time goes (`cuda` and `cpu`).
         #[arg(long)]
         profile: bool,
         /// Print the report as JSON.
@@ -305,7 +307,7 @@ enum BenchWhat {
 /// The engine a benchmark runs on: `--device` resolved, `auto` falling back to the CPU with bf16
 /// storage.
 fn bench_target(device: &str) -> Result<Target> {
-    sqlora::sql::device::open(device, Target::CpuBf16)
+    sqlora::sql::device::open(device, Target::cpu()?)
 }
 
 /// Builds the engine a benchmark runs on.
@@ -521,7 +523,7 @@ fn ask(
     adapter: Option<&Path>,
     prompt: &str,
 ) -> Result<String> {
-    let target = sqlora::sql::device::open(device, Target::Reference)?;
+    let target = sqlora::sql::device::open(device, Target::cpu()?)?;
     let model = target.load_model(source, nf4)?;
     tokenizer.check_fits(model.config.vocab_size, source.path())?;
     let ids = tokenizer.encode(prompt)?;

@@ -39,7 +39,7 @@ fn a_tokenizer_with_ids_past_the_embedding_table_is_refused() {
     edit_json(&dir.path().join("tokenizer.json"), |t| {
         t["model"]["vocab"]["zzz"] = json!(300)
     });
-    let (code, err) = sqlora(&["ask", "--model", s(dir.path()), "--device", "cpu", "hi"]);
+    let (code, err) = sqlora(&["ask", "--model", s(dir.path()), "--device", "reference", "hi"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("\"zzz\" with id 300") && err.contains("vocabulary of 272"),
@@ -229,7 +229,7 @@ fn validation_databases_are_opened_before_training_starts() {
                 "--max-steps",
                 "3",
                 "--device",
-                "cpu",
+                "reference",
             ],
         );
         assert_eq!(code, Some(1), "{err}");

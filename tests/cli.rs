@@ -45,6 +45,8 @@ fn ask_prints_exactly_the_greedy_continuation() {
             "ask",
             "--model",
             dir.path().to_str().unwrap(),
+            "--device",
+            "reference",
             "--max-new-tokens",
             "20",
             prompt,
@@ -139,7 +141,18 @@ fn ask_with_an_adapter_uses_it() {
     let without = tok.decode(&greedy(&model, None, &ids, 16, eos)).unwrap();
     assert_ne!(with, without, "the adapter changes the continuation");
     let (m, a) = (dir.path().to_str().unwrap(), adapter.path().to_str().unwrap());
-    let out = sqlora(&["ask", "--model", m, "--adapter", a, "--max-new-tokens", "16", prompt]);
+    let out = sqlora(&[
+        "ask",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--device",
+        "reference",
+        "--max-new-tokens",
+        "16",
+        prompt,
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{with}\n"));
 }
@@ -204,7 +217,18 @@ fn ask_db_wraps_the_question_in_the_template() {
         ))
         .unwrap();
     let (m, d) = (dir.path().to_str().unwrap(), db.to_str().unwrap());
-    let out = sqlora(&["ask", "--model", m, "--db", d, "--max-new-tokens", "8", question]);
+    let out = sqlora(&[
+        "ask",
+        "--model",
+        m,
+        "--db",
+        d,
+        "--device",
+        "reference",
+        "--max-new-tokens",
+        "8",
+        question,
+    ]);
     // The random model's answer is not SQL: it is printed, then its failure is reported.
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("{}\n", want.trim())));
@@ -296,7 +320,7 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
         ];
         sqlora(&[&args[..], more].concat())
     };
-    let out = predict("6", &[]);
+    let out = predict("6", &["--device", "reference"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let read_lines = || -> Vec<serde_json::Value> {
         (std::fs::read_to_string(&pred).unwrap().lines())
@@ -318,7 +342,7 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
 
     // Execution-guided: three candidates per question, the greedy answer first; the line's SQL is
     // the chosen one, and eval reads the file as any other.
-    let out = predict("6", &["--candidates", "3", "--device", "cpu"]);
+    let out = predict("6", &["--candidates", "3", "--device", "reference"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for (line, g) in read_lines().iter().zip(&greedy_lines) {
         let c = line["candidates"].as_array().unwrap();
@@ -345,7 +369,7 @@ fn predict_writes_one_sql_per_example_that_eval_reads() {
 
     // In the model's chat format: each line is the first statement of the greedy answer to the
     // ChatML conversation, stopped at EOS or the end of the turn.
-    let out = predict("12", &["--prompt", "chat"]);
+    let out = predict("12", &["--prompt", "chat", "--device", "reference"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (tok, tiny) = (
         sqlora::load::open(&model).unwrap().tokenizer().unwrap(),
@@ -455,6 +479,7 @@ fn dry_run_prints_the_plan_and_refuses_what_does_not_fit() {
     let m = dir.path().to_str().unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_train"))
         .args(["--model", m, "--data", "unused.jsonl", "--out", "unused", "--dry-run"])
+        .args(["--device", "reference"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -483,7 +508,7 @@ fn dry_run_prints_the_plan_and_refuses_what_does_not_fit() {
             "--max-seq-len",
             "4096",
         ])
-        .args(["--memory-budget", "0.2"])
+        .args(["--memory-budget", "0.2", "--device", "reference"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
@@ -764,7 +789,16 @@ fn a_memory_budget_that_only_checkpointing_meets_turns_it_on() {
             "--out",
             out.to_str().unwrap(),
         ])
-        .args(["--device", "cpu", "--max-steps", "1", "--batch", "2", "--lora-r", "4"])
+        .args([
+            "--device",
+            "reference",
+            "--max-steps",
+            "1",
+            "--batch",
+            "2",
+            "--lora-r",
+            "4",
+        ])
         .args(["--memory-budget", &format!("{budget:.12}")])
         .output()
         .unwrap();

@@ -134,10 +134,10 @@ struct Args {
     #[arg(long, help_heading = "Output and checkpoints")]
     resume: bool,
 
-    /// Compute device: `cuda` (our kernels on GPU 0), `cpu` (the f32 reference), `cpu-bf16` (the
-    /// device step on the CPU, bf16 storage as on the GPU: slow, for checking), `cpu-simd` (that
-    /// step with the SIMD kernels written so far), or `auto` (`cuda` when a GPU and kernels are
-    /// present, else `cpu`).
+    /// Compute device: `auto` (`cuda` when a GPU and kernels are present, else `cpu`), `cuda` (our
+    /// kernels on GPU 0), `cpu` (the CPU engine: SIMD kernels, NF4 base, bf16 activations),
+    /// `reference` (the f32 reference, for checks) or `cpu-bf16` (the device step with the
+    /// reference's arithmetic rounded to bf16: slow, for checks).
     #[arg(long, default_value = "auto", help_heading = "Device and memory")]
     device: String,
     /// Recompute each layer's activations in the backward instead of keeping them.
@@ -332,7 +332,7 @@ fn auto_checkpointing(
 fn run(a: Args) -> Result<()> {
     // The GPU, when there is one, is opened first: it quantizes each projection as the model loads
     // (the same bytes as the CPU would write), and its free memory is the default budget of the plan.
-    let target = sqlora::sql::device::open(&a.device, Target::Reference)?;
+    let target = sqlora::sql::device::open(&a.device, Target::cpu()?)?;
     let model_path = sqlora::load::fetch::resolve(a.model.as_deref())?;
     if a.dry_run {
         return dry_run(&a, &model_path, &target);

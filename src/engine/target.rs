@@ -22,8 +22,8 @@ pub enum Target {
     Reference,
     /// The device engine on the CPU, storing what the kernels store in bf16 (`engine::host::Host`).
     CpuBf16,
-    /// The device engine on the CPU with the SIMD kernels written so far (`engine::cpu`), the others
-    /// the host device's.
+    /// The device engine on the CPU with its SIMD kernels (`engine::cpu`): what `cpu` and `auto`
+    /// without a GPU run.
     CpuSimd(Cpu),
     /// The device engine on GPU 0, opened.
     Cuda(Box<Cuda>),
@@ -43,14 +43,20 @@ fn open_gpu() -> Result<Cuda> {
 const GENERATION_CAP: usize = 8192;
 
 impl Target {
-    /// Resolve `--device NAME`: `cpu` (the f32 reference), `cpu-bf16`, `cuda` (an error saying why
-    /// when the GPU cannot be used) or `auto` (the GPU when it opens, else `fallback`, with the
-    /// reason on stderr).
+    /// The CPU engine (SIMD kernels, the best path this CPU runs or the one `SQLORA_CPU_ISA` names).
+    pub fn cpu() -> Result<Target> {
+        Ok(Target::CpuSimd(Cpu::new().context("--device cpu")?))
+    }
+
+    /// Resolve `--device NAME`: `cpu` (the CPU engine; `cpu-simd` is another name for it),
+    /// `reference` (the f32 reference), `cpu-bf16` (the device step with the host device's f32
+    /// arithmetic rounded to bf16, for checks), `cuda` (an error saying why when the GPU cannot be
+    /// used) or `auto` (the GPU when it opens, else `fallback`, with the reason on stderr).
     pub fn open(name: &str, fallback: Target) -> Result<Target> {
         Ok(match name {
-            "cpu" => Target::Reference,
+            "reference" => Target::Reference,
+            "cpu" | "cpu-simd" => Target::cpu()?,
             "cpu-bf16" => Target::CpuBf16,
-            "cpu-simd" => Target::CpuSimd(Cpu::new().context("--device cpu-simd")?),
             "cuda" => Target::Cuda(Box::new(open_gpu().context("--device cuda")?)),
             "auto" => match open_gpu() {
                 Ok(gpu) => Target::Cuda(Box::new(gpu)),
@@ -59,16 +65,16 @@ impl Target {
                     fallback
                 }
             },
-            other => bail!("unknown device \"{other}\": one of auto, cuda, cpu, cpu-bf16, cpu-simd"),
+            other => bail!("unknown device \"{other}\": one of auto, cuda, cpu, reference, cpu-bf16"),
         })
     }
 
     /// What runs where, in a few words.
     pub fn describe(&self) -> &'static str {
         match self {
-            Target::Reference => "the CPU reference backend",
-            Target::CpuBf16 => "the device engine on the CPU (bf16 storage)",
-            Target::CpuSimd(_) => "the device engine on the CPU with SIMD kernels",
+            Target::Reference => "the f32 reference on the CPU",
+            Target::CpuBf16 => "the device step on the CPU with the host device's arithmetic (bf16 storage)",
+            Target::CpuSimd(_) => "the CPU engine",
             Target::Cuda(_) => "the GPU",
         }
     }

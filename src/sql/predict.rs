@@ -80,7 +80,7 @@ pub fn predict(
         Vec::new()
     };
     // `auto` is cuda when a GPU is usable, else the CPU reference.
-    let target = crate::sql::device::open(device, Target::Reference)?;
+    let target = crate::sql::device::open(device, Target::cpu()?)?;
     let source = crate::load::open(model_path)?;
     let tok = source.tokenizer()?;
     let chat = match how.prompt {

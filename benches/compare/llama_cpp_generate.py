@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""llama.cpp's generation speed on the CPU: the peer of `sqlora bench generate --device cpu-simd`.
+
+Loads a GGUF with llama_cpp.Llama (CPU only, no GPU layers), evaluates a fixed prompt of N tokens
+(random token ids from the vocabulary with a fixed seed, or --text) and then decodes greedily one
+token at a time, never stopping at EOS, until M new tokens exist. As in sqlora's bench, the first
+new token comes from the prompt's logits and the other M - 1 are decode steps. It reports, as
+medians over --reps repetitions after one warm-up run (model load excluded):
+  prefill tok/s = prompt tokens / prompt-evaluation seconds
+  decode tok/s  = decode steps / decode seconds
+from llama.cpp's own timers (llama_perf_context), with wall-clock figures beside them.
+
+Install (builds llama.cpp from source with -march=native; about 20-40 minutes on 2 cores):
+    python3 -m venv /tmp/llamaenv
+    CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+        /tmp/llamaenv/bin/pip install --no-cache-dir llama-cpp-python==0.3.36
+
+Compare, on the same machine and alternating the two:
+    sqlora fetch-model qwen05        # prints the path of the Q4_K_M GGUF
+    /tmp/llamaenv/bin/python benches/compare/llama_cpp_generate.py MODEL.gguf --prompt 400 --new-tokens 128
+    sqlora bench generate --shape qwen2.5-0.5b --prompt 400 --new-tokens 128 --device cpu-simd
+sqlora's bench runs random NF4 weights of the Qwen2.5-0.5B shape; llama.cpp runs the real Q4_K_M file
+of that model. The work per token (matrix shapes, layers, heads, vocabulary) is the same; the weight
+formats differ (NF4 vs Q4_K/Q6_K blocks), so this compares two 4-bit engines, not identical arithmetic.
+sqlora prints prefill in ms: prefill tok/s here = prompt tokens / that time.
+"""
+import argparse
+import json
+import random
+import statistics
+import time
+
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama
+
+
+def run_once(llm, prompt, new_tokens):
+    """One generation: (prefill s, decode s) from llama.cpp's timers, then the same by wall clock."""
+    n_vocab = llm.n_vocab()
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+
+    def next_token():  # greedy; reading the logits also synchronizes, which closes llama.cpp's timer
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
+
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    token = next_token()
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval([token])
+        token = next_token()
+    t2 = time.perf_counter()
+    perf = llama_cpp.llama_perf_context(llm.ctx)
+    assert perf.n_p_eval == len(prompt) and perf.n_eval == new_tokens - 1, (perf.n_p_eval, perf.n_eval)
+    return perf.t_p_eval_ms / 1e3, perf.t_eval_ms / 1e3, t1 - t0, t2 - t1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", help="GGUF file (e.g. the path `sqlora fetch-model qwen05` prints)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=400, help="prompt tokens")
+    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens (greedy, no stop at EOS)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--text", help="file whose tokens, repeated as needed, make the prompt")
+    ap.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention (off by default)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.prompt < 2 or args.new_tokens < 2:
+        ap.error("--prompt and --new-tokens must be at least 2")
+
+    llm = Llama(
+        model_path=args.model, n_gpu_layers=0, n_threads=args.threads, n_threads_batch=args.threads,
+        n_ctx=args.prompt + args.new_tokens + 16, n_batch=max(512, args.prompt),
+        flash_attn=args.flash_attn, verbose=False,
+    )
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            ids = llm.tokenize(f.read().encode(), add_bos=False)
+        prompt = (ids * (args.prompt // max(len(ids), 1) + 1))[: args.prompt]
+    else:
+        rng = random.Random(args.seed)
+        prompt = [rng.randrange(llm.n_vocab()) for _ in range(args.prompt)]
+
+    run_once(llm, prompt, min(args.new_tokens, 8))  # warm-up: allocations, first-touch of the weights
+    runs = [run_once(llm, prompt, args.new_tokens) for _ in range(args.reps)]
+    med = [statistics.median(r[i] for r in runs) for i in range(4)]
+    steps = args.new_tokens - 1
+    out = {
+        "prefill_tok_s": args.prompt / med[0], "decode_tok_s": steps / med[1],
+        "prefill_ms": med[0] * 1e3,
+        "wall_prefill_tok_s": args.prompt / med[2], "wall_decode_tok_s": steps / med[3],
+        "prompt": args.prompt, "new_tokens": args.new_tokens, "threads": args.threads,
+        "reps": args.reps, "flash_attn": args.flash_attn, "llama_cpp_python": llama_cpp.__version__,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"llama.cpp (llama-cpp-python {out['llama_cpp_python']}), {args.threads} threads, "
+              f"prompt {args.prompt}, {args.new_tokens} new tokens, median of {args.reps}: "
+              f"prefill {out['prefill_ms']:.1f} ms ({out['prefill_tok_s']:.1f} tok/s); "
+              f"decode {out['decode_tok_s']:.1f} tok/s ({1e3 / out['decode_tok_s']:.2f} ms per step); "
+              f"wall clock: {out['wall_prefill_tok_s']:.1f} / {out['wall_decode_tok_s']:.1f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
