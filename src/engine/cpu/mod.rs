@@ -1,12 +1,18 @@
-//! The fast CPU engine, in progress: the [`crate::engine::Device`] contract (bf16 activations, f32
-//! statistics and gradients, NF4 frozen weights) with hand-written SIMD kernels chosen at run time
-//! ([`isa::Isa`]: AVX-512, AVX2 with FMA, or portable; `SQLORA_CPU_ISA` forces a lower one).
+//! The CPU engine (`--device cpu`, and `auto` without a GPU): the [`crate::engine::Device`] contract
+//! (bf16 activations, f32 statistics and gradients, NF4 frozen weights) with hand-written SIMD
+//! kernels chosen at run time ([`isa::Isa`]: AVX-512, AVX2 with FMA, or portable;
+//! `SQLORA_CPU_ISA` forces a lower one), each beside its reference twin and checked against it on
+//! every path:
+//! - [`gemm`]: the blocked GEMM and its register tiles, under the NF4 GEMM in both orientations
+//!   ([`nf4_gemm`], decoding through [`nf4_decode`]), the LoRA branch ([`lora`]) and the head and
+//!   loss ([`loss`]); [`gemv`] for decoding's few rows;
+//! - [`attention`]: causal GQA attention over packed sequences, forward and backward, and decoding;
+//! - [`elementwise`]: RMSNorm, RoPE, SwiGLU, embedding, dropout and the rest.
 //!
-//! Kernels written so far: a register-blocked GEMM over panels decoded into cache ([`gemm`]), the
-//! NF4 GEMM in both orientations on it ([`nf4_gemm`]), the output head and loss ([`loss`]), and
-//! the elementwise and row kernels split among threads ([`elementwise`]; the host device's
-//! arithmetic, not yet vectorised by hand). Every other kernel family is still the host device's (the f32 reference widened from and rounded
-//! to bf16, `engine::host`), which [`Cpu`] shares through [`super::host::OnHost`].
+//! AdamW and the gradient norm are the host device's (`engine::host`, shared through
+//! [`super::host::OnHost`]): they touch only the adapters, a few million values per step.
+//! [`profile`] times each kernel for `bench train --profile`; [`peak`] measures the FMA peak that
+//! MFU is reported against.
 
 pub mod attention;
 pub mod elementwise;
@@ -53,11 +59,7 @@ impl Cpu {
 
 impl OnHost for Cpu {
     fn describe(&self) -> String {
-        format!(
-            "CPU, {} SIMD GEMMs (NF4 and the head), attention and LoRA the bf16 host device's ({} threads)",
-            self.isa,
-            rayon::current_num_threads()
-        )
+        format!("CPU engine, {} kernels ({} threads)", self.isa, rayon::current_num_threads())
     }
     fn timed<R>(&self, name: &'static str, f: impl FnOnce() -> R) -> R {
         self.profile.time(name, f)
