@@ -132,7 +132,7 @@ run)
     check)
         nvidia-smi >"$out/nvidia-smi.txt" 2>&1
         # Blocking launches: a kernel that faults is named by its own launch, not by a later copy.
-        CUDA_LAUNCH_BLOCKING=1 timeout 300 "$bin/sqlora" selftest >"$out/selftest.txt" 2>&1
+        CUDA_LAUNCH_BLOCKING=1 timeout 300 "$bin/sqlora" selftest --device cuda >"$out/selftest.txt" 2>&1
         echo "selftest exit $?" >>"$out/selftest.txt"
         grep -v " pass$" "$out/selftest.txt" | tail -n 40
         timeout 240 "$bin/cuda" >"$out/cuda-tests.txt" 2>&1

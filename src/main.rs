@@ -214,13 +214,18 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
     },
-    /// Check every CUDA kernel against the CPU reference on random inputs; a table of errors.
+    /// Check every kernel against the reference on random inputs (the CPU engine's on every
+    /// instruction-set path this CPU runs, then the CUDA kernels where a GPU is usable); a table of
+    /// errors.
     Selftest {
         /// Print the checks as one JSON array.
         #[arg(long)]
         json: bool,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// `all` (the CPU engine, and the GPU when usable), `cpu`, or `cuda` (an error without a GPU).
+        #[arg(long, default_value = "all")]
+        device: String,
     },
     /// Benchmarks.
     Bench {
@@ -400,7 +405,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             predict::predict(&resolve(&model)?, adapter.as_deref(), &data, &out, &how, &device)
         }
-        Command::Selftest { json, seed } => selftest(json, seed),
+        Command::Selftest { json, seed, device } => selftest(json, seed, &device),
         Command::Bench {
             what:
                 BenchWhat::Generate {
@@ -687,35 +692,53 @@ fn eval(
     Ok(())
 }
 
-fn selftest(json: bool, seed: u64) -> Result<()> {
-    use sqlora::engine::cuda;
-    if let Some(why) = cuda::unavailable() {
-        let why = match cuda::kernels::KERNELS_BUILT {
-            false => sqlora::sql::device::kernels_hint(),
-            true => why,
-        };
-        eprintln!("selftest needs a GPU: {why}");
-        std::process::exit(2);
-    }
-    let gpu = cuda::Cuda::new()?;
+fn selftest(json: bool, seed: u64, device: &str) -> Result<()> {
+    use sqlora::engine::{cpu, cuda, Check};
+    let (on_cpu, on_gpu) = match device {
+        "all" => (true, true),
+        "cpu" => (true, false),
+        "cuda" => (false, true),
+        other => bail!("--device {other}: one of all, cpu, cuda"),
+    };
     // The table is printed row by row as the checks are made: a check that stops the run with an
     // error leaves the rows before it on the screen.
     if !json {
         println!(
-            "{:<24} {:>14} {:>12} {:>10}  result",
+            "{:<32} {:>18} {:>12} {:>10}  result",
             "op", "size", "rel error", "tolerance"
         );
     }
-    let mut print_row = |c: &cuda::selftest::Check| {
+    let mut print_row = |c: &Check| {
         if !json {
             let verdict = if c.pass { "pass" } else { "FAIL" };
             println!(
-                "{:<24} {:>14} {:>12.3e} {:>10.0e}  {verdict}",
+                "{:<32} {:>18} {:>12.3e} {:>10.0e}  {verdict}",
                 c.op, c.size, c.rel_err, c.tolerance
             );
         }
     };
-    let checks = cuda::selftest::run(&gpu, seed, &mut print_row)?;
+    let mut checks = Vec::new();
+    if on_cpu {
+        checks.extend(cpu::selftest::run(seed, &mut print_row)?);
+    }
+    if on_gpu {
+        match cuda::unavailable() {
+            None => checks.extend(cuda::selftest::run(&cuda::Cuda::new()?, seed, &mut print_row)?),
+            Some(why) => {
+                let why = match cuda::kernels::KERNELS_BUILT {
+                    false => sqlora::sql::device::kernels_hint(),
+                    true => why,
+                };
+                if !on_cpu {
+                    eprintln!("selftest --device cuda needs a GPU: {why}");
+                    std::process::exit(2);
+                }
+                if sqlora::sql::device::gpu_present() || cuda::kernels::KERNELS_BUILT {
+                    eprintln!("GPU kernels not checked: {why}");
+                }
+            }
+        }
+    }
     if json {
         println!("{}", serde_json::to_string(&checks)?);
     }

@@ -13,6 +13,17 @@ use crate::model::optim::{AdamW, StatePages, PAGE};
 use anyhow::Result;
 use serde::Serialize;
 
+/// One row of `sqlora selftest`: a kernel on some inputs against its reference, as
+/// ‖out − ref‖ / ‖ref‖ and the tolerance it must meet.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub op: String,
+    pub size: String,
+    pub rel_err: f64,
+    pub tolerance: f64,
+    pub pass: bool,
+}
+
 /// One kernel's (or cuBLAS call's) share of the profiled work.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProfileRow {

@@ -26,7 +26,7 @@ use crate::model::lora::LoraAt;
 use crate::model::nf4::Nf4Tensor;
 use crate::model::optim::{AdamStep, StatePages};
 use anyhow::Result;
-pub use api::{ProfileRow, StepEngine};
+pub use api::{Check, ProfileRow, StepEngine};
 
 /// Every device trait, for code that calls a device's methods on a concrete device type.
 pub mod prelude {

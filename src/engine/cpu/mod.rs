@@ -26,6 +26,7 @@ pub mod nf4_decode;
 pub mod nf4_gemm;
 pub mod peak;
 pub mod profile;
+pub mod selftest;
 
 use super::host::OnHost;
 use super::{Bf, Nf4Gemm};
@@ -59,7 +60,11 @@ impl Cpu {
 
 impl OnHost for Cpu {
     fn describe(&self) -> String {
-        format!("CPU engine, {} kernels ({} threads)", self.isa, rayon::current_num_threads())
+        format!(
+            "CPU engine, {} kernels ({} threads)",
+            self.isa,
+            rayon::current_num_threads()
+        )
     }
     fn timed<R>(&self, name: &'static str, f: impl FnOnce() -> R) -> R {
         self.profile.time(name, f)

@@ -14,20 +14,12 @@ use crate::model::optim::{AdamStep, AdamWConfig};
 use crate::util::rng::Rng;
 use anyhow::Result;
 use half::bf16;
-use serde::Serialize;
 
 /// bf16 keeps 8 significant bits: a relative error of a few 1e-3 is rounding, 1e-2 is the bound.
 const TOL_BF16: f64 = 1e-2;
 const TOL_F32: f64 = 1e-5;
 
-#[derive(Clone, Debug, Serialize)]
-pub struct Check {
-    pub op: String,
-    pub size: String,
-    pub rel_err: f64,
-    pub tolerance: f64,
-    pub pass: bool,
-}
+pub use crate::engine::api::Check;
 
 /// The checks made so far, each also handed to `echo` as it is made (so a run that stops on an
 /// error has already shown its rows).
