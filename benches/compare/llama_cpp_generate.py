@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""llama.cpp's generation speed on the CPU: the peer of `sqlora bench generate --device cpu-simd`.
+"""llama.cpp's generation speed on the CPU: the peer of `sqlora bench generate --device cpu`.
 
 Loads a GGUF with llama_cpp.Llama (CPU only, no GPU layers), evaluates a fixed prompt of N tokens
 (random token ids from the vocabulary with a fixed seed, or --text) and then decodes greedily one
@@ -10,19 +10,29 @@ medians over --reps repetitions after one warm-up run (model load excluded):
   decode tok/s  = decode steps / decode seconds
 from llama.cpp's own timers (llama_perf_context), with wall-clock figures beside them.
 
-Install (builds llama.cpp from source with -march=native; about 20-40 minutes on 2 cores):
+Install (builds llama.cpp from source with -march=native; about 15-30 minutes on 2 cores):
     python3 -m venv /tmp/llamaenv
     CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \
         /tmp/llamaenv/bin/pip install --no-cache-dir llama-cpp-python==0.3.36
+Where /proc/cpuinfo lists amx_* but the VM has not enabled the AMX tile state (our 2-core machines),
+that build dies with SIGSEGV (ldtilecfg) in the first eval: build without AMX instead, keeping the
+rest of -march=native (AVX-512, VNNI, weight repacking):
+    AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$AMX_OFF' -DCMAKE_CXX_FLAGS='$AMX_OFF'" \
+        CMAKE_BUILD_PARALLEL_LEVEL=2 /tmp/llamaenv/bin/pip install --no-cache-dir llama-cpp-python==0.3.36
 
 Compare, on the same machine and alternating the two:
     sqlora fetch-model qwen05        # prints the path of the Q4_K_M GGUF
     /tmp/llamaenv/bin/python benches/compare/llama_cpp_generate.py MODEL.gguf --prompt 400 --new-tokens 128
-    sqlora bench generate --shape qwen2.5-0.5b --prompt 400 --new-tokens 128 --device cpu-simd
+    sqlora bench generate --shape qwen2.5-0.5b --prompt 400 --new-tokens 128 --device cpu
 sqlora's bench runs random NF4 weights of the Qwen2.5-0.5B shape; llama.cpp runs the real Q4_K_M file
 of that model. The work per token (matrix shapes, layers, heads, vocabulary) is the same; the weight
-formats differ (NF4 vs Q4_K/Q6_K blocks), so this compares two 4-bit engines, not identical arithmetic.
+formats differ: that file is "Q4_K_M" in name, but as 896 is no multiple of 256 most of its layer
+matrices are q5_0 (half of attn_v q8_0; only ffn_down is q4_K/q6_K) and its output head (896 x 151936,
+a quarter of all weights) is q8_0. Same shapes, not identical arithmetic or weight bytes.
 sqlora prints prefill in ms: prefill tok/s here = prompt tokens / that time.
+Run both on an otherwise idle machine: with --threads equal to the cores, one other busy process
+slows llama.cpp's decode by 10-50x (its threads wait for each other at every op of the graph).
 """
 import argparse
 import json
