@@ -74,7 +74,7 @@ pub(crate) fn ce_row(dz: &mut [bf16], z: &[f32], y: Option<usize>, inv_count: f3
 }
 
 /// The sequences of a packing, from each token's sequence start.
-fn seqs(seq_start: &[i32], t: usize) -> Vec<Range<usize>> {
+pub(crate) fn seqs(seq_start: &[i32], t: usize) -> Vec<Range<usize>> {
     let mut out: Vec<Range<usize>> = Vec::new();
     for (i, &s) in seq_start[..t].iter().enumerate() {
         match out.last_mut() {

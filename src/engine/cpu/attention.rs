@@ -22,6 +22,7 @@ use super::gemm::{micro_tile, tile, ATile};
 use super::isa::Isa;
 use super::math::exp;
 use super::Cpu;
+use crate::engine::host::seqs;
 use crate::engine::{AttentionOps, Bf, F32};
 use anyhow::Result;
 use half::bf16;
@@ -115,18 +116,6 @@ fn mm(
     }
 }
 
-/// The sequences of a packing, from each token's sequence start.
-pub fn seqs(seq_start: &[i32], t: usize) -> Vec<Range<usize>> {
-    let mut out: Vec<Range<usize>> = Vec::new();
-    for (i, &s) in seq_start[..t].iter().enumerate() {
-        match out.last_mut() {
-            Some(r) if r.start == s as usize => r.end = i + 1,
-            _ => out.push(s as usize..i + 1),
-        }
-    }
-    out
-}
-
 /// A token's row of one head in a [t, heads, hd] tensor, widened.
 #[inline(always)]
 fn row(x: &[bf16], heads: usize, hd: usize, i: usize, h: usize) -> &[bf16] {
@@ -169,15 +158,9 @@ pub fn forward(
         .flat_map(|s| (0..kv_heads).map(move |g| (s.clone(), g)))
         .collect();
     let (o, l) = (Shared(out.as_mut_ptr()), Shared(lse.as_mut_ptr()));
-    units.par_iter().for_each(|(s, g)| match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX-512F (asserted above).
-        Isa::Avx512 => unsafe { x86::fwd_avx512(isa, &o, &l, q, k, v, s.clone(), *g, dims) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 and FMA (asserted above).
-        Isa::Avx2 => unsafe { x86::fwd_avx2(isa, &o, &l, q, k, v, s.clone(), *g, dims) },
-        _ => fwd_unit(isa, &o, &l, q, k, v, s.clone(), *g, dims),
-    });
+    units
+        .par_iter()
+        .for_each(|(s, g)| fwd_on(isa, isa, &o, &l, q, k, v, s.clone(), *g, dims));
 }
 
 /// One (sequence, KV head) of the forward.
@@ -279,15 +262,9 @@ pub fn backward(
         out,
         lse,
     };
-    units.par_iter().for_each(|(s, g)| match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX-512F (asserted above).
-        Isa::Avx512 => unsafe { x86::bwd_avx512(isa, &d, &ins, s.clone(), *g, dims) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 and FMA (asserted above).
-        Isa::Avx2 => unsafe { x86::bwd_avx2(isa, &d, &ins, s.clone(), *g, dims) },
-        _ => bwd_unit(isa, &d, &ins, s.clone(), *g, dims),
-    });
+    units
+        .par_iter()
+        .for_each(|(s, g)| bwd_on(isa, isa, &d, &ins, s.clone(), *g, dims));
 }
 
 /// The backward's inputs.
@@ -421,15 +398,7 @@ pub fn decode(
         let (i, g) = (u / kv_heads, u % kv_heads);
         let keys = key_start[i] as usize..(key_start[i] + key_len[i]) as usize;
         assert!(keys.end * kv_heads * hd <= k.len(), "decode: keys past the cache");
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU has AVX-512F (asserted above).
-            Isa::Avx512 => unsafe { x86::decode_avx512(&o, q, [k, v], keys, i, g, dims) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU has AVX2 and FMA (asserted above).
-            Isa::Avx2 => unsafe { x86::decode_avx2(&o, q, [k, v], keys, i, g, dims) },
-            _ => decode_unit(&o, q, [k, v], keys, i, g, dims),
-        }
+        decode_on(isa, &o, q, [k, v], keys, i, g, dims)
     });
 }
 
@@ -482,90 +451,16 @@ fn decode_unit(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    //! The units compiled for each x86 path, so that the softmax and packing loops vectorise with it.
-    use super::*;
-
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn fwd_avx512(
-        isa: Isa,
-        o: &Shared<bf16>,
-        l: &Shared<f32>,
-        q: &[bf16],
-        k: &[bf16],
-        v: &[bf16],
-        s: Range<usize>,
-        g: usize,
-        dims: Dims,
-    ) {
-        fwd_unit(isa, o, l, q, k, v, s, g, dims)
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn fwd_avx2(
-        isa: Isa,
-        o: &Shared<bf16>,
-        l: &Shared<f32>,
-        q: &[bf16],
-        k: &[bf16],
-        v: &[bf16],
-        s: Range<usize>,
-        g: usize,
-        dims: Dims,
-    ) {
-        fwd_unit(isa, o, l, q, k, v, s, g, dims)
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn bwd_avx512(isa: Isa, d: &[Shared<bf16>; 3], x: &BwdIn, s: Range<usize>, g: usize, dims: Dims) {
-        bwd_unit(isa, d, x, s, g, dims)
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn bwd_avx2(isa: Isa, d: &[Shared<bf16>; 3], x: &BwdIn, s: Range<usize>, g: usize, dims: Dims) {
-        bwd_unit(isa, d, x, s, g, dims)
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn decode_avx512(
-        o: &Shared<bf16>,
-        q: &[bf16],
-        kv: [&[bf16]; 2],
-        keys: Range<usize>,
-        i: usize,
-        g: usize,
-        dims: Dims,
-    ) {
-        decode_unit(o, q, kv, keys, i, g, dims)
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn decode_avx2(
-        o: &Shared<bf16>,
-        q: &[bf16],
-        kv: [&[bf16]; 2],
-        keys: Range<usize>,
-        i: usize,
-        g: usize,
-        dims: Dims,
-    ) {
-        decode_unit(o, q, kv, keys, i, g, dims)
-    }
+// The units compiled for each path, so that their softmax and packing loops vectorise with it
+// (`path`, the same as the first argument, goes on to the micro-kernel).
+crate::multiversion! {
+    fn fwd_on(path: Isa, out: &Shared<bf16>, lse: &Shared<f32>, q: &[bf16], k: &[bf16], v: &[bf16], s: Range<usize>, g: usize, dims: Dims) => fwd_unit
+}
+crate::multiversion! {
+    fn bwd_on(path: Isa, d: &[Shared<bf16>; 3], x: &BwdIn, s: Range<usize>, g: usize, dims: Dims) => bwd_unit
+}
+crate::multiversion! {
+    fn decode_on(out: &Shared<bf16>, q: &[bf16], kv: [&[bf16]; 2], keys: Range<usize>, i: usize, g: usize, dims: Dims) => decode_unit
 }
 
 #[allow(clippy::too_many_arguments)]
