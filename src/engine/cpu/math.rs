@@ -15,7 +15,7 @@ pub fn widen(v: bf16) -> f32 {
 #[inline(always)]
 pub fn round_bf16(v: f32) -> bf16 {
     let x = v.to_bits();
-    let rounded = (x + 0x7fff + ((x >> 16) & 1)) >> 16;
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
     let nan = ((x >> 16) | 0x40) & 0xffff;
     bf16::from_bits(if x & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded } as u16)
 }
