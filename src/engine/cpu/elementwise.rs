@@ -8,7 +8,7 @@
 //! per call, computed as the host computes each). RMSNorm's sums run in vector lanes and SwiGLU
 //! uses `math::exp`, so those two are within a few bf16 roundings of the host (tested).
 
-use super::math::{exp, round_bf16, widen};
+use super::math::{dot3, exp, round_bf16, widen};
 use super::Cpu;
 use crate::engine::{Bf, Elementwise, F32};
 use crate::util::rng::{mix, GOLDEN};
@@ -18,20 +18,6 @@ use rayon::prelude::*;
 
 /// Values per parallel chunk of the flat kernels.
 const CHUNK: usize = 1 << 14;
-
-/// sum of a[i] b[i] c[i] (c: None for 1) in 16 lanes, then the lanes: a vectorisable order.
-#[inline(always)]
-fn dot3(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f32 {
-    let mut lanes = [0f32; 16];
-    let n = a.len() / 16 * 16;
-    for i in (0..n).step_by(16) {
-        for l in 0..16 {
-            lanes[l] += a[i + l] * b[i + l] * c.map_or(1.0, |c| c[i + l]);
-        }
-    }
-    let tail: f32 = (n..a.len()).map(|i| a[i] * b[i] * c.map_or(1.0, |c| c[i])).sum();
-    lanes.iter().sum::<f32>() + tail
-}
 
 /// row as f32 into `out`.
 #[inline(always)]

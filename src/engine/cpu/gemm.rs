@@ -341,6 +341,14 @@ pub(crate) unsafe fn micro_tile(
     }
 }
 
+/// m[j][c0 .. c0 + out.len()] of a row-major matrix of `cols` columns, widened to f32: the `piece`
+/// of [`transposed_panel`] and [`straight_panel`] for a matrix held as bf16 or f32.
+#[inline(always)]
+pub fn row_piece<E: Widen>(m: &[E], cols: usize, j: usize, c0: usize, out: &mut [f32]) {
+    let src = &m[j * cols + c0..j * cols + c0 + out.len()];
+    out.iter_mut().zip(src).for_each(|(o, v)| *o = v.widen());
+}
+
 /// The panel of W^T, for C = A W^T with W [n, k] given by pieces of rows: P[i][c] = W[j0 + c][l0 + i],
 /// columns past n zero. `piece(j, l0, out)` writes W[j][l0 .. l0 + out.len()].
 #[inline(always)]

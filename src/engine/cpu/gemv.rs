@@ -6,8 +6,9 @@
 //! weight whose rows are whole blocks skips the f32 row: codes are looked up in registers and meet
 //! X's even and odd columns apart (`x86::nf4_rows`). Reference twin: `model::cpu::linear_fwd`.
 
+use super::gemm::Store;
 use super::isa::Isa;
-use super::math::{round_bf16, widen};
+use super::math::{dot3, widen};
 use super::nf4_decode;
 use crate::model::nf4::{Nf4Tensor, BLOCK};
 use half::bf16;
@@ -26,26 +27,18 @@ pub enum Weights<'a> {
     Bf16(&'a [bf16]),
 }
 
-/// What the product is stored as.
-pub trait Out: Copy + Send + Sync {
-    fn put(v: f32) -> Self;
-}
-
-impl Out for f32 {
-    fn put(v: f32) -> f32 {
-        v
-    }
-}
-
-impl Out for bf16 {
-    fn put(v: f32) -> bf16 {
-        round_bf16(v)
-    }
-}
-
 /// Y[t, n] = X[t, k] W^T (+ bias[n]). y: [t, n]; x: [t, k] bf16; W: [n, k].
 #[allow(clippy::too_many_arguments)]
-pub fn gemv<O: Out>(isa: Isa, y: &mut [O], x: &[bf16], w: Weights, bias: Option<&[f32]>, t: usize, n: usize, k: usize) {
+pub fn gemv<O: Store>(
+    isa: Isa,
+    y: &mut [O],
+    x: &[bf16],
+    w: Weights,
+    bias: Option<&[f32]>,
+    t: usize,
+    n: usize,
+    k: usize,
+) {
     assert!(isa.supported(), "the {isa} kernels need instructions this CPU lacks");
     assert!(
         (1..=GEMV_MAX_T).contains(&t),
@@ -83,10 +76,10 @@ pub fn gemv<O: Out>(isa: Isa, y: &mut [O], x: &[bf16], w: Weights, bias: Option<
 }
 
 /// y[i][j] = sums[j][i] + bias[j]. y: [t, n]; sums: [n, t].
-fn finish<O: Out>(y: &mut [O], sums: &[f32], bias: Option<&[f32]>, t: usize, n: usize) {
+fn finish<O: Store>(y: &mut [O], sums: &[f32], bias: Option<&[f32]>, t: usize, n: usize) {
     for i in 0..t {
         for j in 0..n {
-            y[i * n + j] = O::put(sums[j * t + i] + bias.map_or(0.0, |b| b[j]));
+            y[i * n + j] = O::from_f32(sums[j * t + i] + bias.map_or(0.0, |b| b[j]));
         }
     }
 }
@@ -163,7 +156,7 @@ fn rows(isa: Isa, w: Weights, xf: &[f32], t: usize, k: usize, j0: usize, s: &mut
                 .for_each(|(o, &v)| *o = widen(v)),
         }
         for (i, o) in sj.iter_mut().enumerate() {
-            *o = dot(&xf[i * k..(i + 1) * k], row);
+            *o = dot3(&xf[i * k..(i + 1) * k], row, None);
         }
     }
 }
@@ -171,20 +164,6 @@ fn rows(isa: Isa, w: Weights, xf: &[f32], t: usize, k: usize, j0: usize, s: &mut
 crate::multiversion! {
     /// [`rows`] compiled for a path (`path`, the same, goes on to the decoder).
     fn rows_on(path: Isa, w: Weights, xf: &[f32], t: usize, k: usize, j0: usize, s: &mut [f32], row: &mut [f32]) => rows
-}
-
-/// a . b in 16 lanes, then the lanes (a vectorisable order).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let whole = a.len() / 16 * 16;
-    for (ca, cb) in a[..whole].chunks_exact(16).zip(b[..whole].chunks_exact(16)) {
-        for l in 0..16 {
-            lanes[l] += ca[l] * cb[l];
-        }
-    }
-    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -12,17 +12,11 @@
 //! (the backward's four lines are the chain rule through y = s (x A^T) B^T: dy flows to xa as
 //! s dy B = s g, to B as s dy^T xa, and from xa to A as g^T x and to x as g A.)
 
-use super::gemm::{gemm, straight_panel, transposed_panel, Epilogue, Lhs};
+use super::gemm::{gemm, row_piece, straight_panel, transposed_panel, Epilogue, Lhs};
 use super::Cpu;
 use crate::engine::{Bf, LoraOps, F32};
 use crate::model::lora::LoraAt;
 use anyhow::Result;
-
-/// m[j][c0 .. c0 + out.len()] of a row-major matrix of `cols` columns, widened to f32.
-fn piece<E: super::gemm::Widen>(m: &[E], cols: usize, j: usize, c0: usize, out: &mut [f32]) {
-    let src = &m[j * cols + c0..j * cols + c0 + out.len()];
-    out.iter_mut().zip(src).for_each(|(o, v)| *o = v.widen());
-}
 
 #[allow(clippy::too_many_arguments)]
 impl LoraOps for Cpu {
@@ -42,9 +36,9 @@ impl LoraOps for Cpu {
             let (k, n) = (at.inp, at.out);
             let (a, b) = (&w[at.a..at.a + r * k], &w[at.b..at.b + n * r]);
             let xa = &mut xa[..t * r];
-            let pa = transposed_panel(r, |j, l0, out| piece(a, k, j, l0, out));
+            let pa = transposed_panel(r, |j, l0, out| row_piece(a, k, j, l0, out));
             gemm(self.isa, Lhs::Rows(&x[..t * k]), t, k, r, pa, Epilogue::ASSIGN, xa);
-            let pb = transposed_panel(n, |j, l0, out| piece(b, r, j, l0, out));
+            let pb = transposed_panel(n, |j, l0, out| row_piece(b, r, j, l0, out));
             gemm(
                 self.isa,
                 Lhs::Rows(&*xa),
@@ -81,11 +75,11 @@ impl LoraOps for Cpu {
             let (dy, x, xa) = (&dy[..t * n], &x[..t * k], &xa[..t * r]);
             let g = &mut g[..t * r];
             // g[t, r] = dy[t, n] B[n, r]
-            let pb = straight_panel(r, |j, c0, out| piece(b, r, j, c0, out));
+            let pb = straight_panel(r, |j, c0, out| row_piece(b, r, j, c0, out));
             gemm(self.isa, Lhs::Rows(dy), t, n, r, pb, Epilogue::ASSIGN, g);
             let (da, db) = grad[at.a..at.b + n * r].split_at_mut(r * k);
             // dB[n, r] += s dy^T[n, t] xa[t, r]
-            let pxa = straight_panel(r, |j, c0, out| piece(xa, r, j, c0, out));
+            let pxa = straight_panel(r, |j, c0, out| row_piece(xa, r, j, c0, out));
             gemm(
                 self.isa,
                 Lhs::Cols(dy),
@@ -97,7 +91,7 @@ impl LoraOps for Cpu {
                 &mut db[..n * r],
             );
             // dA[r, k] += s g^T[r, t] x[t, k]
-            let px = straight_panel(k, |j, c0, out| piece(x, k, j, c0, out));
+            let px = straight_panel(k, |j, c0, out| row_piece(x, k, j, c0, out));
             gemm(
                 self.isa,
                 Lhs::Cols(&*g),
@@ -109,7 +103,7 @@ impl LoraOps for Cpu {
                 &mut da[..r * k],
             );
             // dx[t, k] += s g[t, r] A[r, k]
-            let pa = straight_panel(k, |j, c0, out| piece(a, k, j, c0, out));
+            let pa = straight_panel(k, |j, c0, out| row_piece(a, k, j, c0, out));
             gemm(
                 self.isa,
                 Lhs::Rows(&*g),

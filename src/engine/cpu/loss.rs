@@ -3,7 +3,7 @@
 //! twin: `model::cpu::cross_entropy`, as `engine::host` runs it (the same per-row formulas, with the
 //! sums in vector lanes and a vectorisable exp, so within a bf16 rounding of the host's).
 
-use super::gemm::{gemm, straight_panel, transposed_panel, Epilogue, Lhs};
+use super::gemm::{gemm, row_piece, straight_panel, transposed_panel, Epilogue, Lhs};
 use super::gemv::{gemv, Weights, GEMV_MAX_T};
 use super::math::{exp, round_bf16};
 use super::Cpu;
@@ -11,12 +11,6 @@ use crate::engine::{Bf, LossOps, F32};
 use anyhow::Result;
 use half::bf16;
 use rayon::prelude::*;
-
-/// Row j of a bf16 [rows, d] matrix as f32, from column c0 on (out.len() values).
-fn widen(m: &[bf16], d: usize, j: usize, c0: usize, out: &mut [f32]) {
-    let src = &m[j * d + c0..j * d + c0 + out.len()];
-    out.iter_mut().zip(src).for_each(|(o, v)| *o = v.to_f32());
-}
 
 /// One row of the loss: with lse = logsumexp(z) and target y (None: unlabelled),
 /// dz = bf16(inv_count (softmax(z) - onehot(y))); returns lse - z[y] (NaN when unlabelled). The host
@@ -77,7 +71,7 @@ impl LossOps for Cpu {
                 );
                 return Ok(());
             }
-            let panel = transposed_panel(v, |j, l0, out| widen(head, d, j, l0, out));
+            let panel = transposed_panel(v, |j, l0, out| row_piece(head, d, j, l0, out));
             gemm(
                 self.isa,
                 Lhs::Rows(&h[row0 * d..(row0 + rows) * d]),
@@ -131,7 +125,7 @@ impl LossOps for Cpu {
     ) -> Result<()> {
         self.profile.time("head_grad", || {
             let v = head.len() / d;
-            let panel = straight_panel(d, |j, c0, out| widen(head, d, j, c0, out));
+            let panel = straight_panel(d, |j, c0, out| row_piece(head, d, j, c0, out));
             gemm(
                 self.isa,
                 Lhs::Rows(&dlogits[..rows * v]),

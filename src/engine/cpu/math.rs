@@ -1,6 +1,6 @@
 //! Scalar functions written so that loops over them vectorise (no calls into libm, no branches the
 //! compiler cannot turn into selects), shared by the CPU engine's kernels: bf16 widening and
-//! rounding, and e^x. Each is checked against the library function it replaces.
+//! rounding, a lane-wise dot product, and e^x. Each is checked against the library function it replaces.
 
 use half::bf16;
 
@@ -18,6 +18,20 @@ pub fn round_bf16(v: f32) -> bf16 {
     let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
     let nan = ((x >> 16) | 0x40) & 0xffff;
     bf16::from_bits(if x & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded } as u16)
+}
+
+/// sum of a[i] b[i] c[i] (c: None for 1) in 16 lanes, then the lanes: a vectorisable order.
+#[inline(always)]
+pub fn dot3(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f32 {
+    let mut lanes = [0f32; 16];
+    let n = a.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        for l in 0..16 {
+            lanes[l] += a[i + l] * b[i + l] * c.map_or(1.0, |c| c[i + l]);
+        }
+    }
+    let tail: f32 = (n..a.len()).map(|i| a[i] * b[i] * c.map_or(1.0, |c| c[i])).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// e^x for x <= 88 (0 below -87): 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, and e^r by
