@@ -103,6 +103,7 @@ fn mm(
             unsafe {
                 micro_tile(
                     isa,
+                    mr,
                     &a[r0 * lda..],
                     ATile::Rows(lda),
                     k,

@@ -1,8 +1,9 @@
-//! The LoRA branch of a projection on the CPU engine, forward and backward, as six small GEMMs
-//! through [`super::gemm`] (each reads the bf16 operands directly, sums in f32, and adds into its
-//! output in the epilogue). Reference twin: `model::cpu::lora` (`lora_fwd`, `lora_bwd`), which
-//! `engine::host` runs. A: [r, in] and B: [out, r] are the adapters' bf16 copies, where `at` places
-//! them in `w`; their gradients are f32, where `at` places them in `grad`.
+//! The LoRA branch of a projection on the CPU engine, forward and backward, as six thin GEMMs
+//! (`thin.rs`: one side of each is the rank r), each reading bf16 operands widened once to f32,
+//! summing in f32, and adding into its output with one rounding. Reference twin: `model::cpu::lora`
+//! (`lora_fwd`, `lora_bwd`), which `engine::host` runs. A: [r, in] and B: [out, r] are the
+//! adapters' bf16 copies, where `at` places them in `w`; their gradients are f32, where `at`
+//! places them in `grad`.
 //!
 //! ```text
 //! forward   xa[t, r] = x[t, k] A^T            y[t, n] += s xa B^T
@@ -12,7 +13,8 @@
 //! (the backward's four lines are the chain rule through y = s (x A^T) B^T: dy flows to xa as
 //! s dy B = s g, to B as s dy^T xa, and from xa to A as g^T x and to x as g A.)
 
-use super::gemm::{gemm, row_piece, straight_panel, transposed_panel, Epilogue, Lhs};
+use super::math::widen;
+use super::thin::{pad, panels, thin_add, thin_sum, widen_padded, Scratch, LANES, ROW_PAD};
 use super::Cpu;
 use crate::engine::{Bf, LoraOps, F32};
 use crate::model::lora::LoraAt;
@@ -33,22 +35,19 @@ impl LoraOps for Cpu {
         scale: f32,
     ) -> Result<()> {
         self.profile.time("lora_fwd", || {
+            let isa = self.isa;
             let (k, n) = (at.inp, at.out);
             let (a, b) = (&w[at.a..at.a + r * k], &w[at.b..at.b + n * r]);
-            let xa = &mut xa[..t * r];
-            let pa = transposed_panel(r, |j, l0, out| row_piece(a, k, j, l0, out));
-            gemm(self.isa, Lhs::Rows(&x[..t * k]), t, k, r, pa, Epilogue::ASSIGN, xa);
-            let pb = transposed_panel(n, |j, l0, out| row_piece(b, r, j, l0, out));
-            gemm(
-                self.isa,
-                Lhs::Rows(&*xa),
-                t,
-                r,
-                n,
-                pb,
-                Epilogue::add(scale),
-                &mut y[..t * n],
-            );
+            let (rp, t_pad) = (pad(r, LANES), pad(t, ROW_PAD));
+            // xa = x A^T: x's rows [t_pad, k] against A^T [k, rp].
+            let xf = widen_padded(isa, &x[..t * k], t, k, t_pad, k);
+            let a_t = transposed(a, r, k, rp);
+            let mut xa_p = Scratch::take(t_pad * rp);
+            thin_sum(isa, &xf, k, 1, t_pad, k, &a_t, rp, &mut xa_p);
+            unpad(&xa_p, rp, &mut xa[..t * r], r);
+            // y += s xa B^T: Q = B^T [r, n].
+            let q = panels(isa, r, n, |i, j| widen(b[j * r + i]));
+            thin_add(isa, &mut y[..t * n], t, n, scale, &xa_p, rp, r, &q);
             Ok(())
         })
     }
@@ -70,52 +69,55 @@ impl LoraOps for Cpu {
         scale: f32,
     ) -> Result<()> {
         self.profile.time("lora_bwd", || {
+            let isa = self.isa;
             let (k, n) = (at.inp, at.out);
             let (a, b) = (&w[at.a..at.a + r * k], &w[at.b..at.b + n * r]);
-            let (dy, x, xa) = (&dy[..t * n], &x[..t * k], &xa[..t * r]);
-            let g = &mut g[..t * r];
+            let (rp, t_pad, n_pad, k_pad) = (pad(r, LANES), pad(t, ROW_PAD), pad(n, ROW_PAD), pad(k, ROW_PAD));
+            // dy as f32 [t_pad, n_pad]: read by rows for g, by columns for dB.
+            let dyf = widen_padded(isa, &dy[..t * n], t, n, t_pad, n_pad);
             // g[t, r] = dy[t, n] B[n, r]
-            let pb = straight_panel(r, |j, c0, out| row_piece(b, r, j, c0, out));
-            gemm(self.isa, Lhs::Rows(dy), t, n, r, pb, Epilogue::ASSIGN, g);
+            let bf = widen_padded(isa, b, n, r, n, rp);
+            let mut g_p = Scratch::take(t_pad * rp);
+            thin_sum(isa, &dyf, n_pad, 1, t_pad, n, &bf, rp, &mut g_p);
+            unpad(&g_p, rp, &mut g[..t * r], r);
             let (da, db) = grad[at.a..at.b + n * r].split_at_mut(r * k);
-            // dB[n, r] += s dy^T[n, t] xa[t, r]
-            let pxa = straight_panel(r, |j, c0, out| row_piece(xa, r, j, c0, out));
-            gemm(
-                self.isa,
-                Lhs::Cols(dy),
-                n,
-                t,
-                r,
-                pxa,
-                Epilogue::add(scale),
-                &mut db[..n * r],
-            );
-            // dA[r, k] += s g^T[r, t] x[t, k]
-            let px = straight_panel(k, |j, c0, out| row_piece(x, k, j, c0, out));
-            gemm(
-                self.isa,
-                Lhs::Cols(&*g),
-                r,
-                t,
-                k,
-                px,
-                Epilogue::add(scale),
-                &mut da[..r * k],
-            );
+            // dB[n, r] += s dy^T[n, t] xa[t, r]: dy's columns against xa's rows.
+            let xa_p = widen_padded(isa, &xa[..t * r], t, r, t, rp);
+            let mut db_p = Scratch::take(n_pad * rp);
+            thin_sum(isa, &dyf, 1, n_pad, n_pad, t, &xa_p, rp, &mut db_p);
+            for (j, row) in db[..n * r].chunks_mut(r).enumerate() {
+                row.iter_mut().zip(&db_p[j * rp..]).for_each(|(d, &v)| *d += scale * v);
+            }
+            // dA[r, k] += s g^T[r, t] x[t, k], as dA^T[k, r] = x^T g: x's columns against g's rows.
+            let xf = widen_padded(isa, &x[..t * k], t, k, t, k_pad);
+            let mut da_p = Scratch::take(k_pad * rp);
+            thin_sum(isa, &xf, 1, k_pad, k_pad, t, &g_p, rp, &mut da_p);
+            for (c, row) in da[..r * k].chunks_mut(k).enumerate() {
+                row.iter_mut()
+                    .enumerate()
+                    .for_each(|(q, d)| *d += scale * da_p[q * rp + c]);
+            }
             // dx[t, k] += s g[t, r] A[r, k]
-            let pa = straight_panel(k, |j, c0, out| row_piece(a, k, j, c0, out));
-            gemm(
-                self.isa,
-                Lhs::Rows(&*g),
-                t,
-                r,
-                k,
-                pa,
-                Epilogue::add(scale),
-                &mut dx[..t * k],
-            );
+            let q = panels(isa, r, k, |i, j| widen(a[i * k + j]));
+            thin_add(isa, &mut dx[..t * k], t, k, scale, &g_p, rp, r, &q);
             Ok(())
         })
+    }
+}
+
+/// m^T as f32, [cols, ld] from m [rows, cols] bf16 (ld >= rows; zeros past rows).
+fn transposed(m: &[half::bf16], rows: usize, cols: usize, ld: usize) -> Vec<f32> {
+    let mut out = vec![0f32; cols * ld];
+    for (i, row) in m[..rows * cols].chunks(cols).enumerate() {
+        row.iter().enumerate().for_each(|(j, &v)| out[j * ld + i] = widen(v));
+    }
+    out
+}
+
+/// The first r columns of each row of src [rows, ld] into dst [rows, r].
+fn unpad(src: &[f32], ld: usize, dst: &mut [f32], r: usize) {
+    for (d, s) in dst.chunks_mut(r).zip(src.chunks(ld)) {
+        d.copy_from_slice(&s[..r]);
     }
 }
 

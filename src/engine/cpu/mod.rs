@@ -27,6 +27,7 @@ pub mod nf4_gemm;
 pub mod peak;
 pub mod profile;
 pub mod selftest;
+pub mod thin;
 
 use super::host::OnHost;
 use super::{Bf, Nf4Gemm};
