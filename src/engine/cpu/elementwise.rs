@@ -306,11 +306,9 @@ fn dropout_run(out: &mut [bf16], x: &[bf16], seed: u64, start: u64, thr: u64, ke
     let base = seed.wrapping_add(start.wrapping_mul(GOLDEN));
     for (i, (o, v)) in out.iter_mut().zip(x).enumerate() {
         let z = mix(base.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN)));
-        *o = if z >> 11 >= thr {
-            bf16::from_f32(v.to_f32() * keep)
-        } else {
-            bf16::ZERO
-        };
+        // (A select of the scaled value, not a branch, so the loop vectorises.)
+        let kept = round_bf16(widen(*v) * keep);
+        *o = if z >> 11 >= thr { kept } else { bf16::ZERO };
     }
 }
 
