@@ -93,16 +93,25 @@ impl Elementwise for Cpu {
             // once per position of the call (as the host computes them: an f32 angle, f64 cos/sin).
             let half = inv_freq.len();
             let (hd, row) = (2 * half, heads * 2 * half);
-            let top = pos[..t].iter().map(|&p| p as usize).max().unwrap_or(0);
-            let table: Vec<(f32, f32)> = (0..=top)
-                .into_par_iter()
-                .flat_map_iter(|p| {
-                    inv_freq.iter().map(move |&f| {
-                        let angle = (p as f32 * f) as f64;
-                        (angle.cos() as f32, sign * angle.sin() as f32)
-                    })
+            let angles = |p: i32| {
+                inv_freq.iter().map(move |&f| {
+                    let angle = (p as f32 * f) as f64;
+                    (angle.cos() as f32, sign * angle.sin() as f32)
                 })
-                .collect();
+            };
+            let top = pos[..t].iter().map(|&p| p as usize).max().unwrap_or(0);
+            if 2 * t <= top + 1 {
+                // Fewer rows than positions (decoding: one token at position 500): each row's
+                // angles on their own, not a table of every position up to the last.
+                (x[..t * row].par_chunks_mut(row))
+                    .zip(pos[..t].par_iter())
+                    .for_each(|(xr, &p)| {
+                        let cs: Vec<(f32, f32)> = angles(p).collect();
+                        rope_row_on(self.isa, xr, &cs, hd);
+                    });
+                return Ok(());
+            }
+            let table: Vec<(f32, f32)> = (0..=top as i32).into_par_iter().flat_map_iter(angles).collect();
             (x[..t * row].par_chunks_mut(row))
                 .zip(pos[..t].par_iter())
                 .for_each(|(xr, &p)| {
@@ -381,15 +390,18 @@ mod tests {
         cpu.rmsnorm_bwd(&mut d1, &dy, &x, &w, &r0, t).unwrap();
         assert!(rel_err(&to_f32(&d1), &to_f32(&d0)) < 4e-3, "{isa} rmsnorm_bwd");
 
-        let pos: Vec<i32> = (0..t as i32).map(|i| i * 7 % 50).collect();
         let inv: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
             .collect();
-        for sign in [1.0, -1.0] {
+        // Packed sequences (a table of positions), and decoding's few rows far along (each row's
+        // own angles).
+        let packed: Vec<i32> = (0..t as i32).map(|i| i * 7 % 50).collect();
+        let late: Vec<i32> = (0..t as i32).map(|i| 3 * t as i32 + 500 + i).collect();
+        for (pos, sign) in [(&packed, 1.0), (&packed, -1.0), (&late, 1.0), (&late, -1.0)] {
             let (mut a, mut b) = (x.clone(), x.clone());
-            Host.rope_rotate(&mut a, &pos, &inv, t, heads, sign).unwrap();
-            cpu.rope_rotate(&mut b, &pos, &inv, t, heads, sign).unwrap();
-            assert_eq!(bits(&a), bits(&b), "{isa} rope {sign}");
+            Host.rope_rotate(&mut a, pos, &inv, t, heads, sign).unwrap();
+            cpu.rope_rotate(&mut b, pos, &inv, t, heads, sign).unwrap();
+            assert_eq!(bits(&a), bits(&b), "{isa} rope {sign} from position {}", pos[0]);
         }
 
         let (g, u, dout) = (bf(&mut rng, n), bf(&mut rng, n), bf(&mut rng, n));

@@ -48,7 +48,7 @@ const MC: usize = 128;
 
 /// Rows of L per block: as even as blocks of at most 512 allow, a multiple of 8.
 fn kc_of(l: usize) -> usize {
-    let blocks = l.div_ceil(256).max(1);
+    let blocks = l.div_ceil(448).max(1);
     l.div_ceil(blocks).div_ceil(8) * 8
 }
 

@@ -63,7 +63,7 @@ pub fn gemv<O: Store>(
             sums.par_chunks_mut(ROWS * t).enumerate().for_each(|(b, s)| {
                 // SAFETY: the CPU has AVX-512 (`isa.supported()`, asserted above); k is a whole
                 // number of blocks, so each row's codes and scales are whole.
-                unsafe { x86::nf4_rows(q, &xe, &xo, t, k, b * ROWS, s) }
+                unsafe { x86::by_rows!(t, x86::nf4_rows(q, &xe, &xo, k, b * ROWS, s)) }
             });
             return finish(y, &sums, bias, t, n);
         }
@@ -73,7 +73,7 @@ pub fn gemv<O: Store>(
         sums.par_chunks_mut(ROWS * t).enumerate().for_each(|(blk, s)| {
             // SAFETY: the CPU has AVX-512 (`isa.supported()`, asserted above); b holds [n, k]
             // (asserted above), so rows blk ROWS .. + s.len() / t are whole.
-            unsafe { x86::bf16_rows(b, &xf, t, k, blk * ROWS, s) }
+            unsafe { x86::by_rows!(t, x86::bf16_rows(b, &xf, k, blk * ROWS, s)) }
         });
         return finish(y, &sums, bias, t, n);
     }
@@ -100,6 +100,24 @@ mod x86 {
     use half::bf16;
     use std::arch::x86_64::*;
 
+    /// `f::<T>(args)` for the row count t (1 to GEMV_MAX_T) known at compile time, so that the
+    /// sums of every row of X stay in registers (with t a variable they lived on the stack).
+    macro_rules! by_rows {
+        ($t:expr, $($f:ident)::+($($arg:expr),*)) => {
+            match $t {
+                1 => $($f)::+::<1>($($arg),*),
+                2 => $($f)::+::<2>($($arg),*),
+                3 => $($f)::+::<3>($($arg),*),
+                4 => $($f)::+::<4>($($arg),*),
+                5 => $($f)::+::<5>($($arg),*),
+                6 => $($f)::+::<6>($($arg),*),
+                7 => $($f)::+::<7>($($arg),*),
+                _ => $($f)::+::<8>($($arg),*),
+            }
+        };
+    }
+    pub(super) use by_rows;
+
     /// s[jj t + i] = X[i] . W[j0 + jj] for the rows of one piece, W bf16: each 16 weights widened
     /// in registers once and met by every row of X, so W streams from memory in one pass (a row
     /// widened into a buffer first ran at half the bandwidth). Two sums per row of X, alternating
@@ -109,13 +127,14 @@ mod x86 {
     /// The CPU has AVX-512F; t <= GEMV_MAX_T; w holds rows j0 .. j0 + s.len() / t of k values.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)] // acc and X's rows share the index i
-    pub unsafe fn bf16_rows(w: &[bf16], xf: &[f32], t: usize, k: usize, j0: usize, s: &mut [f32]) {
+    pub unsafe fn bf16_rows<const T: usize>(w: &[bf16], xf: &[f32], k: usize, j0: usize, s: &mut [f32]) {
+        let t = T;
         assert!(t <= GEMV_MAX_T && xf.len() >= t * k);
         assert!((j0 + s.len() / t) * k <= w.len());
         let whole = k / 16 * 16;
         for (jj, sj) in s.chunks_mut(t).enumerate() {
             let row = w[(j0 + jj) * k..(j0 + jj + 1) * k].as_ptr();
-            let mut acc = [[_mm512_setzero_ps(); GEMV_MAX_T]; 2];
+            let mut acc = [[_mm512_setzero_ps(); T]; 2];
             for (c, c0) in (0..whole).step_by(16).enumerate() {
                 // SAFETY: columns c0 .. c0 + 16 <= k of row j and of X's rows (asserted above).
                 unsafe {
@@ -151,7 +170,8 @@ mod x86 {
     /// The CPU has AVX-512F; k is a multiple of 64; t <= GEMV_MAX_T; q holds rows j0 .. j0 + s.len() / t.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)] // acc, tot and X's rows share the index i
-    pub unsafe fn nf4_rows(q: &Nf4Tensor, xe: &[f32], xo: &[f32], t: usize, k: usize, j0: usize, s: &mut [f32]) {
+    pub unsafe fn nf4_rows<const T: usize>(q: &Nf4Tensor, xe: &[f32], xo: &[f32], k: usize, j0: usize, s: &mut [f32]) {
+        let t = T;
         let (packed, absmax) = (&q.packed[..], q.absmax());
         let half = k / 2;
         assert!(t <= GEMV_MAX_T && xe.len() >= t * half && xo.len() >= t * half);
@@ -160,12 +180,12 @@ mod x86 {
         let nib = _mm512_set1_epi32(0x0f);
         for (jj, sj) in s.chunks_mut(t).enumerate() {
             let j = j0 + jj;
-            let mut tot = [_mm512_setzero_ps(); GEMV_MAX_T];
+            let mut tot = [_mm512_setzero_ps(); T];
             for b in 0..k / BLOCK {
                 let scale = _mm512_set1_ps(absmax[(j * k) / BLOCK + b]);
                 // The even and the odd columns' products in sums of their own: two chains of
                 // FMAs, not one twice as long.
-                let mut acc = [[_mm512_setzero_ps(); GEMV_MAX_T]; 2];
+                let mut acc = [[_mm512_setzero_ps(); T]; 2];
                 // The block eight rows on: a hint, never a fault, even past the end.
                 _mm_prefetch::<_MM_HINT_T0>(packed.as_ptr().wrapping_add((j + 8) * half + b * BLOCK / 2) as *const i8);
                 for h in 0..2 {

@@ -25,8 +25,14 @@ pub fn measured_peak(isa: Isa) -> (f64, String) {
     let rate = run(iters);
     let how = format!("{isa} FMA loop on {threads} threads, measured");
     match bf16_dot_peak(isa) {
-        Some(dot) if dot > rate => (dot, format!("{isa} bf16 dot-product loop on {threads} threads, measured")),
-        Some(dot) => (rate, format!("{how}; bf16 dot products measured lower, {:.0} GFLOP/s", dot / 1e9)),
+        Some(dot) if dot > rate => (
+            dot,
+            format!("{isa} bf16 dot-product loop on {threads} threads, measured"),
+        ),
+        Some(dot) => (
+            rate,
+            format!("{how}; bf16 dot products measured lower, {:.0} GFLOP/s", dot / 1e9),
+        ),
         None => (rate, how),
     }
 }
@@ -41,7 +47,10 @@ pub fn bf16_dot_peak(isa: Isa) -> Option<f64> {
         let run = |iters: u64| -> f64 {
             let start = Instant::now();
             // SAFETY: the CPU has AVX-512F and AVX512_BF16 (detected above).
-            let flops: u64 = (0..threads).into_par_iter().map(|_| unsafe { x86::bf16_dot(iters) }).sum();
+            let flops: u64 = (0..threads)
+                .into_par_iter()
+                .map(|_| unsafe { x86::bf16_dot(iters) })
+                .sum();
             flops as f64 / start.elapsed().as_secs_f64()
         };
         run(iters / 8);
