@@ -202,6 +202,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Rewrite a PEFT adapter with its tensors in bf16 (half the f32 file `train` writes) or f32.
+    ExportAdapter {
+        /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output adapter directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// `bf16` or `f32`.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
     /// Convert a GGUF file into an HF directory (config.json, tokenizer.json, bf16 model.safetensors).
     Convert {
         /// The .gguf file.
@@ -357,6 +369,16 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Merge { model, adapter, out } => sqlora::model::lora::merge_model(&model, &adapter, &out),
+        Command::ExportAdapter { adapter, out, dtype } => {
+            let dtype = match dtype.as_str() {
+                "bf16" => sqlora::load::weights::SaveDtype::BF16,
+                "f32" => sqlora::load::weights::SaveDtype::F32,
+                other => anyhow::bail!("--dtype {other}: expected bf16 or f32"),
+            };
+            sqlora::model::lora::convert_peft(&adapter, &out, dtype)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Command::Info { model } => info(&resolve(&model)?),
         Command::FetchModel { name, cache } => {
             let model = sqlora::load::fetch::known(&name)?;

@@ -6,7 +6,7 @@
 
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
-use crate::load::weights::{save_safetensors, write_atomic, SaveDtype, Weights};
+use crate::load::weights::{save_safetensors, write_atomic, write_dir_atomic, SaveDtype, Weights};
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -372,5 +372,30 @@ pub fn merge_model(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
             }
         }
         Ok(())
+    })
+}
+
+/// Rewrite the PEFT adapter in `src` into `dst` with its tensors stored as `dtype` (bf16 halves the
+/// f32 file `train` writes, for shipping; loading widens either back to f32). Every tensor of the
+/// file is converted, under its own name and shape, and must be finite; adapter_config.json is
+/// copied. `dst` appears whole or not at all.
+pub fn convert_peft(src: &Path, dst: &Path, dtype: SaveDtype) -> Result<()> {
+    let file = src.join("adapter_model.safetensors");
+    let config = src.join("adapter_config.json");
+    let config_text = std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
+    let weights = Weights::open_files(std::slice::from_ref(&file))?;
+    let mut tensors = Vec::new();
+    for name in weights.names() {
+        let shape = weights.shape(name)?.to_vec();
+        let data = weights.f32(name, &shape)?;
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            bail!("{}: tensor {name} holds {} at index {i}", file.display(), data[i]);
+        }
+        tensors.push((name.to_string(), shape, data));
+    }
+    let ours = ["adapter_model.safetensors", "adapter_config.json"];
+    write_dir_atomic(dst, &ours, |dir| {
+        save_safetensors(&dir.join(ours[0]), &tensors, dtype, None)?;
+        write_atomic(&dir.join(ours[1]), &config_text)
     })
 }
