@@ -1,12 +1,15 @@
 //! The CPU engine's GEMM: C[t, N] = alpha A[t, L] P[L, N] (+ bias[N]) (+ C, when accumulating), A
 //! bf16 or f32 (stored by rows, or by columns: A = M^T), C bf16 or f32, P decoded panel by panel by
 //! the caller (from NF4 bytes, bf16 or f32) into f32. Used by the NF4 GEMM in both orientations
-//! (`nf4_gemm.rs`), the LoRA branch (`lora.rs`), the output head (`loss.rs`) and attention's
-//! products (`attention.rs`, through [`micro_tile`]). Reference twin: `model::cpu::linear`.
+//! (`nf4_gemm.rs`), the output head (`loss.rs`) and attention's products (`attention.rs`, through
+//! [`micro_tile`]). Reference twin: `model::cpu::linear`. (The LoRA branch's products, thin in r,
+//! have their own kernels: `thin.rs`.)
 //!
 //! The loops are the classic blocked ones (Goto's): N in chunks of NC columns, L in blocks of KC.
-//! For each (chunk, block): P's piece is decoded once into f32 panels `[KC][NR]` (each fits the L1
-//! cache), A's block is widened once into f32 `[t][KC]`, and then units of work, each a block of MC
+//! For each (chunk, block): P's piece is decoded once into f32 panels `[KC][NR]`, A's block is
+//! widened into f32 tiles `[KC][MR]` (once per call: all of A at the first chunk when N spans
+//! several and A is not huge; both packings transpose 16 x 16 blocks in registers on AVX-512,
+//! [`transpose`]), and then units of work, each a block of MC
 //! rows by a group of panels, run a register-blocked micro-kernel over every MR x NR tile: MR x NR
 //! sums held in vector registers, one FMA per (row, vector) per step of L, while the A rows (MC x KC,
 //! in L2) meet panel after panel. Sums carry in an f32 [t, NC] buffer from one block of L to the
@@ -43,10 +46,12 @@ fn gemm_tile(isa: Isa) -> (usize, usize) {
 
 /// Columns of N per chunk: the chunk's sums, [t, NC] f32, and its decoded panels, [KC, NC] f32.
 const NC: usize = 1024;
+/// The most f32 values of A packed whole (64 MB).
+const A_WHOLE_MAX: usize = 16 << 20;
 /// Rows of A per unit of work: an [MC, KC] block of A (up to 256 KB) stays in L2.
 const MC: usize = 128;
 
-/// Rows of L per block: as even as blocks of at most 512 allow, a multiple of 8.
+/// Rows of L per block: as even as blocks of at most 448 allow, a multiple of 8.
 fn kc_of(l: usize) -> usize {
     let blocks = l.div_ceil(448).max(1);
     l.div_ceil(blocks).div_ceil(8) * 8
@@ -180,7 +185,10 @@ fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     let ldc = NC.min(n.div_ceil(nr) * nr);
     // [t_pad, ldc] sums of one chunk; [t_pad, KC] block of A; [NC / NR][KC][NR] panels.
     let mut c = vec![0f32; t_pad * ldc];
-    let mut ab = vec![0f32; t_pad * kc_max.min(l.max(1))];
+    // A packed whole, every block of L once per call, when N spans several chunks and A is not
+    // huge; else one block at a time (packed again for each chunk when L has several blocks).
+    let whole_a = n > NC && t_pad * l <= A_WHOLE_MAX;
+    let mut ab = vec![0f32; t_pad * if whole_a { l } else { kc_max.min(l.max(1)) }];
     let mut pb = vec![0f32; kc_max * ldc];
     // Blocks of rows as even as whole register tiles allow.
     let mc = t.div_ceil(t.div_ceil(MC)).div_ceil(mr) * mr;
@@ -196,9 +204,10 @@ fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
         let per_group = panels.div_ceil(groups);
         for l0 in (0..l).step_by(kc_max) {
             let kc = kc_max.min(l - l0);
-            // A's block [t_pad, kc] (once per call when L is one block).
-            if widened != Some(l0) {
-                widen_block(isa, a, t, l, l0, kc, mr, &mut ab[..t_pad * kc]);
+            // A's block [t_pad, kc], at a0 in ab.
+            let a0 = if whole_a { t_pad * l0 } else { 0 };
+            if (whole_a && jc == 0) || (!whole_a && widened != Some(l0)) {
+                widen_block(isa, a, t, l, l0, kc, mr, &mut ab[a0..a0 + t_pad * kc]);
                 widened = Some(l0);
             }
             pb[..panels * kc * nr]
@@ -216,7 +225,19 @@ fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
                         let at = r0 * ldc + pi * nr;
                         // SAFETY: the path was checked by `gemm`; rows r0 .. r0 + MR (<= t_pad) and
                         // columns pi NR .. + NR (<= ldc) of c, [t_pad, ldc], belong to this unit alone.
-                        unsafe { micro_tile(isa, mr, &ab[r0 * kc..], ATile::Packed, kc, p, cs.at(at), ldc, l0 > 0) };
+                        unsafe {
+                            micro_tile(
+                                isa,
+                                mr,
+                                &ab[a0 + r0 * kc..],
+                                ATile::Packed,
+                                kc,
+                                p,
+                                cs.at(at),
+                                ldc,
+                                l0 > 0,
+                            )
+                        };
                     }
                 }
             });
@@ -253,7 +274,7 @@ fn epilogue_row<O: Store>(out: &mut [O], s: &[f32], bias: Option<&[f32]>, ep: Ep
 fn widen_block<A: Widen>(isa: Isa, a: Lhs<A>, t: usize, l: usize, l0: usize, kc: usize, mr: usize, ab: &mut [f32]) {
     ab.par_chunks_mut(mr * kc)
         .enumerate()
-        .for_each(|(ti, o)| widen_tile_on(isa, a, t, l, l0, ti * mr, mr, o));
+        .for_each(|(ti, o)| widen_tile_on(isa, isa, a, t, l, l0, ti * mr, mr, o));
 }
 
 /// A decoder of panels (see [`gemm`]).
@@ -273,7 +294,7 @@ crate::multiversion! {
 
 crate::multiversion! {
     /// [`widen_tile`] on a path.
-    fn widen_tile_on<A: Widen>(a: Lhs<A>, t: usize, l: usize, l0: usize, r0: usize, mr: usize, o: &mut [f32]) => widen_tile
+    fn widen_tile_on<A: Widen>(tiles: Isa, a: Lhs<A>, t: usize, l: usize, l0: usize, r0: usize, mr: usize, o: &mut [f32]) => widen_tile
 }
 
 crate::multiversion! {
@@ -283,13 +304,25 @@ crate::multiversion! {
 
 /// One tile of [`widen_block`]: rows r0 .. r0 + MR. o: [kc, MR].
 #[inline(always)]
-fn widen_tile<A: Widen>(a: Lhs<A>, t: usize, l: usize, l0: usize, r0: usize, mr: usize, o: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn widen_tile<A: Widen>(isa: Isa, a: Lhs<A>, t: usize, l: usize, l0: usize, r0: usize, mr: usize, o: &mut [f32]) {
     let rows = mr.min(t.saturating_sub(r0));
     match a {
+        // By blocks of 16 steps: each row's piece widened (contiguous), then transposed.
         Lhs::Rows(a) => {
-            for r in 0..rows {
-                let src = &a[(r0 + r) * l + l0..(r0 + r) * l + l0 + o.len() / mr];
-                src.iter().enumerate().for_each(|(c, v)| o[c * mr + r] = v.widen());
+            let kc = o.len() / mr;
+            let mut buf = [0f32; 16 * 16];
+            for i0 in (0..kc).step_by(16) {
+                let w = 16.min(kc - i0);
+                for (r, row) in buf.chunks_mut(16).take(mr).enumerate() {
+                    if r < rows {
+                        let src = &a[(r0 + r) * l + l0 + i0..(r0 + r) * l + l0 + i0 + w];
+                        row.iter_mut().zip(src).for_each(|(d, v)| *d = v.widen());
+                    } else {
+                        row.fill(0.0);
+                    }
+                }
+                transpose(isa, &buf, 16, mr, w, &mut o[i0 * mr..], mr);
             }
         }
         // A step of L's MR values are adjacent in the source: copy them as runs.
@@ -380,21 +413,57 @@ pub fn row_piece<E: Widen>(m: &[E], cols: usize, j: usize, c0: usize, out: &mut 
 /// columns past n zero. `piece(j, l0, out)` writes W[j][l0 .. l0 + out.len()].
 #[inline(always)]
 pub fn transposed_panel(
+    isa: Isa,
     n: usize,
     piece: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> impl Fn(usize, usize, usize, &mut [f32]) + Sync {
     move |j0: usize, nr: usize, l0: usize, p: &mut [f32]| {
         let kc = p.len() / nr;
-        let mut buf = vec![0f32; kc];
-        for c in 0..nr {
-            if j0 + c < n {
-                piece(j0 + c, l0, &mut buf);
-                for (i, &v) in buf.iter().enumerate() {
-                    p[i * nr + c] = v;
+        // Up to 16 of W's rows at a time, as rows of buf, then into the panel's columns.
+        let mut buf = vec![0f32; 16 * kc];
+        for c0 in (0..nr).step_by(16) {
+            let width = 16.min(nr - c0);
+            let have = width.min(n.saturating_sub(j0 + c0));
+            for (c, row) in buf.chunks_mut(kc).take(width).enumerate() {
+                if c < have {
+                    piece(j0 + c0 + c, l0, row);
+                } else {
+                    row.fill(0.0);
                 }
-            } else {
-                (0..kc).for_each(|i| p[i * nr + c] = 0.0);
             }
+            transpose(isa, &buf, kc, width, kc, &mut p[c0..], nr);
+        }
+    }
+}
+
+/// dst[i ld + c] = src[c ls + i] for c < width (<= 16) and i < cols: `width` rows of src (each
+/// `cols` long, `ls` apart) become the first `width` columns of dst's rows (`ld` apart). On AVX-512
+/// by 16 x 16 blocks in registers; elsewhere element by element.
+pub(crate) fn transpose(isa: Isa, src: &[f32], ls: usize, width: usize, cols: usize, dst: &mut [f32], ld: usize) {
+    assert!(
+        width <= 16 && width <= ld,
+        "transpose: at most 16 columns, within dst's rows"
+    );
+    if width == 0 || cols == 0 {
+        return;
+    }
+    assert!(src.len() >= (width - 1) * ls + cols && dst.len() >= (cols - 1) * ld + width);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        done = cols / 16 * 16;
+        for i0 in (0..done).step_by(16) {
+            // SAFETY: the path was checked where the engine was built; rows c < width of src hold
+            // columns i0 .. i0 + 16 <= cols, and dst rows i0 .. i0 + 16 hold `width` values from
+            // their start (both asserted above).
+            unsafe { x86::transpose16(src.as_ptr().add(i0), ls, width, dst.as_mut_ptr().add(i0 * ld), ld) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    for i in done..cols {
+        for c in 0..width {
+            dst[i * ld + c] = src[c * ls + i];
         }
     }
 }
@@ -456,6 +525,63 @@ unsafe fn tile_portable<const PACKED: bool>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// dst[i ld + c] = src[c ls + i] for i < 16 and c < width (<= 16; rows of src past width read
+    /// as zeros): a 16 x 16 block transposed in registers, in three rounds of shuffles (pairs of
+    /// rows, pairs of pairs, then 128-bit lanes), its rows stored `width` lanes wide.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; src holds `width` rows of 16 values `ls` apart, dst 16 rows of
+    /// `width` values `ld` apart.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn transpose16(src: *const f32, ls: usize, width: usize, dst: *mut f32, ld: usize) {
+        // SAFETY: rows c < width of src are readable, 16 values each (the caller's promise).
+        let r: [__m512; 16] = std::array::from_fn(|c| {
+            if c < width {
+                unsafe { _mm512_loadu_ps(src.add(c * ls)) }
+            } else {
+                _mm512_setzero_ps()
+            }
+        });
+        // t[4k + 0/1]: rows 4k, 4k+1 interleaved (low / high pairs of each lane); t[4k + 2/3]: rows 4k+2, 4k+3.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            t[4 * k] = _mm512_unpacklo_ps(r[4 * k], r[4 * k + 1]);
+            t[4 * k + 1] = _mm512_unpackhi_ps(r[4 * k], r[4 * k + 1]);
+            t[4 * k + 2] = _mm512_unpacklo_ps(r[4 * k + 2], r[4 * k + 3]);
+            t[4 * k + 3] = _mm512_unpackhi_ps(r[4 * k + 2], r[4 * k + 3]);
+        }
+        // u[4k + j], lane L: column 4L + j of rows 4k .. 4k + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        let (lo, hi) = (
+            |a: __m512, b: __m512| _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+            |a: __m512, b: __m512| _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+        );
+        for k in 0..4 {
+            u[4 * k] = lo(t[4 * k], t[4 * k + 2]);
+            u[4 * k + 1] = hi(t[4 * k], t[4 * k + 2]);
+            u[4 * k + 2] = lo(t[4 * k + 1], t[4 * k + 3]);
+            u[4 * k + 3] = hi(t[4 * k + 1], t[4 * k + 3]);
+        }
+        // Lane L of u[j], u[4 + j], u[8 + j], u[12 + j] together: column 4L + j, all 16 rows.
+        let mask: __mmask16 = ((1u32 << width) - 1) as __mmask16;
+        for j in 0..4 {
+            let v = _mm512_shuffle_f32x4::<0x88>(u[j], u[4 + j]);
+            let w = _mm512_shuffle_f32x4::<0xdd>(u[j], u[4 + j]);
+            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + j], u[12 + j]);
+            let w2 = _mm512_shuffle_f32x4::<0xdd>(u[8 + j], u[12 + j]);
+            let cols = [
+                _mm512_shuffle_f32x4::<0x88>(v, v2),
+                _mm512_shuffle_f32x4::<0x88>(w, w2),
+                _mm512_shuffle_f32x4::<0xdd>(v, v2),
+                _mm512_shuffle_f32x4::<0xdd>(w, w2),
+            ];
+            for (lane, col) in cols.into_iter().enumerate() {
+                // SAFETY: row 4 lane + j < 16 of dst holds `width` values (the caller's promise).
+                unsafe { _mm512_mask_storeu_ps(dst.add((4 * lane + j) * ld), mask, col) };
+            }
+        }
+    }
 
     /// The AVX-512 tile, MR x 32: per step of kc, two 16-wide loads of the panel row and one
     /// broadcast per row of a feed 2 MR FMAs.
@@ -562,6 +688,33 @@ mod tests {
     use super::*;
     use crate::engine::cuda::rel_err;
     use crate::util::rng::Rng;
+
+    /// Every path's transpose against the definition, for every width up to 16 and lengths with
+    /// and without a partial block of 16, rows padded on both sides; dst poisoned, and the values
+    /// past each row's width left alone.
+    #[test]
+    fn transpose_is_the_transpose_on_every_path() {
+        let mut rng = Rng::new(5);
+        for isa in Isa::available() {
+            for width in 1..=16 {
+                for cols in [1, 15, 16, 17, 40] {
+                    let (ls, ld) = (cols + 3, width + 2);
+                    let src = rng.normal_vec(width * ls, 1.0);
+                    let mut dst = vec![f32::NAN; cols * ld];
+                    transpose(isa, &src, ls, width, cols, &mut dst, ld);
+                    for i in 0..cols {
+                        for c in 0..ld {
+                            let (got, want) = (dst[i * ld + c], if c < width { src[c * ls + i] } else { f32::NAN });
+                            assert!(
+                                got.to_bits() == want.to_bits(),
+                                "{isa} width {width} cols {cols} at {i}, {c}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// Every path against f64 sums, at shapes that cross the blocks of L (KC), the chunks of N (NC)
     /// and the blocks of rows (MC), with each kind of operand and epilogue; outputs poisoned where

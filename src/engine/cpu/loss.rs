@@ -71,7 +71,7 @@ impl LossOps for Cpu {
                 );
                 return Ok(());
             }
-            let panel = transposed_panel(v, |j, l0, out| row_piece(head, d, j, l0, out));
+            let panel = transposed_panel(self.isa, v, |j, l0, out| row_piece(head, d, j, l0, out));
             gemm(
                 self.isa,
                 Lhs::Rows(&h[row0 * d..(row0 + rows) * d]),

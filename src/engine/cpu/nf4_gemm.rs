@@ -28,7 +28,7 @@ pub fn nf4_gemm_fwd(isa: Isa, y: &mut [bf16], x: &[bf16], w: &Linear, bias: Opti
     if let (LinearWeight::Nf4(q), 1..=GEMV_MAX_T) = (&w.weight, t) {
         return gemv(isa, y, x, Weights::Nf4(q), bias.as_deref(), t, n, k);
     }
-    let panel = transposed_panel(n, |j, l0, out| decode(isa, w, j * k + l0, out));
+    let panel = transposed_panel(isa, n, |j, l0, out| decode(isa, w, j * k + l0, out));
     let ep = Epilogue {
         bias: bias.as_deref(),
         ..Epilogue::ASSIGN
