@@ -218,6 +218,28 @@ pub fn measure_cpu_flops() -> f64 {
     (2 * t * n * k * reps) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// FLOP/s of the CPU engine's NF4 GEMM (the forward, 256 rows through a 1024 x 1024 weight) on
+/// this machine, on the path `isa`: what a step on `--device cpu` is estimated from (a step runs at
+/// about 60% of it: attention, LoRA and the elementwise kernels are slower per FLOP).
+pub fn measure_engine_flops(isa: crate::engine::cpu::isa::Isa) -> f64 {
+    let (t, n, k) = (256, 1024, 1024);
+    let mut rng = crate::util::rng::Rng::new(1);
+    let lin = crate::model::cpu::Linear::dense(n, k, rng.normal_vec(n * k, 0.1), None).to_nf4();
+    let x: Vec<half::bf16> = rng
+        .normal_vec(t * k, 1.0)
+        .into_iter()
+        .map(half::bf16::from_f32)
+        .collect();
+    let mut y = vec![half::bf16::ZERO; t * n];
+    crate::engine::cpu::nf4_gemm::nf4_gemm_fwd(isa, &mut y, &x, &lin, None, t); // warm-up
+    let start = std::time::Instant::now();
+    let reps = 10;
+    for _ in 0..reps {
+        crate::engine::cpu::nf4_gemm::nf4_gemm_fwd(isa, &mut y, &x, &lin, None, t);
+    }
+    (2 * t * n * k * reps) as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Memory this machine can give the run: `MemAvailable` of /proc/meminfo, in bytes.
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
