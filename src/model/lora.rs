@@ -281,10 +281,7 @@ impl LoraParams {
         let weights = Weights::open_files(std::slice::from_ref(&file))?;
         let ranges = params.named_ranges();
         for (name, shape, range) in &ranges {
-            let data = weights.f32(name, shape)?;
-            if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-                bail!("{}: tensor {name} holds {} at index {i}", file.display(), data[i]);
-            }
+            let data = finite(&file, name, weights.f32(name, shape)?)?;
             params.data[range.clone()].copy_from_slice(&data);
         }
         // A tensor the configuration does not account for (another layer, another target) means
@@ -387,10 +384,7 @@ pub fn convert_peft(src: &Path, dst: &Path, dtype: SaveDtype) -> Result<()> {
     let mut tensors = Vec::new();
     for name in weights.names() {
         let shape = weights.shape(name)?.to_vec();
-        let data = weights.f32(name, &shape)?;
-        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-            bail!("{}: tensor {name} holds {} at index {i}", file.display(), data[i]);
-        }
+        let data = finite(&file, name, weights.f32(name, &shape)?)?;
         tensors.push((name.to_string(), shape, data));
     }
     let ours = ["adapter_model.safetensors", "adapter_config.json"];
@@ -398,4 +392,12 @@ pub fn convert_peft(src: &Path, dst: &Path, dtype: SaveDtype) -> Result<()> {
         save_safetensors(&dir.join(ours[0]), &tensors, dtype, None)?;
         write_atomic(&dir.join(ours[1]), &config_text)
     })
+}
+
+/// `data`, tensor `name` of `file`, if every value is finite; else an error naming the first one.
+fn finite(file: &Path, name: &str, data: Vec<f32>) -> Result<Vec<f32>> {
+    if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+        bail!("{}: tensor {name} holds {} at index {i}", file.display(), data[i]);
+    }
+    Ok(data)
 }

@@ -18,7 +18,7 @@
 //! (the softmax's Jacobian gives dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik), and sum_k P_ik dP_ik =
 //! dO_i . (sum_k P_ik V_k) = dO_i . O_i = D_i.)
 
-use super::gemm::{micro_tile, tile, ATile};
+use super::gemm::{micro_tile, tile, ATile, Panels};
 use super::isa::Isa;
 use super::math::exp;
 use super::Cpu;
@@ -38,40 +38,6 @@ pub struct Dims {
     pub heads: usize,
     pub kv_heads: usize,
     pub hd: usize,
-}
-
-/// An f32 [rows, cols] matrix packed for the micro-kernel as blocks of NR columns:
-/// [cols_pad / NR][rows_pad][NR], zero past rows and cols.
-struct Panels {
-    nr: usize,
-    rows_pad: usize,
-    blocks: usize,
-    data: Vec<f32>,
-}
-
-impl Panels {
-    fn pack(nr: usize, rows: usize, cols: usize, rows_pad: usize, get: impl Fn(usize, usize) -> f32) -> Panels {
-        let blocks = cols.div_ceil(nr);
-        let mut data = vec![0f32; blocks * rows_pad * nr];
-        for (b, panel) in data.chunks_mut(rows_pad * nr).enumerate() {
-            for (i, row) in panel.chunks_mut(nr).take(rows).enumerate() {
-                for (c, o) in row.iter_mut().enumerate().take(cols.saturating_sub(b * nr)) {
-                    *o = get(i, b * nr + c);
-                }
-            }
-        }
-        Panels {
-            nr,
-            rows_pad,
-            blocks,
-            data,
-        }
-    }
-
-    /// Block b: [rows_pad][NR].
-    fn block(&self, b: usize) -> &[f32] {
-        &self.data[b * self.rows_pad * self.nr..(b + 1) * self.rows_pad * self.nr]
-    }
 }
 
 /// C[m, blocks NR] (+)= A[m, k] B[k, blocks NR], B's first `blocks` column blocks. a: rows of

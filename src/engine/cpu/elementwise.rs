@@ -100,23 +100,15 @@ impl Elementwise for Cpu {
                 })
             };
             let top = pos[..t].iter().map(|&p| p as usize).max().unwrap_or(0);
-            if 2 * t <= top + 1 {
-                // Fewer rows than positions (decoding: one token at position 500): each row's
-                // angles on their own, not a table of every position up to the last.
-                (x[..t * row].par_chunks_mut(row))
-                    .zip(pos[..t].par_iter())
-                    .for_each(|(xr, &p)| {
-                        let cs: Vec<(f32, f32)> = angles(p).collect();
-                        rope_row_on(self.isa, xr, &cs, hd);
-                    });
-                return Ok(());
-            }
-            let table: Vec<(f32, f32)> = (0..=top as i32).into_par_iter().flat_map_iter(angles).collect();
+            // A table of every position up to the last, unless rows are fewer than positions
+            // (decoding: one token at position 500), where each row's angles come on their own.
+            let table: Option<Vec<(f32, f32)>> =
+                (2 * t > top + 1).then(|| (0..=top as i32).into_par_iter().flat_map_iter(angles).collect());
             (x[..t * row].par_chunks_mut(row))
                 .zip(pos[..t].par_iter())
-                .for_each(|(xr, &p)| {
-                    let cs = &table[p as usize * half..(p as usize + 1) * half];
-                    rope_row_on(self.isa, xr, cs, hd);
+                .for_each(|(xr, &p)| match &table {
+                    Some(table) => rope_row_on(self.isa, xr, &table[p as usize * half..(p as usize + 1) * half], hd),
+                    None => rope_row_on(self.isa, xr, &angles(p).collect::<Vec<_>>(), hd),
                 });
             Ok(())
         })

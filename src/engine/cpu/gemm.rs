@@ -205,8 +205,12 @@ fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
         for l0 in (0..l).step_by(kc_max) {
             let kc = kc_max.min(l - l0);
             // A's block [t_pad, kc], at a0 in ab.
-            let a0 = if whole_a { t_pad * l0 } else { 0 };
-            if (whole_a && jc == 0) || (!whole_a && widened != Some(l0)) {
+            let (a0, packed) = if whole_a {
+                (t_pad * l0, jc > 0)
+            } else {
+                (0, widened == Some(l0))
+            };
+            if !packed {
                 widen_block(isa, a, t, l, l0, kc, mr, &mut ab[a0..a0 + t_pad * kc]);
                 widened = Some(l0);
             }
@@ -316,8 +320,7 @@ fn widen_tile<A: Widen>(isa: Isa, a: Lhs<A>, t: usize, l: usize, l0: usize, r0: 
                 let w = 16.min(kc - i0);
                 for (r, row) in buf.chunks_mut(16).take(mr).enumerate() {
                     if r < rows {
-                        let src = &a[(r0 + r) * l + l0 + i0..(r0 + r) * l + l0 + i0 + w];
-                        row.iter_mut().zip(src).for_each(|(d, v)| *d = v.widen());
+                        row_piece(a, l, r0 + r, l0 + i0, &mut row[..w]);
                     } else {
                         row.fill(0.0);
                     }
@@ -332,6 +335,41 @@ fn widen_tile<A: Widen>(isa: Isa, a: Lhs<A>, t: usize, l: usize, l0: usize, r0: 
                 dst.iter_mut().zip(src).for_each(|(d, v)| *d = v.widen());
             }
         }
+    }
+}
+
+/// An f32 [rows, cols] matrix packed for [`micro_tile`] as blocks of NR columns:
+/// [cols_pad / NR][rows_pad][NR], zero past rows and cols; `get(i, j)` is element [i][j]. What
+/// attention's products and the LoRA branch's `thin_add` read.
+pub(crate) struct Panels {
+    pub nr: usize,
+    pub rows_pad: usize,
+    pub blocks: usize,
+    data: Vec<f32>,
+}
+
+impl Panels {
+    pub fn pack(nr: usize, rows: usize, cols: usize, rows_pad: usize, get: impl Fn(usize, usize) -> f32) -> Panels {
+        let blocks = cols.div_ceil(nr);
+        let mut data = vec![0f32; blocks * rows_pad * nr];
+        for (b, panel) in data.chunks_mut(rows_pad * nr).enumerate() {
+            for (i, row) in panel.chunks_mut(nr).take(rows).enumerate() {
+                for (c, o) in row.iter_mut().enumerate().take(cols.saturating_sub(b * nr)) {
+                    *o = get(i, b * nr + c);
+                }
+            }
+        }
+        Panels {
+            nr,
+            rows_pad,
+            blocks,
+            data,
+        }
+    }
+
+    /// Block b: [rows_pad][NR].
+    pub fn block(&self, b: usize) -> &[f32] {
+        &self.data[b * self.rows_pad * self.nr..(b + 1) * self.rows_pad * self.nr]
     }
 }
 

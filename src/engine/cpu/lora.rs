@@ -13,8 +13,9 @@
 //! (the backward's four lines are the chain rule through y = s (x A^T) B^T: dy flows to xa as
 //! s dy B = s g, to B as s dy^T xa, and from xa to A as g^T x and to x as g A.)
 
+use super::gemm::{tile, transpose, Panels};
 use super::math::widen;
-use super::thin::{pad, panels, thin_add, thin_sum, widen_padded, Scratch, LANES, ROW_PAD};
+use super::thin::{thin_add, thin_sum, widen_padded, Scratch, LANES, ROW_PAD};
 use super::Cpu;
 use crate::engine::{Bf, LoraOps, F32};
 use crate::model::lora::LoraAt;
@@ -38,15 +39,20 @@ impl LoraOps for Cpu {
             let isa = self.isa;
             let (k, n) = (at.inp, at.out);
             let (a, b) = (&w[at.a..at.a + r * k], &w[at.b..at.b + n * r]);
-            let (rp, t_pad) = (pad(r, LANES), pad(t, ROW_PAD));
+            let (rp, t_pad) = (r.next_multiple_of(LANES), t.next_multiple_of(ROW_PAD));
             // xa = x A^T: x's rows [t_pad, k] against A^T [k, rp].
             let xf = widen_padded(isa, &x[..t * k], t, k, t_pad, k);
-            let a_t = transposed(a, r, k, rp);
+            // A^T: A's rows widened (rp of them, zeros past r), then transposed 16 at a time.
+            let af = widen_padded(isa, a, r, k, rp, k);
+            let mut a_t = Scratch::take(k * rp);
+            for c0 in (0..rp).step_by(LANES) {
+                transpose(isa, &af[c0 * k..], k, LANES, k, &mut a_t[c0..], rp);
+            }
             let mut xa_p = Scratch::take(t_pad * rp);
             thin_sum(isa, &xf, k, 1, t_pad, k, &a_t, rp, &mut xa_p);
             unpad(&xa_p, rp, &mut xa[..t * r], r);
             // y += s xa B^T: Q = B^T [r, n].
-            let q = panels(isa, r, n, |i, j| widen(b[j * r + i]));
+            let q = Panels::pack(tile(isa).1, r, n, r, |i, j| widen(b[j * r + i]));
             thin_add(isa, &mut y[..t * n], t, n, scale, &xa_p, rp, r, &q);
             Ok(())
         })
@@ -72,7 +78,8 @@ impl LoraOps for Cpu {
             let isa = self.isa;
             let (k, n) = (at.inp, at.out);
             let (a, b) = (&w[at.a..at.a + r * k], &w[at.b..at.b + n * r]);
-            let (rp, t_pad, n_pad, k_pad) = (pad(r, LANES), pad(t, ROW_PAD), pad(n, ROW_PAD), pad(k, ROW_PAD));
+            let rp = r.next_multiple_of(LANES);
+            let [t_pad, n_pad, k_pad] = [t, n, k].map(|m| m.next_multiple_of(ROW_PAD));
             // dy as f32 [t_pad, n_pad]: read by rows for g, by columns for dB.
             let dyf = widen_padded(isa, &dy[..t * n], t, n, t_pad, n_pad);
             // g[t, r] = dy[t, n] B[n, r]
@@ -98,20 +105,11 @@ impl LoraOps for Cpu {
                     .for_each(|(q, d)| *d += scale * da_p[q * rp + c]);
             }
             // dx[t, k] += s g[t, r] A[r, k]
-            let q = panels(isa, r, k, |i, j| widen(a[i * k + j]));
+            let q = Panels::pack(tile(isa).1, r, k, r, |i, j| widen(a[i * k + j]));
             thin_add(isa, &mut dx[..t * k], t, k, scale, &g_p, rp, r, &q);
             Ok(())
         })
     }
-}
-
-/// m^T as f32, [cols, ld] from m [rows, cols] bf16 (ld >= rows; zeros past rows).
-fn transposed(m: &[half::bf16], rows: usize, cols: usize, ld: usize) -> Vec<f32> {
-    let mut out = vec![0f32; cols * ld];
-    for (i, row) in m[..rows * cols].chunks(cols).enumerate() {
-        row.iter().enumerate().for_each(|(j, &v)| out[j * ld + i] = widen(v));
-    }
-    out
 }
 
 /// The first r columns of each row of src [rows, ld] into dst [rows, r].

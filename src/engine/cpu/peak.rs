@@ -14,15 +14,7 @@ use std::time::Instant;
 /// Peak f32 FLOP/s of `isa`'s FMAs on all of rayon's threads, and a line saying how it was taken.
 pub fn measured_peak(isa: Isa) -> (f64, String) {
     let threads = rayon::current_num_threads();
-    let iters = 1 << 24;
-    // One short run first, so the clock has ramped up for the timed one.
-    let run = |iters: u64| -> f64 {
-        let start = Instant::now();
-        let flops: u64 = (0..threads).into_par_iter().map(|_| fma_loop(isa, iters)).sum();
-        flops as f64 / start.elapsed().as_secs_f64()
-    };
-    run(iters / 8);
-    let rate = run(iters);
+    let rate = on_every_thread(1 << 24, |iters| fma_loop(isa, iters));
     let how = format!("{isa} FMA loop on {threads} threads, measured");
     match bf16_dot_peak(isa) {
         Some(dot) if dot > rate => (
@@ -42,22 +34,24 @@ pub fn measured_peak(isa: Isa) -> (f64, String) {
 pub fn bf16_dot_peak(isa: Isa) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && is_x86_feature_detected!("avx512bf16") {
-        let threads = rayon::current_num_threads();
-        let iters = 1u64 << 23;
-        let run = |iters: u64| -> f64 {
-            let start = Instant::now();
-            // SAFETY: the CPU has AVX-512F and AVX512_BF16 (detected above).
-            let flops: u64 = (0..threads)
-                .into_par_iter()
-                .map(|_| unsafe { x86::bf16_dot(iters) })
-                .sum();
-            flops as f64 / start.elapsed().as_secs_f64()
-        };
-        run(iters / 8);
-        return Some(run(iters));
+        // SAFETY: the CPU has AVX-512F and AVX512_BF16 (detected above).
+        return Some(on_every_thread(1 << 23, |iters| unsafe { x86::bf16_dot(iters) }));
     }
     let _ = isa;
     None
+}
+
+/// FLOP/s of `run(iters)` (which returns the FLOPs it did) on every one of rayon's threads at
+/// once, after one short run so that the clock has ramped up for the timed one.
+fn on_every_thread(iters: u64, run: impl Fn(u64) -> u64 + Sync) -> f64 {
+    let threads = rayon::current_num_threads();
+    let timed = |iters: u64| -> f64 {
+        let start = Instant::now();
+        let flops: u64 = (0..threads).into_par_iter().map(|_| run(iters)).sum();
+        flops as f64 / start.elapsed().as_secs_f64()
+    };
+    timed(iters / 8);
+    timed(iters)
 }
 
 /// Run `iters` rounds of independent FMAs; returns the FLOPs done (2 per lane per FMA).

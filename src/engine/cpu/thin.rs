@@ -11,7 +11,7 @@
 //! ```
 //! Each element of O or Y is one f32 sum over q in order, whatever the thread count.
 
-use super::gemm::{micro_tile, tile, ATile, Store, Widen};
+use super::gemm::{micro_tile, row_piece, tile, ATile, Panels, Store, Widen};
 use super::isa::Isa;
 use rayon::prelude::*;
 
@@ -81,11 +81,6 @@ impl Drop for Scratch {
     }
 }
 
-/// m rounded up to a multiple of `to`.
-pub fn pad(m: usize, to: usize) -> usize {
-    m.div_ceil(to) * to
-}
-
 /// src [rows, cols] (bf16 or f32) as f32 [rows_pad, cols_pad], zeros in the padding.
 pub fn widen_padded<E: Widen>(
     isa: Isa,
@@ -111,8 +106,9 @@ pub fn widen_padded<E: Widen>(
 fn widen_rows<E: Widen>(src: &[E], rows: usize, cols: usize, r0: usize, cols_pad: usize, o: &mut [f32]) {
     for (r, row) in o.chunks_mut(cols_pad).enumerate() {
         let (head, tail) = row.split_at_mut(if r0 + r < rows { cols } else { 0 });
-        let from = &src[((r0 + r) * cols).min(src.len())..];
-        head.iter_mut().zip(from).for_each(|(d, v)| *d = v.widen());
+        if !head.is_empty() {
+            row_piece(src, cols, r0 + r, 0, head);
+        }
         tail.fill(0.0);
     }
 }
@@ -263,9 +259,9 @@ unsafe fn sum_portable(
 }
 
 /// Y[t, n] += s G[t, r] Q[r, n], each sum rounded once into Y. g: [t_pad, ldg] f32 (t_pad = t
-/// rounded up to [`ROW_PAD`], the padding rows zero); q: Q's panels, from [`panels`].
+/// rounded up to [`ROW_PAD`], the padding rows zero); q: Q packed in the small tile's panels.
 #[allow(clippy::too_many_arguments)]
-pub fn thin_add<O: Store>(
+pub(crate) fn thin_add<O: Store>(
     isa: Isa,
     y: &mut [O],
     t: usize,
@@ -274,16 +270,19 @@ pub fn thin_add<O: Store>(
     g: &[f32],
     ldg: usize,
     r: usize,
-    q: &[f32],
+    q: &Panels,
 ) {
     assert!(isa.supported(), "the {isa} kernels need instructions this CPU lacks");
     let (mr, nr) = tile(isa);
-    let t_pad = pad(t, ROW_PAD);
+    let t_pad = t.next_multiple_of(ROW_PAD);
     assert!(
         y.len() >= t * n && r <= ldg && g.len() >= t_pad * ldg,
         "thin_add: short buffers"
     );
-    assert!(q.len() >= n.div_ceil(nr) * r * nr, "thin_add: short panels");
+    assert!(
+        q.nr == nr && q.blocks >= n.div_ceil(nr) && q.rows_pad >= r,
+        "thin_add: Q's panels are not [r, n]"
+    );
     if t == 0 || n == 0 || r == 0 {
         return;
     }
@@ -308,7 +307,7 @@ fn add_rows<O: Store>(
     g: &[f32],
     ldg: usize,
     r: usize,
-    q: &[f32],
+    q: &Panels,
     mr: usize,
     nr: usize,
 ) {
@@ -326,7 +325,7 @@ fn add_rows<O: Store>(
                     &g[(r0 + i0) * ldg..],
                     ATile::Rows(ldg),
                     r,
-                    &q[pi * r * nr..],
+                    q.block(pi),
                     c.as_mut_ptr(),
                     nr,
                     false,
@@ -345,22 +344,7 @@ fn add_rows<O: Store>(
 
 crate::multiversion! {
     /// [`add_rows`] on a path (the path given twice: once to compile for, once for the tiles).
-    fn add_rows_on<O: Store>(tiles: Isa, yp: &mut [O], r0: usize, n: usize, s: f32, g: &[f32], ldg: usize, r: usize, q: &[f32], mr: usize, nr: usize) => add_rows
-}
-
-/// Q[r, n] packed as [`thin_add`] reads it: panels of the GEMM tile's NR columns, [n / NR][r][NR],
-/// zeros past n. `at(i, j)` is Q[i][j].
-pub fn panels(isa: Isa, r: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
-    let (_, nr) = tile(isa);
-    let mut q = vec![0f32; n.div_ceil(nr) * r * nr];
-    for (pi, panel) in q.chunks_mut(r * nr).enumerate() {
-        for i in 0..r {
-            for c in 0..nr.min(n - pi * nr) {
-                panel[i * nr + c] = at(i, pi * nr + c);
-            }
-        }
-    }
-    q
+    fn add_rows_on<O: Store>(tiles: Isa, yp: &mut [O], r0: usize, n: usize, s: f32, g: &[f32], ldg: usize, r: usize, q: &Panels, mr: usize, nr: usize) => add_rows
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -472,8 +456,8 @@ mod tests {
     fn every_path_matches_f64_sums() {
         let mut rng = Rng::new(31);
         for isa in Isa::available() {
-            for (m, l, r) in [(5, 3, 2), (50, 130, 16), (97, 300, 20), (1, 1, 1)] {
-                let (rows, ldp) = (pad(m, ROW_PAD), pad(r, LANES));
+            for (m, l, r) in [(5usize, 3, 2usize), (50, 130, 16), (97, 300, 20), (1, 1, 1)] {
+                let (rows, ldp) = (m.next_multiple_of(ROW_PAD), r.next_multiple_of(LANES));
                 let x: Vec<f32> = rng.normal_vec(m * l, 1.0);
                 let p = widen_padded(isa, &rng.normal_vec(l * r, 1.0), l, r, l, ldp);
                 let want: Vec<f64> = (0..m * r)
@@ -502,7 +486,7 @@ mod tests {
                 let n = l;
                 let g = widen_padded(isa, &rng.normal_vec(m * r, 1.0), m, r, rows, ldp);
                 let qv = rng.normal_vec(r * n, 1.0);
-                let q = panels(isa, r, n, |i, j| qv[i * n + j]);
+                let q = Panels::pack(tile(isa).1, r, n, r, |i, j| qv[i * n + j]);
                 let y0 = rng.normal_vec(m * n, 1.0);
                 let want: Vec<f32> = (0..m * n)
                     .map(|e| {
