@@ -49,9 +49,7 @@ predict() {
     "$S" predict --model "$MODEL" --data "$RUN/data/val-eval.jsonl" --db-root "$DB" \
         --out "$RUN/pred/$name.jsonl" --device cpu "$@"
     "$S" eval --data "$RUN/data/val-eval.jsonl" --pred "$RUN/pred/$name.jsonl" --db-root "$DB" \
-        --details "$RUN/pred/$name.details.jsonl" | tee "$RUN/pred/$name.score.txt"
-    "$S" eval --data "$RUN/data/val-eval.jsonl" --pred "$RUN/pred/$name.jsonl" --db-root "$DB" \
-        --json > "$RUN/pred/$name.score.json"
+        --details "$RUN/pred/$name.details.jsonl" --json > "$RUN/pred/$name.score.json"
     stamp "predict $name done"
 }
 
