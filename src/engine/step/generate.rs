@@ -6,6 +6,13 @@
 //! tokens); then each step runs one new token per unfinished sequence against its cache rows. Only
 //! the logits of each sequence's last position are computed, and the argmax is taken on the device:
 //! one token id per sequence comes back per step.
+//!
+//! Prompts that begin as an earlier prompt of the chunk does (questions over one database share
+//! its schema; the candidates of one question share all of it) are not run from their start: the
+//! shared start's keys and values are copied from the earlier prompt's cache rows, and only the
+//! rest runs, a row per token against the cache, as decoding runs ([`plan_starts`]). A Spider
+//! prompt is ~1,700 tokens of schema and ~30 of question, so a chunk of questions over one
+//! database costs about one prefill, and n candidates cost one prefill, not n.
 
 use super::layer::Attn;
 use super::Engine;
@@ -14,7 +21,7 @@ use crate::model::autograd::Batch;
 use crate::model::generate::{argmax, Sampling};
 use crate::model::lora::LoraParams;
 use crate::util::rng::Rng;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 /// The KV cache and the index buffers of generation.
@@ -30,6 +37,8 @@ pub(super) struct GenCache<D: Device> {
     pub(super) key_len: D::Buf<i32>,
     /// [cap] the packed row of each prompt's last token.
     last: D::Buf<i32>,
+    /// [cap] the cache rows a shared start is copied from (to the rows in `slot`).
+    from: D::Buf<i32>,
     /// [cap] the greedy choice of each row of logits.
     next: D::Buf<i32>,
 }
@@ -40,6 +49,57 @@ struct Draw {
     sampling: Sampling,
     n: usize,
     rngs: Vec<Rng>,
+}
+
+/// A chunk's cache holds at most this many times the engine's token capacity in rows: prompts that
+/// share a start fit many more per chunk than their tokens, but each takes its own rows.
+const CACHE_ROWS_PER_CAP: usize = 4;
+
+/// How a prompt of a chunk gets into the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Run from its first token (a prefill).
+    Whole,
+    /// Its first `shared` tokens are those of the chunk's prompt `root`, which runs whole: their
+    /// cache rows are copied from the root's, and only the tokens after them run.
+    Shared { root: usize, shared: usize },
+}
+
+impl Start {
+    /// How many of `prompt`'s tokens run.
+    pub fn runs(self, prompt: &[u32]) -> usize {
+        match self {
+            Start::Whole => prompt.len(),
+            Start::Shared { shared, .. } => prompt.len() - shared,
+        }
+    }
+}
+
+/// How `prompt` starts after the chunk's earlier prompts (`chunk`, started as `starts` says): it
+/// shares the start of the whole-run prompt it has the longest common start with, when that
+/// covers at least half of it (the rest runs a row per token, which for long rests is slower than
+/// a prefill); the first such prompt on ties. Its last token always runs: its logits are wanted.
+pub fn start_of(chunk: &[Vec<u32>], starts: &[Start], prompt: &[u32]) -> Start {
+    let common = |a: &[u32]| a.iter().zip(prompt).take_while(|(x, y)| x == y).count();
+    let most = prompt.len().saturating_sub(1);
+    let best = (0..chunk.len())
+        .filter(|&r| starts[r] == Start::Whole)
+        .map(|r| (common(&chunk[r]).min(most), r))
+        .max_by_key(|&(n, r)| (n, std::cmp::Reverse(r)));
+    match best {
+        Some((shared, root)) if shared > 0 && 2 * shared >= prompt.len() => Start::Shared { root, shared },
+        _ => Start::Whole,
+    }
+}
+
+/// [`start_of`] for each prompt of a chunk in turn.
+pub fn plan_starts(prompts: &[Vec<u32>]) -> Vec<Start> {
+    let mut starts = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let start = start_of(&prompts[..i], &starts, p);
+        starts.push(start);
+    }
+    starts
 }
 
 /// Where a chunk of sequences sits among all of a call's: its first one's index, and the draws.
@@ -107,12 +167,23 @@ impl<D: Device> Engine<D> {
         if let Some(lora) = lora {
             self.upload_adapters(lora)?;
         }
+        // A chunk: as many prompts as the buffers take, counting the tokens that run (a shared
+        // start runs once) and the cache rows every sequence takes.
         let per_chunk = self.ce_rows.min(self.cap);
+        let row_budget = CACHE_ROWS_PER_CAP * self.cap;
         let mut i = 0;
         while i < prompts.len() {
-            let (mut j, mut total) = (i, 0);
-            while j < prompts.len() && j - i < per_chunk && total + prompts[j].len() <= self.cap {
-                total += prompts[j].len();
+            let (mut j, mut runs, mut longest) = (i, 0, 0);
+            let mut starts = Vec::new();
+            while j < prompts.len() && j - i < per_chunk {
+                let start = start_of(&prompts[i..j], &starts, &prompts[j]);
+                let s = longest.max(prompts[j].len()) + max_new;
+                if runs + start.runs(&prompts[j]) > self.cap || (j > i && (j - i + 1) * s > row_budget) {
+                    break;
+                }
+                runs += start.runs(&prompts[j]);
+                longest = longest.max(prompts[j].len());
+                starts.push(start);
                 j += 1;
             }
             ensure!(
@@ -125,13 +196,15 @@ impl<D: Device> Engine<D> {
                 first: i,
                 draw: draw.as_deref_mut(),
             };
-            self.generate_chunk(lora.is_some(), &prompts[i..j], max_new, stops, &mut out[i..j], chunk)?;
+            let prompts = &prompts[i..j];
+            self.generate_chunk(lora.is_some(), prompts, &starts, max_new, stops, &mut out[i..j], chunk)?;
             i = j;
         }
         Ok(out)
     }
 
-    /// Logits of the last position of each prompt, [prompts][vocab] (the first step of `generate`).
+    /// Logits of the last position of each prompt, [prompts][vocab] (the first step of `generate`,
+    /// prompts that share a start sharing it as there).
     pub fn last_logits(&mut self, lora: Option<&LoraParams>, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         if let Some(lora) = lora {
             self.upload_adapters(lora)?;
@@ -140,56 +213,76 @@ impl<D: Device> Engine<D> {
             prompts.len() <= self.ce_rows.min(self.cap),
             "too many prompts for one call"
         );
+        let starts = plan_starts(prompts);
         let s = prompts.iter().map(Vec::len).max().unwrap_or(0) + 1;
-        let rows = self.prefill(lora.is_some(), prompts, s)?;
         let v = self.config.vocab_size;
-        let flat = self.dev.read(&self.s.logits, rows * v)?;
-        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+        let mut out = vec![Vec::new(); prompts.len()];
+        self.prefill_shared(lora.is_some(), prompts, &starts, s, |e, seqs| {
+            let flat = e.dev.read(&e.s.logits, seqs.len() * v)?;
+            for (&b, row) in seqs.iter().zip(flat.chunks(v)) {
+                out[b] = row.to_vec();
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn generate_chunk(
         &mut self,
         adapted: bool,
         prompts: &[Vec<u32>],
+        starts: &[Start],
         max_new: usize,
         stops: &[u32],
         out: &mut [Vec<u32>],
         mut chunk: Chunk,
     ) -> Result<()> {
         let s = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
-        let rows = self.prefill(adapted, prompts, s)?;
-        let mut next = match chunk.draw.as_deref_mut() {
-            None => self.argmax_of_logits(rows)?,
-            Some(draw) => self.draw_from_logits(rows, chunk.first, draw)?,
-        };
-        // Every sequence decodes until the last one stops (a finished one's tokens are dropped), so
-        // each step has the same shape and can replay one recorded graph. Sequence b's cache rows
-        // b * s .. stay within its own: it decodes at most max_new - 1 steps past its prompt.
+        let mut next = vec![0u32; prompts.len()];
+        self.prefill_shared(adapted, prompts, starts, s, |e, seqs| {
+            let got = match chunk.draw.as_deref_mut() {
+                None => e.argmax_of_logits(seqs.len())?,
+                Some(draw) => e.draw_from_logits(seqs, chunk.first, draw)?,
+            };
+            for (&b, id) in seqs.iter().zip(got) {
+                next[b] = id;
+            }
+            Ok(())
+        })?;
+        // Where the device records a decoding step, every sequence decodes until the last one stops
+        // (a finished one's tokens are dropped), so each step has the same shape and replays one
+        // recording; elsewhere only the unfinished sequences run. Sequence b's cache rows b * s ..
+        // stay within its own: it decodes at most max_new - 1 steps past its prompt.
         let b = prompts.len();
         let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let mut done = vec![false; b];
-        let start: Vec<i32> = (0..b).map(|i| (i * s) as i32).collect();
-        let g = self.gen.as_mut().expect("allocated by the prefill");
-        self.dev.write(&mut g.key_start, &start)?;
+        // The sequences the last step ran, in order, whose tokens `next` holds.
+        let mut ran: Vec<usize> = (0..b).collect();
         let mut graph: Option<D::Graph> = None;
         let mut record = true;
         for step in 0.. {
-            for i in 0..b {
+            for (&i, &id) in ran.iter().zip(&next) {
                 if !done[i] {
-                    out[i].push(next[i]);
-                    done[i] = stops.contains(&next[i]) || out[i].len() >= max_new;
+                    out[i].push(id);
+                    done[i] = stops.contains(&id) || out[i].len() >= max_new;
                 }
             }
             if done.iter().all(|&d| d) {
                 return Ok(());
             }
+            ran = match record {
+                true => (0..b).collect(),
+                false => (0..b).filter(|&i| !done[i]).collect(),
+            };
             // One token per sequence, at its next position, against its cache rows.
-            let ids: Vec<i32> = (0..b).map(|i| *out[i].last().expect("a token") as i32).collect();
-            let pos: Vec<i32> = lens.iter().map(|&n| n as i32).collect();
-            let slot: Vec<i32> = (0..b).map(|i| (i * s + lens[i]) as i32).collect();
-            let keys: Vec<i32> = lens.iter().map(|&n| n as i32 + 1).collect();
+            let at = |f: &dyn Fn(usize) -> usize| -> Vec<i32> { ran.iter().map(|&i| f(i) as i32).collect() };
+            let ids = at(&|i| *out[i].last().expect("a token") as usize);
+            let (pos, keys) = (at(&|i| lens[i]), at(&|i| lens[i] + 1));
+            let (start, slot) = (at(&|i| i * s), at(&|i| i * s + lens[i]));
             let g = self.gen.as_mut().expect("allocated by the prefill");
             self.dev.write(&mut g.slot, &slot)?;
+            self.dev.write(&mut g.key_start, &start)?;
             self.dev.write(&mut g.key_len, &keys)?;
             self.dev.write(&mut self.s.tokens, &ids)?;
             self.dev.write(&mut self.s.positions, &pos)?;
@@ -206,11 +299,11 @@ impl<D: Device> Engine<D> {
                     self.dev.replay(g)?;
                     self.graph_replays += 1;
                 }
-                None => self.decode_step(adapted, b, lens.iter().max().map_or(1, |&n| n + 1))?,
+                None => self.decode_step(adapted, ran.len(), keys.iter().max().map_or(1, |&k| k as usize))?,
             }
             next = match chunk.draw.as_deref_mut() {
-                None => self.next_tokens(b)?,
-                Some(draw) => self.draw_from_logits(b, chunk.first, draw)?,
+                None => self.next_tokens(ran.len())?,
+                Some(draw) => self.draw_from_logits(&ran, chunk.first, draw)?,
             };
             lens.iter_mut().for_each(|n| *n += 1);
         }
@@ -221,13 +314,7 @@ impl<D: Device> Engine<D> {
     /// already on the device: embedding, the layers against the cache, the final norm, the head on
     /// every row, and the argmax into gen.next. `max_keys`: at least the longest key_len.
     fn decode_step(&mut self, adapted: bool, b: usize, max_keys: usize) -> Result<()> {
-        let (dev, d) = (&self.dev, self.config.hidden_size);
-        dev.embedding_fwd(&mut self.xs[0], &self.embed, &self.s.tokens, b, d)?;
-        for l in 0..self.config.num_layers {
-            let a = if self.checkpointing { 0 } else { l };
-            self.layer_fwd(l, a, b, Attn::Decode { max_len: max_keys }, adapted, None)?;
-        }
-        let rows = self.logits_of_rows(b, None)?;
+        let rows = self.rows_fwd(adapted, b, max_keys, None)?;
         let v = self.config.vocab_size;
         let g = self.gen.as_mut().expect("allocated by the prefill");
         self.dev.argmax_rows(&mut g.next, &self.s.logits, rows, v)
@@ -248,31 +335,139 @@ impl<D: Device> Engine<D> {
         Ok(graph)
     }
 
-    /// Run the packed prompts through the model, filling the cache (sequence b at rows b * s ..),
-    /// and leave the logits of each prompt's last position in s.logits; returns their row count.
-    fn prefill(&mut self, adapted: bool, prompts: &[Vec<u32>], s: usize) -> Result<usize> {
+    /// The embedding, the layers and the logits of `t` rows whose tokens, positions and cache rows
+    /// are already on the device, each row one query against its keys in the cache (`max_keys`: at
+    /// least the longest key_len); logits as [`Engine::logits_of_rows`] makes them.
+    fn rows_fwd(&mut self, adapted: bool, t: usize, max_keys: usize, gather: Option<usize>) -> Result<usize> {
+        let (dev, d) = (&self.dev, self.config.hidden_size);
+        dev.embedding_fwd(&mut self.xs[0], &self.embed, &self.s.tokens, t, d)?;
+        for l in 0..self.config.num_layers {
+            let a = if self.checkpointing { 0 } else { l };
+            self.layer_fwd(l, a, t, Attn::Decode { max_len: max_keys }, adapted, None)?;
+        }
+        self.logits_of_rows(t, gather)
+    }
+
+    /// Run a chunk's prompts into the cache (prompt b at rows b * s ..) as `starts` says: first the
+    /// prompts that run whole, packed, then the others, their shared starts copied from their
+    /// roots' rows and the rest run against them. After each of the two passes s.logits holds the
+    /// logits of the last positions of the pass's prompts, in order, and `take(engine, the pass's
+    /// prompts)` uses them.
+    fn prefill_shared(
+        &mut self,
+        adapted: bool,
+        prompts: &[Vec<u32>],
+        starts: &[Start],
+        s: usize,
+        mut take: impl FnMut(&mut Self, &[usize]) -> Result<()>,
+    ) -> Result<()> {
         ensure!(
             prompts.iter().all(|p| !p.is_empty()),
             "an empty prompt has no last position to continue from"
         );
         self.ensure_cache(prompts.len() * s)?;
-        let none: Vec<Option<u32>> = vec![None; prompts.iter().map(Vec::len).max().unwrap_or(0)];
-        let batch = Batch::pack(prompts.iter().map(|p| (&p[..], &none[..p.len()])));
+        let whole: Vec<usize> = (0..prompts.len()).filter(|&b| starts[b] == Start::Whole).collect();
+        self.prefill(adapted, prompts, &whole, s)?;
+        take(self, &whole)?;
+        let shared: Vec<(usize, usize, usize)> = (starts.iter().enumerate())
+            .filter_map(|(b, start)| match *start {
+                Start::Shared { root, shared } => Some((b, root, shared)),
+                Start::Whole => None,
+            })
+            .collect();
+        if shared.is_empty() {
+            return Ok(());
+        }
+        self.copy_starts(&shared, s)?;
+        self.extend(adapted, prompts, &shared, s)?;
+        take(self, &shared.iter().map(|&(b, ..)| b).collect::<Vec<_>>())
+    }
+
+    /// Run prompts `which` (packed) through the model, filling their cache rows (prompt b at rows
+    /// b * s ..), and leave the logits of each one's last position in s.logits.
+    fn prefill(&mut self, adapted: bool, prompts: &[Vec<u32>], which: &[usize], s: usize) -> Result<()> {
+        let max_len = which.iter().map(|&b| prompts[b].len()).max().unwrap_or(1);
+        let none: Vec<Option<u32>> = vec![None; max_len];
+        let batch = Batch::pack(which.iter().map(|&b| (&prompts[b][..], &none[..prompts[b].len()])));
         let t = self.load_tokens(&batch)?;
         let mut slot = Vec::with_capacity(t);
-        for (b, p) in prompts.iter().enumerate() {
-            slot.extend((0..p.len()).map(|i| (b * s + i) as i32));
+        for &b in which {
+            slot.extend((0..prompts[b].len()).map(|i| (b * s + i) as i32));
         }
         let last: Vec<i32> = batch.seqs.iter().map(|r| r.end as i32 - 1).collect();
-        let g = self.gen.as_mut().expect("allocated above");
+        let g = self.gen.as_mut().expect("allocated by prefill_shared");
         self.dev.write(&mut g.slot, &slot)?;
         self.dev.write(&mut g.last, &last)?;
-        let max_len = prompts.iter().map(Vec::len).max().unwrap_or(1);
         for l in 0..self.config.num_layers {
             let a = if self.checkpointing { 0 } else { l };
             self.layer_fwd(l, a, t, Attn::Prefill { max_len }, adapted, None)?;
         }
-        self.logits_of_rows(t, Some(prompts.len()))
+        self.logits_of_rows(t, Some(which.len()))?;
+        Ok(())
+    }
+
+    /// Copy the shared starts of `shared` ((prompt, root, tokens) each) from their roots' cache rows
+    /// into their own, every layer's keys and values, staged through one layer's key rows (acts[0].k,
+    /// [cap, kv_dim]) at most cap rows at a time.
+    fn copy_starts(&mut self, shared: &[(usize, usize, usize)], s: usize) -> Result<()> {
+        let (from, to): (Vec<i32>, Vec<i32>) = (shared.iter())
+            .flat_map(|&(b, root, n)| (0..n).map(move |p| ((root * s + p) as i32, (b * s + p) as i32)))
+            .unzip();
+        let (dev, kvd) = (&self.dev, self.config.kv_dim());
+        let g = self.gen.as_mut().expect("allocated by prefill_shared");
+        let stage = &mut self.acts[0].k;
+        for (f, t) in from.chunks(self.cap).zip(to.chunks(self.cap)) {
+            dev.write(&mut g.from, f)?;
+            dev.write(&mut g.slot, t)?;
+            for l in 0..self.config.num_layers {
+                dev.gather_rows(stage, &g.k[l], &g.from, f.len(), kvd)?;
+                dev.scatter_rows(&mut g.k[l], stage, &g.slot, f.len(), kvd)?;
+                dev.gather_rows(stage, &g.v[l], &g.from, f.len(), kvd)?;
+                dev.scatter_rows(&mut g.v[l], stage, &g.slot, f.len(), kvd)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Run the tokens after the shared starts of `shared` ((prompt, root, tokens) each), a row per
+    /// token against its prompt's cache rows (the copied start, then its own earlier tokens, as
+    /// decoding runs), and leave the logits of each prompt's last token in s.logits.
+    fn extend(
+        &mut self,
+        adapted: bool,
+        prompts: &[Vec<u32>],
+        shared: &[(usize, usize, usize)],
+        s: usize,
+    ) -> Result<()> {
+        // Per row: token, position, cache row, first cache row and keys of its prompt.
+        let (mut ids, mut pos, mut slot) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut start, mut keys, mut last) = (Vec::new(), Vec::new(), Vec::new());
+        for &(b, _, n) in shared {
+            for (p, &id) in prompts[b].iter().enumerate().skip(n) {
+                ids.push(id as i32);
+                pos.push(p as i32);
+                slot.push((b * s + p) as i32);
+                start.push((b * s) as i32);
+                keys.push(p as i32 + 1);
+            }
+            last.push(ids.len() as i32 - 1);
+        }
+        let t = ids.len();
+        ensure!(t <= self.cap, "{t} rows exceed the {} this engine holds", self.cap);
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&x| x as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+        }
+        let g = self.gen.as_mut().expect("allocated by prefill_shared");
+        self.dev.write(&mut g.slot, &slot)?;
+        self.dev.write(&mut g.key_start, &start)?;
+        self.dev.write(&mut g.key_len, &keys)?;
+        self.dev.write(&mut g.last, &last)?;
+        self.dev.write(&mut self.s.tokens, &ids)?;
+        self.dev.write(&mut self.s.positions, &pos)?;
+        let max_keys = keys.iter().max().map_or(1, |&k| k as usize);
+        self.rows_fwd(adapted, t, max_keys, Some(shared.len()))?;
+        Ok(())
     }
 
     /// Final norm of the last layer's t rows, then the logits of rows `last[..n]` (`Some(n)`) or of
@@ -306,16 +501,22 @@ impl<D: Device> Engine<D> {
         self.next_tokens(rows)
     }
 
-    /// The token of each of the first `rows` rows of s.logits, for sequences `first..`: greedy for
-    /// the first candidate of a prompt, drawn for the others (the logits come back to the host).
-    fn draw_from_logits(&mut self, rows: usize, first: usize, draw: &mut Draw) -> Result<Vec<u32>> {
+    /// The token of each row of s.logits for the chunk's sequences `seqs` (ascending; the chunk
+    /// starts at sequence `first` of the call): greedy for the first candidate of a prompt, drawn
+    /// for the others (the logits come back to the host).
+    fn draw_from_logits(&mut self, seqs: &[usize], first: usize, draw: &mut Draw) -> Result<Vec<u32>> {
         let v = self.config.vocab_size;
-        let logits = self.dev.read(&self.s.logits, rows * v)?; // [rows, vocab]
+        let logits = self.dev.read(&self.s.logits, seqs.len() * v)?; // [seqs, vocab]
         let (n, sampling) = (draw.n, draw.sampling);
-        let rngs = &mut draw.rngs[first..first + rows];
+        let mut wanted = seqs.iter().peekable();
+        let rngs: Vec<(usize, &mut Rng)> = (draw.rngs[first..].iter_mut().enumerate())
+            .filter(|(b, _)| wanted.next_if_eq(&b).is_some())
+            .map(|(b, rng)| (first + b, rng))
+            .collect();
+        ensure!(rngs.len() == seqs.len(), "draw_from_logits: sequences not ascending");
         // Rows are independent (each has its own generator): drawn in parallel on the host.
-        Ok((logits.par_chunks(v).zip(rngs.par_iter_mut()).enumerate())
-            .map(|(r, (row, rng))| match (first + r) % n {
+        Ok((logits.par_chunks(v).zip(rngs.into_par_iter()))
+            .map(|(row, (g, rng))| match g % n {
                 0 => argmax(row),
                 _ => sampling.draw(row, rng),
             })
@@ -351,6 +552,7 @@ impl<D: Device> Engine<D> {
             key_start: dev.alloc(cap)?,
             key_len: dev.alloc(cap)?,
             last: dev.alloc(cap)?,
+            from: dev.alloc(cap)?,
             next: dev.alloc(cap)?,
         });
         Ok(())

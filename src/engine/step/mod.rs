@@ -9,7 +9,7 @@
 //! ([`Engine::download_adapters`], for checkpoints and evaluation). [`Engine::forward_backward`] is
 //! the one-call form the tests and the selftest use: upload, accumulate, read the gradients back.
 
-mod generate;
+pub mod generate;
 mod layer;
 pub mod optim;
 
