@@ -124,8 +124,8 @@ impl<D: Device> Engine<D> {
 
     /// `n` continuations of each prompt, as `generate::candidates` makes them: the greedy one first,
     /// then `n - 1` drawn with `sampling` (each sequence's draws seeded by its prompt's index and its
-    /// own, so they do not depend on how prompts are chunked). Each prompt is run n times, as n
-    /// sequences; the logits of every step come back to choose the tokens.
+    /// own, so they do not depend on how prompts are chunked). Each prompt becomes n sequences that
+    /// share its run (one prefill); the logits of every step come back to choose the tokens.
     pub fn generate_candidates(
         &mut self,
         lora: Option<&LoraParams>,
