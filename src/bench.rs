@@ -131,6 +131,8 @@ pub struct BenchReport {
     pub device: String,
     pub batch: usize,
     pub seq: usize,
+    /// Labelled positions per sequence (the loss and the head run on these only).
+    pub labels: usize,
     pub warmup_steps: usize,
     pub timed_steps: usize,
     pub adapter_params: usize,
@@ -158,6 +160,9 @@ pub struct TrainBench<'a> {
     pub batch: usize,
     /// Tokens per sequence.
     pub seq: usize,
+    /// Labelled positions per sequence, its last ones (`seq` or more: every position that has a
+    /// next token).
+    pub labels: usize,
     pub warmup: usize,
     /// Timed steps.
     pub steps: usize,
@@ -175,6 +180,7 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
     let TrainBench {
         batch,
         seq,
+        labels,
         warmup,
         steps,
         checkpointing,
@@ -182,8 +188,8 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
         peak_source,
         profile,
     } = o;
-    if batch == 0 || seq < 2 || steps == 0 {
-        bail!("bench train needs --batch >= 1, --seq >= 2 and --steps >= 1");
+    if batch == 0 || seq < 2 || steps == 0 || labels == 0 {
+        bail!("bench train needs --batch >= 1, --seq >= 2, --labels >= 1 and --steps >= 1");
     }
     let c = shape_config(shape)?;
     let model = Arc::new(random_model(&c, 0xbe7c));
@@ -206,7 +212,16 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
     let seqs: Vec<(Vec<u32>, Vec<Option<u32>>)> = (0..batch)
         .map(|_| {
             let toks: Vec<u32> = (0..seq).map(|_| rng.below(c.vocab_size as u64) as u32).collect();
-            let targets = (0..seq).map(|i| toks.get(i + 1).copied()).collect();
+            // Position i predicts token i + 1; only the last `labels` tokens are targets.
+            let targets = (0..seq)
+                .map(|i| {
+                    if i + 1 + labels >= seq {
+                        toks.get(i + 1).copied()
+                    } else {
+                        None
+                    }
+                })
+                .collect();
             (toks, targets)
         })
         .collect();
@@ -250,12 +265,17 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
         }
     }
     let tokens_per_s = (batch * seq * steps) as f64 / seconds;
-    let useful = crate::engine::plan::flops_per_token(&c, seq, checkpointing) * tokens_per_s;
+    // The head runs on labelled positions only: unlabelled ones do none of its work.
+    let head = (c.vocab_size * c.hidden_size) as f64 * if checkpointing { 6.0 } else { 4.0 };
+    let unlabelled = 1.0 - b.label_count() as f64 / (batch * (seq - 1)) as f64;
+    let per_token = crate::engine::plan::flops_per_token(&c, seq, checkpointing) - head * unlabelled;
+    let useful = per_token * tokens_per_s;
     Ok(BenchReport {
         shape: shape.into(),
         device: engine.describe(),
         batch,
         seq,
+        labels: b.label_count() / batch,
         warmup_steps: warmup,
         timed_steps: steps,
         adapter_params: lora.len(),
@@ -274,8 +294,8 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "bench train: {} (NF4, random weights), LoRA r16 on all 7 projections ({} params), batch {} x {} tokens",
-            self.shape, self.adapter_params, self.batch, self.seq
+            "bench train: {} (NF4, random weights), LoRA r16 on all 7 projections ({} params), batch {} x {} tokens ({} labelled each)",
+            self.shape, self.adapter_params, self.batch, self.seq, self.labels
         )?;
         writeln!(f, "device: {}", self.device)?;
         writeln!(
@@ -418,6 +438,7 @@ mod tests {
             device: "test".into(),
             batch: 1,
             seq: 8,
+            labels: 7,
             warmup_steps: 0,
             timed_steps: 1,
             adapter_params: 10,

@@ -294,6 +294,10 @@ enum BenchWhat {
         /// Tokens per sequence.
         #[arg(long, default_value_t = 512)]
         seq: usize,
+        /// Labelled positions per sequence, its last ones (as in instruction tuning, where only the
+        /// answer is labelled: ~32 of ~320 tokens in sqlora's Spider data). Default: every one.
+        #[arg(long)]
+        labels: Option<usize>,
         /// Timed steps (after the warm-up).
         #[arg(long, default_value_t = 5)]
         steps: usize,
@@ -454,6 +458,7 @@ fn run(cli: Cli) -> Result<()> {
                     shape,
                     batch,
                     seq,
+                    labels,
                     steps,
                     warmup,
                     device,
@@ -479,6 +484,7 @@ fn run(cli: Cli) -> Result<()> {
             let options = sqlora::bench::TrainBench {
                 batch,
                 seq,
+                labels: labels.unwrap_or(seq),
                 warmup,
                 steps,
                 checkpointing,
@@ -697,7 +703,11 @@ fn eval(
         return Ok(());
     }
     writeln!(out, "examples            {}", r.n)?;
-    writeln!(out, "execution accuracy  {:.4}", r.execution_accuracy)?;
+    writeln!(
+        out,
+        "execution accuracy  {:.4} (standard error {:.4})",
+        r.execution_accuracy, r.execution_accuracy_se
+    )?;
     writeln!(out, "exact match         {:.4}", r.exact_match)?;
     writeln!(out, "valid SQL           {:.4}", r.valid_sql_rate)?;
     writeln!(out, "time-outs           {}", r.timeouts)?;
@@ -710,6 +720,15 @@ fn eval(
             "  {h:<7} {:>5} examples  accuracy {:.4}",
             g.n, g.execution_accuracy
         )?;
+    }
+    if !r.misses.is_empty() {
+        writeln!(out, "misses")?;
+        // In the order of miss::KINDS: what did not run, then what ran wrongly.
+        for kind in sqlora::sql::miss::KINDS {
+            if let Some(n) = r.misses.get(kind) {
+                writeln!(out, "  {kind:<20} {n:>5}")?;
+            }
+        }
     }
     Ok(())
 }

@@ -286,6 +286,20 @@ fn bench_train_times_steps_of_a_named_shape() {
     let loss = r["loss"].as_f64().unwrap();
     assert!((loss - 272f64.ln()).abs() < 1.0, "loss {loss}");
     assert!(r.get("profile").is_none(), "{r}");
+    assert_eq!(r["labels"], 23, "every position with a next token");
+    // --labels N: only each sequence's last N tokens are targets (instruction tuning's shape);
+    // the head's unlabelled work is not counted as useful FLOPs.
+    let some = sqlora(&[
+        "bench", "train", "--shape", "tiny", "--batch", "2", "--seq", "24", "--labels", "5", "--steps", "2",
+        "--warmup", "1", "--device", "cpu-bf16", "--json",
+    ]);
+    assert!(some.status.success(), "{}", String::from_utf8_lossy(&some.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&some.stdout).unwrap();
+    assert_eq!(s["labels"], 5);
+    let per_token = |r: &serde_json::Value| {
+        r["mfu"].as_f64().unwrap() * r["peak_flops"].as_f64().unwrap() / r["tokens_per_s"].as_f64().unwrap()
+    };
+    assert!(per_token(&s) < per_token(&r), "{} vs {}", per_token(&s), per_token(&r));
     // --profile runs as many steps again with per-kernel timing: the CPU device times no kernels,
     // and says so.
     let out = sqlora(&[

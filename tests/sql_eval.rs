@@ -240,6 +240,15 @@ fn schema_snippets_prune_and_link() {
     let q = s.question_snippet("What is the email of Ada Silva?", 300, &chars);
     assert!(q.contains("users(") && q.len() <= 300, "{q}");
     assert_eq!(s.question_snippet("anything", 100_000, &chars), all);
+    // Values the question names (any case, whole words) come first among their column's examples,
+    // as stored; the count of examples stays; nothing else changes.
+    let oslo = s.question_snippet("How many users live in oslo?", 100_000, &chars);
+    assert!(oslo.contains("city TEXT (e.g. 'Oslo', 'Lagos')"), "{oslo}");
+    assert_eq!(oslo.replace("'Oslo', 'Lagos'", "'Lagos', 'Osaka'"), all);
+    assert_eq!(
+        s.question_snippet("How many users live in Oslon?", 100_000, &chars),
+        all
+    );
 }
 
 fn sqlora(args: &[&str]) -> std::process::Output {
@@ -311,6 +320,22 @@ fn eval_command_contract() {
     assert_eq!(lines[1]["exec_match"], false);
     assert!(lines[1]["error"].as_str().unwrap().contains("syntax error"));
     assert!(lines[2]["exact_match"].is_boolean() && lines[2]["hardness"].is_string());
+    // Every miss has its kind, every hit none; the report counts them.
+    assert_eq!(lines[0]["miss"], serde_json::Value::Null);
+    assert_eq!(lines[1]["miss"], "syntax error");
+    assert_eq!(
+        lines[3]["miss"], "wrong, not parsed",
+        "SELECT -1 has no FROM for the parser"
+    );
+    let misses = r["misses"].as_object().unwrap();
+    assert_eq!(
+        misses.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        (n - hits) as u64
+    );
+    assert_eq!(misses["syntax error"], 1);
+    let se = r["execution_accuracy_se"].as_f64().unwrap();
+    let p_hit = hits as f64 / n as f64;
+    assert!((se - (p_hit * (1.0 - p_hit) / n as f64).sqrt()).abs() < 1e-12);
 
     // Mismatched counts are an error naming both files.
     std::fs::write(&pred, "{\"sql\": \"SELECT 1\"}\n").unwrap();
@@ -333,5 +358,40 @@ fn shop_dataset_files() {
     assert!(
         v.iter().any(|e| !tq.contains(&e.output)),
         "validation holds unseen queries"
+    );
+}
+
+#[test]
+fn the_bundled_shop_database_is_the_generated_one() {
+    // shop/shop.sqlite ships with the repository so that `ask --db shop/shop.sqlite` works right
+    // after a clone; it must hold exactly what `sqlora prepare shop` writes.
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("shop/shop.sqlite");
+    let (_d, fresh) = shop();
+    let (a, b) = (Db::open(&bundled).unwrap(), Db::open(&fresh).unwrap());
+    let limit = Duration::from_secs(10);
+    let dump = |db: &Db| -> Vec<sqlora::sql::exec::Row> {
+        let tables = db
+            .query(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name",
+                limit,
+            )
+            .unwrap();
+        let mut out = tables.clone();
+        for t in &tables {
+            let sqlora::sql::exec::Key::Text(name) = &t[0] else {
+                panic!("table name {:?}", t[0])
+            };
+            out.extend(
+                db.query(&format!("SELECT * FROM \"{name}\" ORDER BY rowid"), limit)
+                    .unwrap(),
+            );
+        }
+        out
+    };
+    let (da, db_) = (dump(&a), dump(&b));
+    assert!(da.len() > 100, "{} rows", da.len());
+    assert!(
+        da == db_,
+        "shop/shop.sqlite differs from write_shop_db's: run `sqlora prepare shop --out shop`"
     );
 }

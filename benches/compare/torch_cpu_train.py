@@ -2,7 +2,8 @@
 """The CPU training peer of `sqlora bench train --device cpu-simd|cpu-bf16|cpu`: PyTorch +
 transformers + peft on the CPU, the same work: a model of the named shape with random weights,
 LoRA r 16 / alpha 32 on all seven linears (dropout as given; `sqlora bench train` uses 0.05),
-AdamW (lr 1e-4), batch B x T random tokens with the LM loss on every position, the given threads.
+AdamW (lr 1e-4), batch B x T random tokens with the LM loss on every position (or, with `--labels N`,
+on the last N of each sequence, as in instruction tuning), the given threads.
 The base stays unquantized (bitsandbytes' NF4 has no CPU kernels): `--dtype bf16` or `fp32`.
 
     python3 -m venv venv && venv/bin/pip install torch transformers peft psutil
@@ -48,6 +49,7 @@ def main():
     ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--labels", type=int, default=None, help="labelled positions per sequence (default: all)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
@@ -67,10 +69,13 @@ def main():
     vocab = SHAPES[a.shape][6]
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, vocab, (a.batch, a.seq), generator=g)
+    labels = tokens.clone()
+    if a.labels is not None and a.labels < a.seq:
+        labels[:, : a.seq - a.labels] = -100  # the model shifts: the last `labels` tokens are targets
     times = []
     for step in range(a.warmup + a.steps):
         start = time.perf_counter()
-        out = model(input_ids=tokens, labels=tokens)
+        out = model(input_ids=tokens, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -80,6 +85,7 @@ def main():
     per_step = statistics.median(times)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = dict(system=f"pytorch {torch.__version__} {a.dtype}", shape=a.shape, batch=a.batch, seq=a.seq,
+                  labels=min(a.labels or a.seq, a.seq - 1),
                   threads=a.threads, tokens_per_s=a.batch * a.seq / per_step, ms_per_step=per_step * 1e3,
                   peak_rss_bytes=rss, loss=float(out.loss))
     if a.json:

@@ -1,12 +1,13 @@
 //! Execution accuracy, Spider test-suite style: gold and predicted SQL run on the same read-only
 //! database with a time limit, and their results are compared (see [`super::compare`]). Also
-//! Spider's exact set match (see [`super::exact`]), the valid-SQL rate, time-outs, and accuracy per
-//! hardness level.
+//! Spider's exact set match (see [`super::exact`]), the valid-SQL rate, time-outs, accuracy per
+//! hardness level, and the kind of each miss (see [`super::miss`]).
 
 use super::compare::{normalize, order_matters, remove_distinct, results_match};
 use super::exact::exact_match;
 use super::exec::{Db, QueryError};
 use super::hardness::{hardness, Hardness};
+use super::miss;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -41,6 +42,8 @@ pub struct Detail {
     pub hardness: Hardness,
     /// Why the prediction (or the gold query) gave no result, if it did not.
     pub error: Option<String>,
+    /// The kind of miss (one of [`miss::KINDS`]); `None` for a hit.
+    pub miss: Option<&'static str>,
 }
 
 /// Judge one prediction against its gold query on `db`. Exact match is Spider's exact set match
@@ -65,21 +68,30 @@ pub fn evaluate_one(db: &Db, gold: &str, pred: &str, opts: EvalOptions) -> Detai
         Err(QueryError::Timeout) => (false, true),
         Err(QueryError::Sql(_)) => (false, false),
     };
-    let verdict = |exec_match, error| Detail {
+    let verdict = |exec_match, error, miss| Detail {
         exec_match,
         exact_match,
         valid_sql,
         timeout,
         hardness: level,
         error,
+        miss,
     };
     let gold_rows = match db.query(&prep(gold), opts.timeout) {
         Ok(rows) => rows,
-        Err(e) => return verdict(false, Some(format!("gold query failed: {e}"))),
+        Err(e) => {
+            return verdict(
+                false,
+                Some(format!("gold query failed: {e}")),
+                Some("gold query failed"),
+            )
+        }
     };
     match pred_result {
-        Ok(rows) => verdict(results_match(&gold_rows, &rows, order_matters(gold)), None),
-        Err(e) => verdict(false, Some(e.to_string())),
+        _ if pred.trim().is_empty() => verdict(false, Some("no SQL".into()), Some("no SQL")),
+        Ok(rows) if results_match(&gold_rows, &rows, order_matters(gold)) => verdict(true, None, None),
+        Ok(_) => verdict(false, None, Some(miss::wrong_answer(db.catalog(), gold, pred))),
+        Err(e) => verdict(false, Some(e.to_string()), Some(miss::run_error(&e))),
     }
 }
 
@@ -90,17 +102,30 @@ pub struct Group {
     pub execution_accuracy: f64,
 }
 
+/// The standard error of a rate `p` measured on `n` independent examples: sqrt(p (1 - p) / n).
+pub fn standard_error(p: f64, n: usize) -> f64 {
+    if n == 0 {
+        0.0
+    } else {
+        (p * (1.0 - p) / n as f64).sqrt()
+    }
+}
+
 /// The whole evaluation.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub n: usize,
     pub execution_accuracy: f64,
+    /// The standard error of `execution_accuracy` (see [`standard_error`]).
+    pub execution_accuracy_se: f64,
     pub exact_match: f64,
     pub valid_sql_rate: f64,
     pub timeouts: usize,
     /// Examples whose gold query itself failed (they count as misses).
     pub gold_errors: usize,
     pub by_hardness: BTreeMap<&'static str, Group>,
+    /// How many misses of each kind (see [`miss::KINDS`]), kinds with none left out.
+    pub misses: BTreeMap<&'static str, usize>,
 }
 
 pub fn summarize(details: &[Detail]) -> Report {
@@ -131,17 +156,21 @@ pub fn summarize(details: &[Detail]) -> Report {
             )
         })
         .collect();
+    let mut misses = BTreeMap::new();
+    for kind in details.iter().filter_map(|d| d.miss) {
+        *misses.entry(kind).or_insert(0) += 1;
+    }
+    let execution_accuracy = rate(&|d| d.exec_match);
     Report {
         n,
-        execution_accuracy: rate(&|d| d.exec_match),
+        execution_accuracy,
+        execution_accuracy_se: standard_error(execution_accuracy, n),
         exact_match: rate(&|d| d.exact_match),
         valid_sql_rate: rate(&|d| d.valid_sql),
         timeouts: details.iter().filter(|d| d.timeout).count(),
-        gold_errors: details
-            .iter()
-            .filter(|d| d.error.as_deref().is_some_and(|e| e.starts_with("gold query failed")))
-            .count(),
+        gold_errors: details.iter().filter(|d| d.miss == Some("gold query failed")).count(),
         by_hardness,
+        misses,
     }
 }
 

@@ -174,3 +174,24 @@ pub fn exact_match(cat: &Catalog, gold: &str, pred: &str, keep_distinct: bool) -
 pub fn parse(cat: &Catalog, sql: &str, keep_distinct: bool) -> Result<Query, String> {
     parser::parse(cat, sql, keep_distinct)
 }
+
+/// The first part in which two parsed queries differ, in the order a reader checks a query: `from`
+/// (the tables joined), `select`, `where` (conditions and their connectives, values aside), `group`
+/// (with HAVING), `order` (with LIMIT), `compound` (INTERSECT / UNION / EXCEPT), `keywords` (what
+/// the parts above leave out, such as OR in a join condition). `None` when the forms are equal: the
+/// queries differ at most in literal values or join keys, which exact set match does not compare.
+pub fn first_difference(gold: &Query, pred: &Query) -> Option<&'static str> {
+    let same = [
+        ("from", gold.tables == pred.tables),
+        ("select", gold.select == pred.select && gold.distinct == pred.distinct),
+        (
+            "where",
+            gold.conds == pred.conds && gold.connectives == pred.connectives,
+        ),
+        ("group", gold.group == pred.group && gold.having == pred.having),
+        ("order", gold.order == pred.order && gold.limit == pred.limit),
+        ("compound", gold.compound == pred.compound),
+        ("keywords", gold.keywords == pred.keywords),
+    ];
+    same.iter().find(|(_, s)| !s).map(|(part, _)| *part)
+}

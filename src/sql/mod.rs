@@ -3,7 +3,8 @@
 //! Read in this order: [`data`] (JSONL examples, the `### Schema ###` prompt, chat formats, Spider
 //! import, the bundled shop database, packing), [`schema`] (schema snippets from SQLite files),
 //! [`exec`] (read-only, time-limited execution), [`compare`] and [`eval`] (execution accuracy as
-//! Spider's test-suite evaluator computes it, with [`exact`] set match and [`hardness`]),
+//! Spider's test-suite evaluator computes it, with [`exact`] set match, [`hardness`] and the kinds of
+//! [`miss`]),
 //! [`choose`] (execution-guided choice among candidates), [`evaluate`] (generate and score a
 //! validation sample) and [`predict`] (`sqlora predict`). [`device`] resolves the commands'
 //! `--device`, with what a user is told about the GPU.
@@ -18,5 +19,6 @@ pub mod exact;
 pub mod exec;
 pub mod hardness;
 pub mod lex;
+pub mod miss;
 pub mod predict;
 pub mod schema;

@@ -24,7 +24,13 @@ pub struct Column {
     pub primary_key: bool,
     /// A few distinct example values (text columns only), already quoted for display.
     pub samples: Vec<String>,
+    /// Distinct values of a text column (up to [`LINKED_VALUES`], as stored): what a question's
+    /// words are matched against (see [`Schema::question_snippet`]).
+    pub values: Vec<String>,
 }
+
+/// How many distinct values of each text column are kept for linking a question to them.
+pub const LINKED_VALUES: usize = 2000;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Table {
@@ -77,32 +83,36 @@ impl Schema {
                             ty: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
                             primary_key: r.get::<_, i64>(5)? > 0,
                             samples: vec![],
+                            values: vec![],
                         })
                     })?
                     .collect()
                 })
                 .with_context(ctx)?;
             for c in cols.iter_mut().filter(|c| samples > 0 && is_text(&c.ty)) {
-                let q = format!(
-                    "SELECT DISTINCT {col} FROM {t} WHERE {col} IS NOT NULL AND {col} != '' LIMIT {samples}",
-                    col = ident(&c.name),
-                    t = ident(t)
-                );
-                let vals: Vec<String> = conn
-                    .prepare(&q)
-                    .and_then(|mut s| {
-                        s.query_map([], |r| r.get::<_, rusqlite::types::Value>(0))?
-                            .collect::<Result<Vec<_>, _>>()
-                    })
-                    .with_context(ctx)?
-                    .into_iter()
-                    .filter_map(|v| match v {
-                        rusqlite::types::Value::Text(s) => Some(s),
-                        _ => None,
-                    })
-                    .map(|s| format!("'{}'", s.chars().take(30).collect::<String>().replace('\'', "''")))
-                    .collect();
-                c.samples = vals;
+                let distinct = |limit: usize| -> Result<Vec<String>> {
+                    let q = format!(
+                        "SELECT DISTINCT {col} FROM {t} WHERE {col} IS NOT NULL AND {col} != '' LIMIT {limit}",
+                        col = ident(&c.name),
+                        t = ident(t)
+                    );
+                    let vals = conn
+                        .prepare(&q)
+                        .and_then(|mut s| {
+                            s.query_map([], |r| r.get::<_, rusqlite::types::Value>(0))?
+                                .collect::<Result<Vec<_>, _>>()
+                        })
+                        .with_context(ctx)?;
+                    Ok(vals
+                        .into_iter()
+                        .filter_map(|v| match v {
+                            rusqlite::types::Value::Text(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect())
+                };
+                c.samples = distinct(samples)?.iter().map(|s| quote_sample(s)).collect();
+                c.values = distinct(LINKED_VALUES)?;
             }
             let fks: Vec<(String, String, Option<String>)> = conn
                 .prepare(&format!("PRAGMA foreign_key_list({})", ident(t)))
@@ -182,6 +192,7 @@ impl Schema {
                     ty: types.get(i).cloned().unwrap_or_default().to_uppercase(),
                     primary_key: pks.contains(&(i as u64)),
                     samples: vec![],
+                    values: vec![],
                 });
             }
         }
@@ -277,21 +288,51 @@ impl Schema {
     }
 
     /// Inference snippet: every table, or, when that is over `budget` tokens (as `count` counts
-    /// them), the tables a lexical linker ranks highest for the question, as many as fit (at least one).
+    /// them), the tables a lexical linker ranks highest for the question, as many as fit (at least
+    /// one). A text column's stored values that the question names (whole words, any case: "Oslo"
+    /// in "How many users live in oslo?") come first among its examples, so that the model copies the
+    /// value as stored rather than a look-alike from the examples.
     pub fn question_snippet(&self, question: &str, budget: usize, count: &dyn Fn(&str) -> usize) -> String {
-        let all = self.render_all();
+        let linked = self.with_question_values(question);
+        let this = linked.as_ref().unwrap_or(self);
+        let all = this.render_all();
         if count(&all) <= budget || self.tables.is_empty() {
             return all;
         }
-        let ranked = self.rank_tables(question);
+        let ranked = this.rank_tables(question);
         let mut chosen = vec![ranked[0]];
         for &t in &ranked[1..] {
             chosen.push(t);
-            if count(&self.render(&chosen)) > budget {
+            if count(&this.render(&chosen)) > budget {
                 chosen.pop();
             }
         }
-        self.render(&chosen)
+        this.render(&chosen)
+    }
+
+    /// This schema with the values the question names first among each column's examples (as many
+    /// examples as before, or all the named values if more); `None` when the question names none.
+    fn with_question_values(&self, question: &str) -> Option<Schema> {
+        let asked = words(question);
+        let named = |v: &str| {
+            let w = words(v);
+            // One to four words, not a lone short word or number ("a", "1"): too easily a false match.
+            let plain = w.len() == 1 && (w[0].chars().count() < 3 || w[0].chars().all(|c| c.is_ascii_digit()));
+            !w.is_empty() && w.len() <= 4 && !plain && asked.windows(w.len()).any(|g| g == &w[..])
+        };
+        let mut out = self.clone();
+        let mut any = false;
+        for c in out.tables.iter_mut().flat_map(|t| t.columns.iter_mut()) {
+            let hits: Vec<String> = c.values.iter().filter(|v| named(v)).map(|v| quote_sample(v)).collect();
+            if hits.is_empty() {
+                continue;
+            }
+            any = true;
+            let keep = c.samples.len().max(hits.len());
+            let rest = c.samples.iter().filter(|s| !hits.contains(s)).cloned();
+            c.samples = hits.iter().cloned().chain(rest).take(keep).collect();
+        }
+        any.then_some(out)
     }
 
     /// Tables ordered by lexical overlap with the question: a question word naming the table scores
@@ -348,6 +389,11 @@ fn words(s: &str) -> Vec<String> {
         out.push(cur);
     }
     out
+}
+
+/// A value as the snippet shows it: single-quoted, cut to 30 characters.
+fn quote_sample(s: &str) -> String {
+    format!("'{}'", s.chars().take(30).collect::<String>().replace('\'', "''"))
 }
 
 fn is_text(ty: &str) -> bool {
