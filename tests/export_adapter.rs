@@ -79,3 +79,29 @@ fn a_non_finite_adapter_is_refused_and_nothing_is_written() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--dtype f8"), "{err}");
 }
+
+#[test]
+fn the_shipped_spider_adapter_is_whole_and_fits_qwen() {
+    // adapters/qwen2.5-coder-0.5b-spider: PEFT files for Qwen2.5-Coder-0.5B, bf16, under 25 MB,
+    // every tensor present with Qwen's shapes, finite, and trained (B no longer zero).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/qwen2.5-coder-0.5b-spider");
+    assert!(size(&dir) < 25 << 20, "{} bytes", size(&dir));
+    let config = sqlora::bench::shape_config("qwen2.5-0.5b").unwrap();
+    let lora = LoraParams::load_peft(&dir, &config).unwrap();
+    assert_eq!(lora.config.r, 16);
+    assert_eq!(lora.config.targets.len(), 7);
+    assert_eq!(lora.len(), 8_798_208, "r 16 on all seven projections of 24 layers");
+    assert!(lora.data.iter().all(|v| v.is_finite()));
+    let b_norm: f64 = (lora.named_ranges().into_iter())
+        .filter(|(name, _, _)| name.contains("lora_B"))
+        .flat_map(|(_, _, r)| lora.data[r].iter().map(|&v| (v as f64).powi(2)).collect::<Vec<_>>())
+        .sum();
+    assert!(b_norm > 1e-6, "B is trained: |B|^2 = {b_norm}");
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::BF16));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], "Qwen/Qwen2.5-Coder-0.5B-Instruct");
+    assert!(dir.join("README.md").is_file() && dir.join("curves.png").is_file());
+}
