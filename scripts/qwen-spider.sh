@@ -10,7 +10,10 @@
 #   SPIDER  Spider's training split (train_spider.json, tables.json, database/) [../shared/data/spider-train]
 #   RUN     where the data, the run and the predictions go                     [runs/qwen-spider]
 #   EVAL_N  evaluate on the first N of the evaluated questions only (a quick look)
-# The recipe and why it was chosen: adapters/qwen2.5-coder-0.5b-spider/README.md.
+# The recipe and why it was chosen: adapters/qwen2.5-coder-0.5b-spider/README.md and
+# docs/text-to-sql.md. Time it took here (2026-12-07, Intel Xeon, 2 cores): data 4 min; baseline
+# 50 min (beside the training run); train 4.0 h of steps (median 51 s each); eval 10 min greedy and
+# 42 min with 4 candidates; ship seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPIDER=${SPIDER:-../shared/data/spider-train}
