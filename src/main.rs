@@ -3,11 +3,10 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use sqlora::engine::target::Target;
-use sqlora::load::tokenizer::Tokenizer;
-use sqlora::load::ModelSource;
 use sqlora::model::forward::Model;
 use sqlora::model::generate::Sampling;
 use sqlora::model::tiny::{write_tiny_model, TinyVariant};
+use sqlora::sql::ask::{self, Asking};
 use sqlora::sql::predict::{self, Generation, PromptStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -107,6 +106,9 @@ enum Command {
         /// Stop after this many new tokens (or at EOS).
         #[arg(long, default_value_t = 64, help_heading = "Decoding")]
         max_new_tokens: usize,
+        /// With --db: do not hold the SQL to the database's tables and columns (the schema guard).
+        #[arg(long, help_heading = "Decoding")]
+        no_guard: bool,
         /// `auto` (the GPU when usable, else the CPU engine), `cpu` (the CPU engine: SIMD kernels,
         /// NF4 base, bf16 activations), `cuda` (our kernels on GPU 0), `reference` (the f32
         /// reference, for checks) or `cpu-bf16` (the device step with the reference's arithmetic).
@@ -160,6 +162,10 @@ enum Command {
         /// Time limit of each candidate query, in milliseconds.
         #[arg(long, default_value_t = 10_000, help_heading = "Decoding")]
         timeout_ms: u64,
+        /// Do not hold template answers to their database's tables and columns (the schema guard:
+        /// a token that would name one the database lacks is refused and the next choice taken).
+        #[arg(long, help_heading = "Decoding")]
+        no_guard: bool,
         /// `auto` (cuda when usable, else cpu), `cpu` (the CPU engine, batched), `cuda` (batched on
         /// the GPU), `reference` (the f32 reference, one example at a time, for checks) or
         /// `cpu-bf16` (the device step with the reference's arithmetic).
@@ -355,23 +361,26 @@ fn run(cli: Cli) -> Result<()> {
             adapter,
             db,
             prompt,
-        } => match db {
-            Some(db) => {
-                let source = sqlora::load::open(&resolve(&model)?)?;
-                let tok = source.tokenizer()?;
-                let prompt = question_prompt(&tok, &db, &prompt)?;
-                let sql = ask(&source, tok, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
-                run_answer(&db, &sql)
+            no_guard,
+        } => {
+            let source = sqlora::load::open(&resolve(&model)?)?;
+            let how = Asking {
+                max_new: max_new_tokens,
+                device: &device,
+                nf4,
+                adapter: adapter.as_deref(),
+                guard: !no_guard,
+            };
+            match db {
+                Some(db) => ask::ask_db(&source, &how, &db, &prompt),
+                None => {
+                    let text = ask::ask(&source, &how, &prompt, None)?;
+                    let mut stdout = std::io::stdout().lock();
+                    writeln!(stdout, "{text}")?;
+                    Ok(())
+                }
             }
-            None => {
-                let source = sqlora::load::open(&resolve(&model)?)?;
-                let tok = source.tokenizer()?;
-                let text = ask(&source, tok, max_new_tokens, &device, nf4, adapter.as_deref(), &prompt)?;
-                let mut stdout = std::io::stdout().lock();
-                writeln!(stdout, "{text}")?;
-                Ok(())
-            }
-        },
+        }
         Command::Merge { model, adapter, out } => sqlora::model::lora::merge_model(&model, &adapter, &out),
         Command::ExportAdapter { adapter, out, dtype } => {
             let dtype = match dtype.as_str() {
@@ -410,6 +419,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             db_root,
             timeout_ms,
+            no_guard,
         } => {
             let valid = candidates >= 1 && temperature > 0.0 && top_p > 0.0 && top_p <= 1.0;
             if !valid {
@@ -428,6 +438,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 db_root,
                 timeout: std::time::Duration::from_millis(timeout_ms),
+                guard: !no_guard,
             };
             predict::predict(&resolve(&model)?, adapter.as_deref(), &data, &out, &how, &device)
         }
@@ -534,59 +545,6 @@ fn run(cli: Cli) -> Result<()> {
 /// A `--model` path, or the model `fetch-model` knows by that name (fetched when not cached).
 fn resolve(model: &Path) -> Result<PathBuf> {
     sqlora::load::fetch::resolve(Some(model))
-}
-
-/// The training template around a question over `db`, with the schema snippet the model expects.
-fn question_prompt(tok: &Tokenizer, db: &Path, question: &str) -> Result<String> {
-    let schema = sqlora::sql::schema::Schema::from_sqlite(db, 3)?;
-    let count = |s: &str| tok.encode_plain(s).map(|t| t.len()).unwrap_or(usize::MAX);
-    Ok(sqlora::sql::data::prompt(
-        question,
-        &schema.question_snippet(question, 1500, &count),
-    ))
-}
-
-/// The greedy continuation of `prompt`, decoded.
-fn ask(
-    source: &ModelSource,
-    tokenizer: Tokenizer,
-    max_new: usize,
-    device: &str,
-    nf4: bool,
-    adapter: Option<&Path>,
-    prompt: &str,
-) -> Result<String> {
-    let target = sqlora::sql::device::open(device, Target::cpu()?)?;
-    let model = target.load_model(source, nf4)?;
-    tokenizer.check_fits(model.config.vocab_size, source.path())?;
-    let ids = tokenizer.encode(prompt)?;
-    if ids.is_empty() {
-        bail!("the prompt is empty after tokenization");
-    }
-    let eos = &model.config.eos_token_ids;
-    let lora = match adapter {
-        Some(a) => Some(sqlora::model::lora::LoraParams::load_peft(a, &model.config)?),
-        None => None,
-    };
-    let eos = eos.clone();
-    let prompts = [ids];
-    let mut engine = target.generation_engine(model, lora.as_ref(), &prompts, 1)?;
-    let out = engine.generate(lora.as_ref(), &prompts, max_new, &eos)?.remove(0);
-    tokenizer.decode(&out)
-}
-
-/// Print the generated SQL, run it read-only with a time limit, and print its rows as a table.
-fn run_answer(db: &Path, sql: &str) -> Result<()> {
-    let sql = sql.trim();
-    println!("{sql}\n");
-    let conn = sqlora::sql::exec::Db::open(db)?;
-    match conn.query_named(sql, std::time::Duration::from_secs(10)) {
-        Ok((names, rows)) => {
-            println!("{}", sqlora::sql::exec::format_table(&names, &rows, 50));
-            Ok(())
-        }
-        Err(e) => bail!("the generated SQL did not run on {}: {e}", db.display()),
-    }
 }
 
 fn info(path: &Path) -> Result<()> {

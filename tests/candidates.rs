@@ -73,28 +73,31 @@ fn the_first_candidate_is_the_greedy_answer_and_draws_depend_only_on_the_seed() 
     for (i, p) in prompts().iter().enumerate() {
         let g = greedy(&model, Some(&lora), p, 10, &[]);
         assert_eq!(
-            candidates(&model, Some(&lora), p, 1, 10, &[], &SAMPLING, i),
+            candidates(&model, Some(&lora), p, 1, 10, &[], &SAMPLING, i, None),
             vec![g.clone()]
         );
-        let c = candidates(&model, Some(&lora), p, 5, 10, &[], &SAMPLING, i);
+        let c = candidates(&model, Some(&lora), p, 5, 10, &[], &SAMPLING, i, None);
         assert_eq!(c.len(), 5);
         assert_eq!(c[0], g);
         assert!(c.iter().all(|o| o.len() == 10));
         // At temperature 1 over a random model's flat distribution, draws differ from greedy.
         assert!(c[1..].iter().any(|o| *o != g), "prompt {i}: every draw was greedy");
-        assert_eq!(candidates(&model, Some(&lora), p, 5, 10, &[], &SAMPLING, i), c);
+        assert_eq!(candidates(&model, Some(&lora), p, 5, 10, &[], &SAMPLING, i, None), c);
         let other = Sampling { seed: 8, ..SAMPLING };
-        assert_ne!(candidates(&model, Some(&lora), p, 5, 10, &[], &other, i)[1..], c[1..]);
+        assert_ne!(
+            candidates(&model, Some(&lora), p, 5, 10, &[], &other, i, None)[1..],
+            c[1..]
+        );
         // A call whose prompts start at prompt 2 of the set draws for its prompt i what prompt
         // i + 2 gets (a file cut into calls gives the same candidates).
         let later = Sampling { first: 2, ..SAMPLING };
         assert_eq!(
-            candidates(&model, Some(&lora), p, 5, 10, &[], &later, i),
-            candidates(&model, Some(&lora), p, 5, 10, &[], &SAMPLING, i + 2)
+            candidates(&model, Some(&lora), p, 5, 10, &[], &later, i, None),
+            candidates(&model, Some(&lora), p, 5, 10, &[], &SAMPLING, i + 2, None)
         );
         // A stop token ends each candidate where it first appears, and is kept.
         let stop = c[2][3];
-        let stopped = candidates(&model, Some(&lora), p, 5, 10, &[stop], &SAMPLING, i);
+        let stopped = candidates(&model, Some(&lora), p, 5, 10, &[stop], &SAMPLING, i, None);
         for (s, full) in stopped.iter().zip(&c) {
             let end = full.iter().position(|&t| t == stop).map_or(full.len(), |k| k + 1);
             assert_eq!(s[..], full[..end]);
@@ -108,11 +111,11 @@ fn prompts_decoded_together_give_each_prompts_greedy_answer() {
         let (model, lora) = setup(v);
         let ps = prompts();
         let alone: Vec<Vec<u32>> = ps.iter().map(|p| greedy(&model, Some(&lora), p, 12, &[])).collect();
-        assert_eq!(greedy_batch(&model, Some(&lora), &ps, 12, &[]), alone, "{v:?}");
+        assert_eq!(greedy_batch(&model, Some(&lora), &ps, 12, &[], None), alone, "{v:?}");
         // Sequences that stop early leave the batch; the others go on.
         let stop = alone[1][1];
         let want: Vec<Vec<u32>> = ps.iter().map(|p| greedy(&model, Some(&lora), p, 12, &[stop])).collect();
-        assert_eq!(greedy_batch(&model, Some(&lora), &ps, 12, &[stop]), want, "{v:?}");
+        assert_eq!(greedy_batch(&model, Some(&lora), &ps, 12, &[stop], None), want, "{v:?}");
         assert!(want[1].len() <= 2, "prompt 1 stops at its second token or before");
     }
 }

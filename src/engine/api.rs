@@ -7,11 +7,12 @@ use super::plan::OPTIMIZER_WINDOW;
 use super::step::Engine;
 use super::Device;
 use crate::model::autograd::{Batch, GradOptions};
-use crate::model::generate::Sampling;
+use crate::model::generate::{Constraint, Sampling};
 use crate::model::lora::LoraParams;
 use crate::model::optim::{AdamW, StatePages, PAGE};
 use anyhow::Result;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// One row of `sqlora selftest`: a kernel on some inputs against its reference, as
 /// ‖out − ref‖ / ‖ref‖ and the tolerance it must meet.
@@ -80,6 +81,10 @@ pub trait StepEngine {
         stops: &[u32],
         sampling: &Sampling,
     ) -> Result<Vec<Vec<Vec<u32>>>>;
+    /// Have `generate` and `generate_candidates` ask `c` before taking each token (the prompts of
+    /// each call numbered from 0, the candidates of a prompt sharing its number); `None`: no
+    /// constraint.
+    fn set_constraint(&mut self, c: Option<Arc<dyn Constraint>>);
     /// Device memory in use, where the engine can tell.
     fn memory_used(&self) -> Option<usize>;
     /// Decoding steps so far that replayed a recorded graph.
@@ -143,6 +148,9 @@ impl<D: Device> StepEngine for Engine<D> {
         sampling: &Sampling,
     ) -> Result<Vec<Vec<Vec<u32>>>> {
         Engine::generate_candidates(self, lora, prompts, n, max_new, stops, sampling)
+    }
+    fn set_constraint(&mut self, c: Option<Arc<dyn Constraint>>) {
+        self.constraint = c;
     }
     fn memory_used(&self) -> Option<usize> {
         self.dev.memory_used()

@@ -6,7 +6,7 @@
 use super::api::{ProfileRow, StepEngine};
 use crate::model::autograd::{forward_backward, loss_sum, Batch, GradOptions};
 use crate::model::forward::Model;
-use crate::model::generate::{candidates, greedy_batch, Sampling, DECODE_GROUP};
+use crate::model::generate::{candidates, greedy_batch, Constraint, Sampling, DECODE_GROUP};
 use crate::model::lora::LoraParams;
 use crate::model::optim::{grad_norm, scale, AdamW, HostPages, StatePages, PAGE};
 use anyhow::{ensure, Result};
@@ -21,6 +21,7 @@ pub struct Reference {
     lora: LoraParams,
     /// [lora.len()] gradients accumulated since the last update.
     grads: Vec<f32>,
+    constraint: Option<Arc<dyn Constraint>>,
 }
 
 impl Reference {
@@ -30,6 +31,7 @@ impl Reference {
             model,
             grads: vec![0f32; lora.len()],
             lora: lora.clone(),
+            constraint: None,
         }
     }
 }
@@ -92,8 +94,9 @@ impl StepEngine for Reference {
     ) -> Result<Vec<Vec<u32>>> {
         // A few prompts at a time, decoded together (they share each read of the weights).
         let mut outs = Vec::with_capacity(prompts.len());
-        for group in prompts.chunks(DECODE_GROUP) {
-            outs.extend(greedy_batch(&self.model, lora, group, max_new, stops));
+        for (k, group) in prompts.chunks(DECODE_GROUP).enumerate() {
+            let c = self.constraint.as_deref().map(|c| (c, k * DECODE_GROUP));
+            outs.extend(greedy_batch(&self.model, lora, group, max_new, stops, c));
         }
         Ok(outs)
     }
@@ -107,8 +110,14 @@ impl StepEngine for Reference {
         sampling: &Sampling,
     ) -> Result<Vec<Vec<Vec<u32>>>> {
         Ok((prompts.iter().enumerate())
-            .map(|(i, p)| candidates(&self.model, lora, p, n, max_new, stops, sampling, i))
+            .map(|(i, p)| {
+                let c = self.constraint.as_deref();
+                candidates(&self.model, lora, p, n, max_new, stops, sampling, i, c)
+            })
             .collect())
+    }
+    fn set_constraint(&mut self, c: Option<Arc<dyn Constraint>>) {
+        self.constraint = c;
     }
     fn memory_used(&self) -> Option<usize> {
         None

@@ -16,6 +16,64 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// What a continuation may say next (a grammar, a database's names), asked before a token is
+/// taken. Decoding with one chooses, among the tokens it allows, the one it would have chosen.
+pub trait Constraint: Send + Sync {
+    /// Whether prompt `p`'s continuation `so_far` may go on with `token`.
+    fn allows(&self, p: usize, so_far: &[u32], token: u32) -> bool;
+}
+
+/// Tokens drawn at one sampled step before a constraint gives way (and its first choice is taken).
+pub const CONSTRAINED_TRIES: usize = 64;
+
+/// The token to take when `first` was chosen from `logits` ([vocab]) by `choose`: `first` if
+/// `allowed`, else `choose` again with each refused token masked, at most [`CONSTRAINED_TRIES`]
+/// tokens in all; if none is allowed, `first`.
+pub fn constrained(
+    first: u32,
+    logits: &[f32],
+    mut choose: impl FnMut(&[f32]) -> u32,
+    allowed: impl Fn(u32) -> bool,
+) -> u32 {
+    if allowed(first) {
+        return first;
+    }
+    let mut masked = logits.to_vec();
+    masked[first as usize] = f32::NEG_INFINITY;
+    for _ in 1..CONSTRAINED_TRIES {
+        let t = choose(&masked);
+        if masked[t as usize] == f32::NEG_INFINITY {
+            break; // nothing left to choose from
+        }
+        if allowed(t) {
+            return t;
+        }
+        masked[t as usize] = f32::NEG_INFINITY;
+    }
+    first
+}
+
+/// Tokens tried, best first, at one greedy step before a constraint gives way.
+pub const CONSTRAINED_GREEDY_TRIES: usize = 512;
+
+/// [`constrained`] for greedy decoding, where the choice is the logits' order: the allowed token
+/// of highest logit among the [`CONSTRAINED_GREEDY_TRIES`] highest (ties to the lower id, as
+/// [`argmax`]); `first` if none is allowed.
+pub fn constrained_greedy(first: u32, logits: &[f32], allowed: impl Fn(u32) -> bool) -> u32 {
+    if allowed(first) {
+        return first;
+    }
+    let k = CONSTRAINED_GREEDY_TRIES.min(logits.len());
+    let order = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    if k < ids.len() {
+        ids.select_nth_unstable_by(k - 1, order);
+        ids.truncate(k);
+    }
+    ids.sort_unstable_by(order);
+    ids.into_iter().find(|&t| allowed(t)).unwrap_or(first)
+}
+
 /// Greedy continuation of `prompt` (with adapters, if given): at most `max_new` tokens, stopping
 /// after the first token in `eos` (which is included in the result, as transformers' `generate`
 /// includes it).
@@ -98,13 +156,15 @@ pub const DECODE_GROUP: usize = 8;
 
 /// Greedy continuations of several prompts, decoded together: each prompt runs on its own, then
 /// every step runs one row per unfinished sequence ([`Model::forward_rows`]), so the rows share
-/// each read of the weights. The same tokens as [`greedy`] on each prompt.
+/// each read of the weights. The same tokens as [`greedy`] on each prompt; with a constraint
+/// `(c, p0)`, prompt j is the constraint's prompt `p0 + j`.
 pub fn greedy_batch(
     model: &Model,
     lora: Option<&LoraParams>,
     prompts: &[Vec<u32>],
     max_new: usize,
     eos: &[u32],
+    constraint: Option<(&dyn Constraint, usize)>,
 ) -> Vec<Vec<u32>> {
     if max_new == 0 {
         return vec![Vec::new(); prompts.len()];
@@ -116,11 +176,17 @@ pub fn greedy_batch(
         rows.extend(model.forward_adapted(p, &mut cache, Logits::Last, lora));
         caches.push(cache);
     }
-    decode_together(model, lora, caches, rows, max_new, eos, |_, row| argmax(row))
+    decode_together(model, lora, caches, rows, max_new, eos, |j, so_far, row| {
+        let first = argmax(row);
+        match constraint {
+            None => first,
+            Some((c, p0)) => constrained_greedy(first, row, |t| c.allows(p0 + j, so_far, t)),
+        }
+    })
 }
 
 /// `n` continuations of `prompt`: the greedy one first, then `n - 1` drawn with `sampling` (`i`:
-/// the prompt's index, which seeds its draws). The prompt runs once; its cache is then copied for
+/// the prompt's index, which seeds its draws, and is the constraint's prompt). The prompt runs once; its cache is then copied for
 /// each candidate, and the candidates decode together, one row each, until each has stopped (as
 /// [`greedy`] stops).
 #[allow(clippy::too_many_arguments)]
@@ -133,6 +199,7 @@ pub fn candidates(
     eos: &[u32],
     sampling: &Sampling,
     i: usize,
+    constraint: Option<&dyn Constraint>,
 ) -> Vec<Vec<u32>> {
     if max_new == 0 || n == 0 {
         return vec![Vec::new(); n];
@@ -147,15 +214,24 @@ pub fn candidates(
         logits.repeat(n),
         max_new,
         eos,
-        |j, row| match j {
-            0 => argmax(row),
-            _ => sampling.draw(row, &mut rngs[j]),
+        |j, so_far, row| {
+            let rng = &mut rngs[j];
+            let mut choose = |r: &[f32]| match j {
+                0 => argmax(r),
+                _ => sampling.draw(r, rng),
+            };
+            let first = choose(row);
+            match constraint {
+                None => first,
+                Some(c) if j == 0 => constrained_greedy(first, row, |t| c.allows(i, so_far, t)),
+                Some(c) => constrained(first, row, choose, |t| c.allows(i, so_far, t)),
+            }
         },
     )
 }
 
 /// Decode sequences together from their caches and the logits of their last positions (`rows`,
-/// [sequences, vocab]): `pick(j, logits)` chooses sequence j's next token; a sequence stops after
+/// [sequences, vocab]): `pick(j, so_far, logits)` chooses sequence j's next token; a sequence stops after
 /// a token in `eos` (kept) or at `max_new` tokens, and leaves the batch with its cache.
 fn decode_together(
     model: &Model,
@@ -164,7 +240,7 @@ fn decode_together(
     mut rows: Vec<f32>,
     max_new: usize,
     eos: &[u32],
-    mut pick: impl FnMut(usize, &[f32]) -> u32,
+    mut pick: impl FnMut(usize, &[u32], &[f32]) -> u32,
 ) -> Vec<Vec<u32>> {
     let v = model.config.vocab_size;
     let mut outs = vec![Vec::with_capacity(max_new); caches.len()];
@@ -173,7 +249,7 @@ fn decode_together(
     loop {
         let (mut still, mut kept, mut ids) = (Vec::new(), Vec::new(), Vec::new());
         for ((j, cache), row) in live.into_iter().zip(caches).zip(rows.chunks(v)) {
-            let id = pick(j, row);
+            let id = pick(j, &outs[j], row);
             outs[j].push(id);
             if !eos.contains(&id) && outs[j].len() < max_new {
                 still.push(j);

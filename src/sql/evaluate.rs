@@ -58,7 +58,7 @@ pub fn exec_accuracy(
     let mut sqls = Vec::with_capacity(tasks.len());
     for group in tasks.chunks(DECODE_GROUP) {
         let prompts: Vec<Vec<u32>> = group.iter().map(|t| t.prompt.clone()).collect();
-        for out in greedy_batch(model, lora, &prompts, max_new, stops) {
+        for out in greedy_batch(model, lora, &prompts, max_new, stops, None) {
             sqls.push(tok.decode(&out)?.trim().to_string());
         }
     }

@@ -5,10 +5,12 @@
 //! [`exec`] (read-only, time-limited execution), [`compare`] and [`eval`] (execution accuracy as
 //! Spider's test-suite evaluator computes it, with [`exact`] set match, [`hardness`] and the kinds of
 //! [`miss`]),
-//! [`choose`] (execution-guided choice among candidates), [`evaluate`] (generate and score a
-//! validation sample) and [`predict`] (`sqlora predict`). [`device`] resolves the commands'
+//! [`guard`] (decoding held to a database's names), [`choose`] (execution-guided choice among
+//! candidates), [`evaluate`] (generate and score a validation sample), [`predict`] (`sqlora
+//! predict`) and [`ask`] (`sqlora ask`). [`device`] resolves the commands'
 //! `--device`, with what a user is told about the GPU.
 
+pub mod ask;
 pub mod choose;
 pub mod compare;
 pub mod data;
@@ -17,6 +19,7 @@ pub mod eval;
 pub mod evaluate;
 pub mod exact;
 pub mod exec;
+pub mod guard;
 pub mod hardness;
 pub mod lex;
 pub mod miss;

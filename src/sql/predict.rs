@@ -4,7 +4,8 @@
 //! With one candidate per question (the default) the answer is the greedy continuation. With n,
 //! it is chosen among the greedy one and n - 1 sampled ones by running them on the question's
 //! database ([`crate::sql::choose`]): execution-guided decoding, which uses the database but never
-//! the gold query.
+//! the gold query. Answers in the template are held to their database's names as they are written
+//! ([`crate::sql::guard`]) unless `guard` is off.
 
 use crate::engine::target::Target;
 use crate::model::generate::Sampling;
@@ -14,11 +15,14 @@ use crate::sql::data::chat::{extract_sql, ChatFormat};
 use crate::sql::data::Example;
 use crate::sql::eval::resolve_db;
 use crate::sql::exec::Db;
+use crate::sql::guard::{Names, SchemaGuard};
+use crate::sql::schema::Schema;
 use crate::util::progress::Progress;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Sequences generated together per call (a chunk of questions times their candidates): large
@@ -40,6 +44,8 @@ pub struct Generation {
     pub db_root: Option<PathBuf>,
     /// Time limit of each candidate query.
     pub timeout: Duration,
+    /// Hold template answers to their databases' names ([`crate::sql::guard`]).
+    pub guard: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -101,11 +107,20 @@ pub fn predict(
         })
         .collect::<Result<Vec<_>>>()?;
     let n = how.candidates.max(1);
+    // The guard needs each question's database; chat answers (prose, fences) are not guarded.
+    let names = match how.guard && chat.is_none() {
+        true => guard_names(&examples, data, how.db_root.as_deref()),
+        false => vec![None; examples.len()],
+    };
     let mut engine = target.generation_engine(model, lora.as_ref(), &prompts, n)?;
     // [examples][n] token ids, generated a chunk of questions at a time so that the progress shows.
     let mut outs: Vec<Vec<Vec<u32>>> = Vec::with_capacity(prompts.len());
     let mut progress = Progress::new("predict", prompts.len() as u64);
     for chunk in prompts.chunks(CHUNK_SEQUENCES.div_ceil(n)) {
+        let these = &names[outs.len()..outs.len() + chunk.len()];
+        if these.iter().any(Option::is_some) {
+            engine.set_constraint(Some(Arc::new(SchemaGuard::new(tok.clone(), these.to_vec(), &stops))));
+        }
         if n == 1 {
             let got = engine.generate(lora.as_ref(), chunk, how.max_new, &stops)?;
             outs.extend(got.into_iter().map(|o| vec![o]));
@@ -142,6 +157,31 @@ pub fn predict(
         text.push('\n');
     }
     crate::load::weights::write_atomic(out, text.as_bytes())
+}
+
+/// Each example's database's names for the guard, read once per database; `None` (and a line
+/// saying how many) where the database is not found.
+fn guard_names(examples: &[Example], data: &Path, db_root: Option<&Path>) -> Vec<Option<Arc<Names>>> {
+    let base = data.parent().unwrap_or(Path::new("."));
+    let mut read: HashMap<PathBuf, Option<Arc<Names>>> = HashMap::new();
+    let names: Vec<Option<Arc<Names>>> = (examples.iter())
+        .map(|e| {
+            let path = resolve_db(e, base, db_root).ok()?;
+            (read.entry(path.clone()))
+                .or_insert_with(|| Schema::from_sqlite(&path, 0).ok().map(|s| Arc::new(Names::of(&s))))
+                .clone()
+        })
+        .collect();
+    let missing = names.iter().filter(|n| n.is_none()).count();
+    if missing > 0 {
+        eprintln!(
+            "{}: {missing} of {} questions have no database found (--db-root): their answers are \
+             not held to a schema",
+            data.display(),
+            examples.len()
+        );
+    }
+    names
 }
 
 /// Each example's database, opened read-only once per file, in the examples' order.

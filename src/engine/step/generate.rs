@@ -18,7 +18,7 @@ use super::layer::Attn;
 use super::Engine;
 use crate::engine::{Bf, Device};
 use crate::model::autograd::Batch;
-use crate::model::generate::{argmax, Sampling};
+use crate::model::generate::{argmax, constrained, constrained_greedy, Sampling};
 use crate::model::lora::LoraParams;
 use crate::util::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
@@ -240,11 +240,13 @@ impl<D: Device> Engine<D> {
     ) -> Result<()> {
         let s = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
         let mut next = vec![0u32; prompts.len()];
+        let none_done = vec![false; prompts.len()];
         self.prefill_shared(adapted, prompts, starts, s, |e, seqs| {
-            let got = match chunk.draw.as_deref_mut() {
+            let mut got = match chunk.draw.as_deref_mut() {
                 None => e.argmax_of_logits(seqs.len())?,
                 Some(draw) => e.draw_from_logits(seqs, chunk.first, draw)?,
             };
+            e.constrain(seqs, &mut got, out, &mut chunk, &none_done)?;
             for (&b, id) in seqs.iter().zip(got) {
                 next[b] = id;
             }
@@ -305,6 +307,7 @@ impl<D: Device> Engine<D> {
                 None => self.next_tokens(ran.len())?,
                 Some(draw) => self.draw_from_logits(&ran, chunk.first, draw)?,
             };
+            self.constrain(&ran, &mut next, out, &mut chunk, &done)?;
             lens.iter_mut().for_each(|n| *n += 1);
         }
         unreachable!("the loop returns when every sequence is done")
@@ -521,6 +524,46 @@ impl<D: Device> Engine<D> {
                 _ => sampling.draw(row, rng),
             })
             .collect())
+    }
+
+    /// With a constraint ([`Engine::constraint`]), each token of `next` that it refuses (row k of
+    /// s.logits is the chunk's sequence `seqs[k]`, whose tokens so far are `out[seqs[k]]`) is chosen
+    /// again from its row: greedy rows as [`constrained_greedy`] does, drawn rows as [`constrained`]
+    /// does with their own generator. Sequences already `done` are left alone.
+    fn constrain(
+        &mut self,
+        seqs: &[usize],
+        next: &mut [u32],
+        out: &[Vec<u32>],
+        chunk: &mut Chunk,
+        done: &[bool],
+    ) -> Result<()> {
+        let Some(c) = self.constraint.clone() else {
+            return Ok(());
+        };
+        // Sequence g of the call is candidate g % n of prompt g / n.
+        let n = chunk.draw.as_ref().map_or(1, |d| d.n);
+        let prompt = |b: usize| (chunk.first + b) / n;
+        let refused: Vec<usize> = (0..seqs.len())
+            .filter(|&k| !done[seqs[k]] && !c.allows(prompt(seqs[k]), &out[seqs[k]], next[k]))
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let v = self.config.vocab_size;
+        let logits = self.dev.read(&self.s.logits, seqs.len() * v)?; // [seqs, vocab]
+        for k in refused {
+            let (b, row) = (seqs[k], &logits[k * v..(k + 1) * v]);
+            let (g, allowed) = (chunk.first + b, |t| c.allows(prompt(b), &out[b], t));
+            next[k] = match chunk.draw.as_deref_mut() {
+                Some(d) if g % d.n != 0 => {
+                    let (sampling, rng) = (d.sampling, &mut d.rngs[g]);
+                    constrained(next[k], row, |r| sampling.draw(r, rng), allowed)
+                }
+                _ => constrained_greedy(next[k], row, allowed),
+            };
+        }
+        Ok(())
     }
 
     /// The first `rows` token ids of gen.next.

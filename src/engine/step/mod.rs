@@ -20,10 +20,12 @@ use crate::load::config::ModelConfig;
 use crate::model::autograd::{Batch, GradOptions};
 use crate::model::cpu::LinearWeight;
 use crate::model::forward::{Dropout, Model};
+use crate::model::generate::Constraint;
 use crate::model::lora::LoraAt;
 use crate::model::lora::LoraParams;
 use anyhow::{bail, ensure, Context, Result};
 use layer::Attn;
+use std::sync::Arc;
 
 /// One layer's frozen weights on the device.
 struct DeviceLayer<D: Device> {
@@ -140,6 +142,8 @@ pub struct Engine<D: Device> {
     gen: Option<generate::GenCache<D>>,
     /// Decoding steps run by replaying a recorded graph (for the selftest and benchmarks).
     pub graph_replays: usize,
+    /// What generation may say ([`crate::engine::api::StepEngine::set_constraint`]).
+    pub constraint: Option<Arc<dyn Constraint>>,
 }
 
 /// Projection p of layer l uploaded as NF4 (quantized on the device if the model holds it dense).
@@ -306,6 +310,7 @@ impl<D: Device> Engine<D> {
             checkpointing,
             gen: None,
             graph_replays: 0,
+            constraint: None,
             config: c,
             dev,
         })
