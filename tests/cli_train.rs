@@ -3,6 +3,7 @@
 
 use sqlora::load::tokenizer::Tokenizer;
 use sqlora::model::forward::Model;
+use sqlora::model::lora::LoraParams;
 use sqlora::model::tiny::{write_tiny_model, TinyVariant};
 use std::process::Command;
 
@@ -233,6 +234,74 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
         metrics.lines().filter(|l| l.contains("\"loss\"")).count(),
         400,
         "one line per step, none twice"
+    );
+}
+
+#[test]
+fn init_adapter_starts_from_an_adapter_and_refuses_another_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_tiny_model(&model, TinyVariant::Llama).unwrap();
+    let train = |out: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_train"))
+            .args([
+                "--model",
+                model.to_str().unwrap(),
+                "--out",
+                dir.path().join(out).to_str().unwrap(),
+            ])
+            .args([
+                "--device",
+                "reference",
+                "--max-steps",
+                "2",
+                "--batch",
+                "1",
+                "--lora-r",
+                "4",
+            ])
+            .args(["--max-seq-len", "4096", "--sql-eval-samples", "0"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = train("first", &["--lr", "0.01", "--warmup", "0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = dir.path().join("first");
+    let config = Model::load_dir(&model).unwrap().config;
+    let weights = |run: &str| LoraParams::load_peft(&dir.path().join(run), &config).unwrap().data;
+    // Largest difference between two runs' adapters.
+    let diff = |a: &str, b: &str| (weights(a).iter().zip(weights(b))).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    // With a vanishing learning rate nothing moves: the run writes the adapter it started from.
+    let o = train("same", &["--init-adapter", first.to_str().unwrap(), "--lr", "1e-30"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("adapters start from"), "{err}");
+    assert!(diff("same", "first") < 1e-6, "{}", diff("same", "first"));
+    // Trained further, it moves away; a fresh start that does not move is another adapter.
+    let o = train(
+        "further",
+        &[
+            "--init-adapter",
+            first.to_str().unwrap(),
+            "--lr",
+            "0.01",
+            "--warmup",
+            "0",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(diff("further", "first") > 1e-4);
+    let o = train("fresh", &["--lr", "1e-30"]);
+    assert!(o.status.success());
+    assert!(diff("fresh", "first") > 1e-4);
+    // Another rank: refused, naming both layouts.
+    let o = train("other", &["--init-adapter", first.to_str().unwrap(), "--lora-r", "8"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--init-adapter") && err.contains("rank 4") && err.contains("rank 8"),
+        "{err}"
     );
 }
 

@@ -6,7 +6,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlora::engine::target::Target;
 use sqlora::load::tokenizer::Tokenizer;
-use sqlora::model::lora::LoraConfig;
+use sqlora::model::lora::{LoraConfig, LoraParams};
 use sqlora::model::optim::{AdamWConfig, Decay};
 use sqlora::sql::data::{encode, read_jsonl, Encoded};
 use sqlora::train::{SqlEval, TrainConfig, Trainer};
@@ -66,6 +66,11 @@ struct Args {
     /// Projections to adapt: `all` or a list like `q_proj,v_proj`.
     #[arg(long, default_value = "all", help_heading = "LoRA")]
     targets: String,
+    /// Start from this PEFT adapter (a directory `train` or PEFT wrote) instead of a fresh
+    /// initialisation, to train it further; its rank, alpha, scaling and targets must be this
+    /// run's. The optimizer and the schedule start afresh. A checkpoint `--resume` finds wins.
+    #[arg(long, help_heading = "LoRA")]
+    init_adapter: Option<PathBuf>,
 
     /// Passes over the training data.
     #[arg(long, default_value_t = 1, help_heading = "Schedule")]
@@ -301,6 +306,33 @@ fn load_examples(path: &Path, tok: &Tokenizer, eos: u32, max_len: usize) -> Resu
     Ok(out)
 }
 
+/// Put the adapter in `dir` (PEFT files) in place of the trainer's fresh one; its layout must be the
+/// run's.
+fn start_from(trainer: &mut Trainer, dir: &Path) -> Result<()> {
+    let init = LoraParams::load_peft(dir, &trainer.model.config)?;
+    let (got, want) = (&init.config, &trainer.lora.config);
+    let same =
+        got.r == want.r && got.alpha == want.alpha && got.use_rslora == want.use_rslora && got.targets == want.targets;
+    if !same {
+        bail!(
+            "--init-adapter {}: the adapter has rank {}, alpha {}, rslora {}, targets {:?}; this run \
+             asks for rank {}, alpha {}, rslora {}, targets {:?} (set --lora-r, --lora-alpha, --rslora, \
+             --targets to match)",
+            dir.display(),
+            got.r,
+            got.alpha,
+            got.use_rslora,
+            got.targets,
+            want.r,
+            want.alpha,
+            want.use_rslora,
+            want.targets
+        );
+    }
+    trainer.lora.data.copy_from_slice(&init.data);
+    Ok(())
+}
+
 /// Whether the memory budget calls for activation checkpointing (said on stderr when it does).
 fn auto_checkpointing(
     a: &Args,
@@ -422,6 +454,10 @@ fn run(a: Args) -> Result<()> {
                 max_new_tokens: a.sql_max_new_tokens,
             });
         }
+    }
+    if let Some(dir) = &a.init_adapter {
+        start_from(&mut trainer, dir)?;
+        eprintln!("adapters start from {}", dir.display());
     }
     if a.resume {
         match trainer.latest_checkpoint() {
