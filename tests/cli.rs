@@ -6,11 +6,14 @@ use common::rel_err;
 use sqlora::load::tokenizer::Tokenizer;
 use sqlora::model::forward::Model;
 use sqlora::model::forward::{KvCache, Logits};
-use sqlora::model::generate::greedy;
+use sqlora::model::generate::{greedy, greedy_batch};
 use sqlora::model::lora::LoraParams;
 use sqlora::model::tiny::{tiny_adapter, write_tiny_model, TinyVariant};
 use sqlora::sql::data::chat::{extract_sql, ChatFormat};
+use sqlora::sql::guard::{Names, SchemaGuard};
+use sqlora::sql::schema::Schema;
 use std::process::Command;
+use std::sync::Arc;
 
 fn sqlora(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_sqlora")).args(args).output().unwrap()
@@ -217,24 +220,36 @@ fn ask_db_wraps_the_question_in_the_template() {
         ))
         .unwrap();
     let (m, d) = (dir.path().to_str().unwrap(), db.to_str().unwrap());
-    let out = sqlora(&[
-        "ask",
-        "--model",
-        m,
-        "--db",
-        d,
-        "--device",
-        "reference",
-        "--max-new-tokens",
-        "8",
-        question,
-    ]);
+    let before = std::fs::read(&db).unwrap();
+    let ask = |extra: &[&str]| {
+        let args = [
+            "ask",
+            "--model",
+            m,
+            "--db",
+            d,
+            "--device",
+            "reference",
+            "--max-new-tokens",
+            "8",
+        ];
+        sqlora(&[&args[..], extra, &[question]].concat())
+    };
+    let out = ask(&["--no-guard"]);
     // The random model's answer is not SQL: it is printed, then its failure is reported.
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("{}\n", want.trim())));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("did not run on") && err.contains("shop.sqlite"), "{err}");
-    let before = std::fs::read(&db).unwrap();
+    // With the schema guard (the default), the answer is the guarded greedy one.
+    let names = Arc::new(Names::of(&Schema::from_sqlite(&db, 0).unwrap()));
+    let eos = &model.config.eos_token_ids;
+    let guard = SchemaGuard::new(tok.clone(), vec![Some(names)], eos);
+    let ids = greedy_batch(&model, None, &[tok.encode(&prompt).unwrap()], 8, eos, Some((&guard, 0)));
+    let guarded = tok.decode(&ids[0]).unwrap();
+    assert_ne!(guarded, want, "the guard changed nothing");
+    let out = ask(&[]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("{}\n", guarded.trim())));
     assert_eq!(std::fs::read(&db).unwrap(), before);
 }
 
