@@ -64,25 +64,9 @@ const AFTER_FROM: &[&str] = &[
     "except",
 ];
 
-/// Keywords that may follow a table in a FROM clause: an alias written without AS never begins
-/// with one.
-const RUN_IN: &[&str] = &[
-    "where",
-    "group",
-    "order",
-    "having",
-    "limit",
-    "union",
-    "intersect",
-    "except",
-    "join",
-    "on",
-    "left",
-    "inner",
-    "cross",
-    "natural",
-    "using",
-];
+/// Keywords of a join. With [`AFTER_FROM`], what may follow a table in a FROM clause: an alias
+/// written without AS never begins with one.
+const JOINING: &[&str] = &["join", "on", "left", "inner", "cross", "natural", "using"];
 
 /// The schema's names, lowercased: each table's columns.
 #[derive(Clone, Debug, Default)]
@@ -379,7 +363,7 @@ impl Checker<'_> {
             Expect::AfterTable(table) if !(is_word(w) || open && begins_word(w)) => {
                 // An alias without AS that begins with a clause's keyword is that keyword run into
                 // a name (`WHERECrime_rate`).
-                if let Some(k) = RUN_IN.iter().find(|k| w.starts_with(*k)) {
+                if let Some(k) = AFTER_FROM.iter().chain(JOINING).find(|k| w.starts_with(*k)) {
                     return Err(format!("'{w}' runs '{k}' into a name"));
                 }
                 self.alias(w, &table, open);
