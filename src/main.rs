@@ -399,7 +399,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(c) => c,
                 None => sqlora::load::fetch::cache_dir()?,
             };
-            let path = sqlora::load::fetch::fetch(model, &cache)?;
+            let path = sqlora::load::fetch::fetch(model, &cache, sqlora::load::fetch::Check::Full)?;
             println!("{}", path.display());
             Ok(())
         }

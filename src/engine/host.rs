@@ -105,6 +105,9 @@ impl<H: OnHost> DeviceBase for H {
     fn upload<T: Elem>(&self, host: &[T]) -> Result<Vec<T>> {
         Ok(host.to_vec())
     }
+    fn upload_vec<T: Elem>(&self, host: Vec<T>) -> Result<Vec<T>> {
+        Ok(host)
+    }
     fn write_at<T: Elem>(&self, dst: &mut Vec<T>, off: usize, host: &[T]) -> Result<()> {
         dst[off..off + host.len()].copy_from_slice(host);
         Ok(())

@@ -68,6 +68,11 @@ pub trait DeviceBase {
     fn alloc<T: Elem>(&self, n: usize) -> Result<Self::Buf<T>>;
     /// A buffer holding a copy of `host`.
     fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
+    /// A buffer holding `host`, which the device may take over rather than copy (the host engines
+    /// keep it as it is).
+    fn upload_vec<T: Elem>(&self, host: Vec<T>) -> Result<Self::Buf<T>> {
+        self.upload(&host)
+    }
     /// Copy `host` into the start of `dst` (which may be longer).
     fn write<T: Elem>(&self, dst: &mut Self::Buf<T>, host: &[T]) -> Result<()> {
         self.write_at(dst, 0, host)
@@ -380,6 +385,11 @@ impl<D: DeviceBase + Elementwise + Nf4Gemm + LoraOps + LossOps + AttentionOps + 
 
 /// f32 values rounded to bf16.
 pub fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    use rayon::prelude::*;
+    // A model's embedding is ~10^8 values: converted on every core.
+    if v.len() >= 1 << 20 {
+        return v.par_iter().map(|&x| bf16::from_f32(x)).collect();
+    }
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 

@@ -11,7 +11,7 @@ use crate::engine::cuda::{self, Cuda};
 use crate::load::ModelSource;
 use crate::model::forward::Model;
 use crate::model::lora::{LoraConfig, LoraParams};
-use crate::model::nf4::{Nf4Tensor, Quantizer};
+use crate::model::nf4::Nf4Tensor;
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
@@ -105,7 +105,14 @@ impl Target {
                 g.stream.synchronize().context("waiting for the GPU")?;
                 Ok(model)
             }
-            None => Model::from_source(source, (nf4 || self.stores_bf16()).then_some(&cpu as &Quantizer)),
+            // Quantized on the CPU: the NF4 cache keeps the result for the next run.
+            None if nf4 || self.stores_bf16() => match crate::model::nf4_cache::default_dir() {
+                Some(dir) if crate::model::nf4_cache::worth_caching(&source.config) => {
+                    crate::model::nf4_cache::load(source, &cpu, &dir)
+                }
+                _ => Model::from_source(source, Some(&cpu)),
+            },
+            None => Model::from_source(source, None),
         }
     }
 

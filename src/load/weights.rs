@@ -180,6 +180,20 @@ impl Weights {
         })
     }
 
+    /// The bytes of a U8 tensor, checking its shape.
+    pub fn u8s(&self, name: &str, shape: &[usize]) -> Result<&[u8]> {
+        let info = self.info(name)?;
+        let path = self.paths[info.file].display();
+        if info.dtype != Dtype::U8 || info.shape != shape {
+            bail!(
+                "tensor {name} in {path} is {:?} {:?}, expected U8 {shape:?}",
+                info.dtype,
+                info.shape
+            );
+        }
+        Ok(&self.maps[info.file][info.bytes.clone()])
+    }
+
     /// Read a tensor as f32, checking its shape. Accepts F32, F16 and BF16 storage.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let info = self.info(name)?;
@@ -288,8 +302,21 @@ pub fn write_dir_atomic(out: &Path, ours: &[&str], fill: impl FnOnce(&Path) -> R
 }
 
 /// Write a file via a temporary sibling and a rename: the target is either the old or the new file.
+/// The temporary name carries the process id, so two processes writing one target (two runs
+/// filling one cache) cannot mix their bytes; the last rename wins. A failed write leaves no
+/// temporary file behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {} (through {})", path.display(), tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    let name = path
+        .file_name()
+        .map_or("file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp-write", std::process::id()));
+    let done = std::fs::write(&tmp, bytes)
+        .with_context(|| format!("writing {} (through {})", path.display(), tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
 }

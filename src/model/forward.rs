@@ -13,7 +13,7 @@
 use crate::load::arch::{Proj, TensorSource};
 use crate::load::config::{ModelConfig, RopeScaling};
 use crate::load::source::ModelSource;
-use crate::model::cpu::{self, Linear};
+use crate::model::cpu::{self, Linear, LinearWeight};
 use crate::model::lora::LoraParams;
 use crate::model::nf4::{Nf4Tensor, Quantizer};
 use anyhow::{Context, Result};
@@ -133,19 +133,56 @@ impl Model {
 
     /// [`Model::from_weights`], quantizing each projection to NF4 with `quantize` as it is read.
     pub fn from_weights_with(config: ModelConfig, w: &dyn TensorSource, quantize: Option<&Quantizer>) -> Result<Model> {
+        let c = config.clone();
+        Model::assemble(config, w, &|p, i| {
+            let lin = load_linear(w, &c, p, i)?;
+            match quantize {
+                Some(q) => lin.to_nf4_with(q).with_context(|| format!("quantizing {}", p.path(i))),
+                None => Ok(lin),
+            }
+        })
+    }
+
+    /// The model from named HF tensors, with every projection's weight already in NF4: `nf4(p, i)`
+    /// is projection `p` of layer `i` (a cached quantization, [`crate::model::nf4_cache`]); the
+    /// biases, norms and embedding come from `w`.
+    pub fn from_weights_nf4(
+        config: ModelConfig,
+        w: &dyn TensorSource,
+        nf4: &dyn Fn(Proj, usize) -> Result<Nf4Tensor>,
+    ) -> Result<Model> {
+        let c = config.clone();
+        Model::assemble(config, w, &|p, i| {
+            let [out, inp] = p.shape(&c);
+            let q = nf4(p, i)?;
+            anyhow::ensure!(
+                q.shape == [out, inp],
+                "{}: the NF4 weight is {:?}, the config says [{out}, {inp}]",
+                p.path(i),
+                q.shape
+            );
+            Ok(Linear {
+                out_features: out,
+                in_features: inp,
+                weight: LinearWeight::Nf4(q),
+                bias: load_bias(w, &c, p, i)?,
+            })
+        })
+    }
+
+    /// The model from `w`'s embedding, norms and head, and `proj(p, i)`'s projections.
+    fn assemble(
+        config: ModelConfig,
+        w: &dyn TensorSource,
+        proj: &dyn Fn(Proj, usize) -> Result<Linear>,
+    ) -> Result<Model> {
         let c = &config;
         let (d, vocab) = (c.hidden_size, c.vocab_size);
         let embed = Linear::dense(vocab, d, w.f32("model.embed_tokens.weight", &[vocab, d])?, None);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let norm = |name: &str| w.f32(&format!("model.layers.{i}.{name}.weight"), &[d]);
-            let proj = Proj::ALL.map(|p| {
-                let lin = load_linear(w, c, p, i)?;
-                match quantize {
-                    Some(q) => lin.to_nf4_with(q).with_context(|| format!("quantizing {}", p.path(i))),
-                    None => Ok(lin),
-                }
-            });
+            let proj = Proj::ALL.map(|p| proj(p, i));
             let proj = proj.into_iter().collect::<Result<Vec<_>>>()?;
             layers.push(Layer {
                 attn_norm: norm("input_layernorm")?,
@@ -445,15 +482,20 @@ fn load_linear(w: &dyn TensorSource, c: &ModelConfig, p: Proj, layer: usize) -> 
     let [out, inp] = p.shape(c);
     let base = p.path(layer);
     let weight = w.f32(&format!("{base}.weight"), &[out, inp])?;
-    let bias = if p.has_bias(c) {
-        Some(
-            w.f32(&format!("{base}.bias"), &[out])
-                .context("the config says this projection has a bias")?,
-        )
-    } else {
-        None
-    };
-    Ok(Linear::dense(out, inp, weight, bias))
+    Ok(Linear::dense(out, inp, weight, load_bias(w, c, p, layer)?))
+}
+
+/// Projection `p`'s bias in layer `layer`, where the config says it has one.
+fn load_bias(w: &dyn TensorSource, c: &ModelConfig, p: Proj, layer: usize) -> Result<Option<Vec<f32>>> {
+    if !p.has_bias(c) {
+        return Ok(None);
+    }
+    let [out, _] = p.shape(c);
+    let name = format!("{}.bias", p.path(layer));
+    let bias = w
+        .f32(&name, &[out])
+        .context("the config says this projection has a bias")?;
+    Ok(Some(bias))
 }
 
 /// Rotary inverse frequencies `theta^(-2i/hd)`, `i < hd/2`, in f32 as the HF reference computes

@@ -2,7 +2,7 @@
 //!
 //! Read in this order: [`nf4`] (the 4-bit format, byte-compatible with bitsandbytes), [`cpu`] (every
 //! op as plain loops, forward and backward side by side: the CUDA kernels' twins), [`forward`] (the
-//! decoder, top to bottom, with a KV cache), [`lora`] (adapters, PEFT files, merging), [`autograd`]
+//! decoder, top to bottom, with a KV cache; [`nf4_cache`] keeps its quantized projections on disk), [`lora`] (adapters, PEFT files, merging), [`autograd`]
 //! (the adapter-only backward), [`optim`] (AdamW, its paged state, schedules, clipping),
 //! [`generate`] (greedy and sampled decoding), and [`tiny`] (seeded tiny models for tests).
 
@@ -12,5 +12,6 @@ pub mod forward;
 pub mod generate;
 pub mod lora;
 pub mod nf4;
+pub mod nf4_cache;
 pub mod optim;
 pub mod tiny;

@@ -182,8 +182,9 @@ pub type Quantizer<'a> = dyn Fn(&[f32], &[usize]) -> anyhow::Result<Nf4Tensor> +
 pub struct Nf4Tensor {
     /// Logical shape, row-major (for a linear weight: `[out, in]`).
     pub shape: Vec<usize>,
-    /// `[ceil(numel / 2)] u8`: two codes per byte, even element in the high nibble.
-    pub packed: Vec<u8>,
+    /// `[ceil(numel / 2)] u8`: two codes per byte, even element in the high nibble. Shared, not
+    /// copied, when a host engine takes the weight over from the model.
+    pub packed: std::sync::Arc<Vec<u8>>,
     /// The per-64-block scales, double-quantized.
     pub scales: DoubleQuant,
     /// `[nblocks] f32`: the dequantized scales, cached because every dequantization needs them.
@@ -218,7 +219,7 @@ impl Nf4Tensor {
         let absmax = scales.dequantize();
         Nf4Tensor {
             shape: shape.to_vec(),
-            packed,
+            packed: std::sync::Arc::new(packed),
             scales,
             absmax,
         }
@@ -325,7 +326,7 @@ mod tests {
         let w = crate::util::rng::Rng::new(4).normal_vec(65 * 64 + 3, 0.05);
         let shape = [w.len()];
         let q = Nf4Tensor::quantize(&w, &shape);
-        let rebuilt = Nf4Tensor::from_quantized(&shape, q.packed.clone(), q.scales.clone());
+        let rebuilt = Nf4Tensor::from_quantized(&shape, q.packed.to_vec(), q.scales.clone());
         assert_eq!(rebuilt, q);
     }
 

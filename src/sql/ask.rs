@@ -2,6 +2,7 @@
 //! SQL that is then run read-only and printed as a table.
 
 use crate::engine::target::Target;
+use crate::load::tokenizer::Tokenizer;
 use crate::load::ModelSource;
 use crate::model::lora::LoraParams;
 use crate::sql::exec::{format_table, Db};
@@ -28,8 +29,7 @@ pub struct Asking<'a> {
 
 /// The training template around a question over `db`, with the schema snippet the model expects
 /// (the values the question names first among each column's examples, pruned to 1,500 tokens).
-pub fn question_prompt(source: &ModelSource, db: &Path, question: &str) -> Result<String> {
-    let tok = source.tokenizer()?;
+pub fn question_prompt(tok: &Tokenizer, db: &Path, question: &str) -> Result<String> {
     let schema = Schema::from_sqlite(db, 3)?;
     let count = |s: &str| tok.encode_plain(s).map(|t| t.len()).unwrap_or(usize::MAX);
     Ok(crate::sql::data::prompt(
@@ -40,7 +40,17 @@ pub fn question_prompt(source: &ModelSource, db: &Path, question: &str) -> Resul
 
 /// The greedy continuation of `prompt`, decoded; held to `names` if given.
 pub fn ask(source: &ModelSource, how: &Asking, prompt: &str, names: Option<Arc<Names>>) -> Result<String> {
-    let tokenizer = source.tokenizer()?;
+    answer(source, &source.tokenizer()?, how, prompt, names)
+}
+
+/// [`ask`] with the source's tokenizer already built (it takes a few tenths of a second).
+fn answer(
+    source: &ModelSource,
+    tokenizer: &Tokenizer,
+    how: &Asking,
+    prompt: &str,
+    names: Option<Arc<Names>>,
+) -> Result<String> {
     let target = crate::sql::device::open(how.device, Target::cpu()?)?;
     let model = target.load_model(source, how.nf4)?;
     tokenizer.check_fits(model.config.vocab_size, source.path())?;
@@ -65,11 +75,12 @@ pub fn ask(source: &ModelSource, how: &Asking, prompt: &str, names: Option<Arc<N
 /// Answer `question` over the SQLite database `db` in SQL, print it, run it read-only with a 10 s
 /// limit, and print its rows as a table.
 pub fn ask_db(source: &ModelSource, how: &Asking, db: &Path, question: &str) -> Result<()> {
-    let prompt = question_prompt(source, db, question)?;
+    let tokenizer = source.tokenizer()?;
+    let prompt = question_prompt(&tokenizer, db, question)?;
     let names = (how.guard)
         .then(|| Schema::from_sqlite(db, 0).map(|s| Arc::new(Names::of(&s))))
         .transpose()?;
-    let sql = ask(source, how, &prompt, names)?;
+    let sql = answer(source, &tokenizer, how, &prompt, names)?;
     let sql = sql.trim();
     println!("{sql}\n");
     let conn = Db::open(db)?;

@@ -16,7 +16,8 @@
 //! next; the epilogue rounds them once. Units never split the sum over L, so a result does not
 //! depend on the thread count: each element's sum runs over L in order, in f32. Every loop of a call
 //! is compiled for the chosen path (`target_feature`), so the widening, decoding and epilogue
-//! vectorise with it.
+//! vectorise with it. On a CPU with AMX tiles the AVX-512 path hands the whole call to `amx.rs`
+//! (A and P rounded to bf16 there; `SQLORA_CPU_AMX=off` keeps it here).
 
 use super::isa::Isa;
 use half::bf16;
@@ -45,7 +46,7 @@ fn gemm_tile(isa: Isa) -> (usize, usize) {
 }
 
 /// Columns of N per chunk: the chunk's sums, [t, NC] f32, and its decoded panels, [KC, NC] f32.
-const NC: usize = 1024;
+pub(crate) const NC: usize = 1024;
 /// The most f32 values of A packed whole (64 MB).
 const A_WHOLE_MAX: usize = 16 << 20;
 /// Rows of A per unit of work: an [MC, KC] block of A (up to 256 KB) stays in L2.
@@ -128,12 +129,12 @@ impl Epilogue<'_> {
 }
 
 /// A buffer written by many threads at once, each to its own elements.
-struct Shared<O>(*mut O);
+pub(crate) struct Shared<O>(pub(crate) *mut O);
 // SAFETY: threads write through it only to disjoint elements (each unit of work owns its rows and
 // columns), and the buffer outlives the parallel loop that uses it.
 unsafe impl<O> Sync for Shared<O> {}
 impl<O> Shared<O> {
-    fn at(&self, i: usize) -> *mut O {
+    pub(crate) fn at(&self, i: usize) -> *mut O {
         self.0.wrapping_add(i)
     }
 }
@@ -163,7 +164,30 @@ pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     if t == 0 || n == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::amx::enabled(isa) {
+        return super::amx::gemm(isa, a, t, l, n, &panel, ep, out);
+    }
     gemm_body(isa, a, t, l, n, &panel, ep, out)
+}
+
+/// [`gemm`] on the path's FMAs, never on AMX tiles (tests compare the two).
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_fma<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
+    isa: Isa,
+    a: Lhs<A>,
+    t: usize,
+    l: usize,
+    n: usize,
+    panel: P,
+    ep: Epilogue,
+    out: &mut [O],
+) {
+    assert!(isa.supported() && out.len() >= t * n);
+    if t > 0 && n > 0 {
+        gemm_body(isa, a, t, l, n, &panel, ep, out)
+    }
 }
 
 /// [`gemm`] on a path the CPU runs: each piece of parallel work runs compiled for it
@@ -293,7 +317,7 @@ fn run_panel<P: PanelFn>(panel: &P, j0: usize, nr: usize, l0: usize, p: &mut [f3
 
 crate::multiversion! {
     /// [`run_panel`] on a path.
-    fn panel_on<P: PanelFn>(panel: &P, j0: usize, nr: usize, l0: usize, p: &mut [f32]) => run_panel
+    pub(crate) fn panel_on<P: PanelFn>(panel: &P, j0: usize, nr: usize, l0: usize, p: &mut [f32]) => run_panel
 }
 
 crate::multiversion! {
@@ -303,7 +327,7 @@ crate::multiversion! {
 
 crate::multiversion! {
     /// [`epilogue_row`] on a path.
-    fn epilogue_row_on<O: Store>(out: &mut [O], s: &[f32], bias: Option<&[f32]>, ep: Epilogue) => epilogue_row
+    pub(crate) fn epilogue_row_on<O: Store>(out: &mut [O], s: &[f32], bias: Option<&[f32]>, ep: Epilogue) => epilogue_row
 }
 
 /// One tile of [`widen_block`]: rows r0 .. r0 + MR. o: [kc, MR].
@@ -722,82 +746,4 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::cuda::rel_err;
-    use crate::util::rng::Rng;
-
-    /// Every path's transpose against the definition, for every width up to 16 and lengths with
-    /// and without a partial block of 16, rows padded on both sides; dst poisoned, and the values
-    /// past each row's width left alone.
-    #[test]
-    fn transpose_is_the_transpose_on_every_path() {
-        let mut rng = Rng::new(5);
-        for isa in Isa::available() {
-            for width in 1..=16 {
-                for cols in [1, 15, 16, 17, 40] {
-                    let (ls, ld) = (cols + 3, width + 2);
-                    let src = rng.normal_vec(width * ls, 1.0);
-                    let mut dst = vec![f32::NAN; cols * ld];
-                    transpose(isa, &src, ls, width, cols, &mut dst, ld);
-                    for i in 0..cols {
-                        for c in 0..ld {
-                            let (got, want) = (dst[i * ld + c], if c < width { src[c * ls + i] } else { f32::NAN });
-                            assert!(
-                                got.to_bits() == want.to_bits(),
-                                "{isa} width {width} cols {cols} at {i}, {c}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every path against f64 sums, at shapes that cross the blocks of L (KC), the chunks of N (NC)
-    /// and the blocks of rows (MC), with each kind of operand and epilogue; outputs poisoned where
-    /// overwritten.
-    #[test]
-    fn every_path_matches_f64_sums_across_blocks() {
-        let mut rng = Rng::new(9);
-        for isa in Isa::available() {
-            for (t, l, n) in [(3, 5, 7), (130, 1100, 40), (9, 70, 1100), (200, 33, 1030)] {
-                let a = rng.normal_vec(t * l, 1.0);
-                let w = rng.normal_vec(l * n, 1.0);
-                let bias = rng.normal_vec(n, 1.0);
-                let want = |trans: bool, alpha: f64, add: Option<&[f32]>| -> Vec<f32> {
-                    (0..t * n)
-                        .map(|e| {
-                            let (i, j) = (e / n, e % n);
-                            let s: f64 = (0..l)
-                                .map(|q| {
-                                    let av = if trans { a[q * t + i] } else { a[i * l + q] };
-                                    av as f64 * w[q * n + j] as f64
-                                })
-                                .sum();
-                            (alpha * s + add.map_or(bias[j] as f64, |o| o[e] as f64)) as f32
-                        })
-                        .collect()
-                };
-                let panel = straight_panel(n, |q, c0, out: &mut [f32]| {
-                    out.copy_from_slice(&w[q * n + c0..q * n + c0 + out.len()])
-                });
-                // Rows, bias, f32 out.
-                let mut out = vec![f32::NAN; t * n];
-                let ep = Epilogue {
-                    bias: Some(&bias),
-                    ..Epilogue::ASSIGN
-                };
-                gemm(isa, Lhs::Rows(&a), t, l, n, &panel, ep, &mut out);
-                let err = rel_err(&out, &want(false, 1.0, None));
-                assert!(err < 1e-5, "{isa} rows {t}x{l}x{n}: {err}");
-                // Columns (A stored as [l, t]), alpha, accumulate.
-                let base = rng.normal_vec(t * n, 1.0);
-                let mut out = base.clone();
-                gemm(isa, Lhs::Cols(&a), t, l, n, &panel, Epilogue::add(0.5), &mut out);
-                let err = rel_err(&out, &want(true, 0.5, Some(&base)));
-                assert!(err < 1e-5, "{isa} cols {t}x{l}x{n}: {err}");
-            }
-        }
-    }
-}
+mod tests;

@@ -14,6 +14,8 @@
 //! [`profile`] times each kernel for `bench train --profile`; [`peak`] measures the FMA peak that
 //! MFU is reported against.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 pub mod elementwise;
 pub mod gemm;

@@ -157,7 +157,7 @@ fn upload_proj<D: Device>(dev: &D, model: &Model, l: usize, p: Proj) -> Result<D
 
 fn dense_bf16<D: Device>(dev: &D, lin: &crate::model::cpu::Linear, what: &str) -> Result<Bf<D>> {
     match &lin.weight {
-        LinearWeight::Dense(w) => dev.upload(&to_bf16(w)),
+        LinearWeight::Dense(w) => dev.upload_vec(to_bf16(w)),
         LinearWeight::Nf4(_) => bail!("{what} must be dense"),
     }
 }

@@ -52,7 +52,13 @@ impl Linear {
             LinearWeight::Dense(w) => LinearWeight::Nf4(quantize(w, &[self.out_features, self.in_features])?),
             LinearWeight::Nf4(q) => LinearWeight::Nf4(q.clone()),
         };
-        Ok(Linear { weight, ..self.clone() })
+        // Field by field: `..self.clone()` would copy the f32 weight only to drop it.
+        Ok(Linear {
+            out_features: self.out_features,
+            in_features: self.in_features,
+            weight,
+            bias: self.bias.clone(),
+        })
     }
 
     /// The same layer with an NF4 weight stored as its decoded f32 values (a dense one unchanged).
