@@ -1,6 +1,6 @@
 //! The GEMM on AMX tiles (Intel's Advanced Matrix Extensions, Sapphire Rapids and later), where the
 //! CPU has them and the OS lets this process use them: C[t, N] = alpha A[t, L] P[L, N] (+ bias)
-//! (+ C), the contract of [`super::gemm::gemm`], which hands its calls here. Reference twin:
+//! (+ C), the contract of [`super::gemm::gemm`]; [`super::matmul`] hands products here. Reference twin:
 //! `model::cpu::linear`, as for the GEMM.
 //!
 //! One `tdpbf16ps` multiplies a 16 x 32 bf16 tile of A by a 32 x 16 bf16 tile of P into a 16 x 16

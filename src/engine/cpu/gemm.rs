@@ -16,8 +16,8 @@
 //! next; the epilogue rounds them once. Units never split the sum over L, so a result does not
 //! depend on the thread count: each element's sum runs over L in order, in f32. Every loop of a call
 //! is compiled for the chosen path (`target_feature`), so the widening, decoding and epilogue
-//! vectorise with it. On a CPU with AMX tiles the AVX-512 path hands the whole call to `amx.rs`
-//! (A and P rounded to bf16 there; `SQLORA_CPU_AMX=off` keeps it here).
+//! vectorise with it. On a CPU with AMX tiles, `matmul.rs` hands AVX-512 products to `amx.rs`
+//! instead (A and P rounded to bf16 there; `SQLORA_CPU_AMX=off` keeps them here).
 
 use super::isa::Isa;
 use half::bf16;
@@ -139,8 +139,10 @@ impl<O> Shared<O> {
     }
 }
 
-/// C[t, N] = alpha A[t, L] P[L, N] (+ bias) (+ C) into `out` ([t, N], row-major). `panel(j0, NR, l0,
-/// p)` writes P[l0 + i][j0 + c] into p[i NR + c] for i < p.len() / NR, zero past N.
+/// C[t, N] = alpha A[t, L] P[L, N] (+ bias) (+ C) into `out` ([t, N], row-major), on the path's
+/// FMAs. `panel(j0, NR, l0, p)` writes P[l0 + i][j0 + c] into p[i NR + c] for i < p.len() / NR, zero
+/// past N. (The engine calls [`super::matmul::gemm`], which hands the product to AMX tiles where
+/// the CPU has them.)
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     isa: Isa,
@@ -152,42 +154,24 @@ pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     ep: Epilogue,
     out: &mut [O],
 ) {
+    if check(isa, &a, t, l, n, ep, out.len()) {
+        gemm_body(isa, a, t, l, n, &panel, ep, out)
+    }
+}
+
+/// Check a GEMM's operands against its shape (panics naming the short one): whether there is any
+/// work (t and N nonzero).
+pub(crate) fn check<A>(isa: Isa, a: &Lhs<A>, t: usize, l: usize, n: usize, ep: Epilogue, out: usize) -> bool {
     assert!(isa.supported(), "the {isa} kernels need instructions this CPU lacks");
-    assert!(out.len() >= t * n, "gemm: the output is shorter than [t, N]");
-    match &a {
+    assert!(out >= t * n, "gemm: the output is shorter than [t, N]");
+    match a {
         Lhs::Rows(a) => assert!(a.len() >= t * l, "gemm: the left operand is shorter than [t, L]"),
         Lhs::Cols(a) => assert!(a.len() >= t * l, "gemm: the left operand is shorter than [L, t]"),
     }
     if let Some(b) = ep.bias {
         assert!(b.len() >= n, "gemm: the bias is shorter than N");
     }
-    if t == 0 || n == 0 {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::amx::enabled(isa) {
-        return super::amx::gemm(isa, a, t, l, n, &panel, ep, out);
-    }
-    gemm_body(isa, a, t, l, n, &panel, ep, out)
-}
-
-/// [`gemm`] on the path's FMAs, never on AMX tiles (tests compare the two).
-#[cfg(test)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_fma<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
-    isa: Isa,
-    a: Lhs<A>,
-    t: usize,
-    l: usize,
-    n: usize,
-    panel: P,
-    ep: Epilogue,
-    out: &mut [O],
-) {
-    assert!(isa.supported() && out.len() >= t * n);
-    if t > 0 && n > 0 {
-        gemm_body(isa, a, t, l, n, &panel, ep, out)
-    }
+    t > 0 && n > 0
 }
 
 /// [`gemm`] on a path the CPU runs: each piece of parallel work runs compiled for it

@@ -3,9 +3,10 @@
 //! twin: `model::cpu::cross_entropy`, as `engine::host` runs it (the same per-row formulas, with the
 //! sums in vector lanes and a vectorisable exp, so within a bf16 rounding of the host's).
 
-use super::gemm::{gemm, row_piece, straight_panel, transposed_panel, Epilogue, Lhs};
+use super::gemm::{row_piece, straight_panel, transposed_panel, Epilogue, Lhs};
 use super::gemv::{gemv, Weights, GEMV_MAX_T};
 use super::math::{exp, round_bf16};
+use super::matmul::gemm;
 use super::Cpu;
 use crate::engine::{Bf, LossOps, F32};
 use anyhow::Result;

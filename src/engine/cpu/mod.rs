@@ -24,6 +24,7 @@ pub mod isa;
 pub mod lora;
 pub mod loss;
 pub mod math;
+pub mod matmul;
 pub mod nf4_decode;
 pub mod nf4_gemm;
 pub mod peak;

@@ -10,9 +10,10 @@
 //! up to `GEMV_MAX_T` rows (decoding), the GEMV of `gemv.rs` instead.
 //! Backward: A = dY, L = n, P = W, each panel NR columns of every row of W.
 
-use super::gemm::{gemm, straight_panel, transposed_panel, Epilogue, Lhs};
+use super::gemm::{straight_panel, transposed_panel, Epilogue, Lhs};
 use super::gemv::{gemv, Weights, GEMV_MAX_T};
 use super::isa::Isa;
+use super::matmul::gemm;
 use super::nf4_decode;
 use crate::model::cpu::{Linear, LinearWeight};
 use half::bf16;

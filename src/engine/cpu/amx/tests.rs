@@ -1,5 +1,5 @@
 use super::*;
-use crate::engine::cpu::gemm::gemm_fma;
+use crate::engine::cpu::gemm::gemm as gemm_fma;
 use crate::engine::cuda::rel_err;
 use crate::engine::{to_bf16, to_f32};
 use crate::util::rng::Rng;

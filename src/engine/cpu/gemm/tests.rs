@@ -64,13 +64,13 @@ fn every_path_matches_f64_sums_across_blocks() {
                 bias: Some(&bias),
                 ..Epilogue::ASSIGN
             };
-            gemm_fma(isa, Lhs::Rows(&a), t, l, n, &panel, ep, &mut out);
+            gemm(isa, Lhs::Rows(&a), t, l, n, &panel, ep, &mut out);
             let err = rel_err(&out, &want(false, 1.0, None));
             assert!(err < 1e-5, "{isa} rows {t}x{l}x{n}: {err}");
             // Columns (A stored as [l, t]), alpha, accumulate.
             let base = rng.normal_vec(t * n, 1.0);
             let mut out = base.clone();
-            gemm_fma(isa, Lhs::Cols(&a), t, l, n, &panel, Epilogue::add(0.5), &mut out);
+            gemm(isa, Lhs::Cols(&a), t, l, n, &panel, Epilogue::add(0.5), &mut out);
             let err = rel_err(&out, &want(true, 0.5, Some(&base)));
             assert!(err < 1e-5, "{isa} cols {t}x{l}x{n}: {err}");
         }
