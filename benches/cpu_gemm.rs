@@ -3,8 +3,10 @@
 //! CPU's peak (an FMA loop on every thread, printed first). Throughput is in FLOPs (criterion's
 //! "elem/s" is FLOP/s): 2 t n k per call.
 //!
-//! Shapes: SmolLM2-135M's MLP up-projection [1536, 576] and down-projection [576, 1536] at a
-//! training micro-batch of 4 x 256 tokens, and 8 rows (batched decoding).
+//! Shapes: SmolLM2-135M's and Qwen2.5-0.5B's MLP up-projection ([1536, 576], [4864, 896]) and
+//! down-projection ([576, 1536], [896, 4864]) at a training micro-batch of 4 x 256 tokens, and 8
+//! rows (batched decoding). On a CPU with AMX the avx512 rows run on its tiles; set
+//! `SQLORA_CPU_AMX=off` to time the AVX-512 FMA GEMM instead.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
@@ -18,7 +20,7 @@ fn gemm(c: &mut Criterion) {
     let (peak, how) = measured_peak(Isa::best());
     eprintln!("peak: {:.1} GFLOP/s ({how})", peak / 1e9);
     let mut rng = Rng::new(5);
-    for (n, k) in [(1536usize, 576usize), (576, 1536)] {
+    for (n, k) in [(1536usize, 576usize), (576, 1536), (4864, 896), (896, 4864)] {
         let w = Linear::dense(n, k, rng.normal_vec(n * k, 0.05), None).to_nf4();
         let mut g = c.benchmark_group(format!("cpu_nf4_gemm_{n}x{k}"));
         g.sample_size(10);
