@@ -350,9 +350,13 @@ pub fn fetch_from(model: &Known, cache: &Path, src: &dyn Source, index: &str, ch
             );
             return Ok(dest);
         }
+        let before = size_and_time(&dest);
         let got = sha256_file(&dest)?;
         if got == model.sha256 {
-            record_check(&dest, &got);
+            // Recorded only if the file did not change while it was hashed.
+            if before.is_some() && size_and_time(&dest) == before {
+                record_check(&dest, &got);
+            }
             eprintln!("{}: in the cache, checksum verified", dest.display());
             return Ok(dest);
         }

@@ -302,14 +302,16 @@ pub fn write_dir_atomic(out: &Path, ours: &[&str], fill: impl FnOnce(&Path) -> R
 }
 
 /// Write a file via a temporary sibling and a rename: the target is either the old or the new file.
-/// The temporary name carries the process id, so two processes writing one target (two runs
-/// filling one cache) cannot mix their bytes; the last rename wins. A failed write leaves no
-/// temporary file behind.
+/// The temporary name carries the process id and a count, so two writers of one target (two runs
+/// filling one cache, two threads) cannot mix their bytes; the last rename wins. A failed write
+/// leaves no temporary file behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path
         .file_name()
         .map_or("file".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp-write", std::process::id()));
+    let tmp = path.with_file_name(format!(".{name}.{}-{count}.tmp-write", std::process::id()));
     let done = std::fs::write(&tmp, bytes)
         .with_context(|| format!("writing {} (through {})", path.display(), tmp.display()))
         .and_then(|()| {

@@ -19,7 +19,7 @@
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
 use crate::load::source::ModelSource;
-use crate::load::weights::{write_atomic, Weights};
+use crate::load::weights::Weights;
 use crate::model::cpu::LinearWeight;
 use crate::model::forward::Model;
 use crate::model::nf4::{DoubleQuant, Nf4Tensor, Quantizer, BLOCK, DQ_BLOCK};
@@ -28,8 +28,14 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// What the cache file's `format` entry says; a file with anything else is quantized again.
-const FORMAT: &str = "sqlora NF4 cache: blocks of 64, double-quantized scales in blocks of 256";
+/// What the cache file's `format` entry says; a file with anything else is quantized again. The
+/// crate's version is part of it, so that a release whose quantizer or decoders change does not
+/// read an older release's bytes.
+const FORMAT: &str = concat!(
+    "sqlora ",
+    env!("CARGO_PKG_VERSION"),
+    " NF4 cache: blocks of 64, double-quantized scales in blocks of 256"
+);
 
 /// The cache directory `ask`, `predict` and `train` use: `cache_dir()/nf4`, or none when
 /// `SQLORA_NF4_CACHE` is `off` (or no cache directory can be named).
@@ -63,12 +69,18 @@ pub fn load(src: &ModelSource, quantize: &Quantizer, dir: &Path) -> Result<Model
     };
     let file = dir.join(file_name(src.path()));
     if file.exists() {
-        match read(src, &file, &stamp) {
+        match read(src, &file, &stamp.0) {
             Ok(model) => return Ok(model),
             Err(e) => eprintln!("{}: {e:#}; quantizing again", file.display()),
         }
     }
     let model = Model::from_source(src, Some(quantize))?;
+    // A source written in the last 2 s could still change without its time changing (coarse file
+    // times): not cached, as `fetch` does with its checks.
+    if stamp.1 + 2_000_000_000 > now_ns() {
+        return Ok(model);
+    }
+    let stamp = stamp.0;
     match write(&model, &file, &stamp) {
         Ok(()) => eprintln!("{}: NF4 weights cached for the next run", file.display()),
         Err(e) => eprintln!("could not cache the NF4 weights in {}: {e:#}", file.display()),
@@ -86,9 +98,15 @@ fn file_name(source: &Path) -> String {
     format!("{stem}-{hash:016x}.nf4.safetensors")
 }
 
+/// Nanoseconds since the epoch, now.
+fn now_ns() -> u128 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| d.as_nanos())
+}
+
 /// Every file the weights come from (the GGUF file, or a directory's safetensors), with its size and
-/// modification time: the cache is valid while this is unchanged.
-fn stamp(src: &ModelSource) -> Result<String> {
+/// modification time: the cache is valid while this is unchanged. Also the newest of the times.
+fn stamp(src: &ModelSource) -> Result<(String, u128)> {
     let mut files = if src.is_gguf() {
         vec![src.path().to_path_buf()]
     } else {
@@ -103,7 +121,7 @@ fn stamp(src: &ModelSource) -> Result<String> {
         v
     };
     files.sort();
-    let mut out = String::new();
+    let (mut out, mut newest) = (String::new(), 0);
     for f in files {
         let meta = std::fs::metadata(&f).with_context(|| format!("reading {}", f.display()))?;
         let time = meta
@@ -111,8 +129,9 @@ fn stamp(src: &ModelSource) -> Result<String> {
             .with_context(|| format!("the modification time of {}", f.display()))?;
         let ns = time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         out += &format!("{} {} {ns}\n", f.display(), meta.len());
+        newest = newest.max(ns);
     }
-    Ok(out)
+    Ok((out, newest))
 }
 
 /// The model from the cache file, if its format and stamp are this source's.
@@ -196,10 +215,20 @@ fn write(model: &Model, file: &Path, stamp: &str) -> Result<()> {
         ("format".to_string(), FORMAT.to_string()),
         ("source".to_string(), stamp.to_string()),
     ]);
-    let bytes = safetensors::serialize(views, Some(meta))?;
     let dir = file.parent().context("the cache file has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomic(file, &bytes)
+    // Streamed to a temporary file (not built in memory: 4 GB for an 8B model), then renamed.
+    let name = file
+        .file_name()
+        .map_or("cache".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = file.with_file_name(format!(".{name}.{}.partial", std::process::id()));
+    let done = safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| std::fs::rename(&tmp, file).map_err(anyhow::Error::from));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
 }
 
 #[cfg(test)]

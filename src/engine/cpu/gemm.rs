@@ -61,6 +61,10 @@ fn kc_of(l: usize) -> usize {
 /// What A holds: bf16 or f32 values.
 pub trait Widen: Copy + Send + Sync {
     fn widen(self) -> f32;
+    /// The values as bf16, when they are bf16 (the AMX GEMM then reads them in place).
+    fn as_bf16(_values: &[Self]) -> Option<&[bf16]> {
+        None
+    }
 }
 
 impl Widen for f32 {
@@ -74,6 +78,9 @@ impl Widen for bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         super::math::widen(self)
+    }
+    fn as_bf16(values: &[bf16]) -> Option<&[bf16]> {
+        Some(values)
     }
 }
 

@@ -28,6 +28,22 @@ fn assert_same(a: &Model, b: &Model) {
     assert_eq!(a.norm, b.norm);
 }
 
+/// Date every file of a model directory `secs` seconds back: a source written in the last 2 s is
+/// not cached (its time could still hide a change).
+fn age(dir: &Path, secs: u64) {
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+    for e in std::fs::read_dir(dir).unwrap() {
+        let f = std::fs::File::options().write(true).open(e.unwrap().path()).unwrap();
+        f.set_modified(then).unwrap();
+    }
+}
+
+/// A tiny model written to `dir` and dated a minute back.
+fn write_old(dir: &Path, v: TinyVariant) {
+    write_tiny_model(dir, v).unwrap();
+    age(dir, 60);
+}
+
 fn cache_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     v.sort();
@@ -39,7 +55,7 @@ fn the_cached_model_is_the_quantized_model_and_is_read_back() {
     for v in [TinyVariant::Llama, TinyVariant::Qwen2] {
         let tmp = tempfile::tempdir().unwrap();
         let (model_dir, cache) = (tmp.path().join("m"), tmp.path().join("nf4"));
-        write_tiny_model(&model_dir, v).unwrap();
+        write_old(&model_dir, v);
         let src = crate::load::open(&model_dir).unwrap();
         let fresh = Model::from_source(&src, Some(&cpu)).unwrap();
 
@@ -60,7 +76,7 @@ fn the_cached_model_is_the_quantized_model_and_is_read_back() {
 fn a_changed_source_or_a_damaged_cache_is_quantized_again() {
     let tmp = tempfile::tempdir().unwrap();
     let (model_dir, cache) = (tmp.path().join("m"), tmp.path().join("nf4"));
-    write_tiny_model(&model_dir, TinyVariant::Qwen2).unwrap();
+    write_old(&model_dir, TinyVariant::Qwen2);
     let src = crate::load::open(&model_dir).unwrap();
     load(&src, &cpu, &cache).unwrap();
     let file = cache_files(&cache).remove(0);
@@ -69,12 +85,7 @@ fn a_changed_source_or_a_damaged_cache_is_quantized_again() {
     // Other weights under the same path: a new modification time makes the stamp differ, and the
     // refusing quantizer is called (the error says so), so the stale cache was not used.
     write_tiny_model(&model_dir, TinyVariant::Qwen2Tied).unwrap();
-    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
-    let weights = std::fs::File::options()
-        .write(true)
-        .open(model_dir.join("model.safetensors"))
-        .unwrap();
-    weights.set_modified(later).unwrap();
+    age(&model_dir, 30);
     let src = crate::load::open(&model_dir).unwrap();
     let Err(err) = load(&src, &refuse, &cache) else {
         panic!("the stale cache was used")
@@ -101,10 +112,23 @@ fn a_changed_source_or_a_damaged_cache_is_quantized_again() {
 }
 
 #[test]
+fn a_source_written_just_now_is_not_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model_dir, cache) = (tmp.path().join("m"), tmp.path().join("nf4"));
+    write_tiny_model(&model_dir, TinyVariant::Llama).unwrap();
+    let src = crate::load::open(&model_dir).unwrap();
+    assert_same(
+        &load(&src, &cpu, &cache).unwrap(),
+        &Model::from_source(&src, Some(&cpu)).unwrap(),
+    );
+    assert!(!cache.exists() || cache_files(&cache).is_empty());
+}
+
+#[test]
 fn a_cache_that_cannot_be_written_does_not_fail_the_load() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tmp.path().join("m");
-    write_tiny_model(&model_dir, TinyVariant::Llama).unwrap();
+    write_old(&model_dir, TinyVariant::Llama);
     // The cache "directory" is a file: nothing can be written under it.
     let blocked = tmp.path().join("blocked");
     std::fs::write(&blocked, b"").unwrap();
@@ -119,8 +143,8 @@ fn two_sources_get_two_files() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("nf4");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    write_tiny_model(&a, TinyVariant::Llama).unwrap();
-    write_tiny_model(&b, TinyVariant::LlamaTied).unwrap();
+    write_old(&a, TinyVariant::Llama);
+    write_old(&b, TinyVariant::LlamaTied);
     let (sa, sb) = (crate::load::open(&a).unwrap(), crate::load::open(&b).unwrap());
     load(&sa, &cpu, &cache).unwrap();
     load(&sb, &cpu, &cache).unwrap();

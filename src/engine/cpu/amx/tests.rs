@@ -66,6 +66,7 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
         (64, 512, 64),
         (100, 600, 1100),
         (257, 896, 130),
+        (96, 64, 40),
     ] {
         // Values exact in bf16, so A P is the same product on every path.
         let a = to_f32(&to_bf16(&rng.normal_vec(t * l, 1.0)));
@@ -111,15 +112,31 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
             assert!(e_amx < 1e-5, "t {t} L {l} N {n} cols {cols}: AMX {e_amx}");
             assert!(e_fma < 1e-5, "t {t} L {l} N {n} cols {cols}: FMA {e_fma}");
 
-            // bf16 A and output, as the NF4 GEMMs run: one rounding of each output.
+            // bf16 A and output, as the NF4 GEMMs run: one rounding of each output; A packed, and
+            // read in place (by rows, L a multiple of 32).
             let a16 = to_bf16(&a_src);
-            let mut out = to_bf16(&out0);
-            out.extend([bf16::NAN; 3]);
-            let lhs = if cols { Lhs::Cols(&a16[..]) } else { Lhs::Rows(&a16[..]) };
-            gemm(Isa::Avx512, lhs, t, l, n, &panel_of(&p, l, n), ep, &mut out);
-            assert!(out[t * n..].iter().all(|v| v.is_nan()), "wrote past [t, N]");
-            let e = rel_err(&to_f32(&out[..t * n]), &want);
-            assert!(e < 4e-3, "t {t} L {l} N {n} cols {cols}: AMX bf16 {e}");
+            for inplace_min in [usize::MAX, 0] {
+                let mut out = to_bf16(&out0);
+                out.extend([bf16::NAN; 3]);
+                let lhs = if cols { Lhs::Cols(&a16[..]) } else { Lhs::Rows(&a16[..]) };
+                gemm_in(
+                    Isa::Avx512,
+                    lhs,
+                    t,
+                    l,
+                    n,
+                    &panel_of(&p, l, n),
+                    ep,
+                    &mut out,
+                    inplace_min,
+                );
+                assert!(out[t * n..].iter().all(|v| v.is_nan()), "wrote past [t, N]");
+                let e = rel_err(&to_f32(&out[..t * n]), &want);
+                assert!(
+                    e < 4e-3,
+                    "t {t} L {l} N {n} cols {cols} in place from {inplace_min}: AMX bf16 {e}"
+                );
+            }
         }
     }
 }
