@@ -465,7 +465,14 @@ fn run(a: Args) -> Result<()> {
                 trainer.resume_from(&dir)?;
                 eprintln!("resumed from {} at step {}", dir.display(), trainer.state.step);
             }
-            None => eprintln!("no checkpoint in {}: starting from scratch", a.out.display()),
+            None => eprintln!(
+                "no checkpoint in {}: starting at step 0{}",
+                a.out.display(),
+                match &a.init_adapter {
+                    Some(dir) => format!(" from the adapter in {}", dir.display()),
+                    None => " with fresh adapters".into(),
+                }
+            ),
         }
     }
     let cap = trainer.step_capacity();
