@@ -7,20 +7,22 @@
 //! f32 tile of sums: 16,384 FLOPs per instruction. Measured on one core of the 2-core Sapphire Rapids
 //! VM that runs CI: 1.47 TFLOP/s in a loop of independent tiles, against 0.23 for AVX-512 FMAs.
 //!
-//! The blocking is the GEMM's (chunks of NC columns, blocks of KC steps of L, units of MC rows by a
-//! group of panels, threads over units), with tiles for registers:
-//! - A's tiles are 16 rows of 64 bytes, read with the row stride: bf16 rows of A in place (L a
-//!   multiple of 32), else A rounded to bf16 once per call into [t_pad, L_pad] (zero past t and L).
-//! - P's panels of NR = 32 columns come from the caller's decoder in f32, as for the FMA path, and are
-//!   rounded to bf16 in the pair layout the instruction reads: [2 halves][KC_pad / 2][16 columns][2
-//!   steps of L] (so one 64-byte tile row holds 16 columns' two consecutive steps).
+//! Blocking (measured first on a loop of tile loads and products, one core: operands from L1 run at
+//! the peak, from L2 at ~70%, from L3 at 13% on this VM, so no operand may come from L3 twice):
+//! - A unit of work owns a group of P's panels (NR = 32 columns), decodes them into its own buffer,
+//!   rounded to bf16 in the pair layout the instruction reads ([2 halves][KC / 2][16 columns][2
+//!   steps of L]), and runs every 32 rows of A past them while they sit in its core's L2.
+//! - A is rounded to bf16 once per call and packed as tiles, 16 rows x 32 steps in 1 KB, so that a
+//!   tile load reads one contiguous KB (bf16 rows of A too large to copy are read in place).
 //! - Each 32 x 32 block of C is four tiles of sums (tmm0-3), fed by two tiles of A (tmm4-5) and two
-//!   of P (tmm6-7): four products for four tile loads.
-//!
+//!   of P (tmm6-7): four products for four tile loads; the tiles two steps on are prefetched.
+//! - L is one block wherever a panel of all of L fits the unit's buffer: the sums then leave the
+//!   tiles once, through a 4 KB scratch, straight into `out`.
+
 //! Numerics: A and P are rounded to bf16 (P's NF4 values times their f32 scale, once), products are
 //! exact in f32 and summed in f32, as on the GPU's bf16 tensor cores; each output is rounded once.
 
-use super::gemm::{epilogue_row_on, panel_on, Epilogue, Lhs, PanelFn, Shared, Store, Widen, NC};
+use super::gemm::{epilogue_row_on, panel_on, Epilogue, Lhs, PanelFn, Shared, Store, Widen};
 use super::isa::Isa;
 use super::math::round_bf16;
 use half::bf16;
@@ -32,8 +34,6 @@ const MR: usize = 32;
 const NR: usize = 32;
 /// Steps of L per tile product (32 bf16: one 64-byte tile row).
 const KT: usize = 32;
-/// Rows of A per unit of work.
-const MC: usize = 128;
 
 /// Whether this CPU has AMX with bf16 and this process may use its tile registers (Linux grants
 /// them on request, `arch_prctl(ARCH_REQ_XCOMP_PERM)`): asked once.
@@ -108,16 +108,42 @@ fn request_tiles() -> bool {
     false
 }
 
-/// Steps of L per block: as even as blocks of at most 1,024 allow (an A block of MC rows, 256 KB,
-/// stays in L2; measured against 512: 700 → 820-860 GFLOP/s at Qwen's MLP shapes, 2 cores, as the
-/// sums' tiles are loaded and stored half as often), a multiple of [`KT`].
-fn kc_of(l: usize) -> usize {
-    let blocks = l.div_ceil(1024).max(1);
-    l.div_ceil(blocks).div_ceil(KT) * KT
+/// Panels per unit of work and steps of L per block, for N's `panels` of NR columns. A unit's panels
+/// stay in its core's L2 (2 MB on Sapphire Rapids) in `panel_bytes`. Where one panel of the whole of
+/// L fits, L is one block (the sums leave the tiles once) and a unit takes as many panels as fit,
+/// but no more than leave two units per thread, evened out over a multiple of the threads (each
+/// unit reads all of A once). Else (the head's gradient: L = 151,936) a unit takes its share of
+/// panels for two units per thread, and L goes in even blocks that fill `panel_bytes` (a multiple
+/// of [`KT`]).
+fn blocking(panels: usize, l: usize, threads: usize, panel_bytes: usize) -> (usize, usize) {
+    let l_pad = l.div_ceil(KT) * KT;
+    let per_panel = l_pad * NR * 2;
+    let share = panels.div_ceil(2 * threads).max(1);
+    if per_panel <= panel_bytes {
+        let group = share.min(panel_bytes / per_panel);
+        let units = panels.div_ceil(group).div_ceil(threads) * threads;
+        return (panels.div_ceil(units).max(1), l_pad);
+    }
+    let kc_fit = (panel_bytes / (share * NR * 2) / KT * KT).max(KT);
+    let blocks = l.div_ceil(kc_fit);
+    (share, l.div_ceil(blocks).div_ceil(KT) * KT)
 }
 
-/// A with at least this many values (32 MB in bf16) is read in place where it can be ([`TileRows`]).
-const INPLACE_MIN: usize = 16 << 20;
+/// The sizes [`gemm`] blocks with; tests take smaller ones, to reach every path at small sizes.
+#[derive(Clone, Copy)]
+struct Tune {
+    /// A with at least this many values is read in place where it can be ([`TileRows`]).
+    inplace_min: usize,
+    /// The most bytes of panels a unit of work decodes at once ([`blocking`]).
+    panel_bytes: usize,
+}
+
+/// A read in place from 16M values (32 MB in bf16); panels in 1 MB (measured against 512 KB at
+/// Qwen's MLP shapes: 1,040-1,300 against 820-1,280 GFLOP/s, as smaller groups read A more often).
+const TUNE: Tune = Tune {
+    inplace_min: 16 << 20,
+    panel_bytes: 1 << 20,
+};
 
 /// [`super::gemm::gemm`] on AMX tiles; the caller has checked the operands and that [`enabled`].
 #[allow(clippy::too_many_arguments)]
@@ -131,10 +157,18 @@ pub(crate) fn gemm<A: Widen, O: Store, P: PanelFn>(
     ep: Epilogue,
     out: &mut [O],
 ) {
-    gemm_in(isa, a, t, l, n, panel, ep, out, INPLACE_MIN)
+    gemm_in(isa, a, t, l, n, panel, ep, out, TUNE)
 }
 
-/// [`gemm`], reading A in place when it has at least `inplace_min` values (tests take both ways).
+/// [`gemm`], blocked by `tune`.
+///
+/// Units of work are groups of panels (columns of C). A unit decodes its panels, for one block of
+/// L at a time, into its own buffer, where they stay (in its core's L2) while every 32 rows of A go
+/// past them, each block of A's rows (from L2 after its first panel) against each panel. Measured
+/// on a tile loop: tiles read from L1 run at the peak, from L2 at 77% of it, from L3 (on this VM)
+/// at 13%, so what matters is that no operand comes from L3 more than once. Where L takes one
+/// block, the sums go from the tiles through a 4 KB scratch straight to `out`; otherwise the unit
+/// keeps them between blocks in its [t_pad, group NR] buffer.
 #[allow(clippy::too_many_arguments)]
 fn gemm_in<A: Widen, O: Store, P: PanelFn>(
     isa: Isa,
@@ -145,90 +179,126 @@ fn gemm_in<A: Widen, O: Store, P: PanelFn>(
     panel: &P,
     ep: Epilogue,
     out: &mut [O],
-    inplace_min: usize,
+    tune: Tune,
 ) {
     assert!(
         enabled(isa) || (isa == Isa::Avx512 && ready()),
         "the AMX GEMM needs AMX"
     );
     let t_pad = t.div_ceil(MR) * MR;
-    let kc_max = kc_of(l);
-    let ldc = NC.min(n.div_ceil(NR) * NR);
-    // A in bf16 rows of stride L_pad; [t_pad, ldc] sums of one chunk; [NC / NR] panels of
-    // [2][KC / 2][16][2].
-    let ab = TileRows::of(isa, a, t, l, inplace_min);
-    let mut c = vec![0f32; t_pad * ldc];
-    let mut pb = vec![bf16::ZERO; kc_max * ldc];
-    let mc = t_pad.div_ceil(t_pad.div_ceil(MC)).div_ceil(MR) * MR;
-    let row_blocks = t_pad.div_ceil(mc);
+    let panels = n.div_ceil(NR);
+    let (group, kc_max) = blocking(panels, l, rayon::current_num_threads(), tune.panel_bytes);
+    let ab = TileRows::of(isa, a, t, l, tune.inplace_min);
     let dst = Shared(out.as_mut_ptr());
-    for jc in (0..n).step_by(NC) {
-        let nc = NC.min(n - jc);
-        let panels = nc.div_ceil(NR);
-        let want = 4 * rayon::current_num_threads();
-        let groups = want.div_ceil(row_blocks).min(panels).max(1);
-        let per_group = panels.div_ceil(groups);
-        for l0 in (0..l).step_by(kc_max) {
-            let kc = kc_max.min(l - l0);
-            let kc_pad = kc.div_ceil(KT) * KT;
-            pb[..panels * kc_pad * NR]
-                .par_chunks_mut(kc_pad * NR)
-                .enumerate()
-                .for_each_init(
-                    || vec![0f32; kc_max * NR],
-                    |f, (pi, p)| {
-                        panel_on(isa, panel, jc + pi * NR, NR, l0, &mut f[..kc * NR]);
-                        pairs_on(isa, &f[..kc * NR], kc, p);
-                    },
-                );
-            let cs = Shared(c.as_mut_ptr());
-            (0..row_blocks * groups).into_par_iter().for_each(|u| {
-                let (rb, g) = (u / groups, u % groups);
-                let rows = rb * mc..((rb + 1) * mc).min(t_pad);
-                let _tiles = Tiles::configure();
-                for pi in g * per_group..((g + 1) * per_group).min(panels) {
-                    let p = &pb[pi * kc_pad * NR..(pi + 1) * kc_pad * NR];
-                    for r0 in rows.clone().step_by(MR) {
-                        // SAFETY: the tiles are configured on this thread (`_tiles`); A's rows r0 ..
-                        // r0 + 32 lie inside ab (`TileRows::row` checks), and steps l0 .. l0 + kc_pad
-                        // inside each row (its stride is L_pad >= l0 + kc_pad); p holds
-                        // [2][kc_pad / 2][16][2]; rows r0 .. r0 + 32 and columns pi NR .. + 32 of c
-                        // ([t_pad, ldc]) belong to this unit alone.
-                        unsafe {
-                            block(
-                                ab.row(r0).add(l0),
-                                ab.ld,
-                                p.as_ptr(),
-                                kc_pad,
-                                cs.at(r0 * ldc + pi * NR),
-                                ldc,
-                                l0 > 0,
-                            )
+    (0..panels.div_ceil(group)).into_par_iter().for_each_init(
+        || Unit::new(t_pad, group, kc_max, l),
+        |unit, g| {
+            let _tiles = Tiles::configure();
+            let first = g * group;
+            let mine = group.min(panels - first);
+            let ldc = group * NR;
+            for l0 in (0..l).step_by(kc_max) {
+                let kc = kc_max.min(l - l0);
+                let kc_pad = kc.div_ceil(KT) * KT;
+                let last = l0 + kc == l;
+                // This block of L of the unit's panels, [mine][2][kc_pad / 2][16][2].
+                for (q, p) in unit.pb.chunks_mut(kc_pad * NR).take(mine).enumerate() {
+                    let f = &mut unit.f[..kc * NR];
+                    panel_on(isa, panel, (first + q) * NR, NR, l0, f);
+                    pairs_on(isa, f, kc, p);
+                }
+                for r0 in (0..t_pad).step_by(MR) {
+                    let (a0, a_stride, a_step) = ab.at(r0, l0);
+                    for q in 0..mine {
+                        let p = &unit.pb[q * kc_pad * NR..(q + 1) * kc_pad * NR];
+                        let sums = unit.c.as_mut_ptr().wrapping_add(r0 * ldc + q * NR);
+                        let (store, ld_store) = match last {
+                            true => (unit.scratch.0.as_mut_ptr(), NR),
+                            false => (sums, ldc),
                         };
+                        let args = BlockArgs {
+                            a: a0,
+                            a_lo: a0.wrapping_add(16 * ab.ld),
+                            a_stride: a_stride * 2,
+                            a_step: a_step * 2,
+                            p: p.as_ptr(),
+                            p_hi: p.as_ptr().wrapping_add(kc_pad / 2 * 32),
+                            steps: kc_pad / KT,
+                            load: if l0 > 0 { sums } else { std::ptr::null_mut() },
+                            load_lo: sums.wrapping_add(16 * ldc),
+                            ld_load: ldc * 4,
+                            store,
+                            store_lo: store.wrapping_add(16 * ld_store),
+                            ld_store: ld_store * 4,
+                        };
+                        // SAFETY: the tiles are configured on this thread (`_tiles`); A's rows r0 ..
+                        // r0 + 32 and steps l0 .. l0 + kc_pad lie inside ab (`TileRows::at` checks);
+                        // p holds [2][kc_pad / 2][16][2]; the sums (read when l0 > 0, and written
+                        // unless `last`: rows r0 .. r0 + 32, columns q NR .. + 32 of the unit's c,
+                        // which holds [t_pad, ldc] whenever L takes more than one block) and the
+                        // scratch are this unit's.
+                        unsafe { block(&args) };
+                        if last {
+                            let (j0, cols) = ((first + q) * NR, NR.min(n - (first + q) * NR));
+                            for r in r0..(r0 + MR).min(t) {
+                                // SAFETY: row r's columns j0 .. j0 + cols of out belong to this
+                                // unit alone (its panels), and lie inside [t, N].
+                                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n + j0), cols) };
+                                let s = &unit.scratch.0[(r - r0) * NR..][..cols];
+                                epilogue_row_on(isa, o, s, ep.bias.map(|b| &b[j0..j0 + cols]), ep);
+                            }
+                        }
                     }
                 }
-            });
+            }
+        },
+    );
+}
+
+/// What a unit of work writes: its panels in pair layout ([group][2][KC / 2][16][2]), one panel in
+/// f32 on the way there ([KC][NR]), the sums between blocks of L ([t_pad, group NR], empty when L
+/// takes one block) and one block's sums on their way to `out`.
+struct Unit {
+    pb: Vec<bf16>,
+    f: Vec<f32>,
+    c: Vec<f32>,
+    scratch: Box<Scratch>,
+}
+
+impl Unit {
+    fn new(t_pad: usize, group: usize, kc_max: usize, l: usize) -> Unit {
+        Unit {
+            pb: vec![bf16::ZERO; group * kc_max * NR],
+            f: vec![0.0; kc_max * NR],
+            c: if kc_max < l {
+                vec![0.0; t_pad * group * NR]
+            } else {
+                Vec::new()
+            },
+            scratch: Box::new(Scratch([0.0; MR * NR])),
         }
-        c[..t * ldc].par_chunks(ldc).enumerate().for_each(|(r, cr)| {
-            // SAFETY: row r's columns jc .. jc + nc of out belong to this iteration alone.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n + jc), nc) };
-            epilogue_row_on(isa, o, &cr[..nc], ep.bias.map(|b| &b[jc..jc + nc]), ep)
-        });
     }
 }
 
-/// A as the tiles read it: bf16 rows of stride `ld` = L_pad, as many as t_pad. Whole blocks of 32
-/// rows are read in place when A is bf16 by rows, L a multiple of 32 and A has at least
-/// `inplace_min` values; the rest is rounded into a buffer (cache-line aligned), zero past t and L.
-/// Packing costs a pass over A but was measured faster for A of 1-10 MB (the projections' inputs and
-/// gradients at t = 1,024: 1,000-1,020 against 690-790 GFLOP/s in three of four shapes, 960 against
-/// 1,110 in the fourth); in place saves copying the head's gradient (256 rows x 151,936: 78 MB, 4
-/// times a step; the head's backward 856 → 506 ms per step).
+/// One 32 x 32 block's sums on their way from the tiles to `out`.
+#[repr(C, align(64))]
+struct Scratch([f32; MR * NR]);
+
+/// A as the tiles read it, t_pad rows of L_pad = `ld` steps (zero past t and L), in two parts:
+/// - rows 0 .. t_in (whole blocks of 32) read in place, by rows (stride `ld`), when A is bf16 by
+///   rows, L a multiple of 32 and A has at least `inplace_min` values;
+/// - the rest rounded into a buffer as whole tiles, each 16 rows x 32 steps contiguous (1 KB, from a
+///   cache-line boundary), a group of 16 rows' tiles in order of L: [(t_pad - t_in) / 16][ld /
+///   32][16][32]. Tile loads then read 1 KB in a row, which the prefetchers follow, instead of 16
+///   lines `ld` apart.
+///
+/// Packing costs a pass over A; in place saves copying the head's gradient (256 rows x 151,936: 78
+/// MB, 4 times a step; the head's backward 856 → 506 ms per step).
 struct TileRows<'a> {
     inplace: &'a [bf16],
     /// Rows read in place: a multiple of 32.
     t_in: usize,
-    /// Rows t_in .. t_pad: [t_pad - t_in, ld], from `off` (the first cache-line boundary).
+    /// Rows t_in .. t_pad as tiles, from `off` (the first cache-line boundary).
     packed: Vec<bf16>,
     off: usize,
     ld: usize,
@@ -242,14 +312,25 @@ impl<'a> TileRows<'a> {
             _ => &[],
         };
         let t_in = if inplace.is_empty() { 0 } else { t / MR * MR };
-        // 32 more values than needed, so that the rows can start on a cache line.
+        // 32 more values than needed, so that the tiles can start on a cache line.
         let mut packed = vec![bf16::ZERO; (t_pad - t_in) * ld + 32];
         let off = packed.as_ptr().align_offset(64).min(32);
+        let groups = (t.saturating_sub(t_in)).div_ceil(16);
         packed[off..]
-            .par_chunks_mut(ld)
-            .take(t - t_in)
+            .par_chunks_mut(16 * ld)
+            .take(groups)
             .enumerate()
-            .for_each(|(r, row)| a_row_on(isa, a, t, l, t_in + r, &mut row[..l]));
+            .for_each_init(
+                || vec![bf16::ZERO; ld],
+                |row, (g, tiles)| {
+                    for rr in 0..16.min(t - t_in - 16 * g) {
+                        a_row_on(isa, a, t, l, t_in + 16 * g + rr, &mut row[..l]);
+                        for (s, step) in row.chunks_exact(KT).enumerate() {
+                            tiles[s * 16 * KT + rr * KT..][..KT].copy_from_slice(step);
+                        }
+                    }
+                },
+            );
         TileRows {
             inplace,
             t_in,
@@ -259,15 +340,21 @@ impl<'a> TileRows<'a> {
         }
     }
 
-    /// The first value of row r0 (a multiple of 32), whose 32 rows at stride `ld` lie in one part.
-    fn row(&self, r0: usize) -> *const bf16 {
-        debug_assert!(r0.is_multiple_of(MR));
+    /// Where the tiles of rows r0 .. r0 + 32 (r0 a multiple of 32) start at step l0 (a multiple of
+    /// 32): the first value, the stride between a tile's rows and the distance from one step's tile
+    /// to the next, in values. The lower 16 rows' tile is always 16 `ld` values on.
+    fn at(&self, r0: usize, l0: usize) -> (*const bf16, usize, usize) {
+        debug_assert!(r0.is_multiple_of(MR) && l0.is_multiple_of(KT));
         if r0 < self.t_in {
             assert!((r0 + MR) * self.ld <= self.inplace.len());
-            self.inplace[r0 * self.ld..].as_ptr()
+            (self.inplace[r0 * self.ld + l0..].as_ptr(), self.ld, KT)
         } else {
             assert!(self.off + (r0 - self.t_in + MR) * self.ld <= self.packed.len());
-            self.packed[self.off + (r0 - self.t_in) * self.ld..].as_ptr()
+            (
+                self.packed[self.off + (r0 - self.t_in) * self.ld + 16 * l0..].as_ptr(),
+                KT,
+                16 * KT,
+            )
         }
     }
 }
@@ -397,63 +484,172 @@ pub fn tile_loop(iters: u64) -> u64 {
     iters.max(1) * 4 * 16 * 16 * 32 * 2
 }
 
-/// One 32 x 32 block of sums: c (+)= A[32, kc_pad] P[kc_pad, 32], adding to c when `load`.
-///
-/// a: the block's first row of A (bf16, row stride lda elements); p: the panel in pair layout,
-/// [2][kc_pad / 2][16][2]; c: the block's first sum (f32, row stride ldc elements).
+/// Where [`block`] reads and writes; strides and steps in bytes.
+#[repr(C)]
+struct BlockArgs {
+    /// The first value of A's upper and lower 16 rows' tiles (bf16); a tile's rows are `a_stride`
+    /// apart, and the next step's tile `a_step` on.
+    a: *const bf16,
+    a_lo: *const bf16,
+    a_stride: usize,
+    a_step: usize,
+    /// The panel's two halves (bf16, [kc_pad / 2][16][2] each).
+    p: *const bf16,
+    p_hi: *const bf16,
+    /// Tile products per pair of tiles: kc_pad / 32, at least 1.
+    steps: usize,
+    /// Sums to start from (f32, rows of 32 `ld_load` apart: upper 16 at `load`, lower 16 at
+    /// `load_lo`), or null to start from zero.
+    load: *const f32,
+    load_lo: *const f32,
+    ld_load: usize,
+    /// Where the sums go, likewise.
+    store: *mut f32,
+    store_lo: *mut f32,
+    ld_store: usize,
+}
+
+// The asm reads the fields at these offsets.
+const _: () = {
+    use std::mem::offset_of;
+    assert!(offset_of!(BlockArgs, a_lo) == 8 && offset_of!(BlockArgs, a_step) == 24);
+    assert!(offset_of!(BlockArgs, p) == 32 && offset_of!(BlockArgs, steps) == 48);
+    assert!(offset_of!(BlockArgs, load) == 56 && offset_of!(BlockArgs, load_lo) == 64);
+    assert!(offset_of!(BlockArgs, ld_load) == 72 && offset_of!(BlockArgs, store) == 80);
+    assert!(offset_of!(BlockArgs, store_lo) == 88 && offset_of!(BlockArgs, ld_store) == 96);
+};
+
+/// One 32 x 32 block of sums: store = (load +) A[32, kc_pad] P[kc_pad, 32].
 ///
 /// # Safety
-/// The tiles are configured on this thread ([`Tiles`]); a holds 32 rows of kc_pad values at stride
-/// lda, p holds kc_pad x 32 values, and c 32 rows of 32 values at stride ldc that no one else
-/// touches during the call; kc_pad is a positive multiple of 32.
-unsafe fn block(a: *const bf16, lda: usize, p: *const bf16, kc_pad: usize, c: *mut f32, ldc: usize, load: bool) {
-    let (lda, ldc) = (lda * 2, ldc * 4);
-    let c_lo = c.wrapping_add(16 * (ldc / 4));
-    let a_lo = a.wrapping_add(16 * (lda / 2));
-    let p_hi = p.wrapping_add(kc_pad / 2 * 32);
-    let steps = kc_pad / KT;
+/// The tiles are configured on this thread ([`Tiles`]); the args' A tiles (`steps` of each half),
+/// P's two halves, and the load and store rows (32 f32 each) are valid, and no one else touches the
+/// stored rows during the call.
+unsafe fn block(args: &BlockArgs) {
     // SAFETY: as the caller promises. The sums' four tiles are loaded (or zeroed), each step reads
-    // A's two tiles 64 bytes further along their rows and P's two tiles 16 rows (1,024 bytes)
-    // further down each half, and the sums are stored back: one asm block, so no tile register has
-    // to keep its value between blocks (every one is declared clobbered).
+    // A's two tiles `a_step` further on and P's two tiles 16 rows (1,024 bytes) further down each
+    // half, and the sums are stored: one asm block, so no tile register has to keep its value
+    // between blocks (every one is declared clobbered). Offsets into BlockArgs: 8 bytes a field.
     unsafe {
         std::arch::asm!(
-            "test {load}, {load}",
+            "mov {x}, [{args} + 56]",
+            "test {x}, {x}",
             "jz 3f",
-            "tileloadd tmm0, [{c} + {ldc}*1]",
-            "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
-            "tileloadd tmm2, [{cl} + {ldc}*1]",
-            "tileloadd tmm3, [{cl} + {ldc}*1 + 64]",
-            "jmp 2f",
+            "mov {y}, [{args} + 72]",
+            "tileloadd tmm0, [{x} + {y}*1]",
+            "tileloadd tmm1, [{x} + {y}*1 + 64]",
+            "mov {x}, [{args} + 64]",
+            "tileloadd tmm2, [{x} + {y}*1]",
+            "tileloadd tmm3, [{x} + {y}*1 + 64]",
+            "jmp 4f",
             "3:",
             "tilezero tmm0",
             "tilezero tmm1",
             "tilezero tmm2",
             "tilezero tmm3",
+            "4:",
+            "mov {x}, [{args}]",
+            "mov {y}, [{args} + 8]",
+            "mov {ast}, [{args} + 16]",
+            "mov {adv}, [{args} + 24]",
+            "mov {p}, [{args} + 32]",
+            "mov {ph}, [{args} + 40]",
+            "mov {n}, [{args} + 48]",
+            "mov {s64}, 64",
             "2:",
-            "tileloadd tmm4, [{a} + {lda}*1]",
-            "tileloadd tmm5, [{al} + {lda}*1]",
+            // The tiles two steps on, into L1: P's always, A's where it is packed as tiles (1 KB
+            // each, `adv` 1,024 bytes apart).
+            "prefetcht0 [{p} + 2048]",
+            "prefetcht0 [{ph} + 2048]",
+            "prefetcht0 [{p} + 2112]",
+            "prefetcht0 [{ph} + 2112]",
+            "prefetcht0 [{p} + 2176]",
+            "prefetcht0 [{ph} + 2176]",
+            "prefetcht0 [{p} + 2240]",
+            "prefetcht0 [{ph} + 2240]",
+            "prefetcht0 [{p} + 2304]",
+            "prefetcht0 [{ph} + 2304]",
+            "prefetcht0 [{p} + 2368]",
+            "prefetcht0 [{ph} + 2368]",
+            "prefetcht0 [{p} + 2432]",
+            "prefetcht0 [{ph} + 2432]",
+            "prefetcht0 [{p} + 2496]",
+            "prefetcht0 [{ph} + 2496]",
+            "prefetcht0 [{p} + 2560]",
+            "prefetcht0 [{ph} + 2560]",
+            "prefetcht0 [{p} + 2624]",
+            "prefetcht0 [{ph} + 2624]",
+            "prefetcht0 [{p} + 2688]",
+            "prefetcht0 [{ph} + 2688]",
+            "prefetcht0 [{p} + 2752]",
+            "prefetcht0 [{ph} + 2752]",
+            "prefetcht0 [{p} + 2816]",
+            "prefetcht0 [{ph} + 2816]",
+            "prefetcht0 [{p} + 2880]",
+            "prefetcht0 [{ph} + 2880]",
+            "prefetcht0 [{p} + 2944]",
+            "prefetcht0 [{ph} + 2944]",
+            "prefetcht0 [{p} + 3008]",
+            "prefetcht0 [{ph} + 3008]",
+            "cmp {adv}, 1024",
+            "jne 5f",
+            "prefetcht0 [{x} + {adv}*2 + 0]",
+            "prefetcht0 [{y} + {adv}*2 + 0]",
+            "prefetcht0 [{x} + {adv}*2 + 64]",
+            "prefetcht0 [{y} + {adv}*2 + 64]",
+            "prefetcht0 [{x} + {adv}*2 + 128]",
+            "prefetcht0 [{y} + {adv}*2 + 128]",
+            "prefetcht0 [{x} + {adv}*2 + 192]",
+            "prefetcht0 [{y} + {adv}*2 + 192]",
+            "prefetcht0 [{x} + {adv}*2 + 256]",
+            "prefetcht0 [{y} + {adv}*2 + 256]",
+            "prefetcht0 [{x} + {adv}*2 + 320]",
+            "prefetcht0 [{y} + {adv}*2 + 320]",
+            "prefetcht0 [{x} + {adv}*2 + 384]",
+            "prefetcht0 [{y} + {adv}*2 + 384]",
+            "prefetcht0 [{x} + {adv}*2 + 448]",
+            "prefetcht0 [{y} + {adv}*2 + 448]",
+            "prefetcht0 [{x} + {adv}*2 + 512]",
+            "prefetcht0 [{y} + {adv}*2 + 512]",
+            "prefetcht0 [{x} + {adv}*2 + 576]",
+            "prefetcht0 [{y} + {adv}*2 + 576]",
+            "prefetcht0 [{x} + {adv}*2 + 640]",
+            "prefetcht0 [{y} + {adv}*2 + 640]",
+            "prefetcht0 [{x} + {adv}*2 + 704]",
+            "prefetcht0 [{y} + {adv}*2 + 704]",
+            "prefetcht0 [{x} + {adv}*2 + 768]",
+            "prefetcht0 [{y} + {adv}*2 + 768]",
+            "prefetcht0 [{x} + {adv}*2 + 832]",
+            "prefetcht0 [{y} + {adv}*2 + 832]",
+            "prefetcht0 [{x} + {adv}*2 + 896]",
+            "prefetcht0 [{y} + {adv}*2 + 896]",
+            "prefetcht0 [{x} + {adv}*2 + 960]",
+            "prefetcht0 [{y} + {adv}*2 + 960]",
+            "5:",
+            "tileloadd tmm4, [{x} + {ast}*1]",
+            "tileloadd tmm5, [{y} + {ast}*1]",
             "tileloadd tmm6, [{p} + {s64}*1]",
             "tileloadd tmm7, [{ph} + {s64}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a}, 64",
-            "add {al}, 64",
+            "add {x}, {adv}",
+            "add {y}, {adv}",
             "add {p}, 1024",
             "add {ph}, 1024",
             "dec {n}",
             "jnz 2b",
-            "tilestored [{c} + {ldc}*1], tmm0",
-            "tilestored [{c} + {ldc}*1 + 64], tmm1",
-            "tilestored [{cl} + {ldc}*1], tmm2",
-            "tilestored [{cl} + {ldc}*1 + 64], tmm3",
-            load = in(reg) load as usize,
-            c = in(reg) c, cl = in(reg) c_lo, ldc = in(reg) ldc,
-            a = inout(reg) a => _, al = inout(reg) a_lo => _,
-            p = inout(reg) p => _, ph = inout(reg) p_hi => _,
-            lda = in(reg) lda, s64 = in(reg) 64usize, n = inout(reg) steps => _,
+            "mov {x}, [{args} + 80]",
+            "mov {y}, [{args} + 96]",
+            "tilestored [{x} + {y}*1], tmm0",
+            "tilestored [{x} + {y}*1 + 64], tmm1",
+            "mov {x}, [{args} + 88]",
+            "tilestored [{x} + {y}*1], tmm2",
+            "tilestored [{x} + {y}*1 + 64], tmm3",
+            args = in(reg) args as *const BlockArgs,
+            x = out(reg) _, y = out(reg) _, ast = out(reg) _, adv = out(reg) _,
+            p = out(reg) _, ph = out(reg) _, n = out(reg) _, s64 = out(reg) _,
             out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
             out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
             options(nostack)

@@ -44,10 +44,10 @@ fn amx_is_ready_where_the_cpu_has_it() {
 }
 
 /// The AMX GEMM against the f64 sum of the same values, and against the FMA GEMM, at sizes that
-/// leave partial tiles, panels, blocks of L and chunks of N (odd t, L and N; L over one block, N
-/// over one chunk), A by rows and by columns, bf16 and f32, outputs bf16 and f32, with a bias and
-/// accumulating; outputs poisoned first, and nothing written past [t, N]. Inputs and P are rounded
-/// to bf16 first where the test compares at f32 precision, so the bound is the f32 sums' alone.
+/// leave partial tiles, panels and units of work (odd t, L and N; L up to 2,080, N over 1,024), A by
+/// rows and by columns, bf16 and f32, outputs bf16 and f32, with a bias and accumulating; outputs
+/// poisoned first, and nothing written past [t, N]. Inputs and P are rounded to bf16 first where
+/// the test compares at f32 precision, so the bound is the f32 sums' alone.
 #[test]
 fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
     if !cpu_has_amx() {
@@ -67,6 +67,8 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
         (100, 600, 1100),
         (257, 896, 130),
         (96, 64, 40),
+        (40, 1100, 70),
+        (70, 2080, 33),
     ] {
         // Values exact in bf16, so A P is the same product on every path.
         let a = to_f32(&to_bf16(&rng.normal_vec(t * l, 1.0)));
@@ -113,9 +115,10 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
             assert!(e_fma < 1e-5, "t {t} L {l} N {n} cols {cols}: FMA {e_fma}");
 
             // bf16 A and output, as the NF4 GEMMs run: one rounding of each output; A packed, and
-            // read in place (by rows, L a multiple of 32).
+            // read in place (by rows, L a multiple of 32); panels in 1 MB, and in 8 KB (units of
+            // one or a few panels, L in blocks of 128 steps or fewer, the sums kept between them).
             let a16 = to_bf16(&a_src);
-            for inplace_min in [usize::MAX, 0] {
+            for (inplace_min, panel_bytes) in [(usize::MAX, 1 << 20), (0, 1 << 20), (usize::MAX, 8192), (0, 8192)] {
                 let mut out = to_bf16(&out0);
                 out.extend([bf16::NAN; 3]);
                 let lhs = if cols { Lhs::Cols(&a16[..]) } else { Lhs::Rows(&a16[..]) };
@@ -128,13 +131,16 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
                     &panel_of(&p, l, n),
                     ep,
                     &mut out,
-                    inplace_min,
+                    Tune {
+                        inplace_min,
+                        panel_bytes,
+                    },
                 );
                 assert!(out[t * n..].iter().all(|v| v.is_nan()), "wrote past [t, N]");
                 let e = rel_err(&to_f32(&out[..t * n]), &want);
                 assert!(
                     e < 4e-3,
-                    "t {t} L {l} N {n} cols {cols} in place from {inplace_min}: AMX bf16 {e}"
+                    "t {t} L {l} N {n} cols {cols} in place from {inplace_min}, panels in {panel_bytes}: AMX bf16 {e}"
                 );
             }
         }
