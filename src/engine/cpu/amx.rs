@@ -22,7 +22,7 @@
 //! Numerics: A and P are rounded to bf16 (P's NF4 values times their f32 scale, once), products are
 //! exact in f32 and summed in f32, as on the GPU's bf16 tensor cores; each output is rounded once.
 
-use super::gemm::{epilogue_row_on, panel_on, Epilogue, Lhs, PanelFn, Shared, Store, Widen};
+use super::gemm::{epilogue_row, panel_on, Epilogue, Lhs, PanelFn, Shared, Store, Widen};
 use super::isa::Isa;
 use super::math::round_bf16;
 use half::bf16;
@@ -238,15 +238,14 @@ fn gemm_in<A: Widen, O: Store, P: PanelFn>(
                         // which holds [t_pad, ldc] whenever L takes more than one block) and the
                         // scratch are this unit's.
                         unsafe { block(&args) };
-                        if last {
+                        if last && r0 < t {
                             let (j0, cols) = ((first + q) * NR, NR.min(n - (first + q) * NR));
-                            for r in r0..(r0 + MR).min(t) {
-                                // SAFETY: row r's columns j0 .. j0 + cols of out belong to this
-                                // unit alone (its panels), and lie inside [t, N].
-                                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n + j0), cols) };
-                                let s = &unit.scratch.0[(r - r0) * NR..][..cols];
-                                epilogue_row_on(isa, o, s, ep.bias.map(|b| &b[j0..j0 + cols]), ep);
-                            }
+                            let bias = ep.bias.map(|b| &b[j0..j0 + cols]);
+                            let rows = MR.min(t - r0);
+                            // SAFETY: rows r0 .. r0 + rows, columns j0 .. j0 + cols of out lie inside
+                            // [t, N] and belong to this unit alone (its panels); the AVX-512 path is
+                            // the AMX GEMM's (`enabled`).
+                            unsafe { block_out(dst.at(r0 * n + j0), n, rows, cols, &unit.scratch, bias, ep) };
                         }
                     }
                 }
@@ -277,6 +276,29 @@ impl Unit {
             },
             scratch: Box::new(Scratch([0.0; MR * NR])),
         }
+    }
+}
+
+/// out[r n + c] = the epilogue of sums[r NR + c], for r < rows and c < cols: one block's sums from
+/// the scratch into `out`, rounded once.
+///
+/// # Safety
+/// The CPU has AVX-512 (F, BW, DQ, VL); out holds `rows` rows of `cols` values at stride n that no
+/// one else touches during the call; bias (if any) holds cols values.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn block_out<O: Store>(
+    out: *mut O,
+    n: usize,
+    rows: usize,
+    cols: usize,
+    sums: &Scratch,
+    bias: Option<&[f32]>,
+    ep: Epilogue,
+) {
+    for (r, s) in sums.0.chunks_exact(NR).take(rows).enumerate() {
+        // SAFETY: row r's cols values are the caller's to write.
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * n), cols) };
+        epilogue_row(o, &s[..cols], bias, ep);
     }
 }
 

@@ -272,7 +272,7 @@ fn gemm_body<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
 
 /// out = alpha s + bias (+ out), rounded to the output's type. out, s: [nc]; bias: [nc].
 #[inline(always)]
-fn epilogue_row<O: Store>(out: &mut [O], s: &[f32], bias: Option<&[f32]>, ep: Epilogue) {
+pub(crate) fn epilogue_row<O: Store>(out: &mut [O], s: &[f32], bias: Option<&[f32]>, ep: Epilogue) {
     for (cc, (o, &s)) in out.iter_mut().zip(s).enumerate() {
         let mut v = ep.alpha * s;
         if let Some(b) = bias {
