@@ -129,6 +129,24 @@ fn blocking(panels: usize, l: usize, threads: usize, panel_bytes: usize) -> (usi
     (share, l.div_ceil(blocks).div_ceil(KT) * KT)
 }
 
+/// A source of P's panels for the tiles.
+pub trait Panels: Sync {
+    /// Columns j0 .. j0 + NR and steps l0 .. l0 + kc of P in pair layout, zero past N and kc: p
+    /// [2][kc_pad / 2][16][2]. f: scratch for a route through f32, [kc_max, NR].
+    fn pairs(&self, isa: Isa, j0: usize, l0: usize, kc: usize, p: &mut [bf16], f: &mut [f32]);
+}
+
+/// The panels of a decoder of f32 panels (the FMA GEMM's [`PanelFn`]), rounded into pairs.
+pub(crate) struct FromF32<'a, P>(pub &'a P);
+
+impl<P: PanelFn> Panels for FromF32<'_, P> {
+    fn pairs(&self, isa: Isa, j0: usize, l0: usize, kc: usize, p: &mut [bf16], f: &mut [f32]) {
+        let f = &mut f[..kc * NR];
+        panel_on(isa, self.0, j0, NR, l0, f);
+        pairs_on(isa, f, kc, p);
+    }
+}
+
 /// The sizes [`gemm`] blocks with; tests take smaller ones, to reach every path at small sizes.
 #[derive(Clone, Copy)]
 struct Tune {
@@ -147,7 +165,7 @@ const TUNE: Tune = Tune {
 
 /// [`super::gemm::gemm`] on AMX tiles; the caller has checked the operands and that [`enabled`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm<A: Widen, O: Store, P: PanelFn>(
+pub(crate) fn gemm<A: Widen, O: Store, P: Panels>(
     isa: Isa,
     a: Lhs<A>,
     t: usize,
@@ -170,7 +188,7 @@ pub(crate) fn gemm<A: Widen, O: Store, P: PanelFn>(
 /// block, the sums go from the tiles through a 4 KB scratch straight to `out`; otherwise the unit
 /// keeps them between blocks in its [t_pad, group NR] buffer.
 #[allow(clippy::too_many_arguments)]
-fn gemm_in<A: Widen, O: Store, P: PanelFn>(
+fn gemm_in<A: Widen, O: Store, P: Panels>(
     isa: Isa,
     a: Lhs<A>,
     t: usize,
@@ -203,9 +221,7 @@ fn gemm_in<A: Widen, O: Store, P: PanelFn>(
                 let last = l0 + kc == l;
                 // This block of L of the unit's panels, [mine][2][kc_pad / 2][16][2].
                 for (q, p) in unit.pb.chunks_mut(kc_pad * NR).take(mine).enumerate() {
-                    let f = &mut unit.f[..kc * NR];
-                    panel_on(isa, panel, (first + q) * NR, NR, l0, f);
-                    pairs_on(isa, f, kc, p);
+                    panel.pairs(isa, (first + q) * NR, l0, kc, p, &mut unit.f);
                 }
                 for r0 in (0..t_pad).step_by(MR) {
                     let (a0, a_stride, a_step) = ab.at(r0, l0);

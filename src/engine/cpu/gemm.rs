@@ -576,6 +576,9 @@ unsafe fn tile_portable<const PACKED: bool>(
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::transpose16;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 

@@ -4,7 +4,8 @@
 //! `SQLORA_CPU_ISA` forces a lower one), each beside its reference twin and checked against it on
 //! every path:
 //! - [`gemm`]: the blocked GEMM and its register tiles, under the NF4 GEMM in both orientations
-//!   ([`nf4_gemm`], decoding through [`nf4_decode`]) and the head and loss ([`loss`]); [`thin`] for
+//!   ([`nf4_gemm`], decoding through [`nf4_decode`], or on AMX tiles ([`amx`]) straight into their
+//!   layout through [`nf4_pairs`]) and the head and loss ([`loss`]); [`thin`] for
 //!   the LoRA branch's products ([`lora`]), thin in the rank; [`gemv`] for decoding's few rows;
 //! - [`attention`]: causal GQA attention over packed sequences, forward and backward, and decoding;
 //! - [`elementwise`]: RMSNorm, RoPE, SwiGLU, embedding, dropout and the rest.
@@ -27,6 +28,7 @@ pub mod math;
 pub mod matmul;
 pub mod nf4_decode;
 pub mod nf4_gemm;
+pub mod nf4_pairs;
 pub mod peak;
 pub mod profile;
 pub mod selftest;

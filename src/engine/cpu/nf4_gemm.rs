@@ -13,9 +13,10 @@
 use super::gemm::{straight_panel, transposed_panel, Epilogue, Lhs};
 use super::gemv::{gemv, Weights, GEMV_MAX_T};
 use super::isa::Isa;
-use super::matmul::gemm;
-use super::nf4_decode;
+use super::matmul::{gemm, gemm_pairs, Panels};
+use super::{nf4_decode, nf4_pairs};
 use crate::model::cpu::{Linear, LinearWeight};
+use crate::model::nf4::Nf4Tensor;
 use half::bf16;
 
 /// Y = X W^T (+ bias). y: [t, n] (the first t n values written); x: [t, k]; bias: [n].
@@ -34,7 +35,22 @@ pub fn nf4_gemm_fwd(isa: Isa, y: &mut [bf16], x: &[bf16], w: &Linear, bias: Opti
         bias: bias.as_deref(),
         ..Epilogue::ASSIGN
     };
-    gemm(isa, Lhs::Rows(&x[..t * k]), t, k, n, panel, ep, y);
+    match &w.weight {
+        LinearWeight::Nf4(q) if nf4_pairs::fits(isa, k) && q.shape == [n, k] => {
+            let pairs = Nf4Pairs(q);
+            gemm_pairs(isa, Lhs::Rows(&x[..t * k]), t, k, n, panel, &pairs, ep, y)
+        }
+        _ => gemm(isa, Lhs::Rows(&x[..t * k]), t, k, n, panel, ep, y),
+    }
+}
+
+/// W^T's panels for the tiles straight from NF4 ([`nf4_pairs`]).
+struct Nf4Pairs<'a>(&'a Nf4Tensor);
+
+impl Panels for Nf4Pairs<'_> {
+    fn pairs(&self, isa: Isa, j0: usize, l0: usize, kc: usize, p: &mut [bf16], _f: &mut [f32]) {
+        nf4_pairs::transposed_pairs(isa, self.0, j0, l0, kc, p)
+    }
 }
 
 /// dX = dY W. dx: [t, k] (the first t k values written); dy: [t, n].

@@ -102,7 +102,7 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
                     Lhs::Rows(&a_src[..])
                 };
                 match amx {
-                    true => gemm(Isa::Avx512, lhs, t, l, n, &panel_of(&p, l, n), ep, &mut out),
+                    true => gemm(Isa::Avx512, lhs, t, l, n, &FromF32(&panel_of(&p, l, n)), ep, &mut out),
                     false => gemm_fma(Isa::Avx512, lhs, t, l, n, panel_of(&p, l, n), ep, &mut out),
                 }
                 assert!(out[t * n..].iter().all(|v| v.is_nan()), "wrote past [t, N]");
@@ -128,7 +128,7 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
                     t,
                     l,
                     n,
-                    &panel_of(&p, l, n),
+                    &FromF32(&panel_of(&p, l, n)),
                     ep,
                     &mut out,
                     Tune {
@@ -166,7 +166,7 @@ fn values_not_exact_in_bf16_are_rounded_once() {
         t,
         l,
         n,
-        &panel_of(&p, l, n),
+        &FromF32(&panel_of(&p, l, n)),
         Epilogue::ASSIGN,
         &mut out,
     );
@@ -194,7 +194,7 @@ fn amx_results_do_not_depend_on_the_thread_count() {
                 t,
                 l,
                 n,
-                &panel_of(&p, l, n),
+                &FromF32(&panel_of(&p, l, n)),
                 Epilogue::ASSIGN,
                 &mut out,
             )
