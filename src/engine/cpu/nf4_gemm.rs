@@ -37,19 +37,22 @@ pub fn nf4_gemm_fwd(isa: Isa, y: &mut [bf16], x: &[bf16], w: &Linear, bias: Opti
     };
     match &w.weight {
         LinearWeight::Nf4(q) if nf4_pairs::fits(isa, k) && q.shape == [n, k] => {
-            let pairs = Nf4Pairs(q);
+            let pairs = Nf4Pairs(q, true);
             gemm_pairs(isa, Lhs::Rows(&x[..t * k]), t, k, n, panel, &pairs, ep, y)
         }
         _ => gemm(isa, Lhs::Rows(&x[..t * k]), t, k, n, panel, ep, y),
     }
 }
 
-/// W^T's panels for the tiles straight from NF4 ([`nf4_pairs`]).
-struct Nf4Pairs<'a>(&'a Nf4Tensor);
+/// The panels of W^T (true) or W for the tiles, straight from NF4 ([`nf4_pairs`]).
+struct Nf4Pairs<'a>(&'a Nf4Tensor, bool);
 
 impl Panels for Nf4Pairs<'_> {
     fn pairs(&self, isa: Isa, j0: usize, l0: usize, kc: usize, p: &mut [bf16], _f: &mut [f32]) {
-        nf4_pairs::transposed_pairs(isa, self.0, j0, l0, kc, p)
+        match self.1 {
+            true => nf4_pairs::transposed_pairs(isa, self.0, j0, l0, kc, p),
+            false => nf4_pairs::straight_pairs(isa, self.0, j0, l0, kc, p),
+        }
     }
 }
 
@@ -61,7 +64,13 @@ pub fn nf4_gemm_bwd_input(isa: Isa, dx: &mut [bf16], dy: &[bf16], w: &Linear, t:
         "nf4_gemm_bwd_input: buffers shorter than [t, out], [t, in]"
     );
     let panel = straight_panel(k, |j, c0, out| decode(isa, w, j * k + c0, out));
-    gemm(isa, Lhs::Rows(&dy[..t * n]), t, n, k, panel, Epilogue::ASSIGN, dx);
+    let a = Lhs::Rows(&dy[..t * n]);
+    match &w.weight {
+        LinearWeight::Nf4(q) if nf4_pairs::fits(isa, k) && n.is_multiple_of(32) && q.shape == [n, k] => {
+            gemm_pairs(isa, a, t, n, k, panel, &Nf4Pairs(q, false), Epilogue::ASSIGN, dx)
+        }
+        _ => gemm(isa, a, t, n, k, panel, Epilogue::ASSIGN, dx),
+    }
 }
 
 /// The flattened weights `start .. start + out.len()` of `w` as f32.

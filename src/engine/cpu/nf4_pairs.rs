@@ -1,5 +1,5 @@
-//! NF4 weights straight into the pair layout of the AMX tiles, for Y = X W^T: no f32 panel, no
-//! transpose of f32 values, no second pass to round. Reference twin: the general route of
+//! NF4 weights straight into the pair layout of the AMX tiles, for Y = X W^T and dX = dY W: no f32
+//! panel, no transpose of f32 values, no second pass to round. Reference twin: the general route of
 //! [`super::amx`] (`nf4_decode::decode` of W's rows, `gemm::transposed_panel`, then `amx::pairs`),
 //! whose bits these are (one f32 product `NF4_TABLE[code] absmax`, rounded to bf16 once).
 //!
@@ -8,7 +8,8 @@
 //! ```
 //! (zero for rows past N). Per 16 rows and 32 steps: each row's 16 bytes become 32 bf16, one
 //! 64-byte register of 16 pairs; the 16 registers are transposed as 32-bit words, and each becomes
-//! one 64-byte tile row.
+//! one 64-byte tile row. For W itself (dX = dY W, the steps down W's rows), a tile row is two rows'
+//! 16 values, interleaved: p[h][i][c][e] = bf16(W[l0 + 2i + e][j0 + 16h + c]).
 //!
 //! The fast route needs every 32 steps of a row inside one block of 64 (k a multiple of 64, l0 and
 //! kc of 32); [`fits`] says so, and the GEMM takes the general route otherwise.
@@ -57,6 +58,40 @@ pub fn transposed_pairs(isa: Isa, q: &Nf4Tensor, j0: usize, l0: usize, kc: usize
     unreachable!("transposed_pairs needs AVX-512 ({isa}, {n}, {j0})");
 }
 
+/// The panel of W (`q`, shape [n, k]) for columns j0 .. j0 + 32 and steps (rows of W) l0 .. l0 +
+/// kc, in pair layout: p[h][i][c][e] = bf16(W[l0 + 2i + e][j0 + 16h + c]), p [2][kc / 2][16][2]: two
+/// rows' 16 values each, interleaved, per tile row. Needs [`fits`], j0 + 32 <= k, l0 + kc <= n, l0
+/// and kc multiples of 32.
+pub fn straight_pairs(isa: Isa, q: &Nf4Tensor, j0: usize, l0: usize, kc: usize, p: &mut [bf16]) {
+    let [n, k] = q.shape[..] else {
+        panic!("straight_pairs: a weight of shape {:?}, not [n, k]", q.shape)
+    };
+    assert!(fits(isa, k) && j0.is_multiple_of(32) && j0 + 32 <= k);
+    assert!(l0.is_multiple_of(32) && kc.is_multiple_of(32) && l0 + kc <= n);
+    assert!(p.len() >= 32 * kc, "straight_pairs: panel too small");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let half = kc / 2 * 32;
+        for h in 0..2 {
+            for i in 0..kc / 2 {
+                // SAFETY: `fits` says the CPU has AVX-512; rows l0 + 2i and l0 + 2i + 1 < n hold
+                // columns j0 + 16h .. + 16 < k (asserted), 16 values inside one block of 64 (k and
+                // j0 + 16h multiples of 64 and 16); tile row i of half h lies inside p.
+                unsafe {
+                    x86::pair_row(
+                        q,
+                        (l0 + 2 * i) * k + j0 + 16 * h,
+                        k,
+                        p[h * half + i * 32..].as_mut_ptr(),
+                    )
+                };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("straight_pairs needs AVX-512 ({isa}, {n}, {j0})");
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{bf16, Nf4Tensor, BLOCK};
@@ -98,6 +133,28 @@ mod x86 {
         unsafe { transpose16(words.as_ptr(), 16, 16, out as *mut f32, 16) };
     }
 
+    /// One tile row of 64 bytes at `out`: for c < 16, the bf16 pair of elements e + c and e + k + c
+    /// of q (two rows' values, the first in the low half).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW); elements e .. e + 16 and e + k .. e + k + 16 lie inside q, each
+    /// run inside one block, e and k even; out: 32 writable bf16.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn pair_row(q: &Nf4Tensor, e: usize, k: usize, out: *mut bf16) {
+        let (packed, absmax) = (q.packed.as_ptr(), q.absmax());
+        let table = _mm512_loadu_ps(NF4_TABLE.as_ptr());
+        // SAFETY: 8 bytes from elements e and e + k lie inside packed (the caller's promise).
+        unsafe {
+            let a = _mm512_mul_ps(codes8(packed.add(e / 2), table), _mm512_set1_ps(absmax[e / BLOCK]));
+            let b = _mm512_mul_ps(
+                codes8(packed.add((e + k) / 2), table),
+                _mm512_set1_ps(absmax[(e + k) / BLOCK]),
+            );
+            let words = _mm512_or_si512(round(a), _mm512_slli_epi32(round(b), 16));
+            _mm512_storeu_si512(out as *mut __m512i, words);
+        }
+    }
+
     /// The 16 values of 8 bytes of codes (the even element in the high nibble), from the table.
     #[inline(always)]
     unsafe fn codes8(bytes: *const u8, table: __m512) -> __m512 {
@@ -127,7 +184,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::engine::cpu::amx::{self, FromF32, Panels};
-    use crate::engine::cpu::gemm::transposed_panel;
+    use crate::engine::cpu::gemm::{straight_panel, transposed_panel};
     use crate::engine::cpu::nf4_decode::decode;
     use crate::util::rng::Rng;
 
@@ -157,7 +214,22 @@ mod tests {
                 transposed_pairs(isa, &q, j0, l0, kc, &mut got);
                 let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 let same = bits(&got) == bits(&want);
-                assert!(same, "n {n} k {k} j0 {j0} l0 {l0} kc {kc}: other bits");
+                assert!(same, "W^T, n {n} k {k} j0 {j0} l0 {l0} kc {kc}: other bits");
+            }
+            // W itself: columns of W (k) by 32, steps down its rows (n).
+            let general = straight_panel(k, |j, c0, out| decode(isa, &q, j * k + c0, out));
+            let n32 = n / 32 * 32;
+            for (j0, l0, kc) in [(0, 0, n32), (k - 32, 0, n32), (32.min(k - 32), n32 - 32, 32)] {
+                if n32 == 0 {
+                    continue;
+                }
+                let mut want = vec![bf16::NAN; 32 * kc];
+                FromF32(&general).pairs(isa, j0, l0, kc, &mut want, &mut vec![f32::NAN; 32 * kc]);
+                let mut got = vec![bf16::NAN; 32 * kc];
+                straight_pairs(isa, &q, j0, l0, kc, &mut got);
+                let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let same = bits(&got) == bits(&want);
+                assert!(same, "W, n {n} k {k} j0 {j0} l0 {l0} kc {kc}: other bits");
             }
         }
     }
