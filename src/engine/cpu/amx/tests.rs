@@ -10,6 +10,19 @@ fn cpu_has_amx() -> bool {
     std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|s| s.contains(" amx_bf16") && s.contains(" amx_tile"))
 }
 
+/// Whether the tests below can run: where the CPU has AMX (then it must be usable); elsewhere the
+/// GEMM must never take the tiles, and the tests end there.
+fn amx_here() -> bool {
+    if cpu_has_amx() {
+        return true;
+    }
+    assert!(
+        !ready() && !enabled(Isa::Avx512),
+        "no AMX on this CPU: the GEMM must not take the tiles"
+    );
+    false
+}
+
 /// P[L, N] dense, handed out panel by panel as the GEMM's decoders do (zero past N).
 fn panel_of(p: &[f32], l: usize, n: usize) -> impl Fn(usize, usize, usize, &mut [f32]) + Sync + '_ {
     move |j0, nr, l0, out| {
@@ -50,11 +63,7 @@ fn amx_is_ready_where_the_cpu_has_it() {
 /// the test compares at f32 precision, so the bound is the f32 sums' alone.
 #[test]
 fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
-    if !cpu_has_amx() {
-        assert!(
-            !ready() && !enabled(Isa::Avx512),
-            "no AMX on this CPU: the GEMM must not take the tiles"
-        );
+    if !amx_here() {
         return;
     }
     let mut rng = Rng::new(11);
@@ -151,8 +160,8 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
 /// value, well inside the bf16 kernels' 1e-2.
 #[test]
 fn values_not_exact_in_bf16_are_rounded_once() {
-    if !cpu_has_amx() {
-        return assert!(!ready());
+    if !amx_here() {
+        return;
     }
     let mut rng = Rng::new(5);
     let (t, l, n) = (70, 300, 90);
@@ -177,8 +186,8 @@ fn values_not_exact_in_bf16_are_rounded_once() {
 /// Threads split panels and rows, never a sum: the same bits with one thread as with three.
 #[test]
 fn amx_results_do_not_depend_on_the_thread_count() {
-    if !cpu_has_amx() {
-        return assert!(!ready());
+    if !amx_here() {
+        return;
     }
     let mut rng = Rng::new(2);
     let (t, l, n) = (150, 700, 300);
