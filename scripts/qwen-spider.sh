@@ -3,8 +3,7 @@
 # (Q4_K_M GGUF, NF4 base) QLoRA-trained on Spider's training split, 15 whole databases held out for
 # validation, then measured by execution on those held-out questions.
 #
-#   scripts/qwen-spider.sh [data|baseline|train|eval|ship|all|whole]   (default: all, in that order;
-#   whole: a second training stage, under way)
+#   scripts/qwen-spider.sh [data|baseline|train|eval|whole|ship|all]   (default: all, in that order)
 #
 # Every phase skips what is already done, and `train` resumes from the newest checkpoint, so the
 # script can be stopped (Ctrl-C, a kill, the end of a session) and run again. Environment:
@@ -14,7 +13,8 @@
 # The recipe and why it was chosen: adapters/qwen2.5-coder-0.5b-spider/README.md and
 # docs/text-to-sql.md. Time it took here (2026-12-07, Intel Xeon, 2 cores): data 4 min; baseline
 # 50 min (beside the training run); train 4.0 h of steps (median 51 s each); eval 10 min for each
-# greedy pass (four of them) and 42 min for each pass with 4 candidates (two); ship seconds.
+# greedy pass (four of them) and 42 min for each pass with 4 candidates (two); whole 4.0 h of steps
+# (median 45 s; 40 s once the GEMM ran on AMX tiles), then 7-10 min per greedy pass; ship seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPIDER=${SPIDER:-../shared/data/spider-train}
@@ -89,10 +89,11 @@ phase_eval() {
     predict tuned-confirm-guard val-confirm --adapter "$RUN/train"
 }
 
-# The second stage (started 2026-12-07): the shipped adapter trained further on prompts that list
-# every table of the database, as the measured prompts do (the first stage's list the gold query's
-# tables and two others, and its misses are mostly wrong tables): 128 steps x 16 examples at 1e-4,
-# another data order. Resumable like `train`; measured greedy with the guard on both halves.
+# The second stage, whose adapter is the one shipped: the first stage's adapter trained further on
+# prompts that list every table of the database, as the measured prompts do (the first stage's list
+# the gold query's tables and two others, and its misses were mostly wrong tables): 128 steps x 16
+# examples at 1e-4, another data order. Resumable like `train`; measured greedy with the guard on
+# both halves, and without it.
 phase_whole() {
     if [ ! -s "$RUN/data/train-whole.jsonl" ]; then
         "$S" prepare spider --spider-dir "$SPIDER" --out "$RUN/data/train-whole.jsonl" \
@@ -111,14 +112,19 @@ phase_whole() {
     awk 'NR % 2 == 0' "$RUN/data/val.jsonl" > "$RUN/data/val-confirm.jsonl"
     predict whole-guard val-eval --adapter "$RUN/whole"
     predict whole-confirm-guard val-confirm --adapter "$RUN/whole"
+    predict whole-noguard val-eval --adapter "$RUN/whole" --no-guard
+    predict whole-cand4-guard val-eval --adapter "$RUN/whole" --candidates 4
 }
 
 phase_ship() {
     local dst=adapters/qwen2.5-coder-0.5b-spider
-    # The PEFT files in bf16 (17.6 MB; the run's own are f32), beside the card and the curves.
-    "$S" export-adapter --adapter "$RUN/train" --out "$RUN/export" --dtype bf16
+    # The second stage's PEFT files in bf16 (17.6 MB; the run's own are f32), beside the card and
+    # both stages' curves.
+    "$S" export-adapter --adapter "$RUN/whole" --out "$RUN/export" --dtype bf16
     mkdir -p "$dst"
-    cp "$RUN/export/adapter_model.safetensors" "$RUN/train/curves.png" "$dst/"
+    cp "$RUN/export/adapter_model.safetensors" "$dst/"
+    cp "$RUN/train/curves.png" "$dst/curves-first-stage.png"
+    cp "$RUN/whole/curves.png" "$dst/curves.png"
     # The base as PEFT users name it, not this machine's cache path.
     sed 's#"base_model_name_or_path": "[^"]*"#"base_model_name_or_path": "Qwen/Qwen2.5-Coder-0.5B-Instruct"#' \
         "$RUN/export/adapter_config.json" > "$dst/adapter_config.json"
@@ -130,8 +136,8 @@ case "$PHASE" in
     baseline) phase_data; phase_baseline ;;
     train) phase_data; phase_train ;;
     eval) phase_eval ;;
-    ship) phase_ship ;;
     whole) phase_data; phase_whole ;;
-    all) phase_data; phase_baseline; phase_train; phase_eval; phase_ship ;;
-    *) echo "unknown phase $PHASE (data, baseline, train, eval, ship, all, whole)" >&2; exit 2 ;;
+    ship) phase_ship ;;
+    all) phase_data; phase_baseline; phase_train; phase_eval; phase_whole; phase_ship ;;
+    *) echo "unknown phase $PHASE (data, baseline, train, eval, whole, ship, all)" >&2; exit 2 ;;
 esac
