@@ -183,8 +183,8 @@ pub(crate) fn gemm<A: Widen, O: Store, P: Panels>(
 /// Units of work are groups of panels (columns of C). A unit decodes its panels, for one block of
 /// L at a time, into its own buffer, where they stay (in its core's L2) while every 32 rows of A go
 /// past them, each block of A's rows (from L2 after its first panel) against each panel. Measured
-/// on a tile loop: tiles read from L1 run at the peak, from L2 at 77% of it, from L3 (on this VM)
-/// at 13%, so what matters is that no operand comes from L3 more than once. Where L takes one
+/// on a tile loop: tiles read from L1 run at the peak, from L2 at 70-75% of it, from L3 (on this
+/// VM) at 13-28%, so what matters is that no operand comes from L3 more than once. Where L takes one
 /// block, the sums go from the tiles through a 4 KB scratch straight to `out`; otherwise the unit
 /// keeps them between blocks in its [t_pad, group NR] buffer.
 #[allow(clippy::too_many_arguments)]
@@ -202,6 +202,10 @@ fn gemm_in<A: Widen, O: Store, P: Panels>(
     assert!(
         enabled(isa) || (isa == Isa::Avx512 && ready()),
         "the AMX GEMM needs AMX"
+    );
+    assert!(
+        l > 0,
+        "the AMX GEMM needs L > 0 (the FMA GEMM writes the epilogue of empty sums)"
     );
     let t_pad = t.div_ceil(MR) * MR;
     let panels = n.div_ceil(NR);

@@ -161,9 +161,18 @@ pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     ep: Epilogue,
     out: &mut [O],
 ) {
-    if check(isa, &a, t, l, n, ep, out.len()) {
-        gemm_body(isa, a, t, l, n, &panel, ep, out)
+    if !check(isa, &a, t, l, n, ep, out.len()) {
+        return;
     }
+    if l == 0 {
+        // No steps: every sum is zero, and each output is the epilogue of zero.
+        let zeros = vec![0f32; n];
+        let bias = ep.bias.map(|b| &b[..n]);
+        return out[..t * n]
+            .chunks_mut(n)
+            .for_each(|o| epilogue_row_on(isa, o, &zeros, bias, ep));
+    }
+    gemm_body(isa, a, t, l, n, &panel, ep, out)
 }
 
 /// Check a GEMM's operands against its shape (panics naming the short one): whether there is any

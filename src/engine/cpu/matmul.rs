@@ -1,5 +1,5 @@
 //! Which GEMM runs a product: AMX tiles ([`super::amx`]) on the AVX-512 path of a CPU that has
-//! them, else the path's FMA GEMM ([`super::gemm`]). The NF4 GEMMs and the output head call this.
+//! them (and L is not empty), else the path's FMA GEMM ([`super::gemm`]). The NF4 GEMMs and the output head call this.
 
 #[cfg(target_arch = "x86_64")]
 use super::amx::FromF32;
@@ -20,7 +20,7 @@ pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     out: &mut [O],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::amx::enabled(isa) {
+    if super::amx::enabled(isa) && l > 0 {
         if check(isa, &a, t, l, n, ep, out.len()) {
             super::amx::gemm(isa, a, t, l, n, &FromF32(&panel), ep, out);
         }
@@ -44,7 +44,7 @@ pub fn gemm_pairs<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + S
     out: &mut [O],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::amx::enabled(isa) {
+    if super::amx::enabled(isa) && l > 0 {
         if check(isa, &a, t, l, n, ep, out.len()) {
             super::amx::gemm(isa, a, t, l, n, pairs, ep, out);
         }
@@ -53,4 +53,26 @@ pub fn gemm_pairs<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + S
     #[cfg(not(target_arch = "x86_64"))]
     let _ = pairs;
     super::gemm::gemm(isa, a, t, l, n, panel, ep, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// L = 0 (no steps) on every path: the sums are zero, so out = bias, the AMX GEMM not taken.
+    #[test]
+    fn an_empty_l_gives_the_bias() {
+        for isa in Isa::available() {
+            let (t, n) = (3, 5);
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 - 1.5).collect();
+            let mut out = vec![f32::NAN; t * n];
+            let ep = Epilogue {
+                bias: Some(&bias),
+                ..Epilogue::ASSIGN
+            };
+            let panel = |_: usize, _: usize, _: usize, _: &mut [f32]| panic!("no panel has steps");
+            gemm(isa, Lhs::Rows(&[] as &[f32]), t, 0, n, panel, ep, &mut out);
+            assert!(out.chunks(n).all(|r| r == &bias[..]), "{isa}: {out:?}");
+        }
+    }
 }
