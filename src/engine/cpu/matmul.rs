@@ -1,7 +1,7 @@
 //! Which GEMM runs a product: AMX tiles ([`super::amx`]) on the AVX-512 path of a CPU that has
-//! them (and L is not empty), else the path's FMA GEMM ([`super::gemm`]). The NF4 GEMMs and the output head call this.
+//! them (and L is not empty), else the path's FMA GEMM ([`super::gemm`]). The NF4 GEMMs and the
+//! output head call this.
 
-#[cfg(target_arch = "x86_64")]
 use super::amx::FromF32;
 pub use super::amx::Panels;
 use super::gemm::{check, Epilogue, Lhs, Store, Widen};
@@ -19,18 +19,11 @@ pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     ep: Epilogue,
     out: &mut [O],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if super::amx::enabled(isa) && l > 0 {
-        if check(isa, &a, t, l, n, ep, out.len()) {
-            super::amx::gemm(isa, a, t, l, n, &FromF32(&panel), ep, out);
-        }
-        return;
-    }
-    super::gemm::gemm(isa, a, t, l, n, panel, ep, out)
+    gemm_pairs(isa, a, t, l, n, panel, None::<&FromF32<P>>, ep, out)
 }
 
-/// [`gemm`], where the tiles take P's panels from `pairs`, straight in their layout (the FMA GEMM
-/// from `panel`, as before).
+/// [`gemm`], where the tiles take P's panels from `pairs` if given, straight in their layout (else
+/// `panel`'s, rounded into it); the FMA GEMM takes `panel`'s.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_pairs<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync, Q: Panels>(
     isa: Isa,
@@ -39,14 +32,17 @@ pub fn gemm_pairs<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + S
     l: usize,
     n: usize,
     panel: P,
-    pairs: &Q,
+    pairs: Option<&Q>,
     ep: Epilogue,
     out: &mut [O],
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::amx::enabled(isa) && l > 0 {
         if check(isa, &a, t, l, n, ep, out.len()) {
-            super::amx::gemm(isa, a, t, l, n, pairs, ep, out);
+            match pairs {
+                Some(q) => super::amx::gemm(isa, a, t, l, n, q, ep, out),
+                None => super::amx::gemm(isa, a, t, l, n, &FromF32(&panel), ep, out),
+            }
         }
         return;
     }

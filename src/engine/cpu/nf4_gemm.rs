@@ -38,7 +38,7 @@ pub fn nf4_gemm_fwd(isa: Isa, y: &mut [bf16], x: &[bf16], w: &Linear, bias: Opti
     match &w.weight {
         LinearWeight::Nf4(q) if nf4_pairs::fits(isa, k) && q.shape == [n, k] => {
             let pairs = Nf4Pairs(q, true);
-            gemm_pairs(isa, Lhs::Rows(&x[..t * k]), t, k, n, panel, &pairs, ep, y)
+            gemm_pairs(isa, Lhs::Rows(&x[..t * k]), t, k, n, panel, Some(&pairs), ep, y)
         }
         _ => gemm(isa, Lhs::Rows(&x[..t * k]), t, k, n, panel, ep, y),
     }
@@ -67,7 +67,7 @@ pub fn nf4_gemm_bwd_input(isa: Isa, dx: &mut [bf16], dy: &[bf16], w: &Linear, t:
     let a = Lhs::Rows(&dy[..t * n]);
     match &w.weight {
         LinearWeight::Nf4(q) if nf4_pairs::fits(isa, k) && n.is_multiple_of(32) && q.shape == [n, k] => {
-            gemm_pairs(isa, a, t, n, k, panel, &Nf4Pairs(q, false), Epilogue::ASSIGN, dx)
+            gemm_pairs(isa, a, t, n, k, panel, Some(&Nf4Pairs(q, false)), Epilogue::ASSIGN, dx)
         }
         _ => gemm(isa, a, t, n, k, panel, Epilogue::ASSIGN, dx),
     }

@@ -184,9 +184,20 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::engine::cpu::amx::{FromF32, Panels};
-    use crate::engine::cpu::gemm::{straight_panel, transposed_panel};
+    use crate::engine::cpu::gemm::{straight_panel, transposed_panel, PanelFn};
     use crate::engine::cpu::nf4_decode::decode;
     use crate::util::rng::Rng;
+
+    /// Whether `fast` writes the bits the general route (`general`'s f32 panel, rounded into pairs)
+    /// writes for the panel (j0, l0, kc), both into poisoned buffers.
+    fn same_bits(general: &impl PanelFn, (j0, l0, kc): (usize, usize, usize), fast: impl Fn(&mut [bf16])) -> bool {
+        let mut want = vec![bf16::NAN; 32 * kc];
+        FromF32(general).pairs(Isa::Avx512, j0, l0, kc, &mut want, &mut vec![f32::NAN; 32 * kc]);
+        let mut got = vec![bf16::NAN; 32 * kc];
+        fast(&mut got);
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        bits(&got) == bits(&want)
+    }
 
     /// The bits of the general route (f32 decode, transpose, round into pairs), for panels whole
     /// and past N, at the first and later steps, from poisoned buffers; and `fits` only where it
@@ -208,12 +219,7 @@ mod tests {
                 if j0 >= n {
                     continue;
                 }
-                let mut want = vec![bf16::NAN; 32 * kc];
-                FromF32(&general).pairs(isa, j0, l0, kc, &mut want, &mut vec![f32::NAN; 32 * kc]);
-                let mut got = vec![bf16::NAN; 32 * kc];
-                transposed_pairs(isa, &q, j0, l0, kc, &mut got);
-                let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let same = bits(&got) == bits(&want);
+                let same = same_bits(&general, (j0, l0, kc), |p| transposed_pairs(isa, &q, j0, l0, kc, p));
                 assert!(same, "W^T, n {n} k {k} j0 {j0} l0 {l0} kc {kc}: other bits");
             }
             // W itself: columns of W (k) by 32, steps down its rows (n).
@@ -223,12 +229,7 @@ mod tests {
                 continue;
             }
             for (j0, l0, kc) in [(0, 0, n32), (k - 32, 0, n32), (32.min(k - 32), n32 - 32, 32)] {
-                let mut want = vec![bf16::NAN; 32 * kc];
-                FromF32(&general).pairs(isa, j0, l0, kc, &mut want, &mut vec![f32::NAN; 32 * kc]);
-                let mut got = vec![bf16::NAN; 32 * kc];
-                straight_pairs(isa, &q, j0, l0, kc, &mut got);
-                let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let same = bits(&got) == bits(&want);
+                let same = same_bits(&general, (j0, l0, kc), |p| straight_pairs(isa, &q, j0, l0, kc, p));
                 assert!(same, "W, n {n} k {k} j0 {j0} l0 {l0} kc {kc}: other bits");
             }
         }
