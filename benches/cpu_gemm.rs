@@ -5,8 +5,8 @@
 //!
 //! Shapes: SmolLM2-135M's and Qwen2.5-0.5B's MLP up-projection ([1536, 576], [4864, 896]) and
 //! down-projection ([576, 1536], [896, 4864]) at a training micro-batch of 4 x 256 tokens, and 8
-//! rows (batched decoding). On a CPU with AMX the avx512 rows run on its tiles; set
-//! `SQLORA_CPU_AMX=off` to time the AVX-512 FMA GEMM instead.
+//! rows (batched decoding). On a CPU with AMX tiles or AVX512-BF16 dot products the avx512 rows run
+//! on them (`engine/cpu/amx.rs`); set `SQLORA_CPU_GEMM=fma` to time the AVX-512 FMA GEMM instead.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;

@@ -1,16 +1,18 @@
-//! The GEMM on AMX tiles (Intel's Advanced Matrix Extensions, Sapphire Rapids and later), where the
-//! CPU has them and the OS lets this process use them: C[t, N] = alpha A[t, L] P[L, N] (+ bias)
-//! (+ C), the contract of [`super::gemm::gemm`]; [`super::matmul`] hands products here. Reference twin:
-//! `model::cpu::linear`, as for the GEMM.
-//!
-//! One `tdpbf16ps` multiplies a 16 x 32 bf16 tile of A by a 32 x 16 bf16 tile of P into a 16 x 16
-//! f32 tile of sums: 16,384 FLOPs per instruction. Measured on one core of the 2-core Sapphire Rapids
-//! VM that runs CI: 3.1-3.4 TFLOP/s in a loop of independent tiles, against 0.2 for AVX-512 FMAs.
+//! The GEMM on bf16 pairs, where the CPU multiplies them in hardware: C[t, N] = alpha A[t, L] P[L, N]
+//! (+ bias) (+ C), the contract of [`super::gemm::gemm`]; [`super::matmul`] hands products here.
+//! Reference twin: `model::cpu::linear`, as for the GEMM. Two kernels compute its 32 x 32 blocks
+//! ([`Kernel`]) from the same operands:
+//! - AMX tiles (Intel Sapphire Rapids and later): one `tdpbf16ps` multiplies a 16 x 32 bf16 tile of A
+//!   by a 32 x 16 bf16 tile of P into a 16 x 16 f32 tile of sums, 16,384 FLOPs per instruction.
+//!   Measured on one core of the 2-core Sapphire Rapids VM: 3.1-3.4 TFLOP/s in a loop of
+//!   independent tiles, against 0.2 for AVX-512 FMAs.
+//! - AVX512-BF16 dot products (`vdpbf16ps`, AMD Zen 4 and later), twice the FMAs' rate there
+//!   ([`super::dots`]).
 //!
 //! Blocking (measured first on a loop of tile loads and products, one core: operands from L1 run at
 //! the peak, from L2 at ~70%, from L3 at 13% on this VM, so no operand may come from L3 twice):
 //! - A unit of work owns a group of P's panels (NR = 32 columns), decodes them into its own buffer,
-//!   rounded to bf16 in the pair layout the instruction reads ([2 halves][KC / 2][16 columns][2
+//!   rounded to bf16 in the pair layout the instructions read ([2 halves][KC / 2][16 columns][2
 //!   steps of L]), and runs every 32 rows of A past them while they sit in its core's L2.
 //! - A is rounded to bf16 once per call and packed as tiles, 16 rows x 32 steps in 1 KB, so that a
 //!   tile load reads one contiguous KB (bf16 rows of A too large to copy are read in place).
@@ -35,6 +37,41 @@ const NR: usize = 32;
 /// Steps of L per tile product (32 bf16: one 64-byte tile row).
 const KT: usize = 32;
 
+/// What multiplies the pairs in a 32 x 32 block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tile products (`tdpbf16ps`).
+    Tiles,
+    /// AVX512-BF16 dot products (`vdpbf16ps`), [`super::dots`].
+    Dots,
+}
+
+impl Kernel {
+    /// The kernels this CPU and process can run.
+    pub fn available() -> Vec<Kernel> {
+        let mut have = Vec::new();
+        if ready() {
+            have.push(Kernel::Tiles);
+        }
+        if super::dots::ready() {
+            have.push(Kernel::Dots);
+        }
+        have
+    }
+
+    /// The sizes this kernel blocks with: a unit's panels stay in its core's L2 (2 MB a core on
+    /// Sapphire Rapids, 1 MB on Zen 4).
+    fn tune(self) -> Tune {
+        match self {
+            Kernel::Tiles => TUNE,
+            Kernel::Dots => Tune {
+                panel_bytes: 512 << 10,
+                ..TUNE
+            },
+        }
+    }
+}
+
 /// Whether this CPU has AMX with bf16 and this process may use its tile registers (Linux grants
 /// them on request, `arch_prctl(ARCH_REQ_XCOMP_PERM)`): asked once.
 pub fn ready() -> bool {
@@ -42,12 +79,28 @@ pub fn ready() -> bool {
     *READY.get_or_init(detect)
 }
 
-/// Whether the GEMM runs on AMX: the AVX-512 path, AMX [`ready`], and `SQLORA_CPU_AMX` not `off`
-/// (which keeps the FMA GEMM, to test or compare it on a CPU with AMX).
+/// The kernel the GEMM runs on `isa`, or None for the path's FMA GEMM. On the AVX-512 path: the
+/// tiles where AMX is [`ready`], else dot products where the CPU has them (not on a CPU with AMX
+/// unless asked: there they run at half the FMAs' rate). `SQLORA_CPU_GEMM` chooses: `fma` (the FMA
+/// GEMM, to test or compare it), `dots` or `tiles` (where available), else the default.
+pub fn kernel(isa: Isa) -> Option<Kernel> {
+    static CHOICE: OnceLock<Option<String>> = OnceLock::new();
+    let choice = CHOICE.get_or_init(|| std::env::var("SQLORA_CPU_GEMM").ok());
+    if isa != Isa::Avx512 {
+        return None;
+    }
+    let have = Kernel::available();
+    match choice.as_deref() {
+        Some("fma") => None,
+        Some("dots") if have.contains(&Kernel::Dots) => Some(Kernel::Dots),
+        Some("tiles") if have.contains(&Kernel::Tiles) => Some(Kernel::Tiles),
+        _ => have.first().copied(),
+    }
+}
+
+/// Whether the GEMM runs on AMX tiles ([`kernel`]).
 pub fn enabled(isa: Isa) -> bool {
-    static OFF: OnceLock<bool> = OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("SQLORA_CPU_AMX").is_ok_and(|v| v == "off"));
-    isa == Isa::Avx512 && ready() && !off
+    kernel(isa) == Some(Kernel::Tiles)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -163,9 +216,11 @@ const TUNE: Tune = Tune {
     panel_bytes: 1 << 20,
 };
 
-/// [`super::gemm::gemm`] on AMX tiles; the caller has checked the operands and that [`enabled`].
+/// [`super::gemm::gemm`] on `kernel`; the caller has checked the operands and that the kernel is
+/// [`available`](Kernel::available).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<A: Widen, O: Store, P: Panels>(
+    kernel: Kernel,
     isa: Isa,
     a: Lhs<A>,
     t: usize,
@@ -175,7 +230,7 @@ pub(crate) fn gemm<A: Widen, O: Store, P: Panels>(
     ep: Epilogue,
     out: &mut [O],
 ) {
-    gemm_in(isa, a, t, l, n, panel, ep, out, TUNE)
+    gemm_in(kernel, isa, a, t, l, n, panel, ep, out, kernel.tune())
 }
 
 /// [`gemm`], blocked by `tune`.
@@ -189,6 +244,7 @@ pub(crate) fn gemm<A: Widen, O: Store, P: Panels>(
 /// keeps them between blocks in its [t_pad, group NR] buffer.
 #[allow(clippy::too_many_arguments)]
 fn gemm_in<A: Widen, O: Store, P: Panels>(
+    kernel: Kernel,
     isa: Isa,
     a: Lhs<A>,
     t: usize,
@@ -200,8 +256,8 @@ fn gemm_in<A: Widen, O: Store, P: Panels>(
     tune: Tune,
 ) {
     assert!(
-        enabled(isa) || (isa == Isa::Avx512 && ready()),
-        "the AMX GEMM needs AMX"
+        isa == Isa::Avx512 && Kernel::available().contains(&kernel),
+        "the pair GEMM's {kernel:?} need the AVX-512 path and a CPU that has them"
     );
     assert!(
         l > 0,
@@ -215,7 +271,7 @@ fn gemm_in<A: Widen, O: Store, P: Panels>(
     (0..panels.div_ceil(group)).into_par_iter().for_each_init(
         || Unit::new(t_pad, group, kc_max, l),
         |unit, g| {
-            let _tiles = Tiles::configure();
+            let _tiles = (kernel == Kernel::Tiles).then(Tiles::configure);
             let first = g * group;
             let mine = group.min(panels - first);
             let ldc = group * NR;
@@ -251,13 +307,17 @@ fn gemm_in<A: Widen, O: Store, P: Panels>(
                             store_lo: store.wrapping_add(16 * ld_store),
                             ld_store: ld_store * 4,
                         };
-                        // SAFETY: the tiles are configured on this thread (`_tiles`); A's rows r0 ..
+                        // SAFETY: the kernel is available (asserted above) and, for the tiles,
+                        // configured on this thread (`_tiles`); A's rows r0 ..
                         // r0 + 32 and steps l0 .. l0 + kc_pad lie inside ab (`TileRows::at` checks);
                         // p holds [2][kc_pad / 2][16][2]; the sums (read when l0 > 0, and written
                         // unless `last`: rows r0 .. r0 + 32, columns q NR .. + 32 of the unit's c,
                         // which holds [t_pad, ldc] whenever L takes more than one block) and the
                         // scratch are this unit's.
-                        unsafe { block(&args) };
+                        match kernel {
+                            Kernel::Tiles => unsafe { block(&args) },
+                            Kernel::Dots => unsafe { super::dots::block(&args) },
+                        }
                         if last && r0 < t {
                             let (j0, cols) = ((first + q) * NR, NR.min(n - (first + q) * NR));
                             let bias = ep.bias.map(|b| &b[j0..j0 + cols]);
@@ -526,29 +586,29 @@ pub fn tile_loop(iters: u64) -> u64 {
     iters.max(1) * 4 * 16 * 16 * 32 * 2
 }
 
-/// Where [`block`] reads and writes; strides and steps in bytes.
+/// Where [`block`] (and [`super::dots::block`]) reads and writes; strides and steps in bytes.
 #[repr(C)]
-struct BlockArgs {
+pub(super) struct BlockArgs {
     /// The first value of A's upper and lower 16 rows' tiles (bf16); a tile's rows are `a_stride`
     /// apart, and the next step's tile `a_step` on.
-    a: *const bf16,
-    a_lo: *const bf16,
-    a_stride: usize,
-    a_step: usize,
+    pub(super) a: *const bf16,
+    pub(super) a_lo: *const bf16,
+    pub(super) a_stride: usize,
+    pub(super) a_step: usize,
     /// The panel's two halves (bf16, [kc_pad / 2][16][2] each).
-    p: *const bf16,
-    p_hi: *const bf16,
+    pub(super) p: *const bf16,
+    pub(super) p_hi: *const bf16,
     /// Tile products per pair of tiles: kc_pad / 32, at least 1.
-    steps: usize,
+    pub(super) steps: usize,
     /// Sums to start from (f32, rows of 32 `ld_load` apart: upper 16 at `load`, lower 16 at
     /// `load_lo`), or null to start from zero.
-    load: *const f32,
-    load_lo: *const f32,
-    ld_load: usize,
+    pub(super) load: *const f32,
+    pub(super) load_lo: *const f32,
+    pub(super) ld_load: usize,
     /// Where the sums go, likewise.
-    store: *mut f32,
-    store_lo: *mut f32,
-    ld_store: usize,
+    pub(super) store: *mut f32,
+    pub(super) store_lo: *mut f32,
+    pub(super) ld_store: usize,
 }
 
 // The asm reads the fields at these offsets.

@@ -16,8 +16,9 @@
 //! next; the epilogue rounds them once. Units never split the sum over L, so a result does not
 //! depend on the thread count: each element's sum runs over L in order, in f32. Every loop of a call
 //! is compiled for the chosen path (`target_feature`), so the widening, decoding and epilogue
-//! vectorise with it. On a CPU with AMX tiles, `matmul.rs` hands AVX-512 products to `amx.rs`
-//! instead (A and P rounded to bf16 there; `SQLORA_CPU_AMX=off` keeps them here).
+//! vectorise with it. On a CPU with AMX tiles or AVX512-BF16 dot products, `matmul.rs` hands AVX-512
+//! products to `amx.rs` instead (A and P rounded to bf16 there; `SQLORA_CPU_GEMM=fma` keeps them
+//! here).
 
 use super::isa::Isa;
 use half::bf16;

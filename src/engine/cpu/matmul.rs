@@ -1,6 +1,6 @@
-//! Which GEMM runs a product: AMX tiles ([`super::amx`]) on the AVX-512 path of a CPU that has
-//! them (and L is not empty), else the path's FMA GEMM ([`super::gemm`]). The NF4 GEMMs and the
-//! output head call this.
+//! Which GEMM runs a product: the bf16 pair GEMM ([`super::amx`]: AMX tiles or AVX512-BF16 dot
+//! products) on the AVX-512 path of a CPU that has either (and L is not empty), else the path's FMA
+//! GEMM ([`super::gemm`]). The NF4 GEMMs and the output head call this.
 
 use super::amx::FromF32;
 pub use super::amx::Panels;
@@ -22,8 +22,8 @@ pub fn gemm<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync>(
     gemm_pairs(isa, a, t, l, n, panel, None::<&FromF32<P>>, ep, out)
 }
 
-/// [`gemm`], where the tiles take P's panels from `pairs` if given, straight in their layout (else
-/// `panel`'s, rounded into it); the FMA GEMM takes `panel`'s.
+/// [`gemm`], where the pair GEMM takes P's panels from `pairs` if given, straight in their layout
+/// (else `panel`'s, rounded into it); the FMA GEMM takes `panel`'s.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_pairs<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + Sync, Q: Panels>(
     isa: Isa,
@@ -37,11 +37,11 @@ pub fn gemm_pairs<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + S
     out: &mut [O],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::amx::enabled(isa) && l > 0 {
+    if let (Some(kernel), true) = (super::amx::kernel(isa), l > 0) {
         if check(isa, &a, t, l, n, ep, out.len()) {
             match pairs {
-                Some(q) => super::amx::gemm(isa, a, t, l, n, q, ep, out),
-                None => super::amx::gemm(isa, a, t, l, n, &FromF32(&panel), ep, out),
+                Some(q) => super::amx::gemm(kernel, isa, a, t, l, n, q, ep, out),
+                None => super::amx::gemm(kernel, isa, a, t, l, n, &FromF32(&panel), ep, out),
             }
         }
         return;
@@ -55,7 +55,7 @@ pub fn gemm_pairs<A: Widen, O: Store, P: Fn(usize, usize, usize, &mut [f32]) + S
 mod tests {
     use super::*;
 
-    /// L = 0 (no steps) on every path: the sums are zero, so out = bias, the AMX GEMM not taken.
+    /// L = 0 (no steps) on every path: the sums are zero, so out = bias, the pair GEMM not taken.
     #[test]
     fn an_empty_l_gives_the_bias() {
         for isa in Isa::available() {

@@ -10,17 +10,28 @@ fn cpu_has_amx() -> bool {
     std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|s| s.contains(" amx_bf16") && s.contains(" amx_tile"))
 }
 
-/// Whether the tests below can run: where the CPU has AMX (then it must be usable); elsewhere the
-/// GEMM must never take the tiles, and the tests end there.
-fn amx_here() -> bool {
-    if cpu_has_amx() {
-        return true;
-    }
-    assert!(
-        !ready() && !enabled(Isa::Avx512),
-        "no AMX on this CPU: the GEMM must not take the tiles"
+/// The kernels the tests below run: the tiles where the CPU has AMX (then they must be usable), dot
+/// products where it lists avx512_bf16; elsewhere the GEMM must never take the tiles.
+fn kernels_here() -> Vec<Kernel> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let have = Kernel::available();
+    assert_eq!(
+        have.contains(&Kernel::Tiles),
+        cpu_has_amx(),
+        "cpuinfo and the tile request disagree"
     );
-    false
+    assert_eq!(
+        have.contains(&Kernel::Dots),
+        cpuinfo.contains(" avx512_bf16"),
+        "cpuinfo and cpuid disagree"
+    );
+    if !cpu_has_amx() {
+        assert!(
+            !enabled(Isa::Avx512),
+            "no AMX on this CPU: the GEMM must not take the tiles"
+        );
+    }
+    have
 }
 
 /// P[L, N] dense, handed out panel by panel as the GEMM's decoders do (zero past N).
@@ -56,16 +67,19 @@ fn amx_is_ready_where_the_cpu_has_it() {
     assert_eq!(ready(), cpu_has_amx(), "cpuinfo and the tile request disagree");
 }
 
-/// The AMX GEMM against the f64 sum of the same values, and against the FMA GEMM, at sizes that
+/// The pair GEMM, on each kernel, against the f64 sum of the same values, and against the FMA GEMM, at sizes that
 /// leave partial tiles, panels and units of work (odd t, L and N; L up to 2,080, N over 1,024), A by
 /// rows and by columns, bf16 and f32, outputs bf16 and f32, with a bias and accumulating; outputs
 /// poisoned first, and nothing written past [t, N]. Inputs and P are rounded to bf16 first where
 /// the test compares at f32 precision, so the bound is the f32 sums' alone.
 #[test]
-fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
-    if !amx_here() {
-        return;
+fn the_pair_gemm_matches_the_reference_and_the_fma_gemm() {
+    for kernel in kernels_here() {
+        matches_the_reference(kernel);
     }
+}
+
+fn matches_the_reference(kernel: Kernel) {
     let mut rng = Rng::new(11);
     for (t, l, n) in [
         (1, 1, 1),
@@ -111,7 +125,17 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
                     Lhs::Rows(&a_src[..])
                 };
                 match amx {
-                    true => gemm(Isa::Avx512, lhs, t, l, n, &FromF32(&panel_of(&p, l, n)), ep, &mut out),
+                    true => gemm(
+                        kernel,
+                        Isa::Avx512,
+                        lhs,
+                        t,
+                        l,
+                        n,
+                        &FromF32(&panel_of(&p, l, n)),
+                        ep,
+                        &mut out,
+                    ),
                     false => gemm_fma(Isa::Avx512, lhs, t, l, n, panel_of(&p, l, n), ep, &mut out),
                 }
                 assert!(out[t * n..].iter().all(|v| v.is_nan()), "wrote past [t, N]");
@@ -120,7 +144,7 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
             };
             let (amx, fma) = (run_f32(true), run_f32(false));
             let (e_amx, e_fma) = (rel_err(&amx, &want), rel_err(&fma, &want));
-            assert!(e_amx < 1e-5, "t {t} L {l} N {n} cols {cols}: AMX {e_amx}");
+            assert!(e_amx < 1e-5, "t {t} L {l} N {n} cols {cols}: {kernel:?} {e_amx}");
             assert!(e_fma < 1e-5, "t {t} L {l} N {n} cols {cols}: FMA {e_fma}");
 
             // bf16 A and output, as the NF4 GEMMs run: one rounding of each output; A packed, and
@@ -132,6 +156,7 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
                 out.extend([bf16::NAN; 3]);
                 let lhs = if cols { Lhs::Cols(&a16[..]) } else { Lhs::Rows(&a16[..]) };
                 gemm_in(
+                    kernel,
                     Isa::Avx512,
                     lhs,
                     t,
@@ -149,7 +174,7 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
                 let e = rel_err(&to_f32(&out[..t * n]), &want);
                 assert!(
                     e < 4e-3,
-                    "t {t} L {l} N {n} cols {cols} in place from {inplace_min}, panels in {panel_bytes}: AMX bf16 {e}"
+                    "t {t} L {l} N {n} cols {cols} in place from {inplace_min}, panels in {panel_bytes}: {kernel:?} bf16 {e}"
                 );
             }
         }
@@ -160,55 +185,55 @@ fn the_amx_gemm_matches_the_reference_and_the_fma_gemm() {
 /// value, well inside the bf16 kernels' 1e-2.
 #[test]
 fn values_not_exact_in_bf16_are_rounded_once() {
-    if !amx_here() {
-        return;
-    }
     let mut rng = Rng::new(5);
     let (t, l, n) = (70, 300, 90);
     let a = rng.normal_vec(t * l, 1.0);
     let p = rng.normal_vec(l * n, 1.0);
     let want = reference(&a, &p, t, l, n, Epilogue::ASSIGN, &[]);
-    let mut out = vec![f32::NAN; t * n];
-    gemm(
-        Isa::Avx512,
-        Lhs::Rows(&a),
-        t,
-        l,
-        n,
-        &FromF32(&panel_of(&p, l, n)),
-        Epilogue::ASSIGN,
-        &mut out,
-    );
-    let e = rel_err(&out, &want);
-    assert!(e > 1e-5 && e < 5e-3, "{e}");
+    for kernel in kernels_here() {
+        let mut out = vec![f32::NAN; t * n];
+        gemm(
+            kernel,
+            Isa::Avx512,
+            Lhs::Rows(&a),
+            t,
+            l,
+            n,
+            &FromF32(&panel_of(&p, l, n)),
+            Epilogue::ASSIGN,
+            &mut out,
+        );
+        let e = rel_err(&out, &want);
+        assert!(e > 1e-5 && e < 5e-3, "{kernel:?}: {e}");
+    }
 }
 
 /// Threads split panels and rows, never a sum: the same bits with one thread as with three.
 #[test]
-fn amx_results_do_not_depend_on_the_thread_count() {
-    if !amx_here() {
-        return;
-    }
+fn pair_gemm_results_do_not_depend_on_the_thread_count() {
     let mut rng = Rng::new(2);
     let (t, l, n) = (150, 700, 300);
     let a = to_bf16(&rng.normal_vec(t * l, 1.0));
     let p = rng.normal_vec(l * n, 1.0);
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let mut out = vec![bf16::NAN; t * n];
-        pool.install(|| {
-            gemm(
-                Isa::Avx512,
-                Lhs::Rows(&a),
-                t,
-                l,
-                n,
-                &FromF32(&panel_of(&p, l, n)),
-                Epilogue::ASSIGN,
-                &mut out,
-            )
-        });
-        out
-    };
-    assert_eq!(run(1), run(3));
+    for kernel in kernels_here() {
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut out = vec![bf16::NAN; t * n];
+            pool.install(|| {
+                gemm(
+                    kernel,
+                    Isa::Avx512,
+                    Lhs::Rows(&a),
+                    t,
+                    l,
+                    n,
+                    &FromF32(&panel_of(&p, l, n)),
+                    Epilogue::ASSIGN,
+                    &mut out,
+                )
+            });
+            out
+        };
+        assert_eq!(run(1), run(3), "{kernel:?}");
+    }
 }
