@@ -162,20 +162,23 @@ fn request_tiles() -> bool {
 }
 
 /// Panels per unit of work and steps of L per block, for N's `panels` of NR columns. A unit's panels
-/// stay in its core's L2 (2 MB on Sapphire Rapids) in `panel_bytes`. Where one panel of the whole of
-/// L fits, L is one block (the sums leave the tiles once) and a unit takes as many panels as fit,
-/// but no more than leave two units per thread, evened out over a multiple of the threads (each
-/// unit reads all of A once). Else (the head's gradient: L = 151,936) a unit takes its share of
-/// panels for two units per thread, and L goes in even blocks that fill `panel_bytes` (a multiple
-/// of [`KT`]).
+/// stay in its core's L2 in `panel_bytes`. Where one panel of the whole of L fits, L is one block
+/// (the sums leave the tiles once) and a unit takes as many panels as fit, but no more than leave
+/// two units per thread, and of those sizes the one that ends soonest when the threads share the
+/// units out (the larger on a tie: each unit reads all of A once). So 6 panels on 2 threads go as 6
+/// units of 1 (3 panels a thread), not 3 of 2 (4 panels on one thread). Else (the head's gradient:
+/// L = 151,936) a unit takes its share of panels for two units per thread, and L goes in even
+/// blocks that fill `panel_bytes` (a multiple of [`KT`]).
 fn blocking(panels: usize, l: usize, threads: usize, panel_bytes: usize) -> (usize, usize) {
     let l_pad = l.div_ceil(KT) * KT;
     let per_panel = l_pad * NR * 2;
     let share = panels.div_ceil(2 * threads).max(1);
     if per_panel <= panel_bytes {
-        let group = share.min(panel_bytes / per_panel);
-        let units = panels.div_ceil(group).div_ceil(threads) * threads;
-        return (panels.div_ceil(units).max(1), l_pad);
+        let most = share.min(panel_bytes / per_panel).max(1);
+        // Panels on the busiest thread when units of g panels are shared out.
+        let span = |g: usize| panels.div_ceil(g).div_ceil(threads) * g;
+        let group = (1..=most).rev().min_by_key(|&g| span(g)).unwrap_or(1);
+        return (group, l_pad);
     }
     let kc_fit = (panel_bytes / (share * NR * 2) / KT * KT).max(KT);
     let blocks = l.div_ceil(kc_fit);
