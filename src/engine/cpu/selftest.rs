@@ -85,6 +85,10 @@ pub fn run(seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Check>> {
             push("lora_bwd dA dB", size.clone(), rel_err(&gg, &gw), TOL_F32);
         }
 
+        for (op, size, e, tol) in gemm_routes(isa, &mut rng) {
+            push(&op, size, e, tol);
+        }
+
         for (lens, heads, kv, hd) in [(vec![256, 256], 9, 3, 64), (vec![37, 70, 3], 6, 2, 24)] {
             let t: usize = lens.iter().sum();
             let size = format!("{lens:?} h{heads}/{kv} d{hd}");
@@ -209,6 +213,50 @@ pub fn run(seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Check>> {
         push("head_grad", format!("{rows_}x{v}x{d}"), err(&hg, &hw), TOL_BF16);
     }
     Ok(rows)
+}
+
+/// Every GEMM this path can run, called directly whichever one `matmul` would choose, so that a
+/// CPU with a faster one checks the others too: the FMA GEMM, and on AVX-512 each pair kernel the
+/// CPU has (AMX tiles, AVX512-BF16 dot products). C = A P on f32 values against their f64 sums;
+/// the pair kernels round A and P to bf16, so they get the bf16 bound. Rows: (op, size, error,
+/// tolerance).
+fn gemm_routes(isa: Isa, rng: &mut Rng) -> Vec<(String, String, f64, f64)> {
+    use super::gemm::{Epilogue, Lhs};
+    let mut rows = Vec::new();
+    for (t, l, n) in [(256, 576, 192), (37, 100, 77)] {
+        let size = format!("{t}x{n}x{l}");
+        let (a, p) = (rng.normal_vec(t * l, 1.0), rng.normal_vec(l * n, 0.5));
+        let want: Vec<f32> = (0..t * n)
+            .map(|i| {
+                (0..l)
+                    .map(|s| a[i / n * l + s] as f64 * p[s * n + i % n] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        // P[l0 .., j0 .. j0 + nr] by rows, zero past N.
+        let panel = |j0: usize, nr: usize, l0: usize, out: &mut [f32]| {
+            for (s, row) in out.chunks_mut(nr).enumerate() {
+                for (c, o) in row.iter_mut().enumerate() {
+                    *o = if j0 + c < n { p[(l0 + s) * n + j0 + c] } else { 0.0 };
+                }
+            }
+        };
+        let mut got = vec![f32::NAN; t * n];
+        super::gemm::gemm(isa, Lhs::Rows(&a), t, l, n, panel, Epilogue::ASSIGN, &mut got);
+        rows.push(("gemm fma".into(), size.clone(), rel_err(&got, &want), TOL_F32));
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            use super::amx::{FromF32, Kernel};
+            for kernel in Kernel::available() {
+                let mut got = vec![f32::NAN; t * n];
+                let (a, p) = (Lhs::Rows(&a[..]), &FromF32(&panel));
+                super::amx::gemm(kernel, isa, a, t, l, n, p, Epilogue::ASSIGN, &mut got);
+                let op = format!("gemm {}", format!("{kernel:?}").to_lowercase());
+                rows.push((op, size.clone(), rel_err(&got, &want), TOL_BF16));
+            }
+        }
+    }
+    rows
 }
 
 #[cfg(test)]
