@@ -345,7 +345,8 @@ fn engine_factory(target: Target, checkpointing: bool) -> Box<sqlora::bench::Eng
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = sqlora::util::on_workers(|| run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -166,7 +166,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = run(args) {
+    if let Err(e) = sqlora::util::on_workers(|| run(args)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
