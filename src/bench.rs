@@ -172,6 +172,8 @@ pub struct TrainBench<'a> {
     pub peak_source: &'a str,
     /// After the timed steps, as many again with every kernel timed (`--profile`).
     pub profile: bool,
+    /// LoRA dropout on each adapted projection's input (`--lora-dropout`).
+    pub dropout: f32,
 }
 
 /// Run `warmup` then `steps` timed steps of `batch` sequences of `seq` random tokens (then, with
@@ -187,16 +189,20 @@ pub fn bench_train(shape: &str, engine_for: &mut EngineFor, o: TrainBench) -> Re
         peak_flops,
         peak_source,
         profile,
+        dropout,
     } = o;
     if batch == 0 || seq < 2 || steps == 0 || labels == 0 {
         bail!("bench train needs --batch >= 1, --seq >= 2, --labels >= 1 and --steps >= 1");
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        bail!("bench train needs 0 <= --lora-dropout < 1, not {dropout}");
     }
     let c = shape_config(shape)?;
     let model = Arc::new(random_model(&c, 0xbe7c));
     let lora_config = LoraConfig {
         r: 16,
         alpha: 32.0,
-        dropout: 0.05,
+        dropout,
         use_rslora: false,
         targets: Proj::ALL.to_vec(),
     };

@@ -304,6 +304,9 @@ enum BenchWhat {
         /// answer is labelled: ~32 of ~320 tokens in sqlora's Spider data). Default: every one.
         #[arg(long)]
         labels: Option<usize>,
+        /// LoRA dropout on each adapted projection's input (0 skips it, as DESIGN.md's baselines do).
+        #[arg(long, default_value_t = 0.05)]
+        lora_dropout: f32,
         /// Timed steps (after the warm-up).
         #[arg(long, default_value_t = 5)]
         steps: usize,
@@ -471,6 +474,7 @@ fn run(cli: Cli) -> Result<()> {
                     batch,
                     seq,
                     labels,
+                    lora_dropout,
                     steps,
                     warmup,
                     device,
@@ -503,6 +507,7 @@ fn run(cli: Cli) -> Result<()> {
                 peak_flops: peak,
                 peak_source: &peak_source,
                 profile,
+                dropout: lora_dropout,
             };
             let r = sqlora::bench::bench_train(&shape, &mut *engine_for, options)?;
             if json {
