@@ -369,7 +369,16 @@ pub fn decode(
     });
 }
 
+/// Keys per block of the decoding scores: one vector of lanes.
+const KB: usize = 16;
+
 /// One (query, KV head) of [`decode`]: the query heads of group g of query i.
+///
+/// Scores by blocks of [`KB`] keys, the keys in lanes: a block's rows of K are widened transposed
+/// ([hd][KB]), and each query head of the group sums q[d] K[j][d] over d in order, for the block's
+/// KB keys at once (no sum across lanes per key; each key's sum is the plain order). Then the
+/// softmax per head (its max and sum in lanes), and each cached value row, widened once, is met by
+/// every head of the group. scores: [group][n_pad]; sums: [group][hd].
 #[inline(always)]
 fn decode_unit(
     out: &Shared<bf16>,
@@ -381,41 +390,69 @@ fn decode_unit(
     dims: Dims,
 ) {
     let Dims { heads, kv_heads, hd } = dims;
-    let n = keys.len();
-    let widen = |x: &[bf16]| -> Vec<f32> {
-        let mut f = vec![0f32; n * hd];
-        for (j, r) in f.chunks_mut(hd).enumerate() {
-            r.iter_mut()
-                .zip(row(x, kv_heads, hd, keys.start + j, g))
-                .for_each(|(o, v)| *o = v.to_f32());
-        }
-        f
-    };
-    let (kf, vf) = (widen(k), widen(v));
+    let (n, group) = (keys.len(), heads / kv_heads);
+    let n_pad = n.div_ceil(KB) * KB;
     let scale = 1.0 / (hd as f32).sqrt();
-    let (mut qf, mut sc, mut o) = (vec![0f32; hd], vec![0f32; n], vec![0f32; hd]);
-    let group = heads / kv_heads;
-    for h in g * group..(g + 1) * group {
-        qf.iter_mut()
-            .zip(row(q, heads, hd, i, h))
-            .for_each(|(o, v)| *o = v.to_f32() * scale);
-        for (s, kr) in sc.iter_mut().zip(kf.chunks(hd)) {
-            *s = kr.iter().zip(&qf).map(|(a, b)| a * b).sum();
+    let heads_of = g * group..(g + 1) * group;
+    // The group's queries, scaled: [group][hd].
+    let qf: Vec<f32> = heads_of
+        .clone()
+        .flat_map(|h| row(q, heads, hd, i, h).iter().map(move |v| v.to_f32() * scale))
+        .collect();
+    let mut sc = vec![0f32; group * n_pad];
+    let mut kt = vec![0f32; hd * KB];
+    for b in (0..n).step_by(KB) {
+        for jj in 0..KB {
+            match b + jj < n {
+                true => row(k, kv_heads, hd, keys.start + b + jj, g)
+                    .iter()
+                    .enumerate()
+                    .for_each(|(d, x)| kt[d * KB + jj] = x.to_f32()),
+                false => (0..hd).for_each(|d| kt[d * KB + jj] = 0.0),
+            }
         }
-        let m = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0f32;
-        for s in &mut sc {
-            *s = exp(*s - m);
-            sum += *s;
+        for (hh, qh) in qf.chunks(hd).enumerate() {
+            let mut acc = [0f32; KB];
+            for (&qd, kd) in qh.iter().zip(kt.chunks_exact(KB)) {
+                acc.iter_mut().zip(kd).for_each(|(a, &x)| *a += qd * x);
+            }
+            sc[hh * n_pad + b..][..KB].copy_from_slice(&acc);
         }
-        o.fill(0.0);
-        for (&p, vr) in sc.iter().zip(vf.chunks(hd)) {
-            o.iter_mut().zip(vr).for_each(|(o, &v)| *o += p * v);
+    }
+    let mut sums = vec![0f32; group];
+    for (sc, sum) in sc.chunks_mut(n_pad).zip(&mut sums) {
+        let sc = &mut sc[..n];
+        let m = lanes(sc, f32::NEG_INFINITY, f32::max);
+        sc.iter_mut().for_each(|s| *s = exp(*s - m));
+        *sum = lanes(sc, 0.0, |a, b| a + b);
+    }
+    let mut o = vec![0f32; group * hd];
+    let mut r = vec![0f32; hd];
+    for j in 0..n {
+        r.iter_mut()
+            .zip(row(v, kv_heads, hd, keys.start + j, g))
+            .for_each(|(o, v)| *o = v.to_f32());
+        for (hh, oh) in o.chunks_mut(hd).enumerate() {
+            let p = sc[hh * n_pad + j];
+            oh.iter_mut().zip(&r).for_each(|(o, &v)| *o += p * v);
         }
+    }
+    for ((h, oh), sum) in heads_of.zip(o.chunks(hd)).zip(&sums) {
         // SAFETY: query i, head h belongs to this unit alone.
         let dst = unsafe { out.slice((i * heads + h) * hd, hd) };
-        dst.iter_mut().zip(&o).for_each(|(d, &x)| *d = bf16::from_f32(x / sum));
+        dst.iter_mut().zip(oh).for_each(|(d, &x)| *d = bf16::from_f32(x / sum));
     }
+}
+
+/// `f` folded over x in [`KB`] lanes from `init`, then over the lanes: a vectorisable order (for
+/// the max and the sum of a row of scores).
+#[inline(always)]
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut l = [init; KB];
+    for c in x.chunks(KB) {
+        l.iter_mut().zip(c).for_each(|(a, &b)| *a = f(*a, b));
+    }
+    l.into_iter().fold(init, f)
 }
 
 // The units compiled for each path, so that their softmax and packing loops vectorise with it
