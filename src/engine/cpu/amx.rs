@@ -164,9 +164,11 @@ fn request_tiles() -> bool {
 /// Panels per unit of work and steps of L per block, for N's `panels` of NR columns. A unit's panels
 /// stay in its core's L2 in `panel_bytes`. Where one panel of the whole of L fits, L is one block
 /// (the sums leave the tiles once) and a unit takes as many panels as fit, but no more than leave
-/// two units per thread, and of those sizes the one that ends soonest when the threads share the
-/// units out (the larger on a tie: each unit reads all of A once). So 6 panels on 2 threads go as 6
-/// units of 1 (3 panels a thread), not 3 of 2 (4 panels on one thread). Else (the head's gradient:
+/// two units per thread: the largest such size whose busiest thread, when the threads share the
+/// units out, has at most 1/8 more panels than the best size's (larger units read A fewer times).
+/// So 6 panels on 2 threads go as 6 units of 1 (3 panels a thread), not 3 of 2 (4 panels on one
+/// thread); Qwen's 152 panels in 512 KB as 17 units of 9 (81 panels on the busier thread, against
+/// 76 with units of 4, which would read A twice as often). Else (the head's gradient:
 /// L = 151,936) a unit takes its share of panels for two units per thread, and L goes in even
 /// blocks that fill `panel_bytes` (a multiple of [`KT`]).
 fn blocking(panels: usize, l: usize, threads: usize, panel_bytes: usize) -> (usize, usize) {
@@ -177,7 +179,8 @@ fn blocking(panels: usize, l: usize, threads: usize, panel_bytes: usize) -> (usi
         let most = share.min(panel_bytes / per_panel).max(1);
         // Panels on the busiest thread when units of g panels are shared out.
         let span = |g: usize| panels.div_ceil(g).div_ceil(threads) * g;
-        let group = (1..=most).rev().min_by_key(|&g| span(g)).unwrap_or(1);
+        let best = (1..=most).map(span).min().unwrap_or(1);
+        let group = (1..=most).rev().find(|&g| span(g) * 8 <= best * 9).unwrap_or(1);
         return (group, l_pad);
     }
     let kc_fit = (panel_bytes / (share * NR * 2) / KT * KT).max(KT);

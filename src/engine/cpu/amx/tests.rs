@@ -239,14 +239,16 @@ fn pair_gemm_results_do_not_depend_on_the_thread_count() {
 }
 
 /// Units of panels share out evenly over the threads: 6 panels on 2 threads as 6 units of 1, not 3
-/// of 2; SmolLM2's up-projection (48 panels of L 576) as 4 units of 12; no more than fit the buffer
-/// (Qwen's, 152 panels of L 896 in 512 KB: 8 fit, and 4 share out as evenly); and L in blocks where
-/// one panel of all of L does not fit.
+/// of 2; SmolLM2's up-projection (48 panels of L 576) as 4 units of 12; no more than fit the buffer,
+/// and the largest size within 1/8 of the most even (Qwen's 152 panels of L 896: 9 fit in 512 KB, 81
+/// panels on the busier thread against 76 with units of 4; in 1 MB, units of 17 of the 18 that fit: 85 against 76); and L in
+/// blocks where one panel of all of L does not fit.
 #[test]
 fn blocking_shares_units_out_evenly() {
     assert_eq!(blocking(6, 576, 2, 512 << 10), (1, 576));
     assert_eq!(blocking(48, 576, 2, 512 << 10), (12, 576));
-    assert_eq!(blocking(152, 896, 2, 512 << 10), (4, 896));
+    assert_eq!(blocking(152, 896, 2, 512 << 10), (9, 896));
+    assert_eq!(blocking(152, 896, 2, 1 << 20), (17, 896));
     assert_eq!(blocking(1, 40, 2, 512 << 10), (1, 64));
     let (group, kc) = blocking(28, 151_936, 2, 1 << 20);
     assert_eq!(group, 7);
