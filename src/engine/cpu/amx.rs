@@ -7,7 +7,7 @@
 //!   Measured on one core of the 2-core Sapphire Rapids VM: 3.1-3.4 TFLOP/s in a loop of
 //!   independent tiles, against 0.2 for AVX-512 FMAs.
 //! - AVX512-BF16 dot products (`vdpbf16ps`, AMD Zen 4 and later), twice the FMAs' rate there
-//!   ([`super::dots`]).
+//!   ([`dots`]).
 //!
 //! Blocking (measured first on a loop of tile loads and products, one core: operands from L1 run at
 //! the peak, from L2 at ~70%, from L3 at 13% on this VM, so no operand may come from L3 twice):
@@ -31,6 +31,8 @@ use half::bf16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
+pub mod dots;
+
 /// Rows and columns of one block of C: two tiles each way.
 const MR: usize = 32;
 const NR: usize = 32;
@@ -42,7 +44,7 @@ const KT: usize = 32;
 pub enum Kernel {
     /// AMX tile products (`tdpbf16ps`).
     Tiles,
-    /// AVX512-BF16 dot products (`vdpbf16ps`), [`super::dots`].
+    /// AVX512-BF16 dot products (`vdpbf16ps`), [`dots`].
     Dots,
 }
 
@@ -53,7 +55,7 @@ impl Kernel {
         if ready() {
             have.push(Kernel::Tiles);
         }
-        if super::dots::ready() {
+        if dots::ready() {
             have.push(Kernel::Dots);
         }
         have
@@ -322,7 +324,7 @@ fn gemm_in<A: Widen, O: Store, P: Panels>(
                         // scratch are this unit's.
                         match kernel {
                             Kernel::Tiles => unsafe { block(&args) },
-                            Kernel::Dots => unsafe { super::dots::block(&args) },
+                            Kernel::Dots => unsafe { dots::block(&args) },
                         }
                         if last && r0 < t {
                             let (j0, cols) = ((first + q) * NR, NR.min(n - (first + q) * NR));
@@ -592,7 +594,7 @@ pub fn tile_loop(iters: u64) -> u64 {
     iters.max(1) * 4 * 16 * 16 * 32 * 2
 }
 
-/// Where [`block`] (and [`super::dots::block`]) reads and writes; strides and steps in bytes.
+/// Where [`block`] (and [`dots::block`]) reads and writes; strides and steps in bytes.
 #[repr(C)]
 pub(super) struct BlockArgs {
     /// The first value of A's upper and lower 16 rows' tiles (bf16); a tile's rows are `a_stride`

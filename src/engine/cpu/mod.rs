@@ -5,8 +5,9 @@
 //! every path:
 //! - [`gemm`]: the blocked GEMM and its register tiles, under the NF4 GEMM in both orientations
 //!   ([`nf4_gemm`], decoding through [`nf4_decode`], or on bf16 pairs ([`amx`]: AMX tiles or
-//!   AVX512-BF16 dot products, [`dots`]) straight into their layout through [`nf4_pairs`]) and the head and loss ([`loss`]); [`thin`] for
-//!   the LoRA branch's products ([`lora`]), thin in the rank; [`gemv`] for decoding's few rows;
+//!   AVX512-BF16 dot products, [`amx::dots`]) straight into their layout through [`nf4_pairs`])
+//!   and the head and loss ([`loss`]); [`thin`] for the LoRA branch's products ([`lora`]), thin
+//!   in the rank; [`gemv`] for decoding's few rows;
 //! - [`attention`]: causal GQA attention over packed sequences, forward and backward, and decoding;
 //! - [`elementwise`]: RMSNorm, RoPE, SwiGLU, embedding, dropout and the rest.
 //!
@@ -18,8 +19,6 @@
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
 pub mod attention;
-#[cfg(target_arch = "x86_64")]
-pub mod dots;
 pub mod elementwise;
 pub mod gemm;
 pub mod gemv;

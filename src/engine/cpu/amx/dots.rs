@@ -1,6 +1,6 @@
 //! The pair GEMM's 32 x 32 block on AVX512-BF16 dot products (`vdpbf16ps`), for CPUs that have the
 //! instruction and no AMX tiles (AMD Zen 4 and later). It reads the operands the tiles read
-//! ([`super::amx`]): A as 16-row tiles of 32 bf16 steps, P's panels in the pair layout, so the same
+//! ([`super`]): A as 16-row tiles of 32 bf16 steps, P's panels in the pair layout, so the same
 //! blocking, the same A and the same panels (NF4 decoded straight into pairs) serve both. Reference
 //! twin: `model::cpu::linear`, as for every GEMM; the tests compare it there and with the FMA GEMM.
 //!
@@ -16,7 +16,7 @@
 //! Numerics: the tiles'. Products of bf16 are exact in f32, each pair's two are added, then summed in
 //! f32 in order of L.
 
-use super::amx::BlockArgs;
+use super::BlockArgs;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -33,7 +33,7 @@ pub fn ready() -> bool {
     false
 }
 
-/// One 32 x 32 block of sums, as [`super::amx`]'s tiles compute it: store = (load +) A[32, kc_pad]
+/// One 32 x 32 block of sums, as [`super`]'s tiles compute it: store = (load +) A[32, kc_pad]
 /// P[kc_pad, 32], in four passes of 8 rows.
 ///
 /// # Safety
