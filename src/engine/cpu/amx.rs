@@ -49,16 +49,20 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The kernels this CPU and process can run.
+    /// Whether this CPU and process can run the kernel.
+    pub fn usable(self) -> bool {
+        match self {
+            Kernel::Tiles => ready(),
+            Kernel::Dots => dots::ready(),
+        }
+    }
+
+    /// The kernels this CPU and process can run, the faster first.
     pub fn available() -> Vec<Kernel> {
-        let mut have = Vec::new();
-        if ready() {
-            have.push(Kernel::Tiles);
-        }
-        if dots::ready() {
-            have.push(Kernel::Dots);
-        }
-        have
+        [Kernel::Tiles, Kernel::Dots]
+            .into_iter()
+            .filter(|k| k.usable())
+            .collect()
     }
 
     /// The sizes this kernel blocks with: a unit's panels stay in its core's L2 (2 MB a core on
@@ -85,18 +89,22 @@ pub fn ready() -> bool {
 /// tiles where AMX is [`ready`], else dot products where the CPU has them (not on a CPU with AMX
 /// unless asked: there they run at half the FMAs' rate). `SQLORA_CPU_GEMM` chooses: `fma` (the FMA
 /// GEMM, to test or compare it), `dots` or `tiles` (where available), else the default.
+/// Decided once: every GEMM call asks.
 pub fn kernel(isa: Isa) -> Option<Kernel> {
-    static CHOICE: OnceLock<Option<String>> = OnceLock::new();
-    let choice = CHOICE.get_or_init(|| std::env::var("SQLORA_CPU_GEMM").ok());
-    if isa != Isa::Avx512 {
-        return None;
-    }
-    let have = Kernel::available();
-    match choice.as_deref() {
-        Some("fma") => None,
-        Some("dots") if have.contains(&Kernel::Dots) => Some(Kernel::Dots),
-        Some("tiles") if have.contains(&Kernel::Tiles) => Some(Kernel::Tiles),
-        _ => have.first().copied(),
+    static CHOICE: OnceLock<Option<Kernel>> = OnceLock::new();
+    let choice = CHOICE.get_or_init(|| {
+        let have = Kernel::available();
+        match std::env::var("SQLORA_CPU_GEMM").ok().as_deref() {
+            Some("fma") => None,
+            Some("dots") if Kernel::Dots.usable() => Some(Kernel::Dots),
+            Some("tiles") if Kernel::Tiles.usable() => Some(Kernel::Tiles),
+            _ => have.first().copied(),
+        }
+    });
+    if isa == Isa::Avx512 {
+        *choice
+    } else {
+        None
     }
 }
 
@@ -225,7 +233,7 @@ const TUNE: Tune = Tune {
 };
 
 /// [`super::gemm::gemm`] on `kernel`; the caller has checked the operands and that the kernel is
-/// [`available`](Kernel::available).
+/// [`usable`](Kernel::usable).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<A: Widen, O: Store, P: Panels>(
     kernel: Kernel,
@@ -264,7 +272,7 @@ fn gemm_in<A: Widen, O: Store, P: Panels>(
     tune: Tune,
 ) {
     assert!(
-        isa == Isa::Avx512 && Kernel::available().contains(&kernel),
+        isa == Isa::Avx512 && kernel.usable(),
         "the pair GEMM's {kernel:?} need the AVX-512 path and a CPU that has them"
     );
     assert!(

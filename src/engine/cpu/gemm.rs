@@ -310,6 +310,19 @@ fn widen_block<A: Widen>(isa: Isa, a: Lhs<A>, t: usize, l: usize, l0: usize, kc:
 pub trait PanelFn: Fn(usize, usize, usize, &mut [f32]) + Sync {}
 impl<P: Fn(usize, usize, usize, &mut [f32]) + Sync> PanelFn for P {}
 
+/// The panels of a dense P[L, N] by rows (zero past N), as the decoders hand them out: for the
+/// checks that run the GEMMs on plain matrices (`selftest`, the tests).
+pub(crate) fn dense_panel(p: &[f32], l: usize, n: usize) -> impl PanelFn + '_ {
+    move |j0, nr, l0, out| {
+        for (i, row) in out.chunks_mut(nr).enumerate() {
+            assert!(l0 + i < l, "a panel row past L");
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = if j0 + c < n { p[(l0 + i) * n + j0 + c] } else { 0.0 };
+            }
+        }
+    }
+}
+
 /// Decode one panel.
 #[inline(always)]
 fn run_panel<P: PanelFn>(panel: &P, j0: usize, nr: usize, l0: usize, p: &mut [f32]) {

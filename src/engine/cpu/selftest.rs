@@ -221,7 +221,7 @@ pub fn run(seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Check>> {
 /// the pair kernels round A and P to bf16, so they get the bf16 bound. Rows: (op, size, error,
 /// tolerance).
 fn gemm_routes(isa: Isa, rng: &mut Rng) -> Vec<(String, String, f64, f64)> {
-    use super::gemm::{Epilogue, Lhs};
+    use super::gemm::{dense_panel, Epilogue, Lhs};
     let mut rows = Vec::new();
     for (t, l, n) in [(256, 576, 192), (37, 100, 77)] {
         let size = format!("{t}x{n}x{l}");
@@ -233,16 +233,9 @@ fn gemm_routes(isa: Isa, rng: &mut Rng) -> Vec<(String, String, f64, f64)> {
                     .sum::<f64>() as f32
             })
             .collect();
-        // P[l0 .., j0 .. j0 + nr] by rows, zero past N.
-        let panel = |j0: usize, nr: usize, l0: usize, out: &mut [f32]| {
-            for (s, row) in out.chunks_mut(nr).enumerate() {
-                for (c, o) in row.iter_mut().enumerate() {
-                    *o = if j0 + c < n { p[(l0 + s) * n + j0 + c] } else { 0.0 };
-                }
-            }
-        };
+        let panel = dense_panel(&p, l, n);
         let mut got = vec![f32::NAN; t * n];
-        super::gemm::gemm(isa, Lhs::Rows(&a), t, l, n, panel, Epilogue::ASSIGN, &mut got);
+        super::gemm::gemm(isa, Lhs::Rows(&a), t, l, n, &panel, Epilogue::ASSIGN, &mut got);
         rows.push(("gemm fma".into(), size.clone(), rel_err(&got, &want), TOL_F32));
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {

@@ -15,9 +15,10 @@
 //!
 //! Numerics: the tiles'. Products of bf16 are exact in f32, each pair's two are added, then summed in
 //! f32 in order of L.
+//!
+//! Compiled for x86-64 only, as its parent [`super`] is.
 
 use super::BlockArgs;
-#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// Rows of sums held in registers at once.
@@ -25,12 +26,7 @@ const ROWS: usize = 8;
 
 /// Whether this CPU has AVX-512 with bf16 dot products.
 pub fn ready() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
 }
 
 /// One 32 x 32 block of sums, as [`super`]'s tiles compute it: store = (load +) A[32, kc_pad]
@@ -40,7 +36,6 @@ pub fn ready() -> bool {
 /// The CPU has AVX-512F and AVX512_BF16 ([`ready`]); the args' A tiles (`steps` of each half of 16
 /// rows), P's two halves ([steps 16][16][2] each), and the load and store rows (32 f32 each) are
 /// valid, and no one else touches the stored rows during the call.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(super) unsafe fn block(args: &BlockArgs) {
     // The sums start from zero where `load` is null (`load_lo` is then not read either).
@@ -66,7 +61,6 @@ pub(super) unsafe fn block(args: &BlockArgs) {
 ///
 /// # Safety
 /// As [`block`]'s, for these eight rows.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
 unsafe fn rows(args: &BlockArgs, a: *const u8, load: *const f32, store: *mut f32) {
@@ -115,7 +109,6 @@ unsafe fn rows(args: &BlockArgs, a: *const u8, load: *const f32, store: *mut f32
 ///
 /// # Safety
 /// p points at 64 readable bytes.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
 unsafe fn pair_row(p: *const u8) -> __m512bh {
@@ -124,7 +117,6 @@ unsafe fn pair_row(p: *const u8) -> __m512bh {
 }
 
 /// 32 bf16 as the dot product's operand type (the same 512 bits).
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
 fn bh(v: __m512i) -> __m512bh {

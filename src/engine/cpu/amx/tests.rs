@@ -1,5 +1,5 @@
 use super::*;
-use crate::engine::cpu::gemm::gemm as gemm_fma;
+use crate::engine::cpu::gemm::{dense_panel, gemm as gemm_fma};
 use crate::engine::cuda::rel_err;
 use crate::engine::{to_bf16, to_f32};
 use crate::util::rng::Rng;
@@ -34,16 +34,11 @@ fn kernels_here() -> Vec<Kernel> {
     have
 }
 
-/// P[L, N] dense, handed out panel by panel as the GEMM's decoders do (zero past N).
-fn panel_of(p: &[f32], l: usize, n: usize) -> impl Fn(usize, usize, usize, &mut [f32]) + Sync + '_ {
-    move |j0, nr, l0, out| {
-        for (i, row) in out.chunks_mut(nr).enumerate() {
-            assert!(l0 + i < l, "a panel row past L");
-            for (c, o) in row.iter_mut().enumerate() {
-                *o = if j0 + c < n { p[(l0 + i) * n + j0 + c] } else { 0.0 };
-            }
-        }
-    }
+/// C = A P on `kernel`, A [t, L] by rows, P dense [L, N].
+#[allow(clippy::too_many_arguments)]
+fn assign<A: Widen, O: Store>(kernel: Kernel, a: &[A], p: &[f32], t: usize, l: usize, n: usize, out: &mut [O]) {
+    let (lhs, panel) = (Lhs::Rows(a), FromF32(&dense_panel(p, l, n)));
+    gemm(kernel, Isa::Avx512, lhs, t, l, n, &panel, Epilogue::ASSIGN, out)
 }
 
 /// out = alpha A P + bias (+ out0), in f64 from the f32 values; a: [t, L] by rows.
@@ -132,11 +127,11 @@ fn matches_the_reference(kernel: Kernel) {
                         t,
                         l,
                         n,
-                        &FromF32(&panel_of(&p, l, n)),
+                        &FromF32(&dense_panel(&p, l, n)),
                         ep,
                         &mut out,
                     ),
-                    false => gemm_fma(Isa::Avx512, lhs, t, l, n, panel_of(&p, l, n), ep, &mut out),
+                    false => gemm_fma(Isa::Avx512, lhs, t, l, n, dense_panel(&p, l, n), ep, &mut out),
                 }
                 assert!(out[t * n..].iter().all(|v| v.is_nan()), "wrote past [t, N]");
                 out.truncate(t * n);
@@ -162,7 +157,7 @@ fn matches_the_reference(kernel: Kernel) {
                     t,
                     l,
                     n,
-                    &FromF32(&panel_of(&p, l, n)),
+                    &FromF32(&dense_panel(&p, l, n)),
                     ep,
                     &mut out,
                     Tune {
@@ -192,17 +187,7 @@ fn values_not_exact_in_bf16_are_rounded_once() {
     let want = reference(&a, &p, t, l, n, Epilogue::ASSIGN, &[]);
     for kernel in kernels_here() {
         let mut out = vec![f32::NAN; t * n];
-        gemm(
-            kernel,
-            Isa::Avx512,
-            Lhs::Rows(&a),
-            t,
-            l,
-            n,
-            &FromF32(&panel_of(&p, l, n)),
-            Epilogue::ASSIGN,
-            &mut out,
-        );
+        assign(kernel, &a, &p, t, l, n, &mut out);
         let e = rel_err(&out, &want);
         assert!(e > 1e-5 && e < 5e-3, "{kernel:?}: {e}");
     }
@@ -219,19 +204,7 @@ fn pair_gemm_results_do_not_depend_on_the_thread_count() {
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut out = vec![bf16::NAN; t * n];
-            pool.install(|| {
-                gemm(
-                    kernel,
-                    Isa::Avx512,
-                    Lhs::Rows(&a),
-                    t,
-                    l,
-                    n,
-                    &FromF32(&panel_of(&p, l, n)),
-                    Epilogue::ASSIGN,
-                    &mut out,
-                )
-            });
+            pool.install(|| assign(kernel, &a, &p, t, l, n, &mut out));
             out
         };
         assert_eq!(run(1), run(3), "{kernel:?}");
