@@ -347,7 +347,10 @@ impl std::fmt::Display for BenchReport {
 /// What a generation benchmark measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct GenerateReport {
+    /// The shape's name (random weights) or the model file's path.
     pub shape: String,
+    /// "random" or "file".
+    pub weights: String,
     pub device: String,
     pub batch: usize,
     pub prompt_tokens: usize,
@@ -361,10 +364,19 @@ pub struct GenerateReport {
     pub device_memory_bytes: Option<usize>,
 }
 
+/// Which model `bench generate` decodes with.
+pub enum GenerateModel {
+    /// A named shape with random NF4 weights ([`random_model`]).
+    Shape(String),
+    /// A loaded model (its projections in NF4), named by its path: the same file a peer such as
+    /// llama.cpp reads.
+    File(String, Arc<Model>),
+}
+
 /// Greedy decoding of `batch` random prompts of `prompt` tokens for `new` tokens each (no stop
-/// token), on random NF4 weights of a named shape without adapters: prefill time and decode rate.
+/// token), without adapters: prefill time and decode rate.
 pub fn bench_generate(
-    shape: &str,
+    which: GenerateModel,
     engine_for: &mut EngineFor,
     batch: usize,
     prompt: usize,
@@ -373,13 +385,19 @@ pub fn bench_generate(
     if batch == 0 || prompt == 0 || new < 2 {
         bail!("bench generate needs --batch >= 1, --prompt >= 1 and --new-tokens >= 2");
     }
-    let c = shape_config(shape)?;
-    let model = Arc::new(random_model(&c, 0xbe7c));
+    let (shape, weights, model) = match which {
+        GenerateModel::Shape(name) => {
+            let c = shape_config(&name)?;
+            (name, "random", Arc::new(random_model(&c, 0xbe7c)))
+        }
+        GenerateModel::File(path, model) => (path, "file", model),
+    };
+    let c = &model.config;
     let none = LoraConfig {
         targets: vec![],
         ..Default::default()
     };
-    let layout = LoraParams::zeros(&c, none);
+    let layout = LoraParams::zeros(c, none);
     let mut engine = engine_for(&model, &layout, batch * prompt)?;
     let mut rng = Rng::new(3);
     let prompts: Vec<Vec<u32>> = (0..batch)
@@ -396,7 +414,8 @@ pub fn bench_generate(
     let decode_s = (started.elapsed().as_secs_f64() - prefill_s).max(1e-9);
     let decoded: usize = out.iter().map(|o| o.len() - 1).sum();
     Ok(GenerateReport {
-        shape: shape.into(),
+        shape,
+        weights: weights.into(),
         device: engine.describe(),
         batch,
         prompt_tokens: prompt,
@@ -410,9 +429,13 @@ pub fn bench_generate(
 
 impl std::fmt::Display for GenerateReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let weights = match self.weights.as_str() {
+            "random" => "NF4, random weights",
+            _ => "projections in NF4",
+        };
         writeln!(
             f,
-            "bench generate: {} (NF4, random weights), {} prompts of {} tokens, {} new tokens each",
+            "bench generate: {} ({weights}), {} prompts of {} tokens, {} new tokens each",
             self.shape, self.batch, self.prompt_tokens, self.new_tokens
         )?;
         writeln!(f, "device: {}", self.device)?;

@@ -266,12 +266,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhat {
-    /// Time batched greedy decoding (KV cache) on a model of a real shape with random NF4 weights:
-    /// prefill time and decode tokens/s.
+    /// Time batched greedy decoding (KV cache) on a model of a real shape with random NF4 weights,
+    /// or on a model file: prefill time and decode tokens/s.
     Generate {
         /// llama-3.2-1b, qwen2.5-0.5b, tinyllama-1.1b, qwen2.5-1.5b, smollm2-135m or tiny.
+        #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+        shape: Option<String>,
+        /// A model (HF directory, GGUF file or a name `fetch-model` knows) instead of a shape: its
+        /// own weights, projections in NF4, random prompts.
         #[arg(long)]
-        shape: String,
+        model: Option<PathBuf>,
         /// Sequences decoded together.
         #[arg(long, default_value_t = 1)]
         batch: usize,
@@ -451,6 +455,7 @@ fn run(cli: Cli) -> Result<()> {
             what:
                 BenchWhat::Generate {
                     shape,
+                    model,
                     batch,
                     prompt,
                     new_tokens,
@@ -458,8 +463,20 @@ fn run(cli: Cli) -> Result<()> {
                     json,
                 },
         } => {
-            let mut engine_for = engine_factory(bench_target(&device)?, false);
-            let r = sqlora::bench::bench_generate(&shape, &mut *engine_for, batch, prompt, new_tokens)?;
+            use sqlora::bench::GenerateModel;
+            let target = bench_target(&device)?;
+            let which = match (shape, model) {
+                (Some(shape), _) => GenerateModel::Shape(shape),
+                (None, Some(path)) => {
+                    let path = resolve(&path)?;
+                    let source = sqlora::load::open(&path)?;
+                    let model = Arc::new(target.load_model(&source, true)?);
+                    GenerateModel::File(path.display().to_string(), model)
+                }
+                (None, None) => bail!("bench generate needs --shape or --model"),
+            };
+            let mut engine_for = engine_factory(target, false);
+            let r = sqlora::bench::bench_generate(which, &mut *engine_for, batch, prompt, new_tokens)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

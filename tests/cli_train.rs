@@ -420,6 +420,33 @@ fn bench_generate_times_decoding() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(r["batch"], 3);
+    assert_eq!(r["weights"], "random");
+
+    // A model's own file instead of a shape (the comparison with llama.cpp reads the same file).
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinyVariant::Qwen2).unwrap();
+    let path = dir.path().to_str().unwrap();
+    let args = [
+        "bench",
+        "generate",
+        "--model",
+        path,
+        "--prompt",
+        "9",
+        "--new-tokens",
+        "4",
+    ];
+    let out = sqlora(&[&args[..], &["--device", "cpu", "--json"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["weights"].as_str(), r["shape"].as_str()),
+        (Some("file"), Some(path)),
+        "{r}"
+    );
+    assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    let both = sqlora(&[&args[..], &["--shape", "tiny"]].concat());
+    assert_eq!(both.status.code(), Some(2), "--shape and --model together are refused");
 }
 
 #[test]

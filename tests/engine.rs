@@ -393,3 +393,41 @@ fn prompts_that_share_a_start_run_it_once_and_answer_as_if_alone() {
         }
     }
 }
+
+/// A head whose values are Q8_0 blocks (a GGUF's output.weight usually is) is read from those
+/// blocks in generation, on the host device and on every CPU path, and the logits still match the
+/// f32 reference; a head that is not Q8_0 stays bf16.
+#[test]
+fn a_q8_0_head_is_decoded_from_its_blocks() {
+    use sqlora::model::cpu::LinearWeight;
+    use sqlora::model::forward::{KvCache, Logits};
+    use sqlora::model::q8::Q8Tensor;
+    for v in [TinyVariant::Llama, TinyVariant::Qwen2Tied] {
+        let (mut model, lora, _) = setup(v);
+        let plain = Engine::new(Host, &model, &lora, 64, false).unwrap();
+        assert!(!plain.head_is_q8(), "{v:?}: a random head is not Q8_0");
+        let (vocab, d) = (model.config.vocab_size, model.config.hidden_size);
+        let head = model.lm_head.as_mut().unwrap_or(&mut model.embed);
+        let LinearWeight::Dense(w) = &mut head.weight else {
+            panic!("the head is dense")
+        };
+        *w = Q8Tensor::quantize(w, vocab, d).dequantize();
+        let want: Vec<Vec<f32>> = (prompts().iter())
+            .map(|p| model.forward_adapted(p, &mut KvCache::new(&model.config), Logits::Last, Some(&lora)))
+            .collect();
+        let check = |got: Vec<Vec<f32>>, what: &str| {
+            for (g, w) in got.iter().zip(&want) {
+                let err = rel_err(g, w);
+                assert!(err < 2e-2, "{v:?} {what}: logits differ by {err:e}");
+            }
+        };
+        let mut engine = Engine::new(Host, &model, &lora, 64, false).unwrap();
+        assert!(engine.head_is_q8(), "{v:?}");
+        check(engine.last_logits(Some(&lora), &prompts()).unwrap(), "host");
+        for isa in Isa::available() {
+            let mut engine = Engine::new(Cpu::with_isa(isa), &model, &lora, 64, false).unwrap();
+            assert!(engine.head_is_q8(), "{v:?} {isa}");
+            check(engine.last_logits(Some(&lora), &prompts()).unwrap(), &isa.to_string());
+        }
+    }
+}

@@ -97,7 +97,10 @@ pub trait StepEngine {
 
 impl<D: Device> StepEngine for Engine<D> {
     fn describe(&self) -> String {
-        self.dev.describe()
+        match self.head_is_q8() {
+            true => format!("{}; output head Q8_0 as in the file", self.dev.describe()),
+            false => self.dev.describe(),
+        }
     }
     fn loss_sum(&mut self, lora: Option<&LoraParams>, batch: &Batch) -> Result<f64> {
         Engine::loss_sum(self, lora, batch)

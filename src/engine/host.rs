@@ -5,12 +5,13 @@
 
 use super::{
     to_bf16, to_f32, AttentionOps, Bf, DeviceBase, Elem, Elementwise, LoraOps, LossOps, Nf4Gemm, OptimOps, ProfileRow,
-    F32,
+    Q8Head, F32,
 };
 use crate::model::cpu::{self, Linear, LinearWeight};
 use crate::model::lora::LoraAt;
 use crate::model::nf4::Nf4Tensor;
 use crate::model::optim::{AdamStep, HostPages, StatePages};
+use crate::model::q8;
 use anyhow::Result;
 use half::bf16;
 use std::ops::Range;
@@ -405,6 +406,24 @@ impl LossOps for Host {
         let head = Linear::dense(head.len() / d, d, to_f32(head), None);
         let v = head.out_features;
         cpu::linear_fwd(&mut logits[..rows * v], &to_f32(&h[row0 * d..(row0 + rows) * d]), &head);
+        Ok(())
+    }
+    fn has_q8_head(&self) -> bool {
+        true
+    }
+    fn head_logits_q8(
+        &self,
+        logits: &mut F32<Self>,
+        h: &Bf<Self>,
+        head: &Q8Head<Self>,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        let v = head.codes.len() / d;
+        let mut w = vec![0f32; v * d];
+        q8::decode(bytemuck::cast_slice(&head.codes), &head.scales, &mut w);
+        let head = Linear::dense(v, d, w, None);
+        cpu::linear_fwd(&mut logits[..rows * v], &to_f32(&h[..rows * d]), &head);
         Ok(())
     }
     fn ce_softmax_grad(

@@ -25,6 +25,7 @@ pub mod target;
 use crate::model::lora::LoraAt;
 use crate::model::nf4::Nf4Tensor;
 use crate::model::optim::{AdamStep, StatePages};
+use crate::model::q8::Q8Tensor;
 use anyhow::Result;
 pub use api::{Check, ProfileRow, StepEngine};
 
@@ -270,6 +271,23 @@ pub trait LossOps: DeviceBase {
         rows: usize,
         d: usize,
     ) -> Result<()>;
+    /// Whether [`LossOps::head_logits_q8`] runs on this device (the engine keeps a Q8_0 head only
+    /// then; the GPU has no such kernel and decodes from bf16).
+    fn has_q8_head(&self) -> bool {
+        false
+    }
+    /// [`LossOps::head_logits`] with the head as Q8_0 blocks (`model::q8`, a GGUF head's own
+    /// values): logits[i] = h[i] head^T, i < rows. logits: [rows, V] f32; h: [rows.., d].
+    fn head_logits_q8(
+        &self,
+        _logits: &mut F32<Self>,
+        _h: &Bf<Self>,
+        _head: &Q8Head<Self>,
+        _rows: usize,
+        _d: usize,
+    ) -> Result<()> {
+        anyhow::bail!("{} has no Q8_0 head kernel", self.describe())
+    }
     /// Per row i < rows, with lse = logsumexp(logits[i]) and y = targets[row0 + i]:
     /// loss[row0 + i] = lse - logits[i, y]; dlogits[i] = inv_count (softmax(logits[i]) - onehot(y)).
     /// dlogits: [rows, V]; loss, targets: [.. row0 + rows]; logits: [rows, V] f32.
@@ -297,6 +315,31 @@ pub trait LossOps: DeviceBase {
     /// out[i] = the first index of the largest value of logits[i] (`generate::argmax`), i < rows.
     /// out: [rows ..] i32; logits: [rows, v] f32.
     fn argmax_rows(&self, out: &mut Self::Buf<i32>, logits: &F32<Self>, rows: usize, v: usize) -> Result<()>;
+}
+
+/// An output head kept on a device as Q8_0 (`model::q8`): what a decoding step reads instead of the
+/// bf16 head, 8.5 bits per weight with the file's values exactly.
+pub struct Q8Head<D: DeviceBase + ?Sized> {
+    /// [V, d]: the i8 codes as bytes.
+    pub codes: D::Buf<u8>,
+    /// [V, d / 32].
+    pub scales: F32<D>,
+}
+
+impl<D: DeviceBase> Q8Head<D> {
+    /// The head on `dev`.
+    pub fn upload(dev: &D, q: Q8Tensor) -> Result<Q8Head<D>> {
+        let codes: Vec<u8> = bytemuck::allocation::cast_vec(q.codes);
+        Ok(Q8Head {
+            codes: dev.upload_vec(codes)?,
+            scales: dev.upload_vec(q.scales)?,
+        })
+    }
+
+    /// Bytes it holds on the device.
+    pub fn bytes(&self) -> usize {
+        D::bytes(&self.codes) + D::bytes(&self.scales)
+    }
 }
 
 /// The kernels of causal GQA attention over packed sequences, and decoding against a KV cache (attention.cu, flash_attention.cu). Each method is one kernel launch (or a few) on the device's stream.

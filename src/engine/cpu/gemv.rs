@@ -6,13 +6,15 @@
 //! block in groups of up to [`GROUP`], whose sums stay in registers, while the block stays in
 //! cache. On AVX-512 an NF4
 //! weight whose rows are whole blocks skips the f32 row: codes are looked up in registers and meet
-//! X's even and odd columns apart (`x86::nf4_rows`). Reference twin: `model::cpu::linear_fwd`.
+//! X's even and odd columns apart (`x86::nf4_rows`); so are bf16 weights and a GGUF head's Q8_0
+//! blocks (`x86::bf16_rows`, `x86::q8_rows`). Reference twin: `model::cpu::linear_fwd`.
 
 use super::gemm::Store;
 use super::isa::Isa;
 use super::math::{dot3, widen};
 use super::nf4_decode;
 use crate::model::nf4::{Nf4Tensor, BLOCK};
+use crate::model::q8::{self, Q8_BLOCK};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -32,6 +34,11 @@ const ROWS: usize = 32;
 pub enum Weights<'a> {
     Nf4(&'a Nf4Tensor),
     Bf16(&'a [bf16]),
+    /// Q8_0 (`model::q8`): codes [n, k] and scales [n, k / 32]; k is a multiple of 32.
+    Q8 {
+        codes: &'a [i8],
+        scales: &'a [f32],
+    },
 }
 
 /// Y[t, n] = X[t, k] W^T (+ bias[n]). y: [t, n]; x: [t, k] bf16; W: [n, k].
@@ -58,6 +65,10 @@ pub fn gemv<O: Store>(
     match w {
         Weights::Nf4(q) => assert_eq!(q.numel(), n * k, "gemv: the NF4 weight is not [n, k]"),
         Weights::Bf16(b) => assert!(b.len() >= n * k, "gemv: the weight is shorter than [n, k]"),
+        Weights::Q8 { codes, scales } => assert!(
+            k.is_multiple_of(Q8_BLOCK) && codes.len() >= n * k && scales.len() >= n * k / Q8_BLOCK,
+            "gemv: the Q8_0 weight is not [n, k] in whole blocks"
+        ),
     }
     let xf: Vec<f32> = x[..t * k].iter().map(|&v| widen(v)).collect();
     // The sums by blocks of W's rows, [blocks][groups][rows of the block][rows of the group]; then
@@ -87,6 +98,17 @@ pub fn gemv<O: Store>(
                 // SAFETY: the CPU has AVX-512 (`isa.supported()`, asserted above); b holds [n, k]
                 // (asserted above), so rows blk ROWS .. + s.len() / tg are whole; tg <= GROUP.
                 unsafe { x86::by_rows!(tg, x86::bf16_rows(b, &xf[i0 * k..], k, blk * ROWS, s)) }
+            }
+        });
+        return finish(y, &sums, bias, t, n);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512, Weights::Q8 { codes, scales }) = (isa, w) {
+        sums.par_chunks_mut(ROWS * t).enumerate().for_each(|(blk, s)| {
+            for (i0, tg, s) in groups(s, t) {
+                // SAFETY: the CPU has AVX-512 (`isa.supported()`, asserted above); the codes and
+                // scales hold [n, k] in whole blocks (asserted above); tg <= GROUP.
+                unsafe { x86::by_rows!(tg, x86::q8_rows(codes, scales, &xf[i0 * k..], k, blk * ROWS, s)) }
             }
         });
         return finish(y, &sums, bias, t, n);
@@ -193,6 +215,60 @@ mod x86 {
         }
     }
 
+    /// s[jj t + i] = X[i] . W[j0 + jj] for the rows of one piece, W as Q8_0 codes and scales: per
+    /// block of 32, the codes widened to f32 in registers (exact), met by every row of X, and the
+    /// block's sum scaled once. Two sums per row of X, alternating by block, keep the FMAs' latency
+    /// hidden when t is 1. xf: [t, k].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; k is a multiple of 32; t <= GROUP; codes and scales hold rows
+    /// j0 .. j0 + s.len() / t.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // acc and X's rows share the index i
+    pub unsafe fn q8_rows<const T: usize>(
+        codes: &[i8],
+        scales: &[f32],
+        xf: &[f32],
+        k: usize,
+        j0: usize,
+        s: &mut [f32],
+    ) {
+        use crate::model::q8::Q8_BLOCK;
+        let t = T;
+        let blocks = k / Q8_BLOCK;
+        assert!(t <= super::GROUP && xf.len() >= t * k && k.is_multiple_of(Q8_BLOCK));
+        let rows = s.len() / t;
+        assert!((j0 + rows) * k <= codes.len() && (j0 + rows) * blocks <= scales.len());
+        for (jj, sj) in s.chunks_mut(t).enumerate() {
+            let j = j0 + jj;
+            let (row, sc) = (codes[j * k..].as_ptr(), &scales[j * blocks..(j + 1) * blocks]);
+            let mut tot = [[_mm512_setzero_ps(); T]; 2];
+            for (b, &scale) in sc.iter().enumerate() {
+                let c0 = b * Q8_BLOCK;
+                // SAFETY: columns c0 .. c0 + 32 <= k of row j and of X's rows (asserted above).
+                unsafe {
+                    if b % 2 == 0 {
+                        // The same line four rows on (a hint: never faults, even past the end).
+                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(c0 + 4 * k));
+                    }
+                    let c = _mm256_loadu_si256(row.add(c0) as *const __m256i);
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(c)));
+                    let scale = _mm512_set1_ps(scale);
+                    for i in 0..t {
+                        let x = xf.as_ptr().add(i * k + c0);
+                        let p = _mm512_mul_ps(lo, _mm512_loadu_ps(x));
+                        let p = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x.add(16)), p);
+                        tot[b % 2][i] = _mm512_fmadd_ps(p, scale, tot[b % 2][i]);
+                    }
+                }
+            }
+            for (i, o) in sj.iter_mut().enumerate() {
+                *o = _mm512_reduce_add_ps(_mm512_add_ps(tot[0][i], tot[1][i]));
+            }
+        }
+    }
+
     /// s[jj t + i] = X[i] . W[j0 + jj] for the rows of one piece, straight from the NF4 bytes: per
     /// 16 bytes, the high nibbles (even columns) and the low nibbles (odd columns) are looked up in
     /// the table apart (`vpermps`) and multiplied with X's even and odd columns, so no code is
@@ -262,6 +338,7 @@ fn rows(isa: Isa, w: Weights, xf: &[f32], t: usize, k: usize, j0: usize, s: &mut
                 .iter_mut()
                 .zip(&b[j * k..(j + 1) * k])
                 .for_each(|(o, &v)| *o = widen(v)),
+            Weights::Q8 { codes, scales } => q8::decode(&codes[j * k..(j + 1) * k], &scales[j * k / Q8_BLOCK..], row),
         }
         for (i, o) in sj.iter_mut().enumerate() {
             *o = dot3(&xf[i * k..(i + 1) * k], row, None);
@@ -280,10 +357,11 @@ mod tests {
     use crate::engine::cuda::rel_err;
     use crate::engine::{to_bf16, to_f32};
     use crate::model::cpu::{linear_fwd, Linear, LinearWeight};
+    use crate::model::q8::Q8Tensor;
     use crate::util::rng::Rng;
 
     /// Every path against the f32 reference at 1 to 64 rows (one group, several, a part group),
-    /// odd n and k, NF4 and bf16 weights, outputs poisoned first: one bf16 rounding (4e-3), or f32
+    /// odd n and k, NF4, bf16 and Q8_0 weights, outputs poisoned first: one bf16 rounding (4e-3), or f32
     /// sums in another order (1e-5).
     #[test]
     fn every_path_matches_the_reference() {
@@ -319,6 +397,21 @@ mod tests {
                 let mut y = vec![f32::NAN; t * n];
                 gemv(isa, &mut y, &x, Weights::Bf16(&wb), None, t, n, k);
                 assert!(rel_err(&y, &want) < 1e-5, "{isa} bf16 t {t} n {n} k {k}");
+
+                // Q8_0 where k is whole blocks: the reference on its exact f32 values.
+                if k % Q8_BLOCK == 0 {
+                    let q = Q8Tensor::quantize(&rng.normal_vec(n * k, 0.5), n, k);
+                    let dense = Linear::dense(n, k, q.dequantize(), None);
+                    let mut want = vec![0f32; t * n];
+                    linear_fwd(&mut want, &to_f32(&x), &dense);
+                    let mut y = vec![f32::NAN; t * n];
+                    let w = Weights::Q8 {
+                        codes: &q.codes,
+                        scales: &q.scales,
+                    };
+                    gemv(isa, &mut y, &x, w, None, t, n, k);
+                    assert!(rel_err(&y, &want) < 1e-5, "{isa} q8 t {t} n {n} k {k}");
+                }
             }
         }
     }

@@ -8,7 +8,7 @@ use super::gemv::{gemv, Weights, GEMV_MAX_T};
 use super::math::{exp, round_bf16};
 use super::matmul::gemm;
 use super::Cpu;
-use crate::engine::{Bf, LossOps, F32};
+use crate::engine::{Bf, LossOps, Q8Head, F32};
 use anyhow::Result;
 use half::bf16;
 use rayon::prelude::*;
@@ -83,6 +83,34 @@ impl LossOps for Cpu {
                 Epilogue::ASSIGN,
                 &mut logits[..rows * v],
             );
+            Ok(())
+        })
+    }
+
+    fn has_q8_head(&self) -> bool {
+        true
+    }
+
+    /// The GEMV from the Q8_0 codes, up to [`GEMV_MAX_T`] rows of h at a time.
+    fn head_logits_q8(
+        &self,
+        logits: &mut F32<Self>,
+        h: &Bf<Self>,
+        head: &Q8Head<Self>,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        self.profile.time("head_logits_q8", || {
+            let codes: &[i8] = bytemuck::cast_slice(&head.codes);
+            let v = codes.len() / d;
+            let w = Weights::Q8 {
+                codes,
+                scales: &head.scales,
+            };
+            let (h, logits) = (&h[..rows * d], &mut logits[..rows * v]);
+            for (h, y) in h.chunks(GEMV_MAX_T * d).zip(logits.chunks_mut(GEMV_MAX_T * v)) {
+                gemv(self.isa, y, h, w, None, h.len() / d, v, d);
+            }
             Ok(())
         })
     }

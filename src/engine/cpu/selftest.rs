@@ -9,9 +9,10 @@ use super::Cpu;
 use crate::engine::cuda::rel_err;
 use crate::engine::host::Host;
 use crate::engine::prelude::*;
-use crate::engine::{to_bf16, to_f32, Check};
+use crate::engine::{to_bf16, to_f32, Check, Q8Head};
 use crate::model::cpu::Linear;
 use crate::model::lora::LoraAt;
+use crate::model::q8::Q8Tensor;
 use crate::util::rng::Rng;
 use anyhow::Result;
 use half::bf16;
@@ -196,6 +197,16 @@ pub fn run(seed: u64, echo: &mut dyn FnMut(&Check)) -> Result<Vec<Check>> {
         Host.head_logits(&mut lw, &h, &head, 0, rows_, d)?;
         cpu.head_logits(&mut lg, &h, &head, 0, rows_, d)?;
         push("head_logits", format!("{rows_}x{v}x{d}"), rel_err(&lg, &lw), TOL_F32);
+        // The Q8_0 head of generation, in one GEMV call and in several (past GEMV_MAX_T rows).
+        let q = Q8Tensor::quantize(&rng.normal_vec(v * d, 0.05), v, d);
+        let (qw, qg) = (Q8Head::upload(&Host, q.clone())?, Q8Head::upload(&cpu, q)?);
+        for n in [rows_, 70] {
+            let h = bf(&mut rng, n * d, 1.0);
+            let (mut lw, mut lg) = (vec![0f32; n * v], vec![f32::NAN; n * v]);
+            Host.head_logits_q8(&mut lw, &h, &qw, n, d)?;
+            cpu.head_logits_q8(&mut lg, &h, &qg, n, d)?;
+            push("head_logits_q8", format!("{n}x{v}x{d}"), rel_err(&lg, &lw), TOL_F32);
+        }
         let targets: Vec<i32> = (0..rows_ as i32).map(|i| i * 7 % v as i32).collect();
         let (mut zw, mut sw) = (nan(rows_ * v), vec![0f32; rows_]);
         let (mut zg, mut sg) = (nan(rows_ * v), vec![0f32; rows_]);

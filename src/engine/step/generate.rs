@@ -479,19 +479,22 @@ impl<D: Device> Engine<D> {
         self.final_norm(t)?;
         let d = self.config.hidden_size;
         let (dev, s) = (&self.dev, &mut self.s);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows = match gather {
             Some(n) => {
                 let g = self.gen.as_ref().expect("allocated by the prefill");
                 dev.gather_rows(&mut s.h_lab, &s.h, &g.last, n, d)?;
-                dev.head_logits(&mut s.logits, &s.h_lab, head, 0, n, d)?;
                 n
             }
-            None => {
-                dev.head_logits(&mut s.logits, &s.h, head, 0, t, d)?;
-                t
-            }
+            None => t,
         };
+        let h = if gather.is_some() { &s.h_lab } else { &s.h };
+        match &self.head_q8 {
+            Some(q8) => dev.head_logits_q8(&mut s.logits, h, q8, rows, d)?,
+            None => {
+                let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+                dev.head_logits(&mut s.logits, h, head, 0, rows, d)?
+            }
+        }
         Ok(rows)
     }
 

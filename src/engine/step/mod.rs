@@ -14,7 +14,7 @@ mod layer;
 pub mod optim;
 
 use crate::engine::plan::{PlanInput, CE_CHUNK_BYTES};
-use crate::engine::{to_bf16, Bf, Device, F32};
+use crate::engine::{to_bf16, Bf, Device, Q8Head, F32};
 use crate::load::arch::Proj;
 use crate::load::config::ModelConfig;
 use crate::model::autograd::{Batch, GradOptions};
@@ -23,6 +23,7 @@ use crate::model::forward::{Dropout, Model};
 use crate::model::generate::Constraint;
 use crate::model::lora::LoraAt;
 use crate::model::lora::LoraParams;
+use crate::model::q8::Q8Tensor;
 use anyhow::{bail, ensure, Context, Result};
 use layer::Attn;
 use std::sync::Arc;
@@ -116,8 +117,11 @@ pub struct Engine<D: Device> {
     config: ModelConfig,
     embed: Bf<D>,           // [vocab, d]
     lm_head: Option<Bf<D>>, // [vocab, d] when untied
-    norm: Bf<D>,            // [d]
-    inv_freq: F32<D>,       // [hd/2]
+    /// The head (lm_head, or the embedding when tied) as Q8_0 where its values are Q8_0 (a GGUF's)
+    /// and the device has the kernel: generation's logits read it instead of the bf16 copy.
+    head_q8: Option<Q8Head<D>>,
+    norm: Bf<D>,      // [d]
+    inv_freq: F32<D>, // [hd/2]
     layers: Vec<DeviceLayer<D>>,
     /// Per layer, per projection (in [`Proj::ALL`] order): where its adapter lies, if it has one.
     slots: Vec<[Option<LoraAt>; 7]>,
@@ -289,9 +293,16 @@ impl<D: Device> Engine<D> {
             .as_ref()
             .map(|h| dense_bf16(&dev, h, "the output head"))
             .transpose()?;
+        let head = model.lm_head.as_ref().unwrap_or(&model.embed);
+        let head_q8 = match &head.weight {
+            LinearWeight::Dense(w) if dev.has_q8_head() => Q8Tensor::exact(w, c.vocab_size, d),
+            _ => None,
+        };
+        let head_q8 = head_q8.map(|q| Q8Head::upload(&dev, q)).transpose()?;
         Ok(Engine {
             embed,
             lm_head,
+            head_q8,
             norm: dev.upload(&to_bf16(&model.norm))?,
             inv_freq: dev.upload(&model.inv_freq)?,
             layers,
@@ -327,6 +338,11 @@ impl<D: Device> Engine<D> {
         self.ce_rows = rows;
     }
 
+    /// Whether generation reads the output head as Q8_0 (`head_q8`) rather than bf16.
+    pub fn head_is_q8(&self) -> bool {
+        self.head_q8.is_some()
+    }
+
     /// Bytes of device memory the engine holds, counted buffer by buffer.
     pub fn device_bytes(&self) -> usize {
         fn sum<D: Device, T: crate::engine::Elem>(bufs: &[&D::Buf<T>]) -> usize {
@@ -334,6 +350,7 @@ impl<D: Device> Engine<D> {
         }
         let mut n = sum::<D, _>(&[&self.embed, &self.norm]) + D::bytes(&self.inv_freq);
         n += self.lm_head.as_ref().map_or(0, |h| D::bytes(h));
+        n += self.head_q8.as_ref().map_or(0, |h| h.bytes());
         for l in &self.layers {
             n += sum::<D, _>(&[&l.attn_norm, &l.mlp_norm]);
             n += l.proj.iter().map(D::nf4_bytes).sum::<usize>();
