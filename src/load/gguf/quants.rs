@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Result};
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
@@ -80,6 +81,15 @@ pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>> {
         );
     }
     let mut out = vec![0f32; numel];
+    // An embedding or a head is ~10^8 values: 4096 blocks per task, on every core.
+    let tasks = data.par_chunks(4096 * bsize).zip(out.par_chunks_mut(4096 * per));
+    tasks.for_each(|(data, out)| dequantize_blocks(ty, data, out));
+    Ok(out)
+}
+
+/// Whole blocks of `ty` from `data` into `out`.
+fn dequantize_blocks(ty: GgmlType, data: &[u8], out: &mut [f32]) {
+    let (per, bsize) = ty.block();
     for (blk, y) in data.chunks_exact(bsize).zip(out.chunks_exact_mut(per)) {
         match ty {
             GgmlType::F32 => y[0] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]),
@@ -95,7 +105,6 @@ pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>> {
             GgmlType::Q6K => q6_k(blk, y),
         }
     }
-    Ok(out)
 }
 
 /// Q4_0: `d: f16, qs: [u8; 16]`. Value j (< 16) is the low nibble of qs[j], value j + 16 the high
