@@ -177,7 +177,7 @@ run)
                 for b in 1 16; do
                     time_for "bench generate graphs $graphs batch $b" || continue
                     echo "{\"cuda_graphs\":$graphs}" | tee -a "$out/bench.jsonl"
-                    SQLORA_CUDA_GRAPHS=$graphs timeout 120 "$bin/sqlora" bench generate --shape llama-3.2-1b --batch "$b" \
+                    SQLORA_CUDA_GRAPHS=$graphs timeout 120 "$bin/sqlora" bench generate --shape llama-3.2-1b --batch "$b" --reps 1 \
                         --prompt 128 --new-tokens 128 --device cuda --json 2>>"$out/bench.err" | tee -a "$out/bench.jsonl"
                 done
             done

@@ -355,6 +355,8 @@ pub struct GenerateReport {
     pub batch: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
+    /// Timed repetitions; the figures are their medians.
+    pub reps: usize,
     /// Prefill of all prompts, seconds.
     pub prefill_s: f64,
     /// Generated tokens per second over the decode steps (all sequences together).
@@ -374,13 +376,13 @@ pub enum GenerateModel {
 }
 
 /// Greedy decoding of `batch` random prompts of `prompt` tokens for `new` tokens each (no stop
-/// token), without adapters: prefill time and decode rate.
+/// token), without adapters, `reps` times after a warm-up: the median prefill time and decode rate.
 pub fn bench_generate(
     which: GenerateModel,
     engine_for: &mut EngineFor,
     batch: usize,
     prompt: usize,
-    new: usize,
+    [new, reps]: [usize; 2],
 ) -> Result<GenerateReport> {
     if batch == 0 || prompt == 0 || new < 2 {
         bail!("bench generate needs --batch >= 1, --prompt >= 1 and --new-tokens >= 2");
@@ -406,13 +408,25 @@ pub fn bench_generate(
     // Warm-up: the cache's allocation, the GEMM tuner's choices, and (with graphs) a recording.
     engine.generate(None, &prompts, 4, &[])?;
     let replays_before = engine.graph_replays();
-    let started = Instant::now();
-    engine.generate(None, &prompts, 1, &[])?;
-    let prefill_s = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let out = engine.generate(None, &prompts, new, &[])?;
-    let decode_s = (started.elapsed().as_secs_f64() - prefill_s).max(1e-9);
-    let decoded: usize = out.iter().map(|o| o.len() - 1).sum();
+    // Per repetition: the prefill alone, then prefill and decoding; medians of each (a shared
+    // machine's bandwidth varies from second to second).
+    let (mut prefills, mut rates) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        let started = Instant::now();
+        engine.generate(None, &prompts, 1, &[])?;
+        let prefill_s = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let out = engine.generate(None, &prompts, new, &[])?;
+        let decode_s = (started.elapsed().as_secs_f64() - prefill_s).max(1e-9);
+        let decoded: usize = out.iter().map(|o| o.len() - 1).sum();
+        prefills.push(prefill_s);
+        rates.push(decoded as f64 / decode_s);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (prefill_s, decode_tokens_per_s) = (median(prefills), median(rates));
     Ok(GenerateReport {
         shape,
         weights: weights.into(),
@@ -420,8 +434,9 @@ pub fn bench_generate(
         batch,
         prompt_tokens: prompt,
         new_tokens: new,
+        reps: reps.max(1),
         prefill_s,
-        decode_tokens_per_s: decoded as f64 / decode_s,
+        decode_tokens_per_s,
         graph_replays: engine.graph_replays() - replays_before,
         device_memory_bytes: engine.memory_used(),
     })
@@ -441,11 +456,12 @@ impl std::fmt::Display for GenerateReport {
         writeln!(f, "device: {}", self.device)?;
         write!(
             f,
-            "prefill {:.1} ms; decode {:.0} tokens/s ({:.2} ms per step{})",
+            "prefill {:.1} ms; decode {:.0} tokens/s ({:.2} ms per step{}), median of {}",
             self.prefill_s * 1e3,
             self.decode_tokens_per_s,
             1e3 * self.batch as f64 / self.decode_tokens_per_s,
-            if self.graph_replays > 0 { ", CUDA graph" } else { "" }
+            if self.graph_replays > 0 { ", CUDA graph" } else { "" },
+            self.reps
         )
     }
 }

@@ -285,6 +285,9 @@ enum BenchWhat {
         /// New tokens per sequence.
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
+        /// Timed repetitions after a warm-up; the figures are their medians.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
         /// `auto` (cuda when usable, else cpu), `cpu` (the CPU engine), `cuda`, `cpu-bf16` or
         /// `reference` (the f32 reference).
         #[arg(long, default_value = "auto")]
@@ -459,6 +462,7 @@ fn run(cli: Cli) -> Result<()> {
                     batch,
                     prompt,
                     new_tokens,
+                    reps,
                     device,
                     json,
                 },
@@ -476,7 +480,7 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("bench generate needs --shape or --model"),
             };
             let mut engine_for = engine_factory(target, false);
-            let r = sqlora::bench::bench_generate(which, &mut *engine_for, batch, prompt, new_tokens)?;
+            let r = sqlora::bench::bench_generate(which, &mut *engine_for, batch, prompt, [new_tokens, reps])?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -24,12 +24,15 @@ rest of -march=native (AVX-512, VNNI, weight repacking):
 Compare, on the same machine and alternating the two:
     sqlora fetch-model qwen05        # prints the path of the Q4_K_M GGUF
     /tmp/llamaenv/bin/python benches/compare/llama_cpp_generate.py MODEL.gguf --prompt 400 --new-tokens 128
-    sqlora bench generate --shape qwen2.5-0.5b --prompt 400 --new-tokens 128 --device cpu
-sqlora's bench runs random NF4 weights of the Qwen2.5-0.5B shape; llama.cpp runs the real Q4_K_M file
-of that model. The work per token (matrix shapes, layers, heads, vocabulary) is the same; the weight
-formats differ: that file is "Q4_K_M" in name, but as 896 is no multiple of 256 most of its layer
-matrices are q5_0 (half of attn_v q8_0; only ffn_down is q4_K/q6_K) and its output head (896 x 151936,
-a quarter of all weights) is q8_0. Same shapes, not identical arithmetic or weight bytes.
+    sqlora bench generate --model MODEL.gguf --prompt 400 --new-tokens 128 --device cpu
+Both read the same file and report medians of 3 repetitions. The work per token (matrix shapes,
+layers, heads, vocabulary) is the same; the weight formats differ: that file is "Q4_K_M" in name,
+but as 896 is no multiple of 256 most of its layer matrices are q5_0 (half of attn_v q8_0; only
+ffn_down is q4_K/q6_K), which sqlora requantizes to NF4 (4.5 bits a weight), and its output head
+(896 x 151936, a quarter of all weights) is q8_0, which both decode from as it is. llama.cpp also
+rounds each activation vector to 8 bits before its dot products; sqlora multiplies the bf16
+activations in f32. `--shape qwen2.5-0.5b` instead of `--model` times random NF4 weights of the
+same shape, with a bf16 head.
 sqlora prints prefill in ms: prefill tok/s here = prompt tokens / that time.
 Run both on an otherwise idle machine: with --threads equal to the cores, one other busy process
 slows llama.cpp's decode by 10-50x (its threads wait for each other at every op of the graph).
