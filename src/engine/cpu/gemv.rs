@@ -1,13 +1,13 @@
 //! The matrix-vector products of decoding on the CPU engine: Y[t, n] = X[t, k] W[n, k]^T for a few
 //! rows (t <= [`GEMV_MAX_T`]: one new token per sequence), W read once, row by row, from its stored
-//! form (NF4 bytes or bf16), decoded into a row of f32 that stays in L1 while every row of X meets
-//! it. Decoding is memory-bound: the GEMM's panels would write and read W again as f32 (8x the NF4
-//! bytes); here each weight byte is read once. Threads take blocks of W's rows; X's rows meet a
-//! block in groups of up to [`GROUP`], whose sums stay in registers, while the block stays in
-//! cache. On AVX-512 an NF4
-//! weight whose rows are whole blocks skips the f32 row: codes are looked up in registers and meet
-//! X's even and odd columns apart (`x86::nf4_rows`); so are bf16 weights and a GGUF head's Q8_0
-//! blocks (`x86::bf16_rows`, `x86::q8_rows`). Reference twin: `model::cpu::linear_fwd`.
+//! form (NF4 bytes, bf16 or Q8_0), decoded into a row of f32 that stays in L1 while every row of X
+//! meets it. Decoding is memory-bound: the GEMM's panels would write and read W again as f32 (8x
+//! the NF4 bytes); here each weight byte is read once. Threads take blocks of W's rows; X's rows
+//! meet a block in groups of up to [`GROUP`], whose sums stay in registers, while the block stays
+//! in cache. On AVX-512 no f32 row is written: NF4 codes are looked up in the table straight from
+//! their bytes, X's columns put in the order the nibbles come in (`x86::nf4_rows`,
+//! [`nibble_order`]); bf16 and Q8_0 weights are widened in registers (`x86::bf16_rows`,
+//! `x86::q8_rows`). Reference twin: `model::cpu::linear_fwd`.
 
 use super::gemm::Store;
 use super::isa::Isa;
@@ -77,15 +77,13 @@ pub fn gemv<O: Store>(
     #[cfg(target_arch = "x86_64")]
     if let (Isa::Avx512, Weights::Nf4(q)) = (isa, w) {
         if k.is_multiple_of(BLOCK) {
-            // X's even and odd columns apart: [t, k/2] each, matching a byte's two codes.
-            let (xe, xo): (Vec<f32>, Vec<f32>) = xf.chunks(2).map(|p| (p[0], p[1])).unzip();
-            let half = k / 2;
+            let (xp, kp) = nibble_order(&xf, t, k);
             sums.par_chunks_mut(ROWS * t).enumerate().for_each(|(b, s)| {
                 for (i0, tg, s) in groups(s, t) {
-                    let (xe, xo) = (&xe[i0 * half..], &xo[i0 * half..]);
                     // SAFETY: the CPU has AVX-512 (`isa.supported()`, asserted above); k is a whole
-                    // number of blocks, so each row's codes and scales are whole; tg <= GROUP.
-                    unsafe { x86::by_rows!(tg, x86::nf4_rows(q, xe, xo, k, b * ROWS, s)) }
+                    // number of blocks, so each row's codes and scales are whole; xp holds [t, kp]
+                    // in `nibble_order`; tg <= GROUP.
+                    unsafe { x86::by_rows!(tg, x86::nf4_rows(q, &xp[i0 * kp..], k, b * ROWS, s)) }
                 }
             });
             return finish(y, &sums, bias, t, n);
@@ -129,6 +127,29 @@ pub fn gemv<O: Store>(
 fn groups(s: &mut [f32], t: usize) -> impl Iterator<Item = (usize, usize, &mut [f32])> {
     let rows = s.len() / t;
     (s.chunks_mut(rows * GROUP).enumerate()).map(move |(g, sg)| (g * GROUP, sg.len() / rows, sg))
+}
+
+/// Per 128 columns, the column each of the 8 vectors of `x86::nf4_rows` holds at lane l, less 8 l.
+/// Vector s looks up nibble s of each 32-bit lane of 64 code bytes: byte s / 2 of the lane, its
+/// low nibble (the odd column of the pair) for even s, its high nibble (the even column) for odd s.
+const NIBBLE_COL: [usize; 8] = [1, 0, 3, 2, 5, 4, 7, 6];
+
+/// X's rows in the order `x86::nf4_rows` meets the codes: per 128 columns, 8 vectors of 16, lane l
+/// of vector s holding column 8 l + NIBBLE_COL[s]; zero past k. Returns ([t, kp], kp), kp = k rounded
+/// up to 128. xf: [t, k].
+fn nibble_order(xf: &[f32], t: usize, k: usize) -> (Vec<f32>, usize) {
+    let kp = k.div_ceil(128) * 128;
+    let mut xp = vec![0f32; t * kp];
+    for (x, out) in xf.chunks(k).zip(xp.chunks_mut(kp)).take(t) {
+        for (c, out) in out.chunks_mut(128).enumerate() {
+            for (s, v) in out.chunks_mut(16).enumerate() {
+                for (l, o) in v.iter_mut().enumerate() {
+                    *o = x.get(128 * c + 8 * l + NIBBLE_COL[s]).copied().unwrap_or(0.0);
+                }
+            }
+        }
+    }
+    (xp, kp)
 }
 
 /// y[i][j] = (X[i] . W[j]) + bias[j], from the sums as [`gemv`] lays them out. y: [t, n].
@@ -269,50 +290,59 @@ mod x86 {
         }
     }
 
-    /// s[jj t + i] = X[i] . W[j0 + jj] for the rows of one piece, straight from the NF4 bytes: per
-    /// 16 bytes, the high nibbles (even columns) and the low nibbles (odd columns) are looked up in
-    /// the table apart (`vpermps`) and multiplied with X's even and odd columns, so no code is
-    /// moved into element order; each block's sum is scaled once, by its absmax.
-    /// xe, xo: [t, k/2], X's even and odd columns.
+    /// s[jj t + i] = X[i] . W[j0 + jj] for the rows of one piece, straight from the NF4 bytes. Per
+    /// 64 bytes of a row (128 columns, two blocks), no code is unpacked: `vpermps` reads only the
+    /// low 4 bits of each 32-bit index, so the bytes themselves, shifted right by 0, 4, .. 28, look
+    /// up the 8 nibbles of every lane in the table. X comes in that order (`nibble_order`); each
+    /// 128 columns' sums are scaled by their two blocks' absmax at once (lanes 0-7, 8-15). A row
+    /// whose last 64 bytes hold one block reads it masked, with a zero scale in the other half.
+    /// xp: [t, kp] from `nibble_order`.
     ///
     /// # Safety
     /// The CPU has AVX-512F; k is a multiple of 64; t <= GROUP; q holds rows j0 .. j0 + s.len() / t.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)] // acc, tot and X's rows share the index i
-    pub unsafe fn nf4_rows<const T: usize>(q: &Nf4Tensor, xe: &[f32], xo: &[f32], k: usize, j0: usize, s: &mut [f32]) {
+    pub unsafe fn nf4_rows<const T: usize>(q: &Nf4Tensor, xp: &[f32], k: usize, j0: usize, s: &mut [f32]) {
         let t = T;
         let (packed, absmax) = (&q.packed[..], q.absmax());
-        let half = k / 2;
-        assert!(t <= super::GROUP && xe.len() >= t * half && xo.len() >= t * half);
+        let (half, kp, nb) = (k / 2, k.div_ceil(128) * 128, k / BLOCK);
+        assert!(t <= super::GROUP && xp.len() >= t * kp && k.is_multiple_of(BLOCK));
         assert!((j0 + s.len() / t) * k <= q.numel());
         let table = _mm512_loadu_ps(NF4_TABLE.as_ptr());
-        let nib = _mm512_set1_epi32(0x0f);
+        // Lanes 0-7 take the first of two scales, lanes 8-15 the second.
+        let pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         for (jj, sj) in s.chunks_mut(t).enumerate() {
             let j = j0 + jj;
+            let row = packed[j * half..(j + 1) * half].as_ptr();
+            let scales = &absmax[j * nb..(j + 1) * nb];
             let mut tot = [_mm512_setzero_ps(); T];
-            for b in 0..k / BLOCK {
-                let scale = _mm512_set1_ps(absmax[(j * k) / BLOCK + b]);
-                // The even and the odd columns' products in sums of their own: two chains of
-                // FMAs, not one twice as long.
+            for c in 0..kp / 128 {
+                // SAFETY: bytes 64 c .. 64 c + 64 of the row, or its first 32 (masked) where the
+                // row ends with one block; scales 2 c and 2 c + 1 exist when 2 c + 1 < nb.
+                let (codes, scale) = unsafe {
+                    // The same bytes eight rows on: a hint, never a fault, even past the end.
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64 * c + 8 * half) as *const i8);
+                    if 2 * c + 1 < nb {
+                        let two = _mm_loadl_epi64(scales.as_ptr().add(2 * c) as *const __m128i);
+                        let scale = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_castsi128_ps(two)));
+                        (_mm512_loadu_si512(row.add(64 * c) as *const __m512i), scale)
+                    } else {
+                        let scale = _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(scales[2 * c]));
+                        (_mm512_maskz_loadu_epi32(0x00ff, row.add(64 * c) as *const i32), scale)
+                    }
+                };
+                // Two sums per row of X (even and odd s): chains half as long.
                 let mut acc = [[_mm512_setzero_ps(); T]; 2];
-                // The block eight rows on: a hint, never a fault, even past the end.
-                _mm_prefetch::<_MM_HINT_T0>(packed.as_ptr().wrapping_add((j + 8) * half + b * BLOCK / 2) as *const i8);
-                for h in 0..2 {
-                    // Bytes m .. m + 16 of the row: columns 2m .. 2m + 32.
-                    let m = b * BLOCK / 2 + h * 16;
-                    // SAFETY: byte (j k) / 2 + m + 15 lies in row j (asserted above); X's halves hold
-                    // [t, k/2] (asserted above).
-                    unsafe {
-                        let bytes = _mm_loadu_si128(packed.as_ptr().add(j * half + m) as *const __m128i);
-                        let codes = _mm512_cvtepu8_epi32(bytes);
-                        let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
-                        let lo = _mm512_permutexvar_ps(_mm512_and_si512(codes, nib), table);
-                        for i in 0..t {
-                            let e = _mm512_loadu_ps(xe.as_ptr().add(i * half + m));
-                            let o = _mm512_loadu_ps(xo.as_ptr().add(i * half + m));
-                            acc[0][i] = _mm512_fmadd_ps(hi, e, acc[0][i]);
-                            acc[1][i] = _mm512_fmadd_ps(lo, o, acc[1][i]);
-                        }
+                let mut idx = codes;
+                for sft in 0..8 {
+                    if sft > 0 {
+                        idx = _mm512_srli_epi32::<4>(idx);
+                    }
+                    let w = _mm512_permutexvar_ps(idx, table);
+                    for i in 0..t {
+                        // SAFETY: xp holds [t, kp] (asserted above); 128 c + 16 sft + 16 <= kp.
+                        let x = unsafe { _mm512_loadu_ps(xp.as_ptr().add(i * kp + 128 * c + 16 * sft)) };
+                        acc[sft % 2][i] = _mm512_fmadd_ps(w, x, acc[sft % 2][i]);
                     }
                 }
                 for i in 0..t {
