@@ -40,28 +40,61 @@ pub fn question_prompt(tok: &Tokenizer, db: &Path, question: &str) -> Result<Str
 
 /// The greedy continuation of `prompt`, decoded; held to `names` if given.
 pub fn ask(source: &ModelSource, how: &Asking, prompt: &str, names: Option<Arc<Names>>) -> Result<String> {
-    answer(source, &source.tokenizer()?, how, prompt, names)
+    let (tokenizer, loaded) = load(source, how);
+    let (tokenizer, loaded) = (tokenizer?, loaded?);
+    answer(&tokenizer, loaded, how, prompt, names)
 }
 
-/// [`ask`] with the source's tokenizer already built (it takes a few tenths of a second).
+/// The model, its adapter and the device, loaded with the tokenizer built beside them (the two
+/// take a few tenths of a second each, on different threads).
+struct Loaded {
+    target: Target,
+    model: crate::model::forward::Model,
+    lora: Option<LoraParams>,
+    path: std::path::PathBuf,
+}
+
+/// The source's tokenizer and the rest of what an answer needs, built at once.
+fn load(source: &ModelSource, how: &Asking) -> (Result<Tokenizer>, Result<Loaded>) {
+    rayon::join(
+        || source.tokenizer(),
+        || {
+            let target = crate::sql::device::open(how.device, Target::cpu()?)?;
+            let model = target.load_model(source, how.nf4)?;
+            let lora = (how.adapter)
+                .map(|a| LoraParams::load_peft(a, &model.config))
+                .transpose()?;
+            let path = source.path().to_path_buf();
+            Ok(Loaded {
+                target,
+                model,
+                lora,
+                path,
+            })
+        },
+    )
+}
+
+/// The greedy continuation of `prompt` by the loaded model, decoded; held to `names` if given.
 fn answer(
-    source: &ModelSource,
     tokenizer: &Tokenizer,
+    loaded: Loaded,
     how: &Asking,
     prompt: &str,
     names: Option<Arc<Names>>,
 ) -> Result<String> {
-    let target = crate::sql::device::open(how.device, Target::cpu()?)?;
-    let model = target.load_model(source, how.nf4)?;
-    tokenizer.check_fits(model.config.vocab_size, source.path())?;
+    let Loaded {
+        target,
+        model,
+        lora,
+        path,
+    } = loaded;
+    tokenizer.check_fits(model.config.vocab_size, &path)?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
     let eos = model.config.eos_token_ids.clone();
-    let lora = (how.adapter)
-        .map(|a| LoraParams::load_peft(a, &model.config))
-        .transpose()?;
     let prompts = [ids];
     let mut engine = target.generation_engine(model, lora.as_ref(), &prompts, 1)?;
     if let Some(names) = names {
@@ -75,12 +108,13 @@ fn answer(
 /// Answer `question` over the SQLite database `db` in SQL, print it, run it read-only with a 10 s
 /// limit, and print its rows as a table.
 pub fn ask_db(source: &ModelSource, how: &Asking, db: &Path, question: &str) -> Result<()> {
-    let tokenizer = source.tokenizer()?;
+    let (tokenizer, loaded) = load(source, how);
+    let tokenizer = tokenizer?;
     let prompt = question_prompt(&tokenizer, db, question)?;
     let names = (how.guard)
         .then(|| Schema::from_sqlite(db, 0).map(|s| Arc::new(Names::of(&s))))
         .transpose()?;
-    let sql = answer(source, &tokenizer, how, &prompt, names)?;
+    let sql = answer(&tokenizer, loaded?, how, &prompt, names)?;
     let sql = sql.trim();
     println!("{sql}\n");
     let conn = Db::open(db)?;
