@@ -364,6 +364,12 @@ pub struct GenerateReport {
     /// Decoding steps of the timed runs that replayed a recorded CUDA graph (0: step by step).
     pub graph_replays: usize,
     pub device_memory_bytes: Option<usize>,
+    /// Bytes of weights a decoding step reads, where the engine can tell.
+    pub decode_weight_bytes: Option<usize>,
+    /// The read bandwidth decoding is measured against, bytes/s, and how it was taken (the CPU's,
+    /// measured; none on a GPU).
+    pub read_bandwidth: Option<f64>,
+    pub bandwidth_source: Option<String>,
 }
 
 /// Which model `bench generate` decodes with.
@@ -376,13 +382,15 @@ pub enum GenerateModel {
 }
 
 /// Greedy decoding of `batch` random prompts of `prompt` tokens for `new` tokens each (no stop
-/// token), without adapters, `reps` times after a warm-up: the median prefill time and decode rate.
+/// token), without adapters, `reps` times after a warm-up: the median prefill time and decode rate,
+/// beside `bandwidth` (bytes/s and its source) where the device has one to measure against.
 pub fn bench_generate(
     which: GenerateModel,
     engine_for: &mut EngineFor,
     batch: usize,
     prompt: usize,
     [new, reps]: [usize; 2],
+    bandwidth: Option<(f64, String)>,
 ) -> Result<GenerateReport> {
     if batch == 0 || prompt == 0 || new < 2 {
         bail!("bench generate needs --batch >= 1, --prompt >= 1 and --new-tokens >= 2");
@@ -439,6 +447,9 @@ pub fn bench_generate(
         decode_tokens_per_s,
         graph_replays: engine.graph_replays() - replays_before,
         device_memory_bytes: engine.memory_used(),
+        decode_weight_bytes: engine.decode_weight_bytes(),
+        read_bandwidth: bandwidth.as_ref().map(|b| b.0),
+        bandwidth_source: bandwidth.map(|b| b.1),
     })
 }
 
@@ -462,7 +473,26 @@ impl std::fmt::Display for GenerateReport {
             1e3 * self.batch as f64 / self.decode_tokens_per_s,
             if self.graph_replays > 0 { ", CUDA graph" } else { "" },
             self.reps
-        )
+        )?;
+        if let Some(bytes) = self.decode_weight_bytes {
+            // One step decodes a token of every sequence, reading the weights once.
+            let rate = bytes as f64 * self.decode_tokens_per_s / self.batch as f64;
+            write!(
+                f,
+                "\nweights read a step: {:.1} MB, {:.1} GB/s",
+                bytes as f64 / 1e6,
+                rate / 1e9
+            )?;
+            if let (Some(peak), Some(how)) = (self.read_bandwidth, &self.bandwidth_source) {
+                write!(
+                    f,
+                    ", {:.0}% of the read bandwidth ({:.1} GB/s: {how})",
+                    100.0 * rate / peak,
+                    peak / 1e9
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -479,8 +479,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (None, None) => bail!("bench generate needs --shape or --model"),
             };
+            // Decoding reads every weight once a step: its peak is the memory's read bandwidth,
+            // measured on the CPU (a GPU's is not measured here).
+            let bandwidth = (target.gpu().is_none()).then(sqlora::engine::cpu::peak::read_bandwidth);
             let mut engine_for = engine_factory(target, false);
-            let r = sqlora::bench::bench_generate(which, &mut *engine_for, batch, prompt, [new_tokens, reps])?;
+            let r =
+                sqlora::bench::bench_generate(which, &mut *engine_for, batch, prompt, [new_tokens, reps], bandwidth)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -445,6 +445,11 @@ fn bench_generate_times_decoding() {
         "{r}"
     );
     assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    // Decoding against the CPU's read bandwidth: the weights a step reads (NF4 projections, the
+    // tiny model's bf16 head [272, 64]), and the bandwidth measured.
+    assert!(r["decode_weight_bytes"].as_u64().unwrap() > 2 * 272 * 64, "{r}");
+    assert!(r["read_bandwidth"].as_f64().unwrap() > 1e8, "{r}");
+    assert!(r["bandwidth_source"].as_str().unwrap().contains("measured"), "{r}");
     let both = sqlora(&[&args[..], &["--shape", "tiny"]].concat());
     assert_eq!(both.status.code(), Some(2), "--shape and --model together are refused");
 }

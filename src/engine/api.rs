@@ -89,6 +89,11 @@ pub trait StepEngine {
     fn memory_used(&self) -> Option<usize>;
     /// Decoding steps so far that replayed a recorded graph.
     fn graph_replays(&self) -> usize;
+    /// Bytes of weights one decoding step reads, where the engine holds them in a fixed form
+    /// ([`Engine::decode_weight_bytes`]).
+    fn decode_weight_bytes(&self) -> Option<usize> {
+        None
+    }
     /// Per-kernel timing on or off ([`Device::set_profiling`]).
     fn set_profiling(&self, on: bool);
     /// The kernels' times since the last call ([`Device::take_profile`]).
@@ -160,6 +165,9 @@ impl<D: Device> StepEngine for Engine<D> {
     }
     fn graph_replays(&self) -> usize {
         self.graph_replays
+    }
+    fn decode_weight_bytes(&self) -> Option<usize> {
+        Some(Engine::decode_weight_bytes(self))
     }
     fn set_profiling(&self, on: bool) {
         self.dev.set_profiling(on)

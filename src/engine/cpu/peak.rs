@@ -1,4 +1,5 @@
-//! The CPU's peak f32 rate, measured: every thread runs a loop of independent FMAs on the widest
+//! The CPU's peaks, measured: its read bandwidth ([`read_bandwidth`], what decoding is bound by),
+//! and its peak f32 rate: every thread runs a loop of independent FMAs on the widest
 //! vectors its path has, long enough to reach the clock it sustains under load. What MFU on the
 //! CPU is measured against (`sqlora bench train`), so that a figure is a fraction of what the
 //! cores can do, not of what our own reference code happens to reach. Where the CPU has bf16 dot
@@ -51,6 +52,28 @@ pub fn bf16_dot_peak(isa: Isa) -> Option<f64> {
     }
     let _ = isa;
     None
+}
+
+/// Bytes per second that all of rayon's threads read from memory at once, and how it was taken:
+/// each thread sums its share of a 512 MiB buffer (far past any last-level cache), best of three
+/// passes after one that faults the pages in. What decoding is measured against: a decoding step
+/// reads every weight once, so its rate is bound by this.
+pub fn read_bandwidth() -> (f64, String) {
+    const BYTES: usize = 512 << 20;
+    let buf = vec![1u64; BYTES / 8];
+    let threads = rayon::current_num_threads();
+    let share = buf.len().div_ceil(threads);
+    let pass = || {
+        let start = Instant::now();
+        let sum: u64 = (buf.par_chunks(share))
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .sum();
+        std::hint::black_box(sum);
+        BYTES as f64 / start.elapsed().as_secs_f64()
+    };
+    pass();
+    let best = (0..3).map(|_| pass()).fold(0f64, f64::max);
+    (best, format!("a sum over 512 MiB on {threads} threads, measured"))
 }
 
 /// FLOP/s of `run(iters)` (which returns the FLOPs it did) on every one of rayon's threads at
@@ -160,6 +183,15 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The read bandwidth is a finite rate above 100 MB/s (any machine that runs the tests reads
+    /// faster), and says how it was taken.
+    #[test]
+    fn read_bandwidth_is_measured() {
+        let (rate, how) = read_bandwidth();
+        assert!(rate.is_finite() && rate > 1e8, "{rate}");
+        assert!(how.contains("512 MiB") && how.contains("measured"), "{how}");
+    }
 
     /// Every path's FMA loop gives a positive, finite rate, and the peak is never below it; where
     /// the CPU has bf16 dot products their loop runs and is reported.

@@ -343,6 +343,22 @@ impl<D: Device> Engine<D> {
         self.head_q8.is_some()
     }
 
+    /// Bytes of weights one decoding step reads: every layer's NF4 projections, biases and norms,
+    /// the final norm, and the head as generation reads it (Q8_0 or bf16). Adapters and the
+    /// embedding's one row a token are left out.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let head = match &self.head_q8 {
+            Some(q8) => q8.bytes(),
+            None => D::bytes(self.lm_head.as_ref().unwrap_or(&self.embed)),
+        };
+        let layers = self.layers.iter().map(|l| {
+            let proj = l.proj.iter().map(D::nf4_bytes).sum::<usize>();
+            let bias = l.bias.iter().flatten().map(|b| D::bytes(b)).sum::<usize>();
+            proj + bias + D::bytes(&l.attn_norm) + D::bytes(&l.mlp_norm)
+        });
+        head + D::bytes(&self.norm) + layers.sum::<usize>()
+    }
+
     /// Bytes of device memory the engine holds, counted buffer by buffer.
     pub fn device_bytes(&self) -> usize {
         fn sum<D: Device, T: crate::engine::Elem>(bufs: &[&D::Buf<T>]) -> usize {
