@@ -10,8 +10,10 @@ use sqlora::engine::cpu::gemv::{gemv, Weights};
 use sqlora::engine::cpu::isa::Isa;
 use sqlora::engine::cpu::Cpu;
 use sqlora::engine::prelude::*;
+use sqlora::engine::to_bf16;
 use sqlora::model::cpu::{Linear, LinearWeight};
 use sqlora::model::lora::LoraAt;
+use sqlora::model::q8::Q8Tensor;
 use sqlora::util::rng::Rng;
 
 fn bf(rng: &mut Rng, n: usize) -> Vec<bf16> {
@@ -112,6 +114,31 @@ fn kernels(c: &mut Criterion) {
         let mut y = vec![bf16::ZERO; n];
         g.bench_function(BenchmarkId::new("gemv", isa), |b| {
             b.iter(|| gemv(isa, &mut y, &x1, Weights::Nf4(qw), None, 1, n, kk))
+        });
+    }
+    g.finish();
+
+    // Decoding's head: one token against Qwen2.5-0.5B's [151936, 896], bf16 and as a GGUF's Q8_0.
+    let (v, d) = (151_936usize, 896usize);
+    let w = rng.normal_vec(v * d, 0.05);
+    let (head, q8) = (to_bf16(&w), Q8Tensor::quantize(&w, v, d));
+    drop(w);
+    let h = bf(&mut rng, d);
+    let mut logits = vec![0f32; v];
+    let mut g = c.benchmark_group("cpu_gemv_head_151936x896_t1 (bytes/s)");
+    g.sample_size(20);
+    for isa in Isa::available() {
+        g.throughput(Throughput::Elements((2 * v * d) as u64));
+        g.bench_function(BenchmarkId::new("bf16", isa), |b| {
+            b.iter(|| gemv(isa, &mut logits, &h, Weights::Bf16(&head), None, 1, v, d))
+        });
+        g.throughput(Throughput::Elements(q8.bytes() as u64));
+        let w = Weights::Q8 {
+            codes: &q8.codes,
+            scales: &q8.scales,
+        };
+        g.bench_function(BenchmarkId::new("q8_0", isa), |b| {
+            b.iter(|| gemv(isa, &mut logits, &h, w, None, 1, v, d))
         });
     }
     g.finish();
