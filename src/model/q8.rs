@@ -111,12 +111,6 @@ impl Q8Tensor {
             .collect()
     }
 
-    /// Row j's values into `out` [k].
-    pub fn row(&self, j: usize, out: &mut [f32]) {
-        let k = self.k;
-        decode(&self.codes[j * k..(j + 1) * k], &self.scales[j * k / Q8_BLOCK..], out);
-    }
-
     /// Bytes held: one per code, four per scale.
     pub fn bytes(&self) -> usize {
         self.codes.len() + 4 * self.scales.len()
@@ -161,7 +155,7 @@ mod tests {
             assert_eq!(&q.codes[b * Q8_BLOCK..(b + 1) * Q8_BLOCK], &codes[..], "block {b}");
         }
         let mut row = vec![f32::NAN; k];
-        q.row(5, &mut row);
+        decode(&q.codes[5 * k..6 * k], &q.scales[5 * k / Q8_BLOCK..], &mut row);
         assert_eq!(&row[..], &w[5 * k..6 * k]);
     }
 

@@ -42,7 +42,7 @@ pub fn question_prompt(tok: &Tokenizer, db: &Path, question: &str) -> Result<Str
 pub fn ask(source: &ModelSource, how: &Asking, prompt: &str, names: Option<Arc<Names>>) -> Result<String> {
     let (tokenizer, loaded) = load(source, how);
     let (tokenizer, loaded) = (tokenizer?, loaded?);
-    answer(&tokenizer, loaded, how, prompt, names)
+    answer(source, &tokenizer, loaded, how, prompt, names)
 }
 
 /// The model, its adapter and the device, loaded with the tokenizer built beside them (the two
@@ -51,7 +51,6 @@ struct Loaded {
     target: Target,
     model: crate::model::forward::Model,
     lora: Option<LoraParams>,
-    path: std::path::PathBuf,
 }
 
 /// The source's tokenizer and the rest of what an answer needs, built at once.
@@ -64,32 +63,22 @@ fn load(source: &ModelSource, how: &Asking) -> (Result<Tokenizer>, Result<Loaded
             let lora = (how.adapter)
                 .map(|a| LoraParams::load_peft(a, &model.config))
                 .transpose()?;
-            let path = source.path().to_path_buf();
-            Ok(Loaded {
-                target,
-                model,
-                lora,
-                path,
-            })
+            Ok(Loaded { target, model, lora })
         },
     )
 }
 
 /// The greedy continuation of `prompt` by the loaded model, decoded; held to `names` if given.
 fn answer(
+    source: &ModelSource,
     tokenizer: &Tokenizer,
     loaded: Loaded,
     how: &Asking,
     prompt: &str,
     names: Option<Arc<Names>>,
 ) -> Result<String> {
-    let Loaded {
-        target,
-        model,
-        lora,
-        path,
-    } = loaded;
-    tokenizer.check_fits(model.config.vocab_size, &path)?;
+    let Loaded { target, model, lora } = loaded;
+    tokenizer.check_fits(model.config.vocab_size, source.path())?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -114,7 +103,7 @@ pub fn ask_db(source: &ModelSource, how: &Asking, db: &Path, question: &str) -> 
     let names = (how.guard)
         .then(|| Schema::from_sqlite(db, 0).map(|s| Arc::new(Names::of(&s))))
         .transpose()?;
-    let sql = answer(&tokenizer, loaded?, how, &prompt, names)?;
+    let sql = answer(source, &tokenizer, loaded?, how, &prompt, names)?;
     let sql = sql.trim();
     println!("{sql}\n");
     let conn = Db::open(db)?;

@@ -479,15 +479,14 @@ impl<D: Device> Engine<D> {
         self.final_norm(t)?;
         let d = self.config.hidden_size;
         let (dev, s) = (&self.dev, &mut self.s);
-        let rows = match gather {
+        let (h, rows) = match gather {
             Some(n) => {
                 let g = self.gen.as_ref().expect("allocated by the prefill");
                 dev.gather_rows(&mut s.h_lab, &s.h, &g.last, n, d)?;
-                n
+                (&s.h_lab, n)
             }
-            None => t,
+            None => (&s.h, t),
         };
-        let h = if gather.is_some() { &s.h_lab } else { &s.h };
         match &self.head_q8 {
             Some(q8) => dev.head_logits_q8(&mut s.logits, h, q8, rows, d)?,
             None => {

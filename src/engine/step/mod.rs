@@ -38,6 +38,15 @@ struct DeviceLayer<D: Device> {
     bias: Vec<Option<Bf<D>>>,
 }
 
+impl<D: Device> DeviceLayer<D> {
+    /// Bytes its weights hold: norms, NF4 projections, biases.
+    fn bytes(&self) -> usize {
+        let proj = self.proj.iter().map(D::nf4_bytes).sum::<usize>();
+        let bias = self.bias.iter().flatten().map(|b| D::bytes(b)).sum::<usize>();
+        proj + bias + D::bytes(&self.attn_norm) + D::bytes(&self.mlp_norm)
+    }
+}
+
 /// Every adapter A and B in one flat buffer of each kind, in `LoraParams::data`'s layout ([`LoraAt`]
 /// says where a projection's lie): one copy, one cast, one optimizer launch for all of them.
 struct AdapterBufs<D: Device> {
@@ -351,12 +360,7 @@ impl<D: Device> Engine<D> {
             Some(q8) => q8.bytes(),
             None => D::bytes(self.lm_head.as_ref().unwrap_or(&self.embed)),
         };
-        let layers = self.layers.iter().map(|l| {
-            let proj = l.proj.iter().map(D::nf4_bytes).sum::<usize>();
-            let bias = l.bias.iter().flatten().map(|b| D::bytes(b)).sum::<usize>();
-            proj + bias + D::bytes(&l.attn_norm) + D::bytes(&l.mlp_norm)
-        });
-        head + D::bytes(&self.norm) + layers.sum::<usize>()
+        head + D::bytes(&self.norm) + self.layers.iter().map(DeviceLayer::bytes).sum::<usize>()
     }
 
     /// Bytes of device memory the engine holds, counted buffer by buffer.
@@ -367,11 +371,7 @@ impl<D: Device> Engine<D> {
         let mut n = sum::<D, _>(&[&self.embed, &self.norm]) + D::bytes(&self.inv_freq);
         n += self.lm_head.as_ref().map_or(0, |h| D::bytes(h));
         n += self.head_q8.as_ref().map_or(0, |h| h.bytes());
-        for l in &self.layers {
-            n += sum::<D, _>(&[&l.attn_norm, &l.mlp_norm]);
-            n += l.proj.iter().map(D::nf4_bytes).sum::<usize>();
-            n += l.bias.iter().flatten().map(|b| D::bytes(b)).sum::<usize>();
-        }
+        n += self.layers.iter().map(DeviceLayer::bytes).sum::<usize>();
         let ad = &self.adapters;
         n += D::bytes(&ad.w) + sum::<D, _>(&[&ad.master, &ad.grad]);
         n += self.opt.as_ref().map_or(0, |o| o.device_bytes());
